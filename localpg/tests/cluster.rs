@@ -1,0 +1,117 @@
+//! Real initdb/pg_ctl: a cluster starts, serves a database, stops, starts again with its data, and
+//! is gone after drop. Works whether the test runs as root or not.
+
+use localpg::{LocalPg, Options, PgError};
+use std::net::TcpStream;
+use std::os::unix::fs::PermissionsExt;
+use std::time::Instant;
+
+fn accepts_connections(port: u16) -> bool {
+    TcpStream::connect(("127.0.0.1", port)).is_ok()
+}
+
+#[test]
+fn starts_serves_stops_and_restarts_with_its_data() {
+    let t0 = Instant::now();
+    let mut pg = LocalPg::temporary().unwrap();
+    eprintln!("cluster up in {:?}", t0.elapsed());
+    let port = pg.port();
+    assert!(pg.is_running());
+    assert!(pg.pid().is_some(), "postmaster.pid names the server");
+    assert_eq!(
+        pg.url("sharddb"),
+        format!("postgres://postgres@127.0.0.1:{port}/sharddb")
+    );
+
+    pg.create_database("sharddb").unwrap();
+    pg.create_database("sharddb").unwrap(); // idempotent
+    assert_eq!(pg.psql("sharddb", "select 1").unwrap(), "1");
+    pg.psql("sharddb", "create table t (k bigint primary key, v text); insert into t values (1, 'one'), (2, 'two')")
+        .unwrap();
+
+    let pid = pg.pid().unwrap();
+    pg.stop().unwrap();
+    assert!(!pg.is_running());
+    assert!(pg.pid().is_none(), "postmaster.pid removed on a clean stop");
+    assert!(!accepts_connections(port), "nothing listens after stop");
+    assert!(localpg::process_gone(pid), "postmaster exited");
+    pg.stop().unwrap(); // stopping a stopped server is a no-op
+
+    pg.start().unwrap();
+    assert_eq!(pg.port(), port, "same port after a restart");
+    assert_eq!(
+        pg.psql("sharddb", "select v from t order by k").unwrap(),
+        "one\ntwo",
+        "data survives a restart"
+    );
+
+    let data_dir = pg.data_dir().to_owned();
+    let pid = pg.pid().unwrap();
+    drop(pg);
+    assert!(!accepts_connections(port), "drop stops the server");
+    assert!(localpg::process_gone(pid), "postmaster exited");
+    assert!(
+        !data_dir.exists(),
+        "a temporary cluster removes its directory"
+    );
+}
+
+#[test]
+fn wipe_leaves_an_empty_cluster() {
+    let mut pg = LocalPg::temporary().unwrap();
+    pg.create_database("gone").unwrap();
+    pg.wipe().unwrap();
+    assert!(!pg.is_running());
+    pg.start().unwrap();
+    let err = pg.psql("gone", "select 1").unwrap_err().to_string();
+    assert!(err.contains("does not exist"), "{err}");
+}
+
+#[test]
+fn a_cluster_in_a_chosen_directory_keeps_it() {
+    let base = tempfile::Builder::new()
+        .permissions(std::fs::Permissions::from_mode(0o755))
+        .tempdir()
+        .unwrap();
+    let mut opts = Options::new(base.path().join("servers/Server0/pgdata"));
+    opts.no_sync = true;
+    opts.max_connections = 20;
+    std::fs::create_dir_all(base.path().join("servers/Server0")).unwrap();
+    let mut pg = LocalPg::new(opts.clone()).unwrap();
+    assert!(!pg.is_running(), "new() prepares, start() starts");
+    pg.start().unwrap();
+    assert_eq!(pg.psql("postgres", "show max_connections").unwrap(), "20");
+    assert_eq!(
+        pg.log_file(),
+        base.path().join("servers/Server0/pgdata.log")
+    );
+    drop(pg);
+    assert!(
+        base.path()
+            .join("servers/Server0/pgdata/PG_VERSION")
+            .exists(),
+        "data kept after drop"
+    );
+
+    // The same directory again: no initdb, the same cluster.
+    opts.port = None;
+    let mut again = LocalPg::new(opts).unwrap();
+    again.start().unwrap();
+    assert_eq!(again.psql("postgres", "select 1").unwrap(), "1");
+}
+
+#[test]
+fn as_root_an_untraversable_ancestor_is_a_clear_error() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("not root: PostgreSQL runs as this user, nothing to check");
+        return;
+    }
+    let base = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(base.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    let err = LocalPg::new(Options::new(base.path().join("pgdata"))).unwrap_err();
+    assert!(
+        matches!(&err, PgError::NotTraversable { dir } if dir == base.path()),
+        "{err}"
+    );
+    assert!(err.to_string().contains("cannot enter"), "{err}");
+}
