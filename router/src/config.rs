@@ -1,0 +1,157 @@
+//! The router's configuration: command-line flags (each with an environment variable), parsed
+//! once into [`Config`] and passed down. Pure; no I/O.
+
+use clap::Parser;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// sharddb router: the stateless HTTP front door speaking the seed load-balancer API.
+#[derive(Clone, Debug, Parser)]
+#[command(name = "sharddb-router", version)]
+pub struct Args {
+    /// Address to serve HTTP on.
+    #[arg(long, env = "SHARDDB_LISTEN", default_value = "0.0.0.0:5000")]
+    pub listen: SocketAddr,
+
+    /// Topology document to follow (written by the operator; reloaded on change).
+    #[arg(long, env = "SHARDDB_TOPOLOGY_FILE")]
+    pub topology_file: PathBuf,
+
+    /// Limit on every call to a shard server, e.g. `10s` or `500ms`.
+    #[arg(long, env = "SHARDDB_UPSTREAM_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub upstream_timeout: Duration,
+
+    /// Largest accepted request body, e.g. `16MiB`, `512KiB` or a number of bytes.
+    #[arg(long, env = "SHARDDB_BODY_LIMIT", default_value = "16MiB", value_parser = parse_size)]
+    pub body_limit: usize,
+}
+
+impl Args {
+    pub fn config(&self) -> Config {
+        Config {
+            upstream_timeout: self.upstream_timeout,
+            body_limit: self.body_limit,
+            retry: RetryPolicy::default(),
+        }
+    }
+}
+
+/// What the request path needs to know.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub upstream_timeout: Duration,
+    pub body_limit: usize,
+    pub retry: RetryPolicy,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            upstream_timeout: Duration::from_secs(10),
+            body_limit: 16 << 20,
+            retry: RetryPolicy::default(),
+        }
+    }
+}
+
+/// How long the router keeps trying a shard before answering 503.
+#[derive(Clone, Debug)]
+pub struct RetryPolicy {
+    /// Budget for retrying transport errors and `unavailable` answers.
+    pub deadline: Duration,
+    /// How long to wait for a newer topology after a shard server reports a topology mismatch.
+    pub topology_wait: Duration,
+    /// First pause between retries; doubles up to `backoff_max`.
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            deadline: Duration::from_secs(5),
+            topology_wait: Duration::from_secs(3),
+            backoff_min: Duration::from_millis(25),
+            backoff_max: Duration::from_millis(500),
+        }
+    }
+}
+
+/// Parses `250ms`, `10s`, `2m` or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (e.g. 10s, 500ms)"))?;
+    match unit.trim() {
+        "ms" => Ok(Duration::from_millis(n)),
+        "" | "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        u => Err(format!("unknown duration unit {u:?} (use ms, s or m)")),
+    }
+}
+
+/// Parses a byte count with an optional `KiB`/`MiB`/`GiB` (or `K`/`M`/`G`) suffix.
+pub fn parse_size(s: &str) -> Result<usize, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: usize = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (e.g. 16MiB)"))?;
+    let shift = match unit.trim() {
+        "" | "B" => 0,
+        "K" | "KiB" => 10,
+        "M" | "MiB" => 20,
+        "G" | "GiB" => 30,
+        u => return Err(format!("unknown size unit {u:?} (use KiB, MiB or GiB)")),
+    };
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_and_sizes_parse() {
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("ten").is_err());
+        assert!(parse_duration("5h").is_err());
+        assert_eq!(parse_size("16MiB"), Ok(16 << 20));
+        assert_eq!(parse_size("512K"), Ok(512 << 10));
+        assert_eq!(parse_size("100"), Ok(100));
+        assert!(parse_size("1TiB").is_err());
+        assert!(parse_size("MiB").is_err());
+    }
+
+    #[test]
+    fn flags_have_the_documented_defaults() {
+        let args = Args::try_parse_from(["sharddb-router", "--topology-file", "t.json"]).unwrap();
+        assert_eq!(args.listen, "0.0.0.0:5000".parse().unwrap());
+        assert_eq!(args.upstream_timeout, Duration::from_secs(10));
+        assert_eq!(args.body_limit, 16 << 20);
+        let args = Args::try_parse_from([
+            "sharddb-router",
+            "--topology-file",
+            "t.json",
+            "--listen",
+            "127.0.0.1:7000",
+            "--upstream-timeout",
+            "750ms",
+            "--body-limit",
+            "1KiB",
+        ])
+        .unwrap();
+        assert_eq!(args.listen.port(), 7000);
+        assert_eq!(args.config().upstream_timeout, Duration::from_millis(750));
+        assert_eq!(args.config().body_limit, 1024);
+    }
+}
