@@ -1,0 +1,356 @@
+//! Wire contracts between sharddb processes: request and response bodies of the shard server (the
+//! seed endpoints and our own under `/v1`), the error body every component speaks, and a typed
+//! client. Routers, the operator and tests all use these types; nothing re-declares them.
+
+use crate::schema::{Row, SchemaSpec};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+// ---------------------------------------------------------------------------------------------
+// Bodies shared by every endpoint
+
+/// `{"message": "...", "status": "success"}`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Message {
+    pub message: String,
+    pub status: String,
+}
+
+impl Message {
+    pub fn success(message: impl Into<String>) -> Self {
+        Message { message: message.into(), status: "success".into() }
+    }
+}
+
+/// Machine-readable reason of a failure, beside the human `message`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The request is malformed or breaks a rule; the message names what.
+    BadRequest,
+    /// A key already holds a different row.
+    Conflict,
+    /// The key, shard or path does not exist.
+    NotFound,
+    MethodNotAllowed,
+    PayloadTooLarge,
+    /// The sender's topology epoch is older than ours: it must reload and retry.
+    StaleEpoch,
+    /// The sender's epoch is newer than ours: retry shortly, we are catching up.
+    EpochAhead,
+    /// This server is not the primary of the shard.
+    NotPrimary,
+    /// Replication: the entries do not follow on from what this replica applied.
+    SeqGap,
+    /// The replica is not ready to serve (recovering) or the shard is not held here.
+    NotReady,
+    /// A dependency (Postgres, a replica) failed; safe to retry.
+    Unavailable,
+    Internal,
+}
+
+/// `{"message": "<Error> ...", "status": "failure", ...}`: every failure has this body.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub message: String,
+    pub status: String,
+    pub code: ErrorCode,
+    /// Keys the failure is about (conflicts, absent keys).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub keys: Vec<i64>,
+    /// With `seq_gap`: the last sequence number the replica applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applied: Option<u64>,
+    /// With `stale_epoch` / `epoch_ahead`: the responder's epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<u64>,
+}
+
+impl ErrorBody {
+    pub fn new(code: ErrorCode, message: impl std::fmt::Display) -> Self {
+        ErrorBody {
+            message: format!("<Error> {message}"),
+            status: "failure".into(),
+            code,
+            keys: Vec::new(),
+            applied: None,
+            epoch: None,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Seed endpoints of the shard server
+
+/// `POST /config`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ConfigRequest {
+    pub schema: SchemaSpec,
+    pub shards: Vec<String>,
+}
+
+/// `GET /copy` (a JSON body on a GET, as the seed did).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CopyRequest {
+    pub shards: Vec<String>,
+}
+
+/// An inclusive key range, `{"low": 1000, "high": 8889}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyRange {
+    pub low: i64,
+    pub high: i64,
+}
+
+/// `POST /read` answer; `data` stays raw JSON so routers pass rows through without re-parsing.
+#[derive(Debug, Deserialize)]
+pub struct ReadResponse {
+    pub data: Box<RawValue>,
+}
+
+/// `POST /write` answer.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SeedWriteResponse {
+    pub message: String,
+    pub current_idx: i64,
+    pub status: String,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Our endpoints: writes through the primary, replication, status
+
+/// One mutation asked of a shard's primary. Rows are positional, in schema column order.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "lowercase")]
+pub enum Op {
+    /// Add a row. An identical existing row is a no-op; a different one is a conflict.
+    Insert { row: Row },
+    /// Replace the row at `key` (which must exist; `row` must carry the same key).
+    Update { key: i64, row: Row },
+    /// Remove the row at `key` (which must exist).
+    Delete { key: i64 },
+}
+
+/// `POST /v1/shards/{shard}/write`: a batch applied atomically (all or nothing) by the primary.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct WriteRequest {
+    /// The sender's topology epoch; `None` for a client that does not take part in fencing.
+    #[serde(default)]
+    pub epoch: Option<u64>,
+    pub ops: Vec<Op>,
+    /// Validate against the current data and answer as if written, without writing (routers use it
+    /// to find conflicts in every part of a multi-shard batch before writing any part).
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WriteResponse {
+    /// The shard sequence number that made this batch durable everywhere (0: nothing changed).
+    pub seq: u64,
+    pub inserted: usize,
+    pub updated: usize,
+    pub deleted: usize,
+    /// Inserts of a row identical to the stored one (retries).
+    pub unchanged: usize,
+}
+
+/// The final state of one key after a replication entry: a row, or absent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Change {
+    pub key: i64,
+    pub row: Option<Row>,
+}
+
+/// One replication entry: everything one primary transaction changed in a shard. Applying it is
+/// idempotent (it sets final states), so replaying an entry is harmless.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    pub seq: u64,
+    /// The epoch of the primary that created it.
+    pub epoch: u64,
+    pub changes: Vec<Change>,
+}
+
+/// `POST /v1/shards/{shard}/replicate`: consecutive entries from the primary. Empty `entries`
+/// asks only for the replica's position.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ReplicateRequest {
+    pub epoch: u64,
+    /// The sending primary's name, for logs and fencing.
+    pub primary: String,
+    pub entries: Vec<Entry>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicateResponse {
+    /// The last sequence number this replica holds.
+    pub applied: u64,
+}
+
+/// `GET /status`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ServerStatus {
+    pub server: String,
+    /// The epoch of the topology this server follows (0: none).
+    pub epoch: u64,
+    pub shards: BTreeMap<String, ShardStatus>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardStatus {
+    pub role: Role,
+    /// Last sequence number applied here.
+    pub applied_seq: u64,
+    pub rows: i64,
+    /// Order-independent checksum of the rows (decimal); equal on replicas holding equal rows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checksum: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Primary,
+    Replica,
+    /// Configured with `/config` outside any topology: its own sole primary.
+    Standalone,
+}
+
+/// First line of a snapshot stream (`GET /v1/shards/{shard}/snapshot`, newline-delimited JSON):
+/// then one positional row per line, then a [`SnapshotEnd`] line.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotHeader {
+    pub shard: String,
+    /// The sequence number the snapshot reflects.
+    pub seq: u64,
+    pub schema: SchemaSpec,
+}
+
+/// Last line of a snapshot stream; its absence means the stream was cut.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotEnd {
+    pub end: bool,
+    pub rows: u64,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Typed client
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("request to {url} failed: {source}")]
+    Transport {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("{url} answered {status}: {}", body.message)]
+    Api { url: String, status: u16, body: ErrorBody },
+    #[error("{url} answered {status} with an unexpected body: {text}")]
+    Unexpected { url: String, status: u16, text: String },
+}
+
+impl ClientError {
+    /// The failure body, when the peer answered with one.
+    pub fn body(&self) -> Option<&ErrorBody> {
+        match self {
+            ClientError::Api { body, .. } => Some(body),
+            _ => None,
+        }
+    }
+    pub fn code(&self) -> Option<ErrorCode> {
+        self.body().map(|b| b.code)
+    }
+}
+
+/// A client for one shard server, cheap to clone (connection pool shared).
+#[derive(Clone, Debug)]
+pub struct ShardClient {
+    http: reqwest::Client,
+    base: String,
+}
+
+/// The HTTP client every sharddb process uses to call another: bounded connect and request times.
+pub fn http_client(request_timeout: Duration) -> reqwest::Client {
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(request_timeout)
+        .pool_idle_timeout(Duration::from_secs(60))
+        .pool_max_idle_per_host(256)
+        .tcp_nodelay(true)
+        .build()
+        .expect("HTTP client builds (install the rustls provider first)")
+}
+
+/// Installs the process-wide TLS provider (ring). Idempotent; call at the start of every `main`.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+impl ShardClient {
+    pub fn new(http: reqwest::Client, base: impl Into<String>) -> Self {
+        ShardClient { http, base: base.into().trim_end_matches('/').to_owned() }
+    }
+
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    async fn call<T: serde::de::DeserializeOwned>(&self, req: reqwest::RequestBuilder, url: String) -> Result<T, ClientError> {
+        let resp = req.send().await.map_err(|source| ClientError::Transport { url: url.clone(), source })?;
+        let status = resp.status().as_u16();
+        let bytes = resp.bytes().await.map_err(|source| ClientError::Transport { url: url.clone(), source })?;
+        if (200..300).contains(&status) {
+            return serde_json::from_slice(&bytes).map_err(|e| ClientError::Unexpected {
+                url,
+                status,
+                text: format!("{e}: {}", String::from_utf8_lossy(&bytes[..bytes.len().min(200)])),
+            });
+        }
+        match serde_json::from_slice::<ErrorBody>(&bytes) {
+            Ok(body) => Err(ClientError::Api { url, status, body }),
+            Err(_) => Err(ClientError::Unexpected {
+                url,
+                status,
+                text: String::from_utf8_lossy(&bytes[..bytes.len().min(200)]).into_owned(),
+            }),
+        }
+    }
+
+    /// Sends a batch to the shard's primary.
+    pub async fn write(&self, shard: &str, req: &WriteRequest) -> Result<WriteResponse, ClientError> {
+        let url = format!("{}/v1/shards/{shard}/write", self.base);
+        self.call(self.http.post(&url).json(req), url).await
+    }
+
+    /// Forwards replication entries to a replica.
+    pub async fn replicate(&self, shard: &str, req: &ReplicateRequest) -> Result<ReplicateResponse, ClientError> {
+        let url = format!("{}/v1/shards/{shard}/replicate", self.base);
+        self.call(self.http.post(&url).json(req), url).await
+    }
+
+    /// Seed `POST /read`: rows of `shard` with keys in `[low, high]`, as raw JSON.
+    pub async fn read(&self, shard: &str, key_name: &str, range: KeyRange) -> Result<Box<RawValue>, ClientError> {
+        let url = format!("{}/read", self.base);
+        let mut body = serde_json::Map::new();
+        body.insert("shard".into(), shard.into());
+        body.insert(key_name.into(), serde_json::to_value(range).expect("range serialises"));
+        let r: ReadResponse = self.call(self.http.post(&url).json(&body), url).await?;
+        Ok(r.data)
+    }
+
+    /// `GET /status`; `checksums` asks for row checksums too (reads every row).
+    pub async fn status(&self, checksums: bool) -> Result<ServerStatus, ClientError> {
+        let url = format!("{}/status?checksums={checksums}", self.base);
+        self.call(self.http.get(&url), url).await
+    }
+
+    /// `GET /heartbeat`: true when the server answers 200.
+    pub async fn heartbeat(&self) -> bool {
+        let url = format!("{}/heartbeat", self.base);
+        matches!(self.http.get(&url).send().await, Ok(r) if r.status().is_success())
+    }
+}

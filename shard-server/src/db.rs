@@ -1,0 +1,459 @@
+//! All SQL of the shard server. One table per shard (`shard_<id>`), plus two bookkeeping tables:
+//! `sharddb_shards` (per shard: the last applied sequence number, its schema, whether it is a
+//! standalone shard configured by `/config`) and `sharddb_log` (recent replication entries, so a
+//! lagging replica can catch up even after this server restarts). Data changes, the sequence number
+//! and the log entry commit in one transaction, so they can never disagree. Identifiers are checked
+//! by [`crate::schema::check_ident`] and quoted; values are always bound.
+
+use crate::api::{Change, Entry, SnapshotEnd, SnapshotHeader};
+use crate::schema::{DType, Row, Schema, SchemaSpec, Value, quote};
+use futures::TryStreamExt;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{AssertSqlSafe, PgPool, Postgres, Row as _, SqlSafeStr, SqlStr, Transaction};
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("postgres: {0}")]
+    Sql(#[from] sqlx::Error),
+    #[error("shard {shard} exists with schema {existing} but {wanted} was asked for")]
+    SchemaMismatch { shard: String, existing: String, wanted: String },
+    #[error("shard {shard}: expected applied seq {expected}, found another writer's change")]
+    SeqRace { shard: String, expected: u64 },
+    #[error("stored log entry of shard {shard} is unreadable: {source}")]
+    BadLog {
+        shard: String,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// The connection pool to this server's Postgres database.
+#[derive(Clone, Debug)]
+pub struct Db {
+    pool: PgPool,
+}
+
+/// A shard's table with its statements prepared as text once (sqlx caches the prepared form per
+/// connection, keyed by this text).
+#[derive(Debug)]
+pub struct ShardTable {
+    pub shard: String,
+    pub schema: Schema,
+    create: SqlStr,
+    select_keys: SqlStr,
+    upsert: SqlStr,
+    delete: SqlStr,
+    read_range: SqlStr,
+    count: SqlStr,
+    stats: SqlStr,
+    snapshot: SqlStr,
+    objects: SqlStr,
+}
+
+/// The one place dynamic SQL is admitted: every identifier in it passed `check_ident` and is
+/// quoted, and every value is a bind parameter. Shared (`Arc`) so each use is a cheap clone.
+fn trusted(sql: String) -> SqlStr {
+    AssertSqlSafe(std::sync::Arc::<str>::from(sql)).into_sql_str()
+}
+
+impl ShardTable {
+    /// `shard` must have passed `check_ident` (the topology and `/config` check it).
+    pub fn new(shard: &str, schema: Schema) -> Self {
+        let table = quote(&format!("shard_{shard}"));
+        let cols: Vec<String> = schema.columns().iter().map(|c| quote(c)).collect();
+        let col_list = cols.join(", ");
+        let key = quote(schema.key_name());
+        let defs: Vec<String> = schema
+            .columns()
+            .iter()
+            .zip(schema.dtypes())
+            .enumerate()
+            .map(|(i, (c, d))| {
+                let pk = if i == schema.key_index() { " PRIMARY KEY" } else { " NOT NULL" };
+                format!("{} {}{pk}", quote(c), d.sql_type())
+            })
+            .collect();
+        let unnest: Vec<String> = schema
+            .dtypes()
+            .iter()
+            .enumerate()
+            .map(|(i, d)| format!("${}::{}[]", i + 1, d.sql_type()))
+            .collect();
+        let sets: Vec<String> = cols
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != schema.key_index())
+            .map(|(_, c)| format!("{c} = EXCLUDED.{c}"))
+            .collect();
+        let on_conflict = if sets.is_empty() {
+            format!("ON CONFLICT ({key}) DO NOTHING")
+        } else {
+            format!("ON CONFLICT ({key}) DO UPDATE SET {}", sets.join(", "))
+        };
+        ShardTable {
+            shard: shard.to_owned(),
+            create: trusted(format!("CREATE TABLE IF NOT EXISTS {table} ({})", defs.join(", "))),
+            select_keys: trusted(format!("SELECT {col_list} FROM {table} WHERE {key} = ANY($1)")),
+            upsert: trusted(format!("INSERT INTO {table} ({col_list}) SELECT * FROM UNNEST({}) {on_conflict}", unnest.join(", "))),
+            delete: trusted(format!("DELETE FROM {table} WHERE {key} = ANY($1)")),
+            count: trusted(format!("SELECT count(*) FROM {table}")),
+            read_range: trusted(format!(
+                "SELECT coalesce(json_agg(t ORDER BY {key}), '[]'::json)::text \
+                 FROM (SELECT {col_list} FROM {table} WHERE {key} BETWEEN $1 AND $2) t"
+            )),
+            // Order-independent: the sum of a 60-bit hash of each row's JSON text.
+            stats: trusted(format!(
+                "SELECT count(*), coalesce(sum(('x' || substr(md5(row_to_json(t)::text), 1, 15))::bit(60)::bigint), 0)::text \
+                 FROM (SELECT {col_list} FROM {table}) t"
+            )),
+            snapshot: trusted(format!("SELECT json_build_array({col_list})::text FROM {table} ORDER BY {key}")),
+            objects: trusted(format!("SELECT row_to_json(t)::text FROM (SELECT {col_list} FROM {table} ORDER BY {key}) t")),
+            schema,
+        }
+    }
+
+    fn decode(&self, r: &sqlx::postgres::PgRow) -> Result<Row, sqlx::Error> {
+        let mut values = Vec::with_capacity(self.schema.columns().len());
+        for (i, d) in self.schema.dtypes().iter().enumerate() {
+            values.push(match d {
+                DType::Number => Value::Int(r.try_get(i)?),
+                DType::String => Value::Text(r.try_get(i)?),
+            });
+        }
+        Ok(Row(values))
+    }
+}
+
+/// A shard as recorded in `sharddb_shards`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredShard {
+    pub shard: String,
+    pub applied_seq: u64,
+    pub schema: SchemaSpec,
+    pub standalone: bool,
+}
+
+/// Row count and checksum of a shard at one sequence number.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShardStats {
+    pub applied_seq: u64,
+    pub rows: i64,
+    pub checksum: Option<String>,
+}
+
+fn seq_to_sql(seq: u64) -> i64 {
+    i64::try_from(seq).expect("sequence numbers stay below 2^63")
+}
+
+fn seq_from_sql(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+impl Db {
+    /// Connects and creates the bookkeeping tables.
+    pub async fn connect(url: &str, max_connections: u32) -> Result<Db, DbError> {
+        let opts = PgConnectOptions::from_str(url)?.application_name("sharddb-shard-server");
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .min_connections(1)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(opts)
+            .await?;
+        let db = Db { pool };
+        db.init().await?;
+        Ok(db)
+    }
+
+    /// [`Db::connect`], retrying with backoff until `patience` runs out: in a pod the database
+    /// container may start after the server, and a loaded machine may be slow to accept.
+    pub async fn connect_patiently(url: &str, max_connections: u32, patience: Duration) -> Result<Db, DbError> {
+        let mut wait = Duration::from_millis(100);
+        let deadline = tokio::time::Instant::now() + patience;
+        loop {
+            match Db::connect(url, max_connections).await {
+                Ok(db) => return Ok(db),
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    tracing::warn!(error = %e, "postgres not reachable yet; retrying");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(2));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn init(&self) -> Result<(), DbError> {
+        // Two servers starting on one fresh database would race on CREATE; the advisory lock orders them.
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock(726354)").execute(&mut *tx).await?;
+        sqlx::query(
+            "CREATE TABLE IF NOT EXISTS sharddb_shards (
+                shard TEXT PRIMARY KEY,
+                applied_seq BIGINT NOT NULL,
+                schema JSONB NOT NULL,
+                standalone BOOLEAN NOT NULL DEFAULT FALSE)",
+        )
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "CREATE TABLE IF NOT EXISTS sharddb_log (
+                shard TEXT NOT NULL,
+                seq BIGINT NOT NULL,
+                epoch BIGINT NOT NULL,
+                changes JSONB NOT NULL,
+                PRIMARY KEY (shard, seq))",
+        )
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Every shard recorded in this database.
+    pub async fn stored_shards(&self) -> Result<Vec<StoredShard>, DbError> {
+        let rows = sqlx::query("SELECT shard, applied_seq, schema::text, standalone FROM sharddb_shards ORDER BY shard")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.into_iter()
+            .map(|r| {
+                let schema: String = r.try_get(2)?;
+                let shard: String = r.try_get(0)?;
+                let schema = serde_json::from_str(&schema).map_err(|source| DbError::BadLog { shard: shard.clone(), source })?;
+                Ok(StoredShard { shard, applied_seq: seq_from_sql(r.try_get(1)?), schema, standalone: r.try_get(3)? })
+            })
+            .collect()
+    }
+
+    /// Creates the shard's table and bookkeeping row if missing; returns its applied seq. A shard that
+    /// exists with another schema is an error, never silently altered.
+    pub async fn ensure_shard(&self, t: &ShardTable, standalone: bool) -> Result<u64, DbError> {
+        let spec = serde_json::to_string(&t.schema.to_spec()).expect("schema serialises");
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock(726354)").execute(&mut *tx).await?;
+        sqlx::query(t.create.clone()).execute(&mut *tx).await?;
+        sqlx::query(
+            "INSERT INTO sharddb_shards (shard, applied_seq, schema, standalone) VALUES ($1, 0, $2::jsonb, $3)
+             ON CONFLICT (shard) DO NOTHING",
+        )
+        .bind(&t.shard)
+        .bind(&spec)
+        .bind(standalone)
+        .execute(&mut *tx)
+        .await?;
+        let r = sqlx::query("SELECT applied_seq, schema::text FROM sharddb_shards WHERE shard = $1")
+            .bind(&t.shard)
+            .fetch_one(&mut *tx)
+            .await?;
+        let existing: String = r.try_get(1)?;
+        let existing_spec: SchemaSpec =
+            serde_json::from_str(&existing).map_err(|source| DbError::BadLog { shard: t.shard.clone(), source })?;
+        if Schema::try_from(existing_spec).ok().as_ref() != Some(&t.schema) {
+            return Err(DbError::SchemaMismatch { shard: t.shard.clone(), existing, wanted: spec });
+        }
+        if standalone {
+            sqlx::query("UPDATE sharddb_shards SET standalone = TRUE WHERE shard = $1")
+                .bind(&t.shard)
+                .execute(&mut *tx)
+                .await?;
+        }
+        let applied = seq_from_sql(r.try_get(0)?);
+        tx.commit().await?;
+        Ok(applied)
+    }
+
+    /// The stored rows for `keys` (absent keys are simply missing from the map).
+    pub async fn fetch_rows(&self, t: &ShardTable, keys: &[i64]) -> Result<HashMap<i64, Row>, DbError> {
+        let rows = sqlx::query(t.select_keys.clone()).bind(keys).fetch_all(&self.pool).await?;
+        let mut out = HashMap::with_capacity(rows.len());
+        for r in &rows {
+            let row = t.decode(r)?;
+            out.insert(row.key(&t.schema), row);
+        }
+        Ok(out)
+    }
+
+    /// Applies one replication entry: final row states, the new applied seq (which must follow
+    /// `entry.seq - 1`, checked in SQL as a guard against a second writer) and the log entry, in one
+    /// transaction.
+    pub async fn apply(&self, t: &ShardTable, entry: &Entry) -> Result<(), DbError> {
+        let mut tx = self.pool.begin().await?;
+        apply_changes(&mut tx, t, &entry.changes).await?;
+        let done = sqlx::query("UPDATE sharddb_shards SET applied_seq = $2 WHERE shard = $1 AND applied_seq = $3")
+            .bind(&t.shard)
+            .bind(seq_to_sql(entry.seq))
+            .bind(seq_to_sql(entry.seq - 1))
+            .execute(&mut *tx)
+            .await?;
+        if done.rows_affected() != 1 {
+            return Err(DbError::SeqRace { shard: t.shard.clone(), expected: entry.seq - 1 });
+        }
+        let changes = serde_json::to_string(&entry.changes).expect("changes serialise");
+        sqlx::query("INSERT INTO sharddb_log (shard, seq, epoch, changes) VALUES ($1, $2, $3, $4::jsonb)")
+            .bind(&t.shard)
+            .bind(seq_to_sql(entry.seq))
+            .bind(seq_to_sql(entry.epoch))
+            .bind(changes)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Log entries `from..=to` that are still kept, in order.
+    pub async fn log_entries(&self, shard: &str, from: u64, to: u64) -> Result<Vec<Entry>, DbError> {
+        let rows = sqlx::query(
+            "SELECT seq, epoch, changes::text FROM sharddb_log WHERE shard = $1 AND seq BETWEEN $2 AND $3 ORDER BY seq",
+        )
+        .bind(shard)
+        .bind(seq_to_sql(from))
+        .bind(seq_to_sql(to))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let changes: String = r.try_get(2)?;
+                Ok(Entry {
+                    seq: seq_from_sql(r.try_get(0)?),
+                    epoch: seq_from_sql(r.try_get(1)?),
+                    changes: serde_json::from_str(&changes)
+                        .map_err(|source| DbError::BadLog { shard: shard.to_owned(), source })?,
+                })
+            })
+            .collect()
+    }
+
+    /// Forgets log entries older than `keep_from`.
+    pub async fn trim_log(&self, shard: &str, keep_from: u64) -> Result<u64, DbError> {
+        let r = sqlx::query("DELETE FROM sharddb_log WHERE shard = $1 AND seq < $2")
+            .bind(shard)
+            .bind(seq_to_sql(keep_from))
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected())
+    }
+
+    /// Rows with keys in `[low, high]` as one JSON array text, sorted by key.
+    pub async fn read_range_json(&self, t: &ShardTable, low: i64, high: i64) -> Result<String, DbError> {
+        Ok(sqlx::query_scalar(t.read_range.clone()).bind(low).bind(high).fetch_one(&self.pool).await?)
+    }
+
+    /// Applied seq, row count and (optionally) checksum, all from one snapshot.
+    pub async fn stats(&self, t: &ShardTable, checksum: bool) -> Result<ShardStats, DbError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY").execute(&mut *tx).await?;
+        let applied: i64 = sqlx::query_scalar("SELECT applied_seq FROM sharddb_shards WHERE shard = $1")
+            .bind(&t.shard)
+            .fetch_one(&mut *tx)
+            .await?;
+        let (rows, sum) = if checksum {
+            let r = sqlx::query(t.stats.clone()).fetch_one(&mut *tx).await?;
+            (r.try_get::<i64, _>(0)?, Some(r.try_get::<String, _>(1)?))
+        } else {
+            (sqlx::query_scalar(t.count.clone()).fetch_one(&mut *tx).await?, None)
+        };
+        tx.commit().await?;
+        Ok(ShardStats { applied_seq: seq_from_sql(applied), rows, checksum: sum })
+    }
+
+    /// Streams a consistent snapshot of the shard as newline-delimited JSON into `out`: a
+    /// [`SnapshotHeader`], one positional row per line, a [`SnapshotEnd`]. Rows flow from Postgres
+    /// to the channel as they arrive, so memory stays bounded by the channel, whatever the shard's size.
+    pub async fn snapshot(
+        &self,
+        t: &ShardTable,
+        out: tokio::sync::mpsc::Sender<bytes::Bytes>,
+    ) -> Result<(), DbError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY").execute(&mut *tx).await?;
+        let applied: i64 = sqlx::query_scalar("SELECT applied_seq FROM sharddb_shards WHERE shard = $1")
+            .bind(&t.shard)
+            .fetch_one(&mut *tx)
+            .await?;
+        let header = SnapshotHeader { shard: t.shard.clone(), seq: seq_from_sql(applied), schema: t.schema.to_spec() };
+        let mut line = serde_json::to_vec(&header).expect("header serialises");
+        line.push(b'\n');
+        if out.send(line.into()).await.is_err() {
+            return Ok(());
+        }
+        let mut count = 0u64;
+        let mut buf = Vec::with_capacity(64 * 1024);
+        {
+            let mut rows = sqlx::query_scalar::<_, String>(t.snapshot.clone()).fetch(&mut *tx);
+            while let Some(row) = rows.try_next().await? {
+                buf.extend_from_slice(row.as_bytes());
+                buf.push(b'\n');
+                count += 1;
+                if buf.len() >= 60 * 1024 && out.send(std::mem::take(&mut buf).into()).await.is_err() {
+                    return Ok(()); // the reader went away
+                }
+            }
+        }
+        tx.commit().await?;
+        let end = SnapshotEnd { end: true, rows: count };
+        buf.extend_from_slice(&serde_json::to_vec(&end).expect("end serialises"));
+        buf.push(b'\n');
+        let _ = out.send(buf.into()).await;
+        Ok(())
+    }
+
+    /// Streams every row of the shard as seed-format JSON objects (for `/copy`), comma-separated,
+    /// into `out`. Same bounded-memory argument as [`Db::snapshot`].
+    pub async fn stream_objects(
+        &self,
+        t: &ShardTable,
+        out: &tokio::sync::mpsc::Sender<bytes::Bytes>,
+    ) -> Result<bool, DbError> {
+        let mut rows = sqlx::query_scalar::<_, String>(t.objects.clone()).fetch(&self.pool);
+        let mut buf = Vec::with_capacity(64 * 1024);
+        let mut first = true;
+        while let Some(row) = rows.try_next().await? {
+            if !first {
+                buf.push(b',');
+            }
+            first = false;
+            buf.extend_from_slice(row.as_bytes());
+            if buf.len() >= 60 * 1024 && out.send(std::mem::take(&mut buf).into()).await.is_err() {
+                return Ok(false);
+            }
+        }
+        Ok(buf.is_empty() || out.send(buf.into()).await.is_ok())
+    }
+}
+
+/// Writes final row states: upserts for present rows, deletes for absent ones.
+async fn apply_changes(tx: &mut Transaction<'_, Postgres>, t: &ShardTable, changes: &[Change]) -> Result<(), DbError> {
+    let deletes: Vec<i64> = changes.iter().filter(|c| c.row.is_none()).map(|c| c.key).collect();
+    if !deletes.is_empty() {
+        sqlx::query(t.delete.clone()).bind(&deletes).execute(&mut **tx).await?;
+    }
+    let rows: Vec<&Row> = changes.iter().filter_map(|c| c.row.as_ref()).collect();
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let mut q = sqlx::query(t.upsert.clone());
+    for (i, d) in t.schema.dtypes().iter().enumerate() {
+        q = match d {
+            DType::Number => q.bind(
+                rows.iter()
+                    .map(|r| match &r.0[i] {
+                        Value::Int(v) => *v,
+                        Value::Text(_) => unreachable!("rows are checked against the schema before they get here"),
+                    })
+                    .collect::<Vec<i64>>(),
+            ),
+            DType::String => q.bind(
+                rows.iter()
+                    .map(|r| match &r.0[i] {
+                        Value::Text(v) => v.clone(),
+                        Value::Int(_) => unreachable!("rows are checked against the schema before they get here"),
+                    })
+                    .collect::<Vec<String>>(),
+            ),
+        };
+    }
+    q.execute(&mut **tx).await?;
+    Ok(())
+}

@@ -1,0 +1,62 @@
+//! sharddb shard server: the data node. HTTP (axum) over one Postgres database holding shard
+//! replicas, one table per shard. Also home of the wire contracts every other part uses:
+//! [`api`] (bodies + typed client), [`schema`] (rows), [`topology`] (the routing document).
+
+pub mod api;
+pub mod db;
+pub mod error;
+pub mod json;
+pub mod metrics;
+pub mod node;
+pub mod replication;
+pub mod routes;
+pub mod schema;
+pub mod topology;
+pub mod topology_source;
+
+use crate::error::ApiError;
+use crate::json::BodyLimit;
+use crate::metrics::RequestLabels;
+use crate::node::Node;
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::{get, post};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// The shard server's HTTP application.
+pub fn app(node: Arc<Node>) -> Router {
+    let limit = node.config.body_limit;
+    Router::new()
+        .route("/config", post(routes::seed::config))
+        .route("/heartbeat", get(routes::seed::heartbeat))
+        .route("/copy", get(routes::seed::copy))
+        .route("/read", post(routes::seed::read))
+        .route("/write", post(routes::seed::write))
+        .route("/update", axum::routing::put(routes::seed::update))
+        .route("/del", axum::routing::delete(routes::seed::del))
+        .route("/v1/shards/{shard}/write", post(routes::v1::write))
+        .route("/v1/shards/{shard}/replicate", post(routes::v1::replicate))
+        .route("/v1/shards/{shard}/snapshot", get(routes::v1::snapshot))
+        .route("/status", get(routes::v1::status))
+        .route("/metrics", get(routes::v1::metrics))
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .fallback(|| async { ApiError::NotFound { message: "no such endpoint".into(), keys: vec![] } })
+        .layer(middleware::from_fn_with_state(Arc::clone(&node), observe))
+        .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::Extension(BodyLimit(limit)))
+        .with_state(node)
+}
+
+/// Counts and times every request by its route pattern (never the raw path: bounded cardinality).
+async fn observe(State(node): State<Arc<Node>>, req: Request, next: Next) -> Response {
+    let route = req.extensions().get::<MatchedPath>().map_or("unmatched", |p| p.as_str()).to_owned();
+    let start = Instant::now();
+    let resp = next.run(req).await;
+    let labels = RequestLabels { route, status: resp.status().as_u16() };
+    node.metrics.requests.get_or_create(&labels).inc();
+    node.metrics.latency.get_or_create(&labels).observe(start.elapsed().as_secs_f64());
+    resp
+}

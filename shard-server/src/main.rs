@@ -1,0 +1,73 @@
+//! `sharddb-shard-server`: parses flags, connects to Postgres, follows the topology, serves HTTP.
+
+use clap::Parser;
+use shard_server::db::Db;
+use shard_server::node::{Node, NodeConfig};
+use shard_server::{api, app, topology_source};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Parser, Debug)]
+#[command(name = "sharddb-shard-server", version, about = "sharddb data node: HTTP over one Postgres database")]
+struct Args {
+    /// Address to listen on.
+    #[arg(long, env = "SHARDDB_LISTEN", default_value = "0.0.0.0:5000")]
+    listen: SocketAddr,
+    /// This server's name, as the topology knows it (e.g. Server0).
+    #[arg(long, env = "SHARDDB_SERVER_NAME")]
+    name: String,
+    /// Postgres database holding this server's shards.
+    #[arg(long, env = "DATABASE_URL")]
+    database_url: String,
+    /// Topology document to follow (local mode). Without it the server only serves shards
+    /// configured with POST /config.
+    #[arg(long, env = "SHARDDB_TOPOLOGY_FILE")]
+    topology_file: Option<PathBuf>,
+    /// Postgres connections in the pool.
+    #[arg(long, env = "SHARDDB_DB_CONNECTIONS", default_value_t = 16)]
+    db_connections: u32,
+    /// Timeout of one replication call to a peer, in milliseconds.
+    #[arg(long, env = "SHARDDB_PEER_TIMEOUT_MS", default_value_t = 5000)]
+    peer_timeout_ms: u64,
+    /// Largest accepted request body, in bytes.
+    #[arg(long, env = "SHARDDB_BODY_LIMIT", default_value_t = 64 * 1024 * 1024)]
+    body_limit: usize,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    api::install_crypto_provider();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,sqlx=warn".into()),
+        )
+        .init();
+    let args = Args::parse();
+    let db = Db::connect_patiently(&args.database_url, args.db_connections, Duration::from_secs(60)).await?;
+    let topology = match &args.topology_file {
+        Some(p) => topology_source::watch_file(p.clone()),
+        None => topology_source::fixed(None),
+    };
+    let config = NodeConfig {
+        name: args.name.clone(),
+        peer_timeout: Duration::from_millis(args.peer_timeout_ms),
+        body_limit: args.body_limit,
+    };
+    let node = Node::new(config, db, topology);
+    node.start().await?;
+    let listener = tokio::net::TcpListener::bind(args.listen).await?;
+    tracing::info!(addr = %listener.local_addr()?, name = %args.name, "shard server listening");
+    axum::serve(listener, app(node)).with_graceful_shutdown(shutdown()).await?;
+    Ok(())
+}
+
+async fn shutdown() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+}

@@ -1,0 +1,179 @@
+//! The node: this server's identity, its database, the topology it follows, and the registry of
+//! shards it holds with each one's role. Decides "may I serve/accept this?"; does I/O only to
+//! create a shard's table on first use.
+
+use crate::api::{ShardClient, http_client};
+use crate::db::{Db, ShardTable};
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+use crate::replication::Shard;
+use crate::schema::Schema;
+use crate::topology::{ReplicaState, ShardEntry, Topology};
+use crate::topology_source::TopologyRx;
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+/// Settings of a node, parsed once from flags.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    pub name: String,
+    /// Timeout of a replication call to a peer.
+    pub peer_timeout: Duration,
+    /// Largest accepted request body.
+    pub body_limit: usize,
+}
+
+/// What this server is for one shard, as of the topology it holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ShardRole {
+    Primary { epoch: u64, entry: ShardEntry },
+    Replica { epoch: u64, state: ReplicaState, primary: String },
+    /// Configured with `/config`, outside any topology: its own sole primary.
+    Standalone,
+}
+
+pub struct Node {
+    pub config: NodeConfig,
+    pub db: Db,
+    pub metrics: Metrics,
+    topology: TopologyRx,
+    http: reqwest::Client,
+    shards: RwLock<HashMap<String, Arc<Shard>>>,
+    /// Serialises the creation of shard tables.
+    creating: tokio::sync::Mutex<()>,
+}
+
+impl Node {
+    pub fn new(config: NodeConfig, db: Db, topology: TopologyRx) -> Arc<Node> {
+        let http = http_client(config.peer_timeout);
+        Arc::new(Node {
+            config,
+            db,
+            metrics: Metrics::default(),
+            topology,
+            http,
+            shards: RwLock::new(HashMap::new()),
+            creating: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    pub fn topology(&self) -> Option<Arc<Topology>> {
+        self.topology.borrow().clone()
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.topology().map_or(0, |t| t.epoch)
+    }
+
+    pub fn peer(&self, url: &str) -> ShardClient {
+        ShardClient::new(self.http.clone(), url)
+    }
+
+    /// Loads the standalone shards recorded in the database, then follows the topology: every shard
+    /// the topology gives this server gets its table before the first request needs it.
+    pub async fn start(self: &Arc<Self>) -> Result<(), ApiError> {
+        for stored in self.db.stored_shards().await? {
+            if stored.standalone {
+                let schema = Schema::try_from(stored.schema)
+                    .map_err(|e| ApiError::Internal(format!("stored schema of {}: {e}", stored.shard)))?;
+                self.open_shard(&stored.shard, schema, true).await?;
+            }
+        }
+        let node = Arc::clone(self);
+        let mut rx = self.topology.clone();
+        tokio::spawn(async move {
+            loop {
+                let topo = rx.borrow_and_update().clone();
+                if let Some(t) = topo {
+                    node.adopt(&t).await;
+                }
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(())
+    }
+
+    async fn adopt(&self, t: &Topology) {
+        let Ok(schema) = t.schema() else { return };
+        for (shard, _) in t.shards_of(self.name()) {
+            if let Err(e) = self.open_shard(&shard.id, schema.clone(), false).await {
+                tracing::error!(shard = %shard.id, error = %e, "cannot open shard");
+            }
+        }
+    }
+
+    /// Registers a shard (creating its table if needed). Idempotent.
+    pub async fn open_shard(&self, id: &str, schema: Schema, standalone: bool) -> Result<Arc<Shard>, ApiError> {
+        if let Some(s) = self.shards.read().expect("lock").get(id) {
+            if s.table.schema != schema {
+                return Err(ApiError::Conflict {
+                    message: format!("shard {id} already exists with another schema"),
+                    keys: vec![],
+                });
+            }
+            if standalone && !s.is_standalone() {
+                s.set_standalone();
+            }
+            return Ok(Arc::clone(s));
+        }
+        let _guard = self.creating.lock().await;
+        if let Some(s) = self.shards.read().expect("lock").get(id) {
+            return Ok(Arc::clone(s));
+        }
+        let table = ShardTable::new(id, schema);
+        let applied = self.db.ensure_shard(&table, standalone).await.map_err(|e| match e {
+            crate::db::DbError::SchemaMismatch { shard, .. } => ApiError::Conflict {
+                message: format!("shard {shard} already exists with another schema"),
+                keys: vec![],
+            },
+            other => ApiError::Db(other),
+        })?;
+        let shard = Shard::spawn(table, applied, standalone);
+        self.shards.write().expect("lock").insert(id.to_owned(), Arc::clone(&shard));
+        tracing::info!(shard = id, applied, standalone, "shard opened");
+        Ok(shard)
+    }
+
+    /// Shards registered here, in name order.
+    pub fn shards(&self) -> Vec<Arc<Shard>> {
+        let mut v: Vec<_> = self.shards.read().expect("lock").values().cloned().collect();
+        v.sort_by(|a, b| a.id().cmp(b.id()));
+        v
+    }
+
+    /// The shard and this server's role for it. A shard the topology gives us but that is not open
+    /// yet is opened now.
+    pub async fn shard(&self, id: &str) -> Result<(Arc<Shard>, ShardRole), ApiError> {
+        let topo = self.topology();
+        let listed = topo.as_ref().and_then(|t| t.shard(id).map(|e| (t, e)));
+        if let Some((t, entry)) = listed {
+            if let Some(state) = entry.replicas.get(self.name()) {
+                let schema = t.schema().map_err(|e| ApiError::Internal(e.to_string()))?;
+                let shard = self.open_shard(id, schema, false).await?;
+                let role = if entry.primary == self.name() {
+                    ShardRole::Primary { epoch: t.epoch, entry: entry.clone() }
+                } else {
+                    ShardRole::Replica { epoch: t.epoch, state: *state, primary: entry.primary.clone() }
+                };
+                return Ok((shard, role));
+            }
+        }
+        let existing = self.shards.read().expect("lock").get(id).cloned();
+        match existing {
+            Some(s) if s.is_standalone() => Ok((s, ShardRole::Standalone)),
+            _ => Err(ApiError::NotFound { message: format!("shard {id} is not held by {}", self.name()), keys: vec![] }),
+        }
+    }
+
+    /// The schema to use for a request about `shard`, whatever our role.
+    pub async fn schema_of(&self, id: &str) -> Result<Schema, ApiError> {
+        Ok(self.shard(id).await?.0.table.schema.clone())
+    }
+}

@@ -1,0 +1,476 @@
+//! Per-shard write path and replication. Does I/O (Postgres, peers).
+//!
+//! **Primary.** Writes for a shard queue to one writer task, which takes every queued batch as one
+//! group (group commit): it reads the stored rows the group touches, decides each batch against them
+//! in arrival order (a batch is all-or-nothing: a conflict or absent key fails that batch alone),
+//! and commits the surviving batches' final row states as one entry with the shard's next sequence
+//! number, in one transaction. It then brings every `ready` replica up to that sequence number and
+//! only then acknowledges. A replica that cannot apply fails the group's writes (the client may
+//! retry: an identical insert is a no-op) until the operator demotes it. Because a retried no-op
+//! still waits for every ready replica to reach the primary's sequence number, an acknowledgement
+//! always means "on every ready replica", even for a write first committed by an earlier attempt.
+//!
+//! **Replica.** Entries must arrive in sequence: an entry at or below the applied number is skipped
+//! (replays are harmless), one beyond the next is refused with `seq_gap` and the replica's position,
+//! so the primary resends from there (from its in-memory cache or its durable log).
+
+use crate::api::{Change, Entry, Op, ReplicateRequest, WriteResponse};
+use crate::db::ShardTable;
+use crate::error::{ApiError, ReplicationError};
+use crate::node::{Node, ShardRole};
+use crate::topology::ReplicaState;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use tokio::sync::{mpsc, oneshot};
+
+/// Most operations one group commits together.
+const MAX_GROUP_OPS: usize = 4096;
+/// Entries kept in memory for catching up replicas without reading the log table.
+const CACHE_ENTRIES: usize = 2048;
+/// Entries kept in the durable log.
+const LOG_ENTRIES: u64 = 20_000;
+/// Most entries sent to a replica in one request.
+const MAX_SEND: usize = 256;
+
+/// One batch waiting for the writer.
+pub struct Job {
+    pub ops: Vec<Op>,
+    pub epoch: Option<u64>,
+    pub dry_run: bool,
+    pub reply: oneshot::Sender<Result<WriteResponse, ApiError>>,
+}
+
+pub struct Shard {
+    pub table: ShardTable,
+    /// Last applied sequence number; held while applying, which serialises appliers.
+    applied: tokio::sync::Mutex<u64>,
+    jobs: mpsc::Sender<Job>,
+    job_rx: Mutex<Option<mpsc::Receiver<Job>>>,
+    standalone: AtomicBool,
+    /// Recent entries, ascending and consecutive.
+    cache: Mutex<VecDeque<Arc<Entry>>>,
+    /// What each peer is known to have applied (`None`: unknown, ask).
+    peers: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<u64>>>>>,
+}
+
+impl Shard {
+    pub fn spawn(table: ShardTable, applied: u64, standalone: bool) -> Arc<Shard> {
+        let (tx, rx) = mpsc::channel(4096);
+        Arc::new(Shard {
+            table,
+            applied: tokio::sync::Mutex::new(applied),
+            jobs: tx,
+            job_rx: Mutex::new(Some(rx)),
+            standalone: AtomicBool::new(standalone),
+            cache: Mutex::new(VecDeque::new()),
+            peers: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn id(&self) -> &str {
+        &self.table.shard
+    }
+    pub fn is_standalone(&self) -> bool {
+        self.standalone.load(Ordering::Relaxed)
+    }
+    pub fn set_standalone(&self) {
+        self.standalone.store(true, Ordering::Relaxed);
+    }
+
+    /// Queues a batch for the writer (started on first use) and waits for its outcome.
+    pub async fn submit(
+        self: &Arc<Self>,
+        node: &Arc<Node>,
+        ops: Vec<Op>,
+        epoch: Option<u64>,
+        dry_run: bool,
+    ) -> Result<WriteResponse, ApiError> {
+        if let Some(rx) = self.job_rx.lock().expect("lock").take() {
+            tokio::spawn(writer(Arc::clone(node), Arc::clone(self), rx));
+        }
+        let (reply, wait) = oneshot::channel();
+        self.jobs
+            .send(Job { ops, epoch, dry_run, reply })
+            .await
+            .map_err(|_| ApiError::Internal("shard writer stopped".into()))?;
+        wait.await.map_err(|_| ApiError::Internal("shard writer dropped a request".into()))?
+    }
+
+    fn remember(&self, entry: Arc<Entry>) {
+        let mut c = self.cache.lock().expect("lock");
+        if c.back().is_some_and(|b| b.seq + 1 != entry.seq) {
+            c.clear();
+        }
+        c.push_back(entry);
+        while c.len() > CACHE_ENTRIES {
+            c.pop_front();
+        }
+    }
+
+    /// Entries `from..=to` (at most [`MAX_SEND`]), from the cache or else the durable log.
+    async fn entries(&self, node: &Node, from: u64, to: u64) -> Result<Vec<Arc<Entry>>, ReplicationError> {
+        let to = to.min(from + MAX_SEND as u64 - 1);
+        {
+            let c = self.cache.lock().expect("lock");
+            if let Some(front) = c.front() {
+                if front.seq <= from && c.back().is_some_and(|b| b.seq >= to) {
+                    let start = (from - front.seq) as usize;
+                    return Ok(c.range(start..=start + (to - from) as usize).cloned().collect());
+                }
+            }
+        }
+        let got = node.db.log_entries(self.id(), from, to).await?;
+        if got.len() as u64 != to - from + 1 || got.first().map(|e| e.seq) != Some(from) {
+            return Err(ReplicationError::NeedsSnapshot { from, to });
+        }
+        Ok(got.into_iter().map(Arc::new).collect())
+    }
+
+    fn peer_state(&self, peer: &str) -> Arc<tokio::sync::Mutex<Option<u64>>> {
+        Arc::clone(self.peers.lock().expect("lock").entry(peer.to_owned()).or_default())
+    }
+
+    /// Brings `peer` up to `target`, sending what it misses. Serialised per peer.
+    async fn sync_peer(&self, node: &Node, epoch: u64, peer: &str, url: &str, target: u64) -> Result<(), ReplicationError> {
+        let state = self.peer_state(peer);
+        let mut known = state.lock().await;
+        let client = node.peer(url);
+        for _ in 0..64 {
+            match *known {
+                Some(a) if a == target => return Ok(()),
+                Some(a) if a > target => return Err(ReplicationError::Ahead { replica: a, primary: target }),
+                _ => {}
+            }
+            // Unknown position: send the newest entry (the common case) and learn from the answer.
+            let from = known.map_or(target, |a| a + 1);
+            let entries = if target == 0 { Vec::new() } else { self.entries(node, from, target).await? };
+            let req = ReplicateRequest {
+                epoch,
+                primary: node.name().to_owned(),
+                entries: entries.iter().map(|e| Entry::clone(e)).collect(),
+            };
+            let before = *known;
+            match client.replicate(self.id(), &req).await {
+                Ok(r) => *known = Some(r.applied),
+                Err(e) => match e.body() {
+                    Some(b) if b.code == crate::api::ErrorCode::SeqGap => *known = b.applied,
+                    _ => {
+                        *known = None;
+                        return Err(e.into());
+                    }
+                },
+            }
+            if *known == before && before.is_some() {
+                return Err(ReplicationError::NoProgress);
+            }
+        }
+        Err(ReplicationError::NoProgress)
+    }
+
+    /// Applies entries sent by the primary (replica side).
+    pub async fn replicate(&self, node: &Node, req: ReplicateRequest) -> Result<u64, ApiError> {
+        let mut applied = self.applied.lock().await;
+        for entry in req.entries {
+            if entry.seq <= *applied {
+                continue;
+            }
+            if entry.seq != *applied + 1 {
+                return Err(ApiError::SeqGap { first: entry.seq, applied: *applied });
+            }
+            for c in &entry.changes {
+                if let Some(row) = &c.row {
+                    self.table.schema.check_positional(row).map_err(|e| ApiError::bad_request(format!("entry {}: {e}", entry.seq)))?;
+                    if row.key(&self.table.schema) != c.key {
+                        return Err(ApiError::bad_request(format!("entry {}: row key differs from change key {}", entry.seq, c.key)));
+                    }
+                }
+            }
+            node.db.apply(&self.table, &entry).await?;
+            *applied = entry.seq;
+            node.metrics.entries_applied.inc();
+            self.after_apply(node, Arc::new(entry));
+        }
+        Ok(*applied)
+    }
+
+    fn after_apply(&self, node: &Node, entry: Arc<Entry>) {
+        let seq = entry.seq;
+        self.remember(entry);
+        if seq % 1024 == 0 && seq > LOG_ENTRIES {
+            let db = node.db.clone();
+            let shard = self.id().to_owned();
+            tokio::spawn(async move {
+                if let Err(e) = db.trim_log(&shard, seq - LOG_ENTRIES).await {
+                    tracing::warn!(%shard, error = %e, "log trim failed");
+                }
+            });
+        }
+    }
+
+    pub async fn applied(&self) -> u64 {
+        *self.applied.lock().await
+    }
+}
+
+/// The writer task of one shard: drains queued jobs into groups.
+async fn writer(node: Arc<Node>, shard: Arc<Shard>, mut rx: mpsc::Receiver<Job>) {
+    while let Some(first) = rx.recv().await {
+        let mut ops = first.ops.len();
+        let mut group = vec![first];
+        while ops < MAX_GROUP_OPS {
+            match rx.try_recv() {
+                Ok(j) => {
+                    ops += j.ops.len();
+                    group.push(j);
+                }
+                Err(_) => break,
+            }
+        }
+        node.metrics.group_size.observe(group.len() as f64);
+        process_group(&node, &shard, group).await;
+    }
+}
+
+/// What one batch does, decided against the stored rows plus earlier batches of the group.
+#[derive(Debug, Default)]
+struct Decision {
+    changes: HashMap<i64, Option<crate::schema::Row>>,
+    outcome: WriteResponse,
+}
+
+fn decide(
+    job: &Job,
+    stored: &HashMap<i64, crate::schema::Row>,
+    group: &HashMap<i64, Option<crate::schema::Row>>,
+    schema: &crate::schema::Schema,
+) -> Result<Decision, ApiError> {
+    let mut d = Decision::default();
+    let mut conflicts = Vec::new();
+    let mut absent = Vec::new();
+    for op in &job.ops {
+        let key = match op {
+            Op::Insert { row } => row.key(schema),
+            Op::Update { key, .. } | Op::Delete { key } => *key,
+        };
+        let current = match d.changes.get(&key).or_else(|| group.get(&key)) {
+            Some(state) => state.as_ref(),
+            None => stored.get(&key),
+        };
+        match (op, current) {
+            (Op::Insert { row }, None) => {
+                d.changes.insert(key, Some(row.clone()));
+                d.outcome.inserted += 1;
+            }
+            (Op::Insert { row }, Some(cur)) if cur == row => d.outcome.unchanged += 1,
+            (Op::Insert { .. }, Some(_)) => conflicts.push(key),
+            (Op::Update { .. } | Op::Delete { .. }, None) => absent.push(key),
+            (Op::Update { row, .. }, Some(_)) => {
+                d.changes.insert(key, Some(row.clone()));
+                d.outcome.updated += 1;
+            }
+            (Op::Delete { .. }, Some(_)) => {
+                d.changes.insert(key, None);
+                d.outcome.deleted += 1;
+            }
+        }
+    }
+    let list = |keys: &[i64]| keys.iter().map(|k| k.to_string()).collect::<Vec<_>>().join(", ");
+    let key_name = schema.key_name();
+    if !conflicts.is_empty() {
+        return Err(ApiError::Conflict {
+            message: format!("{key_name} {} already hold(s) a different row; nothing was written", list(&conflicts)),
+            keys: conflicts,
+        });
+    }
+    if !absent.is_empty() {
+        return Err(ApiError::NotFound {
+            message: format!("no data entry for {key_name} {}; nothing was written", list(&absent)),
+            keys: absent,
+        });
+    }
+    Ok(d)
+}
+
+async fn process_group(node: &Arc<Node>, shard: &Arc<Shard>, group: Vec<Job>) {
+    let role = node.shard(shard.id()).await.map(|(_, r)| r);
+    let (epoch, replicas) = match &role {
+        Ok(ShardRole::Primary { epoch, entry }) => (*epoch, entry.replicas.clone()),
+        Ok(ShardRole::Standalone) => (0, BTreeMap::new()),
+        Ok(ShardRole::Replica { .. }) | Err(_) => {
+            for job in group {
+                let _ = job.reply.send(Err(ApiError::NotPrimary { server: node.name().into(), shard: shard.id().into() }));
+            }
+            return;
+        }
+    };
+    // Fencing: only a sender on our epoch may write.
+    let mut jobs = Vec::with_capacity(group.len());
+    for job in group {
+        match job.epoch {
+            Some(e) if e < epoch => {
+                let _ = job.reply.send(Err(ApiError::StaleEpoch { got: e, ours: epoch }));
+            }
+            Some(e) if e > epoch => {
+                let _ = job.reply.send(Err(ApiError::EpochAhead { got: e, ours: epoch }));
+            }
+            _ => jobs.push(job),
+        }
+    }
+    if jobs.is_empty() {
+        return;
+    }
+    let schema = &shard.table.schema;
+    let mut keys: Vec<i64> = jobs
+        .iter()
+        .flat_map(|j| j.ops.iter())
+        .map(|op| match op {
+            Op::Insert { row } => row.key(schema),
+            Op::Update { key, .. } | Op::Delete { key } => *key,
+        })
+        .collect();
+    keys.sort_unstable();
+    keys.dedup();
+
+    let mut applied = shard.applied.lock().await;
+    let stored = match node.db.fetch_rows(&shard.table, &keys).await {
+        Ok(s) => s,
+        Err(e) => {
+            let e = Arc::new(e);
+            for job in jobs {
+                let _ = job.reply.send(Err(ApiError::Internal(format!("reading rows: {e}"))));
+            }
+            return;
+        }
+    };
+    let mut changes: HashMap<i64, Option<crate::schema::Row>> = HashMap::new();
+    let mut accepted = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        match decide(&job, &stored, &changes, schema) {
+            Ok(d) if job.dry_run => {
+                let _ = job.reply.send(Ok(d.outcome));
+            }
+            Ok(d) => {
+                changes.extend(d.changes);
+                accepted.push((job, d.outcome));
+            }
+            Err(e) => {
+                let _ = job.reply.send(Err(e));
+            }
+        }
+    }
+    if accepted.is_empty() {
+        return;
+    }
+    if !changes.is_empty() {
+        let mut list: Vec<Change> = changes.into_iter().map(|(key, row)| Change { key, row }).collect();
+        list.sort_unstable_by_key(|c| c.key);
+        let entry = Entry { seq: *applied + 1, epoch, changes: list };
+        if let Err(e) = node.db.apply(&shard.table, &entry).await {
+            let e = Arc::new(e);
+            for (job, _) in accepted {
+                let _ = job.reply.send(Err(ApiError::Internal(format!("committing seq {}: {e}", entry.seq))));
+            }
+            return;
+        }
+        *applied = entry.seq;
+        node.metrics.entries_applied.inc();
+        shard.after_apply(node, Arc::new(entry));
+    }
+    let target = *applied;
+    drop(applied);
+
+    // Every ready replica must hold `target` before anyone is acknowledged; recovering and leaving
+    // replicas are fed too, but never hold up an acknowledgement.
+    let topo = node.topology();
+    let mut must = Vec::new();
+    for (peer, state) in &replicas {
+        if peer == node.name() {
+            continue;
+        }
+        let Some(url) = topo.as_ref().and_then(|t| t.servers.get(peer)).map(|s| s.url.clone()) else { continue };
+        let (node2, shard2, peer2) = (Arc::clone(node), Arc::clone(shard), peer.clone());
+        let task = async move {
+            let r = shard2.sync_peer(&node2, epoch, &peer2, &url, target).await;
+            (peer2, r)
+        };
+        if *state == ReplicaState::Ready {
+            must.push(task);
+        } else {
+            tokio::spawn(async move {
+                if let (peer, Err(e)) = task.await {
+                    tracing::debug!(%peer, error = %e, "feeding a non-ready replica failed");
+                }
+            });
+        }
+    }
+    let results = futures::future::join_all(must).await;
+    let failed = results.into_iter().find_map(|(peer, r)| r.err().map(|e| (peer, e)));
+    match failed {
+        None => {
+            for (job, mut outcome) in accepted {
+                outcome.seq = target;
+                let _ = job.reply.send(Ok(outcome));
+            }
+        }
+        Some((peer, source)) => {
+            node.metrics.replication_failures.inc();
+            let source = Arc::new(source);
+            for (job, _) in accepted {
+                let _ = job.reply.send(Err(ApiError::Replication {
+                    shard: shard.id().into(),
+                    replica: peer.clone(),
+                    seq: target,
+                    source: Arc::clone(&source),
+                }));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::schema::{DType, Row, Schema, Value};
+
+    fn schema() -> Schema {
+        Schema::new(vec!["k".into(), "v".into()], vec![DType::Number, DType::String], None).unwrap()
+    }
+    fn row(k: i64, v: &str) -> Row {
+        Row(vec![Value::Int(k), Value::Text(v.into())])
+    }
+    fn job(ops: Vec<Op>) -> Job {
+        Job { ops, epoch: None, dry_run: false, reply: oneshot::channel().0 }
+    }
+
+    #[test]
+    fn decisions_follow_the_seed_rules() {
+        let s = schema();
+        let stored: HashMap<_, _> = [(1, row(1, "a")), (2, row(2, "b"))].into();
+        let none = HashMap::new();
+        // New key inserts; identical row is a no-op; different row conflicts and fails the batch.
+        let d = decide(&job(vec![Op::Insert { row: row(3, "c") }, Op::Insert { row: row(1, "a") }]), &stored, &none, &s).unwrap();
+        assert_eq!((d.outcome.inserted, d.outcome.unchanged), (1, 1));
+        assert_eq!(d.changes.len(), 1);
+        let e = decide(&job(vec![Op::Insert { row: row(3, "c") }, Op::Insert { row: row(1, "x") }]), &stored, &none, &s).unwrap_err();
+        assert!(matches!(&e, ApiError::Conflict { keys, .. } if keys == &[1]), "{e}");
+        // Update and delete need the key to exist.
+        let e = decide(&job(vec![Op::Update { key: 9, row: row(9, "z") }]), &stored, &none, &s).unwrap_err();
+        assert!(matches!(&e, ApiError::NotFound { keys, .. } if keys == &[9]), "{e}");
+        let d = decide(&job(vec![Op::Delete { key: 2 }, Op::Update { key: 1, row: row(1, "n") }]), &stored, &none, &s).unwrap();
+        assert_eq!(d.changes[&2], None);
+        assert_eq!(d.changes[&1], Some(row(1, "n")));
+    }
+
+    #[test]
+    fn later_batches_of_a_group_see_earlier_ones() {
+        let s = schema();
+        let stored = HashMap::new();
+        let group: HashMap<_, _> = [(5, Some(row(5, "first"))), (6, None)].into();
+        // Same row again: no-op; different: conflict; a key deleted earlier in the group is absent.
+        assert_eq!(decide(&job(vec![Op::Insert { row: row(5, "first") }]), &stored, &group, &s).unwrap().outcome.unchanged, 1);
+        assert!(decide(&job(vec![Op::Insert { row: row(5, "second") }]), &stored, &group, &s).is_err());
+        let stored6: HashMap<_, _> = [(6, row(6, "old"))].into();
+        assert!(matches!(decide(&job(vec![Op::Delete { key: 6 }]), &stored6, &group, &s), Err(ApiError::NotFound { .. })));
+    }
+}

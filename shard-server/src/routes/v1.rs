@@ -1,0 +1,120 @@
+//! Our own endpoints: writes through the primary, replication between servers, snapshots, status
+//! and metrics.
+
+use super::{check_ops, check_readable};
+use crate::api::{ReplicateRequest, ReplicateResponse, ServerStatus, ShardStatus, Role, WriteRequest, WriteResponse};
+use crate::error::ApiError;
+use crate::json::JsonBody;
+use crate::node::{Node, ShardRole};
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use futures::StreamExt as _;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use tokio_stream::wrappers::ReceiverStream;
+
+/// `POST /v1/shards/{shard}/write`: a batch applied atomically by this shard's primary.
+#[tracing::instrument(skip_all, fields(shard = %id))]
+pub async fn write(
+    State(node): State<Arc<Node>>,
+    Path(id): Path<String>,
+    JsonBody(req): JsonBody<WriteRequest>,
+) -> Result<Json<WriteResponse>, ApiError> {
+    let (shard, role) = node.shard(&id).await?;
+    check_ops(&id, &shard.table.schema, &role, &req.ops)?;
+    Ok(Json(shard.submit(&node, req.ops, req.epoch, req.dry_run).await?))
+}
+
+/// `POST /v1/shards/{shard}/replicate`: entries from the shard's primary.
+#[tracing::instrument(skip_all, fields(shard = %id, from = %req.primary))]
+pub async fn replicate(
+    State(node): State<Arc<Node>>,
+    Path(id): Path<String>,
+    JsonBody(req): JsonBody<ReplicateRequest>,
+) -> Result<Json<ReplicateResponse>, ApiError> {
+    let ours = node.epoch();
+    if req.epoch < ours {
+        return Err(ApiError::StaleEpoch { got: req.epoch, ours });
+    }
+    let (shard, role) = match node.shard(&id).await {
+        Ok(x) => x,
+        // A newer topology may give us this shard; we have not seen it yet.
+        Err(ApiError::NotFound { .. }) if req.epoch > ours => return Err(ApiError::EpochAhead { got: req.epoch, ours }),
+        Err(e) => return Err(e),
+    };
+    match role {
+        ShardRole::Replica { .. } => {}
+        ShardRole::Primary { .. } if req.epoch > ours => return Err(ApiError::EpochAhead { got: req.epoch, ours }),
+        ShardRole::Primary { .. } | ShardRole::Standalone => {
+            return Err(ApiError::Conflict {
+                message: format!("{} is itself the primary of shard {id}; it accepts no replication", node.name()),
+                keys: vec![],
+            });
+        }
+    }
+    // Applying runs to completion even if the primary gives up and drops this request: a
+    // transaction cut off mid-way must never be left on a pooled connection.
+    let applied = tokio::spawn(async move { shard.replicate(&node, req).await })
+        .await
+        .map_err(|e| ApiError::Internal(format!("replication task: {e}")))??;
+    Ok(Json(ReplicateResponse { applied }))
+}
+
+/// `GET /v1/shards/{shard}/snapshot`: the shard at one sequence number, streamed as
+/// newline-delimited JSON (header, positional rows, end marker).
+#[tracing::instrument(skip_all, fields(shard = %id))]
+pub async fn snapshot(State(node): State<Arc<Node>>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let (shard, role) = node.shard(&id).await?;
+    check_readable(&id, &role)?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(8);
+    tokio::spawn(async move {
+        if let Err(e) = node.db.snapshot(&shard.table, tx).await {
+            tracing::error!(shard = shard.id(), error = %e, "snapshot failed mid-stream");
+        }
+    });
+    let body = Body::from_stream(ReceiverStream::new(rx).map(Ok::<_, std::io::Error>));
+    Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response())
+}
+
+#[derive(serde::Deserialize)]
+pub struct StatusQuery {
+    /// Compute row checksums (reads every row); default true.
+    #[serde(default = "yes")]
+    checksums: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// `GET /status`: shards held, role, applied seq, row count and checksum.
+#[tracing::instrument(skip_all)]
+pub async fn status(State(node): State<Arc<Node>>, Query(q): Query<StatusQuery>) -> Result<Json<ServerStatus>, ApiError> {
+    let mut shards = BTreeMap::new();
+    for shard in node.shards() {
+        let role = match node.shard(shard.id()).await {
+            Ok((_, ShardRole::Primary { .. })) => Role::Primary,
+            Ok((_, ShardRole::Replica { .. })) => Role::Replica,
+            Ok((_, ShardRole::Standalone)) => Role::Standalone,
+            Err(_) => continue, // no longer ours
+        };
+        let stats = node.db.stats(&shard.table, q.checksums).await?;
+        shards.insert(
+            shard.id().to_owned(),
+            ShardStatus { role, applied_seq: stats.applied_seq, rows: stats.rows, checksum: stats.checksum },
+        );
+    }
+    Ok(Json(ServerStatus { server: node.name().to_owned(), epoch: node.epoch(), shards }))
+}
+
+/// `GET /metrics`: Prometheus text format.
+pub async fn metrics(State(node): State<Arc<Node>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        node.metrics.encode(),
+    )
+        .into_response()
+}

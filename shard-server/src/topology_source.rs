@@ -1,0 +1,143 @@
+//! Where a process gets its topology from, and how it follows changes. The file source (local mode)
+//! watches the file's directory and re-reads on change, with a slow poll as a safety net; the
+//! ConfigMap source comes with the Kubernetes body. Does I/O.
+//!
+//! Readers see the document through a `watch` channel: swapping is atomic, a document that fails to
+//! parse is logged and ignored, and a document whose epoch is not newer than the current one is
+//! ignored, so a stale write can never move a reader backwards.
+
+use crate::topology::Topology;
+use notify::{RecursiveMode, Watcher};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+
+pub type TopologyRx = watch::Receiver<Option<Arc<Topology>>>;
+
+/// How often the file is re-read even without a change notification.
+const POLL: Duration = Duration::from_secs(2);
+
+/// Writes the document atomically (temporary file + rename), so readers never see half a file.
+pub fn write_atomic(path: &Path, topology: &Topology) -> std::io::Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, topology.to_json_pretty())?;
+    std::fs::rename(&tmp, path)
+}
+
+/// A topology that never changes (tests, or a process started without a source).
+pub fn fixed(topology: Option<Topology>) -> TopologyRx {
+    let (tx, rx) = watch::channel(topology.map(Arc::new));
+    // Keep the sender alive for the life of the process so receivers never see a closed channel.
+    std::mem::forget(tx);
+    rx
+}
+
+/// Follows a topology file. A missing file means "no topology yet" and is waited for.
+pub fn watch_file(path: PathBuf) -> TopologyRx {
+    let (tx, rx) = watch::channel(None);
+    let tx = Arc::new(tx);
+    reload(&path, &tx);
+    let (ev_tx, mut ev_rx) = tokio::sync::mpsc::channel::<()>(1);
+    let file_name = path.file_name().map(|n| n.to_owned());
+    let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        if let Ok(ev) = res {
+            if ev.paths.iter().any(|p| p.file_name() == file_name.as_deref()) {
+                let _ = ev_tx.try_send(());
+            }
+        }
+    });
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
+    let watcher = match watcher {
+        Ok(mut w) => match w.watch(&dir, RecursiveMode::NonRecursive) {
+            Ok(()) => Some(w),
+            Err(e) => {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot watch topology directory; polling only");
+                None
+            }
+        },
+        Err(e) => {
+            tracing::warn!(error = %e, "no file watcher; polling the topology file only");
+            None
+        }
+    };
+    tokio::spawn(async move {
+        let _keep = watcher;
+        loop {
+            tokio::select! {
+                _ = ev_rx.recv() => {}
+                _ = tokio::time::sleep(POLL) => {}
+            }
+            reload(&path, &tx);
+        }
+    });
+    rx
+}
+
+fn reload(path: &Path, tx: &watch::Sender<Option<Arc<Topology>>>) {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "cannot read topology");
+            return;
+        }
+    };
+    match Topology::parse(&bytes) {
+        Ok(t) => offer(tx, t),
+        Err(e) => tracing::warn!(path = %path.display(), error = %e, "ignoring invalid topology"),
+    }
+}
+
+/// Publishes `t` if it is newer than what readers hold. Shared by every source.
+pub fn offer(tx: &watch::Sender<Option<Arc<Topology>>>, t: Topology) {
+    let epoch = t.epoch;
+    let published = tx.send_if_modified(|cur| match cur {
+        Some(c) if c.epoch >= epoch => false,
+        _ => {
+            *cur = Some(Arc::new(t));
+            true
+        }
+    });
+    if published {
+        tracing::info!(epoch, "topology loaded");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::topology::tests::sample;
+
+    #[tokio::test]
+    async fn follows_the_file_and_never_goes_backwards() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("topology.json");
+        let mut rx = watch_file(path.clone());
+        assert!(rx.borrow().is_none(), "no file yet");
+
+        let mut t = sample();
+        write_atomic(&path, &t).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), rx.changed()).await.unwrap().unwrap();
+        assert_eq!(rx.borrow().as_ref().unwrap().epoch, 3);
+
+        // Garbage and an older epoch are both ignored.
+        std::fs::write(&path, b"{ not json").unwrap();
+        t.epoch = 2;
+        write_atomic(&path, &t).unwrap();
+        // A newer epoch is taken.
+        t.epoch = 4;
+        write_atomic(&path, &t).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                rx.changed().await.unwrap();
+                if rx.borrow().as_ref().unwrap().epoch == 4 {
+                    break;
+                }
+            }
+        })
+        .await
+        .unwrap();
+        assert_eq!(rx.borrow().as_ref().unwrap().epoch, 4);
+    }
+}

@@ -1,0 +1,183 @@
+//! Test harness: shard servers served in-process on real TCP ports, each over its own database in
+//! one throwaway Postgres cluster, following a topology file.
+
+#![allow(dead_code)]
+
+use localpg::LocalPg;
+use shard_server::api::{ShardClient, http_client, install_crypto_provider};
+use shard_server::db::Db;
+use shard_server::node::{Node, NodeConfig};
+use shard_server::schema::{DType, SchemaSpec};
+use shard_server::topology::{ReplicaState, ServerEntry, ShardEntry, TOPOLOGY_VERSION, Topology};
+use shard_server::topology_source::{watch_file, write_atomic};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+pub struct Cluster {
+    pub pg: LocalPg,
+    pub dir: tempfile::TempDir,
+    pub topology_path: PathBuf,
+    pub topology: Topology,
+    pub servers: Vec<Server>,
+    pub http: reqwest::Client,
+}
+
+pub struct Server {
+    pub name: String,
+    pub addr: std::net::SocketAddr,
+    pub db_url: String,
+    pub node: Option<Arc<Node>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Server {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+pub fn students() -> SchemaSpec {
+    SchemaSpec {
+        columns: vec!["Stud_id".into(), "Stud_name".into(), "Stud_marks".into()],
+        dtypes: vec![DType::Number, DType::String, DType::Number],
+        key: None,
+    }
+}
+
+/// A shard of the test topology: id, low, size, primary index, replica indexes.
+pub type ShardDef<'a> = (&'a str, i64, i64, usize, &'a [usize]);
+
+impl Cluster {
+    pub async fn start(n: usize, shards: &[ShardDef<'_>]) -> Cluster {
+        install_crypto_provider();
+        let _ = tracing_subscriber::fmt()
+            .with_test_writer()
+            .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+            .try_init();
+        let pg = tokio::task::spawn_blocking(LocalPg::temporary).await.unwrap().expect("throwaway postgres");
+        let dir = tempfile::tempdir().unwrap();
+        let topology_path = dir.path().join("topology.json");
+        let mut servers = Vec::new();
+        let mut listeners = Vec::new();
+        for i in 0..n {
+            let name = format!("Server{i}");
+            let db = format!("server{i}");
+            pg.create_database(&db).unwrap();
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            servers.push(Server { name, addr: listener.local_addr().unwrap(), db_url: pg.url(&db), node: None, task: None });
+            listeners.push(listener);
+        }
+        let topology = Topology {
+            version: TOPOLOGY_VERSION,
+            epoch: 1,
+            schema: students(),
+            ring: Default::default(),
+            servers: servers
+                .iter()
+                .enumerate()
+                .map(|(i, s)| (s.name.clone(), ServerEntry { id: i as u32, url: s.url() }))
+                .collect(),
+            shards: shards
+                .iter()
+                .map(|(id, low, size, primary, replicas)| ShardEntry {
+                    id: id.to_string(),
+                    low: *low,
+                    size: *size,
+                    primary: format!("Server{primary}"),
+                    replicas: replicas
+                        .iter()
+                        .map(|r| (format!("Server{r}"), ReplicaState::Ready))
+                        .collect::<BTreeMap<_, _>>(),
+                })
+                .collect(),
+        };
+        topology.validate().unwrap();
+        write_atomic(&topology_path, &topology).unwrap();
+        let mut c = Cluster { pg, dir, topology_path, topology, servers, http: http_client(Duration::from_secs(10)) };
+        for (i, l) in listeners.into_iter().enumerate() {
+            c.serve(i, l).await;
+        }
+        c
+    }
+
+    async fn serve(&mut self, i: usize, listener: TcpListener) {
+        let s = &mut self.servers[i];
+        let db = Db::connect_patiently(&s.db_url, 8, Duration::from_secs(60)).await.unwrap();
+        let config = NodeConfig { name: s.name.clone(), peer_timeout: Duration::from_secs(10), body_limit: 1 << 20 };
+        let node = Node::new(config, db, watch_file(self.topology_path.clone()));
+        node.start().await.unwrap();
+        let app = shard_server::app(Arc::clone(&node));
+        s.task = Some(tokio::spawn(async move {
+            axum::serve(listener, app).await.unwrap();
+        }));
+        s.node = Some(node);
+    }
+
+    /// Stops server `i` (its port stops answering; its database stays).
+    pub async fn kill(&mut self, i: usize) {
+        let s = &mut self.servers[i];
+        if let Some(t) = s.task.take() {
+            t.abort();
+            let _ = t.await;
+        }
+        s.node = None;
+    }
+
+    /// Starts server `i` again on the same port and database.
+    pub async fn restart(&mut self, i: usize) {
+        let listener = TcpListener::bind(self.servers[i].addr).await.unwrap();
+        self.serve(i, listener).await;
+    }
+
+    /// Publishes a changed topology with the next epoch and waits until every live server has it.
+    pub async fn publish(&mut self, change: impl FnOnce(&mut Topology)) {
+        change(&mut self.topology);
+        self.topology.epoch += 1;
+        self.topology.validate().unwrap();
+        write_atomic(&self.topology_path, &self.topology).unwrap();
+        for s in &self.servers {
+            if let Some(node) = &s.node {
+                tokio::time::timeout(Duration::from_secs(10), async {
+                    while node.epoch() < self.topology.epoch {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                })
+                .await
+                .expect("server follows the new topology");
+            }
+        }
+    }
+
+    pub fn client(&self, i: usize) -> ShardClient {
+        ShardClient::new(self.http.clone(), self.servers[i].url())
+    }
+
+    pub fn url(&self, i: usize, path: &str) -> String {
+        format!("{}{path}", self.servers[i].url())
+    }
+
+    /// Sends `body` as raw text with a form content type (as `curl -d` does), so malformed JSON
+    /// can be sent too; returns the status and the JSON body (Null when empty).
+    pub async fn send(&self, method: reqwest::Method, i: usize, path: &str, body: &str) -> (u16, serde_json::Value) {
+        let r = self
+            .http
+            .request(method, self.url(i, path))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(body.to_owned())
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        let text = r.text().await.unwrap();
+        let json = if text.is_empty() {
+            serde_json::Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"))
+        };
+        (status, json)
+    }
+}

@@ -1,0 +1,220 @@
+//! Primary-based replication against a real Postgres: acknowledgement only after every ready
+//! replica applied, catch-up after a replica comes back, epoch fencing, sequence gaps, group commit
+//! under concurrency, and streamed snapshots.
+
+mod common;
+
+use common::Cluster;
+use futures::StreamExt;
+use shard_server::api::{Change, Entry, ErrorCode, Op, ReplicateRequest, SnapshotEnd, SnapshotHeader, WriteRequest};
+use shard_server::schema::{Row, Value};
+use shard_server::topology::ReplicaState;
+
+fn row(k: i64, name: &str) -> Row {
+    Row(vec![Value::Int(k), Value::Text(name.into()), Value::Int(k % 100)])
+}
+
+fn inserts(keys: impl IntoIterator<Item = i64>) -> Vec<Op> {
+    keys.into_iter().map(|k| Op::Insert { row: row(k, "n") }).collect()
+}
+
+fn write(epoch: u64, ops: Vec<Op>) -> WriteRequest {
+    WriteRequest { epoch: Some(epoch), ops, dry_run: false }
+}
+
+/// Asserts that every listed server holds shard `sh1` at the same seq, row count and checksum.
+async fn assert_converged(c: &Cluster, servers: &[usize], rows: i64) {
+    let mut seen = Vec::new();
+    for &i in servers {
+        let st = c.client(i).status(true).await.unwrap();
+        let s = &st.shards["sh1"];
+        seen.push((s.applied_seq, s.rows, s.checksum.clone()));
+    }
+    assert!(seen.iter().all(|s| *s == seen[0]), "replicas differ: {seen:?}");
+    assert_eq!(seen[0].1, rows);
+}
+
+#[tokio::test]
+async fn acknowledged_writes_are_on_every_ready_replica() {
+    let c = Cluster::start(3, &[("sh1", 0, 1000, 0, &[0, 1, 2])]).await;
+    let r = c.client(0).write("sh1", &write(1, inserts(0..50))).await.unwrap();
+    assert_eq!((r.seq, r.inserted), (1, 50));
+    // Read straight from each replica, right after the acknowledgement.
+    for i in 1..3 {
+        let data = c.client(i).read("sh1", "Stud_id", shard_server::api::KeyRange { low: 0, high: 999 }).await.unwrap();
+        let rows: Vec<serde_json::Value> = serde_json::from_str(data.get()).unwrap();
+        assert_eq!(rows.len(), 50, "replica {i}");
+        assert_eq!(rows[49]["Stud_id"], 49);
+    }
+    let r = c
+        .client(0)
+        .write("sh1", &write(1, vec![Op::Delete { key: 3 }, Op::Update { key: 4, row: row(4, "changed") }]))
+        .await
+        .unwrap();
+    assert_eq!((r.seq, r.deleted, r.updated), (2, 1, 1));
+    assert_converged(&c, &[0, 1, 2], 49).await;
+}
+
+#[tokio::test]
+async fn writes_go_to_the_primary_only_and_dry_runs_write_nothing() {
+    let c = Cluster::start(2, &[("sh1", 0, 1000, 0, &[0, 1])]).await;
+    let e = c.client(1).write("sh1", &write(1, inserts([1]))).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::NotPrimary), "{e}");
+    let dry = WriteRequest { epoch: Some(1), ops: inserts([1, 2]), dry_run: true };
+    assert_eq!(c.client(0).write("sh1", &dry).await.unwrap().inserted, 2);
+    assert_converged(&c, &[0, 1], 0).await;
+    // A dry run reports conflicts as the real write would.
+    c.client(0).write("sh1", &write(1, inserts([1]))).await.unwrap();
+    let dry = WriteRequest { epoch: Some(1), ops: vec![Op::Insert { row: row(1, "other") }], dry_run: true };
+    let e = c.client(0).write("sh1", &dry).await.unwrap_err();
+    assert_eq!(e.body().unwrap().keys, vec![1]);
+}
+
+#[tokio::test]
+async fn a_lost_replica_fails_writes_until_it_is_back_then_catches_up() {
+    let mut c = Cluster::start(3, &[("sh1", 0, 1000, 0, &[0, 1, 2])]).await;
+    c.client(0).write("sh1", &write(1, inserts(0..10))).await.unwrap();
+    c.kill(2).await;
+
+    // The primary commits locally but cannot reach a ready replica: the write is not acknowledged.
+    let e = c.client(0).write("sh1", &write(1, inserts(10..20))).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::Unavailable), "{e}");
+    assert!(e.to_string().contains("Server2"), "names the replica: {e}");
+    let e = c.client(0).write("sh1", &write(1, inserts(20..30))).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::Unavailable));
+
+    c.restart(2).await;
+    // Retrying the same batch is safe: a no-op on the primary that still waits for Server2 to
+    // catch up on everything it missed before acknowledging.
+    let r = c.client(0).write("sh1", &write(1, inserts(10..20))).await.unwrap();
+    assert_eq!((r.inserted, r.unchanged), (0, 10));
+    assert_converged(&c, &[0, 1, 2], 30).await;
+}
+
+#[tokio::test]
+async fn a_restarted_primary_catches_replicas_up_from_its_durable_log() {
+    let mut c = Cluster::start(2, &[("sh1", 0, 1000, 0, &[0, 1])]).await;
+    c.kill(1).await;
+    for k in 0..5 {
+        assert!(c.client(0).write("sh1", &write(1, inserts([k]))).await.is_err());
+    }
+    // The primary restarts too: its in-memory cache is gone, the log table is not.
+    c.kill(0).await;
+    c.restart(0).await;
+    c.restart(1).await;
+    c.client(0).write("sh1", &write(1, inserts([100]))).await.unwrap();
+    assert_converged(&c, &[0, 1], 6).await;
+}
+
+#[tokio::test]
+async fn a_recovering_replica_never_holds_up_an_acknowledgement() {
+    let mut c = Cluster::start(3, &[("sh1", 0, 1000, 0, &[0, 1, 2])]).await;
+    c.publish(|t| {
+        t.shards[0].replicas.insert("Server2".into(), ReplicaState::Recovering);
+    })
+    .await;
+    c.kill(2).await;
+    let r = c.client(0).write("sh1", &write(2, inserts(0..5))).await.unwrap();
+    assert_eq!(r.inserted, 5);
+    // And it serves no reads.
+    c.restart(2).await;
+    let e = c.client(2).read("sh1", "Stud_id", shard_server::api::KeyRange { low: 0, high: 10 }).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::NotReady));
+}
+
+#[tokio::test]
+async fn epochs_fence_stale_senders() {
+    let mut c = Cluster::start(2, &[("sh1", 0, 1000, 0, &[0, 1])]).await;
+    c.publish(|_| {}).await; // epoch 2
+    let e = c.client(0).write("sh1", &write(1, inserts([1]))).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::StaleEpoch));
+    assert_eq!(e.body().unwrap().epoch, Some(2));
+    let e = c.client(0).write("sh1", &write(3, inserts([1]))).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::EpochAhead));
+
+    // A deposed primary (older epoch) cannot push entries to a replica.
+    let stale = ReplicateRequest {
+        epoch: 1,
+        primary: "Server0".into(),
+        entries: vec![Entry { seq: 1, epoch: 1, changes: vec![Change { key: 1, row: Some(row(1, "x")) }] }],
+    };
+    let e = c.client(1).replicate("sh1", &stale).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::StaleEpoch));
+    // Nor can anyone replicate into the primary.
+    let to_primary = ReplicateRequest { epoch: 2, ..stale.clone() };
+    assert!(c.client(0).replicate("sh1", &to_primary).await.is_err());
+    assert_converged(&c, &[0, 1], 0).await;
+}
+
+#[tokio::test]
+async fn replicas_refuse_gaps_and_skip_replays() {
+    let c = Cluster::start(2, &[("sh1", 0, 1000, 0, &[0, 1])]).await;
+    let entry = |seq: u64, k: i64| Entry { seq, epoch: 1, changes: vec![Change { key: k, row: Some(row(k, "r")) }] };
+    let req = |entries| ReplicateRequest { epoch: 1, primary: "Server0".into(), entries };
+    let e = c.client(1).replicate("sh1", &req(vec![entry(2, 2)])).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::SeqGap));
+    assert_eq!(e.body().unwrap().applied, Some(0));
+    assert_eq!(c.client(1).replicate("sh1", &req(vec![entry(1, 1), entry(2, 2)])).await.unwrap().applied, 2);
+    // Replaying 1..2 and adding 3 applies only 3.
+    assert_eq!(c.client(1).replicate("sh1", &req(vec![entry(1, 1), entry(2, 2), entry(3, 3)])).await.unwrap().applied, 3);
+    let st = c.client(1).status(true).await.unwrap();
+    assert_eq!((st.shards["sh1"].applied_seq, st.shards["sh1"].rows), (3, 3));
+    // A malformed row is refused, not half-applied.
+    let bad = Entry { seq: 4, epoch: 1, changes: vec![Change { key: 9, row: Some(Row(vec![Value::Int(9)])) }] };
+    let e = c.client(1).replicate("sh1", &req(vec![bad])).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::BadRequest));
+    assert_eq!(c.client(1).status(false).await.unwrap().shards["sh1"].applied_seq, 3);
+}
+
+#[tokio::test]
+async fn concurrent_writers_are_group_committed_without_loss() {
+    let c = Cluster::start(3, &[("sh1", 0, 100_000, 0, &[0, 1, 2])]).await;
+    let client = c.client(0);
+    let results = futures::stream::iter(0..300i64)
+        .map(|k| {
+            let client = client.clone();
+            async move {
+                // Every 10th writer also races a second, conflicting writer for the same key.
+                let first = client.write("sh1", &write(1, inserts([k]))).await;
+                let clash = if k % 10 == 0 {
+                    Some(client.write("sh1", &write(1, vec![Op::Insert { row: row(k, "clash") }])).await)
+                } else {
+                    None
+                };
+                (first, clash)
+            }
+        })
+        .buffer_unordered(100)
+        .collect::<Vec<_>>()
+        .await;
+    for (first, clash) in &results {
+        assert!(first.is_ok(), "{first:?}");
+        if let Some(clash) = clash {
+            assert_eq!(clash.as_ref().unwrap_err().code(), Some(ErrorCode::Conflict));
+        }
+    }
+    assert_converged(&c, &[0, 1, 2], 300).await;
+    let seq = c.client(0).status(false).await.unwrap().shards["sh1"].applied_seq;
+    assert!(seq <= 300, "at most one entry per write");
+}
+
+#[tokio::test]
+async fn snapshots_stream_a_consistent_copy() {
+    let c = Cluster::start(1, &[("sh1", 0, 1_000_000, 0, &[0])]).await;
+    for chunk in (0..20_000i64).collect::<Vec<_>>().chunks(2000) {
+        c.client(0).write("sh1", &write(1, inserts(chunk.iter().copied()))).await.unwrap();
+    }
+    let resp = c.http.get(c.url(0, "/v1/shards/sh1/snapshot")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let text = resp.text().await.unwrap();
+    let mut lines = text.lines();
+    let header: SnapshotHeader = serde_json::from_str(lines.next().unwrap()).unwrap();
+    assert_eq!((header.shard.as_str(), header.seq), ("sh1", 10));
+    let all: Vec<&str> = lines.collect();
+    let end: SnapshotEnd = serde_json::from_str(all.last().unwrap()).unwrap();
+    assert_eq!(end, SnapshotEnd { end: true, rows: 20_000 });
+    let rows: Vec<Row> = all[..all.len() - 1].iter().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(rows.len(), 20_000);
+    assert_eq!(rows[0], row(0, "n"));
+    assert!(rows.windows(2).all(|w| w[0].0[0] != w[1].0[0]), "no duplicates");
+}
