@@ -20,37 +20,24 @@ pub struct Part {
 
 impl Part {
     fn single(shard: usize, key: i64, op: Op) -> Vec<Part> {
-        vec![Part {
-            shard,
-            keys: vec![key],
-            ops: vec![op],
-        }]
+        vec![Part { shard, keys: vec![key], ops: vec![op] }]
     }
 }
 
 /// Validates every row of a `/write` batch and groups the inserts by shard (parts in shard order,
 /// rows in request order). The first problem found is reported, naming the row's index in `data`,
 /// its key when it has one, and what is wrong.
-pub fn plan_inserts(
-    schema: &Schema,
-    ranges: &Ranges,
-    rows: &[Value],
-) -> Result<Vec<Part>, RouterError> {
+pub fn plan_inserts(schema: &Schema, ranges: &Ranges, rows: &[Value]) -> Result<Vec<Part>, RouterError> {
     let key_name = schema.key_name();
     if rows.is_empty() {
-        return Err(RouterError::BadRequest(
-            "data is empty: send at least one row".into(),
-        ));
+        return Err(RouterError::BadRequest("data is empty: send at least one row".into()));
     }
     let mut seen: HashMap<i64, usize> = HashMap::with_capacity(rows.len());
     let mut parts: BTreeMap<usize, Part> = BTreeMap::new();
     for (i, value) in rows.iter().enumerate() {
         let row = schema.parse_row(value).map_err(|e| {
-            let key = value
-                .get(key_name)
-                .and_then(Value::as_i64)
-                .map(|k| format!(" ({key_name} {k})"))
-                .unwrap_or_default();
+            let key =
+                value.get(key_name).and_then(Value::as_i64).map(|k| format!(" ({key_name} {k})")).unwrap_or_default();
             RouterError::BadRequest(format!("data[{i}]{key}: {e}"))
         })?;
         let key = row.key(schema);
@@ -59,14 +46,10 @@ pub fn plan_inserts(
                 "data[{i}]: {key_name} {key} appears twice in the batch (also data[{first}])"
             )));
         }
-        let shard = ranges.shard_for_key(key).ok_or_else(|| {
-            RouterError::BadRequest(format!("data[{i}]: {key_name} {key} is in no shard"))
-        })?;
-        let part = parts.entry(shard).or_insert_with(|| Part {
-            shard,
-            keys: Vec::new(),
-            ops: Vec::new(),
-        });
+        let shard = ranges
+            .shard_for_key(key)
+            .ok_or_else(|| RouterError::BadRequest(format!("data[{i}]: {key_name} {key} is in no shard")))?;
+        let part = parts.entry(shard).or_insert_with(|| Part { shard, keys: Vec::new(), ops: Vec::new() });
         part.keys.push(key);
         part.ops.push(Op::Insert { row });
     }
@@ -77,19 +60,15 @@ pub fn plan_inserts(
 pub fn request_key(schema: &Schema, body: &Map<String, Value>) -> Result<i64, RouterError> {
     let key_name = schema.key_name();
     if !body.contains_key(key_name) {
-        return Err(RouterError::BadRequest(format!(
-            "missing field {key_name} (the key of the row)"
-        )));
+        return Err(RouterError::BadRequest(format!("missing field {key_name} (the key of the row)")));
     }
-    schema
-        .parse_key(body.get(key_name))
-        .map_err(|e| RouterError::BadRequest(e.to_string()))
+    schema.parse_key(body.get(key_name)).map_err(|e| RouterError::BadRequest(e.to_string()))
 }
 
 fn shard_of(schema: &Schema, ranges: &Ranges, key: i64) -> Result<usize, RouterError> {
-    ranges.shard_for_key(key).ok_or_else(|| {
-        RouterError::BadRequest(format!("{} {key} is in no shard", schema.key_name()))
-    })
+    ranges
+        .shard_for_key(key)
+        .ok_or_else(|| RouterError::BadRequest(format!("{} {key} is in no shard", schema.key_name())))
 }
 
 /// `/update` body `{"Stud_id": 2255, "data": {full row}}` → the key and its one-op part. The row
@@ -101,12 +80,9 @@ pub fn plan_update(
 ) -> Result<(i64, Vec<Part>), RouterError> {
     let key_name = schema.key_name();
     let key = request_key(schema, body)?;
-    let data = body
-        .get("data")
-        .ok_or_else(|| RouterError::BadRequest("missing field data (the full new row)".into()))?;
-    let row: Row = schema
-        .parse_row(data)
-        .map_err(|e| RouterError::BadRequest(format!("data: {e}")))?;
+    let data =
+        body.get("data").ok_or_else(|| RouterError::BadRequest("missing field data (the full new row)".into()))?;
+    let row: Row = schema.parse_row(data).map_err(|e| RouterError::BadRequest(format!("data: {e}")))?;
     let row_key = row.key(schema);
     if row_key != key {
         return Err(RouterError::BadRequest(format!(
@@ -163,19 +139,12 @@ mod tests {
     fn a_valid_batch_is_grouped_by_shard_in_key_order() {
         let rows = vec![row(150), row(5), row(301), row(7)];
         let parts = plan_inserts(&schema(), &ranges(), &rows).unwrap();
-        let summary: Vec<(usize, Vec<i64>)> =
-            parts.iter().map(|p| (p.shard, p.keys.clone())).collect();
+        let summary: Vec<(usize, Vec<i64>)> = parts.iter().map(|p| (p.shard, p.keys.clone())).collect();
         assert_eq!(summary, [(0, vec![5, 7]), (1, vec![150]), (2, vec![301])]);
         // The String column took a number as its decimal text.
         assert_eq!(
             parts[1].ops,
-            [Op::Insert {
-                row: Row(vec![
-                    Cell::Int(150),
-                    Cell::Text("n150".into()),
-                    Cell::Text("50".into())
-                ])
-            }]
+            [Op::Insert { row: Row(vec![Cell::Int(150), Cell::Text("n150".into()), Cell::Text("50".into())]) }]
         );
     }
 
@@ -187,95 +156,46 @@ mod tests {
             "data[1] (Stud_id 2): column Stud_marks is missing"
         );
         assert_eq!(
-            bad(vec![
-                json!({"Stud_id": "3", "Stud_name": "x", "Stud_marks": 1})
-            ]),
+            bad(vec![json!({"Stud_id": "3", "Stud_name": "x", "Stud_marks": 1})]),
             "data[0]: column Stud_id must be a Number (64-bit integer)"
         );
         assert_eq!(
-            bad(vec![
-                row(1),
-                row(2),
-                json!({"Stud_id": 4, "Stud_name": "x", "Stud_marks": 1, "age": 9})
-            ]),
+            bad(vec![row(1), row(2), json!({"Stud_id": 4, "Stud_name": "x", "Stud_marks": 1, "age": 9})]),
             "data[2] (Stud_id 4): column age is not in the schema"
         );
-        assert_eq!(
-            bad(vec![json!([4, "x", 1])]),
-            "data[0]: row is not a JSON object"
-        );
-        assert_eq!(
-            bad(vec![row(1), row(2), row(1)]),
-            "data[2]: Stud_id 1 appears twice in the batch (also data[0])"
-        );
-        assert_eq!(
-            bad(vec![row(1), row(250)]),
-            "data[1]: Stud_id 250 is in no shard"
-        );
+        assert_eq!(bad(vec![json!([4, "x", 1])]), "data[0]: row is not a JSON object");
+        assert_eq!(bad(vec![row(1), row(2), row(1)]), "data[2]: Stud_id 1 appears twice in the batch (also data[0])");
+        assert_eq!(bad(vec![row(1), row(250)]), "data[1]: Stud_id 250 is in no shard");
         assert_eq!(bad(vec![row(-1)]), "data[0]: Stud_id -1 is in no shard");
     }
 
     #[test]
     fn update_checks_key_row_and_shard() {
         let m = |v: Value| v.as_object().unwrap().clone();
-        let (key, parts) = plan_update(
-            &schema(),
-            &ranges(),
-            &m(json!({"Stud_id": 150, "data": row(150)})),
-        )
-        .unwrap();
+        let (key, parts) = plan_update(&schema(), &ranges(), &m(json!({"Stud_id": 150, "data": row(150)}))).unwrap();
         assert_eq!(key, 150);
         assert_eq!(parts.len(), 1);
         assert_eq!(parts[0].shard, 1);
         assert!(matches!(parts[0].ops[0], Op::Update { key: 150, .. }));
-        let err = |v: Value| {
-            plan_update(&schema(), &ranges(), &m(v))
-                .unwrap_err()
-                .to_string()
-        };
+        let err = |v: Value| plan_update(&schema(), &ranges(), &m(v)).unwrap_err().to_string();
         assert_eq!(
             err(json!({"Stud_id": 150, "data": row(151)})),
             "data.Stud_id is 151 but Stud_id is 150: an update may not change the key"
         );
-        assert_eq!(
-            err(json!({"Stud_id": 250, "data": row(250)})),
-            "Stud_id 250 is in no shard"
-        );
-        assert_eq!(
-            err(json!({"data": row(1)})),
-            "missing field Stud_id (the key of the row)"
-        );
-        assert_eq!(
-            err(json!({"Stud_id": 1})),
-            "missing field data (the full new row)"
-        );
-        assert_eq!(
-            err(json!({"Stud_id": 1.5, "data": row(1)})),
-            "column Stud_id must be a Number (64-bit integer)"
-        );
-        assert_eq!(
-            err(json!({"Stud_id": 1, "data": {"Stud_id": 1}})),
-            "data: column Stud_name is missing"
-        );
+        assert_eq!(err(json!({"Stud_id": 250, "data": row(250)})), "Stud_id 250 is in no shard");
+        assert_eq!(err(json!({"data": row(1)})), "missing field Stud_id (the key of the row)");
+        assert_eq!(err(json!({"Stud_id": 1})), "missing field data (the full new row)");
+        assert_eq!(err(json!({"Stud_id": 1.5, "data": row(1)})), "column Stud_id must be a Number (64-bit integer)");
+        assert_eq!(err(json!({"Stud_id": 1, "data": {"Stud_id": 1}})), "data: column Stud_name is missing");
     }
 
     #[test]
     fn delete_checks_key_and_shard() {
         let m = |v: Value| v.as_object().unwrap().clone();
         let (key, parts) = plan_delete(&schema(), &ranges(), &m(json!({"Stud_id": 399}))).unwrap();
-        assert_eq!(
-            (key, parts[0].shard, parts[0].ops.clone()),
-            (399, 2, vec![Op::Delete { key: 399 }])
-        );
-        let err = |v: Value| {
-            plan_delete(&schema(), &ranges(), &m(v))
-                .unwrap_err()
-                .to_string()
-        };
+        assert_eq!((key, parts[0].shard, parts[0].ops.clone()), (399, 2, vec![Op::Delete { key: 399 }]));
+        let err = |v: Value| plan_delete(&schema(), &ranges(), &m(v)).unwrap_err().to_string();
         assert_eq!(err(json!({"Stud_id": 400})), "Stud_id 400 is in no shard");
-        assert_eq!(
-            err(json!({"id": 4})),
-            "missing field Stud_id (the key of the row)"
-        );
+        assert_eq!(err(json!({"id": 4})), "missing field Stud_id (the key of the row)");
     }
 }

@@ -29,11 +29,7 @@ pub struct Args {
 
 impl Args {
     pub fn config(&self) -> Config {
-        Config {
-            upstream_timeout: self.upstream_timeout,
-            body_limit: self.body_limit,
-            retry: RetryPolicy::default(),
-        }
+        Config { upstream_timeout: self.upstream_timeout, body_limit: self.body_limit, retry: RetryPolicy::default() }
     }
 }
 
@@ -47,11 +43,7 @@ pub struct Config {
 
 impl Default for Config {
     fn default() -> Self {
-        Config {
-            upstream_timeout: Duration::from_secs(10),
-            body_limit: 16 << 20,
-            retry: RetryPolicy::default(),
-        }
+        Config { upstream_timeout: Duration::from_secs(10), body_limit: 16 << 20, retry: RetryPolicy::default() }
     }
 }
 
@@ -83,9 +75,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration (e.g. 10s, 500ms)"))?;
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration (e.g. 10s, 500ms)"))?;
     match unit.trim() {
         "ms" => Ok(Duration::from_millis(n)),
         "" | "s" => Ok(Duration::from_secs(n)),
@@ -99,9 +89,7 @@ pub fn parse_size(s: &str) -> Result<usize, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let n: usize = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size (e.g. 16MiB)"))?;
+    let n: usize = num.parse().map_err(|_| format!("{s:?} is not a size (e.g. 16MiB)"))?;
     let shift = match unit.trim() {
         "" | "B" => 0,
         "K" | "KiB" => 10,
@@ -109,8 +97,7 @@ pub fn parse_size(s: &str) -> Result<usize, String> {
         "G" | "GiB" => 30,
         u => return Err(format!("unknown size unit {u:?} (use KiB, MiB or GiB)")),
     };
-    n.checked_mul(1 << shift)
-        .ok_or_else(|| format!("{s:?} is too large"))
+    n.checked_mul(1 << shift).ok_or_else(|| format!("{s:?} is too large"))
 }
 
 #[cfg(test)]

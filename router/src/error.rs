@@ -48,9 +48,7 @@ impl RouterError {
             RouterError::Conflict { .. } => StatusCode::CONFLICT,
             RouterError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             RouterError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
-            RouterError::NoTopology | RouterError::Unavailable(_) => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            RouterError::NoTopology | RouterError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             RouterError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -103,33 +101,18 @@ mod tests {
         assert_eq!(b.status, "failure");
         assert_eq!(b.code, ErrorCode::BadRequest);
 
-        let e =
-            RouterError::Internal("shard sh1 answered garbage from http://10.0.0.7:5000".into());
+        let e = RouterError::Internal("shard sh1 answered garbage from http://10.0.0.7:5000".into());
         assert_eq!(e.status(), StatusCode::INTERNAL_SERVER_ERROR);
-        assert!(
-            !e.body().message.contains("10.0.0.7"),
-            "no detail leaks into a 5xx body"
-        );
+        assert!(!e.body().message.contains("10.0.0.7"), "no detail leaks into a 5xx body");
         let e = RouterError::Unavailable("http://10.0.0.7:5000 refused".into());
         assert_eq!(e.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert!(!e.body().message.contains("10.0.0.7"));
 
-        let c = RouterError::Conflict {
-            message: "Stud_id 3, 5 already hold different rows".into(),
-            keys: vec![3, 5],
-        };
+        let c = RouterError::Conflict { message: "Stud_id 3, 5 already hold different rows".into(), keys: vec![3, 5] };
         let json = serde_json::to_value(c.body()).unwrap();
         assert_eq!(json["keys"], serde_json::json!([3, 5]));
         assert_eq!(json["code"], "conflict");
-        assert_eq!(
-            RouterError::NoTopology.status(),
-            StatusCode::SERVICE_UNAVAILABLE
-        );
-        assert!(
-            RouterError::NoTopology
-                .body()
-                .message
-                .contains("no topology is loaded yet")
-        );
+        assert_eq!(RouterError::NoTopology.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(RouterError::NoTopology.body().message.contains("no topology is loaded yet"));
     }
 }

@@ -1,1 +1,51 @@
-fn main() {}
+//! `sharddb-router`: parses flags, follows the topology file, and serves the router's HTTP API
+//! until SIGINT or SIGTERM. Does I/O.
+
+use anyhow::Context;
+use clap::Parser;
+use router::config::Args;
+use router::{AppState, app};
+use shard_server::api::install_crypto_provider;
+use shard_server::topology_source::watch_file;
+use std::io::IsTerminal;
+use tokio::net::TcpListener;
+use tokio::signal::unix::{SignalKind, signal};
+use tracing_subscriber::EnvFilter;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    install_crypto_provider();
+    let args = Args::parse();
+    let config = args.config();
+    tracing::info!(topology_file = %args.topology_file.display(), upstream_timeout = ?config.upstream_timeout, body_limit = config.body_limit, "starting");
+
+    let topology = watch_file(args.topology_file.clone());
+    let state = AppState::new(config, topology);
+    let listener = TcpListener::bind(args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?;
+    tracing::info!(address = %listener.local_addr()?, "serving");
+    axum::serve(listener, app(state)).with_graceful_shutdown(shutdown()).await.context("server failed")?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM (Kubernetes stops pods with SIGTERM).
+async fn shutdown() {
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGTERM; stopping on SIGINT only");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutdown signal received; finishing requests in flight");
+}

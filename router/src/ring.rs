@@ -70,21 +70,14 @@ pub struct SeedRing {
 /// `r² + 2r + 17 mod 512`. Arithmetic wraps modulo 2⁶⁴, which 512 divides, so the result is the
 /// exact residue for every `r`.
 pub fn seed_request_slot(r: u64) -> usize {
-    let v = r
-        .wrapping_mul(r)
-        .wrapping_add(r.wrapping_mul(2))
-        .wrapping_add(17);
+    let v = r.wrapping_mul(r).wrapping_add(r.wrapping_mul(2)).wrapping_add(17);
     (v % SEED_SLOTS as u64) as usize
 }
 
 /// `i² + j² + 2j + 25 mod 512` (before probing), exact for every `i` for the same reason.
 pub fn seed_vnode_slot(i: u32, j: u32) -> usize {
     let (i, j) = (u64::from(i), u64::from(j));
-    let v = i
-        .wrapping_mul(i)
-        .wrapping_add(j * j)
-        .wrapping_add(2 * j)
-        .wrapping_add(25);
+    let v = i.wrapping_mul(i).wrapping_add(j * j).wrapping_add(2 * j).wrapping_add(25);
     (v % SEED_SLOTS as u64) as usize
 }
 
@@ -135,9 +128,7 @@ impl SeedRing {
 
     /// Members of the occupied slots from `start` clockwise, once around the ring.
     fn clockwise(&self, start: usize) -> impl Iterator<Item = usize> + '_ {
-        (0..SEED_SLOTS)
-            .filter_map(move |k| self.slots[(start + k) % SEED_SLOTS])
-            .map(usize::from)
+        (0..SEED_SLOTS).filter_map(move |k| self.slots[(start + k) % SEED_SLOTS]).map(usize::from)
     }
 }
 
@@ -195,10 +186,7 @@ impl HashRing {
         }
         // Sorting by (position, server id) makes the ring independent of the member order given.
         points.sort_unstable_by_key(|&(pos, m)| (pos, ids[usize::from(m)]));
-        HashRing {
-            points,
-            members: ids.len(),
-        }
+        HashRing { points, members: ids.len() }
     }
 
     pub fn pick(&self, request: u64) -> Option<usize> {
@@ -270,11 +258,7 @@ mod tests {
         // Members given out of id order: placement must still go by ascending id.
         let ids = [2, 0, 1];
         let ring = SeedRing::new(&ids);
-        let slots = |member: usize| {
-            (0..9)
-                .map(|k| ring.slot_of(member, k).unwrap())
-                .collect::<Vec<_>>()
-        };
+        let slots = |member: usize| (0..9).map(|k| ring.slot_of(member, k).unwrap()).collect::<Vec<_>>();
         assert_eq!(slots(1), [25, 28, 33, 40, 49, 60, 73, 88, 105]); // id 0
         assert_eq!(slots(2), [26, 29, 34, 41, 50, 61, 74, 89, 106]); // id 1
         // Φ(2, 0) = 29 is taken by id 1's second node: probing moves it to 30.
@@ -332,10 +316,7 @@ mod tests {
             }
         }
         assert_eq!(Ring::new(RingKind::Hash, &[]).pick(1), None);
-        assert_eq!(
-            Ring::new(RingKind::Seed, &[]).candidates(1),
-            Vec::<usize>::new()
-        );
+        assert_eq!(Ring::new(RingKind::Seed, &[]).candidates(1), Vec::<usize>::new());
     }
 
     fn shares(ring: &HashRing, n: usize, requests: u64) -> Vec<u64> {
@@ -350,12 +331,7 @@ mod tests {
     fn hash_ring_spreads_reads_evenly() {
         // Within ±8% of 1/n for every member; the ring's own arcs deviate by at most ~3% here.
         const REQUESTS: u64 = 200_000;
-        for ids in [
-            vec![0, 1, 2],
-            vec![0, 1, 2, 3, 4, 5, 6],
-            vec![17, 3, 40],
-            vec![11, 12, 13, 14, 15, 16, 1000],
-        ] {
+        for ids in [vec![0, 1, 2], vec![0, 1, 2, 3, 4, 5, 6], vec![17, 3, 40], vec![11, 12, 13, 14, 15, 16, 1000]] {
             let n = ids.len();
             let counts = shares(&HashRing::new(&ids), n, REQUESTS);
             let fair = REQUESTS as f64 / n as f64;
@@ -386,12 +362,7 @@ mod tests {
                 assert_eq!(a, b, "request {r} moved from {b} to {a} though {b} stayed");
             }
             // The new owner is the one the old ring would have tried next.
-            let next = before
-                .candidates(r)
-                .into_iter()
-                .map(|m| before_ids[m])
-                .find(|&id| id != 3)
-                .unwrap();
+            let next = before.candidates(r).into_iter().map(|m| before_ids[m]).find(|&id| id != 3).unwrap();
             assert_eq!(a, next, "request {r}");
         }
         assert!(moved > 0, "the removed member served some requests");
@@ -402,10 +373,7 @@ mod tests {
         let a = HashRing::new(&[5, 8, 13]);
         let b = HashRing::new(&[13, 5, 8]);
         for r in 0..2000 {
-            assert_eq!(
-                [5, 8, 13][a.pick(r).unwrap()],
-                [13, 5, 8][b.pick(r).unwrap()]
-            );
+            assert_eq!([5, 8, 13][a.pick(r).unwrap()], [13, 5, 8][b.pick(r).unwrap()]);
         }
     }
 
@@ -419,10 +387,7 @@ mod tests {
         let ring = HashRing::new(&ids);
         let owners: Vec<u32> = (0..12).map(|r| ids[ring.pick(r).unwrap()]).collect();
         assert_eq!(owners, [2, 1, 1, 0, 2, 2, 1, 1, 0, 0, 0, 2]);
-        let owners: Vec<u32> = [1000, 123_456_789, u64::MAX]
-            .iter()
-            .map(|&r| ids[ring.pick(r).unwrap()])
-            .collect();
+        let owners: Vec<u32> = [1000, 123_456_789, u64::MAX].iter().map(|&r| ids[ring.pick(r).unwrap()]).collect();
         assert_eq!(owners, [0, 0, 1]);
     }
 }

@@ -52,13 +52,7 @@ impl Ranges {
             .take_while(|&(_, &(lo, _))| lo <= range.high)
             .map(|(k, &(lo, hi))| {
                 // `hi - 1` cannot underflow: lo < hi.
-                (
-                    first + k,
-                    KeyRange {
-                        low: range.low.max(lo),
-                        high: range.high.min(hi - 1),
-                    },
-                )
+                (first + k, KeyRange { low: range.low.max(lo), high: range.high.min(hi - 1) })
             })
             .collect()
     }
@@ -84,11 +78,7 @@ mod tests {
         assert_eq!(r.shard_for_key(99), Some(0));
         assert_eq!(r.shard_for_key(100), Some(1), "low bound is inclusive");
         assert_eq!(r.shard_for_key(199), Some(1));
-        assert_eq!(
-            r.shard_for_key(200),
-            None,
-            "high bound is exclusive; the gap holds no shard"
-        );
+        assert_eq!(r.shard_for_key(200), None, "high bound is exclusive; the gap holds no shard");
         assert_eq!(r.shard_for_key(299), None);
         assert_eq!(r.shard_for_key(300), Some(2));
         assert_eq!(r.shard_for_key(399), Some(2));
@@ -105,10 +95,7 @@ mod tests {
         assert_eq!(r.shard_for_key(i64::MIN), Some(0));
         assert_eq!(r.shard_for_key(i64::MAX - 1), Some(1));
         assert_eq!(r.shard_for_key(i64::MAX), None);
-        assert_eq!(
-            r.split(kr(i64::MIN, i64::MAX)),
-            [(0, kr(i64::MIN, -1)), (1, kr(0, i64::MAX - 1))]
-        );
+        assert_eq!(r.split(kr(i64::MIN, i64::MAX)), [(0, kr(i64::MIN, -1)), (1, kr(0, i64::MAX - 1))]);
     }
 
     #[test]
@@ -120,30 +107,15 @@ mod tests {
 
     #[test]
     fn a_range_across_two_shards_is_clipped_to_each() {
-        assert_eq!(
-            ranges().split(kr(50, 150)),
-            [(0, kr(50, 99)), (1, kr(100, 150))]
-        );
-        assert_eq!(
-            ranges().split(kr(99, 100)),
-            [(0, kr(99, 99)), (1, kr(100, 100))]
-        );
+        assert_eq!(ranges().split(kr(50, 150)), [(0, kr(50, 99)), (1, kr(100, 150))]);
+        assert_eq!(ranges().split(kr(99, 100)), [(0, kr(99, 99)), (1, kr(100, 100))]);
     }
 
     #[test]
     fn a_range_across_three_shards_and_a_gap_skips_the_gap() {
-        assert_eq!(
-            ranges().split(kr(50, 350)),
-            [(0, kr(50, 99)), (1, kr(100, 199)), (2, kr(300, 350))]
-        );
-        assert_eq!(
-            ranges().split(kr(-1000, 1000)),
-            [(0, kr(0, 99)), (1, kr(100, 199)), (2, kr(300, 399))]
-        );
-        assert_eq!(
-            ranges().split(kr(150, 300)),
-            [(1, kr(150, 199)), (2, kr(300, 300))]
-        );
+        assert_eq!(ranges().split(kr(50, 350)), [(0, kr(50, 99)), (1, kr(100, 199)), (2, kr(300, 350))]);
+        assert_eq!(ranges().split(kr(-1000, 1000)), [(0, kr(0, 99)), (1, kr(100, 199)), (2, kr(300, 399))]);
+        assert_eq!(ranges().split(kr(150, 300)), [(1, kr(150, 199)), (2, kr(300, 300))]);
     }
 
     #[test]
