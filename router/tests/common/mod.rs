@@ -1,0 +1,205 @@
+//! Test harness: the real router `app` served on 127.0.0.1:0, in front of small in-process stubs
+//! standing in for shard servers. The stubs record every call and answer as each test scripts, to
+//! provoke router behaviours real servers produce only under failure. Does I/O (local sockets).
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use router::config::{Config, RetryPolicy};
+use router::{AppState, app};
+use serde_json::{Value, json};
+use shard_server::api::{ErrorBody, ErrorCode, WriteRequest, WriteResponse};
+use shard_server::topology::Topology;
+use shard_server::topology_source::offer;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// One call a stub received.
+#[derive(Clone, Debug)]
+pub enum Call {
+    Read { shard: String, low: i64, high: i64 },
+    Write { shard: String, req: WriteRequest },
+}
+
+impl Call {
+    pub fn is_dry_run(&self) -> bool {
+        matches!(self, Call::Write { req, .. } if req.dry_run)
+    }
+    pub fn is_real_write(&self) -> bool {
+        matches!(self, Call::Write { req, .. } if !req.dry_run)
+    }
+}
+
+/// How a stub answers: status and JSON body for a call.
+pub type Behaviour = Arc<dyn Fn(&Call) -> (StatusCode, Value) + Send + Sync>;
+
+#[derive(Clone)]
+struct StubState {
+    calls: Arc<Mutex<Vec<Call>>>,
+    behaviour: Behaviour,
+}
+
+/// A stand-in shard server.
+pub struct Stub {
+    pub url: String,
+    calls: Arc<Mutex<Vec<Call>>>,
+}
+
+impl Stub {
+    pub fn calls(&self) -> Vec<Call> {
+        self.calls.lock().unwrap().clone()
+    }
+}
+
+async fn stub_read(State(s): State<StubState>, Json(body): Json<Value>) -> Response {
+    let shard = body["shard"].as_str().unwrap_or_default().to_owned();
+    let range = body.as_object().and_then(|o| o.iter().find(|(k, _)| k.as_str() != "shard")).map(|(_, v)| v.clone());
+    let range = range.unwrap_or_default();
+    let call = Call::Read { shard, low: range["low"].as_i64().unwrap(), high: range["high"].as_i64().unwrap() };
+    answer(&s, call)
+}
+
+async fn stub_write(State(s): State<StubState>, Path(shard): Path<String>, Json(req): Json<WriteRequest>) -> Response {
+    answer(&s, Call::Write { shard, req })
+}
+
+fn answer(s: &StubState, call: Call) -> Response {
+    let (status, body) = (s.behaviour)(&call);
+    s.calls.lock().unwrap().push(call);
+    (status, Json(body)).into_response()
+}
+
+pub async fn spawn_stub(behaviour: impl Fn(&Call) -> (StatusCode, Value) + Send + Sync + 'static) -> Stub {
+    let calls = Arc::new(Mutex::new(Vec::new()));
+    let state = StubState { calls: calls.clone(), behaviour: Arc::new(behaviour) };
+    let app = axum::Router::new()
+        .route("/read", post(stub_read))
+        .route("/v1/shards/{shard}/write", post(stub_write))
+        .with_state(state);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    Stub { url, calls }
+}
+
+/// A stub that holds one row per key in `[low, high]` of every read (so merges can be checked)
+/// and accepts every write.
+pub async fn healthy_stub() -> Stub {
+    spawn_stub(ok).await
+}
+
+pub fn ok(call: &Call) -> (StatusCode, Value) {
+    match call {
+        Call::Read { low, high, .. } => (StatusCode::OK, json!({"data": rows(*low, *high), "status": "success"})),
+        Call::Write { req, .. } => {
+            let resp = WriteResponse { seq: 1, inserted: req.ops.len(), ..WriteResponse::default() };
+            (StatusCode::OK, serde_json::to_value(resp).unwrap())
+        }
+    }
+}
+
+/// Rows for the keys `low` and `high` (one row when equal).
+pub fn rows(low: i64, high: i64) -> Vec<Value> {
+    let mut keys = vec![low];
+    if high != low {
+        keys.push(high);
+    }
+    keys.into_iter().map(|k| json!({"Stud_id": k, "Stud_name": format!("s{k}"), "Stud_marks": 1})).collect()
+}
+
+pub fn error(status: StatusCode, code: ErrorCode, keys: Vec<i64>) -> (StatusCode, Value) {
+    let mut body = ErrorBody::new(code, format!("stub says {code:?}"));
+    body.keys = keys;
+    (status, serde_json::to_value(body).unwrap())
+}
+
+/// An address nothing listens on (connections are refused).
+pub async fn dead_url() -> String {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    drop(l);
+    url
+}
+
+/// One shard of a test topology: id, low, size, primary, and (replica, state) pairs.
+pub type ShardSpec<'a> = (&'a str, i64, i64, &'a str, &'a [(&'a str, &'a str)]);
+
+/// A topology over `servers` (name, url; ids in order) and `shards`.
+pub fn topology(epoch: u64, servers: &[(&str, &str)], shards: &[ShardSpec]) -> Topology {
+    let servers: serde_json::Map<String, Value> =
+        servers.iter().enumerate().map(|(i, (n, u))| (n.to_string(), json!({"id": i, "url": u}))).collect();
+    let shards: Vec<Value> = shards
+        .iter()
+        .map(|(id, low, size, primary, replicas)| {
+            let replicas: serde_json::Map<String, Value> =
+                replicas.iter().map(|(n, s)| (n.to_string(), json!(s))).collect();
+            json!({"id": id, "low": low, "size": size, "primary": primary, "replicas": replicas})
+        })
+        .collect();
+    let doc = json!({
+        "version": 1, "epoch": epoch,
+        "schema": {"columns": ["Stud_id", "Stud_name", "Stud_marks"], "dtypes": ["Number", "String", "Number"]},
+        "servers": servers, "shards": shards,
+    });
+    Topology::parse(doc.to_string().as_bytes()).unwrap()
+}
+
+/// Retry timings short enough for tests, long enough to be meaningful.
+pub fn test_config() -> Config {
+    Config {
+        upstream_timeout: Duration::from_secs(5),
+        body_limit: 4096,
+        retry: RetryPolicy {
+            deadline: Duration::from_millis(800),
+            topology_wait: Duration::from_secs(3),
+            backoff_min: Duration::from_millis(10),
+            backoff_max: Duration::from_millis(100),
+        },
+    }
+}
+
+/// The real router serving on 127.0.0.1:0, and the sender that feeds it topologies.
+pub struct Router {
+    pub url: String,
+    pub topology: watch::Sender<Option<Arc<Topology>>>,
+    pub http: reqwest::Client,
+}
+
+impl Router {
+    pub async fn start(initial: Option<Topology>, config: Config) -> Router {
+        shard_server::api::install_crypto_provider();
+        let (tx, rx) = watch::channel(None);
+        if let Some(t) = initial {
+            offer(&tx, t);
+        }
+        let state = AppState::new(config, rx);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app(state)).await.unwrap() });
+        Router { url, topology: tx, http: shard_server::api::http_client(Duration::from_secs(20)) }
+    }
+
+    /// Sends `body` as raw bytes (with the given content type), returns status and parsed JSON.
+    pub async fn send(&self, method: reqwest::Method, path: &str, body: &str, content_type: &str) -> (u16, Value) {
+        let resp = self
+            .http
+            .request(method, format!("{}{path}", self.url))
+            .header("content-type", content_type)
+            .body(body.to_owned())
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap();
+        let json = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path} answered non-JSON ({e}): {text:?}"));
+        (status, json)
+    }
+
+    pub async fn json(&self, method: reqwest::Method, path: &str, body: Value) -> (u16, Value) {
+        self.send(method, path, &body.to_string(), "application/json").await
+    }
+}
