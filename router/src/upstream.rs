@@ -3,7 +3,8 @@
 //! failure calls for. Does I/O.
 //!
 //! Policy (timings in [`RetryPolicy`](crate::config::RetryPolicy)):
-//! - `stale_epoch` / `not_primary`: our topology is behind the shard server's. Wait (up to
+//! - `stale_epoch` / `not_primary` / `not_found` without keys (the server does not hold the
+//!   shard): our topology is behind the shard server's. Wait (up to
 //!   `topology_wait`) for a newer routing table and retry against the shard's primary in it; if
 //!   none arrives, 503.
 //! - transport errors, `unavailable`, `not_ready`, `epoch_ahead` (the server is behind us and
@@ -71,6 +72,9 @@ fn classify(shard: &str, err: &ClientError) -> Next {
         }
         ClientError::Api { body, .. } => match body.code {
             ErrorCode::Conflict => Next::Stop(UpstreamError::Conflict { keys: body.keys.clone() }),
+            // Without keys, the shard (not a row) is missing there: that server no longer or not
+            // yet holds it, so our topology is out of date.
+            ErrorCode::NotFound if body.keys.is_empty() => Next::Reroute,
             ErrorCode::NotFound => Next::Stop(UpstreamError::NotFound { message: strip(&body.message) }),
             ErrorCode::BadRequest => Next::Stop(UpstreamError::BadRequest { message: strip(&body.message) }),
             ErrorCode::PayloadTooLarge => Next::Stop(UpstreamError::TooLarge { shard: shard.to_owned() }),

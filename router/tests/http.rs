@@ -179,11 +179,12 @@ async fn a_shard_with_no_working_replica_answers_a_generic_503() {
     assert!(started.elapsed() >= Duration::from_millis(500), "retried within the deadline before giving up");
 }
 
-#[tokio::test]
-async fn stale_epoch_waits_for_the_new_topology_and_writes_to_the_new_primary() {
-    let old = spawn_stub(|c| match c {
+/// The old primary refuses with `refusal`; 300 ms later a topology naming a new primary arrives.
+/// The router must wait for it and send the write there, carrying the new epoch.
+async fn write_follows_a_topology_change_after(status: StatusCode, code: ErrorCode) {
+    let old = spawn_stub(move |c| match c {
         Call::Write { .. } => {
-            let (s, mut b) = error(StatusCode::CONFLICT, ErrorCode::StaleEpoch, vec![]);
+            let (s, mut b) = error(status, code, vec![]);
             b["epoch"] = json!(5);
             (s, b)
         }
@@ -202,19 +203,35 @@ async fn stale_epoch_waits_for_the_new_topology_and_writes_to_the_new_primary() 
         offer(&tx, next);
     });
     let (status, body) = r.json(Method::PUT, "/update", json!({"Stud_id": 7, "data": row(7)})).await;
-    assert_eq!(status, 200, "{body}");
+    assert_eq!(status, 200, "{code:?}: {body}");
     let epochs = |s: &common::Stub| {
         s.calls()
             .iter()
             .filter_map(|c| if let Call::Write { req, .. } = c { req.epoch } else { None })
             .collect::<Vec<_>>()
     };
-    assert_eq!(epochs(&old), [4], "the deposed primary was asked once, with the old epoch");
-    assert_eq!(epochs(&new), [5], "the new primary got the write with the new epoch");
+    assert_eq!(epochs(&old), [4], "{code:?}: the deposed primary was asked once, with the old epoch");
+    assert_eq!(epochs(&new), [5], "{code:?}: the new primary got the write with the new epoch");
 
     let (_, status) = r.json(Method::GET, "/status", json!(null)).await;
     assert_eq!(status["epoch"], 5);
     assert_eq!(status["shards"][0]["primary"], "Server1");
+}
+
+#[tokio::test]
+async fn stale_epoch_waits_for_the_new_topology_and_writes_to_the_new_primary() {
+    write_follows_a_topology_change_after(StatusCode::CONFLICT, ErrorCode::StaleEpoch).await;
+}
+
+#[tokio::test]
+async fn not_primary_waits_for_the_new_topology_and_writes_to_the_new_primary() {
+    write_follows_a_topology_change_after(StatusCode::MISDIRECTED_REQUEST, ErrorCode::NotPrimary).await;
+}
+
+#[tokio::test]
+async fn a_server_not_holding_the_shard_waits_for_the_new_topology() {
+    // 404 without keys: the shard, not a row, is missing there.
+    write_follows_a_topology_change_after(StatusCode::NOT_FOUND, ErrorCode::NotFound).await;
 }
 
 #[tokio::test]
@@ -324,7 +341,7 @@ async fn unavailable_primaries_are_retried_within_the_deadline() {
 async fn absent_keys_and_conflicts_from_the_primary_map_to_404_and_409() {
     let s = spawn_stub(|c| match c {
         Call::Write { req, .. } => match req.ops[0] {
-            Op::Delete { .. } | Op::Update { .. } => error(StatusCode::NOT_FOUND, ErrorCode::NotFound, vec![]),
+            Op::Delete { key } | Op::Update { key, .. } => error(StatusCode::NOT_FOUND, ErrorCode::NotFound, vec![key]),
             Op::Insert { .. } => error(StatusCode::CONFLICT, ErrorCode::Conflict, vec![5]),
         },
         other => ok(other),
@@ -341,4 +358,28 @@ async fn absent_keys_and_conflicts_from_the_primary_map_to_404_and_409() {
     assert_eq!(body["keys"], json!([5]));
     assert_eq!(body["message"], "<Error> a different row already exists for Stud_id 5; nothing was written");
     assert_eq!(s.calls().len(), 3, "a single-shard batch sends no dry run");
+}
+
+#[tokio::test]
+async fn a_delete_retried_after_an_ambiguous_failure_that_finds_the_key_gone_succeeds() {
+    // The first answer is lost in a way that leaves open whether the delete was applied; the retry
+    // finds the key absent. The key is gone as asked, so the router reports success.
+    let calls = Arc::new(AtomicUsize::new(0));
+    let n = calls.clone();
+    let s = spawn_stub(move |_| {
+        if n.fetch_add(1, Ordering::SeqCst) == 0 {
+            error(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, vec![])
+        } else {
+            error(StatusCode::NOT_FOUND, ErrorCode::NotFound, vec![4])
+        }
+    })
+    .await;
+    let t = topology(1, &[("Server0", &s.url)], &[("sh1", 0, 100, "Server0", &[("Server0", READY)])]);
+    let r = Router::start(Some(t), test_config()).await;
+    let (status, body) = r.json(Method::DELETE, "/del", json!({"Stud_id": 4})).await;
+    assert_eq!((status, body["message"].as_str()), (200, Some("Data entry with Stud_id:4 removed from all replicas")));
+    assert_eq!(s.calls().len(), 2);
+    // Without an earlier ambiguous attempt, an absent key stays a 404.
+    let (status, _) = r.json(Method::DELETE, "/del", json!({"Stud_id": 4})).await;
+    assert_eq!(status, 404);
 }
