@@ -299,7 +299,11 @@ impl ShardClient {
         &self.base
     }
 
-    async fn call<T: serde::de::DeserializeOwned>(&self, req: reqwest::RequestBuilder, url: String) -> Result<T, ClientError> {
+    async fn call<T: serde::de::DeserializeOwned>(
+        &self,
+        req: reqwest::RequestBuilder,
+        url: String,
+    ) -> Result<T, ClientError> {
         let resp = req.send().await.map_err(|source| ClientError::Transport { url: url.clone(), source })?;
         let status = resp.status().as_u16();
         let bytes = resp.bytes().await.map_err(|source| ClientError::Transport { url: url.clone(), source })?;

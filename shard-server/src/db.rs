@@ -76,12 +76,8 @@ impl ShardTable {
                 format!("{} {}{pk}", quote(c), d.sql_type())
             })
             .collect();
-        let unnest: Vec<String> = schema
-            .dtypes()
-            .iter()
-            .enumerate()
-            .map(|(i, d)| format!("${}::{}[]", i + 1, d.sql_type()))
-            .collect();
+        let unnest: Vec<String> =
+            schema.dtypes().iter().enumerate().map(|(i, d)| format!("${}::{}[]", i + 1, d.sql_type())).collect();
         let sets: Vec<String> = cols
             .iter()
             .enumerate()
@@ -97,7 +93,10 @@ impl ShardTable {
             shard: shard.to_owned(),
             create: trusted(format!("CREATE TABLE IF NOT EXISTS {table} ({})", defs.join(", "))),
             select_keys: trusted(format!("SELECT {col_list} FROM {table} WHERE {key} = ANY($1)")),
-            upsert: trusted(format!("INSERT INTO {table} ({col_list}) SELECT * FROM UNNEST({}) {on_conflict}", unnest.join(", "))),
+            upsert: trusted(format!(
+                "INSERT INTO {table} ({col_list}) SELECT * FROM UNNEST({}) {on_conflict}",
+                unnest.join(", ")
+            )),
             delete: trusted(format!("DELETE FROM {table} WHERE {key} = ANY($1)")),
             count: trusted(format!("SELECT count(*) FROM {table}")),
             read_range: trusted(format!(
@@ -110,7 +109,9 @@ impl ShardTable {
                  FROM (SELECT {col_list} FROM {table}) t"
             )),
             snapshot: trusted(format!("SELECT json_build_array({col_list})::text FROM {table} ORDER BY {key}")),
-            objects: trusted(format!("SELECT row_to_json(t)::text FROM (SELECT {col_list} FROM {table} ORDER BY {key}) t")),
+            objects: trusted(format!(
+                "SELECT row_to_json(t)::text FROM (SELECT {col_list} FROM {table} ORDER BY {key}) t"
+            )),
             schema,
         }
     }
@@ -214,14 +215,16 @@ impl Db {
 
     /// Every shard recorded in this database.
     pub async fn stored_shards(&self) -> Result<Vec<StoredShard>, DbError> {
-        let rows = sqlx::query("SELECT shard, applied_seq, schema::text, standalone FROM sharddb_shards ORDER BY shard")
-            .fetch_all(&self.pool)
-            .await?;
+        let rows =
+            sqlx::query("SELECT shard, applied_seq, schema::text, standalone FROM sharddb_shards ORDER BY shard")
+                .fetch_all(&self.pool)
+                .await?;
         rows.into_iter()
             .map(|r| {
                 let schema: String = r.try_get(2)?;
                 let shard: String = r.try_get(0)?;
-                let schema = serde_json::from_str(&schema).map_err(|source| DbError::BadLog { shard: shard.clone(), source })?;
+                let schema =
+                    serde_json::from_str(&schema).map_err(|source| DbError::BadLog { shard: shard.clone(), source })?;
                 Ok(StoredShard { shard, applied_seq: seq_from_sql(r.try_get(1)?), schema, standalone: r.try_get(3)? })
             })
             .collect()
@@ -361,11 +364,7 @@ impl Db {
     /// Streams a consistent snapshot of the shard as newline-delimited JSON into `out`: a
     /// [`SnapshotHeader`], one positional row per line, a [`SnapshotEnd`]. Rows flow from Postgres
     /// to the channel as they arrive, so memory stays bounded by the channel, whatever the shard's size.
-    pub async fn snapshot(
-        &self,
-        t: &ShardTable,
-        out: tokio::sync::mpsc::Sender<bytes::Bytes>,
-    ) -> Result<(), DbError> {
+    pub async fn snapshot(&self, t: &ShardTable, out: tokio::sync::mpsc::Sender<bytes::Bytes>) -> Result<(), DbError> {
         let mut tx = self.pool.begin().await?;
         sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY").execute(&mut *tx).await?;
         let applied: i64 = sqlx::query_scalar("SELECT applied_seq FROM sharddb_shards WHERE shard = $1")

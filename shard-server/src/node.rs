@@ -27,8 +27,15 @@ pub struct NodeConfig {
 /// What this server is for one shard, as of the topology it holds.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ShardRole {
-    Primary { epoch: u64, entry: ShardEntry },
-    Replica { epoch: u64, state: ReplicaState, primary: String },
+    Primary {
+        epoch: u64,
+        entry: ShardEntry,
+    },
+    Replica {
+        epoch: u64,
+        state: ReplicaState,
+        primary: String,
+    },
     /// Configured with `/config`, outside any topology: its own sole primary.
     Standalone,
 }
@@ -168,7 +175,9 @@ impl Node {
         let existing = self.shards.read().expect("lock").get(id).cloned();
         match existing {
             Some(s) if s.is_standalone() => Ok((s, ShardRole::Standalone)),
-            _ => Err(ApiError::NotFound { message: format!("shard {id} is not held by {}", self.name()), keys: vec![] }),
+            _ => {
+                Err(ApiError::NotFound { message: format!("shard {id} is not held by {}", self.name()), keys: vec![] })
+            }
         }
     }
 

@@ -132,7 +132,14 @@ impl Shard {
     }
 
     /// Brings `peer` up to `target`, sending what it misses. Serialised per peer.
-    async fn sync_peer(&self, node: &Node, epoch: u64, peer: &str, url: &str, target: u64) -> Result<(), ReplicationError> {
+    async fn sync_peer(
+        &self,
+        node: &Node,
+        epoch: u64,
+        peer: &str,
+        url: &str,
+        target: u64,
+    ) -> Result<(), ReplicationError> {
         let state = self.peer_state(peer);
         let mut known = state.lock().await;
         let client = node.peer(url);
@@ -180,9 +187,15 @@ impl Shard {
             }
             for c in &entry.changes {
                 if let Some(row) = &c.row {
-                    self.table.schema.check_positional(row).map_err(|e| ApiError::bad_request(format!("entry {}: {e}", entry.seq)))?;
+                    self.table
+                        .schema
+                        .check_positional(row)
+                        .map_err(|e| ApiError::bad_request(format!("entry {}: {e}", entry.seq)))?;
                     if row.key(&self.table.schema) != c.key {
-                        return Err(ApiError::bad_request(format!("entry {}: row key differs from change key {}", entry.seq, c.key)));
+                        return Err(ApiError::bad_request(format!(
+                            "entry {}: row key differs from change key {}",
+                            entry.seq, c.key
+                        )));
                     }
                 }
             }
@@ -299,7 +312,8 @@ async fn process_group(node: &Arc<Node>, shard: &Arc<Shard>, group: Vec<Job>) {
         Ok(ShardRole::Standalone) => (0, BTreeMap::new()),
         Ok(ShardRole::Replica { .. }) | Err(_) => {
             for job in group {
-                let _ = job.reply.send(Err(ApiError::NotPrimary { server: node.name().into(), shard: shard.id().into() }));
+                let _ =
+                    job.reply.send(Err(ApiError::NotPrimary { server: node.name().into(), shard: shard.id().into() }));
             }
             return;
         }
@@ -449,15 +463,20 @@ mod tests {
         let stored: HashMap<_, _> = [(1, row(1, "a")), (2, row(2, "b"))].into();
         let none = HashMap::new();
         // New key inserts; identical row is a no-op; different row conflicts and fails the batch.
-        let d = decide(&job(vec![Op::Insert { row: row(3, "c") }, Op::Insert { row: row(1, "a") }]), &stored, &none, &s).unwrap();
+        let d =
+            decide(&job(vec![Op::Insert { row: row(3, "c") }, Op::Insert { row: row(1, "a") }]), &stored, &none, &s)
+                .unwrap();
         assert_eq!((d.outcome.inserted, d.outcome.unchanged), (1, 1));
         assert_eq!(d.changes.len(), 1);
-        let e = decide(&job(vec![Op::Insert { row: row(3, "c") }, Op::Insert { row: row(1, "x") }]), &stored, &none, &s).unwrap_err();
+        let e =
+            decide(&job(vec![Op::Insert { row: row(3, "c") }, Op::Insert { row: row(1, "x") }]), &stored, &none, &s)
+                .unwrap_err();
         assert!(matches!(&e, ApiError::Conflict { keys, .. } if keys == &[1]), "{e}");
         // Update and delete need the key to exist.
         let e = decide(&job(vec![Op::Update { key: 9, row: row(9, "z") }]), &stored, &none, &s).unwrap_err();
         assert!(matches!(&e, ApiError::NotFound { keys, .. } if keys == &[9]), "{e}");
-        let d = decide(&job(vec![Op::Delete { key: 2 }, Op::Update { key: 1, row: row(1, "n") }]), &stored, &none, &s).unwrap();
+        let d = decide(&job(vec![Op::Delete { key: 2 }, Op::Update { key: 1, row: row(1, "n") }]), &stored, &none, &s)
+            .unwrap();
         assert_eq!(d.changes[&2], None);
         assert_eq!(d.changes[&1], Some(row(1, "n")));
     }
@@ -468,9 +487,15 @@ mod tests {
         let stored = HashMap::new();
         let group: HashMap<_, _> = [(5, Some(row(5, "first"))), (6, None)].into();
         // Same row again: no-op; different: conflict; a key deleted earlier in the group is absent.
-        assert_eq!(decide(&job(vec![Op::Insert { row: row(5, "first") }]), &stored, &group, &s).unwrap().outcome.unchanged, 1);
+        assert_eq!(
+            decide(&job(vec![Op::Insert { row: row(5, "first") }]), &stored, &group, &s).unwrap().outcome.unchanged,
+            1
+        );
         assert!(decide(&job(vec![Op::Insert { row: row(5, "second") }]), &stored, &group, &s).is_err());
         let stored6: HashMap<_, _> = [(6, row(6, "old"))].into();
-        assert!(matches!(decide(&job(vec![Op::Delete { key: 6 }]), &stored6, &group, &s), Err(ApiError::NotFound { .. })));
+        assert!(matches!(
+            decide(&job(vec![Op::Delete { key: 6 }]), &stored6, &group, &s),
+            Err(ApiError::NotFound { .. })
+        ));
     }
 }

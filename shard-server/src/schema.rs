@@ -61,7 +61,9 @@ pub enum SchemaError {
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("{what} {name:?} is not a valid identifier (letters, digits, _ and -, starting with a letter or _, at most {MAX_IDENT} characters)")]
+#[error(
+    "{what} {name:?} is not a valid identifier (letters, digits, _ and -, starting with a letter or _, at most {MAX_IDENT} characters)"
+)]
 pub struct IdentError {
     pub what: &'static str,
     pub name: String,
@@ -77,11 +79,7 @@ pub fn check_ident(what: &'static str, name: &str) -> Result<(), IdentError> {
         }
         _ => false,
     };
-    if ok {
-        Ok(())
-    } else {
-        Err(IdentError { what, name: name.to_owned() })
-    }
+    if ok { Ok(()) } else { Err(IdentError { what, name: name.to_owned() }) }
 }
 
 /// Quotes an identifier that already passed [`check_ident`] (so it holds no `"`).
@@ -296,9 +294,8 @@ mod tests {
 
     #[test]
     fn schema_validation_names_the_problem() {
-        let s = |c: &[&str], d: Vec<DType>, k: Option<&str>| {
-            Schema::new(c.iter().map(|s| s.to_string()).collect(), d, k)
-        };
+        let s =
+            |c: &[&str], d: Vec<DType>, k: Option<&str>| Schema::new(c.iter().map(|s| s.to_string()).collect(), d, k);
         assert_eq!(s(&[], vec![], None), Err(SchemaError::NoColumns));
         assert_eq!(
             s(&["a", "b"], vec![DType::Number], None),
@@ -325,11 +322,23 @@ mod tests {
         let row = s.parse_row(&json!({"Stud_id": 5, "Stud_name": 12, "Stud_marks": 7})).unwrap();
         assert_eq!(row.0[1], Value::Text("12".into()));
         let err = |v| s.parse_row(&v).unwrap_err().to_string();
-        assert_eq!(err(json!({"Stud_id": "5", "Stud_name": "A", "Stud_marks": 7})), "column Stud_id must be a Number (64-bit integer)");
-        assert_eq!(err(json!({"Stud_id": 5.5, "Stud_name": "A", "Stud_marks": 7})), "column Stud_id must be a Number (64-bit integer)");
-        assert_eq!(err(json!({"Stud_id": 5, "Stud_name": {}, "Stud_marks": 7})), "column Stud_name must be a String (or a number)");
+        assert_eq!(
+            err(json!({"Stud_id": "5", "Stud_name": "A", "Stud_marks": 7})),
+            "column Stud_id must be a Number (64-bit integer)"
+        );
+        assert_eq!(
+            err(json!({"Stud_id": 5.5, "Stud_name": "A", "Stud_marks": 7})),
+            "column Stud_id must be a Number (64-bit integer)"
+        );
+        assert_eq!(
+            err(json!({"Stud_id": 5, "Stud_name": {}, "Stud_marks": 7})),
+            "column Stud_name must be a String (or a number)"
+        );
         assert_eq!(err(json!({"Stud_id": 5, "Stud_marks": 7})), "column Stud_name is missing");
-        assert_eq!(err(json!({"Stud_id": 5, "Stud_name": "A", "Stud_marks": 7, "x": 1})), "column x is not in the schema");
+        assert_eq!(
+            err(json!({"Stud_id": 5, "Stud_name": "A", "Stud_marks": 7, "x": 1})),
+            "column x is not in the schema"
+        );
         assert_eq!(err(json!([1, 2])), "row is not a JSON object");
     }
 

@@ -225,10 +225,12 @@ pub(crate) mod tests {
         assert!(broken(&|t| t.shards[0].size = 0).contains("invalid range"));
         assert!(broken(&|t| t.shards[0].low = i64::MAX).contains("invalid range"));
         assert!(broken(&|t| t.shards[0].primary = "Server1".into()).contains("not a ready replica"));
-        assert!(broken(&|t| {
-            t.shards[0].replicas.insert("Ghost".into(), ReplicaState::Ready);
-        })
-        .contains("unknown server Ghost"));
+        assert!(
+            broken(&|t| {
+                t.shards[0].replicas.insert("Ghost".into(), ReplicaState::Ready);
+            })
+            .contains("unknown server Ghost")
+        );
         assert!(broken(&|t| t.servers.get_mut("Server1").unwrap().id = 0).contains("used twice"));
         assert!(broken(&|t| t.shards[1].id = "sh1".into()).contains("appears twice"));
         assert!(broken(&|t| t.shards[0].id = "sh 1".into()).contains("not a valid identifier"));

@@ -121,10 +121,8 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(5), rx.changed()).await.unwrap().unwrap();
         assert_eq!(rx.borrow().as_ref().unwrap().epoch, 3);
 
-        // Garbage and an older epoch are both ignored.
+        // Garbage is ignored; the next good document is taken.
         std::fs::write(&path, b"{ not json").unwrap();
-        t.epoch = 2;
-        write_atomic(&path, &t).unwrap();
         // A newer epoch is taken.
         t.epoch = 4;
         write_atomic(&path, &t).unwrap();
@@ -138,6 +136,23 @@ mod tests {
         })
         .await
         .unwrap();
+        assert_eq!(rx.borrow().as_ref().unwrap().epoch, 4);
+    }
+
+    #[test]
+    fn offers_only_move_forward() {
+        let (tx, rx) = watch::channel(None);
+        let mut t = sample();
+        offer(&tx, t.clone());
+        t.epoch = 2;
+        offer(&tx, t.clone());
+        assert_eq!(rx.borrow().as_ref().unwrap().epoch, 3, "an older epoch is ignored");
+        t.epoch = 3;
+        t.shards.pop();
+        offer(&tx, t.clone());
+        assert_eq!(rx.borrow().as_ref().unwrap().shards.len(), 2, "the same epoch is not taken twice");
+        t.epoch = 4;
+        offer(&tx, t);
         assert_eq!(rx.borrow().as_ref().unwrap().epoch, 4);
     }
 }

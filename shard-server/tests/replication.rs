@@ -156,7 +156,10 @@ async fn replicas_refuse_gaps_and_skip_replays() {
     assert_eq!(e.body().unwrap().applied, Some(0));
     assert_eq!(c.client(1).replicate("sh1", &req(vec![entry(1, 1), entry(2, 2)])).await.unwrap().applied, 2);
     // Replaying 1..2 and adding 3 applies only 3.
-    assert_eq!(c.client(1).replicate("sh1", &req(vec![entry(1, 1), entry(2, 2), entry(3, 3)])).await.unwrap().applied, 3);
+    assert_eq!(
+        c.client(1).replicate("sh1", &req(vec![entry(1, 1), entry(2, 2), entry(3, 3)])).await.unwrap().applied,
+        3
+    );
     let st = c.client(1).status(true).await.unwrap();
     assert_eq!((st.shards["sh1"].applied_seq, st.shards["sh1"].rows), (3, 3));
     // A malformed row is refused, not half-applied.

@@ -44,7 +44,12 @@ async fn standalone_server_speaks_the_seed_api() {
     );
 
     let (st, body) = c
-        .send(Method::PUT, 0, "/update", r#"{"shard":"sa","Stud_id":2255,"data":{"Stud_id":2255,"Stud_name":"GHI","Stud_marks":28}}"#)
+        .send(
+            Method::PUT,
+            0,
+            "/update",
+            r#"{"shard":"sa","Stud_id":2255,"data":{"Stud_id":2255,"Stud_name":"GHI","Stud_marks":28}}"#,
+        )
         .await;
     assert_eq!((st, body), (200, json!({"message":"Data entry for Stud_id:2255 updated","status":"success"})));
 
@@ -60,7 +65,8 @@ async fn standalone_server_speaks_the_seed_api() {
 async fn bad_input_gets_a_clear_4xx_and_writes_nothing() {
     let c = Cluster::start(1, &[SH1]).await;
     let ok_row = r#"{"Stud_id":1,"Stud_name":"A","Stud_marks":1}"#;
-    let (st, _) = c.send(Method::POST, 0, "/write", &format!(r#"{{"shard":"sh1","curr_idx":0,"data":[{ok_row}]}}"#)).await;
+    let (st, _) =
+        c.send(Method::POST, 0, "/write", &format!(r#"{{"shard":"sh1","curr_idx":0,"data":[{ok_row}]}}"#)).await;
     assert_eq!(st, 200);
 
     let cases: &[(Method, &str, String, u16, &str)] = &[
@@ -140,7 +146,10 @@ async fn bad_input_gets_a_clear_4xx_and_writes_nothing() {
         assert_eq!(st, *status, "{method} {path} {body}: {got}");
         assert_eq!(got["status"], "failure", "{got}");
         let msg = got["message"].as_str().unwrap();
-        assert!(msg.starts_with("<Error> ") && msg.contains(needle), "{method} {path}: {msg:?} should contain {needle:?}");
+        assert!(
+            msg.starts_with("<Error> ") && msg.contains(needle),
+            "{method} {path}: {msg:?} should contain {needle:?}"
+        );
     }
     // Nothing of the failed batches was written: only the first row is there.
     let (_, body) = c.send(Method::POST, 0, "/read", r#"{"shard":"sh1","Stud_id":{"low":0,"high":4095}}"#).await;
@@ -157,7 +166,8 @@ async fn bad_input_gets_a_clear_4xx_and_writes_nothing() {
 #[tokio::test]
 async fn oversized_body_is_a_json_413() {
     let c = Cluster::start(1, &[SH1]).await;
-    let big = format!(r#"{{"shard":"sh1","data":[{{"Stud_id":1,"Stud_name":"{}","Stud_marks":1}}]}}"#, "x".repeat(2 << 20));
+    let big =
+        format!(r#"{{"shard":"sh1","data":[{{"Stud_id":1,"Stud_name":"{}","Stud_marks":1}}]}}"#, "x".repeat(2 << 20));
     let (st, body) = c.send(Method::POST, 0, "/write", &big).await;
     assert_eq!(st, 413, "{body}");
     assert_eq!(body["code"], "payload_too_large");

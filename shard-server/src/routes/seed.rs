@@ -28,7 +28,10 @@ fn shard_field(body: &Obj) -> Result<&str, ApiError> {
 
 /// `POST /config`: creates the tables of the listed shards with the schema.
 #[tracing::instrument(skip_all)]
-pub async fn config(State(node): State<Arc<Node>>, JsonBody(req): JsonBody<ConfigRequest>) -> Result<Json<Message>, ApiError> {
+pub async fn config(
+    State(node): State<Arc<Node>>,
+    JsonBody(req): JsonBody<ConfigRequest>,
+) -> Result<Json<Message>, ApiError> {
     let schema = Schema::try_from(req.schema).map_err(|e| ApiError::bad_request(format!("schema: {e}")))?;
     if req.shards.is_empty() {
         return Err(ApiError::bad_request("shards is empty"));
@@ -38,7 +41,8 @@ pub async fn config(State(node): State<Arc<Node>>, JsonBody(req): JsonBody<Confi
     }
     let topo = node.topology();
     for id in &req.shards {
-        let in_topology = topo.as_ref().is_some_and(|t| t.shard(id).is_some_and(|s| s.replicas.contains_key(node.name())));
+        let in_topology =
+            topo.as_ref().is_some_and(|t| t.shard(id).is_some_and(|s| s.replicas.contains_key(node.name())));
         node.open_shard(id, schema.clone(), !in_topology).await?;
     }
     let list: Vec<String> = req.shards.iter().map(|s| format!("{}:{s}", node.name())).collect();
@@ -93,9 +97,12 @@ pub async fn read(State(node): State<Arc<Node>>, JsonBody(body): JsonBody<Obj>) 
     check_readable(id, &role)?;
     let key_name = shard.table.schema.key_name();
     let range: KeyRange = match body.get(key_name) {
-        None => return Err(ApiError::bad_request(format!("{key_name} is missing; expected {{\"low\":..,\"high\":..}}"))),
-        Some(v) => serde_json::from_value(v.clone())
-            .map_err(|e| ApiError::bad_request(format!("{key_name} must be {{\"low\": integer, \"high\": integer}}: {e}")))?,
+        None => {
+            return Err(ApiError::bad_request(format!("{key_name} is missing; expected {{\"low\":..,\"high\":..}}")));
+        }
+        Some(v) => serde_json::from_value(v.clone()).map_err(|e| {
+            ApiError::bad_request(format!("{key_name} must be {{\"low\": integer, \"high\": integer}}: {e}"))
+        })?,
     };
     if range.low > range.high {
         return Err(ApiError::bad_request(format!("{key_name} low {} is greater than high {}", range.low, range.high)));
@@ -107,7 +114,10 @@ pub async fn read(State(node): State<Arc<Node>>, JsonBody(body): JsonBody<Obj>) 
 
 /// `POST /write`: adds rows to a shard this server is the primary of.
 #[tracing::instrument(skip_all)]
-pub async fn write(State(node): State<Arc<Node>>, JsonBody(body): JsonBody<Obj>) -> Result<Json<SeedWriteResponse>, ApiError> {
+pub async fn write(
+    State(node): State<Arc<Node>>,
+    JsonBody(body): JsonBody<Obj>,
+) -> Result<Json<SeedWriteResponse>, ApiError> {
     let id = shard_field(&body)?;
     let (shard, role) = node.shard(id).await?;
     let schema = &shard.table.schema;
@@ -124,7 +134,10 @@ pub async fn write(State(node): State<Arc<Node>>, JsonBody(body): JsonBody<Obj>)
         .iter()
         .enumerate()
         .map(|(i, v)| {
-            schema.parse_row(v).map(|row| Op::Insert { row }).map_err(|e| ApiError::bad_request(format!("data[{i}]: {e}")))
+            schema
+                .parse_row(v)
+                .map(|row| Op::Insert { row })
+                .map_err(|e| ApiError::bad_request(format!("data[{i}]: {e}")))
         })
         .collect::<Result<Vec<_>, _>>()?;
     check_ops(id, schema, &role, &ops)?;

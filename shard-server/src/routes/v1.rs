@@ -2,7 +2,7 @@
 //! and metrics.
 
 use super::{check_ops, check_readable};
-use crate::api::{ReplicateRequest, ReplicateResponse, ServerStatus, ShardStatus, Role, WriteRequest, WriteResponse};
+use crate::api::{ReplicateRequest, ReplicateResponse, Role, ServerStatus, ShardStatus, WriteRequest, WriteResponse};
 use crate::error::ApiError;
 use crate::json::JsonBody;
 use crate::node::{Node, ShardRole};
@@ -42,7 +42,9 @@ pub async fn replicate(
     let (shard, role) = match node.shard(&id).await {
         Ok(x) => x,
         // A newer topology may give us this shard; we have not seen it yet.
-        Err(ApiError::NotFound { .. }) if req.epoch > ours => return Err(ApiError::EpochAhead { got: req.epoch, ours }),
+        Err(ApiError::NotFound { .. }) if req.epoch > ours => {
+            return Err(ApiError::EpochAhead { got: req.epoch, ours });
+        }
         Err(e) => return Err(e),
     };
     match role {
@@ -92,7 +94,10 @@ fn yes() -> bool {
 
 /// `GET /status`: shards held, role, applied seq, row count and checksum.
 #[tracing::instrument(skip_all)]
-pub async fn status(State(node): State<Arc<Node>>, Query(q): Query<StatusQuery>) -> Result<Json<ServerStatus>, ApiError> {
+pub async fn status(
+    State(node): State<Arc<Node>>,
+    Query(q): Query<StatusQuery>,
+) -> Result<Json<ServerStatus>, ApiError> {
     let mut shards = BTreeMap::new();
     for shard in node.shards() {
         let role = match node.shard(shard.id()).await {
@@ -112,9 +117,6 @@ pub async fn status(State(node): State<Arc<Node>>, Query(q): Query<StatusQuery>)
 
 /// `GET /metrics`: Prometheus text format.
 pub async fn metrics(State(node): State<Arc<Node>>) -> Response {
-    (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
-        node.metrics.encode(),
-    )
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], node.metrics.encode())
         .into_response()
 }

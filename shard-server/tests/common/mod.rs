@@ -68,7 +68,13 @@ impl Cluster {
             let db = format!("server{i}");
             pg.create_database(&db).unwrap();
             let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            servers.push(Server { name, addr: listener.local_addr().unwrap(), db_url: pg.url(&db), node: None, task: None });
+            servers.push(Server {
+                name,
+                addr: listener.local_addr().unwrap(),
+                db_url: pg.url(&db),
+                node: None,
+                task: None,
+            });
             listeners.push(listener);
         }
         let topology = Topology {

@@ -1,0 +1,188 @@
+//! Harness for the end-to-end suites: starts `sharddb-operator local` as a real child process on a
+//! spec, waits for its router, reads `cluster.json`, and speaks HTTP to what it started. Does I/O.
+
+use anyhow::{Context, Result, bail};
+use serde::Deserialize;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub use shard_server::api::install_crypto_provider;
+
+/// `cluster.json`, as the local mode writes it.
+#[derive(Clone, Debug, Deserialize)]
+pub struct ClusterFile {
+    pub router: Process,
+    pub topology: PathBuf,
+    pub servers: Vec<ServerProcess>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct Process {
+    pub url: String,
+    pub pid: u32,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct ServerProcess {
+    pub name: String,
+    pub url: String,
+    pub pid: u32,
+    pub postgres: PostgresProcess,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct PostgresProcess {
+    pub port: u16,
+    pub pid: Option<u32>,
+    pub data_dir: PathBuf,
+    pub url: String,
+}
+
+/// Where the workspace's binaries are: `SHARDDB_BIN_DIR`, else the cargo target directory this
+/// test binary was built into (`target/<profile>/deps/..`).
+pub fn bin_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("SHARDDB_BIN_DIR") {
+        return PathBuf::from(d);
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().expect("exe dir");
+    if dir.ends_with("deps") { dir.parent().expect("profile dir").to_path_buf() } else { dir.to_path_buf() }
+}
+
+/// The repository root (for `examples/`).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+}
+
+/// A running local cluster; stopped (SIGTERM, then SIGKILL) on drop.
+pub struct LocalCluster {
+    child: Child,
+    pub dir: tempfile::TempDir,
+    pub router: String,
+    pub http: reqwest::Client,
+}
+
+impl LocalCluster {
+    /// Starts `sharddb-operator local` on a spec file, with the router on a free port.
+    pub fn start(spec: &Path) -> Result<LocalCluster> {
+        install_crypto_provider();
+        let dir = tempfile::Builder::new().prefix("sharddb-e2e-").tempdir()?;
+        let bin = bin_dir();
+        let operator = bin.join("sharddb-operator");
+        if !operator.exists() {
+            bail!("{} is missing: run `cargo build --workspace --bins` first", operator.display());
+        }
+        let mut child = Command::new(&operator)
+            .arg("local")
+            .arg(spec)
+            .arg("--data-dir")
+            .arg(dir.path())
+            .arg("--port")
+            .arg("0")
+            .arg("--bin-dir")
+            .arg(&bin)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(std::fs::File::create(dir.path().join("operator.log"))?))
+            .spawn()
+            .with_context(|| format!("starting {}", operator.display()))?;
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(url) = line.strip_prefix("sharddb router listening on ") {
+                    let _ = tx.send(url.trim().to_owned());
+                }
+            }
+        });
+        let router = match rx.recv_timeout(Duration::from_secs(120)) {
+            Ok(url) => url,
+            Err(_) => {
+                let _ = child.kill();
+                let log = std::fs::read_to_string(dir.path().join("operator.log")).unwrap_or_default();
+                bail!("local mode did not print its router URL within 120 s; its log:\n{log}");
+            }
+        };
+        let http = shard_server::api::http_client(Duration::from_secs(30));
+        Ok(LocalCluster { child, dir, router, http })
+    }
+
+    /// Starts the seed's default configuration (`examples/students.yaml`).
+    pub fn students() -> Result<LocalCluster> {
+        LocalCluster::start(&repo_root().join("examples/students.yaml"))
+    }
+
+    pub fn cluster_file(&self) -> Result<ClusterFile> {
+        let text = std::fs::read_to_string(self.dir.path().join("cluster.json"))?;
+        Ok(serde_json::from_str(&text)?)
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.router)
+    }
+
+    /// Sends a raw body (as `curl -d` does, with a form content type) to the router.
+    pub async fn send(&self, method: reqwest::Method, path: &str, body: &str) -> Result<(u16, serde_json::Value)> {
+        send(&self.http, method, &self.url(path), body).await
+    }
+
+    /// Waits until `check` holds, polling; fails with `what` after `limit`.
+    pub async fn eventually<F, Fut>(what: &str, limit: Duration, mut check: F) -> Result<()>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if check().await {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        bail!("{what}: not within {limit:?}")
+    }
+
+    /// Sends SIGTERM and waits for the local mode to exit; returns whether it exited cleanly.
+    pub fn stop(&mut self) -> Result<bool> {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), nix::sys::signal::Signal::SIGTERM)?;
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(30) {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status.success());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.child.kill()?;
+        Ok(false)
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.stop();
+        }
+    }
+}
+
+/// Sends `body` with a form content type; returns the status and JSON body (Null when empty).
+pub async fn send(
+    http: &reqwest::Client,
+    method: reqwest::Method,
+    url: &str,
+    body: &str,
+) -> Result<(u16, serde_json::Value)> {
+    let r = http
+        .request(method, url)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(body.to_owned())
+        .send()
+        .await
+        .with_context(|| format!("sending to {url}"))?;
+    let status = r.status().as_u16();
+    let text = r.text().await?;
+    let json =
+        if text.is_empty() { serde_json::Value::Null } else { serde_json::from_str(&text).context(text.clone())? };
+    Ok((status, json))
+}
