@@ -18,10 +18,7 @@ fn starts_serves_stops_and_restarts_with_its_data() {
     let port = pg.port();
     assert!(pg.is_running());
     assert!(pg.pid().is_some(), "postmaster.pid names the server");
-    assert_eq!(
-        pg.url("sharddb"),
-        format!("postgres://postgres@127.0.0.1:{port}/sharddb")
-    );
+    assert_eq!(pg.url("sharddb"), format!("postgres://postgres@127.0.0.1:{port}/sharddb"));
 
     pg.create_database("sharddb").unwrap();
     pg.create_database("sharddb").unwrap(); // idempotent
@@ -39,21 +36,14 @@ fn starts_serves_stops_and_restarts_with_its_data() {
 
     pg.start().unwrap();
     assert_eq!(pg.port(), port, "same port after a restart");
-    assert_eq!(
-        pg.psql("sharddb", "select v from t order by k").unwrap(),
-        "one\ntwo",
-        "data survives a restart"
-    );
+    assert_eq!(pg.psql("sharddb", "select v from t order by k").unwrap(), "one\ntwo", "data survives a restart");
 
     let data_dir = pg.data_dir().to_owned();
     let pid = pg.pid().unwrap();
     drop(pg);
     assert!(!accepts_connections(port), "drop stops the server");
     assert!(localpg::process_gone(pid), "postmaster exited");
-    assert!(
-        !data_dir.exists(),
-        "a temporary cluster removes its directory"
-    );
+    assert!(!data_dir.exists(), "a temporary cluster removes its directory");
 }
 
 #[test]
@@ -69,10 +59,7 @@ fn wipe_leaves_an_empty_cluster() {
 
 #[test]
 fn a_cluster_in_a_chosen_directory_keeps_it() {
-    let base = tempfile::Builder::new()
-        .permissions(std::fs::Permissions::from_mode(0o755))
-        .tempdir()
-        .unwrap();
+    let base = tempfile::Builder::new().permissions(std::fs::Permissions::from_mode(0o755)).tempdir().unwrap();
     let mut opts = Options::new(base.path().join("servers/Server0/pgdata"));
     opts.no_sync = true;
     opts.max_connections = 20;
@@ -81,17 +68,9 @@ fn a_cluster_in_a_chosen_directory_keeps_it() {
     assert!(!pg.is_running(), "new() prepares, start() starts");
     pg.start().unwrap();
     assert_eq!(pg.psql("postgres", "show max_connections").unwrap(), "20");
-    assert_eq!(
-        pg.log_file(),
-        base.path().join("servers/Server0/pgdata.log")
-    );
+    assert_eq!(pg.log_file(), base.path().join("servers/Server0/pgdata.log"));
     drop(pg);
-    assert!(
-        base.path()
-            .join("servers/Server0/pgdata/PG_VERSION")
-            .exists(),
-        "data kept after drop"
-    );
+    assert!(base.path().join("servers/Server0/pgdata/PG_VERSION").exists(), "data kept after drop");
 
     // The same directory again: no initdb, the same cluster.
     opts.port = None;
@@ -109,9 +88,32 @@ fn as_root_an_untraversable_ancestor_is_a_clear_error() {
     let base = tempfile::tempdir().unwrap();
     std::fs::set_permissions(base.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
     let err = LocalPg::new(Options::new(base.path().join("pgdata"))).unwrap_err();
-    assert!(
-        matches!(&err, PgError::NotTraversable { dir } if dir == base.path()),
-        "{err}"
-    );
+    assert!(matches!(&err, PgError::NotTraversable { dir } if dir == base.path()), "{err}");
     assert!(err.to_string().contains("cannot enter"), "{err}");
+}
+
+#[test]
+fn a_cluster_can_start_as_a_copy_of_a_template() {
+    let base = tempfile::Builder::new().permissions(std::fs::Permissions::from_mode(0o755)).tempdir().unwrap();
+    let mut opts = Options::new(base.path().join("template"));
+    opts.no_sync = true;
+    let template = LocalPg::new(opts).unwrap();
+    let template_dir = template.data_dir().to_owned();
+
+    let mut copy_opts = Options::new(base.path().join("copy"));
+    copy_opts.template = Some(template_dir.clone());
+    let mut copy = LocalPg::new(copy_opts.clone()).unwrap();
+    copy.start().unwrap();
+    copy.create_database("sharddb").unwrap();
+    assert_eq!(copy.psql("sharddb", "select 1").unwrap(), "1");
+
+    // A running cluster is not a template.
+    let mut running = LocalPg::new(Options::new(base.path().join("busy"))).unwrap();
+    running.start().unwrap();
+    copy_opts.data_dir = base.path().join("copy2");
+    copy_opts.template = Some(running.data_dir().to_owned());
+    let err = LocalPg::new(copy_opts.clone()).unwrap_err();
+    assert!(matches!(err, PgError::BadTemplate { .. }), "{err}");
+    copy_opts.template = Some(base.path().join("nothing"));
+    assert!(LocalPg::new(copy_opts).unwrap_err().to_string().contains("holds no cluster"));
 }
