@@ -4,9 +4,8 @@
 //!
 //! Policy (timings in [`RetryPolicy`](crate::config::RetryPolicy)):
 //! - `stale_epoch` / `not_primary` / `not_found` without keys (the server does not hold the
-//!   shard): our topology is behind the shard server's. Wait (up to
-//!   `topology_wait`) for a newer routing table and retry against the shard's primary in it; if
-//!   none arrives, 503.
+//!   shard): our topology is behind the shard server's. Wait (up to `topology_wait`) for a newer
+//!   routing table and retry against the shard's primary in it; if none arrives, 503.
 //! - transport errors, `unavailable`, `not_ready`, `epoch_ahead` (the server is behind us and
 //!   catching up) and 5xx answers without an error body: retry with doubling backoff until
 //!   `deadline`, re-reading the routing table before each attempt (a failover may have
@@ -19,11 +18,10 @@
 //! lost) and whose retry finds the key gone counts as done.
 
 use crate::state::{AppState, Routing};
+use serde_json::value::RawValue;
 use shard_server::api::{ClientError, ErrorCode, KeyRange, Op, WriteRequest, WriteResponse};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-use serde_json::value::RawValue;
 
 /// How a shard-server call ended when it did not succeed.
 #[derive(Debug, thiserror::Error)]
@@ -81,9 +79,9 @@ fn classify(shard: &str, err: &ClientError) -> Next {
             ErrorCode::StaleEpoch | ErrorCode::NotPrimary => Next::Reroute,
             ErrorCode::EpochAhead | ErrorCode::NotReady => Next::Retry { reason: "unavailable", maybe_applied: false },
             ErrorCode::Unavailable => Next::Retry { reason: "unavailable", maybe_applied: true },
-            ErrorCode::Internal | ErrorCode::SeqGap | ErrorCode::MethodNotAllowed => {
-                Next::Stop(UpstreamError::Internal(format!("shard {shard}: {err}")))
-            }
+            // `internal`, codes that belong to replication (`seq_gap`, ...) and codes added later:
+            // nothing the router can fix by retrying, so a 500 with the detail in the log.
+            _ => Next::Stop(UpstreamError::Internal(format!("shard {shard}: {err}"))),
         },
         // A proxy or a crashing server answering without our error body.
         ClientError::Unexpected { status, .. } if *status >= 500 => {

@@ -60,12 +60,12 @@ pub async fn del(
 /// is answered with 409 before any part is written; only when every dry run passes are the real
 /// writes sent, again in parallel.
 ///
-/// Remaining race: a concurrent writer can insert a conflicting row between the dry run and the
+/// Remaining race: a concurrent writer can store a conflicting row between the dry run and the
 /// real write of a part. That part then fails with 409 while the other parts may already be
-/// written; the answer says so. Retrying the same batch is safe (identical rows are no-ops), and
-/// closing the race would need a cross-shard transaction, which this system does not have.
-/// The same holds when a real write fails for availability after others succeeded: the 503 asks
-/// for a retry, which completes the batch.
+/// written, and the 409's message says so. Likewise a part can fail for availability (503) after
+/// others were written. Resending the batch is safe either way, because rows already stored are
+/// no-ops on the primary; closing the window itself would need a cross-shard transaction, which
+/// this system does not have.
 async fn write_parts(state: &AppState, routing: &Arc<Routing>, parts: Vec<Part>) -> Result<(), RouterError> {
     if parts.len() > 1 {
         let dry = join_all(parts.iter().map(|p| send(state, routing, p, p.ops.clone(), true))).await;
