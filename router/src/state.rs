@@ -330,6 +330,23 @@ pub(crate) mod tests {
     }
 
     #[tokio::test]
+    async fn state_follows_a_topology_file_without_restart() {
+        use shard_server::topology_source::{watch_file, write_atomic};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("topology.json");
+        let state = AppState::new(Config::default(), watch_file(path.clone()));
+        assert!(matches!(state.routing(), Err(RouterError::NoTopology)), "no file yet");
+        write_atomic(&path, &topology(3)).unwrap();
+        let r = state.table().wait_newer(0, Duration::from_secs(10)).await.unwrap();
+        assert_eq!(r.epoch(), 3);
+        let mut next = topology(4);
+        next.shards[0].primary = "Server1".into();
+        write_atomic(&path, &next).unwrap();
+        let r = state.table().wait_newer(3, Duration::from_secs(10)).await.unwrap();
+        assert_eq!(r.primary(0).name, "Server1");
+    }
+
+    #[tokio::test]
     async fn state_follows_the_topology_channel() {
         let (tx, rx) = watch::channel(None);
         let state = AppState::new(Config::default(), rx);
