@@ -1,0 +1,241 @@
+//! The `ShardedDatabase` custom resource (group `sharddb.io`, version `v1alpha1`): the spec users
+//! write and the status the operator reports. Pure types; the `///` comments become the CRD's
+//! schema descriptions (`kubectl explain`).
+//!
+//! The schema must stay *structural* for Kubernetes: no untagged enums mixing types. Rules the
+//! OpenAPI schema can express (minimums, identifier patterns) are declared here so the API server
+//! rejects them at `kubectl apply`; everything else is checked by `brain::validate`.
+
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// The identifier pattern of `shard_server::schema::check_ident`, for the OpenAPI schema.
+const IDENT_PATTERN: &str = "^[A-Za-z_][A-Za-z0-9_-]{0,47}$";
+
+/// A sharded, replicated table served over the seed HTTP API.
+// Each `printcolumn` repeats `type_`, which the lint mistakes for a duplicated attribute.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "sharddb.io",
+    version = "v1alpha1",
+    kind = "ShardedDatabase",
+    shortname = "sdb",
+    namespaced,
+    status = "ShardedDatabaseStatus",
+    doc = "A sharded, replicated, Postgres-backed table served over HTTP",
+    printcolumn(name = "Servers", type_ = "integer", json_path = ".spec.servers"),
+    printcolumn(name = "Replicas", type_ = "integer", json_path = ".spec.replicas"),
+    printcolumn(name = "Epoch", type_ = "integer", json_path = ".status.topologyEpoch"),
+    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ShardedDatabaseSpec {
+    /// The table: column names and types. The first column is the shard key unless `key` names
+    /// another one; the key must be a `Number` column.
+    pub schema: TableSchema,
+    /// The shards: half-open key ranges `[low, low + size)` that must not overlap. Keys outside
+    /// every shard are rejected on write.
+    #[schemars(length(min = 1))]
+    pub shards: Vec<ShardSpec>,
+    /// Copies of each shard, each on a different server. Defaults to 3 when `placement` is absent;
+    /// with a `placement`, each shard has as many copies as servers listing it, and `replicas`, if
+    /// set, must equal that number for every shard.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub replicas: Option<u32>,
+    /// Number of data servers (each one pod with its own Postgres and volume).
+    #[schemars(range(min = 1))]
+    pub servers: u32,
+    /// An explicit placement, like the seed's `/init` `servers`: server name → the shard ids it
+    /// holds. Must list exactly `servers` servers and place every shard. Without it, replicas are
+    /// placed automatically on servers named `Server0` … `Server{servers-1}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<BTreeMap<String, Vec<String>>>,
+    /// The stateless HTTP router in front of the servers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub router: Option<RouterSpec>,
+    /// Persistent storage of each server. Without it, servers use ephemeral storage.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage: Option<StorageSpec>,
+}
+
+/// The table's columns, in the seed's format.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TableSchema {
+    /// Column names: letters, digits, `_` and `-`, starting with a letter or `_`, at most 48
+    /// characters, unique ignoring case.
+    #[schemars(length(min = 1), inner(pattern(IDENT_PATTERN)))]
+    pub columns: Vec<String>,
+    /// The type of each column, in column order.
+    #[schemars(length(min = 1))]
+    pub dtypes: Vec<ColumnType>,
+    /// The shard key column; the first column when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(IDENT_PATTERN))]
+    pub key: Option<String>,
+}
+
+/// A column type of the seed API.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum ColumnType {
+    /// A 64-bit signed integer.
+    Number,
+    /// UTF-8 text (a JSON number sent for it is stored as its decimal text).
+    String,
+}
+
+impl From<ColumnType> for shard_server::schema::DType {
+    fn from(t: ColumnType) -> Self {
+        match t {
+            ColumnType::Number => shard_server::schema::DType::Number,
+            ColumnType::String => shard_server::schema::DType::String,
+        }
+    }
+}
+
+/// One shard: the key range `[low, low + size)`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ShardSpec {
+    /// The shard's id (e.g. `sh1`): letters, digits, `_` and `-`, starting with a letter or `_`.
+    #[schemars(pattern(IDENT_PATTERN))]
+    pub id: String,
+    /// The lowest key in the shard.
+    pub low: i64,
+    /// The number of keys in the shard (positive).
+    #[schemars(range(min = 1))]
+    pub size: i64,
+}
+
+/// The router Deployment.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RouterSpec {
+    /// Router pods (default 2). Local mode always runs one router.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub replicas: Option<u32>,
+}
+
+/// Persistent storage per server.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StorageSpec {
+    /// Size of each server's volume, as a Kubernetes quantity (e.g. `1Gi`, `500Mi`).
+    pub size: String,
+}
+
+/// What the operator last observed and did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ShardedDatabaseStatus {
+    /// The `metadata.generation` of the spec this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Ready`, `Progressing` and `Degraded`, following the Kubernetes condition convention.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// Per shard: its primary and the servers whose copy serves reads.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shards: Vec<ShardStatus>,
+    /// The epoch of the topology document last published.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topology_epoch: Option<u64>,
+}
+
+/// One condition of the resource.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Condition {
+    /// The aspect this condition reports: `Ready`, `Progressing` or `Degraded`.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// Whether the condition holds.
+    pub status: ConditionStatus,
+    /// A CamelCase reason for the last transition, e.g. `InvalidSpec`.
+    pub reason: String,
+    /// A human-readable explanation.
+    #[serde(default)]
+    pub message: String,
+    /// When the status last changed (RFC 3339).
+    pub last_transition_time: String,
+    /// The `metadata.generation` this condition was computed from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+/// The state of a condition.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum ConditionStatus {
+    /// The condition holds.
+    True,
+    /// The condition does not hold.
+    False,
+    /// The operator cannot tell.
+    Unknown,
+}
+
+/// The observed state of one shard.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ShardStatus {
+    /// The shard's id.
+    pub id: String,
+    /// The server accepting its writes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub primary: Option<String>,
+    /// Servers whose copy is complete and serves reads.
+    #[serde(default)]
+    pub ready_replicas: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::CustomResourceExt;
+
+    #[test]
+    fn crd_names_and_scope() {
+        let crd = ShardedDatabase::crd();
+        assert_eq!(crd.metadata.name.as_deref(), Some("shardeddatabases.sharddb.io"));
+        assert_eq!(crd.spec.group, "sharddb.io");
+        assert_eq!(crd.spec.scope, "Namespaced");
+        assert_eq!(crd.spec.names.kind, "ShardedDatabase");
+        assert_eq!(crd.spec.names.short_names.as_deref(), Some(&["sdb".to_string()][..]));
+        let v = &crd.spec.versions[0];
+        assert_eq!(v.name, "v1alpha1");
+        assert!(v.subresources.as_ref().unwrap().status.is_some(), "status subresource");
+    }
+
+    #[test]
+    fn crd_schema_is_documented_and_carries_the_simple_rules() {
+        let crd = ShardedDatabase::crd();
+        let schema = serde_json::to_value(&crd.spec.versions[0].schema).unwrap();
+        let spec = &schema["openAPIV3Schema"]["properties"]["spec"];
+        for field in ["schema", "shards", "replicas", "servers", "placement", "router", "storage"] {
+            let desc = spec["properties"][field]["description"].as_str().unwrap_or("");
+            assert!(!desc.is_empty(), "spec.{field} has a description");
+        }
+        assert_eq!(spec["properties"]["servers"]["minimum"], 1.0);
+        let shard = &spec["properties"]["shards"]["items"];
+        assert_eq!(shard["properties"]["id"]["pattern"], IDENT_PATTERN);
+        assert_eq!(
+            spec["properties"]["schema"]["properties"]["dtypes"]["items"]["enum"],
+            serde_json::json!(["Number", "String"])
+        );
+        let required: Vec<&str> = spec["required"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+        assert_eq!(required, ["schema", "servers", "shards"]);
+    }
+
+    #[test]
+    fn crd_serialises_to_yaml() {
+        let yaml = serde_saphyr::to_string(&ShardedDatabase::crd()).unwrap();
+        assert!(yaml.contains("kind: CustomResourceDefinition"), "{yaml}");
+        assert!(yaml.contains("shardeddatabases.sharddb.io"));
+    }
+}
