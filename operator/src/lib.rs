@@ -1,4 +1,6 @@
-//! The sharddb control plane: the `ShardedDatabase` resource and the platform-independent brain.
+//! The sharddb control plane: the `ShardedDatabase` resource, the platform-independent brain, and
+//! the bodies that carry its decisions out (local processes now; Kubernetes next).
 
 pub mod brain;
 pub mod crd;
+pub mod local;

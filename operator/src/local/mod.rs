@@ -1,0 +1,737 @@
+//! The local body: the whole database as processes on this machine. Each server is its own
+//! Postgres cluster plus a shard-server process (together they model one Kubernetes pod); one
+//! router sits in front. The operator writes the topology file, supervises the processes and
+//! describes everything in `cluster.json`. Does I/O.
+//!
+//! Data directory layout:
+//! ```text
+//! DIR/topology.json              the routing document the processes follow
+//! DIR/cluster.json               pids, ports and paths, for people and scripts
+//! DIR/servers/<name>/pgdata      each server's Postgres cluster (database `sharddb`)
+//! DIR/logs/<name>.log            each process's stdout and stderr (`router.log` for the router)
+//! DIR/logs/<name>.postgres.log   each server's Postgres log
+//! ```
+//! Reusing a data directory keeps every server's data; the new topology gets a higher epoch than
+//! the one left behind, so nothing that remembers the old epoch rejects it.
+
+pub mod postgres;
+pub mod supervisor;
+
+use crate::brain::placement::{Placement, place};
+use crate::brain::topology::{TopologyBuildError, fresh_topology};
+use crate::brain::validate::{SpecError, ValidatedDb, validate};
+use crate::crd::ShardedDatabase;
+use postgres::{PostgresError, PostgresInfo, ServerPostgres};
+use serde::{Deserialize, Serialize};
+use shard_server::topology::Topology;
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use supervisor::{ProcessSpec, Supervisor, SupervisorError};
+use tokio::signal::unix::{Signal, SignalKind, signal};
+
+pub const SHARD_SERVER_BIN: &str = "sharddb-shard-server";
+pub const ROUTER_BIN: &str = "sharddb-router";
+/// The name of the router process (its log is `logs/router.log`).
+pub const ROUTER: &str = "router";
+/// How long a freshly started process may take to answer its health check.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How to run a local cluster (parsed once by `main`).
+#[derive(Clone, Debug)]
+pub struct LocalOptions {
+    /// The `ShardedDatabase` YAML.
+    pub spec: PathBuf,
+    /// Where everything lives; a fresh temporary directory (kept) when absent.
+    pub data_dir: Option<PathBuf>,
+    /// The router's port; 0 picks a free one.
+    pub port: u16,
+    /// Where `sharddb-shard-server` and `sharddb-router` are.
+    pub bin_dir: PathBuf,
+    /// Where the PostgreSQL binaries are; found automatically when absent.
+    pub pg_bin: Option<PathBuf>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LocalError {
+    #[error("failed to read {}", path.display())]
+    ReadSpec {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{} is not a ShardedDatabase resource", path.display())]
+    ParseSpec {
+        path: PathBuf,
+        #[source]
+        source: Box<serde_saphyr::Error>,
+    },
+    #[error("{} holds a {kind} of {api_version}, not a ShardedDatabase of sharddb.io/v1alpha1", path.display())]
+    WrongKind { path: PathBuf, api_version: String, kind: String },
+    #[error("{}: unknown field {field}", path.display())]
+    UnknownField { path: PathBuf, field: String },
+    #[error("{}: invalid spec", path.display())]
+    InvalidSpec {
+        path: PathBuf,
+        #[source]
+        source: SpecError,
+    },
+    #[error("{} not found in {}: build it (`cargo build --workspace`) or point --bin-dir (SHARDDB_BIN_DIR) at it", name, dir.display())]
+    MissingBinary { name: &'static str, dir: PathBuf },
+    #[error("failed to {action} {}", path.display())]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("port {port} on 127.0.0.1 is in use: pass --port with another port, or --port 0 for any free one")]
+    PortInUse {
+        port: u16,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("no free TCP port on 127.0.0.1")]
+    NoFreePort(#[source] std::io::Error),
+    #[error(transparent)]
+    Postgres(#[from] PostgresError),
+    #[error("failed to build the topology")]
+    Topology(#[from] TopologyBuildError),
+    #[error(transparent)]
+    Supervisor(#[from] SupervisorError),
+    #[error("{name} did not answer {url} within {}s; see {}", READY_TIMEOUT.as_secs(), log.display())]
+    NotReady { name: String, url: String, log: PathBuf },
+    #[error("interrupted by {0} while starting")]
+    Interrupted(&'static str),
+}
+
+/// `cluster.json`: where everything runs, for people and scripts.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterInfo {
+    pub data_dir: PathBuf,
+    /// The operator process itself.
+    pub operator: OperatorInfo,
+    pub router: RouterInfo,
+    /// The topology file.
+    pub topology: PathBuf,
+    /// In server id order.
+    pub servers: Vec<ServerInfo>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OperatorInfo {
+    pub pid: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouterInfo {
+    pub url: String,
+    /// `null` while the process is down (e.g. between a crash and its restart).
+    pub pid: Option<u32>,
+    pub log: PathBuf,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerInfo {
+    pub name: String,
+    pub url: String,
+    /// `null` while the process is down.
+    pub pid: Option<u32>,
+    pub log: PathBuf,
+    pub postgres: PostgresInfo,
+}
+
+/// Reads and validates a `ShardedDatabase` YAML file (the resource Kubernetes takes).
+pub fn read_spec(path: &Path) -> Result<(ShardedDatabase, ValidatedDb), LocalError> {
+    let text =
+        std::fs::read_to_string(path).map_err(|source| LocalError::ReadSpec { path: path.to_owned(), source })?;
+    let parse_error = |source| LocalError::ParseSpec { path: path.to_owned(), source: Box::new(source) };
+    // The derived type ignores apiVersion and kind; check them first so that another kind of
+    // resource is named as such rather than reported as a ShardedDatabase with missing fields.
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct TypeHeader {
+        #[serde(default)]
+        api_version: String,
+        #[serde(default)]
+        kind: String,
+    }
+    let header: TypeHeader = serde_saphyr::from_str(&text).map_err(parse_error)?;
+    if header.api_version != "sharddb.io/v1alpha1" || header.kind != "ShardedDatabase" {
+        return Err(LocalError::WrongKind {
+            path: path.to_owned(),
+            api_version: header.api_version,
+            kind: header.kind,
+        });
+    }
+    let resource: ShardedDatabase = serde_saphyr::from_str(&text).map_err(parse_error)?;
+    // Kubernetes rejects unknown fields (kubectl's strict validation); serde would silently drop
+    // them, so a misspelt `replica: 3` would fall back to a default without a word.
+    let raw: serde_json::Value = serde_saphyr::from_str(&text).map_err(parse_error)?;
+    let known = serde_json::to_value(&resource.spec).expect("spec serialises");
+    if let Some(field) = unknown_field(&raw["spec"], &known, "spec") {
+        return Err(LocalError::UnknownField { path: path.to_owned(), field });
+    }
+    let db = validate(&resource.spec).map_err(|source| LocalError::InvalidSpec { path: path.to_owned(), source })?;
+    Ok((resource, db))
+}
+
+/// The first field of `given` that did not survive a parse (`known` is the parsed value written
+/// back), as a path like `spec.shards[1].sizee`. Explicit nulls count as absent.
+fn unknown_field(given: &serde_json::Value, known: &serde_json::Value, at: &str) -> Option<String> {
+    use serde_json::Value;
+    match (given, known) {
+        (Value::Object(g), Value::Object(k)) => g.iter().find_map(|(name, v)| match k.get(name) {
+            Some(kv) => unknown_field(v, kv, &format!("{at}.{name}")),
+            None if v.is_null() => None,
+            None => Some(format!("{at}.{name}")),
+        }),
+        (Value::Array(g), Value::Array(k)) => {
+            g.iter().zip(k).enumerate().find_map(|(i, (gv, kv))| unknown_field(gv, kv, &format!("{at}[{i}]")))
+        }
+        _ => None,
+    }
+}
+
+/// Runs a local cluster until SIGINT or SIGTERM, then stops everything and returns.
+pub async fn run_local(opts: LocalOptions) -> Result<(), LocalError> {
+    // Take over the signals first, so one arriving during startup leads to a clean stop.
+    let mut signals = Signals::new();
+    let (resource, db) = read_spec(&opts.spec)?;
+    let name = resource.metadata.name.as_deref().unwrap_or("sharddb");
+    let bins = Binaries::locate(&opts.bin_dir)?;
+    let dir = data_dir(opts.data_dir.as_deref())?;
+    // Printed for people and scripts: this and the URL line are the command's output.
+    println!("sharddb data directory: {}", dir.display());
+    tracing::info!(database = name, dir = %dir.display(), "starting local cluster");
+
+    let mut cluster = LocalCluster::new(dir, bins, opts.pg_bin.clone());
+    let started = tokio::select! {
+        r = cluster.start(&db, opts.port) => r,
+        s = signals.next() => Err(LocalError::Interrupted(s)),
+    };
+    if let Err(e) = started {
+        cluster.shutdown().await;
+        return Err(e);
+    }
+    println!("sharddb router listening on {}", cluster.router_url());
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+
+    let mut changes = cluster.supervisor.changes();
+    let signal = loop {
+        tokio::select! {
+            s = signals.next() => break s,
+            _ = changes.changed() => {
+                if let Err(e) = cluster.write_cluster_file() {
+                    tracing::error!(error = %e, "cannot update cluster.json");
+                }
+            }
+        }
+    };
+    tracing::info!(signal, "shutting down");
+    cluster.shutdown().await;
+    Ok(())
+}
+
+struct Signals {
+    term: Signal,
+    int: Signal,
+}
+
+impl Signals {
+    fn new() -> Self {
+        let install = |kind| signal(kind).expect("signal handlers can be installed");
+        Signals { term: install(SignalKind::terminate()), int: install(SignalKind::interrupt()) }
+    }
+
+    async fn next(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
+    }
+}
+
+/// The programs local mode runs.
+#[derive(Clone, Debug)]
+pub struct Binaries {
+    pub shard_server: PathBuf,
+    pub router: PathBuf,
+}
+
+impl Binaries {
+    pub fn locate(dir: &Path) -> Result<Binaries, LocalError> {
+        let find = |name: &'static str| {
+            let p = dir.join(name);
+            if p.is_file() { Ok(p) } else { Err(LocalError::MissingBinary { name, dir: dir.to_owned() }) }
+        };
+        Ok(Binaries { shard_server: find(SHARD_SERVER_BIN)?, router: find(ROUTER_BIN)? })
+    }
+}
+
+/// The given directory (created if needed), or a fresh temporary one that outlives us.
+fn data_dir(given: Option<&Path>) -> Result<PathBuf, LocalError> {
+    let dir = match given {
+        Some(d) => d.to_owned(),
+        None => tempfile::Builder::new()
+            .prefix("sharddb-")
+            .tempdir()
+            .map_err(|source| LocalError::Io { action: "create a directory in", path: std::env::temp_dir(), source })?
+            .keep(),
+    };
+    make_dir(&dir)?;
+    std::path::absolute(&dir).map_err(|source| LocalError::Io { action: "resolve", path: dir, source })
+}
+
+/// Creates a directory of ours (and its parents). When we are root, Postgres runs as `postgres`
+/// and must pass through our directories to reach its cluster, so they get the traverse bit
+/// (`o+x`: enter, not list) whatever the umask or `tempfile` chose. A directory above the data
+/// directory that `postgres` cannot enter is not ours to change; localpg reports it by name.
+fn make_dir(dir: &Path) -> Result<(), LocalError> {
+    let io = |action| move |source| LocalError::Io { action, path: dir.to_owned(), source };
+    std::fs::create_dir_all(dir).map_err(io("create"))?;
+    if nix::unistd::geteuid().is_root() {
+        let mode = std::fs::metadata(dir).map_err(io("inspect"))?.permissions().mode();
+        if mode & 0o001 == 0 {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode | 0o011))
+                .map_err(io("set permissions of"))?;
+        }
+    }
+    Ok(())
+}
+
+/// Ports held open until the processes that will use them start, so that two picks cannot collide.
+#[derive(Default)]
+struct PortReservations(Vec<TcpListener>);
+
+impl PortReservations {
+    fn any(&mut self) -> Result<u16, LocalError> {
+        let l = TcpListener::bind("127.0.0.1:0").map_err(LocalError::NoFreePort)?;
+        let port = l.local_addr().map_err(LocalError::NoFreePort)?.port();
+        self.0.push(l);
+        Ok(port)
+    }
+
+    fn exact(&mut self, port: u16) -> Result<u16, LocalError> {
+        if port == 0 {
+            return self.any();
+        }
+        let l = TcpListener::bind(("127.0.0.1", port)).map_err(|source| LocalError::PortInUse { port, source })?;
+        self.0.push(l);
+        Ok(port)
+    }
+}
+
+/// One data server: its process and its Postgres.
+#[derive(Clone, Debug)]
+pub struct LocalServer {
+    pub name: String,
+    pub port: u16,
+    pub log: PathBuf,
+    pub postgres: ServerPostgres,
+}
+
+impl LocalServer {
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+/// A running local cluster. Its methods are the verbs a controller needs (stop or start one
+/// server or its Postgres, wipe a server's data); deciding *when* to use them is the brain's job.
+pub struct LocalCluster {
+    dir: PathBuf,
+    bins: Binaries,
+    pg_bin: Option<PathBuf>,
+    supervisor: Supervisor,
+    /// In server id order.
+    servers: Vec<LocalServer>,
+    router_port: u16,
+    http: reqwest::Client,
+}
+
+impl LocalCluster {
+    fn new(dir: PathBuf, bins: Binaries, pg_bin: Option<PathBuf>) -> Self {
+        LocalCluster {
+            dir,
+            bins,
+            pg_bin,
+            supervisor: Supervisor::new(),
+            servers: Vec::new(),
+            router_port: 0,
+            http: shard_server::api::http_client(Duration::from_secs(2)),
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn topology_path(&self) -> PathBuf {
+        self.dir.join("topology.json")
+    }
+
+    pub fn cluster_file(&self) -> PathBuf {
+        self.dir.join("cluster.json")
+    }
+
+    pub fn router_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.router_port)
+    }
+
+    pub fn supervisor(&self) -> &Supervisor {
+        &self.supervisor
+    }
+
+    pub fn server(&self, name: &str) -> Option<&LocalServer> {
+        self.servers.iter().find(|s| s.name == name)
+    }
+
+    fn logs_dir(&self) -> PathBuf {
+        self.dir.join("logs")
+    }
+
+    /// Starts every Postgres (in parallel), writes the topology, starts the shard servers and waits
+    /// for their heartbeats, then starts the router and waits for it, and writes `cluster.json`.
+    async fn start(&mut self, db: &ValidatedDb, router_port: u16) -> Result<(), LocalError> {
+        let placement = place(db);
+        for d in [self.logs_dir(), self.dir.join("servers")] {
+            make_dir(&d)?;
+        }
+        let mut ports = PortReservations::default();
+        self.router_port = ports.exact(router_port)?;
+        let mut planned = Vec::new();
+        for name in &placement.servers {
+            planned.push((name.clone(), ports.any()?, ports.any()?));
+        }
+        drop(ports);
+
+        let pgdata = |name: &str| self.dir.join("servers").join(name).join("pgdata");
+        for (name, _, _) in &planned {
+            let d = self.dir.join("servers").join(name);
+            make_dir(&d)?;
+        }
+        // initdb is the slow part of starting (seconds, with fsync); run it once and copy the
+        // result (a tenth of a second) for every other server that has no cluster yet.
+        let fresh: Vec<&str> =
+            planned.iter().map(|(n, _, _)| n.as_str()).filter(|n| !pgdata(n).join("PG_VERSION").is_file()).collect();
+        // The template is a cluster of its own: a server's cluster cannot be copied while it starts.
+        let template = if fresh.len() > 1 {
+            let t = self.dir.join("servers").join(".template");
+            if t.exists() {
+                // Left by a run interrupted while starting; it may be half made.
+                std::fs::remove_dir_all(&t).map_err(|source| LocalError::Io {
+                    action: "remove",
+                    path: t.clone(),
+                    source,
+                })?;
+            }
+            make_dir(&t)?;
+            ServerPostgres::init_template(&t.join("pgdata"), self.pg_bin.as_deref()).await?;
+            Some(t)
+        } else {
+            None
+        };
+        let opening = planned.iter().map(|(name, _, pg_port)| {
+            let log = self.logs_dir().join(format!("{name}.postgres.log"));
+            let template = template.as_ref().map(|t| t.join("pgdata"));
+            let (data_dir, pg_bin) = (pgdata(name), self.pg_bin.as_deref());
+            async move { ServerPostgres::open(name, &data_dir, &log, *pg_port, pg_bin, template.as_deref()).await }
+        });
+        // Keep every cluster that did start, so a failure elsewhere still stops it on shutdown.
+        let mut first_error = None;
+        for ((name, port, _), opened) in planned.iter().zip(futures::future::join_all(opening).await) {
+            match opened.map_err(LocalError::from) {
+                Ok(postgres) => self.servers.push(LocalServer {
+                    name: name.clone(),
+                    port: *port,
+                    log: self.logs_dir().join(format!("{name}.log")),
+                    postgres,
+                }),
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        if let Some(t) = template {
+            // Off the startup path: removing a cluster's files takes a noticeable moment.
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = std::fs::remove_dir_all(&t) {
+                    tracing::warn!(path = %t.display(), error = %e, "cannot remove the template cluster");
+                }
+            });
+        }
+        if let Some(e) = first_error {
+            return Err(e);
+        }
+
+        self.write_topology(db, &placement)?;
+        for s in &self.servers {
+            self.supervisor.spawn(self.server_process(s))?;
+        }
+        let http = &self.http;
+        let waits = self.servers.iter().map(|s| wait_ready(http, &s.name, format!("{}/heartbeat", s.url()), &s.log));
+        futures::future::try_join_all(waits).await?;
+        tracing::info!(servers = self.servers.len(), "every shard server answers its heartbeat");
+
+        let router_log = self.logs_dir().join(format!("{ROUTER}.log"));
+        self.supervisor.spawn(ProcessSpec::new(
+            ROUTER,
+            &self.bins.router,
+            vec![
+                "--listen".into(),
+                format!("127.0.0.1:{}", self.router_port),
+                "--topology-file".into(),
+                self.topology_path().display().to_string(),
+            ],
+            &router_log,
+        ))?;
+        wait_ready(&self.http, ROUTER, format!("{}/healthz", self.router_url()), &router_log).await?;
+        self.write_cluster_file()?;
+        Ok(())
+    }
+
+    fn server_process(&self, s: &LocalServer) -> ProcessSpec {
+        ProcessSpec::new(
+            &s.name,
+            &self.bins.shard_server,
+            vec![
+                "--listen".into(),
+                format!("127.0.0.1:{}", s.port),
+                "--name".into(),
+                s.name.clone(),
+                "--database-url".into(),
+                s.postgres.database_url(),
+                "--topology-file".into(),
+                self.topology_path().display().to_string(),
+            ],
+            &s.log,
+        )
+    }
+
+    fn write_topology(&self, db: &ValidatedDb, placement: &Placement) -> Result<Topology, LocalError> {
+        let path = self.topology_path();
+        // A topology left by an earlier run may have been seen (and its epoch remembered) by the
+        // servers whose data we are reusing: continue after it.
+        let epoch = std::fs::read(&path).ok().and_then(|b| Topology::parse(&b).ok()).map_or(1, |t| t.epoch + 1);
+        let urls = self.servers.iter().map(|s| (s.name.clone(), s.url())).collect::<BTreeMap<_, _>>();
+        let topology = fresh_topology(db, placement, &urls, epoch)?;
+        shard_server::topology_source::write_atomic(&path, &topology).map_err(|source| LocalError::Io {
+            action: "write",
+            path: path.clone(),
+            source,
+        })?;
+        tracing::info!(epoch, path = %path.display(), "topology written");
+        Ok(topology)
+    }
+
+    /// Describes the cluster as it is now.
+    pub fn cluster_info(&self) -> ClusterInfo {
+        ClusterInfo {
+            data_dir: self.dir.clone(),
+            operator: OperatorInfo { pid: std::process::id() },
+            router: RouterInfo {
+                url: self.router_url(),
+                pid: self.supervisor.pid(ROUTER),
+                log: self.logs_dir().join(format!("{ROUTER}.log")),
+            },
+            topology: self.topology_path(),
+            servers: self
+                .servers
+                .iter()
+                .map(|s| ServerInfo {
+                    name: s.name.clone(),
+                    url: s.url(),
+                    pid: self.supervisor.pid(&s.name),
+                    log: s.log.clone(),
+                    postgres: s.postgres.info(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Writes `cluster.json` atomically (temporary file + rename).
+    pub fn write_cluster_file(&self) -> Result<(), LocalError> {
+        let path = self.cluster_file();
+        let tmp = path.with_extension("json.tmp");
+        let json = serde_json::to_string_pretty(&self.cluster_info()).expect("cluster info serialises");
+        std::fs::write(&tmp, json + "\n").and_then(|()| std::fs::rename(&tmp, &path)).map_err(|source| LocalError::Io {
+            action: "write",
+            path,
+            source,
+        })
+    }
+
+    fn known(&self, name: &str) -> Result<&LocalServer, LocalError> {
+        self.server(name).ok_or_else(|| SupervisorError::Unknown(name.to_owned()).into())
+    }
+
+    /// Stops a server's process (its Postgres keeps running).
+    pub async fn stop_server(&self, name: &str) -> Result<(), LocalError> {
+        self.known(name)?;
+        Ok(self.supervisor.stop(name).await?)
+    }
+
+    /// Starts a stopped server's process again, on the same port with the same database.
+    pub fn start_server(&self, name: &str) -> Result<(), LocalError> {
+        self.known(name)?;
+        Ok(self.supervisor.start(name)?)
+    }
+
+    /// Stops a server's Postgres (the server process keeps running and sees its database fail).
+    pub async fn stop_postgres(&self, name: &str) -> Result<(), LocalError> {
+        self.known(name)?.postgres.stop().await?;
+        self.supervisor.announce();
+        Ok(())
+    }
+
+    /// Starts a server's Postgres again on the same port and data directory.
+    pub async fn start_postgres(&self, name: &str) -> Result<(), LocalError> {
+        self.known(name)?.postgres.start().await?;
+        self.supervisor.announce();
+        Ok(())
+    }
+
+    /// A server loses its volume: its process and Postgres stop, the data directory is replaced
+    /// by an empty cluster, and both start again (the server comes back holding nothing).
+    pub async fn wipe_server(&self, name: &str) -> Result<(), LocalError> {
+        let server = self.known(name)?;
+        self.supervisor.stop(name).await?;
+        server.postgres.wipe().await?;
+        server.postgres.start().await?;
+        self.supervisor.start(name)?;
+        self.supervisor.announce();
+        Ok(())
+    }
+
+    /// Stops every process (the router first, so no request finds a server gone), then every
+    /// Postgres.
+    pub async fn shutdown(&mut self) {
+        if self.supervisor.names().iter().any(|n| n == ROUTER) {
+            let _ = self.supervisor.remove(ROUTER).await;
+        }
+        self.supervisor.shutdown().await;
+        let stops = self.servers.iter().map(|s| async move {
+            if let Err(e) = s.postgres.stop().await {
+                tracing::error!(server = %s.name, error = %e, "cannot stop postgres");
+            }
+        });
+        futures::future::join_all(stops).await;
+        tracing::info!("local cluster stopped");
+    }
+}
+
+/// Polls `url` until it answers 2xx.
+async fn wait_ready(http: &reqwest::Client, name: &str, url: String, log: &Path) -> Result<(), LocalError> {
+    let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
+    loop {
+        if matches!(http.get(&url).send().await, Ok(r) if r.status().is_success()) {
+            tracing::info!(name, %url, "ready");
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(LocalError::NotReady { name: name.to_owned(), url, log: log.to_owned() });
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    const GOOD: &str = "apiVersion: sharddb.io/v1alpha1
+kind: ShardedDatabase
+metadata:
+  name: t
+spec:
+  schema:
+    columns: [id, name]
+    dtypes: [Number, String]
+  shards:
+    - { id: a, low: 0, size: 10 }
+    - { id: b, low: 10, size: 10 }
+  replicas: 2
+  servers: 3
+";
+
+    #[test]
+    fn reads_a_resource() {
+        let dir = tempfile::tempdir().unwrap();
+        let (res, db) = read_spec(&write(dir.path(), "ok.yaml", GOOD)).unwrap();
+        assert_eq!(res.metadata.name.as_deref(), Some("t"));
+        assert_eq!(db.server_count(), 3);
+    }
+
+    #[test]
+    fn spec_errors_say_what_is_wrong() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = |name: &str, text: &str| {
+            let e = read_spec(&write(dir.path(), name, text)).unwrap_err();
+            format!("{:#}", anyhow::Error::from(e))
+        };
+        let overlap = err("overlap.yaml", &GOOD.replace("low: 10,", "low: 5,"));
+        assert!(overlap.ends_with("overlap.yaml: invalid spec: spec.shards[1] (b) overlaps a"), "{overlap}");
+        let kind = err("kind.yaml", &GOOD.replace("kind: ShardedDatabase", "kind: Deployment"));
+        assert!(kind.contains("holds a Deployment of sharddb.io/v1alpha1, not a ShardedDatabase"), "{kind}");
+        let missing = err("missing.yaml", &GOOD.replace("  servers: 3\n", ""));
+        assert!(missing.contains("is not a ShardedDatabase resource"), "{missing}");
+        assert!(missing.contains("servers"), "{missing}");
+        let typo = err("typo.yaml", &GOOD.replace("  replicas: 2", "  replica: 2"));
+        assert!(typo.ends_with("typo.yaml: unknown field spec.replica"), "{typo}");
+        let typo = err("typo2.yaml", &GOOD.replace("size: 10 }\n", "size: 10, sizee: 1 }\n"));
+        assert!(typo.ends_with("typo2.yaml: unknown field spec.shards[0].sizee"), "{typo}");
+        let nulls = GOOD.replace("  servers: 3", "  servers: 3\n  placement: null\n  router: {}");
+        read_spec(&write(dir.path(), "nulls.yaml", &nulls)).unwrap();
+        let absent = read_spec(&dir.path().join("absent.yaml")).unwrap_err().to_string();
+        assert!(absent.starts_with("failed to read") && absent.ends_with("absent.yaml"), "{absent}");
+    }
+
+    #[test]
+    fn missing_binaries_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = Binaries::locate(dir.path()).unwrap_err().to_string();
+        assert!(e.starts_with("sharddb-shard-server not found in"), "{e}");
+        assert!(e.contains("--bin-dir"), "{e}");
+    }
+
+    #[test]
+    fn as_root_our_directories_are_traversable() {
+        let base = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(base.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        let dir = base.path().join("a/b");
+        make_dir(&dir).unwrap();
+        make_dir(&dir).unwrap(); // existing is fine
+        let mode = std::fs::metadata(base.path()).unwrap().permissions().mode();
+        if nix::unistd::geteuid().is_root() {
+            let made = std::fs::metadata(&dir).unwrap().permissions().mode();
+            assert_eq!(made & 0o001, 0o001, "{made:o}");
+            // The temporary directory is the caller's: left as it was.
+            assert_eq!(mode & 0o777, 0o700, "{mode:o}");
+            assert_eq!(data_dir(Some(base.path())).unwrap(), base.path());
+            let mode = std::fs::metadata(base.path()).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o711, "a data directory of ours becomes traversable: {mode:o}");
+        }
+    }
+
+    #[test]
+    fn a_busy_port_is_reported() {
+        let held = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = held.local_addr().unwrap().port();
+        let mut r = PortReservations::default();
+        let e = r.exact(port).unwrap_err().to_string();
+        assert!(e.starts_with(&format!("port {port} on 127.0.0.1 is in use")), "{e}");
+        let a = r.exact(0).unwrap();
+        let b = r.any().unwrap();
+        assert_ne!(a, b);
+    }
+}

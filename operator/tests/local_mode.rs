@@ -1,0 +1,154 @@
+//! Local mode end to end: the real operator binary runs examples/students.yaml with the real shard
+//! server and router binaries (build them first: `cargo build --workspace`) and real Postgres; a
+//! shard server killed with SIGKILL comes back, and SIGTERM leaves nothing running.
+
+use operator::local::ClusterInfo;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+const OPERATOR: &str = env!("CARGO_BIN_EXE_sharddb-operator");
+
+fn bin_dir() -> PathBuf {
+    Path::new(OPERATOR).parent().unwrap().to_owned()
+}
+
+/// Stops the operator if the test fails half way, so no cluster outlives it.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if self.0.try_wait().ok().flatten().is_none() {
+            signal(self.0.id(), nix::sys::signal::Signal::SIGTERM);
+            let _ = self.0.wait();
+        }
+    }
+}
+
+fn signal(pid: u32, sig: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig).unwrap();
+}
+
+fn alive(pid: u32) -> bool {
+    !localpg::process_gone(pid)
+}
+
+/// `GET path` over plain HTTP/1.1; true on a 2xx.
+fn http_ok(base: &str, path: &str) -> bool {
+    let addr = base.trim_start_matches("http://");
+    let Ok(mut s) = TcpStream::connect(addr) else { return false };
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    if write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").is_err() {
+        return false;
+    }
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).is_ok() && head.starts_with(b"HTTP/1.1 2")
+}
+
+fn eventually<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn read_cluster(dir: &Path) -> ClusterInfo {
+    serde_json::from_slice(&std::fs::read(dir.join("cluster.json")).unwrap()).unwrap()
+}
+
+#[test]
+fn runs_the_students_example_restarts_a_killed_server_and_stops_cleanly() {
+    for bin in ["sharddb-shard-server", "sharddb-router"] {
+        assert!(
+            bin_dir().join(bin).is_file(),
+            "{bin} is missing from {}: run `cargo build --workspace` first",
+            bin_dir().display()
+        );
+    }
+    // Traversable by everyone: as root, Postgres runs as `postgres` and must reach its data.
+    let data = tempfile::Builder::new()
+        .prefix("sharddb-local-")
+        .permissions(std::fs::Permissions::from_mode(0o755))
+        .tempdir()
+        .unwrap();
+    let spec = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/students.yaml");
+    let mut child = Command::new(OPERATOR)
+        .arg("local")
+        .arg(&spec)
+        .arg("--data-dir")
+        .arg(data.path())
+        .args(["--port", "0", "--bin-dir"])
+        .arg(bin_dir())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut operator = Running(child);
+
+    // The URL line on stdout means the whole cluster is up.
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let router_url = loop {
+        let line = rx.recv_timeout(Duration::from_secs(180)).expect("the router URL line within 3 minutes");
+        if let Some(url) = line.strip_prefix("sharddb router listening on ") {
+            break url.to_owned();
+        }
+    };
+    assert!(router_url.starts_with("http://127.0.0.1:"), "{router_url}");
+
+    let cluster = read_cluster(data.path());
+    assert_eq!(cluster.router.url, router_url);
+    assert_eq!(cluster.operator.pid, operator.0.id());
+    let names: Vec<&str> = cluster.servers.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["Server0", "Server1", "Server2", "Server3", "Server4", "Server5"]);
+    let mut pids = vec![cluster.router.pid.unwrap()];
+    for s in &cluster.servers {
+        let (pid, pg_pid) = (s.pid.unwrap(), s.postgres.pid.unwrap());
+        assert!(alive(pid) && alive(pg_pid), "{} and its postgres run", s.name);
+        assert!(http_ok(&s.url, "/heartbeat"), "{} answers its heartbeat", s.name);
+        assert!(s.postgres.data_dir.starts_with(data.path().join("servers").join(&s.name)));
+        assert!(s.postgres.url.ends_with("/sharddb"));
+        pids.extend([pid, pg_pid]);
+    }
+    assert!(alive(cluster.router.pid.unwrap()));
+    assert!(http_ok(&router_url, "/healthz"));
+    let topology = shard_server::topology::Topology::parse(&std::fs::read(&cluster.topology).unwrap()).unwrap();
+    assert_eq!(topology.servers.len(), 6);
+    assert_eq!(topology.shards.len(), 4);
+
+    // A shard server killed outright comes back on the same port, with a new pid.
+    let victim = &cluster.servers[2];
+    let old = victim.pid.unwrap();
+    signal(old, nix::sys::signal::Signal::SIGKILL);
+    let new = eventually("a restarted Server2 in cluster.json", Duration::from_secs(30), || {
+        read_cluster(data.path()).servers[2].pid.filter(|&p| p != old)
+    });
+    assert!(alive(new));
+    eventually("the restarted Server2's heartbeat", Duration::from_secs(60), || {
+        http_ok(&victim.url, "/heartbeat").then_some(())
+    });
+    pids.push(new);
+
+    // SIGTERM: everything stops, the operator exits 0.
+    signal(operator.0.id(), nix::sys::signal::Signal::SIGTERM);
+    let status = eventually("the operator to exit", Duration::from_secs(60), || operator.0.try_wait().unwrap());
+    assert!(status.success(), "{status}");
+    eventually("every child and postgres to be gone", Duration::from_secs(10), || {
+        pids.iter().all(|&p| !alive(p)).then_some(())
+    });
+    let log = std::fs::read_to_string(data.path().join("logs/Server2.log")).unwrap();
+    assert!(log.contains("exited (signal: 9 (SIGKILL)); restarting"), "{log}");
+}
