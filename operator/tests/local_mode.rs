@@ -152,3 +152,48 @@ fn runs_the_students_example_restarts_a_killed_server_and_stops_cleanly() {
     let log = std::fs::read_to_string(data.path().join("logs/Server2.log")).unwrap();
     assert!(log.contains("exited (signal: 9 (SIGKILL)); restarting"), "{log}");
 }
+
+/// Processes whose command line mentions `dir` (Postgres servers name their data directory).
+fn processes_under(dir: &Path) -> Vec<(u32, String)> {
+    let needle = dir.to_string_lossy().into_owned();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| alive(pid))
+        .filter_map(|pid| {
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            cmd.contains(&needle).then_some((pid, cmd))
+        })
+        .collect()
+}
+
+#[test]
+fn a_signal_while_starting_stops_what_started() {
+    let data = tempfile::Builder::new().prefix("sharddb-interrupt-").tempdir().unwrap();
+    let spec = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/students.yaml");
+    let child = Command::new(OPERATOR)
+        .arg("local")
+        .arg(&spec)
+        .arg("--data-dir")
+        .arg(data.path())
+        .args(["--port", "0", "--bin-dir"])
+        .arg(bin_dir())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut operator = Running(child);
+    // Interrupt once the first Postgres exists, i.e. in the middle of starting them.
+    eventually("a postgres of this cluster", Duration::from_secs(60), || {
+        processes_under(data.path()).iter().any(|(_, cmd)| cmd.contains("postgres -D")).then_some(())
+    });
+    signal(operator.0.id(), nix::sys::signal::Signal::SIGTERM);
+    let status = eventually("the operator to exit", Duration::from_secs(60), || operator.0.try_wait().unwrap());
+    assert!(status.success(), "{status}");
+    let left = eventually("nothing left running", Duration::from_secs(10), || {
+        let left = processes_under(data.path());
+        left.is_empty().then_some(left)
+    });
+    assert!(left.is_empty());
+}
