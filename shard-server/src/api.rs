@@ -48,6 +48,8 @@ pub enum ErrorCode {
     NotReady,
     /// A dependency (Postgres, a replica) failed; safe to retry.
     Unavailable,
+    /// Log entries asked for are no longer kept: copy a snapshot instead.
+    LogTruncated,
     Internal,
 }
 
@@ -236,6 +238,40 @@ pub struct SnapshotEnd {
     pub rows: u64,
 }
 
+/// `POST /v1/shards/{shard}/recover` on a recovering replica: replace this copy with a snapshot
+/// from `source` (the shard's primary), then verify it against the primary at one sequence number.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RecoverRequest {
+    /// Base URL of the server to copy from.
+    pub source: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecoverResponse {
+    /// The sequence number of the snapshot that was installed.
+    pub snapshot_seq: u64,
+    pub snapshot_rows: u64,
+    /// The sequence number at which the copy was verified equal to the source.
+    pub verified_seq: u64,
+    pub rows: i64,
+    pub checksum: String,
+}
+
+/// `GET /v1/shards/{shard}/log?from=&to=`: entries still kept in the log, in order.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LogResponse {
+    pub entries: Vec<Entry>,
+}
+
+/// `GET /v1/shards/{shard}/stats`: row count and checksum at one sequence number, computed while
+/// no write can be applied to the shard.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardStats {
+    pub applied_seq: u64,
+    pub rows: i64,
+    pub checksum: String,
+}
+
 // ---------------------------------------------------------------------------------------------
 // Typed client
 
@@ -350,6 +386,40 @@ impl ShardClient {
     pub async fn status(&self, checksums: bool) -> Result<ServerStatus, ClientError> {
         let url = format!("{}/status?checksums={checksums}", self.base);
         self.call(self.http.get(&url), url).await
+    }
+
+    /// Stats of one shard at one sequence number (writes held off while computing).
+    pub async fn stats(&self, shard: &str) -> Result<ShardStats, ClientError> {
+        let url = format!("{}/v1/shards/{shard}/stats", self.base);
+        self.call(self.http.get(&url), url).await
+    }
+
+    /// Log entries `from..=to` still kept by the server.
+    pub async fn log(&self, shard: &str, from: u64, to: u64) -> Result<LogResponse, ClientError> {
+        let url = format!("{}/v1/shards/{shard}/log?from={from}&to={to}", self.base);
+        self.call(self.http.get(&url), url).await
+    }
+
+    /// Asks a recovering replica to copy the shard from `source` and verify it.
+    pub async fn recover(&self, shard: &str, req: &RecoverRequest) -> Result<RecoverResponse, ClientError> {
+        let url = format!("{}/v1/shards/{shard}/recover", self.base);
+        self.call(self.http.post(&url).json(req), url).await
+    }
+
+    /// Opens the streamed snapshot of a shard (newline-delimited JSON).
+    pub async fn snapshot(&self, shard: &str) -> Result<reqwest::Response, ClientError> {
+        let url = format!("{}/v1/shards/{shard}/snapshot", self.base);
+        let resp =
+            self.http.get(&url).send().await.map_err(|source| ClientError::Transport { url: url.clone(), source })?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status().as_u16();
+        let bytes = resp.bytes().await.map_err(|source| ClientError::Transport { url: url.clone(), source })?;
+        match serde_json::from_slice::<ErrorBody>(&bytes) {
+            Ok(body) => Err(ClientError::Api { url, status, body }),
+            Err(_) => Err(ClientError::Unexpected { url, status, text: String::from_utf8_lossy(&bytes).into_owned() }),
+        }
     }
 
     /// `GET /heartbeat`: true when the server answers 200.

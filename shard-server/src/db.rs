@@ -48,6 +48,7 @@ pub struct ShardTable {
     delete: SqlStr,
     read_range: SqlStr,
     count: SqlStr,
+    truncate: SqlStr,
     stats: SqlStr,
     snapshot: SqlStr,
     objects: SqlStr,
@@ -99,6 +100,7 @@ impl ShardTable {
             )),
             delete: trusted(format!("DELETE FROM {table} WHERE {key} = ANY($1)")),
             count: trusted(format!("SELECT count(*) FROM {table}")),
+            truncate: trusted(format!("TRUNCATE {table}")),
             read_range: trusted(format!(
                 "SELECT coalesce(json_agg(t ORDER BY {key}), '[]'::json)::text \
                  FROM (SELECT {col_list} FROM {table} WHERE {key} BETWEEN $1 AND $2) t"
@@ -338,6 +340,15 @@ impl Db {
         Ok(r.rows_affected())
     }
 
+    /// Starts replacing a shard's rows: empties the table and forgets its log, in a transaction
+    /// that [`Installer::finish`] commits.
+    pub async fn begin_install(&self, t: &ShardTable) -> Result<Installer, DbError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(t.truncate.clone()).execute(&mut *tx).await?;
+        sqlx::query("DELETE FROM sharddb_log WHERE shard = $1").bind(&t.shard).execute(&mut *tx).await?;
+        Ok(Installer { tx })
+    }
+
     /// Rows with keys in `[low, high]` as one JSON array text, sorted by key.
     pub async fn read_range_json(&self, t: &ShardTable, low: i64, high: i64) -> Result<String, DbError> {
         Ok(sqlx::query_scalar(t.read_range.clone()).bind(low).bind(high).fetch_one(&self.pool).await?)
@@ -429,6 +440,11 @@ async fn apply_changes(tx: &mut Transaction<'_, Postgres>, t: &ShardTable, chang
         sqlx::query(t.delete.clone()).bind(&deletes).execute(&mut **tx).await?;
     }
     let rows: Vec<&Row> = changes.iter().filter_map(|c| c.row.as_ref()).collect();
+    upsert_rows(tx, t, &rows).await
+}
+
+/// Inserts or replaces rows with one statement (one array parameter per column).
+async fn upsert_rows(tx: &mut Transaction<'_, Postgres>, t: &ShardTable, rows: &[&Row]) -> Result<(), DbError> {
     if rows.is_empty() {
         return Ok(());
     }
@@ -455,4 +471,28 @@ async fn apply_changes(tx: &mut Transaction<'_, Postgres>, t: &ShardTable, chang
     }
     q.execute(&mut **tx).await?;
     Ok(())
+}
+
+/// A snapshot being installed: the shard emptied and refilled inside one transaction, so a failure
+/// half-way leaves the previous copy as it was.
+pub struct Installer {
+    tx: Transaction<'static, Postgres>,
+}
+
+impl Installer {
+    pub async fn insert(&mut self, t: &ShardTable, rows: &[Row]) -> Result<(), DbError> {
+        let refs: Vec<&Row> = rows.iter().collect();
+        upsert_rows(&mut self.tx, t, &refs).await
+    }
+
+    /// Records the snapshot's sequence number and commits.
+    pub async fn finish(mut self, t: &ShardTable, seq: u64) -> Result<(), DbError> {
+        sqlx::query("UPDATE sharddb_shards SET applied_seq = $2 WHERE shard = $1")
+            .bind(&t.shard)
+            .bind(seq_to_sql(seq))
+            .execute(&mut *self.tx)
+            .await?;
+        self.tx.commit().await?;
+        Ok(())
+    }
 }

@@ -38,6 +38,10 @@ pub enum ApiError {
         #[source]
         source: std::sync::Arc<ReplicationError>,
     },
+    #[error("{0}")]
+    LogTruncated(String),
+    #[error("recovery failed: {0}")]
+    Recovery(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -75,6 +79,9 @@ impl ApiError {
             ApiError::SeqGap { .. } => (StatusCode::CONFLICT, ErrorCode::SeqGap),
             ApiError::NotReady(_) => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::NotReady),
             ApiError::Db(_) | ApiError::Replication { .. } => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable),
+            ApiError::LogTruncated(_) => (StatusCode::GONE, ErrorCode::LogTruncated),
+            // Copying failed at a peer or on the way; the caller may try again (from another source).
+            ApiError::Recovery(_) => (StatusCode::BAD_GATEWAY, ErrorCode::Unavailable),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Internal),
         }
     }
@@ -89,6 +96,8 @@ impl ApiError {
                 format!("replica {replica} of shard {shard} did not confirm the write; the request may be retried"),
             ),
             ApiError::Internal(_) => ErrorBody::new(code, "internal error"),
+            // The operator reads this message; it names a peer or a count, never caller input.
+            ApiError::Recovery(m) => ErrorBody::new(code, format!("recovery failed: {m}")),
             other => ErrorBody::new(code, other),
         };
         match self {

@@ -46,6 +46,8 @@ pub struct Node {
     pub metrics: Metrics,
     topology: TopologyRx,
     http: reqwest::Client,
+    /// For long transfers (snapshots): no overall deadline, but a bound on every read.
+    stream_http: reqwest::Client,
     shards: RwLock<HashMap<String, Arc<Shard>>>,
     /// Serialises the creation of shard tables.
     creating: tokio::sync::Mutex<()>,
@@ -54,12 +56,19 @@ pub struct Node {
 impl Node {
     pub fn new(config: NodeConfig, db: Db, topology: TopologyRx) -> Arc<Node> {
         let http = http_client(config.peer_timeout);
+        let stream_http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(2))
+            .read_timeout(config.peer_timeout)
+            .tcp_nodelay(true)
+            .build()
+            .expect("HTTP client builds (install the rustls provider first)");
         Arc::new(Node {
             config,
             db,
             metrics: Metrics::default(),
             topology,
             http,
+            stream_http,
             shards: RwLock::new(HashMap::new()),
             creating: tokio::sync::Mutex::new(()),
         })
@@ -79,6 +88,11 @@ impl Node {
 
     pub fn peer(&self, url: &str) -> ShardClient {
         ShardClient::new(self.http.clone(), url)
+    }
+
+    /// A client for long transfers from a peer (snapshots).
+    pub fn streaming_peer(&self, url: &str) -> ShardClient {
+        ShardClient::new(self.stream_http.clone(), url)
     }
 
     /// Loads the standalone shards recorded in the database, then follows the topology: every shard
@@ -160,17 +174,17 @@ impl Node {
     pub async fn shard(&self, id: &str) -> Result<(Arc<Shard>, ShardRole), ApiError> {
         let topo = self.topology();
         let listed = topo.as_ref().and_then(|t| t.shard(id).map(|e| (t, e)));
-        if let Some((t, entry)) = listed {
-            if let Some(state) = entry.replicas.get(self.name()) {
-                let schema = t.schema().map_err(|e| ApiError::Internal(e.to_string()))?;
-                let shard = self.open_shard(id, schema, false).await?;
-                let role = if entry.primary == self.name() {
-                    ShardRole::Primary { epoch: t.epoch, entry: entry.clone() }
-                } else {
-                    ShardRole::Replica { epoch: t.epoch, state: *state, primary: entry.primary.clone() }
-                };
-                return Ok((shard, role));
-            }
+        if let Some((t, entry)) = listed
+            && let Some(state) = entry.replicas.get(self.name())
+        {
+            let schema = t.schema().map_err(|e| ApiError::Internal(e.to_string()))?;
+            let shard = self.open_shard(id, schema, false).await?;
+            let role = if entry.primary == self.name() {
+                ShardRole::Primary { epoch: t.epoch, entry: entry.clone() }
+            } else {
+                ShardRole::Replica { epoch: t.epoch, state: *state, primary: entry.primary.clone() }
+            };
+            return Ok((shard, role));
         }
         let existing = self.shards.read().expect("lock").get(id).cloned();
         match existing {

@@ -14,10 +14,14 @@
 //! (replays are harmless), one beyond the next is refused with `seq_gap` and the replica's position,
 //! so the primary resends from there (from its in-memory cache or its durable log).
 
-use crate::api::{Change, Entry, Op, ReplicateRequest, WriteResponse};
+use crate::api::{
+    Change, Entry, Op, RecoverResponse, ReplicateRequest, ShardClient, ShardStats, SnapshotEnd, SnapshotHeader,
+    WriteResponse,
+};
 use crate::db::ShardTable;
 use crate::error::{ApiError, ReplicationError};
 use crate::node::{Node, ShardRole};
+use crate::schema::{Row, Schema};
 use crate::topology::ReplicaState;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -113,11 +117,12 @@ impl Shard {
         let to = to.min(from + MAX_SEND as u64 - 1);
         {
             let c = self.cache.lock().expect("lock");
-            if let Some(front) = c.front() {
-                if front.seq <= from && c.back().is_some_and(|b| b.seq >= to) {
-                    let start = (from - front.seq) as usize;
-                    return Ok(c.range(start..=start + (to - from) as usize).cloned().collect());
-                }
+            if let Some(front) = c.front()
+                && front.seq <= from
+                && c.back().is_some_and(|b| b.seq >= to)
+            {
+                let start = (from - front.seq) as usize;
+                return Ok(c.range(start..=start + (to - from) as usize).cloned().collect());
             }
         }
         let got = node.db.log_entries(self.id(), from, to).await?;
@@ -131,7 +136,9 @@ impl Shard {
         Arc::clone(self.peers.lock().expect("lock").entry(peer.to_owned()).or_default())
     }
 
-    /// Brings `peer` up to `target`, sending what it misses. Serialised per peer.
+    /// Brings `peer` up to `target`, sending what it misses. Serialised per peer; with `wait` false
+    /// (feeding a replica that holds up no acknowledgement) it gives way when a sync to that peer is
+    /// already running, since the next one sends everything missed anyway.
     async fn sync_peer(
         &self,
         node: &Node,
@@ -139,9 +146,17 @@ impl Shard {
         peer: &str,
         url: &str,
         target: u64,
+        wait: bool,
     ) -> Result<(), ReplicationError> {
         let state = self.peer_state(peer);
-        let mut known = state.lock().await;
+        let mut known = if wait {
+            state.lock().await
+        } else {
+            match state.try_lock() {
+                Ok(g) => g,
+                Err(_) => return Ok(()),
+            }
+        };
         let client = node.peer(url);
         for _ in 0..64 {
             match *known {
@@ -178,7 +193,12 @@ impl Shard {
     /// Applies entries sent by the primary (replica side).
     pub async fn replicate(&self, node: &Node, req: ReplicateRequest) -> Result<u64, ApiError> {
         let mut applied = self.applied.lock().await;
-        for entry in req.entries {
+        self.apply_entries(node, &mut applied, req.entries).await
+    }
+
+    /// Applies consecutive entries on top of `applied` (held locked by the caller).
+    async fn apply_entries(&self, node: &Node, applied: &mut u64, entries: Vec<Entry>) -> Result<u64, ApiError> {
+        for entry in entries {
             if entry.seq <= *applied {
                 continue;
             }
@@ -210,7 +230,7 @@ impl Shard {
     fn after_apply(&self, node: &Node, entry: Arc<Entry>) {
         let seq = entry.seq;
         self.remember(entry);
-        if seq % 1024 == 0 && seq > LOG_ENTRIES {
+        if seq.is_multiple_of(1024) && seq > LOG_ENTRIES {
             let db = node.db.clone();
             let shard = self.id().to_owned();
             tokio::spawn(async move {
@@ -223,6 +243,155 @@ impl Shard {
 
     pub async fn applied(&self) -> u64 {
         *self.applied.lock().await
+    }
+
+    /// Row count and checksum at the current sequence number, computed with writes held off (a
+    /// primary pauses its writer for the length of one checksum scan).
+    pub async fn stats_locked(&self, node: &Node) -> Result<ShardStats, ApiError> {
+        let applied = self.applied.lock().await;
+        let s = node.db.stats(&self.table, true).await?;
+        debug_assert_eq!(s.applied_seq, *applied);
+        Ok(ShardStats { applied_seq: s.applied_seq, rows: s.rows, checksum: s.checksum.unwrap_or_default() })
+    }
+
+    /// Log entries `from..=to` (at most a bounded number per call) for a replica catching up.
+    pub async fn log_range(&self, node: &Node, from: u64, to: u64) -> Result<Vec<Entry>, ApiError> {
+        if from == 0 || from > to {
+            return Err(ApiError::bad_request(format!(
+                "from {from} and to {to} do not make a range of sequence numbers"
+            )));
+        }
+        let applied = self.applied().await;
+        if to > applied {
+            return Err(ApiError::bad_request(format!("to {to} is beyond the last applied sequence number {applied}")));
+        }
+        match self.entries(node, from, to).await {
+            Ok(e) => Ok(e.iter().map(|e| Entry::clone(e)).collect()),
+            Err(ReplicationError::NeedsSnapshot { from, to }) => Err(ApiError::LogTruncated(format!(
+                "entries {from}..={to} are no longer kept; copy a snapshot instead"
+            ))),
+            Err(e) => Err(ApiError::Internal(e.to_string())),
+        }
+    }
+
+    /// Replaces this copy with a snapshot from `source`, then verifies it: with this copy's writes
+    /// held off, it asks the source for its row count and checksum at the source's current sequence
+    /// number, pulls the entries in between from the source's log, and compares at that number.
+    /// The previous copy stays intact if anything fails before the snapshot commits.
+    pub async fn recover(&self, node: &Node, source: &ShardClient) -> Result<RecoverResponse, ApiError> {
+        let recovery = |what: String| ApiError::Recovery(what);
+        let mut applied = self.applied.lock().await;
+        let resp = source.snapshot(self.id()).await.map_err(|e| recovery(format!("opening the snapshot: {e}")))?;
+        let mut lines = LineReader::new(resp);
+        let header: SnapshotHeader = match lines.next().await? {
+            Some(l) => serde_json::from_slice(&l).map_err(|e| recovery(format!("bad snapshot header: {e}")))?,
+            None => return Err(recovery("empty snapshot".into())),
+        };
+        if header.shard != self.id()
+            || Schema::try_from(header.schema.clone()).ok().as_ref() != Some(&self.table.schema)
+        {
+            return Err(recovery(format!("the snapshot is of shard {} with another schema", header.shard)));
+        }
+        let mut install = node.db.begin_install(&self.table).await?;
+        let mut batch = Vec::with_capacity(INSTALL_BATCH);
+        let mut count = 0u64;
+        let end: SnapshotEnd = loop {
+            let Some(line) = lines.next().await? else {
+                return Err(recovery(format!("the snapshot stream was cut after {count} rows")));
+            };
+            if line.first() == Some(&b'{') {
+                break serde_json::from_slice(&line).map_err(|e| recovery(format!("bad snapshot end: {e}")))?;
+            }
+            let row: Row = serde_json::from_slice(&line).map_err(|e| recovery(format!("bad snapshot row: {e}")))?;
+            self.table.schema.check_positional(&row).map_err(|e| recovery(format!("bad snapshot row: {e}")))?;
+            batch.push(row);
+            count += 1;
+            if batch.len() == INSTALL_BATCH {
+                install.insert(&self.table, &batch).await?;
+                batch.clear();
+            }
+        };
+        if end.rows != count {
+            return Err(recovery(format!("the snapshot announced {} rows but carried {count}", end.rows)));
+        }
+        install.insert(&self.table, &batch).await?;
+        install.finish(&self.table, header.seq).await?;
+        *applied = header.seq;
+        self.cache.lock().expect("lock").clear();
+        tracing::info!(shard = self.id(), seq = header.seq, rows = count, "snapshot installed");
+
+        // Verify at one sequence number. The source can only be ahead of us, never behind.
+        for _ in 0..8 {
+            let theirs = source.stats(self.id()).await.map_err(|e| recovery(format!("source stats: {e}")))?;
+            if theirs.applied_seq < *applied {
+                return Err(recovery(format!(
+                    "the source is at seq {} behind this copy at {}",
+                    theirs.applied_seq, *applied
+                )));
+            }
+            while *applied < theirs.applied_seq {
+                let got = source
+                    .log(self.id(), *applied + 1, theirs.applied_seq)
+                    .await
+                    .map_err(|e| recovery(format!("catching up from the source's log: {e}")))?;
+                if got.entries.is_empty() {
+                    return Err(recovery("the source returned no log entries".into()));
+                }
+                self.apply_entries(node, &mut applied, got.entries).await?;
+            }
+            let ours = node.db.stats(&self.table, true).await?;
+            if ours.applied_seq != theirs.applied_seq {
+                continue;
+            }
+            if ours.rows != theirs.rows || ours.checksum.as_deref() != Some(theirs.checksum.as_str()) {
+                return Err(recovery(format!(
+                    "verification failed at seq {}: {} rows / checksum {:?} here, {} / {} at the source",
+                    theirs.applied_seq, ours.rows, ours.checksum, theirs.rows, theirs.checksum
+                )));
+            }
+            return Ok(RecoverResponse {
+                snapshot_seq: header.seq,
+                snapshot_rows: count,
+                verified_seq: theirs.applied_seq,
+                rows: theirs.rows,
+                checksum: theirs.checksum,
+            });
+        }
+        Err(recovery("could not verify at one sequence number".into()))
+    }
+}
+
+/// Rows per insert statement while installing a snapshot.
+const INSTALL_BATCH: usize = 5000;
+
+/// Splits a streamed HTTP body into lines without holding more than one chunk and one line.
+struct LineReader {
+    resp: reqwest::Response,
+    buf: Vec<u8>,
+    done: bool,
+}
+
+impl LineReader {
+    fn new(resp: reqwest::Response) -> Self {
+        LineReader { resp, buf: Vec::new(), done: false }
+    }
+
+    async fn next(&mut self) -> Result<Option<Vec<u8>>, ApiError> {
+        loop {
+            if let Some(i) = self.buf.iter().position(|b| *b == b'\n') {
+                let mut line: Vec<u8> = self.buf.drain(..=i).collect();
+                line.pop();
+                return Ok(Some(line));
+            }
+            if self.done {
+                return Ok(if self.buf.is_empty() { None } else { Some(std::mem::take(&mut self.buf)) });
+            }
+            match self.resp.chunk().await {
+                Ok(Some(chunk)) => self.buf.extend_from_slice(&chunk),
+                Ok(None) => self.done = true,
+                Err(e) => return Err(ApiError::Recovery(format!("reading the snapshot: {e}"))),
+            }
+        }
     }
 }
 
@@ -404,11 +573,12 @@ async fn process_group(node: &Arc<Node>, shard: &Arc<Shard>, group: Vec<Job>) {
         }
         let Some(url) = topo.as_ref().and_then(|t| t.servers.get(peer)).map(|s| s.url.clone()) else { continue };
         let (node2, shard2, peer2) = (Arc::clone(node), Arc::clone(shard), peer.clone());
+        let ready = *state == ReplicaState::Ready;
         let task = async move {
-            let r = shard2.sync_peer(&node2, epoch, &peer2, &url, target).await;
+            let r = shard2.sync_peer(&node2, epoch, &peer2, &url, target, ready).await;
             (peer2, r)
         };
-        if *state == ReplicaState::Ready {
+        if ready {
             must.push(task);
         } else {
             tokio::spawn(async move {

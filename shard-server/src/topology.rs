@@ -127,10 +127,10 @@ impl Topology {
             if sh.size <= 0 || sh.low.checked_add(sh.size).is_none() {
                 return bad(format!("shard {} has an invalid range", sh.id));
             }
-            if let Some(p) = prev {
-                if p.high_exclusive() > sh.low {
-                    return bad(format!("shards {} and {} overlap or are out of order", p.id, sh.id));
-                }
+            if let Some(p) = prev
+                && p.high_exclusive() > sh.low
+            {
+                return bad(format!("shards {} and {} overlap or are out of order", p.id, sh.id));
             }
             if self.shards.iter().filter(|o| o.id == sh.id).count() > 1 {
                 return bad(format!("shard id {} appears twice", sh.id));

@@ -41,10 +41,10 @@ pub fn watch_file(path: PathBuf) -> TopologyRx {
     let (ev_tx, mut ev_rx) = tokio::sync::mpsc::channel::<()>(1);
     let file_name = path.file_name().map(|n| n.to_owned());
     let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        if let Ok(ev) = res {
-            if ev.paths.iter().any(|p| p.file_name() == file_name.as_deref()) {
-                let _ = ev_tx.try_send(());
-            }
+        if let Ok(ev) = res
+            && ev.paths.iter().any(|p| p.file_name() == file_name.as_deref())
+        {
+            let _ = ev_tx.try_send(());
         }
     });
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();

@@ -221,3 +221,62 @@ async fn snapshots_stream_a_consistent_copy() {
     assert_eq!(rows[0], row(0, "n"));
     assert!(rows.windows(2).all(|w| w[0].0[0] != w[1].0[0]), "no duplicates");
 }
+
+#[tokio::test]
+async fn a_replica_that_lost_its_data_recovers_from_a_snapshot_under_load() {
+    use shard_server::api::RecoverRequest;
+    let mut c = Cluster::start(3, &[("sh1", 0, 1_000_000, 0, &[0, 1, 2])]).await;
+    for chunk in (0..6000i64).collect::<Vec<_>>().chunks(1000) {
+        c.client(0).write("sh1", &write(1, inserts(chunk.iter().copied()))).await.unwrap();
+    }
+    // Server2 comes back with nothing; the operator marks it recovering before anything else.
+    c.kill(2).await;
+    c.publish(|t| {
+        t.shards[0].replicas.insert("Server2".into(), ReplicaState::Recovering);
+    })
+    .await;
+    c.restart_with_empty_database(2, 1).await;
+
+    // A ready replica is never replaced.
+    let source = RecoverRequest { source: c.servers[0].url() };
+    let e = c.client(1).recover("sh1", &source).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::Conflict), "{e}");
+
+    // Writes keep being acknowledged while Server2 copies, and it verifies at one sequence number.
+    let writer = {
+        let client = c.client(0);
+        tokio::spawn(async move {
+            for k in 6000..6100i64 {
+                client.write("sh1", &write(2, inserts([k]))).await.unwrap();
+            }
+        })
+    };
+    let done = c.client(2).recover("sh1", &source).await.unwrap();
+    assert!(done.snapshot_rows >= 6000, "{done:?}");
+    assert!(done.verified_seq >= done.snapshot_seq);
+    writer.await.unwrap();
+
+    c.publish(|t| {
+        t.shards[0].replicas.insert("Server2".into(), ReplicaState::Ready);
+    })
+    .await;
+    c.client(0).write("sh1", &write(3, inserts([7000]))).await.unwrap();
+    assert_converged(&c, &[0, 1, 2], 6101).await;
+}
+
+#[tokio::test]
+async fn a_failed_recovery_leaves_the_previous_copy_intact() {
+    use shard_server::api::RecoverRequest;
+    let mut c = Cluster::start(2, &[("sh1", 0, 1000, 0, &[0, 1])]).await;
+    c.client(0).write("sh1", &write(1, inserts(0..10))).await.unwrap();
+    c.publish(|t| {
+        t.shards[0].replicas.insert("Server1".into(), ReplicaState::Recovering);
+    })
+    .await;
+    // Nothing listens there.
+    let nowhere = RecoverRequest { source: "http://127.0.0.1:9".into() };
+    let e = c.client(1).recover("sh1", &nowhere).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::Unavailable), "{e}");
+    let st = c.client(1).status(true).await.unwrap();
+    assert_eq!((st.shards["sh1"].rows, st.shards["sh1"].applied_seq), (10, 1));
+}

@@ -50,14 +50,14 @@ pub(crate) fn check_ops(shard: &str, schema: &Schema, role: &ShardRole, ops: &[O
         if !seen.insert(key) {
             return Err(ApiError::bad_request(format!("{key_name} {key} appears more than once in the batch")));
         }
-        if let ShardRole::Primary { entry, .. } = role {
-            if !entry.contains(key) {
-                return Err(ApiError::bad_request(format!(
-                    "{key_name} {key} is outside shard {shard} [{}, {})",
-                    entry.low,
-                    entry.high_exclusive()
-                )));
-            }
+        if let ShardRole::Primary { entry, .. } = role
+            && !entry.contains(key)
+        {
+            return Err(ApiError::bad_request(format!(
+                "{key_name} {key} is outside shard {shard} [{}, {})",
+                entry.low,
+                entry.high_exclusive()
+            )));
         }
     }
     Ok(())

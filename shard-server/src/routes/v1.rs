@@ -2,10 +2,14 @@
 //! and metrics.
 
 use super::{check_ops, check_readable};
-use crate::api::{ReplicateRequest, ReplicateResponse, Role, ServerStatus, ShardStatus, WriteRequest, WriteResponse};
+use crate::api::{
+    LogResponse, RecoverRequest, RecoverResponse, ReplicateRequest, ReplicateResponse, Role, ServerStatus, ShardStats,
+    ShardStatus, WriteRequest, WriteResponse,
+};
 use crate::error::ApiError;
 use crate::json::JsonBody;
 use crate::node::{Node, ShardRole};
+use crate::topology::ReplicaState;
 use axum::Json;
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
@@ -79,6 +83,56 @@ pub async fn snapshot(State(node): State<Arc<Node>>, Path(id): Path<String>) -> 
     });
     let body = Body::from_stream(ReceiverStream::new(rx).map(Ok::<_, std::io::Error>));
     Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response())
+}
+
+/// `GET /v1/shards/{shard}/stats`: row count and checksum at one sequence number.
+#[tracing::instrument(skip_all, fields(shard = %id))]
+pub async fn stats(State(node): State<Arc<Node>>, Path(id): Path<String>) -> Result<Json<ShardStats>, ApiError> {
+    let (shard, _) = node.shard(&id).await?;
+    Ok(Json(shard.stats_locked(&node).await?))
+}
+
+#[derive(serde::Deserialize)]
+pub struct LogQuery {
+    from: u64,
+    to: u64,
+}
+
+/// `GET /v1/shards/{shard}/log?from=&to=`: kept log entries, for a replica catching up.
+#[tracing::instrument(skip_all, fields(shard = %id))]
+pub async fn log(
+    State(node): State<Arc<Node>>,
+    Path(id): Path<String>,
+    Query(q): Query<LogQuery>,
+) -> Result<Json<LogResponse>, ApiError> {
+    let (shard, _) = node.shard(&id).await?;
+    Ok(Json(LogResponse { entries: shard.log_range(&node, q.from, q.to).await? }))
+}
+
+/// `POST /v1/shards/{shard}/recover`: replace this copy from a snapshot and verify it. Only a copy
+/// the topology marks `recovering` may be replaced: nothing here ever wipes a copy that serves.
+#[tracing::instrument(skip_all, fields(shard = %id, source = %req.source))]
+pub async fn recover(
+    State(node): State<Arc<Node>>,
+    Path(id): Path<String>,
+    JsonBody(req): JsonBody<RecoverRequest>,
+) -> Result<Json<RecoverResponse>, ApiError> {
+    let (shard, role) = node.shard(&id).await?;
+    match role {
+        ShardRole::Replica { state: ReplicaState::Recovering, .. } => {}
+        other => {
+            return Err(ApiError::Conflict {
+                message: format!("this copy of shard {id} is not recovering ({other:?}); it is not replaced"),
+                keys: vec![],
+            });
+        }
+    }
+    let source = node.streaming_peer(&req.source);
+    // Runs to completion even if the caller goes away: the install is one transaction either way.
+    let done = tokio::spawn(async move { shard.recover(&node, &source).await })
+        .await
+        .map_err(|e| ApiError::Internal(format!("recovery task: {e}")))??;
+    Ok(Json(done))
 }
 
 #[derive(serde::Deserialize)]

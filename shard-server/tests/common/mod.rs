@@ -139,6 +139,15 @@ impl Cluster {
         self.serve(i, listener).await;
     }
 
+    /// Starts server `i` again on the same port over a brand-new empty database, as a pod
+    /// rescheduled without its volume would.
+    pub async fn restart_with_empty_database(&mut self, i: usize, generation: u32) {
+        let db = format!("server{i}_gen{generation}");
+        self.pg.create_database(&db).unwrap();
+        self.servers[i].db_url = self.pg.url(&db);
+        self.restart(i).await;
+    }
+
     /// Publishes a changed topology with the next epoch and waits until every live server has it.
     pub async fn publish(&mut self, change: impl FnOnce(&mut Topology)) {
         change(&mut self.topology);
