@@ -6,7 +6,7 @@
 //! OpenAPI schema can express (minimums, identifier patterns) are declared here so the API server
 //! rejects them at `kubectl apply`; everything else is checked by `brain::validate`.
 
-use kube::CustomResource;
+use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -14,10 +14,18 @@ use std::collections::BTreeMap;
 /// The identifier pattern of `shard_server::schema::check_ident`, for the OpenAPI schema.
 const IDENT_PATTERN: &str = "^[A-Za-z_][A-Za-z0-9_-]{0,47}$";
 
+/// The shard-server image when `spec.images.shardServer` is absent. Every default image is pinned
+/// here and nowhere else.
+pub const DEFAULT_SHARD_SERVER_IMAGE: &str = "ghcr.io/sharddb/sharddb-shard-server:0.1.0";
+/// The router image when `spec.images.router` is absent.
+pub const DEFAULT_ROUTER_IMAGE: &str = "ghcr.io/sharddb/sharddb-router:0.1.0";
+/// The upstream PostgreSQL image run beside each shard server when `spec.images.postgres` is absent.
+pub const DEFAULT_POSTGRES_IMAGE: &str = "docker.io/library/postgres:17.6-bookworm";
+
 /// A sharded, replicated table served over the seed HTTP API.
 // Each `printcolumn` repeats `type_`, which the lint mistakes for a duplicated attribute.
 #[allow(clippy::duplicated_attributes)]
-#[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(CustomResource, KubeSchema, Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[kube(
     group = "sharddb.io",
     version = "v1alpha1",
@@ -26,20 +34,29 @@ const IDENT_PATTERN: &str = "^[A-Za-z_][A-Za-z0-9_-]{0,47}$";
     namespaced,
     status = "ShardedDatabaseStatus",
     doc = "A sharded, replicated, Postgres-backed table served over HTTP",
+    scale(spec_replicas_path = ".spec.servers", status_replicas_path = ".status.readyServers"),
+    printcolumn(name = "Shards", type_ = "string", json_path = ".spec.shards[*].id"),
     printcolumn(name = "Servers", type_ = "integer", json_path = ".spec.servers"),
-    printcolumn(name = "Replicas", type_ = "integer", json_path = ".spec.replicas"),
-    printcolumn(name = "Epoch", type_ = "integer", json_path = ".status.topologyEpoch"),
+    printcolumn(name = "Servers-Ready", type_ = "integer", json_path = ".status.readyServers"),
+    printcolumn(name = "Epoch", type_ = "integer", json_path = ".status.topologyEpoch", priority = "1"),
     printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[x_kube(
+    validation = Rule::new("has(self.placement) || !has(self.replicas) || self.replicas <= self.servers")
+        .message("spec.replicas must not exceed spec.servers: each copy of a shard needs its own server"),
+    validation = Rule::new("!has(self.placement) || size(self.placement) == self.servers")
+        .message("spec.placement must list exactly spec.servers servers"),
 )]
 #[serde(rename_all = "camelCase")]
 pub struct ShardedDatabaseSpec {
     /// The table: column names and types. The first column is the shard key unless `key` names
-    /// another one; the key must be a `Number` column.
+    /// another one; the key must be a `Number` column. Immutable once created.
+    #[x_kube(validation = Rule::new("self == oldSelf").message("spec.schema is immutable"))]
     pub schema: TableSchema,
     /// The shards: half-open key ranges `[low, low + size)` that must not overlap. Keys outside
-    /// every shard are rejected on write.
-    #[schemars(length(min = 1))]
+    /// every shard are rejected on write. Shard ids are unique (the list is keyed by `id`).
+    #[schemars(length(min = 1, max = 1024), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["id"]))]
     pub shards: Vec<ShardSpec>,
     /// Copies of each shard, each on a different server. Defaults to 3 when `placement` is absent;
     /// with a `placement`, each shard has as many copies as servers listing it, and `replicas`, if
@@ -47,13 +64,20 @@ pub struct ShardedDatabaseSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub replicas: Option<u32>,
-    /// Number of data servers (each one pod with its own Postgres and volume).
+    /// Number of data servers (each one pod with its own Postgres and volume). The scale
+    /// subresource (`kubectl scale sdb/NAME --replicas=N`) sets this field.
     #[schemars(range(min = 1))]
     pub servers: u32,
     /// An explicit placement, like the seed's `/init` `servers`: server name → the shard ids it
     /// holds. Must list exactly `servers` servers and place every shard. Without it, replicas are
-    /// placed automatically on servers named `Server0` … `Server{servers-1}`.
+    /// placed automatically on servers named `Server0` … `Server{servers-1}`. Naming servers lets
+    /// one particular server be removed (the seed's `/rm`). In Kubernetes a server name becomes
+    /// part of object names, so it may hold only letters, digits and `-`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    // Bounded so the API server's CEL cost estimate of the name rule stays within budget.
+    #[schemars(extend("maxProperties" = 512))]
+    #[x_kube(validation = Rule::new("self.all(k, k.matches('^[A-Za-z]([A-Za-z0-9-]{0,38}[A-Za-z0-9])?$'))")
+        .message("spec.placement server names must be letters, digits and '-', start with a letter, end with a letter or digit, at most 40 characters"))]
     pub placement: Option<BTreeMap<String, Vec<String>>>,
     /// The stateless HTTP router in front of the servers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -61,6 +85,12 @@ pub struct ShardedDatabaseSpec {
     /// Persistent storage of each server. Without it, servers use ephemeral storage.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub storage: Option<StorageSpec>,
+    /// Container images; each defaults to the version this operator release was tested with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub images: Option<ImagesSpec>,
+    /// Compute resources per container kind; none are requested when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourcesSpec>,
 }
 
 /// The table's columns, in the seed's format.
@@ -128,6 +158,55 @@ pub struct RouterSpec {
 pub struct StorageSpec {
     /// Size of each server's volume, as a Kubernetes quantity (e.g. `1Gi`, `500Mi`).
     pub size: String,
+    /// The StorageClass of each server's volume; the cluster default when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_class_name: Option<String>,
+}
+
+/// Container images. Changing one rolls the pods that run it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ImagesSpec {
+    /// The shard-server image (`sharddb-shard-server`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub shard_server: Option<String>,
+    /// The router image (`sharddb-router`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub router: Option<String>,
+    /// The PostgreSQL image run beside each shard server (the upstream `postgres` image or one
+    /// compatible with its entrypoint and environment variables).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub postgres: Option<String>,
+}
+
+/// Compute resources of each kind of container.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ResourcesSpec {
+    /// The shard-server container of each server pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard_server: Option<ContainerResources>,
+    /// The postgres container of each server pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postgres: Option<ContainerResources>,
+    /// Each router pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub router: Option<ContainerResources>,
+}
+
+/// Requests and limits of one container, as Kubernetes quantities (e.g. `cpu: 500m`, `memory: 1Gi`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ContainerResources {
+    /// Resource name (`cpu`, `memory`, …) → the amount the scheduler reserves.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub requests: BTreeMap<String, String>,
+    /// Resource name → the most the container may use.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub limits: BTreeMap<String, String>,
 }
 
 /// What the operator last observed and did.
@@ -140,6 +219,9 @@ pub struct ShardedDatabaseStatus {
     /// `Ready`, `Progressing` and `Degraded`, following the Kubernetes condition convention.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+    /// Server pods that are ready (the scale subresource's status replicas).
+    #[serde(default)]
+    pub ready_servers: u32,
     /// Per shard: its primary and the servers whose copy serves reads.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub shards: Vec<ShardStatus>,
@@ -194,6 +276,15 @@ pub struct ShardStatus {
     pub ready_replicas: Vec<String>,
 }
 
+/// Where the generated CRD is kept, relative to the repository root.
+pub const CRD_FILE: &str = "crds/shardeddatabases.sharddb.io.yaml";
+
+/// The CRD as YAML: what `sharddb-operator crd` prints and `crds/` holds.
+pub fn crd_yaml() -> Result<String, serde_saphyr::SerializeError> {
+    use kube::CustomResourceExt;
+    serde_saphyr::to_string(&ShardedDatabase::crd())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -217,7 +308,9 @@ mod tests {
         let crd = ShardedDatabase::crd();
         let schema = serde_json::to_value(&crd.spec.versions[0].schema).unwrap();
         let spec = &schema["openAPIV3Schema"]["properties"]["spec"];
-        for field in ["schema", "shards", "replicas", "servers", "placement", "router", "storage"] {
+        for field in
+            ["schema", "shards", "replicas", "servers", "placement", "router", "storage", "images", "resources"]
+        {
             let desc = spec["properties"][field]["description"].as_str().unwrap_or("");
             assert!(!desc.is_empty(), "spec.{field} has a description");
         }
@@ -230,6 +323,47 @@ mod tests {
         );
         let required: Vec<&str> = spec["required"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
         assert_eq!(required, ["schema", "servers", "shards"]);
+    }
+
+    #[test]
+    fn crd_file_is_current() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(CRD_FILE);
+        let on_disk = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            on_disk == crd_yaml().unwrap(),
+            "{CRD_FILE} is stale; regenerate it with `cargo run -p sharddb-operator -- crd > {CRD_FILE}`"
+        );
+    }
+
+    #[test]
+    fn crd_carries_scale_columns_and_cel_rules() {
+        let crd = ShardedDatabase::crd();
+        let v = &crd.spec.versions[0];
+        let scale = v.subresources.as_ref().unwrap().scale.as_ref().expect("scale subresource");
+        assert_eq!(scale.spec_replicas_path, ".spec.servers");
+        assert_eq!(scale.status_replicas_path, ".status.readyServers");
+        let columns: Vec<&str> =
+            v.additional_printer_columns.as_ref().unwrap().iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(columns, ["Shards", "Servers", "Servers-Ready", "Epoch", "Ready", "Age"]);
+        let schema = serde_json::to_value(&v.schema).unwrap();
+        let spec = &schema["openAPIV3Schema"]["properties"]["spec"];
+        let rules = |v: &serde_json::Value| -> Vec<String> {
+            v["x-kubernetes-validations"]
+                .as_array()
+                .map(|a| a.iter().map(|r| r["rule"].as_str().unwrap().to_owned()).collect())
+                .unwrap_or_default()
+        };
+        assert!(rules(spec).iter().any(|r| r.contains("self.replicas <= self.servers")), "{spec}");
+        assert!(rules(spec).iter().any(|r| r.contains("size(self.placement) == self.servers")));
+        assert_eq!(rules(&spec["properties"]["schema"]), ["self == oldSelf"], "schema is immutable");
+        assert_eq!(rules(&spec["properties"]["placement"]).len(), 1, "placement server names");
+        let shards = &spec["properties"]["shards"];
+        assert_eq!(shards["x-kubernetes-list-type"], "map", "shard ids are unique");
+        assert_eq!(shards["x-kubernetes-list-map-keys"], serde_json::json!(["id"]));
+        assert_eq!(shards["items"]["properties"]["size"]["minimum"], 1.0);
+        for field in ["images", "resources"] {
+            assert!(spec["properties"][field]["description"].as_str().is_some_and(|d| !d.is_empty()), "{field}");
+        }
     }
 
     #[test]

@@ -2,8 +2,6 @@
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use kube::CustomResourceExt;
-use operator::crd::ShardedDatabase;
 use operator::local::{LocalOptions, run_local};
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -64,7 +62,7 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Crd => {
-            print!("{}", serde_saphyr::to_string(&ShardedDatabase::crd()).context("failed to render the CRD")?);
+            print!("{}", operator::crd::crd_yaml().context("failed to render the CRD")?);
             Ok(())
         }
         Command::Local { spec, data_dir, port, bin_dir, pg_bin } => {

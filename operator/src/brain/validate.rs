@@ -4,7 +4,9 @@
 //! spec. Error messages name the offending field by its path in the resource (`spec.shards[1]`),
 //! because they end up in a `Ready=False, reason=InvalidSpec` condition or on a terminal.
 
-use crate::crd::ShardedDatabaseSpec;
+use crate::crd::{
+    DEFAULT_POSTGRES_IMAGE, DEFAULT_ROUTER_IMAGE, DEFAULT_SHARD_SERVER_IMAGE, ResourcesSpec, ShardedDatabaseSpec,
+};
 use shard_server::schema::{IdentError, Schema, SchemaError, SchemaSpec, check_ident};
 use std::collections::BTreeMap;
 
@@ -23,6 +25,20 @@ pub struct ValidatedDb {
     pub router_replicas: u32,
     /// A Kubernetes quantity, when the spec asks for persistent storage.
     pub storage_size: Option<String>,
+    /// The StorageClass of the volumes; the cluster default when `None`.
+    pub storage_class: Option<String>,
+    /// Container images, defaults filled in.
+    pub images: Images,
+    /// Compute resources per container kind (quantities are checked by the API server).
+    pub resources: ResourcesSpec,
+}
+
+/// The images every pod runs, defaults applied.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Images {
+    pub shard_server: String,
+    pub router: String,
+    pub postgres: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -116,7 +132,22 @@ pub fn validate(spec: &ShardedDatabaseSpec) -> Result<ValidatedDb, SpecError> {
         Some(s) => return Err(SpecError::StorageSize(s.size.clone())),
         None => None,
     };
-    Ok(ValidatedDb { schema, shards, servers, router_replicas, storage_size })
+    let images = spec.images.clone().unwrap_or_default();
+    let images = Images {
+        shard_server: images.shard_server.unwrap_or_else(|| DEFAULT_SHARD_SERVER_IMAGE.to_owned()),
+        router: images.router.unwrap_or_else(|| DEFAULT_ROUTER_IMAGE.to_owned()),
+        postgres: images.postgres.unwrap_or_else(|| DEFAULT_POSTGRES_IMAGE.to_owned()),
+    };
+    Ok(ValidatedDb {
+        schema,
+        shards,
+        servers,
+        router_replicas,
+        storage_size,
+        storage_class: spec.storage.as_ref().and_then(|s| s.storage_class_name.clone()),
+        images,
+        resources: spec.resources.clone().unwrap_or_default(),
+    })
 }
 
 fn validate_shards(spec: &ShardedDatabaseSpec) -> Result<Vec<ShardRange>, SpecError> {
@@ -251,7 +282,9 @@ pub(crate) mod tests {
             servers: 6,
             placement: None,
             router: Some(RouterSpec { replicas: Some(2) }),
-            storage: Some(StorageSpec { size: "1Gi".into() }),
+            storage: Some(StorageSpec { size: "1Gi".into(), storage_class_name: None }),
+            images: None,
+            resources: None,
         }
     }
 
@@ -370,7 +403,7 @@ pub(crate) mod tests {
             ),
             (
                 "storage",
-                |s| s.storage = Some(StorageSpec { size: "lots".into() }),
+                |s| s.storage = Some(StorageSpec { size: "lots".into(), storage_class_name: None }),
                 "spec.storage.size \"lots\" is not a quantity like 1Gi or 500Mi",
             ),
             (
