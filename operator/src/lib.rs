@@ -3,4 +3,5 @@
 
 pub mod brain;
 pub mod crd;
+pub mod k8s;
 pub mod local;

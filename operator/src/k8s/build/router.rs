@@ -1,0 +1,82 @@
+//! The router Deployment: stateless pods following the topology ConfigMap. Pure.
+
+use super::statefulset::{http_port, http_probe, restricted};
+use super::{Owner, names, resources};
+use crate::brain::validate::ValidatedDb;
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
+use k8s_openapi::api::core::v1::{Container, PodSecurityContext, PodSpec, PodTemplateSpec, SeccompProfile};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use std::collections::BTreeMap;
+
+pub fn router_deployment(db: &ValidatedDb, owner: &Owner) -> Deployment {
+    let selector = names::router_selector(&owner.name);
+    let mut pod_labels = names::common_labels(&owner.name);
+    pod_labels.extend(selector.clone());
+    let component = BTreeMap::from([(names::LABEL_COMPONENT.to_owned(), names::COMPONENT_ROUTER.to_owned())]);
+    let container = Container {
+        name: "router".into(),
+        image: Some(db.images.router.clone()),
+        args: Some(vec![
+            "--listen".into(),
+            format!("0.0.0.0:{}", names::HTTP_PORT),
+            "--topology-configmap".into(),
+            format!("{}/{}", owner.namespace, names::topology_configmap(&owner.name)),
+        ]),
+        ports: http_port(),
+        readiness_probe: Some(http_probe("/readyz", 5, 3)),
+        liveness_probe: Some(http_probe("/healthz", 10, 6)),
+        resources: resources(db.resources.router.as_ref()),
+        security_context: Some(restricted()),
+        ..Container::default()
+    };
+    Deployment {
+        metadata: owner.meta(names::router(&owner.name), component),
+        spec: Some(DeploymentSpec {
+            replicas: Some(i32::try_from(db.router_replicas).unwrap_or(i32::MAX)),
+            selector: LabelSelector { match_labels: Some(selector), ..LabelSelector::default() },
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta { labels: Some(pod_labels), ..ObjectMeta::default() }),
+                spec: Some(PodSpec {
+                    service_account_name: Some(names::router_service_account(&owner.name)),
+                    security_context: Some(PodSecurityContext {
+                        run_as_non_root: Some(true),
+                        run_as_user: Some(names::ROUTER_UID),
+                        run_as_group: Some(names::ROUTER_UID),
+                        seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), ..Default::default() }),
+                        ..PodSecurityContext::default()
+                    }),
+                    containers: vec![container],
+                    ..PodSpec::default()
+                }),
+            },
+            ..DeploymentSpec::default()
+        }),
+        ..Deployment::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::DEFAULT_ROUTER_IMAGE;
+    use crate::k8s::build::testing::{assert_child_meta, db, owner};
+
+    #[test]
+    fn routers_follow_the_configmap_with_readiness_on_readyz() {
+        let d = router_deployment(&db(), &owner());
+        assert_child_meta(&d.metadata, "students-router");
+        let spec = d.spec.unwrap();
+        assert_eq!(spec.replicas, Some(2));
+        let pod = spec.template.spec.unwrap();
+        assert_eq!(pod.service_account_name.as_deref(), Some("students-router"));
+        let c = &pod.containers[0];
+        assert_eq!(c.image.as_deref(), Some(DEFAULT_ROUTER_IMAGE));
+        assert!(c.args.as_ref().unwrap().windows(2).any(|w| w == ["--topology-configmap", "prod/students-topology"]));
+        assert_eq!(c.readiness_probe.as_ref().unwrap().http_get.as_ref().unwrap().path.as_deref(), Some("/readyz"));
+        assert_eq!(c.security_context.as_ref().unwrap().read_only_root_filesystem, Some(true));
+        let labels = spec.template.metadata.unwrap().labels.unwrap();
+        for (k, v) in spec.selector.match_labels.unwrap() {
+            assert_eq!(labels.get(&k), Some(&v));
+        }
+    }
+}

@@ -1,0 +1,4 @@
+//! The Kubernetes body: pure builders of the child objects, server-side apply, status, and the
+//! controller that drives them.
+
+pub mod build;
