@@ -22,6 +22,14 @@
 //! patch), DELETE with finalizers, propagation policies and owner-reference garbage collection;
 //! the `/status` and `/scale` subresources; discovery; CRDs registered by creating them.
 //! See the `patch` module for how server-side apply is approximated.
+//!
+//! What it does not model: authentication and RBAC; schema validation and defaulting (except
+//! Secret `stringData` folded into `data`, and CRDs reporting `Established`); `managedFields`
+//! and apply conflicts; merge keys (strategic merge and apply replace lists whole); pagination
+//! (`limit`/`continue` return everything); `dryRun` (rejected with 400); foreground deletion
+//! (handled as background); garbage collection is immediate, not eventual; deleting a CRD does
+//! not stop serving its type; aggregated discovery, protobuf, and `exec`/`log`-style
+//! subresources.
 
 mod audit;
 mod error;

@@ -48,7 +48,18 @@ pub(crate) fn patch_document(mut doc: Value, kind: PatchKind, patch: &Value) -> 
         PatchKind::Json => {
             let ops: json_patch::Patch = serde_json::from_value(patch.clone())
                 .map_err(|e| ApiError::bad_request(format!("invalid JSON patch: {e}")))?;
-            json_patch::patch(&mut doc, &ops).map_err(|e| ApiError::invalid(format!("JSON patch failed: {e}")))?;
+            for op in &ops.0 {
+                // As on Kubernetes, `test` for null passes on a missing path (kube's finalizer
+                // helper relies on it). Ops apply one by one; on error the caller drops `doc`.
+                if let json_patch::PatchOperation::Test(test) = op
+                    && test.value.is_null()
+                    && doc.pointer(test.path.as_str()).is_none_or(Value::is_null)
+                {
+                    continue;
+                }
+                json_patch::patch(&mut doc, std::slice::from_ref(op))
+                    .map_err(|e| ApiError::invalid(format!("JSON patch failed: {e}")))?;
+            }
         }
     }
     Ok(doc)
@@ -202,7 +213,12 @@ mod tests {
         let ops = json!([{"op": "replace", "path": "/a/b", "value": 9}, {"op": "add", "path": "/l/-", "value": 2}]);
         let patched = patch_document(doc.clone(), PatchKind::Json, &ops).unwrap();
         assert_eq!(patched, json!({"a": {"b": 9, "c": 2}, "l": [1, 2]}));
-        let err = patch_document(doc, PatchKind::Json, &json!([{"op": "remove", "path": "/nope"}])).unwrap_err();
+        let err =
+            patch_document(doc.clone(), PatchKind::Json, &json!([{"op": "remove", "path": "/nope"}])).unwrap_err();
         assert_eq!(err.code, 422);
+        let guarded = json!([{"op": "test", "path": "/f", "value": null}, {"op": "add", "path": "/f", "value": ["x"]}]);
+        assert_eq!(patch_document(doc.clone(), PatchKind::Json, &guarded).unwrap()["f"], json!(["x"]));
+        let failing = json!([{"op": "test", "path": "/a/b", "value": null}]);
+        assert_eq!(patch_document(doc, PatchKind::Json, &failing).unwrap_err().code, 422);
     }
 }

@@ -86,6 +86,37 @@ async fn widget_status_goes_through_the_status_subresource() -> anyhow::Result<(
 }
 
 #[tokio::test]
+async fn kube_finalizer_helper_adds_and_removes_its_finalizer() -> anyhow::Result<()> {
+    use kube::runtime::controller::Action;
+    use kube::runtime::finalizer::{Event, finalizer};
+    use std::sync::Arc;
+    const FINALIZER: &str = "test.io/cleanup";
+    let server = FakeApiServer::start().await;
+    server.register_crd("test.io", "v1", "widgets", "Widget", true);
+    let api: Api<Widget> = Api::default_namespaced(server.client());
+    let created = api.create(&PostParams::default(), &widget("fin", "grey")).await?;
+
+    // The helper's JSON patches ("test" then "add"/"remove") go through the fake's RFC 6902.
+    let reconcile = |expect_cleanup: bool| {
+        move |event: Event<Widget>| async move {
+            assert_eq!(matches!(event, Event::Cleanup(_)), expect_cleanup);
+            Ok::<_, kube::Error>(Action::await_change())
+        }
+    };
+    finalizer(&api, FINALIZER, Arc::new(created), reconcile(false)).await?;
+    let held = api.get("fin").await?;
+    assert_eq!(held.finalizers(), [FINALIZER]);
+    finalizer(&api, FINALIZER, Arc::new(held), reconcile(false)).await?;
+
+    api.delete("fin", &Default::default()).await?;
+    let deleting = api.get("fin").await?;
+    assert!(deleting.meta().deletion_timestamp.is_some());
+    finalizer(&api, FINALIZER, Arc::new(deleting), reconcile(true)).await?;
+    assert!(api.get_opt("fin").await?.is_none(), "gone once its finalizer is removed");
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_crd_object_makes_its_type_servable_with_scale() -> anyhow::Result<()> {
     let server = FakeApiServer::start().await;
     let client = server.client();

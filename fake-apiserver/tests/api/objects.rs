@@ -273,6 +273,83 @@ async fn injected_failures_reach_the_client_and_the_log() -> anyhow::Result<()> 
 }
 
 #[tokio::test]
+async fn event_recorder_creates_then_patches_a_series() -> anyhow::Result<()> {
+    use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+    let server = FakeApiServer::start().await;
+    let client = server.client();
+    let api: Api<ConfigMap> = Api::default_namespaced(client.clone());
+    let cm = api.create(&PostParams::default(), &configmap("noisy", "e", json!({}))).await?;
+
+    let recorder = Recorder::new(client, Reporter { controller: "sharddb-operator".into(), instance: None });
+    let event = Event {
+        type_: EventType::Normal,
+        reason: "Reconciled".into(),
+        note: Some("all good".into()),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    recorder.publish(&event, &cm.object_ref(&())).await?;
+    recorder.publish(&event, &cm.object_ref(&())).await?;
+    let events = server.list("events.k8s.io/v1/events", "default");
+    assert_eq!(events.len(), 1, "the repeat is folded into the first event");
+    assert_eq!(events[0]["regarding"]["name"], "noisy");
+    assert_eq!(events[0]["series"]["count"], 2);
+    Ok(())
+}
+
+#[tokio::test]
+async fn odd_requests_get_status_errors() -> anyhow::Result<()> {
+    let server = FakeApiServer::start().await;
+    let client = server.client();
+    let api: Api<ConfigMap> = Api::default_namespaced(client.clone());
+    api.create(&PostParams::default(), &configmap("x", "o", json!({}))).await?;
+    let cms = "/api/v1/namespaces/default/configmaps";
+    let cases: Vec<(&str, String, &str, &[u8], u16)> = vec![
+        ("POST", cms.into(), "application/json", b"{not json", 400),
+        ("POST", cms.into(), "application/json", b"[1, 2]", 400),
+        ("POST", cms.into(), "application/json", br#"{"kind": "Secret", "metadata": {"name": "y"}}"#, 400),
+        ("POST", cms.into(), "application/json", br#"{"metadata": {}}"#, 422),
+        ("PATCH", format!("{cms}/x"), "text/plain", b"{}", 415),
+        ("PATCH", format!("{cms}/x"), "application/merge-patch+json", b"\"scalar\"", 400),
+        ("PATCH", format!("{cms}/x"), "application/json-patch+json", br#"{"op": "add"}"#, 400),
+        ("PATCH", format!("{cms}/x"), "application/apply-patch+yaml", b"{}", 400),
+        ("PUT", format!("{cms}/y"), "application/json", br#"{"metadata": {"name": "y"}}"#, 404),
+        ("PUT", format!("{cms}/x"), "application/json", br#"{"metadata": {"name": "z"}}"#, 400),
+        ("GET", format!("{cms}?labelSelector=a%20in%20(b"), "", b"", 400),
+        ("GET", format!("{cms}?watch=true&resourceVersion=abc"), "", b"", 400),
+        ("GET", format!("{cms}/x/status"), "", b"", 404),
+        ("GET", "/apis/nope.io/v1/things".into(), "", b"", 404),
+        ("GET", "/api/v1/configmaps/x".into(), "", b"", 404),
+        ("DELETE", format!("{cms}/x/scale"), "", b"", 404),
+        ("DELETE", "/apis/apps/v1/namespaces/default/statefulsets/s/scale".into(), "", b"", 405),
+        ("POST", "/version".into(), "", b"", 405),
+        (
+            "PATCH",
+            "/apis/apps/v1/namespaces/default/statefulsets/s/scale".into(),
+            "application/merge-patch+json",
+            b"{}",
+            404,
+        ),
+    ];
+    for (method, uri, content_type, body, code) in cases {
+        let request = axum::http::Request::builder()
+            .method(method)
+            .uri(&uri)
+            .header("content-type", content_type)
+            .body(body.to_vec())?;
+        let err = client.request::<serde_json::Value>(request).await.unwrap_err();
+        assert_eq!(api_error(&err).0, code, "{method} {uri}");
+    }
+    // A watch with an absurd timeout is still a watch, and the server is still up.
+    let request = axum::http::Request::get(format!("{cms}?watch=true&timeoutSeconds=99999999999999")).body(vec![])?;
+    let mut events = Box::pin(client.request_events::<ConfigMap>(request).await?);
+    let first = futures::StreamExt::next(&mut events).await.expect("an event").expect("a watch event");
+    assert!(matches!(first, kube::api::WatchEvent::Added(_)));
+    assert!(api.get("x").await.is_ok());
+    Ok(())
+}
+
+#[tokio::test]
 async fn discovery_and_version() -> anyhow::Result<()> {
     let server = FakeApiServer::start().await;
     let client = server.client();

@@ -6,7 +6,7 @@ use std::time::Duration;
 use fake_apiserver::FakeApiServer;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::ConfigMap;
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, PartialObjectMeta, Patch, PatchParams, PostParams};
 use kube::runtime::watcher::{self, Event};
 use kube::{Client, ResourceExt};
 use serde_json::json;
@@ -90,6 +90,26 @@ async fn watcher_sees_added_modified_and_deleted() {
     assert_eq!(next(&mut rx).await, Seen::Apply("unselected".into()));
     api.patch("before", &PatchParams::default(), &relabel("gone")).await.unwrap();
     assert_eq!(next(&mut rx).await, Seen::Delete("before".into()));
+}
+
+#[tokio::test]
+async fn metadata_watcher_gets_partial_objects() {
+    let server = FakeApiServer::start().await;
+    let client = server.client();
+    create(&client, "default", "m", "meta").await;
+    // `Api<PartialObjectMeta<K>>` asks for metadata only (an `Accept: ...;as=PartialObjectMetadata`).
+    let api: Api<PartialObjectMeta<ConfigMap>> = Api::default_namespaced(client.clone());
+
+    let mut stream = watcher::watcher(api, watcher::Config::default()).boxed();
+    let mut names = Vec::new();
+    while names.is_empty() {
+        let event = tokio::time::timeout(Duration::from_secs(10), stream.next()).await.unwrap().unwrap().unwrap();
+        if let Event::InitApply(meta) = event {
+            assert_eq!(meta.types.as_ref().map(|t| t.kind.as_str()), Some("PartialObjectMetadata"));
+            names.push(meta.name_any());
+        }
+    }
+    assert_eq!(names, ["m"]);
 }
 
 #[tokio::test]
