@@ -210,6 +210,10 @@ pub struct ShardStatus {
     /// Order-independent checksum of the rows (decimal); equal on replicas holding equal rows.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checksum: Option<String>,
+    /// Identity of this copy; changes whenever the copy starts over empty (new table, lost
+    /// volume, installed snapshot). A changed id means "this copy lost its data".
+    #[serde(default)]
+    pub copy_id: String,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -145,6 +145,9 @@ pub struct ShardStats {
     pub applied_seq: u64,
     pub rows: i64,
     pub checksum: Option<String>,
+    /// Identity of this copy: new whenever the copy starts empty (a fresh table, a lost volume,
+    /// an installed snapshot), so the operator can tell a copy that lost its data from one behind.
+    pub copy_id: String,
 }
 
 fn seq_to_sql(seq: u64) -> i64 {
@@ -197,7 +200,14 @@ impl Db {
                 shard TEXT PRIMARY KEY,
                 applied_seq BIGINT NOT NULL,
                 schema JSONB NOT NULL,
-                standalone BOOLEAN NOT NULL DEFAULT FALSE)",
+                standalone BOOLEAN NOT NULL DEFAULT FALSE,
+                copy_id TEXT NOT NULL DEFAULT gen_random_uuid()::text)",
+        )
+        .execute(&mut *tx)
+        .await?;
+        // Databases created before copies had an identity get one.
+        sqlx::query(
+            "ALTER TABLE sharddb_shards ADD COLUMN IF NOT EXISTS copy_id TEXT NOT NULL DEFAULT gen_random_uuid()::text",
         )
         .execute(&mut *tx)
         .await?;
@@ -358,10 +368,11 @@ impl Db {
     pub async fn stats(&self, t: &ShardTable, checksum: bool) -> Result<ShardStats, DbError> {
         let mut tx = self.pool.begin().await?;
         sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY").execute(&mut *tx).await?;
-        let applied: i64 = sqlx::query_scalar("SELECT applied_seq FROM sharddb_shards WHERE shard = $1")
-            .bind(&t.shard)
-            .fetch_one(&mut *tx)
-            .await?;
+        let (applied, copy_id): (i64, String) =
+            sqlx::query_as("SELECT applied_seq, copy_id FROM sharddb_shards WHERE shard = $1")
+                .bind(&t.shard)
+                .fetch_one(&mut *tx)
+                .await?;
         let (rows, sum) = if checksum {
             let r = sqlx::query(t.stats.clone()).fetch_one(&mut *tx).await?;
             (r.try_get::<i64, _>(0)?, Some(r.try_get::<String, _>(1)?))
@@ -369,7 +380,7 @@ impl Db {
             (sqlx::query_scalar(t.count.clone()).fetch_one(&mut *tx).await?, None)
         };
         tx.commit().await?;
-        Ok(ShardStats { applied_seq: seq_from_sql(applied), rows, checksum: sum })
+        Ok(ShardStats { applied_seq: seq_from_sql(applied), rows, checksum: sum, copy_id })
     }
 
     /// Streams a consistent snapshot of the shard as newline-delimited JSON into `out`: a
@@ -487,7 +498,7 @@ impl Installer {
 
     /// Records the snapshot's sequence number and commits.
     pub async fn finish(mut self, t: &ShardTable, seq: u64) -> Result<(), DbError> {
-        sqlx::query("UPDATE sharddb_shards SET applied_seq = $2 WHERE shard = $1")
+        sqlx::query("UPDATE sharddb_shards SET applied_seq = $2, copy_id = gen_random_uuid()::text WHERE shard = $1")
             .bind(&t.shard)
             .bind(seq_to_sql(seq))
             .execute(&mut *self.tx)

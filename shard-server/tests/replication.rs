@@ -280,3 +280,20 @@ async fn a_failed_recovery_leaves_the_previous_copy_intact() {
     let st = c.client(1).status(true).await.unwrap();
     assert_eq!((st.shards["sh1"].rows, st.shards["sh1"].applied_seq), (10, 1));
 }
+
+#[tokio::test]
+async fn a_copy_that_lost_its_data_reports_a_new_identity() {
+    let mut c = Cluster::start(2, &[("sh1", 0, 1000, 0, &[0, 1])]).await;
+    c.client(0).write("sh1", &write(1, inserts(0..3))).await.unwrap();
+    let before = c.client(1).status(false).await.unwrap().shards["sh1"].copy_id.clone();
+    assert!(!before.is_empty());
+    // A restart keeps the identity; a lost volume does not.
+    c.kill(1).await;
+    c.restart(1).await;
+    assert_eq!(c.client(1).status(false).await.unwrap().shards["sh1"].copy_id, before);
+    c.kill(1).await;
+    c.restart_with_empty_database(1, 1).await;
+    let after = c.client(1).status(false).await.unwrap().shards["sh1"].clone();
+    assert_ne!(after.copy_id, before);
+    assert_eq!(after.applied_seq, 0);
+}

@@ -10,6 +10,9 @@ use std::time::{Duration, Instant};
 
 pub use shard_server::api::install_crypto_provider;
 
+/// The benchmark program's library (its binary is `src/bin/bench.rs`).
+pub mod bench;
+
 /// `cluster.json`, as the local mode writes it.
 #[derive(Clone, Debug, Deserialize)]
 pub struct ClusterFile {
@@ -21,14 +24,16 @@ pub struct ClusterFile {
 #[derive(Clone, Debug, Deserialize)]
 pub struct Process {
     pub url: String,
-    pub pid: u32,
+    /// `None` while the process is down (between a crash and its restart).
+    pub pid: Option<u32>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
 pub struct ServerProcess {
     pub name: String,
     pub url: String,
-    pub pid: u32,
+    /// `None` while the process is down (between a crash and its restart).
+    pub pid: Option<u32>,
     pub postgres: PostgresProcess,
 }
 

@@ -133,7 +133,8 @@ async fn local_mode_restarts_a_crashed_server_and_shuts_down_cleanly() -> anyhow
     let before = c.cluster_file()?;
     assert_eq!(before.servers.len(), 6);
     let victim = before.servers[0].clone();
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(victim.pid as i32), nix::sys::signal::Signal::SIGKILL)?;
+    let victim_pid = victim.pid.expect("server 0 runs");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(victim_pid as i32), nix::sys::signal::Signal::SIGKILL)?;
     LocalCluster::eventually("the killed server is restarted", std::time::Duration::from_secs(30), || async {
         let Ok(now) = c.cluster_file() else { return false };
         let pid = now.servers[0].pid;
@@ -145,7 +146,8 @@ async fn local_mode_restarts_a_crashed_server_and_shuts_down_cleanly() -> anyhow
     let (st, body) = c.send(Method::POST, "/write", &json!({"data": [row(1, "after", 1)]}).to_string()).await?;
     assert_eq!(st, 200, "{body}");
 
-    let pids: Vec<u32> = c.cluster_file()?.servers.iter().map(|s| s.pid).collect();
+    let pids: Vec<u32> = c.cluster_file()?.servers.iter().filter_map(|s| s.pid).collect();
+    assert_eq!(pids.len(), 6);
     assert!(c.stop()?, "local mode exits 0 on SIGTERM");
     for pid in pids {
         assert!(localpg::process_gone(pid), "server process {pid} is gone");

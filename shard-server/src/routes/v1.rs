@@ -152,6 +152,12 @@ pub async fn status(
     State(node): State<Arc<Node>>,
     Query(q): Query<StatusQuery>,
 ) -> Result<Json<ServerStatus>, ApiError> {
+    // Every shard the topology gives us is reported, opened now if the start-up task has not yet.
+    if let Some(t) = node.topology() {
+        for (entry, _) in t.shards_of(node.name()) {
+            node.shard(&entry.id).await?;
+        }
+    }
     let mut shards = BTreeMap::new();
     for shard in node.shards() {
         let role = match node.shard(shard.id()).await {
@@ -163,7 +169,13 @@ pub async fn status(
         let stats = node.db.stats(&shard.table, q.checksums).await?;
         shards.insert(
             shard.id().to_owned(),
-            ShardStatus { role, applied_seq: stats.applied_seq, rows: stats.rows, checksum: stats.checksum },
+            ShardStatus {
+                role,
+                applied_seq: stats.applied_seq,
+                rows: stats.rows,
+                checksum: stats.checksum,
+                copy_id: stats.copy_id,
+            },
         );
     }
     Ok(Json(ServerStatus { server: node.name().to_owned(), epoch: node.epoch(), shards }))
