@@ -1,0 +1,322 @@
+//! The reconcile driver: a kube-runtime `Controller` on `ShardedDatabase` owning every child kind.
+//! Each reconcile runs validate → build → apply → observe → status. Does I/O.
+//!
+//! Errors are classified once, here: an invalid spec is the user's to fix, so it becomes a
+//! `Ready=False, reason=InvalidSpec` condition and an Event, and the controller waits for the next
+//! change; everything else is transient and retried with exponential backoff and jitter.
+
+use super::apply::{self, ApplyError};
+use super::build::configmap::{desired_topology, published_topology, topology_configmap};
+use super::build::secret::{generate_password, postgres_secret, stored_password};
+use super::build::{Owner, names, pdb, rbac, router, service, statefulset};
+use super::status::{self, Observed, READY};
+use crate::brain::placement::place;
+use crate::brain::topology::TopologyBuildError;
+use crate::brain::validate::validate;
+use crate::crd::{ConditionStatus, ShardedDatabase, ShardedDatabaseStatus};
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Client, Resource, ResourceExt};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use std::collections::{BTreeSet, HashMap};
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tracing::instrument;
+
+/// How often a healthy database is looked at again even without a change event.
+const RESYNC: Duration = Duration::from_secs(300);
+/// Backoff of transient errors: `BACKOFF_MIN * 2^failures`, at most `BACKOFF_MAX`, ±50% jitter.
+const BACKOFF_MIN: Duration = Duration::from_millis(500);
+const BACKOFF_MAX: Duration = Duration::from_secs(300);
+
+/// Why a reconcile failed (an invalid spec is not an error: it is reported in the status).
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error("ShardedDatabase {0} has no namespace or uid yet")]
+    NotStored(String),
+    #[error(transparent)]
+    Api(#[from] ApplyError),
+    #[error("failed to build the topology")]
+    Topology(#[from] TopologyBuildError),
+    #[error("failed to write the status of {name}")]
+    Status {
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ErrorLabels {
+    kind: String,
+}
+
+/// Reconcile count, duration and errors, registered under `sharddb_operator_*`.
+pub struct Metrics {
+    reconciles: Counter,
+    errors: Family<ErrorLabels, Counter>,
+    duration: Histogram,
+}
+
+impl Metrics {
+    pub fn new(registry: &mut Registry) -> Self {
+        let m = Metrics {
+            reconciles: Counter::default(),
+            errors: Family::default(),
+            duration: Histogram::new(exponential_buckets(0.005, 2.0, 14)),
+        };
+        let sub = registry.sub_registry_with_prefix("sharddb_operator");
+        sub.register("reconciles", "Reconciles started", m.reconciles.clone());
+        sub.register("reconcile_errors", "Reconciles that failed, by error kind", m.errors.clone());
+        sub.register("reconcile_duration_seconds", "Time spent in one reconcile", m.duration.clone());
+        m
+    }
+}
+
+/// Shared by every reconcile.
+pub struct Context {
+    pub client: Client,
+    pub recorder: Recorder,
+    pub metrics: Metrics,
+    /// Consecutive failures per object, for the backoff; cleared by a success.
+    failures: Mutex<HashMap<ObjectRef<ShardedDatabase>, u32>>,
+}
+
+impl Context {
+    pub fn new(client: Client, metrics: Metrics) -> Arc<Self> {
+        let reporter = Reporter { controller: names::MANAGER.into(), instance: std::env::var("POD_NAME").ok() };
+        let recorder = Recorder::new(client.clone(), reporter);
+        Arc::new(Context { client, recorder, metrics, failures: Mutex::default() })
+    }
+}
+
+/// Runs the controller until `shutdown` resolves; reconciles in flight are finished first.
+pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
+    let client = ctx.client.clone();
+    let dbs: Api<ShardedDatabase> = Api::all(client.clone());
+    let cfg = || watcher::Config::default().labels(&format!("{}={}", names::LABEL_MANAGED_BY, names::MANAGER));
+    Controller::new(dbs, watcher::Config::default())
+        .owns(Api::<StatefulSet>::all(client.clone()), cfg())
+        .owns(Api::<Deployment>::all(client.clone()), cfg())
+        .owns(Api::<Service>::all(client.clone()), cfg())
+        .owns(Api::<ConfigMap>::all(client.clone()), cfg())
+        .owns(Api::<Secret>::all(client.clone()), cfg())
+        .owns(Api::<ServiceAccount>::all(client.clone()), cfg())
+        .owns(Api::<Role>::all(client.clone()), cfg())
+        .owns(Api::<RoleBinding>::all(client.clone()), cfg())
+        .owns(Api::<PodDisruptionBudget>::all(client), cfg())
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(error) = result {
+                tracing::debug!(%error, "reconcile did not complete");
+            }
+        })
+        .await;
+}
+
+#[instrument(skip_all, fields(db = %db.name_any(), namespace = db.namespace().unwrap_or_default()))]
+pub async fn reconcile(db: Arc<ShardedDatabase>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
+    ctx.metrics.reconciles.inc();
+    let started = Instant::now();
+    let result = reconcile_inner(&db, &ctx).await;
+    ctx.metrics.duration.observe(started.elapsed().as_secs_f64());
+    if result.is_ok() {
+        ctx.failures.lock().unwrap_or_else(|e| e.into_inner()).remove(&ObjectRef::from_obj(db.as_ref()));
+    }
+    result
+}
+
+async fn reconcile_inner(db: &ShardedDatabase, ctx: &Context) -> Result<Action, ReconcileError> {
+    let owner = Owner::of(db).ok_or_else(|| ReconcileError::NotStored(db.name_any()))?;
+    let client = &ctx.client;
+    let ns = owner.namespace.as_str();
+    let generation = db.meta().generation;
+    let previous = db.status.as_ref();
+    let now = now();
+
+    let valid = match validate(&db.spec) {
+        Ok(valid) => valid,
+        Err(error) => {
+            let message = error.to_string();
+            tracing::info!(%message, "invalid spec");
+            let status = status::invalid_spec(generation, &message, previous, &now);
+            let newly_invalid = previous
+                .and_then(|p| status::condition(p, READY))
+                .is_none_or(|c| c.reason != status::REASON_INVALID_SPEC || c.message != message);
+            if newly_invalid {
+                publish(ctx, db, EventType::Warning, status::REASON_INVALID_SPEC, "Validate", message).await;
+            }
+            write_status(ctx, db, &owner, status).await?;
+            return Ok(Action::await_change());
+        }
+    };
+    let placement = place(&valid);
+
+    // Inputs the builders need from the cluster: the stored password and the published topology.
+    let secret_name = names::postgres_secret(&owner.name);
+    let password = apply::get::<Secret>(client, ns, &secret_name)
+        .await?
+        .as_ref()
+        .and_then(stored_password)
+        .unwrap_or_else(generate_password);
+    let published = apply::get::<ConfigMap>(client, ns, &names::topology_configmap(&owner.name))
+        .await?
+        .as_ref()
+        .and_then(published_topology);
+    let topology = desired_topology(&valid, &placement, &owner, published.as_ref())?;
+
+    // Identity and access first, then what pods mount, then the pods.
+    apply::apply(client, ns, &rbac::server_service_account(&owner)).await?;
+    apply::apply(client, ns, &rbac::router_service_account(&owner)).await?;
+    apply::apply(client, ns, &rbac::topology_reader_role(&owner)).await?;
+    apply::apply(client, ns, &rbac::topology_reader_binding(&owner)).await?;
+    apply::apply(client, ns, &postgres_secret(&owner, &password)).await?;
+    apply::apply(client, ns, &service::headless_service(&owner)).await?;
+    apply::apply(client, ns, &topology_configmap(&owner, &topology)).await?;
+    let mut server_sets = Vec::with_capacity(placement.servers.len());
+    for server in &placement.servers {
+        let sts = apply::apply(client, ns, &statefulset::server_statefulset(&valid, &owner, server)).await?;
+        server_sets.push((server.clone(), sts));
+    }
+    let routers = apply::apply(client, ns, &router::router_deployment(&valid, &owner)).await?;
+    apply::apply(client, ns, &service::router_service(&owner)).await?;
+    apply::apply(client, ns, &pdb::server_pdb(&owner)).await?;
+
+    // Servers no longer in the placement. Their pods go with them; their volumes stay (a
+    // StatefulSet's claims are not garbage-collected), so re-adding a server finds its data.
+    let wanted: BTreeSet<String> =
+        placement.servers.iter().map(|s| names::server_statefulset(&owner.name, s)).collect();
+    let selector = names::selector_string(&names::servers_selector(&owner.name));
+    for sts in apply::list::<StatefulSet>(client, ns, &selector).await? {
+        let name = sts.name_any();
+        let ours = sts.owner_references().iter().any(|r| r.uid == owner.reference.uid);
+        if ours && !wanted.contains(&name) {
+            tracing::info!(statefulset = %name, "removing a server no longer in the spec");
+            apply::delete::<StatefulSet>(client, ns, &name).await?;
+            publish(ctx, db, EventType::Normal, "ServerRemoved", "Scale", format!("removed {name}")).await;
+        }
+    }
+
+    let observed = Observed {
+        ready_servers: server_sets
+            .iter()
+            .filter(|(_, sts)| sts.status.as_ref().and_then(|s| s.ready_replicas).unwrap_or(0) >= 1)
+            .map(|(server, _)| server.clone())
+            .collect(),
+        ready_routers: routers.status.as_ref().and_then(|s| s.ready_replicas).map_or(0, |r| r.max(0) as u32),
+        topology_epoch: topology.epoch,
+    };
+    let status = status::healthy_or_converging(generation, &placement, &observed, previous, &now);
+    let was_ready = previous.and_then(|p| status::condition(p, READY)).map(|c| c.status);
+    let is_ready = status::condition(&status, READY).map(|c| c.status);
+    if was_ready != is_ready {
+        let (type_, reason) = match is_ready {
+            Some(ConditionStatus::True) => (EventType::Normal, "Ready"),
+            _ => (EventType::Warning, "NotReady"),
+        };
+        let note = status::condition(&status, READY).map(|c| c.message.clone()).unwrap_or_default();
+        publish(ctx, db, type_, reason, "Reconcile", note).await;
+    }
+    write_status(ctx, db, &owner, status).await?;
+    Ok(Action::requeue(RESYNC))
+}
+
+/// Transient errors: retry with exponential backoff and ±50% jitter, so many failing objects do
+/// not retry in lockstep against a struggling API server.
+pub fn error_policy(db: Arc<ShardedDatabase>, error: &ReconcileError, ctx: Arc<Context>) -> Action {
+    let kind = match error {
+        ReconcileError::NotStored(_) => "not_stored",
+        ReconcileError::Api(_) => "api",
+        ReconcileError::Topology(_) => "topology",
+        ReconcileError::Status { .. } => "status",
+    };
+    ctx.metrics.errors.get_or_create(&ErrorLabels { kind: kind.into() }).inc();
+    let failures = {
+        let mut map = ctx.failures.lock().unwrap_or_else(|e| e.into_inner());
+        let n = map.entry(ObjectRef::from_obj(db.as_ref())).or_insert(0);
+        *n = n.saturating_add(1);
+        *n
+    };
+    let delay = backoff(failures, rand::random::<f64>());
+    tracing::warn!(error = %error_chain(error), failures, ?delay, "reconcile failed; retrying");
+    Action::requeue(delay)
+}
+
+/// The delay after `failures` consecutive failures; `jitter` in `[0, 1)` scales it by 0.5–1.5.
+pub fn backoff(failures: u32, jitter: f64) -> Duration {
+    let exp = BACKOFF_MIN.saturating_mul(2u32.saturating_pow(failures.saturating_sub(1).min(20)));
+    exp.min(BACKOFF_MAX).mul_f64(0.5 + jitter.clamp(0.0, 1.0))
+}
+
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut s = error.to_string();
+    let mut cur = error.source();
+    while let Some(e) = cur {
+        s.push_str(": ");
+        s.push_str(&e.to_string());
+        cur = e.source();
+    }
+    s
+}
+
+/// Patches the status subresource, only when it changed.
+async fn write_status(
+    ctx: &Context,
+    db: &ShardedDatabase,
+    owner: &Owner,
+    status: ShardedDatabaseStatus,
+) -> Result<(), ReconcileError> {
+    if db.status.as_ref() == Some(&status) {
+        return Ok(());
+    }
+    let api: Api<ShardedDatabase> = Api::namespaced(ctx.client.clone(), &owner.namespace);
+    let patch = serde_json::json!({ "status": status });
+    api.patch_status(&owner.name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .map_err(|source| ReconcileError::Status { name: owner.name.clone(), source })?;
+    Ok(())
+}
+
+/// Events are best effort: failing to record one must not fail the reconcile.
+async fn publish(ctx: &Context, db: &ShardedDatabase, type_: EventType, reason: &str, action: &str, note: String) {
+    let event = Event { type_, reason: reason.into(), note: Some(note), action: action.into(), secondary: None };
+    if let Err(error) = ctx.recorder.publish(&event, &db.object_ref(&())).await {
+        tracing::warn!(%error, reason, "failed to record an event");
+    }
+}
+
+fn now() -> String {
+    serde_json::to_value(Time(k8s_openapi::jiff::Timestamp::now()))
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_caps_and_jitters() {
+        assert_eq!(backoff(1, 0.5), BACKOFF_MIN);
+        assert_eq!(backoff(3, 0.5), BACKOFF_MIN * 4);
+        assert_eq!(backoff(40, 0.5), BACKOFF_MAX);
+        assert_eq!(backoff(1, 0.0), BACKOFF_MIN / 2);
+        assert!(backoff(1, 0.999) < BACKOFF_MIN * 3 / 2 + Duration::from_millis(1));
+    }
+}
