@@ -42,6 +42,7 @@ pub fn fresh_topology(
                 size: range.size,
                 primary: p.primary.clone(),
                 replicas: p.replicas.iter().map(|r| (r.clone(), ReplicaState::Ready)).collect(),
+                copies: BTreeMap::new(),
             }
         })
         .collect();

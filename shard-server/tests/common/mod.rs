@@ -98,6 +98,7 @@ impl Cluster {
                         .iter()
                         .map(|r| (format!("Server{r}"), ReplicaState::Ready))
                         .collect::<BTreeMap<_, _>>(),
+                    copies: BTreeMap::new(),
                 })
                 .collect(),
         };

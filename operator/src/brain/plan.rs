@@ -1,0 +1,473 @@
+//! Heal and failover plans: from the topology (what should hold each shard) and the observations
+//! (what was last seen), the actions that bring the two together. Pure; the bodies carry the
+//! actions out and call [`apply`] to get the next topology document.
+//!
+//! Rules, per shard:
+//! - A primary unreachable past `failover_after`, or answering with a copy that is not the one
+//!   recorded (it lost its data), is replaced by the `ready` replica with the highest applied
+//!   sequence number among those answering with their recorded copy. Its own copy becomes
+//!   `recovering`: it may hold entries nobody acknowledged, so it must start over from a snapshot.
+//!   With no such candidate nothing happens: the shard waits (writes fail) rather than lose data.
+//! - A `ready` replica unreachable past `demote_after`, or answering with another copy, becomes
+//!   `recovering`, so writes stop waiting for it and reads stop using it.
+//! - A `recovering` replica is recovered from the primary once both answer and follow the current
+//!   epoch (the replica refuses a recover until its topology says `recovering`). A server that
+//!   comes back with its data intact is recovered too: simpler than proving its copy a prefix of
+//!   the primary's, and always safe.
+//! - A `ready` copy whose identity was never recorded (a fresh cluster) gets it recorded.
+//!
+//! "Unknown" (not yet probed) never leads to an action, and nothing here removes a copy.
+
+use super::observe::{Health, Observations};
+use shard_server::topology::{ReplicaState, Topology};
+use std::time::{Duration, Instant};
+
+/// Timeouts of the plan.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Settings {
+    /// How long a primary may be unreachable before another replica takes over.
+    pub failover_after: Duration,
+    /// How long a ready replica may be unreachable before writes stop waiting for it (until then
+    /// writes to its shards fail).
+    pub demote_after: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings { failover_after: Duration::from_secs(3), demote_after: Duration::from_secs(3) }
+    }
+}
+
+/// Why a copy stopped counting as ready.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    Unreachable,
+    /// Its server answers with a copy other than the recorded one: it started over empty.
+    LostData,
+}
+
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Reason::Unreachable => "unreachable",
+            Reason::LostData => "lost its data",
+        })
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Record the identity of a ready copy seen for the first time.
+    RecordCopy { shard: String, server: String, copy_id: String },
+    /// The copy no longer serves reads nor holds up writes.
+    MarkRecovering { shard: String, server: String, reason: Reason },
+    /// `to` becomes the primary; the copy on `from` becomes `recovering`.
+    Promote { shard: String, from: String, to: String, reason: Reason },
+    /// I/O for the body: replace the copy on `server` from `source` (the primary's base URL) and
+    /// verify it; on success the body applies [`Action::MarkReady`]. Changes no document itself.
+    Recover { shard: String, server: String, primary: String, source: String },
+    /// A verified recover finished: the copy serves again, under its new identity.
+    MarkReady { shard: String, server: String, copy_id: String },
+}
+
+impl Action {
+    pub fn shard(&self) -> &str {
+        match self {
+            Action::RecordCopy { shard, .. }
+            | Action::MarkRecovering { shard, .. }
+            | Action::Promote { shard, .. }
+            | Action::Recover { shard, .. }
+            | Action::MarkReady { shard, .. } => shard,
+        }
+    }
+
+    /// Whether the action changes the topology document.
+    pub fn changes_topology(&self) -> bool {
+        !matches!(self, Action::Recover { .. })
+    }
+}
+
+/// What to do now.
+pub fn plan(topology: &Topology, seen: &Observations, now: Instant, settings: &Settings) -> Vec<Action> {
+    let mut actions = Vec::new();
+    let down_past = |server: &str, limit: Duration| matches!(seen.health(server), Health::Down { since } if now.saturating_duration_since(*since) >= limit);
+    // The copy `server` answers with, if it answers with a shard copy.
+    let lost_data = |shard: &shard_server::topology::ShardEntry, server: &str| match (
+        shard.copies.get(server),
+        seen.copy(server, &shard.id),
+    ) {
+        (Some(recorded), Some(copy)) => *recorded != copy.copy_id,
+        _ => false,
+    };
+    for shard in &topology.shards {
+        let mut changes = Vec::new();
+        let primary = shard.primary.as_str();
+        let primary_failed = if down_past(primary, settings.failover_after) {
+            Some(Reason::Unreachable)
+        } else if lost_data(shard, primary) {
+            Some(Reason::LostData)
+        } else {
+            None
+        };
+        let mut new_primary = None;
+        if let Some(reason) = primary_failed {
+            let candidate = shard
+                .ready_replicas()
+                .filter(|r| *r != primary && !lost_data(shard, r))
+                .filter_map(|r| seen.copy(r, &shard.id).map(|c| (r, c.applied_seq)))
+                // Highest sequence number; among equals the first name, so the choice is stable.
+                .max_by(|a, b| a.1.cmp(&b.1).then(b.0.cmp(a.0)));
+            if let Some((to, _)) = candidate {
+                new_primary = Some(to);
+                changes.push(Action::Promote { shard: shard.id.clone(), from: primary.into(), to: to.into(), reason });
+            }
+        }
+        for (server, state) in &shard.replicas {
+            let server = server.as_str();
+            let is_primary = server == primary;
+            match state {
+                ReplicaState::Ready if !is_primary && Some(server) != new_primary => {
+                    let reason = if lost_data(shard, server) {
+                        Some(Reason::LostData)
+                    } else if down_past(server, settings.demote_after) {
+                        Some(Reason::Unreachable)
+                    } else {
+                        None
+                    };
+                    if let Some(reason) = reason {
+                        changes.push(Action::MarkRecovering { shard: shard.id.clone(), server: server.into(), reason });
+                    }
+                }
+                _ => {}
+            }
+            if *state == ReplicaState::Ready
+                && !shard.copies.contains_key(server)
+                && let Some(copy) = seen.copy(server, &shard.id)
+                && !(is_primary && primary_failed.is_some())
+            {
+                changes.push(Action::RecordCopy {
+                    shard: shard.id.clone(),
+                    server: server.into(),
+                    copy_id: copy.copy_id.clone(),
+                });
+            }
+        }
+        // Recover only against a settled shard: after this round's changes are published, the
+        // next round sees the replica's new state and the new primary.
+        if changes.is_empty() && primary_failed.is_none() {
+            let current = |s: &str| matches!(seen.health(s), Health::Up { epoch, .. } if *epoch >= topology.epoch);
+            for server in shard.replicas.iter().filter(|(_, s)| **s == ReplicaState::Recovering).map(|(n, _)| n) {
+                if current(server)
+                    && current(primary)
+                    && let Some(source) = topology.servers.get(primary)
+                {
+                    actions.push(Action::Recover {
+                        shard: shard.id.clone(),
+                        server: server.clone(),
+                        primary: primary.into(),
+                        source: source.url.clone(),
+                    });
+                }
+            }
+        }
+        actions.extend(changes);
+    }
+    actions
+}
+
+/// The next topology document after `actions` (epoch + 1), or `None` when none changes it.
+/// Actions that no longer fit the document (a copy that is gone, a promotion already made) are
+/// skipped, so a body may apply an outcome computed against an older document.
+pub fn apply(topology: &Topology, actions: &[Action]) -> Option<Topology> {
+    let mut next = topology.clone();
+    let mut changed = false;
+    for action in actions {
+        let Some(shard) = next.shards.iter_mut().find(|s| s.id == action.shard()) else { continue };
+        match action {
+            Action::RecordCopy { server, copy_id, .. } => {
+                if shard.replicas.get(server) == Some(&ReplicaState::Ready) {
+                    shard.copies.insert(server.clone(), copy_id.clone());
+                    changed = true;
+                }
+            }
+            Action::MarkRecovering { server, .. } => {
+                if *server != shard.primary && shard.replicas.get(server) == Some(&ReplicaState::Ready) {
+                    shard.replicas.insert(server.clone(), ReplicaState::Recovering);
+                    changed = true;
+                }
+            }
+            Action::Promote { from, to, .. } => {
+                if shard.primary == *from && *to != *from && shard.replicas.get(to) == Some(&ReplicaState::Ready) {
+                    shard.primary = to.clone();
+                    shard.replicas.insert(from.clone(), ReplicaState::Recovering);
+                    changed = true;
+                }
+            }
+            Action::MarkReady { server, copy_id, .. } => {
+                if shard.replicas.get(server) == Some(&ReplicaState::Recovering) {
+                    shard.replicas.insert(server.clone(), ReplicaState::Ready);
+                    shard.copies.insert(server.clone(), copy_id.clone());
+                    changed = true;
+                }
+            }
+            Action::Recover { .. } => {}
+        }
+    }
+    changed.then(|| {
+        next.epoch += 1;
+        next
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::brain::observe::CopySeen;
+    use shard_server::topology::{ServerEntry, ShardEntry, TOPOLOGY_VERSION};
+    use std::collections::BTreeMap;
+
+    const EPOCH: u64 = 5;
+
+    /// One shard `sh1` on servers A (primary), B and C, each with the given state, copies
+    /// recorded as `A0`, `B0`, `C0` for ready copies.
+    fn topology(states: [ReplicaState; 3]) -> Topology {
+        let names = ["A", "B", "C"];
+        let replicas: BTreeMap<_, _> = names.iter().zip(states).map(|(n, s)| (n.to_string(), s)).collect();
+        let copies = names
+            .iter()
+            .zip(states)
+            .filter(|(_, s)| *s == ReplicaState::Ready)
+            .map(|(n, _)| (n.to_string(), format!("{n}0")))
+            .collect();
+        let t = Topology {
+            version: TOPOLOGY_VERSION,
+            epoch: EPOCH,
+            schema: serde_json::from_str(r#"{"columns": ["k", "v"], "dtypes": ["Number", "String"]}"#).unwrap(),
+            ring: Default::default(),
+            servers: names
+                .iter()
+                .enumerate()
+                .map(|(i, n)| (n.to_string(), ServerEntry { id: i as u32, url: format!("http://{n}") }))
+                .collect(),
+            shards: vec![ShardEntry { id: "sh1".into(), low: 0, size: 100, primary: "A".into(), replicas, copies }],
+        };
+        t.validate().unwrap();
+        t
+    }
+
+    use ReplicaState::{Ready, Recovering};
+
+    fn up(seq: u64, copy: &str) -> Health {
+        up_at(EPOCH, seq, copy)
+    }
+
+    fn up_at(epoch: u64, seq: u64, copy: &str) -> Health {
+        Health::Up { epoch, copies: [("sh1".to_owned(), CopySeen { applied_seq: seq, copy_id: copy.into() })].into() }
+    }
+
+    struct Case {
+        name: &'static str,
+        states: [ReplicaState; 3],
+        /// Health of A, B, C; `Down` given as seconds of silence.
+        seen: [Seen; 3],
+        expect: Vec<Action>,
+    }
+
+    enum Seen {
+        Unknown,
+        Up(u64, &'static str),
+        UpAt(u64, u64, &'static str),
+        Down(u64),
+        /// Answers, but reports no copy of the shard.
+        UpEmpty,
+    }
+
+    fn rec(server: &str, reason: Reason) -> Action {
+        Action::MarkRecovering { shard: "sh1".into(), server: server.into(), reason }
+    }
+
+    fn promote(from: &str, to: &str, reason: Reason) -> Action {
+        Action::Promote { shard: "sh1".into(), from: from.into(), to: to.into(), reason }
+    }
+
+    fn recover(server: &str) -> Action {
+        Action::Recover { shard: "sh1".into(), server: server.into(), primary: "A".into(), source: "http://A".into() }
+    }
+
+    #[test]
+    fn plans_heals_and_failovers() {
+        use Reason::{LostData, Unreachable};
+        use Seen::{Down, Unknown, Up, UpAt, UpEmpty};
+        let all_ready = [Ready, Ready, Ready];
+        let cases = vec![
+            Case { name: "all well", states: all_ready, seen: [Up(9, "A0"), Up(9, "B0"), Up(9, "C0")], expect: vec![] },
+            Case { name: "nothing known yet", states: all_ready, seen: [Unknown, Unknown, Unknown], expect: vec![] },
+            Case {
+                name: "a replica down briefly is left alone",
+                states: all_ready,
+                seen: [Up(9, "A0"), Down(2), Up(9, "C0")],
+                expect: vec![],
+            },
+            Case {
+                name: "a replica down past the timeout is demoted",
+                states: all_ready,
+                seen: [Up(9, "A0"), Down(3), Up(9, "C0")],
+                expect: vec![rec("B", Unreachable)],
+            },
+            Case {
+                name: "a replica back with another copy lost its data",
+                states: all_ready,
+                seen: [Up(9, "A0"), Up(0, "B1"), Up(9, "C0")],
+                expect: vec![rec("B", LostData)],
+            },
+            Case {
+                name: "a replica that reports no copy is unknown, not lost",
+                states: all_ready,
+                seen: [Up(9, "A0"), UpEmpty, Up(9, "C0")],
+                expect: vec![],
+            },
+            Case {
+                name: "a recovering replica that answers is recovered",
+                states: [Ready, Recovering, Ready],
+                seen: [Up(9, "A0"), Up(3, "B1"), Up(9, "C0")],
+                expect: vec![recover("B")],
+            },
+            Case {
+                name: "not before it follows the current epoch",
+                states: [Ready, Recovering, Ready],
+                seen: [Up(9, "A0"), UpAt(EPOCH - 1, 3, "B1"), Up(9, "C0")],
+                expect: vec![],
+            },
+            Case {
+                name: "nor while the primary lags the epoch",
+                states: [Ready, Recovering, Ready],
+                seen: [UpAt(EPOCH - 1, 9, "A0"), Up(3, "B1"), Up(9, "C0")],
+                expect: vec![],
+            },
+            Case {
+                name: "a recovering replica still down waits",
+                states: [Ready, Recovering, Ready],
+                seen: [Up(9, "A0"), Down(60), Up(9, "C0")],
+                expect: vec![],
+            },
+            Case {
+                name: "a primary down briefly is left alone",
+                states: all_ready,
+                seen: [Down(2), Up(9, "B0"), Up(9, "C0")],
+                expect: vec![],
+            },
+            Case {
+                name: "failover picks the highest applied sequence number",
+                states: all_ready,
+                seen: [Down(3), Up(8, "B0"), Up(9, "C0")],
+                expect: vec![promote("A", "C", Unreachable)],
+            },
+            Case {
+                name: "among equals the first name",
+                states: all_ready,
+                seen: [Down(3), Up(9, "B0"), Up(9, "C0")],
+                expect: vec![promote("A", "B", Unreachable)],
+            },
+            Case {
+                name: "only reachable ready replicas are candidates; the other down one is demoted",
+                states: all_ready,
+                seen: [Down(5), Down(5), Up(4, "C0")],
+                expect: vec![promote("A", "C", Unreachable), rec("B", Unreachable)],
+            },
+            Case {
+                name: "a recovering replica is never promoted",
+                states: [Ready, Recovering, Ready],
+                seen: [Down(5), Up(20, "B1"), Down(1)],
+                expect: vec![],
+            },
+            Case {
+                name: "no candidate known: no promotion",
+                states: all_ready,
+                seen: [Down(5), Unknown, UpEmpty],
+                expect: vec![],
+            },
+            Case {
+                name: "a replica that lost its data is no candidate",
+                states: all_ready,
+                seen: [Down(5), Up(0, "B1"), Up(7, "C0")],
+                expect: vec![promote("A", "C", Unreachable), rec("B", LostData)],
+            },
+            Case {
+                name: "a primary back without its data fails over at once",
+                states: all_ready,
+                seen: [Up(0, "A1"), Up(9, "B0"), Up(8, "C0")],
+                expect: vec![promote("A", "B", LostData)],
+            },
+            Case {
+                name: "no recover while the primary is failing",
+                states: [Ready, Recovering, Ready],
+                seen: [Down(1), Up(0, "B1"), Up(9, "C0")],
+                expect: vec![],
+            },
+        ];
+        let now = Instant::now() + Duration::from_secs(3600);
+        for case in cases {
+            let t = topology(case.states);
+            let mut seen = Observations::new();
+            for (name, s) in ["A", "B", "C"].iter().zip(case.seen) {
+                let h = match s {
+                    Seen::Unknown => Health::Unknown,
+                    Seen::Up(seq, c) => up(seq, c),
+                    Seen::UpAt(e, seq, c) => up_at(e, seq, c),
+                    Seen::Down(secs) => Health::Down { since: now - Duration::from_secs(secs) },
+                    Seen::UpEmpty => Health::Up { epoch: EPOCH, copies: BTreeMap::new() },
+                };
+                seen.set(name, h);
+            }
+            let got = plan(&t, &seen, now, &Settings::default());
+            assert_eq!(got, case.expect, "case: {}", case.name);
+            // Whatever is planned leaves a valid document.
+            if let Some(next) = apply(&t, &got) {
+                next.validate().unwrap_or_else(|e| panic!("case {}: {e}", case.name));
+                assert_eq!(next.epoch, EPOCH + 1, "case: {}", case.name);
+            }
+        }
+    }
+
+    #[test]
+    fn copies_of_a_fresh_cluster_are_recorded_once() {
+        let mut t = topology([Ready, Ready, Recovering]);
+        t.shards[0].copies.clear();
+        let mut seen = Observations::new();
+        seen.set("A", up(1, "a"));
+        seen.set("B", up(1, "b"));
+        seen.set("C", up(1, "c"));
+        let actions = plan(&t, &seen, Instant::now(), &Settings::default());
+        let record = |s: &str, c: &str| Action::RecordCopy { shard: "sh1".into(), server: s.into(), copy_id: c.into() };
+        assert_eq!(actions, [record("A", "a"), record("B", "b")], "a recovering copy's identity is not recorded");
+        let next = apply(&t, &actions).unwrap();
+        assert_eq!(next.shards[0].copies, [("A".to_owned(), "a".to_owned()), ("B".into(), "b".into())].into());
+        assert_eq!(plan(&next, &seen, Instant::now(), &Settings::default()), [], "C waits for the new epoch");
+        for (server, copy) in [("A", "a"), ("B", "b"), ("C", "c")] {
+            seen.set(server, up_at(EPOCH + 1, 1, copy));
+        }
+        assert_eq!(plan(&next, &seen, Instant::now(), &Settings::default()), [recover("C")], "then C heals");
+    }
+
+    #[test]
+    fn apply_promotes_marks_ready_and_skips_what_no_longer_fits() {
+        let t = topology([Ready, Recovering, Ready]);
+        assert_eq!(apply(&t, &[]), None);
+        assert_eq!(apply(&t, &[recover("B")]), None, "a recover changes no document");
+
+        let ready = |s: &str, c: &str| Action::MarkReady { shard: "sh1".into(), server: s.into(), copy_id: c.into() };
+        let next = apply(&t, &[ready("B", "B7")]).unwrap();
+        assert_eq!(next.shards[0].replicas["B"], Ready);
+        assert_eq!(next.shards[0].copies["B"], "B7");
+        assert_eq!(apply(&next, &[ready("B", "B8")]), None, "only a recovering copy becomes ready");
+
+        let failed = apply(&next, &[promote("A", "C", Reason::Unreachable)]).unwrap();
+        assert_eq!(failed.shards[0].primary, "C");
+        assert_eq!(failed.shards[0].replicas["A"], Recovering);
+        assert_eq!(failed.epoch, EPOCH + 2);
+        failed.validate().unwrap();
+        assert_eq!(apply(&failed, &[promote("A", "B", Reason::Unreachable)]), None, "A is no longer primary");
+        assert_eq!(apply(&failed, &[rec("C", Reason::Unreachable)]), None, "the primary is never demoted");
+        assert_eq!(apply(&t, &[promote("A", "B", Reason::Unreachable)]), None, "a recovering copy is never promoted");
+    }
+}
