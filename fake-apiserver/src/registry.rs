@@ -79,19 +79,18 @@ impl ResourceType {
         if self.group.is_empty() { self.plural.clone() } else { format!("{}.{}", self.plural, self.group) }
     }
 
-    /// Whether a test's shorthand (`configmaps`, `ConfigMap`, `statefulsets.apps`,
-    /// `apps/v1/StatefulSet`, `apps/v1/statefulsets`) names this resource.
+    /// Whether a test's shorthand (`configmaps`, `ConfigMap`, a short name like `sdb`,
+    /// `statefulsets.apps`, `apps/v1/StatefulSet`, `apps/v1/statefulsets`) names this resource.
     fn answers_to(&self, name: &str) -> bool {
         let api_version = self.api_version();
-        [
+        let long = [
             self.plural.clone(),
             self.kind.clone(),
             self.qualified(),
             format!("{api_version}/{}", self.plural),
             format!("{api_version}/{}", self.kind),
-        ]
-        .iter()
-        .any(|candidate| candidate.eq_ignore_ascii_case(name))
+        ];
+        long.iter().chain(&self.short_names).any(|candidate| candidate.eq_ignore_ascii_case(name))
     }
 
     fn discovery_entries(&self) -> Vec<Value> {

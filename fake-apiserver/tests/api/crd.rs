@@ -19,6 +19,7 @@ use crate::from_json;
     group = "test.io",
     version = "v1",
     kind = "Widget",
+    shortname = "wd",
     namespaced,
     status = "WidgetStatus",
     scale(spec_replicas_path = ".spec.replicas", status_replicas_path = ".status.replicas")
@@ -135,6 +136,7 @@ async fn a_crd_object_makes_its_type_servable_with_scale() -> anyhow::Result<()>
     widgets.patch_scale("scaled", &PatchParams::default(), &Patch::Merge(json!({ "spec": { "replicas": 4 } }))).await?;
     let scaled = widgets.get("scaled").await?;
     assert_eq!((scaled.spec.replicas, scaled.meta().generation), (4, Some(2)));
+    assert_eq!(server.get("wd", "default", "scaled").unwrap()["spec"]["replicas"], 4, "short names resolve");
 
     let gvk = GroupVersionKind::gvk("test.io", "v1", "Widget");
     let (_, caps) = kube::discovery::pinned_kind(&client, &gvk).await?;
