@@ -87,6 +87,13 @@ impl Metrics {
     }
 }
 
+impl Metrics {
+    /// Reconciles started so far.
+    pub fn reconciles(&self) -> u64 {
+        self.reconciles.get()
+    }
+}
+
 /// Shared by every reconcile.
 pub struct Context {
     pub client: Client,

@@ -1,0 +1,226 @@
+//! The real `Controller` against the in-process fake API server: children created, a quiet second
+//! reconcile, scaling, adding a shard, an invalid spec, a deleted child recreated, conditions.
+
+use fake_apiserver::FakeApiServer;
+use kube::CustomResourceExt;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use operator::crd::ShardedDatabase;
+use operator::k8s::controller::{Context, Metrics, run};
+use serde_json::{Value, json};
+use std::sync::Arc;
+use std::time::Duration;
+
+const WAIT: Duration = Duration::from_secs(15);
+const NS: &str = "default";
+
+struct Harness {
+    server: FakeApiServer,
+    ctx: Arc<Context>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+async fn start() -> Harness {
+    let server = FakeApiServer::start().await;
+    server.install_crd(&ShardedDatabase::crd()).unwrap();
+    let mut registry = prometheus_client::registry::Registry::default();
+    let ctx = Context::new(server.client(), Metrics::new(&mut registry));
+    let (stop, stopped) = tokio::sync::oneshot::channel();
+    tokio::spawn(run(ctx.clone(), async move {
+        let _ = stopped.await;
+    }));
+    Harness { server, ctx, stop: Some(stop) }
+}
+
+fn students(servers: u32) -> Value {
+    json!({
+        "apiVersion": "sharddb.io/v1alpha1",
+        "kind": "ShardedDatabase",
+        "metadata": { "name": "students", "namespace": NS },
+        "spec": {
+            "schema": { "columns": ["Stud_id", "Stud_name", "Stud_marks"], "dtypes": ["Number", "String", "Number"] },
+            "shards": [
+                { "id": "sh1", "low": 0, "size": 4096 },
+                { "id": "sh2", "low": 4096, "size": 4096 }
+            ],
+            "replicas": 2,
+            "servers": servers,
+            "storage": { "size": "1Gi" }
+        }
+    })
+}
+
+fn api(h: &Harness) -> Api<ShardedDatabase> {
+    Api::namespaced(h.server.client(), NS)
+}
+
+async fn create(h: &Harness, spec: Value) {
+    let db: ShardedDatabase = serde_json::from_value(spec).unwrap();
+    api(h).create(&PostParams::default(), &db).await.unwrap();
+}
+
+async fn patch_spec(h: &Harness, spec: Value) {
+    api(h).patch("students", &PatchParams::default(), &Patch::Merge(&json!({ "spec": spec }))).await.unwrap();
+}
+
+fn names(server: &FakeApiServer, resource: &str) -> Vec<String> {
+    let mut v: Vec<String> =
+        server.list(resource, NS).iter().filter_map(|o| o["metadata"]["name"].as_str().map(str::to_owned)).collect();
+    v.sort();
+    v
+}
+
+fn condition(server: &FakeApiServer, type_: &str) -> Option<(String, String)> {
+    let db = server.get("shardeddatabases", NS, "students")?;
+    let c = db["status"]["conditions"].as_array()?.iter().find(|c| c["type"] == type_)?.clone();
+    Some((c["status"].as_str()?.to_owned(), c["reason"].as_str()?.to_owned()))
+}
+
+fn topology_epoch(server: &FakeApiServer) -> Option<u64> {
+    let cm = server.get("configmaps", NS, "students-topology")?;
+    let doc: Value = serde_json::from_str(cm["data"]["topology.json"].as_str()?).ok()?;
+    doc["epoch"].as_u64()
+}
+
+/// Plays the kubelet and the StatefulSet/Deployment controllers: every workload is ready.
+fn mark_all_ready(server: &FakeApiServer) {
+    for kind in ["statefulsets", "deployments"] {
+        for mut o in server.list(kind, NS) {
+            let replicas = o["spec"]["replicas"].clone();
+            o["status"] = json!({ "replicas": replicas, "readyReplicas": replicas });
+            server.upsert(o).unwrap();
+        }
+    }
+}
+
+#[tokio::test]
+async fn first_reconcile_creates_every_child_then_reports_ready_and_a_second_writes_nothing() {
+    let h = start().await;
+    create(&h, students(3)).await;
+    let s = &h.server;
+    assert!(s.wait_for(WAIT, |s| condition(s, "Ready").is_some()).await, "status written");
+    assert_eq!(names(s, "statefulsets"), ["students-server0", "students-server1", "students-server2"]);
+    assert_eq!(names(s, "deployments"), ["students-router"]);
+    assert_eq!(names(s, "services"), ["students-router", "students-servers"]);
+    assert_eq!(names(s, "configmaps"), ["students-topology"]);
+    assert_eq!(names(s, "secrets"), ["students-postgres"]);
+    assert_eq!(names(s, "serviceaccounts"), ["students-router", "students-server"]);
+    assert_eq!(names(s, "roles"), ["students-topology-reader"]);
+    assert_eq!(names(s, "rolebindings"), ["students-topology-reader"]);
+    assert_eq!(names(s, "poddisruptionbudgets"), ["students-servers"]);
+    let uid = s.get("shardeddatabases", NS, "students").unwrap()["metadata"]["uid"].clone();
+    for kind in ["statefulsets", "deployments", "services", "configmaps", "secrets", "roles", "poddisruptionbudgets"] {
+        for o in s.list(kind, NS) {
+            assert_eq!(o["metadata"]["ownerReferences"][0]["uid"], uid, "{kind} {} is owned", o["metadata"]["name"]);
+        }
+    }
+    assert_eq!(condition(s, "Ready"), Some(("False".into(), "ServersNotReady".into())));
+    assert_eq!(condition(s, "Progressing"), Some(("True".into(), "RollingOut".into())));
+    assert_eq!(topology_epoch(s), Some(1));
+    let password = s.get("secrets", NS, "students-postgres").unwrap()["data"]["password"].clone();
+
+    mark_all_ready(s);
+    assert!(s.wait_for(WAIT, |s| condition(s, "Ready") == Some(("True".into(), "AllReady".into()))).await);
+    let db = s.get("shardeddatabases", NS, "students").unwrap();
+    assert_eq!(db["status"]["readyServers"], 3);
+    assert_eq!(db["status"]["shards"][0]["readyReplicas"].as_array().unwrap().len(), 2);
+    assert_eq!(condition(s, "Degraded"), Some(("False".into(), "AllReady".into())));
+
+    // Let the reconciles triggered by our own writes settle, then force one more: it writes nothing.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    s.clear_writes();
+    let before = h.ctx.metrics.reconciles();
+    let mut db = s.get("shardeddatabases", NS, "students").unwrap();
+    db["metadata"]["annotations"] = json!({ "poke": "1" });
+    s.upsert(db).unwrap();
+    assert!(s.wait_for(WAIT, |_| h.ctx.metrics.reconciles() > before).await, "the change triggers a reconcile");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let changing: Vec<_> = s.writes().into_iter().filter(|w| w.changed).collect();
+    assert!(changing.is_empty(), "a steady-state reconcile changes nothing: {changing:?}");
+    assert_eq!(s.get("secrets", NS, "students-postgres").unwrap()["data"]["password"], password, "password kept");
+    assert_eq!(topology_epoch(s), Some(1), "epoch unchanged");
+}
+
+#[tokio::test]
+async fn scaling_servers_up_and_down_and_adding_a_shard_bump_the_epoch() {
+    let h = start().await;
+    let s = &h.server;
+    create(&h, students(2)).await;
+    assert!(s.wait_for(WAIT, |s| topology_epoch(s) == Some(1)).await);
+
+    patch_spec(&h, json!({ "servers": 4 })).await;
+    assert!(s.wait_for(WAIT, |s| names(s, "statefulsets").len() == 4).await, "scaled up");
+    assert!(s.wait_for(WAIT, |s| topology_epoch(s) == Some(2)).await);
+
+    patch_spec(&h, json!({ "servers": 3 })).await;
+    assert!(
+        s.wait_for(WAIT, |s| names(s, "statefulsets") == ["students-server0", "students-server1", "students-server2"])
+            .await,
+        "scaled down: {:?}",
+        names(s, "statefulsets")
+    );
+    assert!(s.wait_for(WAIT, |s| topology_epoch(s) == Some(3)).await);
+
+    let mut shards = students(3)["spec"]["shards"].clone();
+    shards.as_array_mut().unwrap().push(json!({ "id": "sh3", "low": 8192, "size": 4096 }));
+    patch_spec(&h, json!({ "shards": shards })).await;
+    assert!(s.wait_for(WAIT, |s| topology_epoch(s) == Some(4)).await);
+    let cm = s.get("configmaps", NS, "students-topology").unwrap();
+    let doc: Value = serde_json::from_str(cm["data"]["topology.json"].as_str().unwrap()).unwrap();
+    assert_eq!(doc["shards"].as_array().unwrap().len(), 3);
+    assert!(
+        s.wait_for(WAIT, |s| {
+            s.get("shardeddatabases", NS, "students")
+                .is_some_and(|d| d["status"]["shards"].as_array().is_some_and(|a| a.len() == 3))
+        })
+        .await
+    );
+}
+
+#[tokio::test]
+async fn an_invalid_spec_gives_a_condition_and_an_event_and_creates_nothing() {
+    let h = start().await;
+    let s = &h.server;
+    let mut spec = students(2);
+    spec["spec"]["replicas"] = json!(3);
+    create(&h, spec).await;
+    assert!(s.wait_for(WAIT, |s| condition(s, "Ready") == Some(("False".into(), "InvalidSpec".into()))).await);
+    let db = s.get("shardeddatabases", NS, "students").unwrap();
+    let ready = db["status"]["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "Ready").unwrap().clone();
+    assert!(ready["message"].as_str().unwrap().contains("spec.replicas (3) exceeds spec.servers (2)"), "{ready}");
+    assert!(
+        s.wait_for(WAIT, |s| s
+            .list("events.events.k8s.io", NS)
+            .iter()
+            .any(|e| e["reason"] == "InvalidSpec" && e["regarding"]["name"] == "students"))
+            .await,
+        "an event is recorded"
+    );
+    assert!(s.list("statefulsets", NS).is_empty(), "nothing is built from an invalid spec");
+
+    // Fixing the spec proceeds.
+    patch_spec(&h, json!({ "replicas": 2 })).await;
+    assert!(s.wait_for(WAIT, |s| names(s, "statefulsets").len() == 2).await);
+    assert!(s.wait_for(WAIT, |s| condition(s, "Ready").is_some_and(|c| c.1 == "ServersNotReady")).await);
+}
+
+#[tokio::test]
+async fn a_deleted_child_is_recreated() {
+    let h = start().await;
+    let s = &h.server;
+    create(&h, students(2)).await;
+    assert!(s.wait_for(WAIT, |s| s.get("statefulsets", NS, "students-server1").is_some()).await);
+    let password = s.get("secrets", NS, "students-postgres").unwrap()["data"]["password"].clone();
+    s.delete("statefulsets", NS, "students-server1").unwrap();
+    s.delete("configmaps", NS, "students-topology").unwrap();
+    assert!(s.wait_for(WAIT, |s| s.get("statefulsets", NS, "students-server1").is_some()).await);
+    assert!(s.wait_for(WAIT, |s| topology_epoch(s).is_some()).await, "topology republished");
+    assert_eq!(s.get("secrets", NS, "students-postgres").unwrap()["data"]["password"], password);
+}
