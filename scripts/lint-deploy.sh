@@ -57,14 +57,14 @@ step "helm lint"
 
 step "helm template (defaults) | kubernetes-validate -k $K8S_VERSION --strict"
 "$HELM" template sharddb "$CHART" --namespace sharddb-system >"$out/default.yaml"
-"$VENV/bin/kubernetes-validate" -q -k "$K8S_VERSION" --strict "$out/default.yaml"
+"$VENV/bin/kubernetes-validate" --quiet -k "$K8S_VERSION" --strict "$out/default.yaml"
 
 step "helm template (every option on) | kubernetes-validate"
 # The ServiceMonitor's schema is not an official one: render it apart and check its shape only.
 "$HELM" template sharddb "$CHART" --namespace ops --set replicaCount=2 --set images.tag=dev \
   --set serviceAccount.name=custom --set leaderElection.leaseName=lease \
   --show-only templates/deployment.yaml --show-only templates/rbac.yaml >"$out/options.yaml"
-"$VENV/bin/kubernetes-validate" -q -k "$K8S_VERSION" --strict "$out/options.yaml"
+"$VENV/bin/kubernetes-validate" --quiet -k "$K8S_VERSION" --strict "$out/options.yaml"
 "$HELM" template sharddb "$CHART" --set serviceMonitor.enabled=true \
   --show-only templates/servicemonitor.yaml | grep -q '^kind: ServiceMonitor$'
 
@@ -74,8 +74,7 @@ import json, sys, yaml
 crd = yaml.safe_load(open(sys.argv[1]))
 schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
 # The API server fills apiVersion/kind/metadata; require the ones a user must write.
-schema.setdefault("required", [])
-schema["required"] += ["apiVersion", "kind", "metadata", "spec"]
+schema["required"] = sorted(set(schema.get("required", [])) | {"apiVersion", "kind", "metadata", "spec"})
 schema["properties"]["apiVersion"] = {"const": f'{crd["spec"]["group"]}/{crd["spec"]["versions"][0]["name"]}'}
 schema["properties"]["kind"] = {"const": crd["spec"]["names"]["kind"]}
 json.dump(schema, open(sys.argv[2], "w"))
