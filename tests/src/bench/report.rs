@@ -1,0 +1,343 @@
+//! The benchmark report: one JSON document (machine, parameters, one row per measured phase with the
+//! router and the baseline side by side, memory per cluster) and the targets checked against it.
+//! Types and pure functions only.
+
+use crate::bench::load::LoadOutcome;
+use crate::bench::procstat::CpuUsage;
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Report {
+    /// UTC, `YYYY-MM-DD HH:MM`.
+    pub generated: String,
+    /// `git describe` of the measured tree, when known.
+    pub commit: Option<String>,
+    pub machine: Machine,
+    pub params: Params,
+    pub results: Vec<ResultRow>,
+    pub memory: Vec<ClusterMemory>,
+    pub targets: Vec<TargetCheck>,
+    /// Failed operations over every phase, router and baseline.
+    pub errors_total: u64,
+    /// Workloads that could not run at all, with why.
+    pub failed_workloads: Vec<Failure>,
+    pub notes: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Machine {
+    pub cores: usize,
+    pub cpu_model: String,
+    pub memory_gib: f64,
+    pub kernel: String,
+    pub postgres: Option<String>,
+    /// The 1-minute load average when the run started (other work on the machine skews results).
+    pub loadavg_at_start: Option<f64>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Params {
+    /// `local` (clusters started by the benchmark) or `router` (an existing router).
+    pub mode: String,
+    pub workloads: Vec<String>,
+    pub ops: usize,
+    pub concurrency: usize,
+    pub copy_rows: usize,
+    pub quick: bool,
+    /// The build profile of the binaries under test (`release`, `debug`), when known.
+    pub binaries: String,
+    pub baseline: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Failure {
+    pub workload: String,
+    pub error: String,
+}
+
+/// One measured phase: the router and the baseline doing the same operations.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ResultRow {
+    /// Short id, e.g. `a1-write`.
+    pub workload: String,
+    /// For people, e.g. `A-1 single-row writes`.
+    pub title: String,
+    /// The cluster it ran on.
+    pub cluster: String,
+    /// Operations (requests; rows for `copy`).
+    pub ops: u64,
+    pub rows_per_op: f64,
+    pub errors: u64,
+    pub error_samples: Vec<String>,
+    pub duration_s: f64,
+    pub ops_per_s: f64,
+    pub rows_per_s: f64,
+    pub p50_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+    pub p999_ms: Option<f64>,
+    pub baseline_ops: Option<u64>,
+    pub baseline_errors: u64,
+    pub baseline_error_samples: Vec<String>,
+    pub baseline_ops_per_s: Option<f64>,
+    pub baseline_p50_ms: Option<f64>,
+    pub baseline_p99_ms: Option<f64>,
+    pub baseline_p999_ms: Option<f64>,
+    /// `ops_per_s / baseline_ops_per_s`.
+    pub ratio: Option<f64>,
+    /// CPU seconds of router + shard servers + their Postgres per 1,000 operations.
+    pub cpu_s_per_1k_ops: Option<f64>,
+    /// The same for the baseline (its Postgres work; router and servers idle).
+    pub baseline_cpu_s_per_1k_ops: Option<f64>,
+    /// Busy CPU seconds of the whole machine per 1,000 operations (load generator included).
+    pub machine_cpu_s_per_1k_ops: f64,
+    pub baseline_machine_cpu_s_per_1k_ops: Option<f64>,
+    pub cpu: CpuUsage,
+    pub baseline_cpu: Option<CpuUsage>,
+    pub notes: Vec<String>,
+}
+
+/// One side of a row as measured.
+pub struct Side {
+    pub ops: u64,
+    pub errors: u64,
+    pub error_samples: Vec<String>,
+    pub duration_s: f64,
+    pub p50_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+    pub p999_ms: Option<f64>,
+    pub cpu: CpuUsage,
+}
+
+impl Side {
+    pub fn from_load(out: &LoadOutcome, cpu: CpuUsage) -> Side {
+        Side {
+            ops: out.ops,
+            errors: out.errors,
+            error_samples: out.error_samples.clone(),
+            duration_s: out.elapsed.as_secs_f64(),
+            p50_ms: out.quantile_ms(0.50),
+            p99_ms: out.quantile_ms(0.99),
+            p999_ms: out.quantile_ms(0.999),
+            cpu,
+        }
+    }
+    pub fn ops_per_s(&self) -> f64 {
+        self.ops as f64 / self.duration_s.max(1e-9)
+    }
+}
+
+fn per_1k(cpu_s: f64, ops: u64) -> f64 {
+    cpu_s * 1000.0 / (ops.max(1) as f64)
+}
+
+impl ResultRow {
+    pub fn new(
+        workload: &str,
+        title: &str,
+        cluster: &str,
+        rows_per_op: f64,
+        router: Side,
+        baseline: Option<Side>,
+    ) -> ResultRow {
+        let ops_per_s = router.ops_per_s();
+        let baseline_ops_per_s = baseline.as_ref().map(Side::ops_per_s);
+        ResultRow {
+            workload: workload.into(),
+            title: title.into(),
+            cluster: cluster.into(),
+            ops: router.ops,
+            rows_per_op,
+            errors: router.errors,
+            error_samples: router.error_samples,
+            duration_s: router.duration_s,
+            ops_per_s,
+            rows_per_s: ops_per_s * rows_per_op,
+            p50_ms: router.p50_ms,
+            p99_ms: router.p99_ms,
+            p999_ms: router.p999_ms,
+            baseline_ops: baseline.as_ref().map(|b| b.ops),
+            baseline_errors: baseline.as_ref().map_or(0, |b| b.errors),
+            baseline_error_samples: baseline.as_ref().map(|b| b.error_samples.clone()).unwrap_or_default(),
+            baseline_ops_per_s,
+            baseline_p50_ms: baseline.as_ref().and_then(|b| b.p50_ms),
+            baseline_p99_ms: baseline.as_ref().and_then(|b| b.p99_ms),
+            baseline_p999_ms: baseline.as_ref().and_then(|b| b.p999_ms),
+            ratio: baseline_ops_per_s.filter(|b| *b > 0.0).map(|b| ops_per_s / b),
+            cpu_s_per_1k_ops: (router.cpu.system_s() > 0.0).then(|| per_1k(router.cpu.system_s(), router.ops)),
+            baseline_cpu_s_per_1k_ops: baseline
+                .as_ref()
+                .filter(|b| b.cpu.system_s() > 0.0)
+                .map(|b| per_1k(b.cpu.system_s(), b.ops)),
+            machine_cpu_s_per_1k_ops: per_1k(router.cpu.machine_s, router.ops),
+            baseline_machine_cpu_s_per_1k_ops: baseline.as_ref().map(|b| per_1k(b.cpu.machine_s, b.ops)),
+            cpu: router.cpu,
+            baseline_cpu: baseline.map(|b| b.cpu),
+            notes: Vec::new(),
+        }
+    }
+}
+
+/// Memory of one cluster's processes (MiB).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ClusterMemory {
+    pub workload: String,
+    pub cluster: String,
+    /// The largest `VmRSS` of a shard server once the cluster was up, before any load.
+    pub shard_server_rest_mib: Option<f64>,
+    /// The largest `VmHWM` (peak RSS) of a shard server at the end of the workload.
+    pub shard_server_peak_mib: Option<f64>,
+    pub router_rest_mib: Option<f64>,
+    pub router_peak_mib: Option<f64>,
+    /// The largest `VmHWM` of one Postgres process (shared buffers count in every one).
+    pub postgres_process_peak_mib: Option<f64>,
+    /// CPU cores the router, shard servers and Postgres keep busy with no load at all (sampled
+    /// for a few seconds before the first phase).
+    pub idle_cpu_cores: Option<f64>,
+    /// The same split by role: router, shard servers (all), Postgres (all).
+    pub idle_cpu_split: Option<[f64; 3]>,
+}
+
+/// A target from the issue, measured.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TargetCheck {
+    pub name: String,
+    /// e.g. `≥ 5,470 ops/s`.
+    pub goal: String,
+    pub target: f64,
+    pub measured: Option<f64>,
+    pub unit: String,
+    /// `None`: not measured in this run.
+    pub pass: Option<bool>,
+    pub detail: String,
+}
+
+/// The seed's own figures for its benchmark (4 shards × 3 replicas on 6 servers).
+pub const SEED_WRITES_PER_S: f64 = 547.0;
+pub const SEED_READS_PER_S: f64 = 1417.0;
+
+/// Checks the issue's targets against the measured rows and memory. Never asserts: a target with
+/// nothing measured is `pass: None`, and a phase that had errors does not pass.
+pub fn evaluate_targets(results: &[ResultRow], memory: &[ClusterMemory]) -> Vec<TargetCheck> {
+    let row = |w: &str| results.iter().find(|r| r.workload == w);
+    let at_least = |name: &str, w: &str, target: f64, unit: &str, seed: Option<f64>| {
+        let r = row(w);
+        let measured = r.map(|r| r.ops_per_s);
+        let mut detail = match (r, seed) {
+            (Some(r), Some(s)) => format!("{:.1}× the seed's {}", r.ops_per_s / s, fmt_num(s)),
+            (Some(_), None) => String::new(),
+            (None, _) => format!("`{w}` not run"),
+        };
+        let errors = r.map_or(0, |r| r.errors);
+        if errors > 0 {
+            detail = format!("{errors} errors; {detail}");
+        }
+        TargetCheck {
+            name: name.into(),
+            goal: format!("≥ {} {unit}", fmt_num(target)),
+            target,
+            measured,
+            unit: unit.into(),
+            pass: measured.map(|m| m >= target && errors == 0),
+            detail,
+        }
+    };
+    let mut out = vec![
+        at_least("A-1 writes", "a1-write", SEED_WRITES_PER_S * 10.0, "ops/s", Some(SEED_WRITES_PER_S)),
+        at_least("A-1 reads", "a1-read", SEED_READS_PER_S * 10.0, "ops/s", Some(SEED_READS_PER_S)),
+    ];
+    let worst = results.iter().filter_map(|r| r.ratio.map(|x| (x, r))).min_by(|a, b| a.0.total_cmp(&b.0));
+    out.push(TargetCheck {
+        name: "Router vs baseline (worst workload)".into(),
+        goal: "≥ 0.50".into(),
+        target: 0.5,
+        measured: worst.map(|w| w.0),
+        unit: "ratio".into(),
+        pass: worst.map(|w| w.0 >= 0.5),
+        detail: match worst {
+            Some((_, r)) => format!(
+                "worst: `{}`; {} of {} workloads at ≥ 0.50",
+                r.workload,
+                results.iter().filter(|r| r.ratio.is_some_and(|x| x >= 0.5)).count(),
+                results.iter().filter(|r| r.ratio.is_some()).count()
+            ),
+            None => "no baseline measured".into(),
+        },
+    });
+    let rest = memory.iter().filter_map(|m| m.shard_server_rest_mib).max_by(f64::total_cmp);
+    out.push(TargetCheck {
+        name: "Shard server RSS at rest (largest)".into(),
+        goal: "< 50 MiB".into(),
+        target: 50.0,
+        measured: rest,
+        unit: "MiB".into(),
+        pass: rest.map(|m| m < 50.0),
+        detail: if rest.is_some() { String::new() } else { "no local cluster measured".into() },
+    });
+    let mut copy = at_least("Shard copy (snapshot stream)", "copy", 100_000.0, "rows/s", None);
+    if copy.measured.is_some() {
+        copy.detail = "streaming only; installing the copy is not built yet".into();
+    }
+    out.push(copy);
+    out
+}
+
+/// `12345.6` → `12,346`; small values keep a decimal.
+pub fn fmt_num(v: f64) -> String {
+    if !v.is_finite() {
+        return "–".into();
+    }
+    if v.abs() < 10.0 {
+        return format!("{v:.2}");
+    }
+    if v.abs() < 100.0 {
+        return format!("{v:.1}");
+    }
+    let n = v.round() as i64;
+    let digits = n.unsigned_abs().to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    if n < 0 { format!("-{out}") } else { out }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(w: &str, ops_per_s: f64, ratio: Option<f64>, errors: u64) -> ResultRow {
+        ResultRow { workload: w.into(), ops_per_s, ratio, errors, ..ResultRow::default() }
+    }
+
+    #[test]
+    fn targets_pass_miss_and_unmeasured() {
+        let results = [row("a1-write", 6000.0, Some(1.2), 0), row("a1-read", 9000.0, Some(0.4), 0)];
+        let mem = [ClusterMemory { shard_server_rest_mib: Some(20.0), ..ClusterMemory::default() }];
+        let t = evaluate_targets(&results, &mem);
+        assert_eq!(t[0].pass, Some(true));
+        assert!(t[0].detail.contains("11.0× the seed's 547"), "{}", t[0].detail);
+        assert_eq!(t[1].pass, Some(false));
+        assert_eq!((t[2].measured, t[2].pass), (Some(0.4), Some(false)));
+        assert!(t[2].detail.contains("`a1-read`"));
+        assert_eq!(t[3].pass, Some(true));
+        assert_eq!(t[4].pass, None);
+    }
+
+    #[test]
+    fn a_phase_with_errors_does_not_pass() {
+        let t = evaluate_targets(&[row("a1-write", 60_000.0, None, 3)], &[]);
+        assert_eq!(t[0].pass, Some(false));
+        assert!(t[0].detail.starts_with("3 errors"));
+    }
+
+    #[test]
+    fn numbers_read_well() {
+        assert_eq!(fmt_num(5470.0), "5,470");
+        assert_eq!(fmt_num(1234567.4), "1,234,567");
+        assert_eq!(fmt_num(12.345), "12.3");
+        assert_eq!(fmt_num(0.5), "0.50");
+    }
+}

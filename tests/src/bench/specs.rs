@@ -1,0 +1,121 @@
+//! The cluster shapes the benchmark runs on (the seed's layouts and variants with
+//! larger shards), rendered as `ShardedDatabase` YAML for the local mode. Pure.
+
+use std::fmt::Write as _;
+
+/// Shards × replicas on servers, with every shard the same size and the shards laid end to end
+/// from key 0.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Shape {
+    /// Short name used in reports (`A-1`).
+    pub name: String,
+    pub shards: usize,
+    pub replicas: usize,
+    pub servers: usize,
+    pub shard_size: i64,
+}
+
+/// The seed's shard size.
+pub const SEED_SHARD_SIZE: i64 = 4096;
+
+impl Shape {
+    fn new(name: &str, shards: usize, replicas: usize, servers: usize) -> Shape {
+        Shape { name: name.into(), shards, replicas, servers, shard_size: SEED_SHARD_SIZE }
+    }
+
+    /// The seed's benchmark layout: 4 shards × 3 replicas on 6 servers.
+    pub fn a1() -> Shape {
+        Shape::new("A-1", 4, 3, 6)
+    }
+
+    /// 4 shards × 7 replicas on 7 servers.
+    pub fn a2() -> Shape {
+        Shape::new("A-2", 4, 7, 7)
+    }
+
+    /// 6 shards × 8 replicas on 10 servers.
+    pub fn a3() -> Shape {
+        Shape::new("A-3", 6, 8, 10)
+    }
+
+    /// One large shard with 2 replicas on 2 servers, for the snapshot stream.
+    pub fn copy(rows: usize) -> Shape {
+        Shape::new("copy", 1, 2, 2).with_capacity(rows)
+    }
+
+    /// Grows the shard size (never below the seed's) so that the shards hold `keys` keys.
+    pub fn with_capacity(mut self, keys: usize) -> Shape {
+        let per_shard = keys.div_ceil(self.shards.max(1)) as i64;
+        self.shard_size = self.shard_size.max(per_shard);
+        self
+    }
+
+    /// Sets the shard size to at least `size`.
+    pub fn with_min_shard_size(mut self, size: i64) -> Shape {
+        self.shard_size = self.shard_size.max(size);
+        self
+    }
+
+    pub fn key_space(&self) -> i64 {
+        self.shards as i64 * self.shard_size
+    }
+
+    /// `A-1: 4 shards × 3 replicas on 6 servers, shard size 4096`.
+    pub fn describe(&self) -> String {
+        format!(
+            "{}: {} shards × {} replicas on {} servers, shard size {}",
+            self.name, self.shards, self.replicas, self.servers, self.shard_size
+        )
+    }
+
+    /// The `ShardedDatabase` resource for this shape, with the seed's student table.
+    pub fn yaml(&self) -> String {
+        let name: String =
+            self.name.to_ascii_lowercase().chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect();
+        let mut y = String::new();
+        let _ = writeln!(y, "apiVersion: sharddb.io/v1alpha1");
+        let _ = writeln!(y, "kind: ShardedDatabase");
+        let _ = writeln!(y, "metadata:\n  name: bench-{name}");
+        let _ = writeln!(y, "spec:");
+        let _ = writeln!(
+            y,
+            "  schema:\n    columns: [Stud_id, Stud_name, Stud_marks]\n    dtypes: [Number, String, Number]"
+        );
+        let _ = writeln!(y, "  shards:");
+        for i in 0..self.shards {
+            let _ = writeln!(
+                y,
+                "    - {{ id: sh{}, low: {}, size: {} }}",
+                i + 1,
+                i as i64 * self.shard_size,
+                self.shard_size
+            );
+        }
+        let _ = writeln!(y, "  replicas: {}", self.replicas);
+        let _ = writeln!(y, "  servers: {}", self.servers);
+        y
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a1_is_the_seed_layout() {
+        let y = Shape::a1().yaml();
+        assert!(y.contains("kind: ShardedDatabase"));
+        assert!(y.contains("- { id: sh1, low: 0, size: 4096 }"));
+        assert!(y.contains("- { id: sh4, low: 12288, size: 4096 }"));
+        assert!(y.contains("replicas: 3\n  servers: 6\n"));
+        assert_eq!(Shape::a1().key_space(), 16384);
+    }
+
+    #[test]
+    fn capacity_grows_shards_but_never_shrinks_them() {
+        assert_eq!(Shape::a1().with_capacity(10_000).shard_size, 4096);
+        assert_eq!(Shape::a1().with_capacity(40_000).shard_size, 10_000);
+        assert_eq!(Shape::a3().with_capacity(40_001).shard_size, 6_667);
+        assert_eq!(Shape::copy(200_000).shard_size, 200_000);
+    }
+}

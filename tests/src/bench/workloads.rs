@@ -1,0 +1,649 @@
+//! Each workload's steps: start (or reach) the system, prepare keys and request bodies, run the
+//! router phase and then the baseline phase under the same load, and record the rows and memory.
+//! Does I/O.
+
+use crate::LocalCluster;
+use crate::bench::baseline::Baseline;
+use crate::bench::client::{self, Expect, Router};
+use crate::bench::layout::Layout;
+use crate::bench::load::{LoadOutcome, drive};
+use crate::bench::procstat::{self, CpuUsage};
+use crate::bench::report::{ClusterMemory, Report, ResultRow, Side};
+use crate::bench::specs::Shape;
+use crate::bench::{Options, Workload};
+use anyhow::{Context, Result, bail, ensure};
+use bytes::Bytes;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Rows per request in the batch workload.
+const BATCH_ROWS: usize = 100;
+/// Rows per request when loading data before a timed phase.
+const LOAD_ROWS: usize = 500;
+/// How long the idle system is watched before the first phase.
+const IDLE_SAMPLE: Duration = Duration::from_secs(3);
+/// Snapshot streams timed in the copy workload (the median is reported).
+const COPY_RUNS: usize = 3;
+
+/// The system under test for one workload.
+struct Target {
+    router: Router,
+    layout: Layout,
+    baseline: Option<Arc<Baseline>>,
+    cluster: Option<LocalCluster>,
+    cluster_name: String,
+    memory: ClusterMemory,
+}
+
+pub struct Ctx {
+    opts: Options,
+    http: reqwest::Client,
+    pub postgres_version: Option<String>,
+}
+
+impl Ctx {
+    pub fn new(opts: Options) -> Ctx {
+        Ctx { opts, http: shard_server::api::http_client(Duration::from_secs(120)), postgres_version: None }
+    }
+
+    fn local(&self) -> bool {
+        self.opts.router.is_none()
+    }
+
+    pub async fn run(&mut self, w: Workload, report: &mut Report) -> Result<()> {
+        let o = self.opts.clone();
+        match w {
+            Workload::A1 | Workload::A2 | Workload::A3 if !self.local() => self.seed(None, "seed", report).await,
+            Workload::A1 => self.seed(Some(Shape::a1().with_capacity(o.ops)), "a1", report).await,
+            Workload::A2 => self.seed(Some(Shape::a2().with_capacity(o.ops)), "a2", report).await,
+            Workload::A3 => self.seed(Some(Shape::a3().with_capacity(o.ops)), "a3", report).await,
+            Workload::Batch => self.batch(report).await,
+            Workload::Range => self.range(report).await,
+            Workload::Mixed => self.mixed(report).await,
+            Workload::Copy => self.copy(report).await,
+        }
+    }
+
+    /// Starts a local cluster of `shape` (or reaches the given router) and the baseline over it.
+    async fn open(&mut self, workload: &str, shape: Option<Shape>) -> Result<Target> {
+        let (router_url, cluster, layout, cluster_name) = match (&self.opts.router, shape) {
+            (Some(url), _) => {
+                let layout = Layout::from_router(&self.http, url, &self.opts.baseline_dbs).await?;
+                let name = format!("{url} ({} shards)", layout.shards.len());
+                (url.clone(), None, layout, name)
+            }
+            (None, Some(shape)) => {
+                let dir = tempfile::Builder::new().prefix("sharddb-bench-spec-").tempdir()?;
+                let spec = dir.path().join(format!("{workload}.yaml"));
+                std::fs::write(&spec, shape.yaml())?;
+                let cluster = tokio::task::spawn_blocking(move || LocalCluster::start(&spec))
+                    .await
+                    .context("starting the local cluster")??;
+                let layout = Layout::from_cluster(&cluster.cluster_file()?)?;
+                (cluster.router.clone(), Some(cluster), layout, shape.describe())
+            }
+            (None, None) => bail!("a local run needs a cluster shape"),
+        };
+        let router = Router::new(self.http.clone(), &router_url);
+        router.wait_ready(Duration::from_secs(60)).await?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let watched = layout.watched();
+        let before = watched.sample();
+        tokio::time::sleep(IDLE_SAMPLE).await;
+        let idle = before.until(&watched.sample());
+        let memory = ClusterMemory {
+            workload: workload.into(),
+            cluster: cluster_name.clone(),
+            shard_server_rest_mib: max_mem(
+                &layout,
+                |l| l.servers.values().filter_map(|s| s.pid).collect(),
+                |m| m.rss_mib,
+            ),
+            router_rest_mib: layout.router_pid.and_then(procstat::memory).map(|m| m.rss_mib),
+            idle_cpu_cores: self.local().then(|| idle.system_s() / idle.wall_s),
+            idle_cpu_split: (self.local())
+                .then(|| [idle.router_s, idle.shard_servers_s, idle.postgres_s].map(|c| c / idle.wall_s)),
+            ..ClusterMemory::default()
+        };
+        let baseline = if layout.servers.values().all(|s| s.pg_url.is_some()) {
+            let b = Baseline::connect(&layout, self.opts.concurrency).await.context("preparing the baseline")?;
+            if self.postgres_version.is_none() {
+                self.postgres_version = b.postgres_version().await;
+            }
+            Some(Arc::new(b))
+        } else {
+            None
+        };
+        Ok(Target { router, layout, baseline, cluster, cluster_name, memory })
+    }
+
+    /// Records peak memory and stops the cluster.
+    async fn close(&self, mut t: Target, report: &mut Report) -> Result<()> {
+        t.memory.shard_server_peak_mib =
+            max_mem(&t.layout, |l| l.servers.values().filter_map(|s| s.pid).collect(), |m| m.peak_mib);
+        t.memory.router_peak_mib = t.layout.router_pid.and_then(procstat::memory).map(|m| m.peak_mib);
+        t.memory.postgres_process_peak_mib = max_mem(
+            &t.layout,
+            |l| {
+                l.servers
+                    .values()
+                    .filter_map(|s| s.pg_pid)
+                    .flat_map(|p| std::iter::once(p).chain(procstat::children(p)))
+                    .collect()
+            },
+            |m| m.peak_mib,
+        );
+        if let Some(b) = t.baseline.take().and_then(Arc::into_inner) {
+            b.close().await;
+        }
+        if self.local() {
+            report.memory.push(t.memory);
+        }
+        if let Some(c) = t.cluster.take() {
+            tokio::task::spawn_blocking(move || drop(c)).await?;
+        }
+        Ok(())
+    }
+
+    /// Runs `op` on the router side and then `base` on the baseline side, `n` operations each,
+    /// with CPU accounted per side.
+    async fn phases<R, RF, B, BF>(
+        &self,
+        t: &Target,
+        n: usize,
+        concurrency: usize,
+        op: R,
+        base: B,
+    ) -> Result<(Side, Option<Side>)>
+    where
+        R: Fn(usize) -> RF + Send + Sync + 'static,
+        RF: Future<Output = Result<()>> + Send + 'static,
+        B: Fn(Arc<Baseline>, usize) -> BF + Send + Sync + 'static,
+        BF: Future<Output = Result<()>> + Send + 'static,
+    {
+        let router = measure(&t.layout, drive(n, concurrency, op)).await;
+        let baseline = match &t.baseline {
+            Some(b) => {
+                b.warm(concurrency).await?;
+                let b = b.clone();
+                let base = Arc::new(base);
+                Some(measure(&t.layout, drive(n, concurrency, move |i| base(b.clone(), i))).await)
+            }
+            None => None,
+        };
+        Ok((Side::from_load(&router.0, router.1), baseline.map(|(o, c)| Side::from_load(&o, c))))
+    }
+
+    /// The seed's benchmark: `ops` single-row writes, then `ops` single-key reads of those keys.
+    async fn seed(&mut self, shape: Option<Shape>, id: &str, report: &mut Report) -> Result<()> {
+        let label = shape.as_ref().map_or_else(|| "Seed".to_owned(), |s| s.name.clone());
+        let t = self.open(id, shape).await?;
+        let result = async {
+            let n = self.opts.ops;
+            let mut rng = StdRng::seed_from_u64(1);
+            let keys = Arc::new(spread_keys(&t.layout, n, &mut rng)?);
+            let shard_of: Arc<Vec<usize>> = Arc::new(keys.iter().map(|k| t.layout.shard_of(*k).unwrap_or(0)).collect());
+
+            let bodies: Arc<Vec<Bytes>> = Arc::new(keys.iter().map(|k| client::write_body(&[*k])).collect());
+            let r = t.router.clone();
+            let (ks, ss) = (keys.clone(), shard_of.clone());
+            let (router, baseline) = self
+                .phases(
+                    &t,
+                    n,
+                    self.opts.concurrency,
+                    move |i| {
+                        let (r, b) = (r.clone(), bodies[i].clone());
+                        async move { r.write(b).await }
+                    },
+                    move |b, i| {
+                        let (k, s) = (ks[i], ss[i]);
+                        async move { b.write(s, &[k]).await }
+                    },
+                )
+                .await?;
+            let write = ResultRow::new(
+                &format!("{id}-write"),
+                &format!("{label} single-row writes"),
+                &t.cluster_name,
+                1.0,
+                router,
+                baseline,
+            );
+
+            let mut order: Vec<i64> = keys.to_vec();
+            order.shuffle(&mut rng);
+            let order = Arc::new(order);
+            let bodies: Arc<Vec<Bytes>> = Arc::new(order.iter().map(|k| client::read_body(*k, *k)).collect());
+            let r = t.router.clone();
+            let (o1, o2) = (order.clone(), order.clone());
+            let (router, baseline) = self
+                .phases(
+                    &t,
+                    n,
+                    self.opts.concurrency,
+                    move |i| {
+                        let (r, b, k) = (r.clone(), bodies[i].clone(), o1[i]);
+                        async move { r.read(b, Expect::full(k, k)).await }
+                    },
+                    move |b, i| {
+                        let k = o2[i];
+                        async move { b.read(k, k, i, Expect::full(k, k)).await }
+                    },
+                )
+                .await?;
+            let read = ResultRow::new(
+                &format!("{id}-read"),
+                &format!("{label} single-key reads"),
+                &t.cluster_name,
+                1.0,
+                router,
+                baseline,
+            );
+            anyhow::Ok(vec![write, read])
+        }
+        .await;
+        self.finish(t, result, report).await
+    }
+
+    /// Batches of 100 consecutive keys, each batch inside one shard, shards taken in turn.
+    async fn batch(&mut self, report: &mut Report) -> Result<()> {
+        let batches = (self.opts.ops / 10).max(1);
+        let shape = Shape::a1();
+        let per_shard = batches.div_ceil(shape.shards) as i64;
+        let shape = shape.with_min_shard_size(per_shard * BATCH_ROWS as i64);
+        let t = self.open("batch", self.local().then_some(shape)).await?;
+        let result = async {
+            let shards = &t.layout.shards;
+            let mut plan = Vec::with_capacity(batches);
+            for i in 0..batches {
+                let (s, j) = (i % shards.len(), (i / shards.len()) as i64);
+                let low = shards[s].low + j * BATCH_ROWS as i64;
+                ensure!(
+                    low + BATCH_ROWS as i64 <= shards[s].high_exclusive(),
+                    "shard {} is too small for {batches} batches of {BATCH_ROWS}",
+                    shards[s].id
+                );
+                plan.push((s, (low..low + BATCH_ROWS as i64).collect::<Vec<i64>>()));
+            }
+            let plan = Arc::new(plan);
+            let bodies: Arc<Vec<Bytes>> = Arc::new(plan.iter().map(|(_, k)| client::write_body(k)).collect());
+            let r = t.router.clone();
+            let p = plan.clone();
+            let (router, baseline) = self
+                .phases(
+                    &t,
+                    batches,
+                    self.opts.concurrency,
+                    move |i| {
+                        let (r, b) = (r.clone(), bodies[i].clone());
+                        async move { r.write(b).await }
+                    },
+                    move |b, i| {
+                        let p = p.clone();
+                        async move { b.write(p[i].0, &p[i].1).await }
+                    },
+                )
+                .await?;
+            let mut row = ResultRow::new(
+                "batch-write",
+                &format!("Batch writes ({BATCH_ROWS} rows, one shard each)"),
+                &t.cluster_name,
+                BATCH_ROWS as f64,
+                router,
+                baseline,
+            );
+            row.notes.push(format!("{batches} requests of {BATCH_ROWS} consecutive keys; ops are requests"));
+            anyhow::Ok(vec![row])
+        }
+        .await;
+        self.finish(t, result, report).await
+    }
+
+    /// Range reads of 100 keys inside one shard, then ranges that cross three shards (the middle
+    /// one whole), over fully populated shards.
+    async fn range(&mut self, report: &mut Report) -> Result<()> {
+        let t = self.open("range", self.local().then(Shape::a1)).await?;
+        let result = async {
+            ensure!(t.layout.key_space() <= 2_000_000, "range fills every shard; this key space is too large");
+            let keys: Vec<i64> = t.layout.all_keys().collect();
+            self.load(&t, &keys, true).await?;
+            let shards = Arc::new(t.layout.shards.clone());
+            let mut rng = StdRng::seed_from_u64(2);
+            let mut rows = Vec::new();
+
+            let n1 = self.opts.ops;
+            let ranges: Vec<(i64, i64)> = (0..n1)
+                .map(|i| {
+                    let sh = &shards[i % shards.len()];
+                    let low = sh.low + rng.random_range(0..=(sh.size - 100).max(0));
+                    (low, (low + 99).min(sh.high_exclusive() - 1))
+                })
+                .collect();
+            rows.push(self.range_phase(&t, "range-1-shard", "Range reads, 1 shard (100 keys)", ranges).await?);
+
+            if shards.len() >= 3 {
+                let n3 = (self.opts.ops / 20).max(10);
+                let ranges: Vec<(i64, i64)> = (0..n3)
+                    .map(|i| {
+                        let j = i % (shards.len() - 2);
+                        let low = shards[j].high_exclusive() - rng.random_range(1..=100.min(shards[j].size));
+                        let high = shards[j + 2].low + rng.random_range(1..=100.min(shards[j + 2].size)) - 1;
+                        (low, high)
+                    })
+                    .collect();
+                rows.push(
+                    self.range_phase(&t, "range-3-shards", "Range reads across 3 shards (~4,200 keys)", ranges).await?,
+                );
+            } else {
+                report.notes.push("range-3-shards skipped: fewer than 3 shards".into());
+            }
+            anyhow::Ok(rows)
+        }
+        .await;
+        self.finish(t, result, report).await
+    }
+
+    async fn range_phase(&self, t: &Target, id: &str, title: &str, ranges: Vec<(i64, i64)>) -> Result<ResultRow> {
+        let n = ranges.len();
+        let mean_rows = ranges.iter().map(|(l, h)| (h - l + 1) as f64).sum::<f64>() / n.max(1) as f64;
+        let ranges = Arc::new(ranges);
+        let bodies: Arc<Vec<Bytes>> = Arc::new(ranges.iter().map(|(l, h)| client::read_body(*l, *h)).collect());
+        let r = t.router.clone();
+        let (r1, r2) = (ranges.clone(), ranges.clone());
+        let (router, baseline) = self
+            .phases(
+                t,
+                n,
+                self.opts.concurrency,
+                move |i| {
+                    let (r, b, (l, h)) = (r.clone(), bodies[i].clone(), r1[i]);
+                    async move { r.read(b, Expect::full(l, h)).await }
+                },
+                move |b, i| {
+                    let (l, h) = r2[i];
+                    async move { b.read(l, h, i, Expect::full(l, h)).await }
+                },
+            )
+            .await?;
+        let mut row = ResultRow::new(id, title, &t.cluster_name, mean_rows, router, baseline);
+        row.notes.push(format!("{n} requests, {mean_rows:.0} rows each on average; every shard fully populated"));
+        Ok(row)
+    }
+
+    /// 80% single-key reads of loaded keys, 20% single-row writes of new keys, interleaved.
+    async fn mixed(&mut self, report: &mut Report) -> Result<()> {
+        let n = self.opts.ops;
+        let writes = n.div_ceil(5);
+        let shape = Shape::a1().with_capacity(n + writes);
+        let t = self.open("mixed", self.local().then_some(shape)).await?;
+        let result = async {
+            let mut rng = StdRng::seed_from_u64(3);
+            let keys = spread_keys(&t.layout, n + writes, &mut rng)?;
+            let (loaded, fresh) = keys.split_at(n);
+            self.load(&t, loaded, true).await?;
+            // Every fifth operation writes: an even 80/20 mix over time.
+            let ops: Vec<(bool, i64, usize)> = (0..n)
+                .map(|i| {
+                    if i % 5 == 4 {
+                        let k = fresh[i / 5];
+                        (true, k, t.layout.shard_of(k).unwrap_or(0))
+                    } else {
+                        let k = loaded[rng.random_range(0..loaded.len())];
+                        (false, k, 0)
+                    }
+                })
+                .collect();
+            let ops = Arc::new(ops);
+            let bodies: Arc<Vec<Bytes>> = Arc::new(
+                ops.iter().map(|(w, k, _)| if *w { client::write_body(&[*k]) } else { client::read_body(*k, *k) }).collect(),
+            );
+            let r = t.router.clone();
+            let (o1, o2) = (ops.clone(), ops.clone());
+            let (router, baseline) = self
+                .phases(
+                    &t,
+                    n,
+                    self.opts.concurrency,
+                    move |i| {
+                        let (r, b, (w, k, _)) = (r.clone(), bodies[i].clone(), o1[i]);
+                        async move { if w { r.write(b).await } else { r.read(b, Expect::full(k, k)).await } }
+                    },
+                    move |b, i| {
+                        let (w, k, s) = o2[i];
+                        async move { if w { b.write(s, &[k]).await } else { b.read(k, k, i, Expect::full(k, k)).await } }
+                    },
+                )
+                .await?;
+            let mut row = ResultRow::new("mixed-80-20", "Mixed 80% reads / 20% writes", &t.cluster_name, 1.0, router, baseline);
+            row.notes.push(format!("{n} operations ({writes} writes) over {n} loaded keys"));
+            anyhow::Ok(vec![row])
+        }
+        .await;
+        self.finish(t, result, report).await
+    }
+
+    /// Loads `copy_rows` rows into one shard, then times full snapshot streams from its primary.
+    async fn copy(&mut self, report: &mut Report) -> Result<()> {
+        if !self.local() {
+            report.notes.push("copy skipped: it needs a shard server's URL, which only a local cluster gives".into());
+            return Ok(());
+        }
+        let rows = self.opts.copy_rows.max(1);
+        let t = self.open("copy", Some(Shape::copy(rows))).await?;
+        let result = async {
+            let keys: Vec<i64> = (t.layout.shards[0].low..).take(rows).collect();
+            // The baseline streams the system's own table: no baseline copy to load.
+            let load = self.load(&t, &keys, false).await?;
+            let shard = t.layout.shards[0].clone();
+            let primary = t.layout.servers[&shard.replicas[0]].url.clone().context("primary has no URL")?;
+
+            let before = t.layout.watched().sample();
+            let mut runs = Vec::new();
+            let mut errors = Vec::new();
+            for _ in 0..COPY_RUNS {
+                match client::snapshot(&self.http, &primary, &shard.id).await {
+                    Ok(s) if s.rows == rows as u64 => runs.push(s),
+                    Ok(s) => errors.push(format!("snapshot streamed {} rows, {rows} were loaded", s.rows)),
+                    Err(e) => errors.push(format!("{e:#}")),
+                }
+            }
+            let cpu = before.until(&t.layout.watched().sample());
+            runs.sort_by_key(|s| s.elapsed);
+            let median = runs.get(runs.len() / 2).cloned();
+            let streamed: u64 = runs.iter().map(|s| s.rows).sum::<u64>().max(1);
+            let router = Side {
+                ops: rows as u64,
+                errors: errors.len() as u64,
+                error_samples: errors,
+                duration_s: median.as_ref().map_or(f64::INFINITY, |m| m.elapsed.as_secs_f64()),
+                p50_ms: None,
+                p99_ms: None,
+                p999_ms: None,
+                cpu: scale_cpu(cpu, rows as f64 / streamed as f64),
+            };
+
+            let baseline = match &t.baseline {
+                Some(b) => {
+                    let before = t.layout.watched().sample();
+                    let mut runs = Vec::new();
+                    let mut errors = Vec::new();
+                    for _ in 0..COPY_RUNS {
+                        match b.stream_shard(0).await {
+                            Ok((n, _, d)) if n == rows as u64 => runs.push(d),
+                            Ok((n, _, _)) => errors.push(format!("baseline streamed {n} rows, {rows} were loaded")),
+                            Err(e) => errors.push(format!("{e:#}")),
+                        }
+                    }
+                    let cpu = before.until(&t.layout.watched().sample());
+                    runs.sort();
+                    let n_runs = runs.len().max(1) as f64;
+                    Some(Side {
+                        ops: rows as u64,
+                        errors: errors.len() as u64,
+                        error_samples: errors,
+                        duration_s: runs.get(runs.len() / 2).map_or(f64::INFINITY, |d| d.as_secs_f64()),
+                        p50_ms: None,
+                        p99_ms: None,
+                        p999_ms: None,
+                        cpu: scale_cpu(cpu, 1.0 / n_runs),
+                    })
+                }
+                None => None,
+            };
+            let mut row = ResultRow::new(
+                "copy",
+                "Shard copy: full snapshot stream (rows/s)",
+                &t.cluster_name,
+                1.0,
+                router,
+                baseline,
+            );
+            if let Some(m) = &median {
+                row.notes.push(format!(
+                    "median of {COPY_RUNS} streams of {rows} rows ({:.1} MiB of NDJSON each, {:.2} s); ops are rows; \
+                     installing the copy on the receiver is not built yet, so this is the streaming rate alone",
+                    m.bytes as f64 / (1 << 20) as f64,
+                    m.elapsed.as_secs_f64()
+                ));
+            }
+            row.notes.push(format!(
+                "loading the rows through the router in batches of {LOAD_ROWS}: {:.0} rows/s",
+                rows as f64 / load.elapsed.as_secs_f64()
+            ));
+            row.notes.push("baseline: the snapshot's SELECT on the primary's Postgres, read by sqlx".into());
+            anyhow::Ok(vec![row])
+        }
+        .await;
+        self.finish(t, result, report).await
+    }
+
+    /// Writes `keys` through the router (batches of `LOAD_ROWS` per shard) and, with `baseline`,
+    /// into the baseline tables; untimed set-up, but every request is checked.
+    async fn load(&self, t: &Target, keys: &[i64], baseline: bool) -> Result<LoadOutcome> {
+        let mut by_shard: BTreeMap<usize, Vec<i64>> = BTreeMap::new();
+        for k in keys {
+            by_shard
+                .entry(t.layout.shard_of(*k).with_context(|| format!("key {k} in no shard"))?)
+                .or_default()
+                .push(*k);
+        }
+        let bodies: Arc<Vec<Bytes>> =
+            Arc::new(by_shard.values().flat_map(|ks| ks.chunks(LOAD_ROWS).map(client::write_body)).collect());
+        let r = t.router.clone();
+        let n = bodies.len();
+        let out = drive(n, 8, move |i| {
+            let (r, b) = (r.clone(), bodies[i].clone());
+            async move { r.write(b).await }
+        })
+        .await;
+        if out.errors > 0 {
+            bail!("loading {} rows failed {} times: {:?}", keys.len(), out.errors, out.error_samples);
+        }
+        if let Some(b) = t.baseline.as_ref().filter(|_| baseline) {
+            b.preload(keys).await.context("loading the baseline tables")?;
+        }
+        Ok(out)
+    }
+
+    /// Records a workload's rows (or its failure) and stops its cluster either way.
+    async fn finish(&self, t: Target, result: Result<Vec<ResultRow>>, report: &mut Report) -> Result<()> {
+        let closed = self.close(t, report).await;
+        report.results.extend(result?);
+        closed
+    }
+}
+
+async fn measure(layout: &Layout, load: impl Future<Output = LoadOutcome>) -> (LoadOutcome, CpuUsage) {
+    let w = layout.watched();
+    let before = w.sample();
+    let out = load.await;
+    (out, before.until(&w.sample()))
+}
+
+fn scale_cpu(c: CpuUsage, f: f64) -> CpuUsage {
+    CpuUsage {
+        wall_s: c.wall_s * f,
+        router_s: c.router_s * f,
+        shard_servers_s: c.shard_servers_s * f,
+        postgres_s: c.postgres_s * f,
+        load_generator_s: c.load_generator_s * f,
+        machine_s: c.machine_s * f,
+        machine_utilisation: c.machine_utilisation,
+    }
+}
+
+/// The largest of `pick(memory)` over the processes `pids(layout)` names.
+fn max_mem(layout: &Layout, pids: impl Fn(&Layout) -> Vec<u32>, pick: impl Fn(procstat::Memory) -> f64) -> Option<f64> {
+    pids(layout).into_iter().filter_map(procstat::memory).map(pick).max_by(f64::total_cmp)
+}
+
+/// `n` distinct keys drawn evenly at random from every shard's range.
+pub fn spread_keys(layout: &Layout, n: usize, rng: &mut StdRng) -> Result<Vec<i64>> {
+    let space = layout.key_space();
+    ensure!(n as i64 <= space, "{n} distinct keys do not fit the {space} keys of the shards");
+    if space <= 4_000_000 {
+        let mut all: Vec<i64> = layout.all_keys().collect();
+        all.shuffle(rng);
+        all.truncate(n);
+        return Ok(all);
+    }
+    let mut seen = std::collections::HashSet::with_capacity(n);
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        let mut off = rng.random_range(0..space);
+        for s in &layout.shards {
+            if off < s.size {
+                let k = s.low + off;
+                if seen.insert(k) {
+                    out.push(k);
+                }
+                break;
+            }
+            off -= s.size;
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::layout::ShardPlace;
+
+    fn layout(shards: usize, size: i64) -> Layout {
+        Layout {
+            shards: (0..shards)
+                .map(|i| ShardPlace { id: format!("sh{i}"), low: i as i64 * size, size, replicas: vec!["s".into()] })
+                .collect(),
+            servers: BTreeMap::new(),
+            router_pid: None,
+        }
+    }
+
+    #[test]
+    fn keys_are_distinct_and_spread_over_every_shard() {
+        let l = layout(4, 4096);
+        let keys = spread_keys(&l, 10_000, &mut StdRng::seed_from_u64(1)).unwrap();
+        let distinct: std::collections::HashSet<_> = keys.iter().collect();
+        assert_eq!(distinct.len(), 10_000);
+        for s in 0..4 {
+            let n = keys.iter().filter(|k| l.shard_of(**k) == Some(s)).count();
+            assert!((2_200..2_800).contains(&n), "shard {s} got {n}");
+        }
+        assert!(spread_keys(&l, 20_000, &mut StdRng::seed_from_u64(1)).is_err());
+    }
+
+    #[test]
+    fn sparse_sampling_stays_in_range() {
+        let l = layout(2, 10_000_000);
+        let keys = spread_keys(&l, 1000, &mut StdRng::seed_from_u64(1)).unwrap();
+        assert_eq!(keys.iter().collect::<std::collections::HashSet<_>>().len(), 1000);
+        assert!(keys.iter().all(|k| l.shard_of(*k).is_some()));
+    }
+}
