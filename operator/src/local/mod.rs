@@ -7,19 +7,23 @@
 //! ```text
 //! DIR/topology.json              the routing document the processes follow
 //! DIR/cluster.json               pids, ports and paths, for people and scripts
+//! DIR/events.log                 what the healer did (demote, promote, recover, ready), one JSON line each
+//! DIR/control/<verb>.<server>    fault-injection requests for the healer (see `healer`)
 //! DIR/servers/<name>/pgdata      each server's Postgres cluster (database `sharddb`)
 //! DIR/logs/<name>.log            each process's stdout and stderr (`router.log` for the router)
 //! DIR/logs/<name>.postgres.log   each server's Postgres log
 //! ```
 //! Reusing a data directory keeps every server's data; the new topology gets a higher epoch than
-//! the one left behind, so nothing that remembers the old epoch rejects it.
+//! the one left behind, so nothing that remembers the old epoch rejects it, and keeps what the old
+//! one knew about each unchanged shard (primary, copy states and identities), so healing resumes.
 
+pub mod healer;
 pub mod postgres;
 pub mod spec;
 pub mod supervisor;
 
 use crate::brain::placement::{Placement, place};
-use crate::brain::topology::{TopologyBuildError, fresh_topology};
+use crate::brain::topology::{TopologyBuildError, carry_over, fresh_topology};
 use crate::brain::validate::ValidatedDb;
 use postgres::{PostgresError, PostgresInfo, ServerPostgres};
 use serde::{Deserialize, Serialize};
@@ -84,6 +88,14 @@ pub enum LocalError {
     Supervisor(#[from] SupervisorError),
     #[error("{name} did not answer {url} within {}s; see {}", READY_TIMEOUT.as_secs(), log.display())]
     NotReady { name: String, url: String, log: PathBuf },
+    #[error("{} is not a valid topology", path.display())]
+    BadTopology {
+        path: PathBuf,
+        #[source]
+        source: shard_server::topology::TopologyError,
+    },
+    #[error("unknown control verb {0:?} (kill, stop, start, wipe, stop-postgres, start-postgres)")]
+    UnknownControl(String),
 }
 
 /// `cluster.json`: where everything runs, for people and scripts.
@@ -156,10 +168,20 @@ pub async fn run_local(opts: LocalOptions) -> Result<(), LocalError> {
     use std::io::Write;
     let _ = std::io::stdout().flush();
 
+    let mut healer = match healer::Healer::new(&cluster.dir, cluster.topology_path(), Default::default()) {
+        Ok(h) => h,
+        Err(e) => {
+            cluster.shutdown().await;
+            return Err(e);
+        }
+    };
+    let mut rounds = tokio::time::interval(healer::ROUND);
+    rounds.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut changes = cluster.supervisor.changes();
     let signal = loop {
         tokio::select! {
             s = signals.next() => break s,
+            _ = rounds.tick() => healer.round(&cluster).await,
             _ = changes.changed() => {
                 if let Err(e) = cluster.write_cluster_file() {
                     tracing::error!(error = %e, "cannot update cluster.json");
@@ -452,9 +474,13 @@ impl LocalCluster {
         let path = self.topology_path();
         // A topology left by an earlier run may have been seen (and its epoch remembered) by the
         // servers whose data we are reusing: continue after it.
-        let epoch = std::fs::read(&path).ok().and_then(|b| Topology::parse(&b).ok()).map_or(1, |t| t.epoch + 1);
+        let previous = std::fs::read(&path).ok().and_then(|b| Topology::parse(&b).ok());
+        let epoch = previous.as_ref().map_or(1, |t| t.epoch + 1);
         let urls = self.servers.iter().map(|s| (s.name.clone(), s.url())).collect::<BTreeMap<_, _>>();
-        let topology = fresh_topology(db, placement, &urls, epoch)?;
+        let mut topology = fresh_topology(db, placement, &urls, epoch)?;
+        if let Some(previous) = &previous {
+            topology = carry_over(topology, previous);
+        }
         shard_server::topology_source::write_atomic(&path, &topology).map_err(|source| LocalError::Io {
             action: "write",
             path: path.clone(),

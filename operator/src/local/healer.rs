@@ -1,0 +1,282 @@
+//! The local body of the brain: every half second, probe each server, plan, and carry the plan
+//! out (write the next topology, run recovers), logging each transition to `DIR/events.log`. Also
+//! executes fault-injection requests dropped into `DIR/control/`. Does I/O.
+//!
+//! The topology file is the only state that matters: the healer reads it at every round, so after
+//! an operator restart a heal or failover in progress simply continues.
+//!
+//! `DIR/events.log` has one JSON object per line: `{"at_ms": <unix ms>, "event": "...", "shard",
+//! "server", "epoch", "detail"}` with events `demote`, `promote`, `record_copy`, `recover_start`,
+//! `ready`, `recover_failed`, `control`.
+//!
+//! `DIR/control/<verb>.<server>` (any content) asks for a fault or its repair; the file is removed
+//! once done. Verbs: `kill` (SIGKILL the shard server and keep it down), `stop` (stop it and keep it
+//! down), `start`, `wipe` (stop it, replace its Postgres data with an empty cluster; it stays down
+//! until `start`), `stop-postgres`, `start-postgres`. A crashed process is otherwise restarted by
+//! the supervisor within about a second, too soon for any timeout to matter, and a stopped
+//! Postgres is never restarted by itself: these verbs are how a test keeps a server down.
+
+use super::{LocalCluster, LocalError};
+use crate::brain::observe::{Observations, Probe};
+use crate::brain::plan::{self, Action, Settings};
+use shard_server::api::{ClientError, RecoverRequest, RecoverResponse, ShardClient};
+use shard_server::topology::Topology;
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// How often the healer looks at the cluster.
+pub const ROUND: Duration = Duration::from_millis(500);
+/// How long a server may take to answer a probe before it counts as failed.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+/// A recover of a large shard streams every row; give it time.
+const RECOVER_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// The outcome of one recover task.
+struct Recovered {
+    shard: String,
+    server: String,
+    /// The primary it copied from: the copy only becomes ready if that is still the primary.
+    primary: String,
+    started: Instant,
+    result: Result<(RecoverResponse, String), ClientError>,
+}
+
+pub struct Healer {
+    topology: PathBuf,
+    events: PathBuf,
+    control: PathBuf,
+    settings: Settings,
+    seen: Observations,
+    probe_http: reqwest::Client,
+    recover_http: reqwest::Client,
+    /// (shard, server) pairs with a recover running.
+    running: BTreeSet<(String, String)>,
+    done_tx: mpsc::UnboundedSender<Recovered>,
+    done_rx: mpsc::UnboundedReceiver<Recovered>,
+}
+
+impl Healer {
+    pub fn new(dir: &Path, topology: PathBuf, settings: Settings) -> Result<Healer, LocalError> {
+        let control = dir.join("control");
+        super::make_dir(&control)?;
+        let (done_tx, done_rx) = mpsc::unbounded_channel();
+        Ok(Healer {
+            topology,
+            events: dir.join("events.log"),
+            control,
+            settings,
+            seen: Observations::new(),
+            probe_http: shard_server::api::http_client(PROBE_TIMEOUT),
+            recover_http: shard_server::api::http_client(RECOVER_TIMEOUT),
+            running: BTreeSet::new(),
+            done_tx,
+            done_rx,
+        })
+    }
+
+    /// One round: fault requests, finished recovers, then observe → plan → act.
+    pub async fn round(&mut self, cluster: &LocalCluster) {
+        self.control_requests(cluster).await;
+        while let Ok(done) = self.done_rx.try_recv() {
+            self.finish_recover(done);
+        }
+        let topology = match self.read_topology() {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the topology; not healing this round");
+                return;
+            }
+        };
+        self.observe(&topology).await;
+        let actions = plan::plan(&topology, &self.seen, Instant::now(), &self.settings);
+        let (changes, recovers): (Vec<_>, Vec<_>) = actions.into_iter().partition(Action::changes_topology);
+        if let Some(next) = plan::apply(&topology, &changes) {
+            if let Err(e) = self.write_topology(&next) {
+                tracing::error!(error = %e, "cannot write the topology");
+                return;
+            }
+            for a in &changes {
+                self.log_action(a, next.epoch);
+            }
+        }
+        for a in recovers {
+            self.start_recover(a, topology.epoch);
+        }
+    }
+
+    async fn observe(&mut self, topology: &Topology) {
+        let probes = topology.servers.iter().map(|(name, s)| {
+            let client = ShardClient::new(self.probe_http.clone(), s.url.clone());
+            async move {
+                let probe = match client.status(false).await {
+                    Ok(status) => Probe::Answered(status),
+                    Err(_) => Probe::Failed,
+                };
+                (name.clone(), probe)
+            }
+        });
+        let now = Instant::now();
+        for (name, probe) in futures::future::join_all(probes).await {
+            self.seen.record(&name, probe, now);
+        }
+    }
+
+    fn start_recover(&mut self, action: Action, epoch: u64) {
+        let Action::Recover { shard, server, primary, source } = action else { return };
+        if !self.running.insert((shard.clone(), server.clone())) {
+            return;
+        }
+        let Some(url) = self.read_topology().ok().and_then(|t| t.servers.get(&server).map(|s| s.url.clone())) else {
+            self.running.remove(&(shard, server));
+            return;
+        };
+        self.event("recover_start", &shard, &server, Some(epoch), &format!("from {primary}"));
+        let client = ShardClient::new(self.recover_http.clone(), url.clone());
+        let status_client = ShardClient::new(self.probe_http.clone(), url);
+        let tx = self.done_tx.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let result = async {
+                let done = client.recover(&shard, &RecoverRequest { source }).await?;
+                // The identity of the copy just installed: recorded when it becomes ready.
+                let status = status_client.status(false).await?;
+                let copy_id = status.shards.get(&shard).map(|s| s.copy_id.clone()).unwrap_or_default();
+                Ok((done, copy_id))
+            }
+            .await;
+            let _ = tx.send(Recovered { shard, server, primary, started, result });
+        });
+    }
+
+    fn finish_recover(&mut self, done: Recovered) {
+        self.running.remove(&(done.shard.clone(), done.server.clone()));
+        let took = done.started.elapsed().as_millis();
+        let (response, copy_id) = match done.result {
+            Ok(ok) => ok,
+            Err(e) => {
+                tracing::warn!(shard = %done.shard, server = %done.server, error = %e, "recover failed; retrying next round");
+                self.event("recover_failed", &done.shard, &done.server, None, &e.to_string());
+                return;
+            }
+        };
+        let Ok(topology) = self.read_topology() else { return };
+        // A failover while copying means the copy came from a deposed primary: start over.
+        if topology.shard(&done.shard).map(|s| s.primary.as_str()) != Some(done.primary.as_str()) || copy_id.is_empty()
+        {
+            self.event("recover_failed", &done.shard, &done.server, None, "the primary changed while copying");
+            return;
+        }
+        let ready = Action::MarkReady { shard: done.shard.clone(), server: done.server.clone(), copy_id };
+        if let Some(next) = plan::apply(&topology, &[ready]) {
+            match self.write_topology(&next) {
+                Ok(()) => {
+                    let detail = format!(
+                        "recovered in {took} ms: snapshot of {} rows at seq {}, verified {} rows at seq {}",
+                        response.snapshot_rows, response.snapshot_seq, response.rows, response.verified_seq
+                    );
+                    self.event("ready", &done.shard, &done.server, Some(next.epoch), &detail);
+                }
+                Err(e) => tracing::error!(error = %e, "cannot write the topology"),
+            }
+        }
+    }
+
+    fn log_action(&self, action: &Action, epoch: u64) {
+        match action {
+            Action::RecordCopy { shard, server, copy_id } => {
+                self.event("record_copy", shard, server, Some(epoch), copy_id)
+            }
+            Action::MarkRecovering { shard, server, reason } => {
+                self.event("demote", shard, server, Some(epoch), &reason.to_string())
+            }
+            Action::Promote { shard, from, to, reason } => {
+                self.event("promote", shard, to, Some(epoch), &format!("replaces {from}, which {reason}"))
+            }
+            Action::MarkReady { shard, server, .. } => self.event("ready", shard, server, Some(epoch), ""),
+            Action::Recover { .. } => {}
+        }
+    }
+
+    /// Logs a transition and appends it to `events.log`.
+    fn event(&self, event: &str, shard: &str, server: &str, epoch: Option<u64>, detail: &str) {
+        tracing::info!(event, shard, server, epoch, detail, "healer");
+        let at_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
+        let line = serde_json::json!({
+            "at_ms": at_ms as u64, "event": event, "shard": shard, "server": server, "epoch": epoch, "detail": detail,
+        });
+        let appended = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.events)
+            .and_then(|mut f| writeln!(f, "{line}"));
+        if let Err(e) = appended {
+            tracing::warn!(error = %e, path = %self.events.display(), "cannot append to the event log");
+        }
+    }
+
+    fn read_topology(&self) -> Result<Topology, LocalError> {
+        let bytes = std::fs::read(&self.topology).map_err(|source| LocalError::Io {
+            action: "read",
+            path: self.topology.clone(),
+            source,
+        })?;
+        Topology::parse(&bytes).map_err(|source| LocalError::BadTopology { path: self.topology.clone(), source })
+    }
+
+    fn write_topology(&self, t: &Topology) -> Result<(), LocalError> {
+        shard_server::topology_source::write_atomic(&self.topology, t).map_err(|source| LocalError::Io {
+            action: "write",
+            path: self.topology.clone(),
+            source,
+        })?;
+        tracing::info!(epoch = t.epoch, "topology written");
+        Ok(())
+    }
+
+    /// Carries out the requests in `DIR/control/`, oldest name first.
+    async fn control_requests(&mut self, cluster: &LocalCluster) {
+        let Ok(entries) = std::fs::read_dir(&self.control) else { return };
+        let mut files: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+        files.sort();
+        for path in files {
+            let Some(name) = path.file_name().and_then(|n| n.to_str()).map(str::to_owned) else { continue };
+            let Some((verb, server)) = name.split_once('.') else { continue };
+            let outcome = control(cluster, verb, server).await;
+            let detail = match &outcome {
+                Ok(()) => verb.to_owned(),
+                Err(e) => format!("{verb} failed: {e}"),
+            };
+            self.event("control", "", server, None, &detail);
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+}
+
+/// One fault-injection verb (see the module documentation).
+async fn control(cluster: &LocalCluster, verb: &str, server: &str) -> Result<(), LocalError> {
+    let s = cluster.known(server)?;
+    match verb {
+        "kill" => {
+            if let Some(pid) = cluster.supervisor.pid(server) {
+                let _ =
+                    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+            }
+            cluster.stop_server(server).await
+        }
+        "stop" => cluster.stop_server(server).await,
+        "start" => cluster.start_server(server),
+        "wipe" => {
+            cluster.stop_server(server).await?;
+            s.postgres.wipe().await?;
+            s.postgres.start().await?;
+            cluster.supervisor.announce();
+            Ok(())
+        }
+        "stop-postgres" => cluster.stop_postgres(server).await,
+        "start-postgres" => cluster.start_postgres(server).await,
+        other => Err(LocalError::UnknownControl(other.to_owned())),
+    }
+}
