@@ -15,8 +15,17 @@ pub struct Args {
     pub listen: SocketAddr,
 
     /// Topology document to follow (written by the operator; reloaded on change).
-    #[arg(long, env = "SHARDDB_TOPOLOGY_FILE")]
-    pub topology_file: PathBuf,
+    #[arg(
+        long,
+        env = "SHARDDB_TOPOLOGY_FILE",
+        required_unless_present = "topology_configmap",
+        conflicts_with = "topology_configmap"
+    )]
+    pub topology_file: Option<PathBuf>,
+
+    /// Topology ConfigMap to follow through the Kubernetes API, as NAMESPACE/NAME.
+    #[arg(long, env = "SHARDDB_TOPOLOGY_CONFIGMAP", value_parser = shard_server::topology_source::parse_configmap_ref)]
+    pub topology_configmap: Option<(String, String)>,
 
     /// Limit on every call to a shard server, e.g. `10s` or `500ms`.
     #[arg(long, env = "SHARDDB_UPSTREAM_TIMEOUT", default_value = "10s", value_parser = parse_duration)]

@@ -6,7 +6,7 @@ use clap::Parser;
 use router::config::Args;
 use router::{AppState, app};
 use shard_server::api::install_crypto_provider;
-use shard_server::topology_source::watch_file;
+use shard_server::topology_source::{watch_configmap, watch_file};
 use std::io::IsTerminal;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
@@ -22,9 +22,16 @@ async fn main() -> anyhow::Result<()> {
     install_crypto_provider();
     let args = Args::parse();
     let config = args.config();
-    tracing::info!(topology_file = %args.topology_file.display(), upstream_timeout = ?config.upstream_timeout, body_limit = config.body_limit, "starting");
+    tracing::info!(topology_file = ?args.topology_file, topology_configmap = ?args.topology_configmap, upstream_timeout = ?config.upstream_timeout, body_limit = config.body_limit, "starting");
 
-    let topology = watch_file(args.topology_file.clone());
+    let topology = match (&args.topology_file, &args.topology_configmap) {
+        (Some(path), _) => watch_file(path.clone()),
+        (None, Some((namespace, name))) => {
+            let client = kube::Client::try_default().await.context("no Kubernetes configuration found")?;
+            watch_configmap(client, namespace, name)
+        }
+        (None, None) => anyhow::bail!("one of --topology-file and --topology-configmap is required"),
+    };
     let state = AppState::new(config, topology);
     let listener = TcpListener::bind(args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?;
     tracing::info!(address = %listener.local_addr()?, "serving");

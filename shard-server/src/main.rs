@@ -22,8 +22,11 @@ struct Args {
     database_url: String,
     /// Topology document to follow (local mode). Without it the server only serves shards
     /// configured with POST /config.
-    #[arg(long, env = "SHARDDB_TOPOLOGY_FILE")]
+    #[arg(long, env = "SHARDDB_TOPOLOGY_FILE", conflicts_with = "topology_configmap")]
     topology_file: Option<PathBuf>,
+    /// Topology ConfigMap to follow through the Kubernetes API, as NAMESPACE/NAME.
+    #[arg(long, env = "SHARDDB_TOPOLOGY_CONFIGMAP", value_parser = topology_source::parse_configmap_ref)]
+    topology_configmap: Option<(String, String)>,
     /// Postgres connections in the pool.
     #[arg(long, env = "SHARDDB_DB_CONNECTIONS", default_value_t = 16)]
     db_connections: u32,
@@ -45,9 +48,13 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let args = Args::parse();
     let db = Db::connect_patiently(&args.database_url, args.db_connections, Duration::from_secs(60)).await?;
-    let topology = match &args.topology_file {
-        Some(p) => topology_source::watch_file(p.clone()),
-        None => topology_source::fixed(None),
+    let topology = match (&args.topology_file, &args.topology_configmap) {
+        (Some(p), _) => topology_source::watch_file(p.clone()),
+        (None, Some((namespace, name))) => {
+            let client = kube::Client::try_default().await?;
+            topology_source::watch_configmap(client, namespace, name)
+        }
+        (None, None) => topology_source::fixed(None),
     };
     let config = NodeConfig {
         name: args.name.clone(),

@@ -1,6 +1,7 @@
 //! Where a process gets its topology from, and how it follows changes. The file source (local mode)
 //! watches the file's directory and re-reads on change, with a slow poll as a safety net; the
-//! ConfigMap source comes with the Kubernetes body. Does I/O.
+//! ConfigMap source (Kubernetes) watches one ConfigMap through the API, since a mounted ConfigMap
+//! lags by up to a minute. Does I/O.
 //!
 //! Readers see the document through a `watch` channel: swapping is atomic, a document that fails to
 //! parse is logged and ignored, and a document whose epoch is not newer than the current one is
@@ -86,6 +87,49 @@ fn reload(path: &Path, tx: &watch::Sender<Option<Arc<Topology>>>) {
     match Topology::parse(&bytes) {
         Ok(t) => offer(tx, t),
         Err(e) => tracing::warn!(path = %path.display(), error = %e, "ignoring invalid topology"),
+    }
+}
+
+/// The ConfigMap key holding the document (the operator writes it).
+pub const CONFIGMAP_KEY: &str = "topology.json";
+
+/// Follows the `topology.json` key of one ConfigMap through a watch (selected by name, so the
+/// pod needs read access to that ConfigMap only). Until it exists there is no topology; the
+/// watcher reconnects with backoff on errors.
+pub fn watch_configmap(client: kube::Client, namespace: &str, name: &str) -> TopologyRx {
+    use futures::StreamExt;
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use kube::runtime::{WatchStreamExt, watcher};
+
+    let (tx, rx) = watch::channel(None);
+    let api: kube::Api<ConfigMap> = kube::Api::namespaced(client, namespace);
+    let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    let source = format!("{namespace}/{name}");
+    tokio::spawn(async move {
+        let mut objects = std::pin::pin!(watcher(api, config).default_backoff().applied_objects());
+        while let Some(item) = objects.next().await {
+            match item {
+                Ok(cm) => match cm.data.as_ref().and_then(|d| d.get(CONFIGMAP_KEY)) {
+                    Some(json) => match Topology::parse(json.as_bytes()) {
+                        Ok(t) => offer(&tx, t),
+                        Err(e) => tracing::warn!(configmap = %source, error = %e, "ignoring invalid topology"),
+                    },
+                    None => tracing::warn!(configmap = %source, "ConfigMap has no {CONFIGMAP_KEY}"),
+                },
+                Err(e) => tracing::warn!(configmap = %source, error = %e, "topology watch failed; retrying"),
+            }
+        }
+    });
+    rx
+}
+
+/// Parses `NAMESPACE/NAME` (the `--topology-configmap` flag).
+pub fn parse_configmap_ref(s: &str) -> Result<(String, String), String> {
+    match s.split_once('/') {
+        Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+            Ok((ns.to_owned(), name.to_owned()))
+        }
+        _ => Err(format!("{s:?} is not NAMESPACE/NAME")),
     }
 }
 
