@@ -4,4 +4,5 @@
 pub mod apply;
 pub mod build;
 pub mod controller;
+pub mod leader;
 pub mod status;
