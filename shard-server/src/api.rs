@@ -314,7 +314,9 @@ pub struct ShardClient {
 }
 
 /// The HTTP client every sharddb process uses to call another: bounded connect and request times.
+/// Installs the TLS provider first, so no caller (a test, a tool) can forget it.
 pub fn http_client(request_timeout: Duration) -> reqwest::Client {
+    install_crypto_provider();
     reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(2))
         .timeout(request_timeout)
@@ -322,7 +324,7 @@ pub fn http_client(request_timeout: Duration) -> reqwest::Client {
         .pool_max_idle_per_host(256)
         .tcp_nodelay(true)
         .build()
-        .expect("HTTP client builds (install the rustls provider first)")
+        .expect("HTTP client builds")
 }
 
 /// Installs the process-wide TLS provider (ring). Idempotent; call at the start of every `main`.

@@ -56,12 +56,13 @@ pub struct Node {
 impl Node {
     pub fn new(config: NodeConfig, db: Db, topology: TopologyRx) -> Arc<Node> {
         let http = http_client(config.peer_timeout);
+        crate::api::install_crypto_provider();
         let stream_http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(2))
             .read_timeout(config.peer_timeout)
             .tcp_nodelay(true)
             .build()
-            .expect("HTTP client builds (install the rustls provider first)");
+            .expect("HTTP client builds");
         Arc::new(Node {
             config,
             db,

@@ -154,7 +154,7 @@ pub fn test_config() -> Config {
         upstream_timeout: Duration::from_secs(5),
         body_limit: 4096,
         retry: RetryPolicy {
-            deadline: Duration::from_millis(800),
+            deadline: Duration::from_millis(2000),
             topology_wait: Duration::from_secs(3),
             backoff_min: Duration::from_millis(10),
             backoff_max: Duration::from_millis(100),
