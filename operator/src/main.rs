@@ -41,11 +41,73 @@ enum Command {
     Crd,
     /// Run the Kubernetes operator: reconcile every ShardedDatabase in the cluster (kubeconfig or
     /// in-cluster configuration) until SIGTERM or Ctrl-C.
-    Run {
-        /// Where `/metrics` (Prometheus) and `/healthz` are served.
-        #[arg(long, env = "SHARDDB_METRICS_ADDR", default_value = "0.0.0.0:8080")]
-        metrics_addr: std::net::SocketAddr,
-    },
+    Run(RunArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    /// Where `/metrics` (Prometheus), `/healthz` (alive) and `/readyz` (reconciling, i.e. leading
+    /// when leader election is on) are served.
+    #[arg(long, env = "SHARDDB_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    metrics_addr: std::net::SocketAddr,
+    /// Reconcile only while holding a coordination Lease, so that of several replicas one acts.
+    #[arg(long, env = "SHARDDB_LEADER_ELECT", default_value_t = false, action = clap::ArgAction::Set,
+          num_args = 0..=1, default_missing_value = "true")]
+    leader_elect: bool,
+    /// The Lease's name.
+    #[arg(long, env = "SHARDDB_LEASE_NAME", default_value = "sharddb-operator")]
+    lease_name: String,
+    /// The Lease's namespace; default: this pod's (POD_NAMESPACE).
+    #[arg(long, env = "SHARDDB_LEASE_NAMESPACE")]
+    lease_namespace: Option<String>,
+    /// This pod's namespace, from the downward API.
+    #[arg(long, env = "POD_NAMESPACE", hide = true)]
+    pod_namespace: Option<String>,
+    /// Who holds the Lease: this pod's name, from the downward API; default: the host name.
+    #[arg(long, env = "POD_NAME", hide = true)]
+    pod_name: Option<String>,
+    /// The shard-server image of a ShardedDatabase whose spec.images leaves it out.
+    #[arg(long, env = "SHARDDB_SHARD_SERVER_IMAGE", default_value = operator::crd::DEFAULT_SHARD_SERVER_IMAGE)]
+    shard_server_image: String,
+    /// The router image of a ShardedDatabase whose spec.images leaves it out.
+    #[arg(long, env = "SHARDDB_ROUTER_IMAGE", default_value = operator::crd::DEFAULT_ROUTER_IMAGE)]
+    router_image: String,
+    /// The PostgreSQL image of a ShardedDatabase whose spec.images leaves it out.
+    #[arg(long, env = "SHARDDB_POSTGRES_IMAGE", default_value = operator::crd::DEFAULT_POSTGRES_IMAGE)]
+    postgres_image: String,
+}
+
+impl RunArgs {
+    /// The Lease to hold, when leader election is on.
+    fn lease(&self) -> anyhow::Result<Option<operator::k8s::leader::LeaseConfig>> {
+        if !self.leader_elect {
+            return Ok(None);
+        }
+        let namespace = self
+            .lease_namespace
+            .clone()
+            .or_else(|| self.pod_namespace.clone())
+            .filter(|ns| !ns.is_empty())
+            .context("leader election needs the Lease's namespace: set --lease-namespace or POD_NAMESPACE")?;
+        let identity = match self.pod_name.clone().filter(|n| !n.is_empty()) {
+            Some(name) => name,
+            None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .context("cannot read the host name; set POD_NAME")?
+                .trim()
+                .to_owned(),
+        };
+        Ok(Some(operator::k8s::leader::LeaseConfig::new(self.lease_name.clone(), namespace, identity)))
+    }
+
+    fn config(&self) -> operator::k8s::controller::Config {
+        operator::k8s::controller::Config {
+            default_images: operator::brain::validate::Images {
+                shard_server: self.shard_server_image.clone(),
+                router: self.router_image.clone(),
+                postgres: self.postgres_image.clone(),
+            },
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -73,9 +135,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{}", operator::crd::crd_yaml().context("failed to render the CRD")?);
             Ok(())
         }
-        Command::Run { metrics_addr } => {
+        Command::Run(args) => {
+            let lease = args.lease()?;
             let runtime = tokio::runtime::Runtime::new().context("failed to start the async runtime")?;
-            runtime.block_on(run_operator(metrics_addr))
+            runtime.block_on(run_operator(args.metrics_addr, args.config(), lease))
         }
         Command::Local { spec, data_dir, port, bin_dir, pg_bin } => {
             let bin_dir = match bin_dir {
@@ -94,10 +157,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-async fn run_operator(metrics_addr: std::net::SocketAddr) -> anyhow::Result<()> {
+async fn run_operator(
+    metrics_addr: std::net::SocketAddr,
+    config: operator::k8s::controller::Config,
+    lease: Option<operator::k8s::leader::LeaseConfig>,
+) -> anyhow::Result<()> {
     use operator::crd::ShardedDatabase;
     use operator::k8s::controller::{Context, Metrics, run};
+    use operator::k8s::leader::LeaderElector;
     use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
 
     let client = kube::Client::try_default()
         .await
@@ -112,21 +181,39 @@ async fn run_operator(metrics_addr: std::net::SocketAddr) -> anyhow::Result<()> 
         Err(e) => return Err(e).context("cannot list ShardedDatabases"),
     }
     let mut registry = prometheus_client::registry::Registry::default();
-    let ctx = Context::new(client, Metrics::new(&mut registry));
+    let ctx = Context::new(client.clone(), config, Metrics::new(&mut registry));
     let registry = Arc::new(registry);
-    let app = axum::Router::new().route("/healthz", axum::routing::get(|| async { "ok" })).route(
-        "/metrics",
-        axum::routing::get(move || {
-            let registry = registry.clone();
-            async move {
-                let mut body = String::new();
-                match prometheus_client::encoding::text::encode(&mut body, &registry) {
-                    Ok(()) => (axum::http::StatusCode::OK, body),
-                    Err(_) => (axum::http::StatusCode::INTERNAL_SERVER_ERROR, String::new()),
+    // True while the controller runs: after the Lease is acquired, when leader election is on.
+    let reconciling = Arc::new(AtomicBool::new(false));
+    let ready = reconciling.clone();
+    let app = axum::Router::new()
+        .route("/healthz", axum::routing::get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            axum::routing::get(move || {
+                let ready = ready.load(Ordering::Relaxed);
+                async move {
+                    if ready {
+                        (axum::http::StatusCode::OK, "ok")
+                    } else {
+                        (axum::http::StatusCode::SERVICE_UNAVAILABLE, "not reconciling (waiting for the Lease)")
+                    }
                 }
-            }
-        }),
-    );
+            }),
+        )
+        .route(
+            "/metrics",
+            axum::routing::get(move || {
+                let registry = registry.clone();
+                async move {
+                    let mut body = String::new();
+                    match prometheus_client::encoding::text::encode(&mut body, &registry) {
+                        Ok(()) => (axum::http::StatusCode::OK, body),
+                        Err(_) => (axum::http::StatusCode::INTERNAL_SERVER_ERROR, String::new()),
+                    }
+                }
+            }),
+        );
     let listener = tokio::net::TcpListener::bind(metrics_addr)
         .await
         .with_context(|| format!("cannot listen on {metrics_addr}"))?;
@@ -140,22 +227,73 @@ async fn run_operator(metrics_addr: std::net::SocketAddr) -> anyhow::Result<()> 
             })
             .await
     });
+
+    let elector = lease.map(|lease| LeaderElector::new(client, lease));
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    // A follower only waits; it does nothing that needs undoing when stopped.
+    if let Some(elector) = &elector {
+        let lease = elector.config();
+        tracing::info!(lease = %lease.name, namespace = %lease.namespace, identity = %lease.identity, "waiting for the Lease");
+        tokio::select! {
+            () = elector.acquire() => {}
+            () = &mut shutdown => {
+                let _ = stop_tx.send(true);
+                metrics.await.context("metrics server task failed")?.context("metrics server failed")?;
+                return Ok(());
+            }
+        }
+    }
+    // Leadership lost is the one way `hold` ends; without an elector there is nothing to lose.
+    let lost = async {
+        match &elector {
+            Some(elector) => elector.hold().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(lost);
+
     let mut controller_stop = stop_rx;
-    let controller = run(ctx, async move {
+    // Boxed rather than pinned on the stack so that it can be dropped (cancelling every reconcile
+    // in flight) the moment leadership is lost.
+    let mut controller = Box::pin(run(ctx, async move {
         let _ = controller_stop.wait_for(|s| *s).await;
-    });
-    tokio::pin!(controller);
-    tokio::select! {
-        () = &mut controller => {}
-        () = shutdown_signal() => {
+    }));
+    reconciling.store(true, Ordering::Relaxed);
+    let outcome = tokio::select! {
+        () = &mut controller => Ok(()),
+        reason = &mut lost => {
+            // Another replica may already be acting: stop at once, without finishing reconciles
+            // in flight (dropping the controller cancels them), and exit non-zero so Kubernetes
+            // restarts this pod as a follower.
+            Err(anyhow::Error::new(reason).context("lost leadership; stopping"))
+        }
+        () = &mut shutdown => {
             tracing::info!("stopping: finishing reconciles in flight");
             let _ = stop_tx.send(true);
-            controller.await;
+            // Keep renewing while reconciles finish, so nobody else starts meanwhile.
+            tokio::select! {
+                () = &mut controller => Ok(()),
+                reason = &mut lost => Err(anyhow::Error::new(reason).context("lost leadership while stopping")),
+            }
+        }
+    };
+    drop(controller);
+    reconciling.store(false, Ordering::Relaxed);
+    if outcome.is_ok()
+        && let Some(elector) = &elector
+    {
+        // Only after the controller stopped acting: a follower may take over right away.
+        match elector.release().await {
+            Ok(()) => tracing::info!("released the Lease"),
+            Err(error) => {
+                tracing::warn!(error = %format!("{:#}", anyhow::Error::new(error)), "failed to release the Lease")
+            }
         }
     }
     let _ = stop_tx.send(true);
     metrics.await.context("metrics server task failed")?.context("metrics server failed")?;
-    Ok(())
+    outcome
 }
 
 /// Resolves on Ctrl-C or SIGTERM (how Kubernetes stops a pod).
@@ -171,5 +309,42 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_args(args: &[&str]) -> RunArgs {
+        let cli = Cli::try_parse_from(["sharddb-operator", "run"].iter().chain(args)).unwrap();
+        match cli.command {
+            Command::Run(args) => args,
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn leader_election_is_off_by_default_and_needs_a_namespace_when_on() {
+        // The chart sets these through the environment; explicit flags here keep the test
+        // independent of the environment it runs in.
+        let args = run_args(&["--leader-elect=false"]);
+        assert!(args.lease().unwrap().is_none());
+        let args = run_args(&["--leader-elect", "--lease-name", "l", "--lease-namespace", "ops", "--pod-name", "p-0"]);
+        let lease = args.lease().unwrap().unwrap();
+        assert_eq!((lease.name.as_str(), lease.namespace.as_str(), lease.identity.as_str()), ("l", "ops", "p-0"));
+        let args = run_args(&["--leader-elect=true", "--pod-namespace", "pods", "--pod-name", "p-0"]);
+        assert_eq!(args.lease().unwrap().unwrap().namespace, "pods");
+    }
+
+    #[test]
+    fn image_flags_become_the_default_images() {
+        let args =
+            run_args(&["--router-image", "m/r:1", "--postgres-image", "m/pg:1", "--shard-server-image", "m/s:1"]);
+        let images = args.config().default_images;
+        assert_eq!(
+            (images.router.as_str(), images.postgres.as_str(), images.shard_server.as_str()),
+            ("m/r:1", "m/pg:1", "m/s:1")
+        );
     }
 }

@@ -5,7 +5,7 @@ use fake_apiserver::FakeApiServer;
 use kube::CustomResourceExt;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use operator::crd::ShardedDatabase;
-use operator::k8s::controller::{Context, Metrics, run};
+use operator::k8s::controller::{Config, Context, Metrics, run};
 use serde_json::{Value, json};
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,7 +31,7 @@ async fn start() -> Harness {
     let server = FakeApiServer::start().await;
     server.install_crd(&ShardedDatabase::crd()).unwrap();
     let mut registry = prometheus_client::registry::Registry::default();
-    let ctx = Context::new(server.client(), Metrics::new(&mut registry));
+    let ctx = Context::new(server.client(), Config::default(), Metrics::new(&mut registry));
     let (stop, stopped) = tokio::sync::oneshot::channel();
     tokio::spawn(run(ctx.clone(), async move {
         let _ = stopped.await;

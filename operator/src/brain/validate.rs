@@ -41,6 +41,18 @@ pub struct Images {
     pub postgres: String,
 }
 
+/// The images this operator release was tested with (the `crd` constants); the operator may be
+/// configured with others, see [`validate_with_defaults`].
+impl Default for Images {
+    fn default() -> Self {
+        Images {
+            shard_server: DEFAULT_SHARD_SERVER_IMAGE.to_owned(),
+            router: DEFAULT_ROUTER_IMAGE.to_owned(),
+            postgres: DEFAULT_POSTGRES_IMAGE.to_owned(),
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ShardRange {
     pub id: String,
@@ -113,8 +125,15 @@ pub enum SpecError {
     StorageSize(String),
 }
 
-/// Checks a spec and returns the form the rest of the operator reads.
+/// Checks a spec and returns the form the rest of the operator reads; images the spec leaves out
+/// are this release's defaults.
 pub fn validate(spec: &ShardedDatabaseSpec) -> Result<ValidatedDb, SpecError> {
+    validate_with_defaults(spec, &Images::default())
+}
+
+/// [`validate`], with `default_images` for the images the spec leaves out (the operator's
+/// configured images, e.g. a mirror registry).
+pub fn validate_with_defaults(spec: &ShardedDatabaseSpec, default_images: &Images) -> Result<ValidatedDb, SpecError> {
     let schema = Schema::try_from(SchemaSpec {
         columns: spec.schema.columns.clone(),
         dtypes: spec.schema.dtypes.iter().map(|&t| t.into()).collect(),
@@ -134,9 +153,9 @@ pub fn validate(spec: &ShardedDatabaseSpec) -> Result<ValidatedDb, SpecError> {
     };
     let images = spec.images.clone().unwrap_or_default();
     let images = Images {
-        shard_server: images.shard_server.unwrap_or_else(|| DEFAULT_SHARD_SERVER_IMAGE.to_owned()),
-        router: images.router.unwrap_or_else(|| DEFAULT_ROUTER_IMAGE.to_owned()),
-        postgres: images.postgres.unwrap_or_else(|| DEFAULT_POSTGRES_IMAGE.to_owned()),
+        shard_server: images.shard_server.unwrap_or_else(|| default_images.shard_server.clone()),
+        router: images.router.unwrap_or_else(|| default_images.router.clone()),
+        postgres: images.postgres.unwrap_or_else(|| default_images.postgres.clone()),
     };
     Ok(ValidatedDb {
         schema,
@@ -267,7 +286,7 @@ fn is_quantity(s: &str) -> bool {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::crd::{ColumnType, RouterSpec, ShardSpec, StorageSpec, TableSchema};
+    use crate::crd::{ColumnType, ImagesSpec, RouterSpec, ShardSpec, StorageSpec, TableSchema};
 
     /// The seed's default configuration (examples/students.yaml).
     pub fn students() -> ShardedDatabaseSpec {
@@ -300,6 +319,17 @@ pub(crate) mod tests {
         assert_eq!(db.router_replicas, 2);
         assert_eq!(db.storage_size.as_deref(), Some("1Gi"));
         assert_eq!(db.schema.key_name(), "Stud_id");
+    }
+
+    #[test]
+    fn images_the_spec_leaves_out_are_the_configured_defaults() {
+        let configured = Images { shard_server: "m/ss:9".into(), router: "m/r:9".into(), postgres: "m/pg:9".into() };
+        assert_eq!(validate(&students()).unwrap().images, Images::default());
+        assert_eq!(validate_with_defaults(&students(), &configured).unwrap().images, configured);
+        let mut spec = students();
+        spec.images = Some(ImagesSpec { router: Some("own/r:1".into()), ..ImagesSpec::default() });
+        let db = validate_with_defaults(&spec, &configured).unwrap();
+        assert_eq!(db.images, Images { router: "own/r:1".into(), ..configured });
     }
 
     #[test]

@@ -12,7 +12,7 @@ use super::build::{Owner, names, pdb, rbac, router, service, statefulset};
 use super::status::{self, Observed, READY};
 use crate::brain::placement::place;
 use crate::brain::topology::TopologyBuildError;
-use crate::brain::validate::validate;
+use crate::brain::validate::{Images, validate_with_defaults};
 use crate::crd::{ConditionStatus, ShardedDatabase, ShardedDatabaseStatus};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
@@ -94,9 +94,17 @@ impl Metrics {
     }
 }
 
+/// How this operator is configured (parsed once in `main`, from flags and the environment).
+#[derive(Clone, Debug, Default)]
+pub struct Config {
+    /// The images of a ShardedDatabase whose `spec.images` leaves them out.
+    pub default_images: Images,
+}
+
 /// Shared by every reconcile.
 pub struct Context {
     pub client: Client,
+    pub config: Config,
     pub recorder: Recorder,
     pub metrics: Metrics,
     /// Consecutive failures per object, for the backoff; cleared by a success.
@@ -104,10 +112,10 @@ pub struct Context {
 }
 
 impl Context {
-    pub fn new(client: Client, metrics: Metrics) -> Arc<Self> {
+    pub fn new(client: Client, config: Config, metrics: Metrics) -> Arc<Self> {
         let reporter = Reporter { controller: names::MANAGER.into(), instance: std::env::var("POD_NAME").ok() };
         let recorder = Recorder::new(client.clone(), reporter);
-        Arc::new(Context { client, recorder, metrics, failures: Mutex::default() })
+        Arc::new(Context { client, config, recorder, metrics, failures: Mutex::default() })
     }
 }
 
@@ -156,7 +164,7 @@ async fn reconcile_inner(db: &ShardedDatabase, ctx: &Context) -> Result<Action, 
     let previous = db.status.as_ref();
     let now = now();
 
-    let valid = match validate(&db.spec) {
+    let valid = match validate_with_defaults(&db.spec, &ctx.config.default_images) {
         Ok(valid) => valid,
         Err(error) => {
             let message = error.to_string();

@@ -62,7 +62,7 @@ fn resources(spec: Option<&ContainerResources>) -> Option<ResourceRequirements> 
 #[cfg(test)]
 pub(crate) mod testing {
     use super::Owner;
-    use crate::brain::validate::{ValidatedDb, tests::students, validate};
+    use crate::brain::validate::{Images, ValidatedDb, tests::students, validate, validate_with_defaults};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 
     pub fn owner() -> Owner {
@@ -82,6 +82,20 @@ pub(crate) mod testing {
 
     pub fn db() -> ValidatedDb {
         validate(&students()).unwrap()
+    }
+
+    /// Images an operator might be configured with instead of the release's defaults.
+    pub fn mirror_images() -> Images {
+        Images {
+            shard_server: "mirror.example/sharddb-shard-server:9".into(),
+            router: "mirror.example/sharddb-router:9".into(),
+            postgres: "mirror.example/postgres:17".into(),
+        }
+    }
+
+    /// [`db`] validated by an operator configured with [`mirror_images`].
+    pub fn db_with_mirror_images() -> ValidatedDb {
+        validate_with_defaults(&students(), &mirror_images()).unwrap()
     }
 
     /// The metadata every child must carry.

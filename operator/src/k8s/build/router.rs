@@ -59,7 +59,7 @@ pub fn router_deployment(db: &ValidatedDb, owner: &Owner) -> Deployment {
 mod tests {
     use super::*;
     use crate::crd::DEFAULT_ROUTER_IMAGE;
-    use crate::k8s::build::testing::{assert_child_meta, db, owner};
+    use crate::k8s::build::testing::{assert_child_meta, db, db_with_mirror_images, mirror_images, owner};
 
     #[test]
     fn routers_follow_the_configmap_with_readiness_on_readyz() {
@@ -78,5 +78,12 @@ mod tests {
         for (k, v) in spec.selector.match_labels.unwrap() {
             assert_eq!(labels.get(&k), Some(&v));
         }
+    }
+
+    #[test]
+    fn the_operators_configured_router_image_is_the_default() {
+        let d = router_deployment(&db_with_mirror_images(), &owner());
+        let pod = d.spec.unwrap().template.spec.unwrap();
+        assert_eq!(pod.containers[0].image, Some(mirror_images().router));
     }
 }

@@ -212,7 +212,7 @@ fn postgres_container(db: &ValidatedDb, owner: &Owner) -> Container {
 mod tests {
     use super::*;
     use crate::crd::{ContainerResources, DEFAULT_POSTGRES_IMAGE};
-    use crate::k8s::build::testing::{assert_child_meta, db, owner};
+    use crate::k8s::build::testing::{assert_child_meta, db, db_with_mirror_images, mirror_images, owner};
 
     fn pod(sts: &StatefulSet) -> &PodSpec {
         sts.spec.as_ref().unwrap().template.spec.as_ref().unwrap()
@@ -307,5 +307,13 @@ mod tests {
             p.containers[1].resources.as_ref().unwrap().requests.as_ref().unwrap()["memory"],
             Quantity("1Gi".into())
         );
+    }
+
+    #[test]
+    fn the_operators_configured_images_are_the_defaults() {
+        let sts = server_statefulset(&db_with_mirror_images(), &owner(), "Server0");
+        let p = pod(&sts);
+        assert_eq!(p.containers[0].image, Some(mirror_images().shard_server));
+        assert_eq!(p.containers[1].image, Some(mirror_images().postgres));
     }
 }
