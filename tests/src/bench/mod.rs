@@ -4,7 +4,7 @@
 //!
 //! Module map: `specs` (cluster shapes, pure), `layout` (where shards live), `client` (router and
 //! snapshot requests, checked), `baseline` (the direct-SQL side), `load` (the load generator),
-//! `procstat` (CPU and memory from `/proc`), `workloads` (each workload's steps), `report` (the JSON
+//! `procstat` (CPU and memory from `/proc`), `target` (the system under test), `workloads` (each workload's steps), `report` (the JSON
 //! document and the targets, pure), `render` (Markdown and SVG, pure).
 
 pub mod baseline;
@@ -15,6 +15,7 @@ pub mod procstat;
 pub mod render;
 pub mod report;
 pub mod specs;
+pub mod target;
 pub mod workloads;
 
 use anyhow::{Context, Result};

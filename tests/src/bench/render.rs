@@ -1,7 +1,7 @@
 //! Renders a report as Markdown (`docs/benchmarks.md`) and as an SVG bar chart written by hand (no
 //! plotting crate). The Markdown keeps a hand-written analysis section across re-renders. Pure.
 
-use crate::bench::report::{Report, ResultRow, TargetCheck, fmt_num};
+use crate::bench::report::{Report, ResultRow, TargetCheck, fmt_int, fmt_num};
 use std::fmt::Write as _;
 
 const ANALYSIS_START: &str = "<!-- analysis:start (hand-written; kept when the report is regenerated) -->";
@@ -71,7 +71,7 @@ pub fn markdown(r: &Report, svg_name: &str, analysis: Option<&str>) -> String {
         m,
         "{} operations per phase at concurrency {} ({}). Everything — Postgres servers, shard servers, \
          router and the load generator — shares this machine, so compare ratios within one run.\n",
-        fmt_num(p.ops as f64),
+        fmt_int(p.ops as u64),
         p.concurrency,
         if p.mode == "local" { "a fresh local cluster per workload" } else { "an existing router" },
     );
@@ -124,7 +124,7 @@ pub fn markdown(r: &Report, svg_name: &str, analysis: Option<&str>) -> String {
             m,
             "| {} | {} | {} | {} | {} | {} | {} | {} | {} / {} |",
             x.title,
-            fmt_num(x.ops as f64),
+            fmt_int(x.ops),
             errors,
             fmt_num(x.ops_per_s),
             opt(x.baseline_ops_per_s),

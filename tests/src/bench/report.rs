@@ -281,6 +281,11 @@ pub fn evaluate_targets(results: &[ResultRow], memory: &[ClusterMemory]) -> Vec<
     out
 }
 
+/// `12345` → `12,345`.
+pub fn fmt_int(v: u64) -> String {
+    if v < 1000 { v.to_string() } else { fmt_num(v as f64) }
+}
+
 /// `12345.6` → `12,346`; small values keep a decimal.
 pub fn fmt_num(v: f64) -> String {
     if !v.is_finite() {

@@ -1,15 +1,16 @@
 //! Each workload's steps: start (or reach) the system, prepare keys and request bodies, run the
-//! router phase and then the baseline phase under the same load, and record the rows and memory.
+//! router phase and then the baseline phase under the same load, and record the rows.
 //! Does I/O.
 
-use crate::LocalCluster;
 use crate::bench::baseline::Baseline;
-use crate::bench::client::{self, Expect, Router};
+use crate::bench::client;
+use crate::bench::client::Expect;
 use crate::bench::layout::Layout;
 use crate::bench::load::{LoadOutcome, drive};
-use crate::bench::procstat::{self, CpuUsage};
-use crate::bench::report::{ClusterMemory, Report, ResultRow, Side};
+use crate::bench::procstat::CpuUsage;
+use crate::bench::report::{Report, ResultRow, Side};
 use crate::bench::specs::Shape;
+use crate::bench::target::Target;
 use crate::bench::{Options, Workload};
 use anyhow::{Context, Result, bail, ensure};
 use bytes::Bytes;
@@ -19,26 +20,17 @@ use rand::{Rng, SeedableRng};
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 /// Rows per request in the batch workload.
 const BATCH_ROWS: usize = 100;
 /// Rows per request when loading data before a timed phase.
 const LOAD_ROWS: usize = 500;
-/// How long the idle system is watched before the first phase.
-const IDLE_SAMPLE: Duration = Duration::from_secs(3);
+/// Tries per request when loading (set-up, not measured).
+const LOAD_ATTEMPTS: u32 = 5;
 /// Snapshot streams timed in the copy workload (the median is reported).
 const COPY_RUNS: usize = 3;
-
-/// The system under test for one workload.
-struct Target {
-    router: Router,
-    layout: Layout,
-    baseline: Option<Arc<Baseline>>,
-    cluster: Option<LocalCluster>,
-    cluster_name: String,
-    memory: ClusterMemory,
-}
 
 pub struct Ctx {
     opts: Options,
@@ -71,83 +63,13 @@ impl Ctx {
 
     /// Starts a local cluster of `shape` (or reaches the given router) and the baseline over it.
     async fn open(&mut self, workload: &str, shape: Option<Shape>) -> Result<Target> {
-        let (router_url, cluster, layout, cluster_name) = match (&self.opts.router, shape) {
-            (Some(url), _) => {
-                let layout = Layout::from_router(&self.http, url, &self.opts.baseline_dbs).await?;
-                let name = format!("{url} ({} shards)", layout.shards.len());
-                (url.clone(), None, layout, name)
-            }
-            (None, Some(shape)) => {
-                let dir = tempfile::Builder::new().prefix("sharddb-bench-spec-").tempdir()?;
-                let spec = dir.path().join(format!("{workload}.yaml"));
-                std::fs::write(&spec, shape.yaml())?;
-                let cluster = tokio::task::spawn_blocking(move || LocalCluster::start(&spec))
-                    .await
-                    .context("starting the local cluster")??;
-                let layout = Layout::from_cluster(&cluster.cluster_file()?)?;
-                (cluster.router.clone(), Some(cluster), layout, shape.describe())
-            }
-            (None, None) => bail!("a local run needs a cluster shape"),
-        };
-        let router = Router::new(self.http.clone(), &router_url);
-        router.wait_ready(Duration::from_secs(60)).await?;
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let watched = layout.watched();
-        let before = watched.sample();
-        tokio::time::sleep(IDLE_SAMPLE).await;
-        let idle = before.until(&watched.sample());
-        let memory = ClusterMemory {
-            workload: workload.into(),
-            cluster: cluster_name.clone(),
-            shard_server_rest_mib: max_mem(
-                &layout,
-                |l| l.servers.values().filter_map(|s| s.pid).collect(),
-                |m| m.rss_mib,
-            ),
-            router_rest_mib: layout.router_pid.and_then(procstat::memory).map(|m| m.rss_mib),
-            idle_cpu_cores: self.local().then(|| idle.system_s() / idle.wall_s),
-            idle_cpu_split: (self.local())
-                .then(|| [idle.router_s, idle.shard_servers_s, idle.postgres_s].map(|c| c / idle.wall_s)),
-            ..ClusterMemory::default()
-        };
-        let baseline = if layout.servers.values().all(|s| s.pg_url.is_some()) {
-            let b = Baseline::connect(&layout, self.opts.concurrency).await.context("preparing the baseline")?;
-            if self.postgres_version.is_none() {
-                self.postgres_version = b.postgres_version().await;
-            }
-            Some(Arc::new(b))
-        } else {
-            None
-        };
-        Ok(Target { router, layout, baseline, cluster, cluster_name, memory })
-    }
-
-    /// Records peak memory and stops the cluster.
-    async fn close(&self, mut t: Target, report: &mut Report) -> Result<()> {
-        t.memory.shard_server_peak_mib =
-            max_mem(&t.layout, |l| l.servers.values().filter_map(|s| s.pid).collect(), |m| m.peak_mib);
-        t.memory.router_peak_mib = t.layout.router_pid.and_then(procstat::memory).map(|m| m.peak_mib);
-        t.memory.postgres_process_peak_mib = max_mem(
-            &t.layout,
-            |l| {
-                l.servers
-                    .values()
-                    .filter_map(|s| s.pg_pid)
-                    .flat_map(|p| std::iter::once(p).chain(procstat::children(p)))
-                    .collect()
-            },
-            |m| m.peak_mib,
-        );
-        if let Some(b) = t.baseline.take().and_then(Arc::into_inner) {
-            b.close().await;
+        let t = Target::open(&self.opts, &self.http, workload, shape).await?;
+        if self.postgres_version.is_none()
+            && let Some(b) = &t.baseline
+        {
+            self.postgres_version = b.postgres_version().await;
         }
-        if self.local() {
-            report.memory.push(t.memory);
-        }
-        if let Some(c) = t.cluster.take() {
-            tokio::task::spawn_blocking(move || drop(c)).await?;
-        }
-        Ok(())
+        Ok(t)
     }
 
     /// Runs `op` on the router side and then `base` on the baseline side, `n` operations each,
@@ -312,7 +234,7 @@ impl Ctx {
         let result = async {
             ensure!(t.layout.key_space() <= 2_000_000, "range fills every shard; this key space is too large");
             let keys: Vec<i64> = t.layout.all_keys().collect();
-            self.load(&t, &keys, true).await?;
+            self.load(&t, &keys, true, "range", &mut report.notes).await?;
             let shards = Arc::new(t.layout.shards.clone());
             let mut rng = StdRng::seed_from_u64(2);
             let mut rows = Vec::new();
@@ -386,7 +308,7 @@ impl Ctx {
             let mut rng = StdRng::seed_from_u64(3);
             let keys = spread_keys(&t.layout, n + writes, &mut rng)?;
             let (loaded, fresh) = keys.split_at(n);
-            self.load(&t, loaded, true).await?;
+            self.load(&t, loaded, true, "mixed", &mut report.notes).await?;
             // Every fifth operation writes: an even 80/20 mix over time.
             let ops: Vec<(bool, i64, usize)> = (0..n)
                 .map(|i| {
@@ -439,7 +361,7 @@ impl Ctx {
         let result = async {
             let keys: Vec<i64> = (t.layout.shards[0].low..).take(rows).collect();
             // The baseline streams the system's own table: no baseline copy to load.
-            let load = self.load(&t, &keys, false).await?;
+            let load = self.load(&t, &keys, false, "copy", &mut report.notes).await?;
             let shard = t.layout.shards[0].clone();
             let primary = t.layout.servers[&shard.replicas[0]].url.clone().context("primary has no URL")?;
 
@@ -525,7 +447,14 @@ impl Ctx {
 
     /// Writes `keys` through the router (batches of `LOAD_ROWS` per shard) and, with `baseline`,
     /// into the baseline tables; untimed set-up, but every request is checked.
-    async fn load(&self, t: &Target, keys: &[i64], baseline: bool) -> Result<LoadOutcome> {
+    async fn load(
+        &self,
+        t: &Target,
+        keys: &[i64],
+        baseline: bool,
+        workload: &str,
+        notes: &mut Vec<String>,
+    ) -> Result<LoadOutcome> {
         let mut by_shard: BTreeMap<usize, Vec<i64>> = BTreeMap::new();
         for k in keys {
             by_shard
@@ -537,13 +466,41 @@ impl Ctx {
             Arc::new(by_shard.values().flat_map(|ks| ks.chunks(LOAD_ROWS).map(client::write_body)).collect());
         let r = t.router.clone();
         let n = bodies.len();
+        let retries = Arc::new(AtomicU64::new(0));
+        let counted = retries.clone();
+        // Set-up only: a failed batch is retried (an identical rewrite is a no-op success), and
+        // the retries are reported.
         let out = drive(n, 8, move |i| {
-            let (r, b) = (r.clone(), bodies[i].clone());
-            async move { r.write(b).await }
+            let (r, b, retries) = (r.clone(), bodies[i].clone(), counted.clone());
+            async move {
+                let mut attempt = 1;
+                loop {
+                    match r.write(b.clone()).await {
+                        Err(_) if attempt < LOAD_ATTEMPTS => {
+                            retries.fetch_add(1, Ordering::Relaxed);
+                            tokio::time::sleep(Duration::from_millis(200 * attempt as u64)).await;
+                            attempt += 1;
+                        }
+                        done => return done,
+                    }
+                }
+            }
         })
         .await;
         if out.errors > 0 {
-            bail!("loading {} rows failed {} times: {:?}", keys.len(), out.errors, out.error_samples);
+            bail!(
+                "loading {} rows failed {} times after {LOAD_ATTEMPTS} attempts each: {:?}",
+                keys.len(),
+                out.errors,
+                out.error_samples
+            );
+        }
+        let retries = retries.load(Ordering::Relaxed);
+        if retries > 0 {
+            notes.push(format!(
+                "{workload}: loading {} rows before timing needed {retries} retried requests (of {n})",
+                keys.len()
+            ));
         }
         if let Some(b) = t.baseline.as_ref().filter(|_| baseline) {
             b.preload(keys).await.context("loading the baseline tables")?;
@@ -553,9 +510,10 @@ impl Ctx {
 
     /// Records a workload's rows (or its failure) and stops its cluster either way.
     async fn finish(&self, t: Target, result: Result<Vec<ResultRow>>, report: &mut Report) -> Result<()> {
-        let closed = self.close(t, report).await;
+        let closed = t.close().await;
         report.results.extend(result?);
-        closed
+        report.memory.extend(closed?);
+        Ok(())
     }
 }
 
@@ -576,11 +534,6 @@ fn scale_cpu(c: CpuUsage, f: f64) -> CpuUsage {
         machine_s: c.machine_s * f,
         machine_utilisation: c.machine_utilisation,
     }
-}
-
-/// The largest of `pick(memory)` over the processes `pids(layout)` names.
-fn max_mem(layout: &Layout, pids: impl Fn(&Layout) -> Vec<u32>, pick: impl Fn(procstat::Memory) -> f64) -> Option<f64> {
-    pids(layout).into_iter().filter_map(procstat::memory).map(pick).max_by(f64::total_cmp)
 }
 
 /// `n` distinct keys drawn evenly at random from every shard's range.

@@ -1,0 +1,126 @@
+//! The system under test for one workload: a local cluster started from a generated spec (or a
+//! given router), where its data lives, the baseline over the same databases, and the cluster's
+//! memory and idle CPU. Does I/O.
+
+use crate::LocalCluster;
+use crate::bench::Options;
+use crate::bench::baseline::Baseline;
+use crate::bench::client::Router;
+use crate::bench::layout::Layout;
+use crate::bench::procstat;
+use crate::bench::report::ClusterMemory;
+use crate::bench::specs::Shape;
+use anyhow::{Context, Result, bail};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How long the idle system is watched before the first phase.
+const IDLE_SAMPLE: Duration = Duration::from_secs(3);
+
+/// The system under test for one workload.
+pub struct Target {
+    pub router: Router,
+    pub layout: Layout,
+    pub baseline: Option<Arc<Baseline>>,
+    /// Describes the cluster for the report.
+    pub cluster_name: String,
+    cluster: Option<LocalCluster>,
+    /// Local clusters only.
+    memory: Option<ClusterMemory>,
+    /// Holds the generated spec for as long as the cluster runs.
+    _spec_dir: Option<tempfile::TempDir>,
+}
+
+impl Target {
+    /// Starts a local cluster of `shape` (or reaches `opts.router`), waits until it serves, takes
+    /// its memory and idle CPU at rest, and prepares the baseline over its databases.
+    pub async fn open(opts: &Options, http: &reqwest::Client, workload: &str, shape: Option<Shape>) -> Result<Target> {
+        let local = opts.router.is_none();
+        let (router_url, cluster, layout, cluster_name, spec_dir) = match (&opts.router, shape) {
+            (Some(url), _) => {
+                let layout = Layout::from_router(http, url, &opts.baseline_dbs).await?;
+                let name = format!("{url} ({} shards)", layout.shards.len());
+                (url.clone(), None, layout, name, None)
+            }
+            (None, Some(shape)) => {
+                let dir = tempfile::Builder::new().prefix("sharddb-bench-spec-").tempdir()?;
+                let spec = dir.path().join(format!("{workload}.yaml"));
+                std::fs::write(&spec, shape.yaml())?;
+                let cluster = tokio::task::spawn_blocking(move || LocalCluster::start(&spec))
+                    .await
+                    .context("starting the local cluster")??;
+                let layout = Layout::from_cluster(&cluster.cluster_file()?)?;
+                (cluster.router.clone(), Some(cluster), layout, shape.describe(), Some(dir))
+            }
+            (None, None) => bail!("a local run needs a cluster shape"),
+        };
+        let router = Router::new(http.clone(), &router_url);
+        router.wait_ready(Duration::from_secs(60)).await?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let watched = layout.watched();
+        let before = watched.sample();
+        tokio::time::sleep(IDLE_SAMPLE).await;
+        let idle = before.until(&watched.sample());
+        let memory = ClusterMemory {
+            workload: workload.into(),
+            cluster: cluster_name.clone(),
+            shard_server_rest_mib: max_mem(
+                &layout,
+                |l| l.servers.values().filter_map(|s| s.pid).collect(),
+                |m| m.rss_mib,
+            ),
+            router_rest_mib: layout.router_pid.and_then(procstat::memory).map(|m| m.rss_mib),
+            idle_cpu_cores: Some(idle.system_s() / idle.wall_s),
+            idle_cpu_split: Some([idle.router_s, idle.shard_servers_s, idle.postgres_s].map(|c| c / idle.wall_s)),
+            ..ClusterMemory::default()
+        };
+        let baseline = if layout.servers.values().all(|s| s.pg_url.is_some()) {
+            let b = Baseline::connect(&layout, opts.concurrency).await.context("preparing the baseline")?;
+            Some(Arc::new(b))
+        } else {
+            None
+        };
+        Ok(Target {
+            router,
+            layout,
+            baseline,
+            cluster,
+            cluster_name,
+            memory: local.then_some(memory),
+            _spec_dir: spec_dir,
+        })
+    }
+
+    /// Takes peak memory (for a local cluster), closes the baseline and stops the cluster.
+    pub async fn close(mut self) -> Result<Option<ClusterMemory>> {
+        let t = &mut self;
+        if let Some(m) = &mut t.memory {
+            m.shard_server_peak_mib =
+                max_mem(&t.layout, |l| l.servers.values().filter_map(|s| s.pid).collect(), |m| m.peak_mib);
+            m.router_peak_mib = t.layout.router_pid.and_then(procstat::memory).map(|m| m.peak_mib);
+            m.postgres_process_peak_mib = max_mem(
+                &t.layout,
+                |l| {
+                    l.servers
+                        .values()
+                        .filter_map(|s| s.pg_pid)
+                        .flat_map(|p| std::iter::once(p).chain(procstat::children(p)))
+                        .collect()
+                },
+                |m| m.peak_mib,
+            );
+        }
+        if let Some(b) = t.baseline.take().and_then(Arc::into_inner) {
+            b.close().await;
+        }
+        if let Some(c) = t.cluster.take() {
+            tokio::task::spawn_blocking(move || drop(c)).await?;
+        }
+        Ok(self.memory.take())
+    }
+}
+
+/// The largest of `pick(memory)` over the processes `pids(layout)` names.
+fn max_mem(layout: &Layout, pids: impl Fn(&Layout) -> Vec<u32>, pick: impl Fn(procstat::Memory) -> f64) -> Option<f64> {
+    pids(layout).into_iter().filter_map(procstat::memory).map(pick).max_by(f64::total_cmp)
+}
