@@ -104,7 +104,7 @@ impl Cluster {
         };
         topology.validate().unwrap();
         write_atomic(&topology_path, &topology).unwrap();
-        let mut c = Cluster { pg, dir, topology_path, topology, servers, http: http_client(Duration::from_secs(10)) };
+        let mut c = Cluster { pg, dir, topology_path, topology, servers, http: http_client(Duration::from_secs(30)) };
         for (i, l) in listeners.into_iter().enumerate() {
             c.serve(i, l).await;
         }
