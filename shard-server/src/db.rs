@@ -244,7 +244,8 @@ impl Db {
 
     /// Creates the shard's table and bookkeeping row if missing; returns its applied seq. A shard that
     /// exists with another schema is an error, never silently altered.
-    pub async fn ensure_shard(&self, t: &ShardTable, standalone: bool) -> Result<u64, DbError> {
+    /// Returns the applied seq and the copy's identity.
+    pub async fn ensure_shard(&self, t: &ShardTable, standalone: bool) -> Result<(u64, String), DbError> {
         let spec = serde_json::to_string(&t.schema.to_spec()).expect("schema serialises");
         let mut tx = self.pool.begin().await?;
         sqlx::query("SELECT pg_advisory_xact_lock(726354)").execute(&mut *tx).await?;
@@ -258,7 +259,7 @@ impl Db {
         .bind(standalone)
         .execute(&mut *tx)
         .await?;
-        let r = sqlx::query("SELECT applied_seq, schema::text FROM sharddb_shards WHERE shard = $1")
+        let r = sqlx::query("SELECT applied_seq, schema::text, copy_id FROM sharddb_shards WHERE shard = $1")
             .bind(&t.shard)
             .fetch_one(&mut *tx)
             .await?;
@@ -275,8 +276,9 @@ impl Db {
                 .await?;
         }
         let applied = seq_from_sql(r.try_get(0)?);
+        let copy_id: String = r.try_get(2)?;
         tx.commit().await?;
-        Ok(applied)
+        Ok((applied, copy_id))
     }
 
     /// The stored rows for `keys` (absent keys are simply missing from the map).
@@ -497,13 +499,16 @@ impl Installer {
     }
 
     /// Records the snapshot's sequence number and commits.
-    pub async fn finish(mut self, t: &ShardTable, seq: u64) -> Result<(), DbError> {
-        sqlx::query("UPDATE sharddb_shards SET applied_seq = $2, copy_id = gen_random_uuid()::text WHERE shard = $1")
-            .bind(&t.shard)
-            .bind(seq_to_sql(seq))
-            .execute(&mut *self.tx)
-            .await?;
+    /// Records the snapshot's sequence number, gives the copy a new identity and commits; returns it.
+    pub async fn finish(mut self, t: &ShardTable, seq: u64) -> Result<String, DbError> {
+        let copy_id: String = sqlx::query_scalar(
+            "UPDATE sharddb_shards SET applied_seq = $2, copy_id = gen_random_uuid()::text WHERE shard = $1 RETURNING copy_id",
+        )
+        .bind(&t.shard)
+        .bind(seq_to_sql(seq))
+        .fetch_one(&mut *self.tx)
+        .await?;
         self.tx.commit().await?;
-        Ok(())
+        Ok(copy_id)
     }
 }

@@ -27,14 +27,20 @@ pub struct NodeConfig {
 /// What this server is for one shard, as of the topology it holds.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ShardRole {
+    /// `stale_copy`: the topology records another identity for this copy than the one it has, so
+    /// it lost its data since the operator last looked (e.g. restarted on an empty volume). Such a
+    /// copy must neither accept writes as primary (it would number them from scratch, and replicas
+    /// would take them for replays) nor serve reads, until the operator heals it.
     Primary {
         epoch: u64,
         entry: ShardEntry,
+        stale_copy: bool,
     },
     Replica {
         epoch: u64,
         state: ReplicaState,
         primary: String,
+        stale_copy: bool,
     },
     /// Configured with `/config`, outside any topology: its own sole primary.
     Standalone,
@@ -150,14 +156,14 @@ impl Node {
             return Ok(Arc::clone(s));
         }
         let table = ShardTable::new(id, schema);
-        let applied = self.db.ensure_shard(&table, standalone).await.map_err(|e| match e {
+        let (applied, copy_id) = self.db.ensure_shard(&table, standalone).await.map_err(|e| match e {
             crate::db::DbError::SchemaMismatch { shard, .. } => ApiError::Conflict {
                 message: format!("shard {shard} already exists with another schema"),
                 keys: vec![],
             },
             other => ApiError::Db(other),
         })?;
-        let shard = Shard::spawn(table, applied, standalone);
+        let shard = Shard::spawn(table, applied, copy_id, standalone);
         self.shards.write().expect("lock").insert(id.to_owned(), Arc::clone(&shard));
         tracing::info!(shard = id, applied, standalone, "shard opened");
         Ok(shard)
@@ -180,10 +186,11 @@ impl Node {
         {
             let schema = t.schema().map_err(|e| ApiError::Internal(e.to_string()))?;
             let shard = self.open_shard(id, schema, false).await?;
+            let stale_copy = entry.copies.get(self.name()).is_some_and(|recorded| *recorded != shard.copy_id());
             let role = if entry.primary == self.name() {
-                ShardRole::Primary { epoch: t.epoch, entry: entry.clone() }
+                ShardRole::Primary { epoch: t.epoch, entry: entry.clone(), stale_copy }
             } else {
-                ShardRole::Replica { epoch: t.epoch, state: *state, primary: entry.primary.clone() }
+                ShardRole::Replica { epoch: t.epoch, state: *state, primary: entry.primary.clone(), stale_copy }
             };
             return Ok((shard, role));
         }

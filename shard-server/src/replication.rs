@@ -52,6 +52,8 @@ pub struct Shard {
     jobs: mpsc::Sender<Job>,
     job_rx: Mutex<Option<mpsc::Receiver<Job>>>,
     standalone: AtomicBool,
+    /// This copy's identity (see [`crate::api::ShardStatus::copy_id`]).
+    copy_id: Mutex<String>,
     /// Recent entries, ascending and consecutive.
     cache: Mutex<VecDeque<Arc<Entry>>>,
     /// What each peer is known to have applied (`None`: unknown, ask).
@@ -59,7 +61,7 @@ pub struct Shard {
 }
 
 impl Shard {
-    pub fn spawn(table: ShardTable, applied: u64, standalone: bool) -> Arc<Shard> {
+    pub fn spawn(table: ShardTable, applied: u64, copy_id: String, standalone: bool) -> Arc<Shard> {
         let (tx, rx) = mpsc::channel(4096);
         Arc::new(Shard {
             table,
@@ -67,6 +69,7 @@ impl Shard {
             jobs: tx,
             job_rx: Mutex::new(Some(rx)),
             standalone: AtomicBool::new(standalone),
+            copy_id: Mutex::new(copy_id),
             cache: Mutex::new(VecDeque::new()),
             peers: Mutex::new(HashMap::new()),
         })
@@ -80,6 +83,9 @@ impl Shard {
     }
     pub fn set_standalone(&self) {
         self.standalone.store(true, Ordering::Relaxed);
+    }
+    pub fn copy_id(&self) -> String {
+        self.copy_id.lock().expect("lock").clone()
     }
 
     /// Queues a batch for the writer (started on first use) and waits for its outcome.
@@ -315,7 +321,8 @@ impl Shard {
             return Err(recovery(format!("the snapshot announced {} rows but carried {count}", end.rows)));
         }
         install.insert(&self.table, &batch).await?;
-        install.finish(&self.table, header.seq).await?;
+        let copy_id = install.finish(&self.table, header.seq).await?;
+        *self.copy_id.lock().expect("lock") = copy_id;
         *applied = header.seq;
         self.cache.lock().expect("lock").clear();
         tracing::info!(shard = self.id(), seq = header.seq, rows = count, "snapshot installed");
@@ -477,7 +484,16 @@ fn decide(
 async fn process_group(node: &Arc<Node>, shard: &Arc<Shard>, group: Vec<Job>) {
     let role = node.shard(shard.id()).await.map(|(_, r)| r);
     let (epoch, replicas) = match &role {
-        Ok(ShardRole::Primary { epoch, entry }) => (*epoch, entry.replicas.clone()),
+        Ok(ShardRole::Primary { stale_copy: true, .. }) => {
+            for job in group {
+                let _ = job.reply.send(Err(ApiError::NotReady(format!(
+                    "this copy of shard {} lost its data; it accepts no writes until the operator heals it",
+                    shard.id()
+                ))));
+            }
+            return;
+        }
+        Ok(ShardRole::Primary { epoch, entry, .. }) => (*epoch, entry.replicas.clone()),
         Ok(ShardRole::Standalone) => (0, BTreeMap::new()),
         Ok(ShardRole::Replica { .. }) | Err(_) => {
             for job in group {

@@ -297,3 +297,29 @@ async fn a_copy_that_lost_its_data_reports_a_new_identity() {
     assert_ne!(after.copy_id, before);
     assert_eq!(after.applied_seq, 0);
 }
+
+#[tokio::test]
+async fn a_primary_that_lost_its_data_refuses_writes_until_healed() {
+    // Without this guard a wiped primary would number new writes from 1 again and its replicas,
+    // already past those numbers, would skip them as replays: acknowledged, yet on one copy only.
+    let mut c = Cluster::start(2, &[("sh1", 0, 1000, 0, &[0, 1])]).await;
+    c.client(0).write("sh1", &write(1, inserts(0..5))).await.unwrap();
+    let mut ids = Vec::new();
+    for i in 0..2 {
+        ids.push(c.client(i).status(false).await.unwrap().shards["sh1"].copy_id.clone());
+    }
+    c.publish(|t| {
+        t.shards[0].copies.insert("Server0".into(), ids[0].clone());
+        t.shards[0].copies.insert("Server1".into(), ids[1].clone());
+    })
+    .await;
+    c.kill(0).await;
+    c.restart_with_empty_database(0, 1).await;
+    let e = c.client(0).write("sh1", &write(2, inserts([100]))).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::NotReady), "{e}");
+    let e = c.client(0).read("sh1", "Stud_id", shard_server::api::KeyRange { low: 0, high: 999 }).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::NotReady), "{e}");
+    // The replica still holds everything acknowledged, untouched.
+    let st = c.client(1).status(false).await.unwrap();
+    assert_eq!((st.shards["sh1"].rows, st.shards["sh1"].applied_seq), (5, 1));
+}
