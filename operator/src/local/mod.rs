@@ -178,6 +178,11 @@ pub async fn run_local(opts: LocalOptions) -> Result<(), LocalError> {
     let mut rounds = tokio::time::interval(healer::ROUND);
     rounds.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut changes = cluster.supervisor.changes();
+    // A process may have been restarted between the first cluster.json and this subscription;
+    // writing once now, after subscribing, means no pid change is ever missed.
+    if let Err(e) = cluster.write_cluster_file() {
+        tracing::error!(error = %e, "cannot update cluster.json");
+    }
     let signal = loop {
         tokio::select! {
             s = signals.next() => break s,
