@@ -128,11 +128,23 @@ impl Node {
         Ok(())
     }
 
-    async fn adopt(&self, t: &Topology) {
+    async fn adopt(self: &Arc<Self>, t: &Topology) {
         let Ok(schema) = t.schema() else { return };
-        for (shard, _) in t.shards_of(self.name()) {
-            if let Err(e) = self.open_shard(&shard.id, schema.clone(), false).await {
-                tracing::error!(shard = %shard.id, error = %e, "cannot open shard");
+        for (entry, state) in t.shards_of(self.name()) {
+            match self.open_shard(&entry.id, schema.clone(), false).await {
+                // A replica that becomes ready may still miss writes acknowledged while it was not
+                // (they were fed to it without waiting). It serves no reads until it has caught up
+                // with its primary as of this topology.
+                Ok(shard) if state == ReplicaState::Ready && entry.primary != self.name() => {
+                    if shard.close_read_gate(t.epoch) {
+                        let (node, url) = (Arc::clone(self), t.servers.get(&entry.primary).map(|s| s.url.clone()));
+                        if let Some(url) = url {
+                            tokio::spawn(async move { shard.catch_up_then_open(&node, &url).await });
+                        }
+                    }
+                }
+                Ok(shard) => shard.forget_read_gate(),
+                Err(e) => tracing::error!(shard = %entry.id, error = %e, "cannot open shard"),
             }
         }
     }
@@ -190,7 +202,12 @@ impl Node {
             let role = if entry.primary == self.name() {
                 ShardRole::Primary { epoch: t.epoch, entry: entry.clone(), stale_copy }
             } else {
-                ShardRole::Replica { epoch: t.epoch, state: *state, primary: entry.primary.clone(), stale_copy }
+                ShardRole::Replica {
+                    epoch: t.epoch,
+                    state: *state,
+                    primary: entry.primary.clone(),
+                    stale_copy: stale_copy || shard.read_gate_closed(),
+                }
             };
             return Ok((shard, role));
         }

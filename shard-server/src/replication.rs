@@ -54,6 +54,9 @@ pub struct Shard {
     standalone: AtomicBool,
     /// This copy's identity (see [`crate::api::ShardStatus::copy_id`]).
     copy_id: Mutex<String>,
+    /// Read gate of a ready replica: closed while it catches up after becoming ready, open once it
+    /// may serve reads. See [`Shard::catch_up_then_open`].
+    gate: Mutex<GateState>,
     /// Recent entries, ascending and consecutive.
     cache: Mutex<VecDeque<Arc<Entry>>>,
     /// What each peer is known to have applied (`None`: unknown, ask).
@@ -70,6 +73,7 @@ impl Shard {
             job_rx: Mutex::new(Some(rx)),
             standalone: AtomicBool::new(standalone),
             copy_id: Mutex::new(copy_id),
+            gate: Mutex::new(GateState::Unseen),
             cache: Mutex::new(VecDeque::new()),
             peers: Mutex::new(HashMap::new()),
         })
@@ -86,6 +90,78 @@ impl Shard {
     }
     pub fn copy_id(&self) -> String {
         self.copy_id.lock().expect("lock").clone()
+    }
+
+    /// Called for every topology in which this copy is a ready replica. Returns true when a
+    /// catch-up must start: the copy was not known ready before (it just became ready, or the
+    /// server just started).
+    pub fn close_read_gate(&self, epoch: u64) -> bool {
+        let mut g = self.gate.lock().expect("lock");
+        match *g {
+            GateState::Open | GateState::CatchingUp(_) => false,
+            GateState::Unseen => {
+                *g = GateState::CatchingUp(epoch);
+                true
+            }
+        }
+    }
+
+    /// Called for every topology in which this copy is not a ready replica.
+    pub fn forget_read_gate(&self) {
+        *self.gate.lock().expect("lock") = GateState::Unseen;
+    }
+
+    pub fn read_gate_closed(&self) -> bool {
+        matches!(*self.gate.lock().expect("lock"), GateState::CatchingUp(_))
+    }
+
+    /// Opens the read gate once this copy holds everything its primary had applied at a moment
+    /// when the primary already followed the topology that made this copy ready: every write
+    /// acknowledged before that moment is at or below that sequence number, and every write
+    /// acknowledged after it waited for this copy.
+    pub async fn catch_up_then_open(self: Arc<Self>, node: &Node, primary_url: &str) {
+        let epoch = match *self.gate.lock().expect("lock") {
+            GateState::CatchingUp(e) => e,
+            _ => return,
+        };
+        let primary = node.peer(primary_url);
+        loop {
+            if !self.read_gate_closed() {
+                return; // the topology moved on
+            }
+            match self.catch_up_once(node, &primary, epoch).await {
+                Ok(()) => {
+                    let mut g = self.gate.lock().expect("lock");
+                    if *g == GateState::CatchingUp(epoch) {
+                        *g = GateState::Open;
+                        tracing::info!(shard = self.id(), epoch, "caught up; serving reads");
+                    }
+                    return;
+                }
+                Err(e) => {
+                    tracing::debug!(shard = self.id(), error = %e, "catching up before serving reads");
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                }
+            }
+        }
+    }
+
+    async fn catch_up_once(&self, node: &Node, primary: &ShardClient, epoch: u64) -> Result<(), String> {
+        let status = primary.status(false).await.map_err(|e| e.to_string())?;
+        if status.epoch < epoch {
+            return Err(format!("the primary is still at epoch {}", status.epoch));
+        }
+        let target =
+            status.shards.get(self.id()).map(|s| s.applied_seq).ok_or("the primary does not hold the shard")?;
+        let mut applied = self.applied.lock().await;
+        while *applied < target {
+            let got = primary.log(self.id(), *applied + 1, target).await.map_err(|e| e.to_string())?;
+            if got.entries.is_empty() {
+                return Err("the primary returned no log entries".into());
+            }
+            self.apply_entries(node, &mut applied, got.entries).await.map_err(|e| e.to_string())?;
+        }
+        Ok(())
     }
 
     /// Queues a batch for the writer (started on first use) and waits for its outcome.
@@ -366,6 +442,16 @@ impl Shard {
         }
         Err(recovery("could not verify at one sequence number".into()))
     }
+}
+
+/// Whether a ready replica may serve reads yet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum GateState {
+    /// Not seen as a ready replica yet.
+    Unseen,
+    /// Became ready at this epoch; catching up with the primary.
+    CatchingUp(u64),
+    Open,
 }
 
 /// Rows per insert statement while installing a snapshot.
