@@ -18,6 +18,8 @@ pub struct LoadOutcome {
     pub ops: u64,
     pub errors: u64,
     pub error_samples: Vec<String>,
+    /// Indexes of the operations that failed, in no particular order.
+    pub failed: Vec<usize>,
     pub elapsed: Duration,
     /// Latency of successful operations, in microseconds.
     pub latency_us: Histogram<u64>,
@@ -54,7 +56,7 @@ where
             let next = next.clone();
             tokio::spawn(async move {
                 let mut hist = histogram();
-                let mut errors = 0u64;
+                let mut failed = Vec::new();
                 let mut samples = Vec::new();
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
@@ -68,25 +70,27 @@ where
                             hist.saturating_record(us);
                         }
                         Err(e) => {
-                            errors += 1;
+                            failed.push(i);
                             if samples.len() < KEPT_ERRORS {
                                 samples.push(format!("{e:#}"));
                             }
                         }
                     }
                 }
-                (hist, errors, samples)
+                (hist, failed, samples)
             })
         })
         .collect();
     let mut latency_us = histogram();
     let mut errors = 0;
+    let mut failed = Vec::new();
     let mut error_samples = Vec::new();
     for t in tasks {
         match t.await {
-            Ok((h, e, s)) => {
+            Ok((h, f, s)) => {
                 latency_us.add(&h).expect("histograms share their bounds");
-                errors += e;
+                errors += f.len() as u64;
+                failed.extend(f);
                 error_samples.extend(s);
             }
             Err(e) => {
@@ -97,7 +101,7 @@ where
     }
     let elapsed = start.elapsed();
     error_samples.truncate(KEPT_ERRORS);
-    LoadOutcome { ops: n as u64, errors, error_samples, elapsed, latency_us }
+    LoadOutcome { ops: n as u64, errors, error_samples, failed, elapsed, latency_us }
 }
 
 #[cfg(test)]
@@ -119,6 +123,9 @@ mod tests {
         assert!(seen.lock().unwrap().iter().all(|c| *c == 1));
         assert_eq!(out.ops, 1000);
         assert_eq!(out.errors, 10);
+        let mut failed = out.failed.clone();
+        failed.sort();
+        assert_eq!(failed, (0..10).map(|i| i * 100).collect::<Vec<_>>());
         assert_eq!(out.error_samples.len(), KEPT_ERRORS);
         assert_eq!(out.latency_us.len(), 990);
         assert!(out.quantile_ms(0.5).is_some());

@@ -101,6 +101,8 @@ pub struct Side {
     pub ops: u64,
     pub errors: u64,
     pub error_samples: Vec<String>,
+    /// Indexes of the failed operations.
+    pub failed: Vec<usize>,
     pub duration_s: f64,
     pub p50_ms: Option<f64>,
     pub p99_ms: Option<f64>,
@@ -114,6 +116,7 @@ impl Side {
             ops: out.ops,
             errors: out.errors,
             error_samples: out.error_samples.clone(),
+            failed: out.failed.clone(),
             duration_s: out.elapsed.as_secs_f64(),
             p50_ms: out.quantile_ms(0.50),
             p99_ms: out.quantile_ms(0.99),

@@ -62,9 +62,17 @@ impl Shape {
 
     /// `A-1: 4 shards × 3 replicas on 6 servers, shard size 4096`.
     pub fn describe(&self) -> String {
+        let s = |n: usize| if n == 1 { "" } else { "s" };
         format!(
-            "{}: {} shards × {} replicas on {} servers, shard size {}",
-            self.name, self.shards, self.replicas, self.servers, self.shard_size
+            "{}: {} shard{} × {} replica{} on {} server{}, shard size {}",
+            self.name,
+            self.shards,
+            s(self.shards),
+            self.replicas,
+            s(self.replicas),
+            self.servers,
+            s(self.servers),
+            self.shard_size
         )
     }
 
@@ -109,6 +117,8 @@ mod tests {
         assert!(y.contains("- { id: sh4, low: 12288, size: 4096 }"));
         assert!(y.contains("replicas: 3\n  servers: 6\n"));
         assert_eq!(Shape::a1().key_space(), 16384);
+        assert_eq!(Shape::a1().describe(), "A-1: 4 shards × 3 replicas on 6 servers, shard size 4096");
+        assert_eq!(Shape::copy(10).describe(), "copy: 1 shard × 2 replicas on 2 servers, shard size 4096");
     }
 
     #[test]

@@ -129,7 +129,9 @@ impl Ctx {
                     },
                 )
                 .await?;
-            let write = ResultRow::new(
+            let repaired =
+                self.repair(&t, &keys, &shard_of, &router.failed, baseline.as_ref().map(|b| &b.failed)).await?;
+            let mut write = ResultRow::new(
                 &format!("{id}-write"),
                 &format!("{label} single-row writes"),
                 &t.cluster_name,
@@ -137,6 +139,9 @@ impl Ctx {
                 router,
                 baseline,
             );
+            if repaired > 0 {
+                write.notes.push(format!("{repaired} failed writes were redone, untimed, before the read phase"));
+            }
 
             let mut order: Vec<i64> = keys.to_vec();
             order.shuffle(&mut rng);
@@ -171,6 +176,28 @@ impl Ctx {
         }
         .await;
         self.finish(t, result, report).await
+    }
+
+    /// Redoes the failed writes of a phase (untimed, retried) so the read phase finds every key.
+    async fn repair(
+        &self,
+        t: &Target,
+        keys: &[i64],
+        shard_of: &[usize],
+        router_failed: &[usize],
+        baseline_failed: Option<&Vec<usize>>,
+    ) -> Result<usize> {
+        for &i in router_failed {
+            retried(|| t.router.write(client::write_body(&[keys[i]]))).await.context("redoing a failed write")?;
+        }
+        if let (Some(b), Some(failed)) = (&t.baseline, baseline_failed) {
+            for &i in failed {
+                retried(|| b.write(shard_of[i], std::slice::from_ref(&keys[i])))
+                    .await
+                    .context("redoing a failed baseline write")?;
+            }
+        }
+        Ok(router_failed.len() + baseline_failed.map_or(0, Vec::len))
     }
 
     /// Batches of 100 consecutive keys, each batch inside one shard, shards taken in turn.
@@ -383,6 +410,7 @@ impl Ctx {
                 ops: rows as u64,
                 errors: errors.len() as u64,
                 error_samples: errors,
+                failed: Vec::new(),
                 duration_s: median.as_ref().map_or(f64::INFINITY, |m| m.elapsed.as_secs_f64()),
                 p50_ms: None,
                 p99_ms: None,
@@ -409,6 +437,7 @@ impl Ctx {
                         ops: rows as u64,
                         errors: errors.len() as u64,
                         error_samples: errors,
+                        failed: Vec::new(),
                         duration_s: runs.get(runs.len() / 2).map_or(f64::INFINITY, |d| d.as_secs_f64()),
                         p50_ms: None,
                         p99_ms: None,
@@ -514,6 +543,24 @@ impl Ctx {
         report.results.extend(result?);
         report.memory.extend(closed?);
         Ok(())
+    }
+}
+
+/// Runs `op` until it succeeds, `LOAD_ATTEMPTS` times at most, with a growing pause.
+async fn retried<F, Fut>(op: F) -> Result<()>
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Result<()>>,
+{
+    let mut attempt = 1;
+    loop {
+        match op().await {
+            Err(_) if attempt < LOAD_ATTEMPTS => {
+                tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
+                attempt += 1;
+            }
+            done => return done,
+        }
     }
 }
 
