@@ -153,6 +153,17 @@ pub fn markdown(r: &Report, svg_name: &str, analysis: Option<&str>) -> String {
         );
     }
 
+    for w in &r.log_warnings {
+        let _ = writeln!(
+            m,
+            "- During `{}`, {} logged {} warnings or errors, e.g. {}",
+            w.workload,
+            w.process,
+            w.count,
+            w.samples.iter().take(2).map(|l| format!("`{}`", l.replace('`', "'"))).collect::<Vec<_>>().join(", ")
+        );
+    }
+
     let _ = writeln!(m, "\n## Where the time goes\n");
     let _ = writeln!(
         m,

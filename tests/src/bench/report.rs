@@ -21,6 +21,8 @@ pub struct Report {
     pub errors_total: u64,
     /// Workloads that could not run at all, with why.
     pub failed_workloads: Vec<Failure>,
+    /// Warnings and errors the cluster's processes logged during a workload.
+    pub log_warnings: Vec<LogWarnings>,
     pub notes: Vec<String>,
 }
 
@@ -53,6 +55,16 @@ pub struct Params {
 pub struct Failure {
     pub workload: String,
     pub error: String,
+}
+
+/// What one process logged at WARN or ERROR during a workload.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct LogWarnings {
+    pub workload: String,
+    pub process: String,
+    pub count: u64,
+    /// The first few lines, timestamps and colours removed.
+    pub samples: Vec<String>,
 }
 
 /// One measured phase: the router and the baseline doing the same operations.

@@ -8,9 +8,10 @@ use crate::bench::baseline::Baseline;
 use crate::bench::client::Router;
 use crate::bench::layout::Layout;
 use crate::bench::procstat;
-use crate::bench::report::ClusterMemory;
+use crate::bench::report::{ClusterMemory, LogWarnings};
 use crate::bench::specs::Shape;
 use anyhow::{Context, Result, bail};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -91,8 +92,9 @@ impl Target {
         })
     }
 
-    /// Takes peak memory (for a local cluster), closes the baseline and stops the cluster.
-    pub async fn close(mut self) -> Result<Option<ClusterMemory>> {
+    /// Takes peak memory (for a local cluster), closes the baseline, stops the cluster and reads
+    /// what its processes logged at WARN or ERROR.
+    pub async fn close(mut self) -> Result<(Option<ClusterMemory>, Vec<LogWarnings>)> {
         let t = &mut self;
         if let Some(m) = &mut t.memory {
             m.shard_server_peak_mib =
@@ -113,14 +115,85 @@ impl Target {
         if let Some(b) = t.baseline.take().and_then(Arc::into_inner) {
             b.close().await;
         }
+        let mut warnings = Vec::new();
         if let Some(c) = t.cluster.take() {
+            let dir = c.dir.path().join("logs");
             tokio::task::spawn_blocking(move || drop(c)).await?;
+            warnings = log_warnings(&dir, t.memory.as_ref().map_or("", |m| m.workload.as_str()));
         }
-        Ok(self.memory.take())
+        Ok((self.memory.take(), warnings))
     }
+}
+
+/// Lines logged at WARN or ERROR by each process (`<name>.log` in `dir`; Postgres logs skipped).
+fn log_warnings(dir: &Path, workload: &str) -> Vec<LogWarnings> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+    let mut files: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+    files.sort();
+    let mut out = Vec::new();
+    for path in files {
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        let Some(process) = name.strip_suffix(".log").filter(|p| !p.ends_with(".postgres")) else { continue };
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let lines: Vec<String> = text
+            .lines()
+            .map(strip_ansi)
+            .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+            .map(|l| l.split_once(' ').map_or(l.as_str(), |(_, rest)| rest).trim().to_owned())
+            .collect();
+        if !lines.is_empty() {
+            out.push(LogWarnings {
+                workload: workload.into(),
+                process: process.into(),
+                count: lines.len() as u64,
+                samples: lines.into_iter().take(3).map(|l| l.chars().take(400).collect()).collect(),
+            });
+        }
+    }
+    out
+}
+
+/// Removes terminal colour sequences (`ESC [ ... m`).
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// The largest of `pick(memory)` over the processes `pids(layout)` names.
 fn max_mem(layout: &Layout, pids: impl Fn(&Layout) -> Vec<u32>, pick: impl Fn(procstat::Memory) -> f64) -> Option<f64> {
     pids(layout).into_iter().filter_map(procstat::memory).map(pick).max_by(f64::total_cmp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn warnings_are_read_from_process_logs_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let logs = dir.path();
+        std::fs::write(
+            logs.join("router.log"),
+            "2026-01-01T00:00:00Z  INFO router: up\n\u{1b}[2m2026-01-01T00:00:01Z\u{1b}[0m \u{1b}[33m WARN\u{1b}[0m router: request failed detail=timeout\n",
+        )
+        .unwrap();
+        std::fs::write(logs.join("Server0.postgres.log"), "2026 WARN x\n").unwrap();
+        std::fs::write(logs.join("Server0.log"), "2026 INFO fine\n").unwrap();
+        let w = log_warnings(logs, "a1");
+        assert_eq!(w.len(), 1);
+        assert_eq!((w[0].process.as_str(), w[0].count), ("router", 1));
+        assert_eq!(w[0].samples, ["WARN router: request failed detail=timeout"]);
+    }
 }

@@ -28,7 +28,9 @@ const BATCH_ROWS: usize = 100;
 /// Rows per request when loading data before a timed phase.
 const LOAD_ROWS: usize = 500;
 /// Tries per request when loading (set-up, not measured).
-const LOAD_ATTEMPTS: u32 = 5;
+const LOAD_ATTEMPTS: u32 = 8;
+/// Load requests in flight at once.
+const LOAD_CONCURRENCY: usize = 4;
 /// Snapshot streams timed in the copy workload (the median is reported).
 const COPY_RUNS: usize = 3;
 
@@ -499,7 +501,7 @@ impl Ctx {
         let counted = retries.clone();
         // Set-up only: a failed batch is retried (an identical rewrite is a no-op success), and
         // the retries are reported.
-        let out = drive(n, 8, move |i| {
+        let out = drive(n, LOAD_CONCURRENCY, move |i| {
             let (r, b, retries) = (r.clone(), bodies[i].clone(), counted.clone());
             async move {
                 let mut attempt = 1;
@@ -507,7 +509,7 @@ impl Ctx {
                     match r.write(b.clone()).await {
                         Err(_) if attempt < LOAD_ATTEMPTS => {
                             retries.fetch_add(1, Ordering::Relaxed);
-                            tokio::time::sleep(Duration::from_millis(200 * attempt as u64)).await;
+                            tokio::time::sleep(Duration::from_millis(500 * u64::from(attempt))).await;
                             attempt += 1;
                         }
                         done => return done,
@@ -541,7 +543,9 @@ impl Ctx {
     async fn finish(&self, t: Target, result: Result<Vec<ResultRow>>, report: &mut Report) -> Result<()> {
         let closed = t.close().await;
         report.results.extend(result?);
-        report.memory.extend(closed?);
+        let (memory, warnings) = closed?;
+        report.memory.extend(memory);
+        report.log_warnings.extend(warnings);
         Ok(())
     }
 }
@@ -556,7 +560,7 @@ where
     loop {
         match op().await {
             Err(_) if attempt < LOAD_ATTEMPTS => {
-                tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
+                tokio::time::sleep(Duration::from_millis(500 * u64::from(attempt))).await;
                 attempt += 1;
             }
             done => return done,
