@@ -36,13 +36,21 @@ pub fn fixed(topology: Option<Topology>) -> TopologyRx {
 
 /// Follows a topology file. A missing file means "no topology yet" and is waited for.
 pub fn watch_file(path: PathBuf) -> TopologyRx {
+    watch_file_counting(path, Arc::default())
+}
+
+/// [`watch_file`], counting each time the file is read (tests use it to see the watcher idle).
+fn watch_file_counting(path: PathBuf, reads: Arc<std::sync::atomic::AtomicU64>) -> TopologyRx {
     let (tx, rx) = watch::channel(None);
     let tx = Arc::new(tx);
     reload(&path, &tx);
     let (ev_tx, mut ev_rx) = tokio::sync::mpsc::channel::<()>(1);
     let file_name = path.file_name().map(|n| n.to_owned());
     let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        // Only changes count: reading the file raises access events, and reacting to those would
+        // make every process that follows the file re-read it in an endless loop.
         if let Ok(ev) = res
+            && !matches!(ev.kind, notify::EventKind::Access(_))
             && ev.paths.iter().any(|p| p.file_name() == file_name.as_deref())
         {
             let _ = ev_tx.try_send(());
@@ -63,12 +71,19 @@ pub fn watch_file(path: PathBuf) -> TopologyRx {
         }
     };
     tokio::spawn(async move {
+        let mut notified = watcher.is_some();
         let _keep = watcher;
         loop {
-            tokio::select! {
-                _ = ev_rx.recv() => {}
-                _ = tokio::time::sleep(POLL) => {}
+            if notified {
+                tokio::select! {
+                    ev = ev_rx.recv() => notified = ev.is_some(),
+                    _ = tokio::time::sleep(POLL) => {}
+                }
+            } else {
+                // No watcher (or it went away): the poll alone drives reloads.
+                tokio::time::sleep(POLL).await;
             }
+            reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             reload(&path, &tx);
         }
     });
@@ -152,6 +167,24 @@ pub fn offer(tx: &watch::Sender<Option<Arc<Topology>>>, t: Topology) {
 mod tests {
     use super::*;
     use crate::topology::tests::sample;
+
+    #[tokio::test]
+    async fn reading_the_file_does_not_trigger_reloads() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("topology.json");
+        write_atomic(&path, &sample()).unwrap();
+        let reads = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let _rx = watch_file_counting(path.clone(), reads.clone());
+        // Other processes read the same file all the time; none of that is a change.
+        for _ in 0..50 {
+            std::fs::read(&path).unwrap();
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let n = reads.load(std::sync::atomic::Ordering::Relaxed);
+        // One poll may fall into the window; a feedback loop re-reads hundreds of times.
+        assert!(n <= 2, "the file was re-read {n} times without changing");
+    }
 
     #[tokio::test]
     async fn follows_the_file_and_never_goes_backwards() {
