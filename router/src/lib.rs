@@ -4,6 +4,7 @@
 //! [`app`] builds the HTTP service; `main.rs` serves it.
 
 pub mod batch;
+pub mod coalesce;
 pub mod config;
 pub mod error;
 pub mod metrics;

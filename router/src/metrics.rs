@@ -46,6 +46,7 @@ pub struct Metrics {
     requests: Family<RequestLabels, Counter>,
     latency: Family<EndpointLabels, Histogram, fn() -> Histogram>,
     retries: Family<RetryLabels, Counter>,
+    write_batches: Histogram,
     epoch: Gauge,
 }
 
@@ -62,11 +63,22 @@ impl Metrics {
         let latency = Family::<EndpointLabels, Histogram, fn() -> Histogram>::new_with_constructor(latency_histogram);
         let retries = Family::<RetryLabels, Counter>::default();
         let epoch = Gauge::default();
+        let write_batches = Histogram::new(exponential_buckets(1.0, 2.0, 12));
         registry.register("requests", "HTTP requests answered, by endpoint, method and status", requests.clone());
         registry.register("request_duration_seconds", "Time to answer an HTTP request", latency.clone());
         registry.register("upstream_retries", "Calls to shard servers repeated after a failure", retries.clone());
+        registry.register(
+            "upstream_write_batches",
+            "Client batches per write request to a shard server (coalescing)",
+            write_batches.clone(),
+        );
         registry.register("topology_epoch", "Epoch of the routing table in use (0: none yet)", epoch.clone());
-        Metrics { registry, requests, latency, retries, epoch }
+        Metrics { registry, requests, latency, retries, write_batches, epoch }
+    }
+
+    /// Records one write request to a shard server carrying `batches` client batches.
+    pub fn write_batches(&self, batches: usize) {
+        self.write_batches.observe(batches as f64);
     }
 
     pub fn retry(&self, op: &'static str, reason: &'static str) {

@@ -207,6 +207,7 @@ pub struct AppState(Arc<Inner>);
 
 struct Inner {
     config: Config,
+    lanes: crate::coalesce::Lanes,
     routing: Arc<RoutingTable>,
     metrics: Arc<Metrics>,
     request_ids: AtomicU64,
@@ -234,7 +235,14 @@ impl AppState {
             }
         }
         let follower = follow(routing.clone(), topology, http, metrics.clone());
-        AppState(Arc::new(Inner { config, routing, metrics, request_ids: AtomicU64::new(0), follower }))
+        AppState(Arc::new(Inner {
+            config,
+            lanes: Default::default(),
+            routing,
+            metrics,
+            request_ids: AtomicU64::new(0),
+            follower,
+        }))
     }
 
     pub fn config(&self) -> &Config {
@@ -243,6 +251,11 @@ impl AppState {
 
     pub fn metrics(&self) -> &Metrics {
         &self.0.metrics
+    }
+
+    /// Per-shard write lanes (see [`crate::coalesce`]).
+    pub fn lanes(&self) -> &crate::coalesce::Lanes {
+        &self.0.lanes
     }
 
     pub fn table(&self) -> &RoutingTable {

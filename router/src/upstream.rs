@@ -19,12 +19,12 @@
 
 use crate::state::{AppState, Routing};
 use serde_json::value::RawValue;
-use shard_server::api::{ClientError, ErrorCode, KeyRange, Op, WriteRequest, WriteResponse};
+use shard_server::api::{BatchOutcome, ClientError, ErrorCode, KeyRange, Op, WriteBatchesRequest, WriteResponse};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// How a shard-server call ended when it did not succeed.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum UpstreamError {
     /// Keys already hold different rows.
     #[error("conflict on keys {keys:?}")]
@@ -47,14 +47,17 @@ pub enum UpstreamError {
 }
 
 /// What to do after a failed call.
+/// `why` is the failure, for the message if retrying runs out.
+#[derive(Clone)]
 enum Next {
     /// Repeat after a pause; `maybe_applied` when the server may have acted before failing.
     Retry {
         reason: &'static str,
         maybe_applied: bool,
+        why: String,
     },
     /// Wait for a newer topology, then repeat.
-    Reroute,
+    Reroute(String),
     Stop(UpstreamError),
 }
 
@@ -63,30 +66,27 @@ fn strip(message: &str) -> String {
 }
 
 fn classify(shard: &str, err: &ClientError) -> Next {
+    let retry = |reason, maybe_applied| Next::Retry { reason, maybe_applied, why: err.to_string() };
     match err {
         // A connect error means the request never left; anything later may have been applied.
-        ClientError::Transport { source, .. } => {
-            Next::Retry { reason: "transport", maybe_applied: !source.is_connect() }
-        }
+        ClientError::Transport { source, .. } => retry("transport", !source.is_connect()),
         ClientError::Api { body, .. } => match body.code {
             ErrorCode::Conflict => Next::Stop(UpstreamError::Conflict { keys: body.keys.clone() }),
             // Without keys, the shard (not a row) is missing there: that server no longer or not
             // yet holds it, so our topology is out of date.
-            ErrorCode::NotFound if body.keys.is_empty() => Next::Reroute,
+            ErrorCode::NotFound if body.keys.is_empty() => Next::Reroute(err.to_string()),
             ErrorCode::NotFound => Next::Stop(UpstreamError::NotFound { message: strip(&body.message) }),
             ErrorCode::BadRequest => Next::Stop(UpstreamError::BadRequest { message: strip(&body.message) }),
             ErrorCode::PayloadTooLarge => Next::Stop(UpstreamError::TooLarge { shard: shard.to_owned() }),
-            ErrorCode::StaleEpoch | ErrorCode::NotPrimary => Next::Reroute,
-            ErrorCode::EpochAhead | ErrorCode::NotReady => Next::Retry { reason: "unavailable", maybe_applied: false },
-            ErrorCode::Unavailable => Next::Retry { reason: "unavailable", maybe_applied: true },
+            ErrorCode::StaleEpoch | ErrorCode::NotPrimary => Next::Reroute(err.to_string()),
+            ErrorCode::EpochAhead | ErrorCode::NotReady => retry("unavailable", false),
+            ErrorCode::Unavailable => retry("unavailable", true),
             // `internal`, codes that belong to replication (`seq_gap`, ...) and codes added later:
             // nothing the router can fix by retrying, so a 500 with the detail in the log.
             _ => Next::Stop(UpstreamError::Internal(format!("shard {shard}: {err}"))),
         },
         // A proxy or a crashing server answering without our error body.
-        ClientError::Unexpected { status, .. } if *status >= 500 => {
-            Next::Retry { reason: "unavailable", maybe_applied: true }
-        }
+        ClientError::Unexpected { status, .. } if *status >= 500 => retry("unavailable", true),
         ClientError::Unexpected { .. } => Next::Stop(UpstreamError::Internal(format!("shard {shard}: {err}"))),
     }
 }
@@ -127,65 +127,175 @@ fn locate(routing: &Routing, shard_id: &str, keys: &[i64]) -> Result<usize, Upst
     Ok(shard)
 }
 
+/// One client's part for one shard: its ops and the keys they touch (to re-check the shard after a
+/// topology change).
+#[derive(Debug)]
+pub struct Batch {
+    pub keys: Vec<i64>,
+    pub ops: Vec<Op>,
+}
+
 /// Sends one shard's part of a request to the shard's primary, carrying the routing table's epoch.
-/// `keys` are the keys the ops touch (to re-check the shard after a topology change).
+/// Real writes join the shard's write lane (see [`crate::coalesce`]), travelling with other
+/// clients' concurrent writes to the same shard; dry runs go alone.
 pub async fn write(
     state: &AppState,
-    mut routing: Arc<Routing>,
+    routing: Arc<Routing>,
     shard_id: &str,
     keys: &[i64],
     ops: Vec<Op>,
     dry_run: bool,
 ) -> Result<WriteResponse, UpstreamError> {
+    let batch = Batch { keys: keys.to_vec(), ops };
+    if dry_run {
+        let mut results = write_batches(state, routing, shard_id, vec![batch], true).await;
+        return results.pop().expect("one result per batch");
+    }
+    state.lanes().submit(state, shard_id, batch).await
+}
+
+/// A batch still waiting for its outcome.
+struct Open {
+    index: usize,
+    batch: Batch,
+    /// An earlier attempt may have applied it (its answer was lost).
+    maybe_applied: bool,
+}
+
+/// Sends independent batches for one shard to its primary, one request per attempt, and returns
+/// each batch's outcome (aligned with `batches`). Each batch follows the policy above on its own: a
+/// batch with a final answer is done, the others are sent again together after a pause or a
+/// topology change, until the deadline.
+pub async fn write_batches(
+    state: &AppState,
+    mut routing: Arc<Routing>,
+    shard_id: &str,
+    batches: Vec<Batch>,
+    dry_run: bool,
+) -> Vec<Result<WriteResponse, UpstreamError>> {
     let op = if dry_run { "dry_run" } else { "write" };
     let topology_wait = state.config().retry.topology_wait;
     let mut backoff = Backoff::new(state);
     // Topology waits stretch the deadline once, so a failover that needs both still fits.
     let give_up = backoff.until + topology_wait;
-    let only_deletes = ops.iter().all(|o| matches!(o, Op::Delete { .. }));
-    let mut maybe_applied = false;
-    let mut req = WriteRequest { epoch: None, ops, dry_run };
-    loop {
-        let shard = locate(&routing, shard_id, keys)?;
+    let mut results: Vec<Option<Result<WriteResponse, UpstreamError>>> = batches.iter().map(|_| None).collect();
+    let mut open: Vec<Open> =
+        batches.into_iter().enumerate().map(|(index, batch)| Open { index, batch, maybe_applied: false }).collect();
+    state.metrics().write_batches(open.len());
+    while !open.is_empty() {
+        // A batch whose keys a newer topology moved elsewhere cannot be sent here any more.
+        let mut shard = None;
+        open.retain(|o| match locate(&routing, shard_id, &o.batch.keys) {
+            Ok(i) => {
+                shard = Some(i);
+                true
+            }
+            Err(e) => {
+                results[o.index] = Some(Err(e));
+                false
+            }
+        });
+        let Some(shard) = shard else { break };
         let primary = routing.primary(shard);
-        req.epoch = Some(routing.epoch());
-        let err = match primary.client.write(shard_id, &req).await {
-            Ok(resp) => return Ok(resp),
-            Err(e) => e,
+        let mut req = WriteBatchesRequest {
+            epoch: Some(routing.epoch()),
+            batches: open.iter_mut().map(|o| std::mem::take(&mut o.batch.ops)).collect(),
+            dry_run,
         };
-        tracing::debug!(shard = shard_id, primary = %primary.name, error = %err, "write attempt failed");
-        match classify(shard_id, &err) {
-            Next::Stop(UpstreamError::NotFound { .. }) if maybe_applied && only_deletes && !dry_run => {
-                // An earlier attempt may have removed these rows before its answer was lost; the
-                // keys are gone either way, which is what the caller asked for.
-                return Ok(WriteResponse { deleted: req.ops.len(), ..WriteResponse::default() });
-            }
-            Next::Stop(e) => return Err(e),
-            Next::Reroute => {
-                state.metrics().retry(op, "topology");
-                let wait = topology_wait.min(give_up.saturating_duration_since(Instant::now()));
-                match state.table().wait_newer(routing.epoch(), wait).await {
-                    Some(newer) => routing = newer,
-                    None => {
-                        return Err(UpstreamError::Unavailable(format!(
-                            "shard {shard_id}: {err}; no newer topology than epoch {} within {wait:?}",
-                            routing.epoch()
-                        )));
+        let answer = primary.client.write_batches(shard_id, &req).await;
+        for (o, ops) in open.iter_mut().zip(req.batches.drain(..)) {
+            o.batch.ops = ops;
+        }
+        let outcomes: Vec<Result<WriteResponse, Next>> = match answer {
+            Ok(resp) if resp.results.len() == open.len() => resp
+                .results
+                .into_iter()
+                .map(|r| match r {
+                    BatchOutcome::Ok(done) => Ok(done),
+                    BatchOutcome::Err { status, error } => {
+                        let err = ClientError::Api { url: primary.client.base().to_owned(), status, body: error };
+                        tracing::debug!(shard = shard_id, primary = %primary.name, error = %err, "batch failed");
+                        Err(classify(shard_id, &err))
                     }
-                }
+                })
+                .collect(),
+            Ok(resp) => {
+                let e = UpstreamError::Internal(format!(
+                    "shard {shard_id}: {} answered {} outcomes for {} batches",
+                    primary.name,
+                    resp.results.len(),
+                    open.len()
+                ));
+                open.iter().map(|_| Err(Next::Stop(e.clone()))).collect()
             }
-            Next::Retry { reason, maybe_applied: m } => {
-                maybe_applied |= m;
-                if !backoff.pause().await {
-                    return Err(UpstreamError::Unavailable(format!("shard {shard_id}: gave up retrying: {err}")));
+            Err(err) => {
+                tracing::debug!(shard = shard_id, primary = %primary.name, error = %err, "write attempt failed");
+                let next = classify(shard_id, &err);
+                open.iter().map(|_| Err(next.clone())).collect()
+            }
+        };
+        let mut reroute = false;
+        let mut retry = None;
+        let mut still_open = Vec::new();
+        for (mut o, outcome) in open.into_iter().zip(outcomes) {
+            let only_deletes = o.batch.ops.iter().all(|op| matches!(op, Op::Delete { .. }));
+            let done = match outcome {
+                Ok(done) => Ok(done),
+                Err(Next::Stop(UpstreamError::NotFound { .. })) if o.maybe_applied && only_deletes && !dry_run => {
+                    // An earlier attempt may have removed these rows before its answer was lost;
+                    // the keys are gone either way, which is what the caller asked for.
+                    Ok(WriteResponse { deleted: o.batch.ops.len(), ..WriteResponse::default() })
                 }
-                state.metrics().retry(op, reason);
-                if let Some(current) = state.table().current() {
-                    routing = current;
+                Err(Next::Stop(e)) => Err(e),
+                Err(Next::Reroute(why)) => {
+                    reroute = true;
+                    retry.get_or_insert(("topology", why));
+                    still_open.push(o);
+                    continue;
                 }
+                Err(Next::Retry { reason, maybe_applied, why }) => {
+                    o.maybe_applied |= maybe_applied;
+                    retry.get_or_insert((reason, why));
+                    still_open.push(o);
+                    continue;
+                }
+            };
+            results[o.index] = Some(done);
+        }
+        open = still_open;
+        if open.is_empty() {
+            break;
+        }
+        let (reason, why) = retry.expect("an open batch has a reason");
+        let failure = if reroute {
+            state.metrics().retry(op, "topology");
+            let wait = topology_wait.min(give_up.saturating_duration_since(Instant::now()));
+            match state.table().wait_newer(routing.epoch(), wait).await {
+                Some(newer) => {
+                    routing = newer;
+                    None
+                }
+                None => Some(format!(
+                    "shard {shard_id}: {why}; no newer topology than epoch {} within {wait:?}",
+                    routing.epoch()
+                )),
+            }
+        } else if backoff.pause().await {
+            state.metrics().retry(op, reason);
+            if let Some(current) = state.table().current() {
+                routing = current;
+            }
+            None
+        } else {
+            Some(format!("shard {shard_id}: gave up retrying: {why}"))
+        };
+        if let Some(message) = failure {
+            for o in open.drain(..) {
+                results[o.index] = Some(Err(UpstreamError::Unavailable(message.clone())));
             }
         }
     }
+    results.into_iter().map(|r| r.expect("every batch has an outcome")).collect()
 }
 
 /// Reads `range` (already clipped to the shard) from one ready replica of `shard_id`, chosen by the

@@ -5,10 +5,11 @@
 mod common;
 
 use axum::http::StatusCode;
-use common::{Call, Router, dead_url, error, healthy_stub, ok, spawn_stub, test_config, topology};
+use common::{Call, Router, dead_url, error, healthy_stub, ok, spawn_slow_stub, spawn_stub, test_config, topology};
 use reqwest::Method;
 use serde_json::json;
 use shard_server::api::{ErrorCode, Op};
+use shard_server::schema::Value;
 use shard_server::topology_source::offer;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -299,6 +300,40 @@ async fn a_multi_shard_batch_dry_runs_everywhere_then_writes_and_a_single_shard_
     let c = s0.calls();
     assert_eq!(c.len(), 3, "one more call: {c:?}");
     assert!(c[2].is_real_write(), "a single-shard batch goes straight to the primary");
+}
+
+#[tokio::test]
+async fn concurrent_writes_to_a_shard_share_requests_and_keep_their_own_outcomes() {
+    // Even keys already hold another row: their inserts conflict, alone.
+    let s0 = spawn_slow_stub(
+        |call| match call {
+            Call::Write { req, .. } => match &req.ops[..] {
+                [Op::Insert { row }] => match row.0[0] {
+                    Value::Int(key) if key % 2 == 0 => error(StatusCode::CONFLICT, ErrorCode::Conflict, vec![key]),
+                    _ => ok(call),
+                },
+                _ => ok(call),
+            },
+            _ => ok(call),
+        },
+        Duration::from_millis(100),
+    )
+    .await;
+    let t = topology(1, &[("Server0", &s0.url)], &[("sh1", 0, 100, "Server0", &[("Server0", READY)])]);
+    let r = Arc::new(Router::start(Some(t), test_config()).await);
+    let writers: Vec<_> = (0..40)
+        .map(|k| {
+            let r = r.clone();
+            tokio::spawn(async move { (k, r.json(Method::POST, "/write", json!({"data": [row(k)]})).await.0) })
+        })
+        .collect();
+    for w in writers {
+        let (k, status) = w.await.unwrap();
+        assert_eq!(status, if k % 2 == 0 { 409 } else { 200 }, "key {k}");
+    }
+    assert_eq!(s0.calls().len(), 40, "every client's batch reached the primary once");
+    // At most two requests are in flight per shard; the rest wait and go out together.
+    assert!(s0.write_requests() < 20, "{} requests for 40 concurrent writes", s0.write_requests());
 }
 
 #[tokio::test]

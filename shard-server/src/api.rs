@@ -148,6 +148,35 @@ pub struct WriteRequest {
     pub dry_run: bool,
 }
 
+/// `POST /v1/shards/{shard}/write_batches`: several independent batches in one request (a router
+/// coalesces concurrent clients' writes to one shard). Each batch is all or nothing on its own and
+/// gets its own outcome, exactly as if it had been sent alone to `/write`; they join the same
+/// group commit, so a request of many batches costs the primary about what one batch does.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct WriteBatchesRequest {
+    /// As in [`WriteRequest`].
+    #[serde(default)]
+    pub epoch: Option<u64>,
+    pub batches: Vec<Vec<Op>>,
+    /// As in [`WriteRequest`].
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+/// The outcomes of a [`WriteBatchesRequest`], in the order of its batches.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct WriteBatchesResponse {
+    pub results: Vec<BatchOutcome>,
+}
+
+/// One batch's outcome: what `/write` would have answered for it alone.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BatchOutcome {
+    Ok(WriteResponse),
+    Err { status: u16, error: ErrorBody },
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WriteResponse {
     /// The shard sequence number that made this batch durable everywhere (0: nothing changed).
@@ -364,6 +393,16 @@ impl ShardClient {
                 text: String::from_utf8_lossy(&bytes[..bytes.len().min(200)]).into_owned(),
             }),
         }
+    }
+
+    /// Sends independent batches to the shard's primary in one request.
+    pub async fn write_batches(
+        &self,
+        shard: &str,
+        req: &WriteBatchesRequest,
+    ) -> Result<WriteBatchesResponse, ClientError> {
+        let url = format!("{}/v1/shards/{shard}/write_batches", self.base);
+        self.call(self.http.post(&url).json(req), url).await
     }
 
     /// Sends a batch to the shard's primary.

@@ -38,6 +38,7 @@ pub fn app(node: Arc<Node>) -> Router {
         .route("/update", axum::routing::put(routes::seed::update))
         .route("/del", axum::routing::delete(routes::seed::del))
         .route("/v1/shards/{shard}/write", post(routes::v1::write))
+        .route("/v1/shards/{shard}/write_batches", post(routes::v1::write_batches))
         .route("/v1/shards/{shard}/replicate", post(routes::v1::replicate))
         .route("/v1/shards/{shard}/snapshot", get(routes::v1::snapshot))
         .route("/v1/shards/{shard}/stats", get(routes::v1::stats))

@@ -6,7 +6,10 @@ mod common;
 
 use common::Cluster;
 use futures::StreamExt;
-use shard_server::api::{Change, Entry, ErrorCode, Op, ReplicateRequest, SnapshotEnd, SnapshotHeader, WriteRequest};
+use shard_server::api::{
+    BatchOutcome, Change, Entry, ErrorCode, Op, ReplicateRequest, SnapshotEnd, SnapshotHeader, WriteBatchesRequest,
+    WriteRequest,
+};
 use shard_server::schema::{Row, Value};
 use shard_server::topology::ReplicaState;
 
@@ -53,6 +56,52 @@ async fn acknowledged_writes_are_on_every_ready_replica() {
         .unwrap();
     assert_eq!((r.seq, r.deleted, r.updated), (2, 1, 1));
     assert_converged(&c, &[0, 1, 2], 49).await;
+}
+
+#[tokio::test]
+async fn batches_sent_together_keep_their_own_outcomes() {
+    let c = Cluster::start(2, &[("sh1", 0, 1000, 0, &[0, 1])]).await;
+    c.client(0).write("sh1", &write(1, inserts([1]))).await.unwrap();
+    let req = WriteBatchesRequest {
+        epoch: Some(1),
+        batches: vec![
+            inserts([2, 3]),
+            // Conflicts with the stored row 1: this batch alone fails, and writes nothing (not 4).
+            vec![Op::Insert { row: row(4, "n") }, Op::Insert { row: row(1, "other") }],
+            // Key 2 is inserted by the first batch; the same row again is a no-op.
+            inserts([2, 5]),
+            // Outside the shard: refused alone.
+            inserts([5000]),
+            vec![Op::Delete { key: 777 }],
+        ],
+        dry_run: false,
+    };
+    let r = c.client(0).write_batches("sh1", &req).await.unwrap();
+    let summary: Vec<String> = r
+        .results
+        .iter()
+        .map(|o| match o {
+            BatchOutcome::Ok(w) => format!("ok {} inserted {} unchanged", w.inserted, w.unchanged),
+            BatchOutcome::Err { status, error } => format!("{status} {:?} {:?}", error.code, error.keys),
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            "ok 2 inserted 0 unchanged",
+            "409 Conflict [1]",
+            "ok 1 inserted 1 unchanged",
+            "400 BadRequest []",
+            "404 NotFound [777]",
+        ]
+    );
+    // Keys 1, 2, 3, 5 on both copies; 4 was never written.
+    assert_converged(&c, &[0, 1], 4).await;
+    // The request as a whole is refused by a server that is not the primary: per batch.
+    let r = c.client(1).write_batches("sh1", &req).await.unwrap();
+    assert!(
+        r.results.iter().all(|o| matches!(o, BatchOutcome::Err { error, .. } if error.code == ErrorCode::NotPrimary))
+    );
 }
 
 #[tokio::test]

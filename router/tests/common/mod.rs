@@ -10,9 +10,12 @@ use axum::routing::post;
 use router::config::{Config, RetryPolicy};
 use router::{AppState, app};
 use serde_json::{Value, json};
-use shard_server::api::{ErrorBody, ErrorCode, WriteRequest, WriteResponse};
+use shard_server::api::{
+    BatchOutcome, ErrorBody, ErrorCode, WriteBatchesRequest, WriteBatchesResponse, WriteRequest, WriteResponse,
+};
 use shard_server::topology::Topology;
 use shard_server::topology_source::offer;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -41,15 +44,24 @@ pub type Behaviour = Arc<dyn Fn(&Call) -> (StatusCode, Value) + Send + Sync>;
 struct StubState {
     calls: Arc<Mutex<Vec<Call>>>,
     behaviour: Behaviour,
+    /// HTTP requests to the write endpoints (a coalesced request records several calls).
+    write_requests: Arc<AtomicUsize>,
+    /// How long each write request takes to answer.
+    write_delay: Duration,
 }
 
 /// A stand-in shard server.
 pub struct Stub {
     pub url: String,
     calls: Arc<Mutex<Vec<Call>>>,
+    write_requests: Arc<AtomicUsize>,
 }
 
 impl Stub {
+    pub fn write_requests(&self) -> usize {
+        self.write_requests.load(Ordering::SeqCst)
+    }
+
     pub fn calls(&self) -> Vec<Call> {
         self.calls.lock().unwrap().clone()
     }
@@ -64,7 +76,38 @@ async fn stub_read(State(s): State<StubState>, Json(body): Json<Value>) -> Respo
 }
 
 async fn stub_write(State(s): State<StubState>, Path(shard): Path<String>, Json(req): Json<WriteRequest>) -> Response {
+    s.write_requests.fetch_add(1, Ordering::SeqCst);
+    tokio::time::sleep(s.write_delay).await;
     answer(&s, Call::Write { shard, req })
+}
+
+/// Each batch is one recorded call, answered as the behaviour says. A lone batch's failure is the
+/// request's answer (so scripted transport-like failures stay request failures); with several
+/// batches, failures with an error body become those batches' outcomes.
+async fn stub_write_batches(
+    State(s): State<StubState>,
+    Path(shard): Path<String>,
+    Json(req): Json<WriteBatchesRequest>,
+) -> Response {
+    s.write_requests.fetch_add(1, Ordering::SeqCst);
+    tokio::time::sleep(s.write_delay).await;
+    let single = req.batches.len() == 1;
+    let mut results = Vec::new();
+    for ops in req.batches {
+        let call =
+            Call::Write { shard: shard.clone(), req: WriteRequest { epoch: req.epoch, ops, dry_run: req.dry_run } };
+        let (status, body) = (s.behaviour)(&call);
+        s.calls.lock().unwrap().push(call);
+        if status.is_success() {
+            results.push(BatchOutcome::Ok(serde_json::from_value(body).unwrap()));
+            continue;
+        }
+        match serde_json::from_value::<ErrorBody>(body.clone()) {
+            Ok(error) if !single => results.push(BatchOutcome::Err { status: status.as_u16(), error }),
+            _ => return (status, Json(body)).into_response(),
+        }
+    }
+    Json(WriteBatchesResponse { results }).into_response()
 }
 
 fn answer(s: &StubState, call: Call) -> Response {
@@ -74,16 +117,31 @@ fn answer(s: &StubState, call: Call) -> Response {
 }
 
 pub async fn spawn_stub(behaviour: impl Fn(&Call) -> (StatusCode, Value) + Send + Sync + 'static) -> Stub {
+    spawn_slow_stub(behaviour, Duration::ZERO).await
+}
+
+/// A stub whose write requests each take `write_delay` to answer.
+pub async fn spawn_slow_stub(
+    behaviour: impl Fn(&Call) -> (StatusCode, Value) + Send + Sync + 'static,
+    write_delay: Duration,
+) -> Stub {
     let calls = Arc::new(Mutex::new(Vec::new()));
-    let state = StubState { calls: calls.clone(), behaviour: Arc::new(behaviour) };
+    let write_requests = Arc::new(AtomicUsize::new(0));
+    let state = StubState {
+        calls: calls.clone(),
+        behaviour: Arc::new(behaviour),
+        write_requests: write_requests.clone(),
+        write_delay,
+    };
     let app = axum::Router::new()
         .route("/read", post(stub_read))
         .route("/v1/shards/{shard}/write", post(stub_write))
+        .route("/v1/shards/{shard}/write_batches", post(stub_write_batches))
         .with_state(state);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    Stub { url, calls }
+    Stub { url, calls, write_requests }
 }
 
 /// A stub that holds one row per key in `[low, high]` of every read (so merges can be checked)

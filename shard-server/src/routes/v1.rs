@@ -2,6 +2,7 @@
 //! and metrics.
 
 use super::{check_ops, check_readable};
+use crate::api::{BatchOutcome, WriteBatchesRequest, WriteBatchesResponse};
 use crate::api::{
     LogResponse, RecoverRequest, RecoverResponse, ReplicateRequest, ReplicateResponse, Role, ServerStatus, ShardStats,
     ShardStatus, WriteRequest, WriteResponse,
@@ -30,6 +31,45 @@ pub async fn write(
     let (shard, role) = node.shard(&id).await?;
     check_ops(&id, &shard.table.schema, &role, &req.ops)?;
     Ok(Json(shard.submit(&node, req.ops, req.epoch, req.dry_run).await?))
+}
+
+/// `POST /v1/shards/{shard}/write_batches`: independent batches, each applied atomically on its own.
+/// A failure that concerns the whole request (unknown shard, unreadable body) is the request's
+/// answer; everything else, including a batch that breaks the rules, is that batch's outcome.
+#[tracing::instrument(skip_all, fields(shard = %id))]
+pub async fn write_batches(
+    State(node): State<Arc<Node>>,
+    Path(id): Path<String>,
+    JsonBody(req): JsonBody<WriteBatchesRequest>,
+) -> Result<Json<WriteBatchesResponse>, ApiError> {
+    let (shard, role) = node.shard(&id).await?;
+    let WriteBatchesRequest { epoch, batches, dry_run } = req;
+    if batches.is_empty() {
+        return Err(ApiError::bad_request("no batches"));
+    }
+    // Every batch is queued before any is awaited, so they all land in the same group commit.
+    let outcomes = batches.into_iter().map(|ops| {
+        let checked = check_ops(&id, &shard.table.schema, &role, &ops);
+        let (shard, node) = (Arc::clone(&shard), Arc::clone(&node));
+        async move {
+            checked?;
+            shard.submit(&node, ops, epoch, dry_run).await
+        }
+    });
+    let results = futures::future::join_all(outcomes)
+        .await
+        .into_iter()
+        .map(|r| match r {
+            Ok(done) => BatchOutcome::Ok(done),
+            Err(e) => {
+                if e.status().is_server_error() {
+                    tracing::warn!(error = %e, "batch failed");
+                }
+                BatchOutcome::Err { status: e.status().as_u16(), error: e.body() }
+            }
+        })
+        .collect();
+    Ok(Json(WriteBatchesResponse { results }))
 }
 
 /// `POST /v1/shards/{shard}/replicate`: entries from the shard's primary.
