@@ -3,5 +3,6 @@
 
 pub mod brain;
 pub mod crd;
+pub mod exec;
 pub mod k8s;
 pub mod local;

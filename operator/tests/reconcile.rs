@@ -31,7 +31,10 @@ async fn start() -> Harness {
     let server = FakeApiServer::start().await;
     server.install_crd(&ShardedDatabase::crd()).unwrap();
     let mut registry = prometheus_client::registry::Registry::default();
-    let ctx = Context::new(server.client(), Config::default(), Metrics::new(&mut registry));
+    // No servers run here, so nothing is probed: the healer is tested with real servers in
+    // `k8s_heal.rs`.
+    let config = Config { healing: None, ..Config::default() };
+    let ctx = Context::new(server.client(), config, Metrics::new(&mut registry));
     let (stop, stopped) = tokio::sync::oneshot::channel();
     tokio::spawn(run(ctx.clone(), async move {
         let _ = stopped.await;
@@ -114,7 +117,7 @@ async fn first_reconcile_creates_every_child_then_reports_ready_and_a_second_wri
     assert_eq!(names(s, "serviceaccounts"), ["students-router", "students-server"]);
     assert_eq!(names(s, "roles"), ["students-topology-reader"]);
     assert_eq!(names(s, "rolebindings"), ["students-topology-reader"]);
-    assert_eq!(names(s, "poddisruptionbudgets"), ["students-servers"]);
+    assert_eq!(names(s, "poddisruptionbudgets"), ["students-router", "students-servers"]);
     let uid = s.get("shardeddatabases", NS, "students").unwrap()["metadata"]["uid"].clone();
     for kind in ["statefulsets", "deployments", "services", "configmaps", "secrets", "roles", "poddisruptionbudgets"] {
         for o in s.list(kind, NS) {
