@@ -227,3 +227,48 @@ async fn a_deleted_child_is_recreated() {
     assert!(s.wait_for(WAIT, |s| topology_epoch(s).is_some()).await, "topology republished");
     assert_eq!(s.get("secrets", NS, "students-postgres").unwrap()["data"]["password"], password);
 }
+
+/// What a healer wrote into the topology is the operator's record of the data: a spec change
+/// must carry it forward, and a write from a stale read must be refused, not applied over it.
+#[tokio::test]
+async fn a_spec_change_keeps_what_the_healer_published_and_stale_writes_are_refused() {
+    let h = start().await;
+    let s = &h.server;
+    create(&h, students(3)).await;
+    assert!(s.wait_for(WAIT, |s| topology_epoch(s) == Some(1)).await);
+
+    // As the healer would: sh1 failed over from Server0 to Server1, whose copy is recorded.
+    let mut cm = s.get("configmaps", NS, "students-topology").unwrap();
+    let mut doc: Value = serde_json::from_str(cm["data"]["topology.json"].as_str().unwrap()).unwrap();
+    assert_eq!(doc["shards"][0]["primary"], "Server0");
+    doc["epoch"] = json!(7);
+    doc["shards"][0]["primary"] = json!("Server1");
+    doc["shards"][0]["replicas"]["Server0"] = json!("recovering");
+    doc["shards"][0]["copies"] = json!({ "Server1": "c1" });
+    cm["data"]["topology.json"] = json!(doc.to_string());
+    s.upsert(cm).unwrap();
+
+    let mut shards = students(3)["spec"]["shards"].clone();
+    shards.as_array_mut().unwrap().push(json!({ "id": "sh3", "low": 8192, "size": 4096 }));
+    patch_spec(&h, json!({ "shards": shards })).await;
+    assert!(s.wait_for(WAIT, |s| topology_epoch(s) == Some(8)).await, "epoch {:?}", topology_epoch(s));
+    let cm = s.get("configmaps", NS, "students-topology").unwrap();
+    let after: Value = serde_json::from_str(cm["data"]["topology.json"].as_str().unwrap()).unwrap();
+    assert_eq!(after["shards"].as_array().unwrap().len(), 3, "the new shard is published");
+    assert_eq!(after["shards"][0], doc["shards"][0], "the failover and the recorded copy are kept");
+
+    // A write computed from an older read fails with a conflict and changes nothing.
+    let db: ShardedDatabase = Api::namespaced(s.client(), NS).get("students").await.unwrap();
+    let owner = operator::k8s::build::Owner::of(&db).unwrap();
+    let read = operator::k8s::topology::read(&s.client(), &owner).await.unwrap().unwrap();
+    let mut stale = read.topology.clone().unwrap();
+    stale.epoch += 1;
+    let mut newer = s.get("configmaps", NS, "students-topology").unwrap();
+    newer["metadata"]["annotations"] = json!({ "touched": "yes" });
+    s.upsert(newer).unwrap();
+    let refused = operator::k8s::topology::write(&s.client(), &owner, &stale, Some(&read.resource_version)).await;
+    assert!(matches!(refused, Err(operator::k8s::topology::WriteError::Conflict(_))), "{refused:?}");
+    assert_eq!(topology_epoch(s), Some(8));
+    let created = operator::k8s::topology::write(&s.client(), &owner, &stale, None).await;
+    assert!(matches!(created, Err(operator::k8s::topology::WriteError::Conflict(_))), "it exists: {created:?}");
+}
