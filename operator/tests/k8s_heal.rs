@@ -56,7 +56,9 @@ struct Harness {
     pg: LocalPg,
     servers: Vec<Server>,
     http: reqwest::Client,
+    config: Option<Config>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
+    operator: Option<JoinHandle<()>>,
 }
 
 impl Drop for Harness {
@@ -83,7 +85,15 @@ impl Harness {
         let pg = tokio::task::spawn_blocking(LocalPg::temporary).await.unwrap().expect("throwaway postgres");
         let api = FakeApiServer::start().await;
         api.install_crd(&ShardedDatabase::crd()).unwrap();
-        let mut h = Harness { api, pg, servers: Vec::new(), http: http_client(Duration::from_secs(30)), stop: None };
+        let mut h = Harness {
+            api,
+            pg,
+            servers: Vec::new(),
+            http: http_client(Duration::from_secs(30)),
+            config: None,
+            stop: None,
+            operator: None,
+        };
         let mut listeners = Vec::new();
         for i in 0..3 {
             let db = format!("server{i}");
@@ -104,13 +114,8 @@ impl Harness {
             healing: Some(HealSettings { plan: settings, round: Duration::from_millis(200) }),
             ..Config::default()
         };
-        let mut registry = prometheus_client::registry::Registry::default();
-        let ctx = Context::new(h.api.client(), config, Metrics::new(&mut registry));
-        let (stop, stopped) = tokio::sync::oneshot::channel();
-        tokio::spawn(run(ctx, async move {
-            let _ = stopped.await;
-        }));
-        h.stop = Some(stop);
+        h.config = Some(config);
+        h.start_operator();
 
         let db: ShardedDatabase = serde_json::from_value(json!({
             "apiVersion": "sharddb.io/v1alpha1",
@@ -129,6 +134,28 @@ impl Harness {
         .unwrap();
         Api::<ShardedDatabase>::namespaced(h.api.client(), NS).create(&PostParams::default(), &db).await.unwrap();
         h
+    }
+
+    /// Starts the controller and its healer: a fresh operator process, with nothing in memory.
+    fn start_operator(&mut self) {
+        let mut registry = prometheus_client::registry::Registry::default();
+        let config = self.config.clone().expect("configured");
+        let ctx = Context::new(self.api.client(), config, Metrics::new(&mut registry));
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        self.operator = Some(tokio::spawn(run(ctx, async move {
+            let _ = stopped.await;
+        })));
+        self.stop = Some(stop);
+    }
+
+    /// Stops the operator gracefully and waits until it has.
+    async fn stop_operator(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.operator.take() {
+            task.await.unwrap();
+        }
     }
 
     /// Serves server `i` over its current database, following the topology ConfigMap.
@@ -340,7 +367,11 @@ async fn a_primary_that_is_gone_fails_over_and_the_status_shows_the_degraded_sha
     assert_eq!(h.contents(0, "sh2").await.0, 50);
     h.write(0, "sh2", 4146..4150).await;
 
-    // The old primary comes back with its data; it is recovered from the new primary all the same.
+    // The operator restarts while the old primary is away; the new one knows nothing but the
+    // ConfigMap. The old primary comes back with its data, and is recovered from the new primary
+    // all the same.
+    h.stop_operator().await;
+    h.start_operator();
     h.restart(2, false).await;
     assert!(
         h.api

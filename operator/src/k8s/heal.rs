@@ -20,6 +20,10 @@
 //! - **Status has one writer, the reconcile.** The healer shares which servers it could not reach
 //!   and asks for a reconcile when that set changes; a topology it writes wakes the reconcile
 //!   through the ConfigMap watch.
+//! - A fresh database's server that is slow to start (an image pull) is demoted once its silence
+//!   passes `demote_after`, and recovered (from a still empty primary, in a moment) when it
+//!   answers: the brain treats a silent replica alike whatever the reason, and waiting for it
+//!   would fail writes meanwhile.
 //! - Databases are handled one after the other in a round; the probes of one database run
 //!   concurrently and time out after a second, so a round takes about a second per database whose
 //!   servers hang, and a few milliseconds otherwise.
@@ -291,7 +295,7 @@ impl Healer {
             Action::Promote { shard, from, to, reason } => (
                 EventType::Warning,
                 "Promoted",
-                format!("{to} is the primary of {shard}, replacing {from} ({reason}) (epoch {epoch})"),
+                format!("{to} is the primary of {shard}, replacing {from} ({reason}); epoch {epoch}"),
             ),
             Action::MarkReady { shard, server, .. } => {
                 (EventType::Normal, "ReplicaReady", format!("{shard} on {server} is ready (epoch {epoch})"))
