@@ -108,7 +108,9 @@ impl Harness {
         }
 
         let urls = h.servers.iter().map(|s| (s.name.clone(), format!("http://{}", s.addr))).collect();
-        let settings = Settings { failover_after: Duration::from_secs(1), demote_after: Duration::from_secs(1) };
+        // Shorter than the defaults (3 s) to keep the test quick, long enough that a probe slowed
+        // down by a busy machine is not mistaken for an outage.
+        let settings = Settings { failover_after: Duration::from_secs(2), demote_after: Duration::from_secs(2) };
         let config = Config {
             server_urls: Arc::new(LocalUrls(urls)),
             healing: Some(HealSettings { plan: settings, round: Duration::from_millis(200) }),
@@ -273,7 +275,7 @@ fn state(t: &Topology, shard: &str, server: &str) -> Option<String> {
     Some(serde_json::to_value(state).ok()?.as_str()?.to_owned())
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_that_lost_its_volume_heals_back_to_ready_and_a_quiet_cluster_is_left_alone() {
     let mut h = Harness::start().await;
     h.wait_ready().await;
@@ -324,7 +326,7 @@ async fn a_server_that_lost_its_volume_heals_back_to_ready_and_a_quiet_cluster_i
     assert_eq!(h.status()["topologyEpoch"], json!(after.epoch));
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_primary_that_is_gone_fails_over_and_the_status_shows_the_degraded_shard() {
     let mut h = Harness::start().await;
     h.wait_ready().await;
