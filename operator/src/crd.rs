@@ -274,6 +274,10 @@ pub struct ShardStatus {
     /// Servers whose copy is complete and serves reads.
     #[serde(default)]
     pub ready_replicas: Vec<String>,
+    /// Servers whose copy is being rebuilt from the primary (after a lost volume, an outage or a
+    /// failover); they serve no reads and do not hold up writes until ready again.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub recovering_replicas: Vec<String>,
 }
 
 /// Where the generated CRD is kept, relative to the repository root.

@@ -106,6 +106,7 @@ impl RunArgs {
                 router: self.router_image.clone(),
                 postgres: self.postgres_image.clone(),
             },
+            ..operator::k8s::controller::Config::default()
         }
     }
 }

@@ -31,7 +31,10 @@ async fn start() -> Harness {
     let server = FakeApiServer::start().await;
     server.install_crd(&ShardedDatabase::crd()).unwrap();
     let mut registry = prometheus_client::registry::Registry::default();
-    let ctx = Context::new(server.client(), Config::default(), Metrics::new(&mut registry));
+    // No servers run here, so nothing is probed: the healer is tested with real servers in
+    // `k8s_heal.rs`.
+    let config = Config { healing: None, ..Config::default() };
+    let ctx = Context::new(server.client(), config, Metrics::new(&mut registry));
     let (stop, stopped) = tokio::sync::oneshot::channel();
     tokio::spawn(run(ctx.clone(), async move {
         let _ = stopped.await;
@@ -114,7 +117,7 @@ async fn first_reconcile_creates_every_child_then_reports_ready_and_a_second_wri
     assert_eq!(names(s, "serviceaccounts"), ["students-router", "students-server"]);
     assert_eq!(names(s, "roles"), ["students-topology-reader"]);
     assert_eq!(names(s, "rolebindings"), ["students-topology-reader"]);
-    assert_eq!(names(s, "poddisruptionbudgets"), ["students-servers"]);
+    assert_eq!(names(s, "poddisruptionbudgets"), ["students-router", "students-servers"]);
     let uid = s.get("shardeddatabases", NS, "students").unwrap()["metadata"]["uid"].clone();
     for kind in ["statefulsets", "deployments", "services", "configmaps", "secrets", "roles", "poddisruptionbudgets"] {
         for o in s.list(kind, NS) {
@@ -223,4 +226,49 @@ async fn a_deleted_child_is_recreated() {
     assert!(s.wait_for(WAIT, |s| s.get("statefulsets", NS, "students-server1").is_some()).await);
     assert!(s.wait_for(WAIT, |s| topology_epoch(s).is_some()).await, "topology republished");
     assert_eq!(s.get("secrets", NS, "students-postgres").unwrap()["data"]["password"], password);
+}
+
+/// What a healer wrote into the topology is the operator's record of the data: a spec change
+/// must carry it forward, and a write from a stale read must be refused, not applied over it.
+#[tokio::test]
+async fn a_spec_change_keeps_what_the_healer_published_and_stale_writes_are_refused() {
+    let h = start().await;
+    let s = &h.server;
+    create(&h, students(3)).await;
+    assert!(s.wait_for(WAIT, |s| topology_epoch(s) == Some(1)).await);
+
+    // As the healer would: sh1 failed over from Server0 to Server1, whose copy is recorded.
+    let mut cm = s.get("configmaps", NS, "students-topology").unwrap();
+    let mut doc: Value = serde_json::from_str(cm["data"]["topology.json"].as_str().unwrap()).unwrap();
+    assert_eq!(doc["shards"][0]["primary"], "Server0");
+    doc["epoch"] = json!(7);
+    doc["shards"][0]["primary"] = json!("Server1");
+    doc["shards"][0]["replicas"]["Server0"] = json!("recovering");
+    doc["shards"][0]["copies"] = json!({ "Server1": "c1" });
+    cm["data"]["topology.json"] = json!(doc.to_string());
+    s.upsert(cm).unwrap();
+
+    let mut shards = students(3)["spec"]["shards"].clone();
+    shards.as_array_mut().unwrap().push(json!({ "id": "sh3", "low": 8192, "size": 4096 }));
+    patch_spec(&h, json!({ "shards": shards })).await;
+    assert!(s.wait_for(WAIT, |s| topology_epoch(s) == Some(8)).await, "epoch {:?}", topology_epoch(s));
+    let cm = s.get("configmaps", NS, "students-topology").unwrap();
+    let after: Value = serde_json::from_str(cm["data"]["topology.json"].as_str().unwrap()).unwrap();
+    assert_eq!(after["shards"].as_array().unwrap().len(), 3, "the new shard is published");
+    assert_eq!(after["shards"][0], doc["shards"][0], "the failover and the recorded copy are kept");
+
+    // A write computed from an older read fails with a conflict and changes nothing.
+    let db: ShardedDatabase = Api::namespaced(s.client(), NS).get("students").await.unwrap();
+    let owner = operator::k8s::build::Owner::of(&db).unwrap();
+    let read = operator::k8s::topology::read(&s.client(), &owner).await.unwrap().unwrap();
+    let mut stale = read.topology.clone().unwrap();
+    stale.epoch += 1;
+    let mut newer = s.get("configmaps", NS, "students-topology").unwrap();
+    newer["metadata"]["annotations"] = json!({ "touched": "yes" });
+    s.upsert(newer).unwrap();
+    let refused = operator::k8s::topology::write(&s.client(), &owner, &stale, Some(&read.resource_version)).await;
+    assert!(matches!(refused, Err(operator::k8s::topology::WriteError::Conflict(_))), "{refused:?}");
+    assert_eq!(topology_epoch(s), Some(8));
+    let created = operator::k8s::topology::write(&s.client(), &owner, &stale, None).await;
+    assert!(matches!(created, Err(operator::k8s::topology::WriteError::Conflict(_))), "it exists: {created:?}");
 }

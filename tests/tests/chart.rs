@@ -219,6 +219,9 @@ fn the_cluster_role_covers_every_kind_the_operator_owns() {
         assert!(allows("sharddb.io", "shardeddatabases", verb), "{verb} shardeddatabases");
     }
     assert!(allows("sharddb.io", "shardeddatabases/status", "patch"));
+    // The topology ConfigMap is written with a resourceVersion precondition (a replace), so the
+    // reconcile and the healer never undo each other's writes.
+    assert!(allows("", "configmaps", "update"));
     assert!(allows("", "pods", "watch"));
     assert!(allows("events.k8s.io", "events", "create"));
     let binding = one(&docs, "ClusterRoleBinding");

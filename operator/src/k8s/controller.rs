@@ -1,19 +1,28 @@
 //! The reconcile driver: a kube-runtime `Controller` on `ShardedDatabase` owning every child kind.
-//! Each reconcile runs validate → build → apply → observe → status. Does I/O.
+//! Each reconcile runs validate → build → apply → observe → status. Beside it runs the healer
+//! ([`super::heal`]), which keeps the topology in step with the servers. Does I/O.
+//!
+//! The topology ConfigMap is shared with the healer: the reconcile creates it when missing and
+//! otherwise only carries forward what the spec changed (shards added, servers added or removed),
+//! keeping the primary and copy states the healer recorded; both write it only at the
+//! resourceVersion they read, so neither undoes the other.
 //!
 //! Errors are classified once, here: an invalid spec is the user's to fix, so it becomes a
 //! `Ready=False, reason=InvalidSpec` condition and an Event, and the controller waits for the next
 //! change; everything else is transient and retried with exponential backoff and jitter.
 
 use super::apply::{self, ApplyError};
-use super::build::configmap::{desired_topology, published_topology, topology_configmap};
+use super::build::configmap::desired_topology;
 use super::build::secret::{generate_password, postgres_secret, stored_password};
 use super::build::{Owner, names, pdb, rbac, router, service, statefulset};
+use super::heal::{self, HealSettings};
 use super::status::{self, Observed, READY};
+use super::topology::{self, HeadlessService, ServerUrls, WriteError};
 use crate::brain::placement::place;
 use crate::brain::topology::TopologyBuildError;
 use crate::brain::validate::{Images, validate_with_defaults};
 use crate::crd::{ConditionStatus, ShardedDatabase, ShardedDatabaseStatus};
+use futures::FutureExt;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
@@ -52,6 +61,8 @@ pub enum ReconcileError {
     Api(#[from] ApplyError),
     #[error("failed to build the topology")]
     Topology(#[from] TopologyBuildError),
+    #[error("failed to publish the topology")]
+    TopologyWrite(#[from] WriteError),
     #[error("failed to write the status of {name}")]
     Status {
         name: String,
@@ -95,10 +106,26 @@ impl Metrics {
 }
 
 /// How this operator is configured (parsed once in `main`, from flags and the environment).
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct Config {
     /// The images of a ShardedDatabase whose `spec.images` leaves them out.
     pub default_images: Images,
+    /// Where servers are reached: the pods' DNS names under the headless Service, unless a test
+    /// points them elsewhere.
+    pub server_urls: Arc<dyn ServerUrls>,
+    /// The healer's settings; `None` runs the reconcile alone (nothing probes the servers, and
+    /// the topology changes only with the spec).
+    pub healing: Option<HealSettings>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            default_images: Images::default(),
+            server_urls: Arc::new(HeadlessService),
+            healing: Some(HealSettings::default()),
+        }
+    }
 }
 
 /// Shared by every reconcile.
@@ -109,22 +136,51 @@ pub struct Context {
     pub metrics: Metrics,
     /// Consecutive failures per object, for the backoff; cleared by a success.
     failures: Mutex<HashMap<ObjectRef<ShardedDatabase>, u32>>,
+    /// Per database, the servers the healer could not reach at its last probe.
+    unreachable: Mutex<HashMap<ObjectRef<ShardedDatabase>, BTreeSet<String>>>,
 }
 
 impl Context {
     pub fn new(client: Client, config: Config, metrics: Metrics) -> Arc<Self> {
         let reporter = Reporter { controller: names::MANAGER.into(), instance: std::env::var("POD_NAME").ok() };
         let recorder = Recorder::new(client.clone(), reporter);
-        Arc::new(Context { client, config, recorder, metrics, failures: Mutex::default() })
+        Arc::new(Context {
+            client,
+            config,
+            recorder,
+            metrics,
+            failures: Mutex::default(),
+            unreachable: Mutex::default(),
+        })
+    }
+
+    /// The servers of `db` the healer could not reach at its last probe.
+    pub fn unreachable(&self, db: &ObjectRef<ShardedDatabase>) -> BTreeSet<String> {
+        self.unreachable.lock().unwrap_or_else(|e| e.into_inner()).get(db).cloned().unwrap_or_default()
+    }
+
+    /// Records what the healer could not reach; whether that changed.
+    pub(super) fn set_unreachable(&self, db: &ObjectRef<ShardedDatabase>, servers: BTreeSet<String>) -> bool {
+        let mut map = self.unreachable.lock().unwrap_or_else(|e| e.into_inner());
+        map.insert(db.clone(), servers.clone()) != Some(servers)
+    }
+
+    /// Forgets databases that are gone.
+    pub(super) fn forget_unreachable_except(&self, keep: &std::collections::HashSet<ObjectRef<ShardedDatabase>>) {
+        self.unreachable.lock().unwrap_or_else(|e| e.into_inner()).retain(|k, _| keep.contains(k));
     }
 }
 
-/// Runs the controller until `shutdown` resolves; reconciles in flight are finished first.
+/// Runs the controller and the healer until `shutdown` resolves; reconciles in flight are
+/// finished first, recovers in flight are abandoned (the next leader redoes them).
 pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
     let client = ctx.client.clone();
     let dbs: Api<ShardedDatabase> = Api::all(client.clone());
+    let shutdown = shutdown.shared();
     let cfg = || watcher::Config::default().labels(&format!("{}={}", names::LABEL_MANAGED_BY, names::MANAGER));
-    Controller::new(dbs, watcher::Config::default())
+    // The healer asks for a reconcile (to refresh the status) when a server's reachability changes.
+    let (reconcile_tx, reconcile_rx) = futures::channel::mpsc::unbounded();
+    let controller = Controller::new(dbs, watcher::Config::default())
         .owns(Api::<StatefulSet>::all(client.clone()), cfg())
         .owns(Api::<Deployment>::all(client.clone()), cfg())
         .owns(Api::<Service>::all(client.clone()), cfg())
@@ -134,14 +190,18 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + 
         .owns(Api::<Role>::all(client.clone()), cfg())
         .owns(Api::<RoleBinding>::all(client.clone()), cfg())
         .owns(Api::<PodDisruptionBudget>::all(client), cfg())
-        .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, ctx)
-        .for_each(|result| async move {
-            if let Err(error) = result {
-                tracing::debug!(%error, "reconcile did not complete");
-            }
-        })
-        .await;
+        .reconcile_all_on(reconcile_rx)
+        .graceful_shutdown_on(shutdown.clone());
+    let healer = match ctx.config.healing {
+        Some(settings) => heal::run(ctx.clone(), controller.store(), settings, reconcile_tx, shutdown).boxed(),
+        None => futures::future::ready(()).boxed(),
+    };
+    let reconciles = controller.run(reconcile, error_policy, ctx).for_each(|result| async move {
+        if let Err(error) = result {
+            tracing::debug!(%error, "reconcile did not complete");
+        }
+    });
+    futures::future::join(reconciles, healer).await;
 }
 
 #[instrument(skip_all, fields(db = %db.name_any(), namespace = db.namespace().unwrap_or_default()))]
@@ -189,11 +249,10 @@ async fn reconcile_inner(db: &ShardedDatabase, ctx: &Context) -> Result<Action, 
         .as_ref()
         .and_then(stored_password)
         .unwrap_or_else(generate_password);
-    let published = apply::get::<ConfigMap>(client, ns, &names::topology_configmap(&owner.name))
-        .await?
-        .as_ref()
-        .and_then(published_topology);
-    let topology = desired_topology(&valid, &placement, &owner, published.as_ref())?;
+    let published = topology::read(client, &owner).await?;
+    let current = published.as_ref().and_then(|p| p.topology.as_ref());
+    let url = |server: &str| ctx.config.server_urls.url(&owner.name, ns, server);
+    let topology = desired_topology(&valid, &placement, url, current)?;
 
     // Identity and access first, then what pods mount, then the pods.
     apply::apply(client, ns, &rbac::server_service_account(&owner)).await?;
@@ -202,7 +261,13 @@ async fn reconcile_inner(db: &ShardedDatabase, ctx: &Context) -> Result<Action, 
     apply::apply(client, ns, &rbac::topology_reader_binding(&owner)).await?;
     apply::apply(client, ns, &postgres_secret(&owner, &password)).await?;
     apply::apply(client, ns, &service::headless_service(&owner)).await?;
-    apply::apply(client, ns, &topology_configmap(&owner, &topology)).await?;
+    if current != Some(&topology) {
+        // Only at the version read: a heal published meanwhile makes this fail, and the retry
+        // carries it forward.
+        let read_at = published.as_ref().map(|p| p.resource_version.as_str());
+        topology::write(client, &owner, &topology, read_at).await?;
+        tracing::info!(epoch = topology.epoch, "topology published");
+    }
     let mut server_sets = Vec::with_capacity(placement.servers.len());
     for server in &placement.servers {
         let sts = apply::apply(client, ns, &statefulset::server_statefulset(&valid, &owner, server)).await?;
@@ -211,6 +276,7 @@ async fn reconcile_inner(db: &ShardedDatabase, ctx: &Context) -> Result<Action, 
     let routers = apply::apply(client, ns, &router::router_deployment(&valid, &owner)).await?;
     apply::apply(client, ns, &service::router_service(&owner)).await?;
     apply::apply(client, ns, &pdb::server_pdb(&owner)).await?;
+    apply::apply(client, ns, &pdb::router_pdb(&owner)).await?;
 
     // Servers no longer in the placement. Their pods go with them; their volumes stay (a
     // StatefulSet's claims are not garbage-collected), so re-adding a server finds its data.
@@ -234,7 +300,8 @@ async fn reconcile_inner(db: &ShardedDatabase, ctx: &Context) -> Result<Action, 
             .map(|(server, _)| server.clone())
             .collect(),
         ready_routers: routers.status.as_ref().and_then(|s| s.ready_replicas).map_or(0, |r| r.max(0) as u32),
-        topology_epoch: topology.epoch,
+        topology,
+        unreachable: ctx.unreachable(&ObjectRef::from_obj(db)),
     };
     let status = status::healthy_or_converging(generation, &placement, &observed, previous, &now);
     let was_ready = previous.and_then(|p| status::condition(p, READY)).map(|c| c.status);
@@ -258,6 +325,8 @@ pub fn error_policy(db: Arc<ShardedDatabase>, error: &ReconcileError, ctx: Arc<C
         ReconcileError::NotStored(_) => "not_stored",
         ReconcileError::Api(_) => "api",
         ReconcileError::Topology(_) => "topology",
+        ReconcileError::TopologyWrite(WriteError::Conflict(_)) => "topology_conflict",
+        ReconcileError::TopologyWrite(WriteError::Api(_)) => "api",
         ReconcileError::Status { .. } => "status",
     };
     ctx.metrics.errors.get_or_create(&ErrorLabels { kind: kind.into() }).inc();
@@ -308,7 +377,14 @@ async fn write_status(
 }
 
 /// Events are best effort: failing to record one must not fail the reconcile.
-async fn publish(ctx: &Context, db: &ShardedDatabase, type_: EventType, reason: &str, action: &str, note: String) {
+pub(super) async fn publish(
+    ctx: &Context,
+    db: &ShardedDatabase,
+    type_: EventType,
+    reason: &str,
+    action: &str,
+    note: String,
+) {
     let event = Event { type_, reason: reason.into(), note: Some(note), action: action.into(), secondary: None };
     if let Err(error) = ctx.recorder.publish(&event, &db.object_ref(&())).await {
         tracing::warn!(%error, reason, "failed to record an event");

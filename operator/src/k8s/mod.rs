@@ -4,5 +4,7 @@
 pub mod apply;
 pub mod build;
 pub mod controller;
+pub mod heal;
 pub mod leader;
 pub mod status;
+pub mod topology;

@@ -1,12 +1,19 @@
 //! The status of a `ShardedDatabase` as a function of the validated spec, what was observed and
 //! the previous status (only to keep `lastTransitionTime` of unchanged conditions). Pure.
 //!
-//! Conditions follow the Kubernetes convention. `Ready`: every server and at least one router is
-//! ready. `Progressing`: the children are converging on the spec. `Degraded`: the database was
-//! ready and lost a server or its routers — a first rollout is progress, not degradation.
+//! Conditions follow the Kubernetes convention. `Ready`: every server is ready and reachable, at
+//! least one router is ready, and every copy of every shard is ready. `Progressing`: the children
+//! are converging on the spec, or copies are being healed. `Degraded`: a copy is recovering (it
+//! lost its data, was unreachable, or was a deposed primary), or the database was ready and lost
+//! a server or its routers — a first rollout is progress, not degradation.
+//!
+//! Per shard, the primary and the state of each copy come from the published topology (which the
+//! healer maintains); a ready copy counts as ready here only while its pod is ready and the healer
+//! reaches its server.
 
 use crate::brain::placement::Placement;
 use crate::crd::{Condition, ConditionStatus, ShardStatus, ShardedDatabaseStatus};
+use shard_server::topology::{ReplicaState, Topology};
 use std::collections::BTreeSet;
 
 pub const READY: &str = "Ready";
@@ -15,13 +22,15 @@ pub const DEGRADED: &str = "Degraded";
 pub const REASON_INVALID_SPEC: &str = "InvalidSpec";
 
 /// What the reconcile saw of the running children.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Observed {
     /// Topology names of the servers whose pod is ready.
     pub ready_servers: BTreeSet<String>,
     pub ready_routers: u32,
-    /// The epoch of the topology published in the ConfigMap.
-    pub topology_epoch: u64,
+    /// The topology published in the ConfigMap.
+    pub topology: Topology,
+    /// Servers that did not answer the healer's last probe (none while healing is off).
+    pub unreachable: BTreeSet<String>,
 }
 
 /// The status of a database whose spec validated and whose children were applied.
@@ -32,13 +41,41 @@ pub fn healthy_or_converging(
     previous: Option<&ShardedDatabaseStatus>,
     now: &str,
 ) -> ShardedDatabaseStatus {
+    let serving = |s: &str| observed.ready_servers.contains(s) && !observed.unreachable.contains(s);
     let total = placement.servers.len();
-    let ready_servers = placement.servers.iter().filter(|s| observed.ready_servers.contains(*s)).count();
-    let all_ready = ready_servers == total && observed.ready_routers > 0;
+    let ready_servers = placement.servers.iter().filter(|s| serving(s)).count();
+    let shards: Vec<ShardStatus> = observed
+        .topology
+        .shards
+        .iter()
+        .map(|s| ShardStatus {
+            id: s.id.clone(),
+            primary: Some(s.primary.clone()),
+            ready_replicas: s.ready_replicas().filter(|r| serving(r)).map(str::to_owned).collect(),
+            recovering_replicas: s
+                .replicas
+                .iter()
+                .filter(|(_, state)| **state == ReplicaState::Recovering)
+                .map(|(r, _)| r.clone())
+                .collect(),
+        })
+        .collect();
+    let recovering: Vec<String> =
+        shards.iter().flat_map(|s| s.recovering_replicas.iter().map(move |r| format!("{} on {r}", s.id))).collect();
+    let unreachable: Vec<&str> =
+        placement.servers.iter().filter(|s| observed.unreachable.contains(*s)).map(String::as_str).collect();
+    let servers_ready = ready_servers == total && observed.ready_routers > 0;
+    let all_ready = servers_ready && recovering.is_empty();
     let was_ready = previous.is_some_and(|p| {
         condition_is(p, READY, ConditionStatus::True) || condition_is(p, DEGRADED, ConditionStatus::True)
     });
-    let summary = format!("{ready_servers}/{total} servers and {} routers ready", observed.ready_routers);
+    let mut summary = format!("{ready_servers}/{total} servers and {} routers ready", observed.ready_routers);
+    if !unreachable.is_empty() {
+        summary.push_str(&format!("; unreachable: {}", unreachable.join(", ")));
+    }
+    if !recovering.is_empty() {
+        summary.push_str(&format!("; recovering: {}", recovering.join(", ")));
+    }
     let conditions = if all_ready {
         vec![
             (READY, ConditionStatus::True, "AllReady", summary.clone()),
@@ -46,32 +83,26 @@ pub fn healthy_or_converging(
             (DEGRADED, ConditionStatus::False, "AllReady", summary),
         ]
     } else {
-        let degraded = if was_ready {
-            (DEGRADED, ConditionStatus::True, "ServersUnavailable", summary.clone())
+        let ready_reason = if servers_ready { "CopiesRecovering" } else { "ServersNotReady" };
+        let (progress_reason, degraded) = if !recovering.is_empty() {
+            ("Healing", (DEGRADED, ConditionStatus::True, "CopiesRecovering", summary.clone()))
+        } else if was_ready {
+            ("RollingOut", (DEGRADED, ConditionStatus::True, "ServersUnavailable", summary.clone()))
         } else {
-            (DEGRADED, ConditionStatus::False, "RollingOut", summary.clone())
+            ("RollingOut", (DEGRADED, ConditionStatus::False, "RollingOut", summary.clone()))
         };
         vec![
-            (READY, ConditionStatus::False, "ServersNotReady", summary.clone()),
-            (PROGRESSING, ConditionStatus::True, "RollingOut", summary),
+            (READY, ConditionStatus::False, ready_reason, summary.clone()),
+            (PROGRESSING, ConditionStatus::True, progress_reason, summary),
             degraded,
         ]
     };
-    let shards = placement
-        .shards
-        .iter()
-        .map(|s| ShardStatus {
-            id: s.id.clone(),
-            primary: Some(s.primary.clone()),
-            ready_replicas: s.replicas.iter().filter(|r| observed.ready_servers.contains(*r)).cloned().collect(),
-        })
-        .collect();
     ShardedDatabaseStatus {
         observed_generation: generation,
         conditions: build_conditions(conditions, generation, previous, now),
         ready_servers: u32::try_from(ready_servers).unwrap_or(u32::MAX),
         shards,
-        topology_epoch: Some(observed.topology_epoch),
+        topology_epoch: Some(observed.topology.epoch),
     }
 }
 
@@ -134,13 +165,22 @@ fn build_conditions(
 mod tests {
     use super::*;
     use crate::brain::placement::place;
-    use crate::k8s::build::testing::db;
+    use crate::k8s::build::names;
+    use crate::k8s::build::{configmap::desired_topology, testing::db};
+
+    fn topology() -> Topology {
+        let db = db();
+        let mut t = desired_topology(&db, &place(&db), |s| names::server_url("students", "prod", s), None).unwrap();
+        t.epoch = 4;
+        t
+    }
 
     fn observed(ready: &[&str], routers: u32) -> Observed {
         Observed {
             ready_servers: ready.iter().map(|s| s.to_string()).collect(),
             ready_routers: routers,
-            topology_epoch: 4,
+            topology: topology(),
+            unreachable: BTreeSet::new(),
         }
     }
 
@@ -182,6 +222,39 @@ mod tests {
         assert_eq!(condition(&lost, READY).unwrap().last_transition_time, "t2");
         assert_eq!(condition(&lost, DEGRADED).unwrap().last_transition_time, "t2");
         assert_eq!(lost.ready_servers, 5);
+    }
+
+    #[test]
+    fn an_unreachable_server_is_not_ready_even_with_its_pod_ready() {
+        let p = place(&db());
+        let all: Vec<&str> = p.servers.iter().map(String::as_str).collect();
+        let ready = healthy_or_converging(Some(1), &p, &observed(&all, 2), None, "t0");
+        let mut o = observed(&all, 2);
+        o.unreachable.insert("Server4".into());
+        let s = healthy_or_converging(Some(1), &p, &o, Some(&ready), "t1");
+        assert_eq!(status_of(&s, DEGRADED), (ConditionStatus::True, "ServersUnavailable".into()));
+        assert_eq!(s.ready_servers, 5);
+        assert_eq!(s.shards[1].ready_replicas, ["Server3", "Server5"]);
+        assert!(condition(&s, READY).unwrap().message.contains("unreachable: Server4"));
+    }
+
+    #[test]
+    fn a_recovering_copy_is_degraded_and_shows_the_topology_primary() {
+        let p = place(&db());
+        let all: Vec<&str> = p.servers.iter().map(String::as_str).collect();
+        let mut o = observed(&all, 2);
+        let sh2 = &mut o.topology.shards[1];
+        sh2.primary = "Server4".into();
+        sh2.replicas.insert("Server3".into(), ReplicaState::Recovering);
+        // Even on a first look (no previous status): a recovering copy is a loss of redundancy.
+        let s = healthy_or_converging(Some(1), &p, &o, None, "t0");
+        assert_eq!(status_of(&s, READY), (ConditionStatus::False, "CopiesRecovering".into()));
+        assert_eq!(status_of(&s, PROGRESSING), (ConditionStatus::True, "Healing".into()));
+        assert_eq!(status_of(&s, DEGRADED), (ConditionStatus::True, "CopiesRecovering".into()));
+        assert_eq!(s.shards[1].primary.as_deref(), Some("Server4"));
+        assert_eq!(s.shards[1].ready_replicas, ["Server4", "Server5"]);
+        assert_eq!(s.shards[1].recovering_replicas, ["Server3"]);
+        assert!(condition(&s, DEGRADED).unwrap().message.contains("recovering: sh2 on Server3"));
     }
 
     #[test]

@@ -57,6 +57,9 @@ pub fn headless_service(db: &str) -> String {
 pub fn server_pdb(db: &str) -> String {
     format!("{db}-servers")
 }
+pub fn router_pdb(db: &str) -> String {
+    format!("{db}-router")
+}
 pub fn router(db: &str) -> String {
     format!("{db}-router")
 }

@@ -1,10 +1,17 @@
 //! One StatefulSet per server (replicas 1), so a particular server can be removed, as the seed's
 //! `/rm` names servers. Its pod runs the shard server and the upstream Postgres image; the shard
 //! server reaches Postgres on the pod's loopback. Pure.
+//!
+//! Volumes are kept: the `persistentVolumeClaimRetentionPolicy` is `Retain` both when the
+//! StatefulSet is deleted (a server removed from the spec, or the whole database deleted) and
+//! when it is scaled, as CloudNativePG keeps data by default. Deleting data is the one mistake
+//! that cannot be undone; a re-added server finds its volume (its copies are then checked and
+//! recovered by the healer), and an operator who wants the space back deletes the claims, found
+//! by the database's labels, which every claim carries.
 
 use super::{Owner, names, resources};
 use crate::brain::validate::ValidatedDb;
-use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
+use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetPersistentVolumeClaimRetentionPolicy, StatefulSetSpec};
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, ExecAction, HTTPGetAction,
     PersistentVolumeClaim, PersistentVolumeClaimSpec, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
@@ -32,7 +39,11 @@ pub fn server_statefulset(db: &ValidatedDb, owner: &Owner, server: &str) -> Stat
     let mut volumes = vec![empty_dir(RUN_VOLUME), empty_dir(TMP_VOLUME)];
     let claims = match &db.storage_size {
         Some(size) => Some(vec![PersistentVolumeClaim {
-            metadata: ObjectMeta { name: Some(names::DATA_VOLUME.into()), ..ObjectMeta::default() },
+            metadata: ObjectMeta {
+                name: Some(names::DATA_VOLUME.into()),
+                labels: Some(pod_labels.clone()),
+                ..ObjectMeta::default()
+            },
             spec: Some(PersistentVolumeClaimSpec {
                 access_modes: Some(vec!["ReadWriteOnce".into()]),
                 storage_class_name: db.storage_class.clone(),
@@ -56,6 +67,10 @@ pub fn server_statefulset(db: &ValidatedDb, owner: &Owner, server: &str) -> Stat
             service_name: Some(names::headless_service(&owner.name)),
             selector: LabelSelector { match_labels: Some(selector), ..LabelSelector::default() },
             pod_management_policy: Some("Parallel".into()),
+            persistent_volume_claim_retention_policy: Some(StatefulSetPersistentVolumeClaimRetentionPolicy {
+                when_deleted: Some("Retain".into()),
+                when_scaled: Some("Retain".into()),
+            }),
             volume_claim_templates: claims,
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta { labels: Some(pod_labels), ..ObjectMeta::default() }),
@@ -283,6 +298,15 @@ mod tests {
         assert_eq!(claims[0].metadata.name.as_deref(), Some("data"));
         assert_eq!(claim.resources.as_ref().unwrap().requests.as_ref().unwrap()["storage"], Quantity("1Gi".into()));
         assert_eq!(claim.storage_class_name.as_deref(), Some("fast"));
+        let labels = claims[0].metadata.labels.as_ref().unwrap();
+        assert_eq!(labels["sharddb.io/database"], "students");
+        assert_eq!(labels["sharddb.io/server"], "server0");
+        assert_eq!(labels["app.kubernetes.io/component"], "server");
+        let retention = sts.spec.as_ref().unwrap().persistent_volume_claim_retention_policy.as_ref().unwrap();
+        assert_eq!(
+            (retention.when_deleted.as_deref(), retention.when_scaled.as_deref()),
+            (Some("Retain"), Some("Retain"))
+        );
         assert!(!pod(&sts).volumes.as_ref().unwrap().iter().any(|v| v.name == "data"));
 
         db.storage_size = None;

@@ -1,0 +1,393 @@
+//! The Kubernetes body of the healer: the real `Controller` and healer against the in-process fake
+//! API server, and real shard servers (in-process, over a throwaway Postgres) that follow the
+//! topology ConfigMap through a watch on that API. The servers are reached at local addresses
+//! through the injectable `ServerUrls`, as they would be at their headless-Service names.
+//!
+//! Database `students`: shards sh1 (primary Server0, copy on Server1) and sh2 (primary Server2,
+//! copy on Server0), per the count-mode placement of 2 shards × 2 replicas on 3 servers.
+
+use fake_apiserver::FakeApiServer;
+use kube::CustomResourceExt;
+use kube::api::{Api, PostParams};
+use localpg::LocalPg;
+use operator::brain::plan::Settings;
+use operator::crd::ShardedDatabase;
+use operator::k8s::controller::{Config, Context, Metrics, run};
+use operator::k8s::heal::HealSettings;
+use operator::k8s::topology::ServerUrls;
+use serde_json::{Value, json};
+use shard_server::api::{Op, ShardClient, WriteRequest, http_client, install_crypto_provider};
+use shard_server::db::Db;
+use shard_server::node::{Node, NodeConfig};
+use shard_server::schema::{Row, Value as Cell};
+use shard_server::topology::Topology;
+use shard_server::topology_source::watch_configmap;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+/// Generous: it bounds a failure, not a success, and the machine may be busy.
+const WAIT: Duration = Duration::from_secs(60);
+const NS: &str = "default";
+const CONFIGMAP: &str = "students-topology";
+
+/// Servers at local addresses instead of DNS names.
+#[derive(Debug)]
+struct LocalUrls(BTreeMap<String, String>);
+
+impl ServerUrls for LocalUrls {
+    fn url(&self, _db: &str, _namespace: &str, server: &str) -> String {
+        self.0.get(server).cloned().unwrap_or_else(|| "http://127.0.0.1:9".into())
+    }
+}
+
+struct Server {
+    name: String,
+    addr: SocketAddr,
+    db_url: String,
+    task: Option<JoinHandle<()>>,
+}
+
+struct Harness {
+    api: FakeApiServer,
+    pg: LocalPg,
+    servers: Vec<Server>,
+    http: reqwest::Client,
+    config: Option<Config>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    operator: Option<JoinHandle<()>>,
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        for s in &mut self.servers {
+            if let Some(t) = s.task.take() {
+                t.abort();
+            }
+        }
+    }
+}
+
+impl Harness {
+    /// Three servers, the controller and healer with short timeouts, and the database created.
+    async fn start() -> Harness {
+        install_crypto_provider();
+        let _ = tracing_subscriber::fmt()
+            .with_test_writer()
+            .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+            .try_init();
+        let pg = tokio::task::spawn_blocking(LocalPg::temporary).await.unwrap().expect("throwaway postgres");
+        let api = FakeApiServer::start().await;
+        api.install_crd(&ShardedDatabase::crd()).unwrap();
+        let mut h = Harness {
+            api,
+            pg,
+            servers: Vec::new(),
+            http: http_client(Duration::from_secs(30)),
+            config: None,
+            stop: None,
+            operator: None,
+        };
+        let mut listeners = Vec::new();
+        for i in 0..3 {
+            let db = format!("server{i}");
+            h.pg.create_database(&db).unwrap();
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            h.servers.push(Server { name: format!("Server{i}"), addr, db_url: h.pg.url(&db), task: None });
+            listeners.push(listener);
+        }
+        for (i, l) in listeners.into_iter().enumerate() {
+            h.serve(i, l).await;
+        }
+
+        let urls = h.servers.iter().map(|s| (s.name.clone(), format!("http://{}", s.addr))).collect();
+        // Shorter than the defaults (3 s) to keep the test quick, long enough that a probe slowed
+        // down by a busy machine is not mistaken for an outage.
+        let settings = Settings { failover_after: Duration::from_secs(2), demote_after: Duration::from_secs(2) };
+        let config = Config {
+            server_urls: Arc::new(LocalUrls(urls)),
+            healing: Some(HealSettings { plan: settings, round: Duration::from_millis(200) }),
+            ..Config::default()
+        };
+        h.config = Some(config);
+        h.start_operator();
+
+        let db: ShardedDatabase = serde_json::from_value(json!({
+            "apiVersion": "sharddb.io/v1alpha1",
+            "kind": "ShardedDatabase",
+            "metadata": { "name": "students", "namespace": NS },
+            "spec": {
+                "schema": { "columns": ["Stud_id", "Stud_name", "Stud_marks"], "dtypes": ["Number", "String", "Number"] },
+                "shards": [
+                    { "id": "sh1", "low": 0, "size": 4096 },
+                    { "id": "sh2", "low": 4096, "size": 4096 }
+                ],
+                "replicas": 2,
+                "servers": 3
+            }
+        }))
+        .unwrap();
+        Api::<ShardedDatabase>::namespaced(h.api.client(), NS).create(&PostParams::default(), &db).await.unwrap();
+        h
+    }
+
+    /// Starts the controller and its healer: a fresh operator process, with nothing in memory.
+    fn start_operator(&mut self) {
+        let mut registry = prometheus_client::registry::Registry::default();
+        let config = self.config.clone().expect("configured");
+        let ctx = Context::new(self.api.client(), config, Metrics::new(&mut registry));
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        self.operator = Some(tokio::spawn(run(ctx, async move {
+            let _ = stopped.await;
+        })));
+        self.stop = Some(stop);
+    }
+
+    /// Stops the operator gracefully and waits until it has.
+    async fn stop_operator(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.operator.take() {
+            task.await.unwrap();
+        }
+    }
+
+    /// Serves server `i` over its current database, following the topology ConfigMap.
+    async fn serve(&mut self, i: usize, listener: TcpListener) {
+        let s = &mut self.servers[i];
+        let db = Db::connect_patiently(&s.db_url, 8, Duration::from_secs(60)).await.unwrap();
+        let config = NodeConfig { name: s.name.clone(), peer_timeout: Duration::from_secs(10), body_limit: 1 << 20 };
+        let node = Node::new(config, db, watch_configmap(self.api.client(), NS, CONFIGMAP));
+        node.start().await.unwrap();
+        let app = shard_server::app(node);
+        s.task = Some(tokio::spawn(async move {
+            axum::serve(listener, app).await.unwrap();
+        }));
+    }
+
+    /// Stops server `i`: its port stops answering, its database stays.
+    async fn kill(&mut self, i: usize) {
+        if let Some(t) = self.servers[i].task.take() {
+            t.abort();
+            let _ = t.await;
+        }
+    }
+
+    /// Starts server `i` again on the same port, over a brand-new empty database when
+    /// `lose_volume` (a pod rescheduled without its volume).
+    async fn restart(&mut self, i: usize, lose_volume: bool) {
+        if lose_volume {
+            let db = format!("server{i}_new");
+            self.pg.create_database(&db).unwrap();
+            self.servers[i].db_url = self.pg.url(&db);
+        }
+        let listener = TcpListener::bind(self.servers[i].addr).await.unwrap();
+        self.serve(i, listener).await;
+    }
+
+    fn client(&self, i: usize) -> ShardClient {
+        ShardClient::new(self.http.clone(), format!("http://{}", self.servers[i].addr))
+    }
+
+    fn topology(&self) -> Option<Topology> {
+        let cm = self.api.get("configmaps", NS, CONFIGMAP)?;
+        Topology::parse(cm["data"]["topology.json"].as_str()?.as_bytes()).ok()
+    }
+
+    fn status(&self) -> Value {
+        self.api.get("shardeddatabases", NS, "students").map(|d| d["status"].clone()).unwrap_or(Value::Null)
+    }
+
+    fn condition(&self, type_: &str) -> Option<(String, String)> {
+        let status = self.status();
+        let c = status["conditions"].as_array()?.iter().find(|c| c["type"] == type_)?.clone();
+        Some((c["status"].as_str()?.to_owned(), c["reason"].as_str()?.to_owned()))
+    }
+
+    fn shard_status(&self, shard: &str) -> Value {
+        let status = self.status();
+        status["shards"].as_array().and_then(|a| a.iter().find(|s| s["id"] == shard).cloned()).unwrap_or(Value::Null)
+    }
+
+    fn events(&self, reason: &str) -> Vec<String> {
+        self.api
+            .list("events.events.k8s.io", NS)
+            .iter()
+            .filter(|e| e["reason"] == reason && e["regarding"]["name"] == "students")
+            .filter_map(|e| e["note"].as_str().map(str::to_owned))
+            .collect()
+    }
+
+    /// Plays the kubelet and the workload controllers: every StatefulSet and Deployment is ready.
+    fn mark_workloads_ready(&self) {
+        for kind in ["statefulsets", "deployments"] {
+            for mut o in self.api.list(kind, NS) {
+                let replicas = o["spec"]["replicas"].clone();
+                o["status"] = json!({ "replicas": replicas, "readyReplicas": replicas });
+                self.api.upsert(o).unwrap();
+            }
+        }
+    }
+
+    /// Waits for the first rollout: every copy's identity recorded and the database Ready.
+    async fn wait_ready(&self) {
+        let started = Instant::now();
+        assert!(self.api.wait_for(WAIT, |_| self.topology().is_some()).await, "topology published");
+        let built =
+            |api: &FakeApiServer| api.list("statefulsets", NS).len() == 3 && api.list("deployments", NS).len() == 1;
+        assert!(self.api.wait_for(WAIT, built).await, "workloads built");
+        self.mark_workloads_ready();
+        let recorded = |t: &Topology| t.shards.iter().all(|s| s.copies.len() == s.replicas.len());
+        assert!(self.api.wait_for(WAIT, |_| self.topology().is_some_and(|t| recorded(&t))).await, "copies recorded");
+        assert!(
+            self.api.wait_for(WAIT, |_| self.condition("Ready") == Some(("True".into(), "AllReady".into()))).await,
+            "ready: {}",
+            self.status()
+        );
+        println!("rollout: ready after {:?}", started.elapsed());
+    }
+
+    /// Writes rows `keys` through the shard's primary server `i`.
+    async fn write(&self, i: usize, shard: &str, keys: std::ops::Range<i64>) {
+        let ops = keys
+            .map(|k| Op::Insert { row: Row(vec![Cell::Int(k), Cell::Text(format!("n{k}")), Cell::Int(k % 100)]) })
+            .collect();
+        self.client(i).write(shard, &WriteRequest { epoch: None, ops, dry_run: false }).await.unwrap();
+    }
+
+    /// (rows, checksum) of `shard` on server `i`.
+    async fn contents(&self, i: usize, shard: &str) -> (i64, Option<String>) {
+        let s = &self.client(i).status(true).await.unwrap().shards[shard];
+        (s.rows, s.checksum.clone())
+    }
+}
+
+fn state(t: &Topology, shard: &str, server: &str) -> Option<String> {
+    let state = t.shard(shard)?.replicas.get(server)?;
+    Some(serde_json::to_value(state).ok()?.as_str()?.to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_lost_its_volume_heals_back_to_ready_and_a_quiet_cluster_is_left_alone() {
+    let mut h = Harness::start().await;
+    h.wait_ready().await;
+    h.write(0, "sh1", 0..50).await;
+    let before = h.topology().unwrap();
+    let old_copy = before.shard("sh1").unwrap().copies["Server1"].clone();
+
+    // Nothing changes: several healer rounds and a forced reconcile later, nothing was written to
+    // the ConfigMap.
+    h.api.clear_writes();
+    let mut db = h.api.get("shardeddatabases", NS, "students").unwrap();
+    db["metadata"]["annotations"] = json!({ "poke": "1" });
+    h.api.upsert(db).unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rewrites: Vec<_> = h.api.writes().into_iter().filter(|w| w.changed && w.resource == "configmaps").collect();
+    assert!(rewrites.is_empty(), "the topology is not rewritten when nothing changed: {rewrites:?}");
+    assert_eq!(h.topology(), Some(before.clone()));
+
+    // Server1 comes back empty, as a pod rescheduled without its volume.
+    let lost = Instant::now();
+    h.kill(1).await;
+    h.restart(1, true).await;
+    let healed = |t: &Topology| {
+        let sh1 = t.shard("sh1").unwrap();
+        state(t, "sh1", "Server1").as_deref() == Some("ready") && sh1.copies.get("Server1") != Some(&old_copy)
+    };
+    assert!(
+        h.api.wait_for(WAIT, |_| h.topology().is_some_and(|t| healed(&t))).await,
+        "Server1's copy of sh1 recovered and ready again: {:?}",
+        h.topology()
+    );
+    println!("lost volume: ready again after {:?}", lost.elapsed());
+    let after = h.topology().unwrap();
+    assert!(after.epoch >= before.epoch + 2, "demoted, then ready: {} → {}", before.epoch, after.epoch);
+    assert_eq!(after.shard("sh1").unwrap().primary, "Server0", "the primary stayed");
+    assert_eq!(h.contents(1, "sh1").await, h.contents(0, "sh1").await, "the recovered copy equals the primary's");
+    assert_eq!(h.contents(1, "sh1").await.0, 50);
+    let demoted = |h: &Harness| h.events("Demoted").iter().any(|n| n.contains("sh1 on Server1 lost its data"));
+    assert!(h.api.wait_for(WAIT, |_| demoted(&h)).await, "{:?}", h.events("Demoted"));
+    let ready = |h: &Harness| h.events("ReplicaReady").iter().any(|n| n.contains("sh1 on Server1 is ready"));
+    assert!(h.api.wait_for(WAIT, |_| ready(&h)).await, "{:?}", h.events("ReplicaReady"));
+    assert!(
+        h.api.wait_for(WAIT, |_| h.condition("Ready") == Some(("True".into(), "AllReady".into()))).await,
+        "ready again: {}",
+        h.status()
+    );
+    assert_eq!(h.shard_status("sh1")["readyReplicas"], json!(["Server0", "Server1"]));
+    assert_eq!(h.status()["topologyEpoch"], json!(after.epoch));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_that_is_gone_fails_over_and_the_status_shows_the_degraded_shard() {
+    let mut h = Harness::start().await;
+    h.wait_ready().await;
+    h.write(2, "sh2", 4096..4146).await;
+    let before = h.topology().unwrap();
+    assert_eq!(before.shard("sh2").unwrap().primary, "Server2");
+
+    let gone = Instant::now();
+    h.kill(2).await;
+    let failed_over = |t: &Topology| t.shard("sh2").is_some_and(|s| s.primary == "Server0");
+    assert!(h.api.wait_for(WAIT, |_| h.topology().is_some_and(|t| failed_over(&t))).await, "Server0 promoted");
+    println!("failover: new primary after {:?}", gone.elapsed());
+    let after = h.topology().unwrap();
+    assert!(after.epoch > before.epoch, "epoch bumped: {} → {}", before.epoch, after.epoch);
+    assert_eq!(state(&after, "sh2", "Server2").as_deref(), Some("recovering"), "the old primary must start over");
+    assert_eq!(after.shard("sh1"), before.shard("sh1"), "sh1 did not involve Server2");
+    let promoted = |h: &Harness| {
+        h.events("Promoted").iter().any(|n| n.contains("Server0 is the primary of sh2, replacing Server2"))
+    };
+    assert!(h.api.wait_for(WAIT, |_| promoted(&h)).await, "{:?}", h.events("Promoted"));
+
+    // The status shows the degraded shard while Server2 is away.
+    assert!(
+        h.api.wait_for(WAIT, |_| h.condition("Degraded") == Some(("True".into(), "CopiesRecovering".into()))).await,
+        "degraded: {}",
+        h.status()
+    );
+    assert!(h.api.wait_for(WAIT, |_| h.shard_status("sh2")["primary"] == "Server0").await, "{}", h.status());
+    let sh2 = h.shard_status("sh2");
+    assert_eq!(sh2["readyReplicas"], json!(["Server0"]));
+    assert_eq!(sh2["recoveringReplicas"], json!(["Server2"]));
+    assert_eq!(h.condition("Ready"), Some(("False".into(), "ServersNotReady".into())), "{}", h.status());
+    let message =
+        h.status()["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "Degraded").unwrap()["message"]
+            .clone();
+    assert!(message.as_str().unwrap().contains("unreachable: Server2"), "{message}");
+    assert!(message.as_str().unwrap().contains("recovering: sh2 on Server2"), "{message}");
+
+    // Acknowledged writes survived on the new primary, which takes new ones.
+    assert_eq!(h.contents(0, "sh2").await.0, 50);
+    h.write(0, "sh2", 4146..4150).await;
+
+    // The operator restarts while the old primary is away; the new one knows nothing but the
+    // ConfigMap. The old primary comes back with its data, and is recovered from the new primary
+    // all the same.
+    h.stop_operator().await;
+    h.start_operator();
+    h.restart(2, false).await;
+    assert!(
+        h.api
+            .wait_for(WAIT, |_| h.topology().is_some_and(|t| state(&t, "sh2", "Server2").as_deref() == Some("ready")))
+            .await,
+        "Server2 ready again"
+    );
+    println!("failover: old primary ready again after {:?}", gone.elapsed());
+    assert_eq!(h.topology().unwrap().shard("sh2").unwrap().primary, "Server0", "no flapping back");
+    assert_eq!(h.contents(2, "sh2").await, h.contents(0, "sh2").await);
+    assert_eq!(h.contents(2, "sh2").await.0, 54);
+    assert!(
+        h.api.wait_for(WAIT, |_| h.condition("Ready") == Some(("True".into(), "AllReady".into()))).await,
+        "ready again: {}",
+        h.status()
+    );
+}
