@@ -112,9 +112,13 @@ fn pid_of(c: &LocalCluster, name: &str) -> Result<Option<u32>> {
     Ok(file.servers.iter().find(|s| s.name == name).context("no such server")?.pid)
 }
 
-fn sigkill(pid: u32) -> Result<()> {
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL)?;
+fn signal(pid: u32, signal: nix::sys::signal::Signal) -> Result<()> {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal)?;
     Ok(())
+}
+
+fn sigkill(pid: u32) -> Result<()> {
+    signal(pid, nix::sys::signal::Signal::SIGKILL)
 }
 
 /// SIGKILLs a process the supervisor keeps running and waits until its replacement answers its
@@ -258,7 +262,7 @@ async fn progress(load: &Load) -> Result<()> {
 
 /// Replica faults, each injected twice (on different servers): SIGKILL (the supervisor restarts
 /// it), its Postgres stopped (demoted past the timeout, recovered when Postgres is back), its data
-/// wiped (demoted, refilled from the primary).
+/// wiped (demoted, refilled from the primary), frozen with SIGSTOP (demoted, healed once thawed).
 #[tokio::test]
 async fn replica_faults_heal_under_load() -> Result<()> {
     let c = LocalCluster::students()?;
@@ -295,13 +299,41 @@ async fn replica_faults_heal_under_load() -> Result<()> {
         let e0 = load.errors();
         let t0 = now_ms();
         control(&c, "wipe", &replica).await?;
+        // The healer carries out control requests in its own loop, so it observes nothing while
+        // the server stops and its data is replaced: time the demotion from when that is done.
+        let wiped = now_ms();
         let demoted = wait_event(&c, "demotion", t0, |e| e.event == "demote" && e.server == replica).await?;
-        report.add(fault("wipe replica"), "demoted after", Some(demoted.at_ms - t0), load.errors() - e0);
+        report.add(fault("wipe replica"), "stopped and wiped in", Some(wiped - t0), 0);
+        report.add(
+            fault("wipe replica"),
+            "demoted after the wipe",
+            Some(demoted.at_ms.saturating_sub(wiped)),
+            load.errors() - e0,
+        );
         let e0 = load.errors();
         let t1 = now_ms();
         control(&c, "start", &replica).await?;
         all_ready(&c).await?;
         report.add(fault("wipe replica"), "restart → every copy ready", Some(now_ms() - t1), load.errors() - e0);
+    }
+    // Frozen (SIGSTOP): alive but answering nothing, as a hung process or a partition would be.
+    // Writes wait for it until it is demoted; once thawed it is behind, and must be healed before
+    // it serves reads again.
+    for round in 0..2 {
+        let (replica, _) = replica_and_primary(&topology(&c)?, round + 2);
+        let pid = pid_of(&c, &replica)?.context("replica pid")?;
+        let fault = format!("SIGSTOP replica ({replica})");
+        let e0 = load.errors();
+        let t0 = now_ms();
+        signal(pid, nix::sys::signal::Signal::SIGSTOP)?;
+        let demoted = wait_event(&c, "demotion", t0, |e| e.event == "demote" && e.server == replica).await;
+        signal(pid, nix::sys::signal::Signal::SIGCONT)?;
+        let demoted = demoted?;
+        report.add(fault.clone(), "demoted after", Some(demoted.at_ms - t0), load.errors() - e0);
+        let e0 = load.errors();
+        let t1 = now_ms();
+        all_ready(&c).await?;
+        report.add(fault, "SIGCONT → every copy ready", Some(now_ms() - t1), load.errors() - e0);
     }
     report.print("replica faults");
     finish(&c, load, &BTreeMap::new()).await
@@ -411,9 +443,16 @@ async fn a_wiped_primary_fails_over_under_load() -> Result<()> {
         let e0 = load.errors();
         let t0 = now_ms();
         control(&c, "wipe", &primary).await?;
+        let wiped = now_ms();
         let promoted = wait_event(&c, "failover", t0, |e| e.event == "promote" && e.shard == shard).await?;
         progress(&load).await?;
-        report.add(fault.clone(), "failover (promote) after", Some(promoted.at_ms - t0), load.errors() - e0);
+        report.add(fault.clone(), "stopped and wiped in", Some(wiped - t0), 0);
+        report.add(
+            fault.clone(),
+            "failover (promote) after the wipe",
+            Some(promoted.at_ms.saturating_sub(wiped)),
+            load.errors() - e0,
+        );
         let e0 = load.errors();
         let t1 = now_ms();
         control(&c, "start", &primary).await?;
