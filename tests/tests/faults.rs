@@ -556,3 +556,58 @@ async fn a_wiped_replica_of_a_100k_row_shard_heals() -> Result<()> {
     );
     finish(&c, load, &base).await
 }
+
+/// A replica that keeps serving reads but cannot apply writes (here: a trigger refusing every
+/// change to its table). A delete through the router fails on it; the router retries, and its retry
+/// finds the row already gone on the primary. The router counts such a retried delete as done, so
+/// the primary's "not found" must only come once every ready replica holds the deletion: otherwise
+/// the client gets a 200 while a replica that serves reads still returns the row.
+#[tokio::test]
+async fn a_delete_is_acknowledged_only_once_every_ready_replica_has_it() -> Result<()> {
+    use sqlx::Connection;
+    let c = LocalCluster::students()?;
+    let key = 77;
+    let row = json!({"data": [{"Stud_id": key, "Stud_name": "x", "Stud_marks": 1}]});
+    let (st, body) = c.send(Method::POST, "/write", &row.to_string()).await?;
+    ensure!(st == 200, "{body}");
+    let t = topology(&c)?;
+    let (replica, _) = replica_and_primary(&t, 0);
+    let pg = c.cluster_file()?.servers.iter().find(|s| s.name == replica).context("replica")?.postgres.url.clone();
+    let mut conn = sqlx::PgConnection::connect(&pg).await?;
+    let refuse = [
+        "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'refused'; END $$",
+        r#"CREATE TRIGGER refuse BEFORE INSERT OR UPDATE OR DELETE ON "shard_sh1" FOR EACH STATEMENT EXECUTE FUNCTION refuse()"#,
+    ];
+    for q in refuse {
+        sqlx::query(q).execute(&mut conn).await?;
+    }
+    let read_replica = async || -> Result<Option<i64>> {
+        let req = json!({"shard": "sh1", "Stud_id": {"low": key, "high": key}});
+        let (st, body) = tests::send(&c.http, Method::POST, &format!("{}/read", t.servers[&replica].url), &req.to_string())
+            .await?;
+        ensure!(st == 200, "{replica}: {st} {body}");
+        Ok(parse_rows(&body)?.get(&key).copied())
+    };
+
+    let (st, body) = c.send(Method::DELETE, "/del", &json!({"Stud_id": key}).to_string()).await?;
+    let on_replica = read_replica().await?;
+    println!("delete while {replica} refuses changes: {st} {body}; {replica} holds {on_replica:?}");
+    ensure!(st != 200 || on_replica.is_none(), "the delete was acknowledged, but {replica} still serves the row");
+    ensure!(st == 200 || st >= 500, "a failed delete is a 5xx (retry), not {st} {body}");
+
+    // Once the replica applies again, a retry completes and the row is gone from every copy.
+    sqlx::query(r#"DROP TRIGGER refuse ON "shard_sh1""#).execute(&mut conn).await?;
+    let (st, body) = c.send(Method::DELETE, "/del", &json!({"Stud_id": key}).to_string()).await?;
+    ensure!(st == 200 || st == 404, "retried delete: {st} {body}");
+    ensure!(read_replica().await?.is_none(), "{replica} still holds the deleted row");
+    let mut h = History::default();
+    h.keys.insert(key);
+    h.writes.push(tests::load::WriteOp {
+        key,
+        change: tests::load::Change::Delete,
+        start: 0,
+        end: 0,
+        outcome: tests::load::Outcome::Acked,
+    });
+    check(&c, &h, &BTreeMap::new()).await
+}
