@@ -630,6 +630,11 @@ async fn process_group(node: &Arc<Node>, shard: &Arc<Shard>, group: Vec<Job>) {
     };
     let mut changes: HashMap<i64, Option<crate::schema::Row>> = HashMap::new();
     let mut accepted = Vec::with_capacity(jobs.len());
+    // Batches refused because of the stored rows (a key absent, a conflicting row). Those rows may
+    // come from an entry not yet confirmed by every ready replica (a retry after a timed-out
+    // attempt, typically), so the refusal is held back like an acknowledgement: a delete retried
+    // into 404 must mean "gone on every copy that serves reads", not "gone here".
+    let mut refused = Vec::new();
     for job in jobs {
         match decide(&job, &stored, &changes, schema) {
             Ok(d) if job.dry_run => {
@@ -639,12 +644,13 @@ async fn process_group(node: &Arc<Node>, shard: &Arc<Shard>, group: Vec<Job>) {
                 changes.extend(d.changes);
                 accepted.push((job, d.outcome));
             }
+            Err(e @ (ApiError::NotFound { .. } | ApiError::Conflict { .. })) if !job.dry_run => refused.push((job, e)),
             Err(e) => {
                 let _ = job.reply.send(Err(e));
             }
         }
     }
-    if accepted.is_empty() {
+    if accepted.is_empty() && refused.is_empty() {
         return;
     }
     if !changes.is_empty() {
@@ -698,11 +704,14 @@ async fn process_group(node: &Arc<Node>, shard: &Arc<Shard>, group: Vec<Job>) {
                 outcome.seq = target;
                 let _ = job.reply.send(Ok(outcome));
             }
+            for (job, e) in refused {
+                let _ = job.reply.send(Err(e));
+            }
         }
         Some((peer, source)) => {
             node.metrics.replication_failures.inc();
             let source = Arc::new(source);
-            for (job, _) in accepted {
+            for job in accepted.into_iter().map(|(j, _)| j).chain(refused.into_iter().map(|(j, _)| j)) {
                 let _ = job.reply.send(Err(ApiError::Replication {
                     shard: shard.id().into(),
                     replica: peer.clone(),

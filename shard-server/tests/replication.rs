@@ -372,3 +372,35 @@ async fn a_primary_that_lost_its_data_refuses_writes_until_healed() {
     let st = c.client(1).status(false).await.unwrap();
     assert_eq!((st.shards["sh1"].rows, st.shards["sh1"].applied_seq), (5, 1));
 }
+
+/// A delete retried after an attempt that timed out answers 404, which tells the client the row is
+/// gone. That answer must mean what an acknowledgement means: gone on every replica that serves
+/// reads. Before, the primary answered 404 from its own rows at once, while a ready replica that
+/// had not yet applied the first attempt still served the row.
+#[tokio::test]
+async fn a_not_found_answer_waits_for_ready_replicas_like_an_acknowledgement() {
+    use sqlx::Connection;
+    let c = Cluster::start(2, &[("sh1", 0, 1000, 0, &[0, 1])]).await;
+    c.client(0).write("sh1", &write(1, inserts([1, 2]))).await.unwrap();
+    // The replica keeps serving reads, but cannot apply anything: its table is locked against writes.
+    let mut lock = sqlx::PgConnection::connect(&c.servers[1].db_url).await.unwrap();
+    let mut tx = lock.begin().await.unwrap();
+    sqlx::query(r#"LOCK TABLE "shard_sh1" IN EXCLUSIVE MODE"#).execute(&mut *tx).await.unwrap();
+
+    let e = c.client(0).write("sh1", &write(1, vec![Op::Delete { key: 1 }])).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::Unavailable), "not confirmed by the replica: {e}");
+    // The retry finds the row gone on the primary, but the replica still has it.
+    let e = c.client(0).write("sh1", &write(1, vec![Op::Delete { key: 1 }])).await.unwrap_err();
+    let on_replica = c.client(1).read("sh1", "Stud_id", shard_server::api::KeyRange { low: 1, high: 1 }).await.unwrap();
+    let rows: Vec<serde_json::Value> = serde_json::from_str(on_replica.get()).unwrap();
+    assert_eq!(rows.len(), 1, "the replica has not applied the delete yet");
+    assert_eq!(e.code(), Some(ErrorCode::Unavailable), "a 404 now would claim a delete no reader can rely on: {e}");
+
+    // Once the replica can apply again, the retry answers 404, and the row is gone everywhere.
+    tx.rollback().await.unwrap();
+    let e = c.client(0).write("sh1", &write(1, vec![Op::Delete { key: 1 }])).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::NotFound), "{e}");
+    let on_replica = c.client(1).read("sh1", "Stud_id", shard_server::api::KeyRange { low: 1, high: 1 }).await.unwrap();
+    assert_eq!(on_replica.get(), "[]");
+    assert_converged(&c, &[0, 1], 1).await;
+}

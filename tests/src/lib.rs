@@ -13,6 +13,9 @@ pub use shard_server::api::install_crypto_provider;
 /// The benchmark program's library (its binary is `src/bin/bench.rs`).
 pub mod bench;
 
+/// The fault-injection suite's recording load generator and its checker.
+pub mod load;
+
 /// `cluster.json`, as the local mode writes it.
 #[derive(Clone, Debug, Deserialize)]
 pub struct ClusterFile {
