@@ -8,6 +8,7 @@
 //! documents come from.
 
 use crate::config::Config;
+use crate::control::ControlPlane;
 use crate::error::RouterError;
 use crate::metrics::Metrics;
 use crate::ring::Ring;
@@ -207,6 +208,7 @@ pub struct AppState(Arc<Inner>);
 
 struct Inner {
     config: Config,
+    control: ControlPlane,
     routing: Arc<RoutingTable>,
     metrics: Arc<Metrics>,
     request_ids: AtomicU64,
@@ -234,11 +236,17 @@ impl AppState {
             }
         }
         let follower = follow(routing.clone(), topology, http, metrics.clone());
-        AppState(Arc::new(Inner { config, routing, metrics, request_ids: AtomicU64::new(0), follower }))
+        let control = ControlPlane::from_url(config.control_url.as_deref());
+        AppState(Arc::new(Inner { config, control, routing, metrics, request_ids: AtomicU64::new(0), follower }))
     }
 
     pub fn config(&self) -> &Config {
         &self.0.config
+    }
+
+    /// Where the admin verbs (`/init`, `/add`, `/rm`) go.
+    pub fn control(&self) -> &ControlPlane {
+        &self.0.control
     }
 
     pub fn metrics(&self) -> &Metrics {

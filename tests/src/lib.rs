@@ -72,6 +72,15 @@ pub struct LocalCluster {
 impl LocalCluster {
     /// Starts `sharddb-operator local` on a spec file, with the router on a free port.
     pub fn start(spec: &Path) -> Result<LocalCluster> {
+        LocalCluster::launch(Some(spec))
+    }
+
+    /// Starts `sharddb-operator local` with no spec: only the router, waiting for `POST /init`.
+    pub fn empty() -> Result<LocalCluster> {
+        LocalCluster::launch(None)
+    }
+
+    fn launch(spec: Option<&Path>) -> Result<LocalCluster> {
         install_crypto_provider();
         let dir = tempfile::Builder::new().prefix("sharddb-e2e-").tempdir()?;
         let bin = bin_dir();
@@ -81,7 +90,7 @@ impl LocalCluster {
         }
         let mut child = Command::new(&operator)
             .arg("local")
-            .arg(spec)
+            .args(spec)
             .arg("--data-dir")
             .arg(dir.path())
             .arg("--port")

@@ -5,6 +5,8 @@
 //!
 //! Data directory layout:
 //! ```text
+//! DIR/declared.json              the declared configuration (a ShardedDatabase spec), changed by
+//!                                `/init`, `/add` and `/rm`; what a restart resumes from
 //! DIR/topology.json              the routing document the processes follow
 //! DIR/cluster.json               pids, ports and paths, for people and scripts
 //! DIR/events.log                 what the healer did (demote, promote, recover, ready), one JSON line each
@@ -13,42 +15,60 @@
 //! DIR/logs/<name>.log            each process's stdout and stderr (`router.log` for the router)
 //! DIR/logs/<name>.postgres.log   each server's Postgres log
 //! ```
-//! Reusing a data directory keeps every server's data; the new topology gets a higher epoch than
-//! the one left behind, so nothing that remembers the old epoch rejects it, and keeps what the old
-//! one knew about each unchanged shard (primary, copy states and identities), so healing resumes.
+//! Reusing a data directory keeps every server's data; the new topology is the one left behind
+//! (primaries, copy states and identities, moves half done) with the servers' new URLs and a
+//! higher epoch, so nothing that remembers the old epoch rejects it and healing and moves resume.
+//! `declared.json` wins over a spec file given again: it holds the changes made since.
+//!
+//! Without a spec file (and no `declared.json`) the cluster starts empty: only the router, which
+//! answers `/init` as the seed's load balancer did. The router passes `/init`, `/add` and `/rm` to
+//! this process's admin endpoint (`admin`), which changes the declared configuration
+//! (`brain::declare`); every round then starts the servers it names, the healer moves copies
+//! (`brain::moves`), and servers that left the topology are stopped and their data deleted.
 
+pub mod admin;
 pub mod healer;
 pub mod postgres;
 pub mod spec;
 pub mod supervisor;
 
+use crate::brain::declare::{self, AdminError};
 use crate::brain::placement::{Placement, place};
-use crate::brain::topology::{TopologyBuildError, carry_over, fresh_topology};
-use crate::brain::validate::ValidatedDb;
+use crate::brain::topology::{TopologyBuildError, fresh_topology};
+use crate::brain::validate::{SpecError, ValidatedDb, natural_key, validate};
+use crate::crd::ShardedDatabaseSpec;
+use admin::{AdminCall, AdminRequest};
+use axum::http::StatusCode;
 use postgres::{PostgresError, PostgresInfo, ServerPostgres};
 use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use shard_server::api::{ErrorBody, ErrorCode};
 use shard_server::topology::Topology;
 use spec::{SpecFileError, read_spec};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use supervisor::{ProcessSpec, Supervisor, SupervisorError};
 use tokio::signal::unix::{Signal, SignalKind, signal};
+use tokio::sync::mpsc;
 
 pub const SHARD_SERVER_BIN: &str = "sharddb-shard-server";
 pub const ROUTER_BIN: &str = "sharddb-router";
 /// The name of the router process (its log is `logs/router.log`).
 pub const ROUTER: &str = "router";
+/// The declared configuration's file in the data directory.
+pub const DECLARED_FILE: &str = "declared.json";
 /// How long a freshly started process may take to answer its health check.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How to run a local cluster (parsed once by `main`).
 #[derive(Clone, Debug)]
 pub struct LocalOptions {
-    /// The `ShardedDatabase` YAML.
-    pub spec: PathBuf,
+    /// The `ShardedDatabase` YAML; without it (and without a `declared.json` in the data
+    /// directory) the cluster waits for `/init`.
+    pub spec: Option<PathBuf>,
     /// Where everything lives; a fresh temporary directory (kept) when absent.
     pub data_dir: Option<PathBuf>,
     /// The router's port; 0 picks a free one.
@@ -94,6 +114,18 @@ pub enum LocalError {
         #[source]
         source: shard_server::topology::TopologyError,
     },
+    #[error("{} is not a valid declared configuration", path.display())]
+    BadDeclared {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("{} declares an invalid configuration", path.display())]
+    InvalidDeclared {
+        path: PathBuf,
+        #[source]
+        source: SpecError,
+    },
     #[error("unknown control verb {0:?} (kill, stop, start, wipe, stop-postgres, start-postgres)")]
     UnknownControl(String),
 }
@@ -105,6 +137,8 @@ pub struct ClusterInfo {
     /// The operator process itself.
     pub operator: OperatorInfo,
     pub router: RouterInfo,
+    /// The admin endpoint the router passes `/init`, `/add` and `/rm` to.
+    pub control_url: String,
     /// The topology file.
     pub topology: PathBuf,
     /// In server id order.
@@ -138,28 +172,35 @@ pub struct ServerInfo {
 pub async fn run_local(opts: LocalOptions) -> Result<(), LocalError> {
     // Take over the signals first, so one arriving during startup leads to a clean stop.
     let mut signals = Signals::new();
-    let (resource, db) = read_spec(&opts.spec)?;
-    let name = resource.metadata.name.as_deref().unwrap_or("sharddb");
     let bins = Binaries::locate(&opts.bin_dir)?;
     let dir = data_dir(opts.data_dir.as_deref())?;
+    let declared = initial_declaration(&dir, opts.spec.as_deref())?;
     // Printed for people and scripts: this and the URL line are the command's output.
     println!("sharddb data directory: {}", dir.display());
-    tracing::info!(database = name, dir = %dir.display(), "starting local cluster");
+    tracing::info!(dir = %dir.display(), configured = declared.is_some(), "starting local cluster");
 
-    let mut cluster = LocalCluster::new(dir, bins, opts.pg_bin.clone());
+    let admin_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(LocalError::NoFreePort)?;
+    let control_url = format!("http://{}", admin_listener.local_addr().map_err(LocalError::NoFreePort)?);
+    let (admin_tx, mut admin_rx) = mpsc::channel(16);
+    let admin_task = admin::serve(admin_listener, admin_tx);
+
+    let mut cluster = LocalCluster::new(dir, bins, opts.pg_bin.clone(), control_url);
+    cluster.declared = declared;
     // A signal while starting is a request to stop like any other: undo what started, exit 0.
     let started = tokio::select! {
-        r = cluster.start(&db, opts.port) => r.map(|()| None),
+        r = cluster.start(opts.port) => r.map(|()| None),
         s = signals.next() => Ok(Some(s)),
     };
     match started {
         Ok(None) => {}
         Ok(Some(signal)) => {
             tracing::info!(signal, "interrupted while starting; stopping what started");
+            admin_task.abort();
             cluster.shutdown().await;
             return Ok(());
         }
         Err(e) => {
+            admin_task.abort();
             cluster.shutdown().await;
             return Err(e);
         }
@@ -171,6 +212,7 @@ pub async fn run_local(opts: LocalOptions) -> Result<(), LocalError> {
     let mut healer = match healer::Healer::new(&cluster.dir, cluster.topology_path(), Default::default()) {
         Ok(h) => h,
         Err(e) => {
+            admin_task.abort();
             cluster.shutdown().await;
             return Err(e);
         }
@@ -186,7 +228,11 @@ pub async fn run_local(opts: LocalOptions) -> Result<(), LocalError> {
     let signal = loop {
         tokio::select! {
             s = signals.next() => break s,
-            _ = rounds.tick() => healer.round(&cluster).await,
+            Some(call) = admin_rx.recv() => cluster.admin(call).await,
+            _ = rounds.tick() => {
+                cluster.reconcile().await;
+                healer.round(&cluster).await;
+            }
             _ = changes.changed() => {
                 if let Err(e) = cluster.write_cluster_file() {
                     tracing::error!(error = %e, "cannot update cluster.json");
@@ -195,8 +241,59 @@ pub async fn run_local(opts: LocalOptions) -> Result<(), LocalError> {
         }
     };
     tracing::info!(signal, "shutting down");
+    admin_task.abort();
     cluster.shutdown().await;
     Ok(())
+}
+
+/// The declared configuration with what the brain derives from it.
+#[derive(Clone, Debug)]
+pub struct Declared {
+    pub spec: ShardedDatabaseSpec,
+    pub db: ValidatedDb,
+    pub placement: Placement,
+}
+
+impl Declared {
+    pub fn new(spec: ShardedDatabaseSpec) -> Result<Declared, SpecError> {
+        let db = validate(&spec)?;
+        let placement = place(&db);
+        Ok(Declared { spec, db, placement })
+    }
+}
+
+/// What to run at start: `DIR/declared.json` if a previous run left one (it holds the admin
+/// changes made since), else the spec file (then saved as `declared.json`), else nothing.
+fn initial_declaration(dir: &Path, spec: Option<&Path>) -> Result<Option<Declared>, LocalError> {
+    let path = dir.join(DECLARED_FILE);
+    if path.is_file() {
+        let bytes =
+            std::fs::read(&path).map_err(|source| LocalError::Io { action: "read", path: path.clone(), source })?;
+        let declared: ShardedDatabaseSpec =
+            serde_json::from_slice(&bytes).map_err(|source| LocalError::BadDeclared { path: path.clone(), source })?;
+        if spec.is_some() {
+            tracing::info!(path = %path.display(), "resuming the declared configuration; the spec file is not read");
+        }
+        return Declared::new(declared).map(Some).map_err(|source| LocalError::InvalidDeclared { path, source });
+    }
+    let Some(spec) = spec else { return Ok(None) };
+    let (resource, db) = read_spec(spec)?;
+    tracing::info!(database = resource.metadata.name.as_deref().unwrap_or("sharddb"), "spec read");
+    save_declared(dir, &resource.spec)?;
+    let placement = place(&db);
+    Ok(Some(Declared { spec: resource.spec, db, placement }))
+}
+
+/// Writes `declared.json` atomically (temporary file + rename).
+fn save_declared(dir: &Path, spec: &ShardedDatabaseSpec) -> Result<(), LocalError> {
+    let path = dir.join(DECLARED_FILE);
+    let tmp = path.with_extension("json.tmp");
+    let json = serde_json::to_string_pretty(spec).expect("a spec serialises");
+    std::fs::write(&tmp, json + "\n").and_then(|()| std::fs::rename(&tmp, &path)).map_err(|source| LocalError::Io {
+        action: "write",
+        path,
+        source,
+    })
 }
 
 struct Signals {
@@ -313,11 +410,15 @@ pub struct LocalCluster {
     /// In server id order.
     servers: Vec<LocalServer>,
     router_port: u16,
+    /// The admin endpoint the router is started with.
+    control_url: String,
+    /// `None` until `/init` (or a spec file) configures the database.
+    declared: Option<Declared>,
     http: reqwest::Client,
 }
 
 impl LocalCluster {
-    fn new(dir: PathBuf, bins: Binaries, pg_bin: Option<PathBuf>) -> Self {
+    fn new(dir: PathBuf, bins: Binaries, pg_bin: Option<PathBuf>, control_url: String) -> Self {
         LocalCluster {
             dir,
             bins,
@@ -325,6 +426,8 @@ impl LocalCluster {
             supervisor: Supervisor::new(),
             servers: Vec::new(),
             router_port: 0,
+            control_url,
+            declared: None,
             http: shard_server::api::http_client(Duration::from_secs(2)),
         }
     }
@@ -353,21 +456,64 @@ impl LocalCluster {
         self.servers.iter().find(|s| s.name == name)
     }
 
+    /// The declared configuration, once there is one.
+    pub fn declared(&self) -> Option<&Declared> {
+        self.declared.as_ref()
+    }
+
+    /// Every started server's base URL.
+    pub fn urls(&self) -> BTreeMap<String, String> {
+        self.servers.iter().map(|s| (s.name.clone(), s.url())).collect()
+    }
+
     fn logs_dir(&self) -> PathBuf {
         self.dir.join("logs")
     }
 
-    /// Starts every Postgres (in parallel), writes the topology, starts the shard servers and waits
-    /// for their heartbeats, then starts the router and waits for it, and writes `cluster.json`.
-    async fn start(&mut self, db: &ValidatedDb, router_port: u16) -> Result<(), LocalError> {
-        let placement = place(db);
+    /// Starts the servers of the declared configuration, if there is one, then the router, waits
+    /// for it, and writes `cluster.json`.
+    async fn start(&mut self, router_port: u16) -> Result<(), LocalError> {
         for d in [self.logs_dir(), self.dir.join("servers")] {
             make_dir(&d)?;
         }
         let mut ports = PortReservations::default();
         self.router_port = ports.exact(router_port)?;
+        if let Some(d) = self.declared.clone() {
+            self.start_servers(&d.db, &d.placement).await?;
+        }
+        drop(ports);
+        let router_log = self.logs_dir().join(format!("{ROUTER}.log"));
+        self.supervisor.spawn(ProcessSpec::new(
+            ROUTER,
+            &self.bins.router,
+            vec![
+                "--listen".into(),
+                format!("127.0.0.1:{}", self.router_port),
+                "--topology-file".into(),
+                self.topology_path().display().to_string(),
+                "--control-url".into(),
+                self.control_url.clone(),
+            ],
+            &router_log,
+        ))?;
+        wait_ready(&self.http, ROUTER, format!("{}/healthz", self.router_url()), &router_log).await?;
+        self.write_cluster_file()?;
+        Ok(())
+    }
+
+    /// Starts every Postgres (in parallel), writes the topology, starts the shard servers and waits
+    /// for their heartbeats. The servers are those of `placement` and those of a topology left by
+    /// an earlier run (a server being drained still holds copies that are needed).
+    async fn start_servers(&mut self, db: &ValidatedDb, placement: &Placement) -> Result<(), LocalError> {
+        let previous = self.read_topology();
+        let mut names = placement.servers.clone();
+        let mut leftover: Vec<String> =
+            previous.iter().flat_map(|t| t.servers.keys()).filter(|n| !names.contains(n)).cloned().collect();
+        leftover.sort_by(|a, b| natural_key(a).cmp(&natural_key(b)));
+        names.extend(leftover);
+        let mut ports = PortReservations::default();
         let mut planned = Vec::new();
-        for name in &placement.servers {
+        for name in &names {
             planned.push((name.clone(), ports.any()?, ports.any()?));
         }
         drop(ports);
@@ -431,7 +577,7 @@ impl LocalCluster {
             return Err(e);
         }
 
-        self.write_topology(db, &placement)?;
+        self.write_topology(db, placement, previous)?;
         for s in &self.servers {
             self.supervisor.spawn(self.server_process(s))?;
         }
@@ -439,22 +585,138 @@ impl LocalCluster {
         let waits = self.servers.iter().map(|s| wait_ready(http, &s.name, format!("{}/heartbeat", s.url()), &s.log));
         futures::future::try_join_all(waits).await?;
         tracing::info!(servers = self.servers.len(), "every shard server answers its heartbeat");
-
-        let router_log = self.logs_dir().join(format!("{ROUTER}.log"));
-        self.supervisor.spawn(ProcessSpec::new(
-            ROUTER,
-            &self.bins.router,
-            vec![
-                "--listen".into(),
-                format!("127.0.0.1:{}", self.router_port),
-                "--topology-file".into(),
-                self.topology_path().display().to_string(),
-            ],
-            &router_log,
-        ))?;
-        wait_ready(&self.http, ROUTER, format!("{}/healthz", self.router_url()), &router_log).await?;
-        self.write_cluster_file()?;
         Ok(())
+    }
+
+    fn read_topology(&self) -> Option<Topology> {
+        std::fs::read(self.topology_path()).ok().and_then(|b| Topology::parse(&b).ok())
+    }
+
+    /// Starts one new server: an empty Postgres and its shard server, and waits for its heartbeat.
+    /// It holds nothing until the healer adds it to the topology and gives it copies.
+    async fn add_server(&mut self, name: &str) -> Result<(), LocalError> {
+        let mut ports = PortReservations::default();
+        let (port, pg_port) = (ports.any()?, ports.any()?);
+        drop(ports);
+        let dir = self.dir.join("servers").join(name);
+        let in_topology = self.read_topology().is_some_and(|t| t.servers.contains_key(name));
+        if dir.exists() && !in_topology {
+            // Left by a server of this name that was removed: a new server starts empty.
+            std::fs::remove_dir_all(&dir).map_err(|source| LocalError::Io {
+                action: "remove",
+                path: dir.clone(),
+                source,
+            })?;
+        }
+        make_dir(&dir)?;
+        let log = self.logs_dir().join(format!("{name}.postgres.log"));
+        let postgres =
+            ServerPostgres::open(name, &dir.join("pgdata"), &log, pg_port, self.pg_bin.as_deref(), None).await?;
+        let server =
+            LocalServer { name: name.to_owned(), port, log: self.logs_dir().join(format!("{name}.log")), postgres };
+        self.supervisor.spawn(self.server_process(&server))?;
+        self.servers.push(server.clone());
+        self.supervisor.announce();
+        wait_ready(&self.http, name, format!("{}/heartbeat", server.url()), &server.log).await?;
+        tracing::info!(server = name, url = %server.url(), "server started");
+        Ok(())
+    }
+
+    /// Stops a server that left the topology, then its Postgres, and deletes its data.
+    async fn remove_server(&mut self, name: &str) {
+        let _ = self.supervisor.remove(name).await;
+        if let Some(i) = self.servers.iter().position(|s| s.name == name) {
+            let server = self.servers.remove(i);
+            if let Err(e) = server.postgres.stop().await {
+                tracing::error!(server = name, error = %e, "cannot stop postgres");
+            }
+            let dir = self.dir.join("servers").join(name);
+            if let Err(e) = std::fs::remove_dir_all(&dir) {
+                tracing::warn!(server = name, path = %dir.display(), error = %e, "cannot delete the server's data");
+            }
+        }
+        self.supervisor.announce();
+        tracing::info!(server = name, "server removed");
+    }
+
+    /// Brings the processes to the declared configuration: starts the servers it names that do
+    /// not run yet, and removes those it no longer names once they have left the topology (the
+    /// healer drains them first).
+    pub async fn reconcile(&mut self) {
+        let Some(declared) = self.declared.clone() else { return };
+        let missing: Vec<String> =
+            declared.placement.servers.iter().filter(|n| self.server(n).is_none()).cloned().collect();
+        for name in missing {
+            if let Err(e) = self.add_server(&name).await {
+                tracing::error!(server = %name, error = %e, "cannot start a new server; retrying next round");
+            }
+        }
+        let Some(topology) = self.read_topology() else { return };
+        let gone: Vec<String> = self
+            .servers
+            .iter()
+            .map(|s| s.name.clone())
+            .filter(|n| !declared.placement.servers.contains(n) && !topology.servers.contains_key(n))
+            .collect();
+        for name in gone {
+            self.remove_server(&name).await;
+        }
+    }
+
+    /// Decides one admin request against the declared configuration and answers it.
+    async fn admin(&mut self, call: AdminCall) {
+        let answer = self.decide(call.request).await;
+        let _ = call.reply.send(answer);
+    }
+
+    async fn decide(&mut self, request: AdminRequest) -> (StatusCode, Value) {
+        let current = self.declared.as_ref().map(|d| &d.spec);
+        let outcome = match request {
+            AdminRequest::Init(req) => declare::init(current, &req).map(|spec| (spec, Reply::Init)),
+            AdminRequest::Add(req) => {
+                let leaving: BTreeSet<String> = self
+                    .read_topology()
+                    .map(|t| {
+                        t.servers.into_keys().filter(|n| !current.is_some_and(|c| declared_server(c, n))).collect()
+                    })
+                    .unwrap_or_default();
+                declare::add(current, &leaving, &req).map(|(spec, added)| (spec, Reply::Add(added)))
+            }
+            AdminRequest::Rm(req) => declare::rm(current, &req).map(|(spec, removed)| (spec, Reply::Rm(removed))),
+        };
+        let (spec, reply) = match outcome {
+            Ok(ok) => ok,
+            Err(e) => return refused(e),
+        };
+        let declared = match Declared::new(spec) {
+            Ok(d) => d,
+            Err(e) => return refused(AdminError::Invalid(e.to_string())),
+        };
+        if let Err(e) = save_declared(&self.dir, &declared.spec) {
+            return internal(&e);
+        }
+        let servers = declared.placement.servers.len();
+        tracing::info!(?reply, servers, "declared configuration changed");
+        self.declared = Some(declared.clone());
+        match reply {
+            Reply::Init => match self.start_servers(&declared.db, &declared.placement).await {
+                Ok(()) => {
+                    if let Err(e) = self.write_cluster_file() {
+                        tracing::error!(error = %e, "cannot update cluster.json");
+                    }
+                    (StatusCode::OK, json!({"message": "Configured Database", "status": "success"}))
+                }
+                Err(e) => internal(&e),
+            },
+            Reply::Add(added) => {
+                let names: Vec<String> = added.iter().map(|n| shard_server::admin::seed_display(n)).collect();
+                let message = format!("Add {}", names.join(" and "));
+                (StatusCode::OK, json!({"N": servers, "message": message, "status": "successful"}))
+            }
+            Reply::Rm(removed) => {
+                (StatusCode::OK, json!({"message": {"N": servers, "servers": removed}, "status": "successful"}))
+            }
+        }
     }
 
     fn server_process(&self, s: &LocalServer) -> ProcessSpec {
@@ -475,17 +737,31 @@ impl LocalCluster {
         )
     }
 
-    fn write_topology(&self, db: &ValidatedDb, placement: &Placement) -> Result<Topology, LocalError> {
+    /// Writes the first topology of this run. A topology left by an earlier run may have been
+    /// seen (and its epoch remembered) by the servers whose data we are reusing: it is kept as it
+    /// was, with the servers' new URLs and the next epoch, and the healer moves it toward the
+    /// declared placement from there (a move in progress resumes; nothing is declared ready that
+    /// was not).
+    fn write_topology(
+        &self,
+        db: &ValidatedDb,
+        placement: &Placement,
+        previous: Option<Topology>,
+    ) -> Result<Topology, LocalError> {
         let path = self.topology_path();
-        // A topology left by an earlier run may have been seen (and its epoch remembered) by the
-        // servers whose data we are reusing: continue after it.
-        let previous = std::fs::read(&path).ok().and_then(|b| Topology::parse(&b).ok());
-        let epoch = previous.as_ref().map_or(1, |t| t.epoch + 1);
-        let urls = self.servers.iter().map(|s| (s.name.clone(), s.url())).collect::<BTreeMap<_, _>>();
-        let mut topology = fresh_topology(db, placement, &urls, epoch)?;
-        if let Some(previous) = &previous {
-            topology = carry_over(topology, previous);
-        }
+        let topology = match previous {
+            Some(mut t) => {
+                t.epoch += 1;
+                for (name, entry) in &mut t.servers {
+                    if let Some(s) = self.server(name) {
+                        entry.url = s.url();
+                    }
+                }
+                t
+            }
+            None => fresh_topology(db, placement, &self.urls(), 1)?,
+        };
+        let epoch = topology.epoch;
         shard_server::topology_source::write_atomic(&path, &topology).map_err(|source| LocalError::Io {
             action: "write",
             path: path.clone(),
@@ -505,6 +781,7 @@ impl LocalCluster {
                 pid: self.supervisor.pid(ROUTER),
                 log: self.logs_dir().join(format!("{ROUTER}.log")),
             },
+            control_url: self.control_url.clone(),
             topology: self.topology_path(),
             servers: self
                 .servers
@@ -589,6 +866,38 @@ impl LocalCluster {
         futures::future::join_all(stops).await;
         tracing::info!("local cluster stopped");
     }
+}
+
+/// What a successful admin request answers with.
+#[derive(Debug)]
+enum Reply {
+    Init,
+    Add(Vec<String>),
+    Rm(Vec<String>),
+}
+
+fn declared_server(spec: &ShardedDatabaseSpec, name: &str) -> bool {
+    match &spec.placement {
+        Some(p) => p.contains_key(name),
+        None => (0..spec.servers).any(|i| crate::brain::placement::server_name(i as usize) == name),
+    }
+}
+
+/// The answer to a refused admin request: 409 when it conflicts with the state, else 400.
+fn refused(e: AdminError) -> (StatusCode, Value) {
+    let (status, code) = if e.is_conflict() {
+        (StatusCode::CONFLICT, ErrorCode::Conflict)
+    } else {
+        (StatusCode::BAD_REQUEST, ErrorCode::BadRequest)
+    };
+    (status, serde_json::to_value(ErrorBody::new(code, &e)).expect("an error body serialises"))
+}
+
+/// The answer to an admin request we failed to carry out; the detail goes to the log.
+fn internal(e: &LocalError) -> (StatusCode, Value) {
+    tracing::error!(error = %e, "admin request failed");
+    let body = ErrorBody::new(ErrorCode::Internal, "internal error; the details are in the operator's log");
+    (StatusCode::INTERNAL_SERVER_ERROR, serde_json::to_value(body).expect("an error body serialises"))
 }
 
 /// Polls `url` until it answers 2xx.
