@@ -197,7 +197,8 @@ mod tests {
                 "shards": [{"id_low": 0, "Shard_id": "a", "Shard_size": 10}]
             })
         };
-        let cases: Vec<(Box<dyn Fn(&mut Value)>, &str)> = vec![
+        type Edit = Box<dyn Fn(&mut Value)>;
+        let cases: Vec<(Edit, &str)> = vec![
             (
                 Box::new(|v| v["shards"][0]["Shard_size"] = json!("10")),
                 "shards[0].Shard_size must be an integer, got \"10\"",
