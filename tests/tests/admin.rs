@@ -345,3 +345,46 @@ async fn add_fills_a_new_server_and_rm_drains_without_losing_a_write() -> Result
     assert_eq!(counts.values().sum::<i64>() as usize, stored.len(), "{counts:?}");
     Ok(())
 }
+
+/// The operator keeps no state of its own: stopped right after `/add` and right after `/rm` were
+/// accepted, and started again on its data directory with no spec file, it resumes the declared
+/// configuration and finishes filling the new server and draining the removed one.
+#[tokio::test]
+async fn a_restarted_operator_resumes_an_add_and_a_drain() -> Result<()> {
+    let mut c = LocalCluster::empty()?;
+    let init = json!({"N": 3, "schema": schema_json(), "shards": shards_json()});
+    let (st, body) = c.send(Method::POST, "/init", &init.to_string()).await?;
+    assert_eq!(st, 200, "{body}");
+    let rows: Vec<Value> = (0..200).map(|i| row(i * 80, &format!("r{i}"), i)).collect();
+    let (st, body) = c.send(Method::POST, "/write", &json!({"data": rows}).to_string()).await?;
+    assert_eq!(st, 200, "{body}");
+
+    let add = json!({"n": 1, "servers": {"Server[1]": ["sh1", "sh2", "sh3", "sh4"]}});
+    let (st, body) = c.send(Method::POST, "/add", &add.to_string()).await?;
+    assert_eq!((st, body), (200, json!({"N": 4, "message": "Add Server:3", "status": "successful"})));
+    c.restart()?;
+    let all = vec!["Server0", "Server1", "Server2", "Server3"];
+    let want: BTreeMap<&str, Vec<&str>> = ["sh1", "sh2", "sh3", "sh4"].into_iter().map(|s| (s, all.clone())).collect();
+    let took = wait_placed(&c, "after a restart, Server3 holds ready copies of every shard", &want).await?;
+    println!("/add resumed after a restart: placed {took:?} after the new router answered");
+
+    let (st, body) = c.send(Method::DELETE, "/rm", r#"{"n":1,"servers":["Server0"]}"#).await?;
+    assert_eq!((st, body), (200, json!({"message": {"N": 3, "servers": ["Server0"]}, "status": "successful"})));
+    c.restart()?;
+    let rest = vec!["Server1", "Server2", "Server3"];
+    let want: BTreeMap<&str, Vec<&str>> = ["sh1", "sh2", "sh3", "sh4"].into_iter().map(|s| (s, rest.clone())).collect();
+    let took = wait_placed(&c, "after a restart, Server0 drained and gone", &want).await?;
+    println!("/rm resumed after a restart: drained {took:?} after the new router answered");
+
+    let (st, body) = c.send(Method::POST, "/read", r#"{"Stud_id":{"low":0,"high":16383}}"#).await?;
+    assert_eq!(st, 200, "{body}");
+    let expected: Vec<Value> = (0..200).map(|i| stored_row(i * 80, &format!("r{i}"), i)).collect();
+    assert_eq!(body["data"], json!(expected), "every row survived both restarts");
+    let counts = converged(&c).await?;
+    assert_eq!(counts.values().sum::<i64>(), 200, "{counts:?}");
+    LocalCluster::eventually("Server0's data deleted", SETTLE, || async {
+        !c.dir.path().join("servers/Server0").exists()
+    })
+    .await?;
+    Ok(())
+}
