@@ -706,7 +706,18 @@ impl LocalCluster {
                     }
                     (StatusCode::OK, json!({"message": "Configured Database", "status": "success"}))
                 }
-                Err(e) => internal(&e),
+                Err(e) => {
+                    // Undo it all, so that /init can be retried: nothing half-configured stays.
+                    let answer = internal(&e);
+                    for name in self.servers.iter().map(|s| s.name.clone()).collect::<Vec<_>>() {
+                        self.remove_server(&name).await;
+                    }
+                    for file in [self.dir.join(DECLARED_FILE), self.topology_path()] {
+                        let _ = std::fs::remove_file(file);
+                    }
+                    self.declared = None;
+                    answer
+                }
             },
             Reply::Add(added) => {
                 let names: Vec<String> = added.iter().map(|n| shard_server::admin::seed_display(n)).collect();
@@ -918,6 +929,29 @@ async fn wait_ready(http: &reqwest::Client, name: &str, url: String, log: &Path)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_declared_configuration_wins_over_a_spec_file_given_again() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(initial_declaration(dir.path(), None).unwrap().is_none(), "no spec: wait for /init");
+        let spec = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/students.yaml");
+        let first = initial_declaration(dir.path(), Some(&spec)).unwrap().unwrap();
+        assert_eq!(first.placement.servers.len(), 6);
+        assert!(dir.path().join(DECLARED_FILE).is_file(), "saved for the next start");
+
+        let (changed, _) =
+            declare::rm(Some(&first.spec), &shard_server::admin::RmRequest { n: 1, servers: vec!["Server2".into()] })
+                .unwrap();
+        save_declared(dir.path(), &changed).unwrap();
+        let resumed = initial_declaration(dir.path(), Some(&spec)).unwrap().unwrap();
+        assert_eq!(resumed.spec, changed);
+        assert!(!resumed.placement.servers.contains(&"Server2".to_owned()));
+        assert_eq!(initial_declaration(dir.path(), None).unwrap().unwrap().spec, changed);
+
+        std::fs::write(dir.path().join(DECLARED_FILE), "{").unwrap();
+        let e = initial_declaration(dir.path(), None).unwrap_err().to_string();
+        assert!(e.ends_with("declared.json is not a valid declared configuration"), "{e}");
+    }
 
     #[test]
     fn missing_binaries_are_named() {
