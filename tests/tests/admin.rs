@@ -116,7 +116,20 @@ async fn converged(c: &LocalCluster) -> Result<BTreeMap<String, i64>> {
 
 async fn wait_placed(c: &LocalCluster, what: &str, want: &BTreeMap<&str, Vec<&str>>) -> Result<Duration> {
     let start = Instant::now();
-    LocalCluster::eventually(what, SETTLE, || async { status(c).await.is_ok_and(|s| placed_as(&s, want)) }).await?;
+    let placed =
+        LocalCluster::eventually(what, SETTLE, || async { status(c).await.is_ok_and(|s| placed_as(&s, want)) }).await;
+    if let Err(e) = placed {
+        // What the operator did and said, to tell a stuck move from a slow one.
+        let tail = |name: &str| {
+            let text = std::fs::read_to_string(c.dir.path().join(name)).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            lines[lines.len().saturating_sub(40)..].join("\n")
+        };
+        let now = status(c).await.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
+        let logs =
+            format!("/status: {now}\nevents.log:\n{}\noperator.log:\n{}", tail("events.log"), tail("operator.log"));
+        return Err(e.context(logs));
+    }
     Ok(start.elapsed())
 }
 

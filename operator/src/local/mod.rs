@@ -23,29 +23,28 @@
 //! Without a spec file (and no `declared.json`) the cluster starts empty: only the router, which
 //! answers `/init` as the seed's load balancer did. The router passes `/init`, `/add` and `/rm` to
 //! this process's admin endpoint (`admin`), which changes the declared configuration
-//! (`brain::declare`); every round then starts the servers it names, the healer moves copies
-//! (`brain::moves`), and servers that left the topology are stopped and their data deleted.
+//! (`brain::declare`, kept by `declared`); every round then starts the servers it names
+//! (`membership`), the healer moves copies (`brain::moves`), and servers that left the topology
+//! are stopped and their data deleted (`membership`).
 
 pub mod admin;
+pub mod declared;
 pub mod healer;
+mod membership;
 pub mod postgres;
 pub mod spec;
 pub mod supervisor;
 
-use crate::brain::declare::{self, AdminError};
-use crate::brain::placement::{Placement, place};
+use crate::brain::placement::Placement;
 use crate::brain::topology::{TopologyBuildError, fresh_topology};
-use crate::brain::validate::{SpecError, ValidatedDb, natural_key, validate};
-use crate::crd::ShardedDatabaseSpec;
-use admin::{AdminCall, AdminRequest};
-use axum::http::StatusCode;
+use crate::brain::validate::{SpecError, ValidatedDb, natural_key};
+pub use declared::Declared;
+use declared::initial_declaration;
 use postgres::{PostgresError, PostgresInfo, ServerPostgres};
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
-use shard_server::api::{ErrorBody, ErrorCode};
 use shard_server::topology::Topology;
-use spec::{SpecFileError, read_spec};
-use std::collections::{BTreeMap, BTreeSet};
+use spec::SpecFileError;
+use std::collections::BTreeMap;
 use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -246,56 +245,6 @@ pub async fn run_local(opts: LocalOptions) -> Result<(), LocalError> {
     Ok(())
 }
 
-/// The declared configuration with what the brain derives from it.
-#[derive(Clone, Debug)]
-pub struct Declared {
-    pub spec: ShardedDatabaseSpec,
-    pub db: ValidatedDb,
-    pub placement: Placement,
-}
-
-impl Declared {
-    pub fn new(spec: ShardedDatabaseSpec) -> Result<Declared, SpecError> {
-        let db = validate(&spec)?;
-        let placement = place(&db);
-        Ok(Declared { spec, db, placement })
-    }
-}
-
-/// What to run at start: `DIR/declared.json` if a previous run left one (it holds the admin
-/// changes made since), else the spec file (then saved as `declared.json`), else nothing.
-fn initial_declaration(dir: &Path, spec: Option<&Path>) -> Result<Option<Declared>, LocalError> {
-    let path = dir.join(DECLARED_FILE);
-    if path.is_file() {
-        let bytes =
-            std::fs::read(&path).map_err(|source| LocalError::Io { action: "read", path: path.clone(), source })?;
-        let declared: ShardedDatabaseSpec =
-            serde_json::from_slice(&bytes).map_err(|source| LocalError::BadDeclared { path: path.clone(), source })?;
-        if spec.is_some() {
-            tracing::info!(path = %path.display(), "resuming the declared configuration; the spec file is not read");
-        }
-        return Declared::new(declared).map(Some).map_err(|source| LocalError::InvalidDeclared { path, source });
-    }
-    let Some(spec) = spec else { return Ok(None) };
-    let (resource, db) = read_spec(spec)?;
-    tracing::info!(database = resource.metadata.name.as_deref().unwrap_or("sharddb"), "spec read");
-    save_declared(dir, &resource.spec)?;
-    let placement = place(&db);
-    Ok(Some(Declared { spec: resource.spec, db, placement }))
-}
-
-/// Writes `declared.json` atomically (temporary file + rename).
-fn save_declared(dir: &Path, spec: &ShardedDatabaseSpec) -> Result<(), LocalError> {
-    let path = dir.join(DECLARED_FILE);
-    let tmp = path.with_extension("json.tmp");
-    let json = serde_json::to_string_pretty(spec).expect("a spec serialises");
-    std::fs::write(&tmp, json + "\n").and_then(|()| std::fs::rename(&tmp, &path)).map_err(|source| LocalError::Io {
-        action: "write",
-        path,
-        source,
-    })
-}
-
 struct Signals {
     term: Signal,
     int: Signal,
@@ -466,7 +415,7 @@ impl LocalCluster {
         self.servers.iter().map(|s| (s.name.clone(), s.url())).collect()
     }
 
-    fn logs_dir(&self) -> PathBuf {
+    pub(super) fn logs_dir(&self) -> PathBuf {
         self.dir.join("logs")
     }
 
@@ -504,7 +453,7 @@ impl LocalCluster {
     /// Starts every Postgres (in parallel), writes the topology, starts the shard servers and waits
     /// for their heartbeats. The servers are those of `placement` and those of a topology left by
     /// an earlier run (a server being drained still holds copies that are needed).
-    async fn start_servers(&mut self, db: &ValidatedDb, placement: &Placement) -> Result<(), LocalError> {
+    pub(super) async fn start_servers(&mut self, db: &ValidatedDb, placement: &Placement) -> Result<(), LocalError> {
         let previous = self.read_topology();
         let mut names = placement.servers.clone();
         let mut leftover: Vec<String> =
@@ -588,149 +537,11 @@ impl LocalCluster {
         Ok(())
     }
 
-    fn read_topology(&self) -> Option<Topology> {
+    pub(super) fn read_topology(&self) -> Option<Topology> {
         std::fs::read(self.topology_path()).ok().and_then(|b| Topology::parse(&b).ok())
     }
 
-    /// Starts one new server: an empty Postgres and its shard server, and waits for its heartbeat.
-    /// It holds nothing until the healer adds it to the topology and gives it copies.
-    async fn add_server(&mut self, name: &str) -> Result<(), LocalError> {
-        let mut ports = PortReservations::default();
-        let (port, pg_port) = (ports.any()?, ports.any()?);
-        drop(ports);
-        let dir = self.dir.join("servers").join(name);
-        let in_topology = self.read_topology().is_some_and(|t| t.servers.contains_key(name));
-        if dir.exists() && !in_topology {
-            // Left by a server of this name that was removed: a new server starts empty.
-            std::fs::remove_dir_all(&dir).map_err(|source| LocalError::Io {
-                action: "remove",
-                path: dir.clone(),
-                source,
-            })?;
-        }
-        make_dir(&dir)?;
-        let log = self.logs_dir().join(format!("{name}.postgres.log"));
-        let postgres =
-            ServerPostgres::open(name, &dir.join("pgdata"), &log, pg_port, self.pg_bin.as_deref(), None).await?;
-        let server =
-            LocalServer { name: name.to_owned(), port, log: self.logs_dir().join(format!("{name}.log")), postgres };
-        self.supervisor.spawn(self.server_process(&server))?;
-        self.servers.push(server.clone());
-        self.supervisor.announce();
-        wait_ready(&self.http, name, format!("{}/heartbeat", server.url()), &server.log).await?;
-        tracing::info!(server = name, url = %server.url(), "server started");
-        Ok(())
-    }
-
-    /// Stops a server that left the topology, then its Postgres, and deletes its data.
-    async fn remove_server(&mut self, name: &str) {
-        let _ = self.supervisor.remove(name).await;
-        if let Some(i) = self.servers.iter().position(|s| s.name == name) {
-            let server = self.servers.remove(i);
-            if let Err(e) = server.postgres.stop().await {
-                tracing::error!(server = name, error = %e, "cannot stop postgres");
-            }
-            let dir = self.dir.join("servers").join(name);
-            if let Err(e) = std::fs::remove_dir_all(&dir) {
-                tracing::warn!(server = name, path = %dir.display(), error = %e, "cannot delete the server's data");
-            }
-        }
-        self.supervisor.announce();
-        tracing::info!(server = name, "server removed");
-    }
-
-    /// Brings the processes to the declared configuration: starts the servers it names that do
-    /// not run yet, and removes those it no longer names once they have left the topology (the
-    /// healer drains them first).
-    pub async fn reconcile(&mut self) {
-        let Some(declared) = self.declared.clone() else { return };
-        let missing: Vec<String> =
-            declared.placement.servers.iter().filter(|n| self.server(n).is_none()).cloned().collect();
-        for name in missing {
-            if let Err(e) = self.add_server(&name).await {
-                tracing::error!(server = %name, error = %e, "cannot start a new server; retrying next round");
-            }
-        }
-        let Some(topology) = self.read_topology() else { return };
-        let gone: Vec<String> = self
-            .servers
-            .iter()
-            .map(|s| s.name.clone())
-            .filter(|n| !declared.placement.servers.contains(n) && !topology.servers.contains_key(n))
-            .collect();
-        for name in gone {
-            self.remove_server(&name).await;
-        }
-    }
-
-    /// Decides one admin request against the declared configuration and answers it.
-    async fn admin(&mut self, call: AdminCall) {
-        let answer = self.decide(call.request).await;
-        let _ = call.reply.send(answer);
-    }
-
-    async fn decide(&mut self, request: AdminRequest) -> (StatusCode, Value) {
-        let current = self.declared.as_ref().map(|d| &d.spec);
-        let outcome = match request {
-            AdminRequest::Init(req) => declare::init(current, &req).map(|spec| (spec, Reply::Init)),
-            AdminRequest::Add(req) => {
-                let leaving: BTreeSet<String> = self
-                    .read_topology()
-                    .map(|t| {
-                        t.servers.into_keys().filter(|n| !current.is_some_and(|c| declared_server(c, n))).collect()
-                    })
-                    .unwrap_or_default();
-                declare::add(current, &leaving, &req).map(|(spec, added)| (spec, Reply::Add(added)))
-            }
-            AdminRequest::Rm(req) => declare::rm(current, &req).map(|(spec, removed)| (spec, Reply::Rm(removed))),
-        };
-        let (spec, reply) = match outcome {
-            Ok(ok) => ok,
-            Err(e) => return refused(e),
-        };
-        let declared = match Declared::new(spec) {
-            Ok(d) => d,
-            Err(e) => return refused(AdminError::Invalid(e.to_string())),
-        };
-        if let Err(e) = save_declared(&self.dir, &declared.spec) {
-            return internal(&e);
-        }
-        let servers = declared.placement.servers.len();
-        tracing::info!(?reply, servers, "declared configuration changed");
-        self.declared = Some(declared.clone());
-        match reply {
-            Reply::Init => match self.start_servers(&declared.db, &declared.placement).await {
-                Ok(()) => {
-                    if let Err(e) = self.write_cluster_file() {
-                        tracing::error!(error = %e, "cannot update cluster.json");
-                    }
-                    (StatusCode::OK, json!({"message": "Configured Database", "status": "success"}))
-                }
-                Err(e) => {
-                    // Undo it all, so that /init can be retried: nothing half-configured stays.
-                    let answer = internal(&e);
-                    for name in self.servers.iter().map(|s| s.name.clone()).collect::<Vec<_>>() {
-                        self.remove_server(&name).await;
-                    }
-                    for file in [self.dir.join(DECLARED_FILE), self.topology_path()] {
-                        let _ = std::fs::remove_file(file);
-                    }
-                    self.declared = None;
-                    answer
-                }
-            },
-            Reply::Add(added) => {
-                let names: Vec<String> = added.iter().map(|n| shard_server::admin::seed_display(n)).collect();
-                let message = format!("Add {}", names.join(" and "));
-                (StatusCode::OK, json!({"N": servers, "message": message, "status": "successful"}))
-            }
-            Reply::Rm(removed) => {
-                (StatusCode::OK, json!({"message": {"N": servers, "servers": removed}, "status": "successful"}))
-            }
-        }
-    }
-
-    fn server_process(&self, s: &LocalServer) -> ProcessSpec {
+    pub(super) fn server_process(&self, s: &LocalServer) -> ProcessSpec {
         ProcessSpec::new(
             &s.name,
             &self.bins.shard_server,
@@ -753,7 +564,7 @@ impl LocalCluster {
     /// was, with the servers' new URLs and the next epoch, and the healer moves it toward the
     /// declared placement from there (a move in progress resumes; nothing is declared ready that
     /// was not).
-    fn write_topology(
+    pub(super) fn write_topology(
         &self,
         db: &ValidatedDb,
         placement: &Placement,
@@ -879,38 +690,6 @@ impl LocalCluster {
     }
 }
 
-/// What a successful admin request answers with.
-#[derive(Debug)]
-enum Reply {
-    Init,
-    Add(Vec<String>),
-    Rm(Vec<String>),
-}
-
-fn declared_server(spec: &ShardedDatabaseSpec, name: &str) -> bool {
-    match &spec.placement {
-        Some(p) => p.contains_key(name),
-        None => (0..spec.servers).any(|i| crate::brain::placement::server_name(i as usize) == name),
-    }
-}
-
-/// The answer to a refused admin request: 409 when it conflicts with the state, else 400.
-fn refused(e: AdminError) -> (StatusCode, Value) {
-    let (status, code) = if e.is_conflict() {
-        (StatusCode::CONFLICT, ErrorCode::Conflict)
-    } else {
-        (StatusCode::BAD_REQUEST, ErrorCode::BadRequest)
-    };
-    (status, serde_json::to_value(ErrorBody::new(code, &e)).expect("an error body serialises"))
-}
-
-/// The answer to an admin request we failed to carry out; the detail goes to the log.
-fn internal(e: &LocalError) -> (StatusCode, Value) {
-    tracing::error!(error = %e, "admin request failed");
-    let body = ErrorBody::new(ErrorCode::Internal, "internal error; the details are in the operator's log");
-    (StatusCode::INTERNAL_SERVER_ERROR, serde_json::to_value(body).expect("an error body serialises"))
-}
-
 /// Polls `url` until it answers 2xx.
 async fn wait_ready(http: &reqwest::Client, name: &str, url: String, log: &Path) -> Result<(), LocalError> {
     let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
@@ -929,29 +708,6 @@ async fn wait_ready(http: &reqwest::Client, name: &str, url: String, log: &Path)
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_declared_configuration_wins_over_a_spec_file_given_again() {
-        let dir = tempfile::tempdir().unwrap();
-        assert!(initial_declaration(dir.path(), None).unwrap().is_none(), "no spec: wait for /init");
-        let spec = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/students.yaml");
-        let first = initial_declaration(dir.path(), Some(&spec)).unwrap().unwrap();
-        assert_eq!(first.placement.servers.len(), 6);
-        assert!(dir.path().join(DECLARED_FILE).is_file(), "saved for the next start");
-
-        let (changed, _) =
-            declare::rm(Some(&first.spec), &shard_server::admin::RmRequest { n: 1, servers: vec!["Server2".into()] })
-                .unwrap();
-        save_declared(dir.path(), &changed).unwrap();
-        let resumed = initial_declaration(dir.path(), Some(&spec)).unwrap().unwrap();
-        assert_eq!(resumed.spec, changed);
-        assert!(!resumed.placement.servers.contains(&"Server2".to_owned()));
-        assert_eq!(initial_declaration(dir.path(), None).unwrap().unwrap().spec, changed);
-
-        std::fs::write(dir.path().join(DECLARED_FILE), "{").unwrap();
-        let e = initial_declaration(dir.path(), None).unwrap_err().to_string();
-        assert!(e.ends_with("declared.json is not a valid declared configuration"), "{e}");
-    }
 
     #[test]
     fn missing_binaries_are_named() {
