@@ -8,9 +8,10 @@ impl LocalCluster {
     /// Starts one new server: an empty Postgres and its shard server, and waits for its heartbeat.
     /// It holds nothing until the healer adds it to the topology and gives it copies.
     pub(super) async fn add_server(&mut self, name: &str) -> Result<(), LocalError> {
-        let mut ports = PortReservations::default();
-        let (port, pg_port) = (ports.any()?, ports.any()?);
-        drop(ports);
+        // Each port stays held until just before its user binds it, so that nothing else (an
+        // outgoing connection, another process) takes it meanwhile.
+        let (mut server_port, mut pg_port) = (PortReservations::default(), PortReservations::default());
+        let (port, pg) = (server_port.any()?, pg_port.any()?);
         let dir = self.dir.join("servers").join(name);
         let in_topology = self.read_topology().is_some_and(|t| t.servers.contains_key(name));
         if dir.exists() && !in_topology {
@@ -23,14 +24,21 @@ impl LocalCluster {
         }
         make_dir(&dir)?;
         let log = self.logs_dir().join(format!("{name}.postgres.log"));
-        let postgres =
-            ServerPostgres::open(name, &dir.join("pgdata"), &log, pg_port, self.pg_bin.as_deref(), None).await?;
+        drop(pg_port);
+        let postgres = ServerPostgres::open(name, &dir.join("pgdata"), &log, pg, self.pg_bin.as_deref(), None).await?;
         let server =
             LocalServer { name: name.to_owned(), port, log: self.logs_dir().join(format!("{name}.log")), postgres };
+        drop(server_port);
         self.supervisor.spawn(self.server_process(&server))?;
         self.servers.push(server.clone());
         self.supervisor.announce();
-        wait_ready(&self.http, name, format!("{}/heartbeat", server.url()), &server.log).await?;
+        if let Err(e) = wait_ready(&self.http, name, format!("{}/heartbeat", server.url()), &server.log).await {
+            // E.g. its port was taken after all: start over next round, on fresh ports.
+            if !in_topology {
+                self.remove_server(name).await;
+            }
+            return Err(e);
+        }
         tracing::info!(server = name, url = %server.url(), "server started");
         Ok(())
     }
