@@ -20,8 +20,10 @@ enum Command {
     /// Run a ShardedDatabase on this machine: one throwaway Postgres and one shard server per
     /// server, and a router. Prints the router URL; stops everything on Ctrl-C or SIGTERM.
     Local {
-        /// The ShardedDatabase resource (YAML, as given to kubectl apply).
-        spec: PathBuf,
+        /// The ShardedDatabase resource (YAML, as given to kubectl apply). Without it the cluster
+        /// starts empty and waits for the router's `POST /init`; a data directory holding a
+        /// `declared.json` from an earlier run resumes that configuration instead.
+        spec: Option<PathBuf>,
         /// Where data, logs, topology.json and cluster.json go; a new temporary directory (kept)
         /// when absent. An existing directory's data is reused.
         #[arg(long)]

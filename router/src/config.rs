@@ -34,11 +34,21 @@ pub struct Args {
     /// Largest accepted request body, e.g. `16MiB`, `512KiB` or a number of bytes.
     #[arg(long, env = "SHARDDB_BODY_LIMIT", default_value = "16MiB", value_parser = parse_size)]
     pub body_limit: usize,
+
+    /// The control plane's admin endpoint (e.g. `http://127.0.0.1:7100`), which `/init`, `/add`
+    /// and `/rm` are passed to; without it they answer 501.
+    #[arg(long, env = "SHARDDB_CONTROL_URL")]
+    pub control_url: Option<String>,
 }
 
 impl Args {
     pub fn config(&self) -> Config {
-        Config { upstream_timeout: self.upstream_timeout, body_limit: self.body_limit, retry: RetryPolicy::default() }
+        Config {
+            upstream_timeout: self.upstream_timeout,
+            body_limit: self.body_limit,
+            retry: RetryPolicy::default(),
+            control_url: self.control_url.clone(),
+        }
     }
 }
 
@@ -48,11 +58,18 @@ pub struct Config {
     pub upstream_timeout: Duration,
     pub body_limit: usize,
     pub retry: RetryPolicy,
+    /// Where the admin verbs go (see `control`); none when absent.
+    pub control_url: Option<String>,
 }
 
 impl Default for Config {
     fn default() -> Self {
-        Config { upstream_timeout: Duration::from_secs(10), body_limit: 16 << 20, retry: RetryPolicy::default() }
+        Config {
+            upstream_timeout: Duration::from_secs(10),
+            body_limit: 16 << 20,
+            retry: RetryPolicy::default(),
+            control_url: None,
+        }
     }
 }
 

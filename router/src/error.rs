@@ -29,6 +29,9 @@ pub enum RouterError {
     MethodNotAllowed { method: String, path: String },
     #[error("no endpoint {method} {path}")]
     NoRoute { method: String, path: String },
+    /// The endpoint needs something this router was not given (e.g. a control plane).
+    #[error("{0}")]
+    NotImplemented(String),
     /// No topology has been loaded since start.
     #[error("no topology is loaded yet; retry shortly")]
     NoTopology,
@@ -48,6 +51,7 @@ impl RouterError {
             RouterError::Conflict { .. } => StatusCode::CONFLICT,
             RouterError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             RouterError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            RouterError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
             RouterError::NoTopology | RouterError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             RouterError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -60,6 +64,7 @@ impl RouterError {
             RouterError::Conflict { .. } => ErrorCode::Conflict,
             RouterError::PayloadTooLarge(_) => ErrorCode::PayloadTooLarge,
             RouterError::MethodNotAllowed { .. } => ErrorCode::MethodNotAllowed,
+            RouterError::NotImplemented(_) => ErrorCode::NotImplemented,
             RouterError::NoTopology | RouterError::Unavailable(_) => ErrorCode::Unavailable,
             RouterError::Internal(_) => ErrorCode::Internal,
         }

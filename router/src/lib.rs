@@ -6,6 +6,7 @@
 pub mod batch;
 pub mod coalesce;
 pub mod config;
+pub mod control;
 pub mod error;
 pub mod metrics;
 pub mod ring;
@@ -33,6 +34,9 @@ pub fn app(state: AppState) -> Router {
         .route("/write", post(routes::write::write))
         .route("/update", put(routes::write::update))
         .route("/del", delete(routes::write::del))
+        .route("/init", post(routes::admin::init))
+        .route("/add", post(routes::admin::add))
+        .route("/rm", delete(routes::admin::rm))
         .route("/status", get(routes::status::status))
         .route("/healthz", get(routes::status::healthz))
         .route("/readyz", get(routes::status::readyz))

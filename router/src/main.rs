@@ -22,7 +22,7 @@ async fn main() -> anyhow::Result<()> {
     install_crypto_provider();
     let args = Args::parse();
     let config = args.config();
-    tracing::info!(topology_file = ?args.topology_file, topology_configmap = ?args.topology_configmap, upstream_timeout = ?config.upstream_timeout, body_limit = config.body_limit, "starting");
+    tracing::info!(topology_file = ?args.topology_file, topology_configmap = ?args.topology_configmap, control_url = ?config.control_url, upstream_timeout = ?config.upstream_timeout, body_limit = config.body_limit, "starting");
 
     let topology = match (&args.topology_file, &args.topology_configmap) {
         (Some(path), _) => watch_file(path.clone()),

@@ -8,6 +8,7 @@
 //! documents come from.
 
 use crate::config::Config;
+use crate::control::ControlPlane;
 use crate::error::RouterError;
 use crate::metrics::Metrics;
 use crate::ring::Ring;
@@ -208,6 +209,7 @@ pub struct AppState(Arc<Inner>);
 struct Inner {
     config: Config,
     lanes: crate::coalesce::Lanes,
+    control: ControlPlane,
     routing: Arc<RoutingTable>,
     metrics: Arc<Metrics>,
     request_ids: AtomicU64,
@@ -235,9 +237,11 @@ impl AppState {
             }
         }
         let follower = follow(routing.clone(), topology, http, metrics.clone());
+        let control = ControlPlane::from_url(config.control_url.as_deref());
         AppState(Arc::new(Inner {
             config,
             lanes: Default::default(),
+            control,
             routing,
             metrics,
             request_ids: AtomicU64::new(0),
@@ -247,6 +251,11 @@ impl AppState {
 
     pub fn config(&self) -> &Config {
         &self.0.config
+    }
+
+    /// Where the admin verbs (`/init`, `/add`, `/rm`) go.
+    pub fn control(&self) -> &ControlPlane {
+        &self.0.control
     }
 
     pub fn metrics(&self) -> &Metrics {

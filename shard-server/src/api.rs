@@ -50,6 +50,8 @@ pub enum ErrorCode {
     Unavailable,
     /// Log entries asked for are no longer kept: copy a snapshot instead.
     LogTruncated,
+    /// The endpoint exists but is not available in this deployment (e.g. no control plane).
+    NotImplemented,
     Internal,
 }
 

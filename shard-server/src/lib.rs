@@ -2,6 +2,7 @@
 //! replicas, one table per shard. Also home of the wire contracts every other part uses:
 //! [`api`] (bodies + typed client), [`schema`] (rows), [`topology`] (the routing document).
 
+pub mod admin;
 pub mod api;
 pub mod db;
 pub mod error;

@@ -1,7 +1,7 @@
 //! Harness for the end-to-end suites: starts `sharddb-operator local` as a real child process on a
 //! spec, waits for its router, reads `cluster.json`, and speaks HTTP to what it started. Does I/O.
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use serde::Deserialize;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -75,45 +75,31 @@ pub struct LocalCluster {
 impl LocalCluster {
     /// Starts `sharddb-operator local` on a spec file, with the router on a free port.
     pub fn start(spec: &Path) -> Result<LocalCluster> {
+        LocalCluster::launch(Some(spec))
+    }
+
+    /// Starts `sharddb-operator local` with no spec: only the router, waiting for `POST /init`.
+    pub fn empty() -> Result<LocalCluster> {
+        LocalCluster::launch(None)
+    }
+
+    fn launch(spec: Option<&Path>) -> Result<LocalCluster> {
         install_crypto_provider();
         let dir = tempfile::Builder::new().prefix("sharddb-e2e-").tempdir()?;
-        let bin = bin_dir();
-        let operator = bin.join("sharddb-operator");
-        if !operator.exists() {
-            bail!("{} is missing: run `cargo build --workspace --bins` first", operator.display());
-        }
-        let mut child = Command::new(&operator)
-            .arg("local")
-            .arg(spec)
-            .arg("--data-dir")
-            .arg(dir.path())
-            .arg("--port")
-            .arg("0")
-            .arg("--bin-dir")
-            .arg(&bin)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(std::fs::File::create(dir.path().join("operator.log"))?))
-            .spawn()
-            .with_context(|| format!("starting {}", operator.display()))?;
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(url) = line.strip_prefix("sharddb router listening on ") {
-                    let _ = tx.send(url.trim().to_owned());
-                }
-            }
-        });
-        let router = match rx.recv_timeout(Duration::from_secs(120)) {
-            Ok(url) => url,
-            Err(_) => {
-                let _ = child.kill();
-                let log = std::fs::read_to_string(dir.path().join("operator.log")).unwrap_or_default();
-                bail!("local mode did not print its router URL within 120 s; its log:\n{log}");
-            }
-        };
+        let (child, router) = spawn_operator(dir.path(), spec)?;
         let http = shard_server::api::http_client(Duration::from_secs(30));
         Ok(LocalCluster { child, dir, router, http })
+    }
+
+    /// Stops the local mode (SIGTERM) and starts it again on the same data directory with no spec
+    /// file, so it resumes from what it left there (`declared.json`, `topology.json`, the data).
+    /// The router gets a new port.
+    pub fn restart(&mut self) -> Result<()> {
+        ensure!(self.stop()?, "the local mode did not exit cleanly");
+        let (child, router) = spawn_operator(self.dir.path(), None)?;
+        self.child = child;
+        self.router = router;
+        Ok(())
     }
 
     /// Starts the seed's default configuration (`examples/students.yaml`).
@@ -170,6 +156,46 @@ impl Drop for LocalCluster {
     fn drop(&mut self) {
         if matches!(self.child.try_wait(), Ok(None)) {
             let _ = self.stop();
+        }
+    }
+}
+
+/// Starts `sharddb-operator local` on `dir` and waits for its router URL line.
+fn spawn_operator(dir: &Path, spec: Option<&Path>) -> Result<(Child, String)> {
+    let bin = bin_dir();
+    let operator = bin.join("sharddb-operator");
+    if !operator.exists() {
+        bail!("{} is missing: run `cargo build --workspace --bins` first", operator.display());
+    }
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("operator.log"))?;
+    let mut child = Command::new(&operator)
+        .arg("local")
+        .args(spec)
+        .arg("--data-dir")
+        .arg(dir)
+        .arg("--port")
+        .arg("0")
+        .arg("--bin-dir")
+        .arg(&bin)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(log))
+        .spawn()
+        .with_context(|| format!("starting {}", operator.display()))?;
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(url) = line.strip_prefix("sharddb router listening on ") {
+                let _ = tx.send(url.trim().to_owned());
+            }
+        }
+    });
+    match rx.recv_timeout(Duration::from_secs(120)) {
+        Ok(url) => Ok((child, url)),
+        Err(_) => {
+            let _ = child.kill();
+            let log = std::fs::read_to_string(dir.join("operator.log")).unwrap_or_default();
+            bail!("local mode did not print its router URL within 120 s; its log:\n{log}");
         }
     }
 }

@@ -1,7 +1,11 @@
 //! The platform-independent brain: validate the spec, place replicas, build the topology
-//! document, observe the servers and plan heals and failovers. Pure functions over validated types;
-//! both bodies (Kubernetes, local) call them.
+//! document, observe the servers, plan heals and failovers, and carry out placement changes
+//! (`declare` turns the seed's admin verbs into spec changes, `moves` brings the topology to a
+//! changed placement). Pure functions over validated types; both bodies (Kubernetes, local) call
+//! them.
 
+pub mod declare;
+pub mod moves;
 pub mod observe;
 pub mod placement;
 pub mod plan;

@@ -1,5 +1,7 @@
 //! The local body of the brain: every half second, probe each server, plan, and carry the plan
-//! out (write the next topology, run recovers), logging each transition to `DIR/events.log`. Also
+//! out (write the next topology, run recovers), logging each transition to `DIR/events.log`. When
+//! the heal plan changes nothing, the placement moves toward the declared configuration
+//! (`brain::moves`): one kind of change per round, so a move never races a failover. Also
 //! executes fault-injection requests dropped into `DIR/control/`. Does I/O.
 //!
 //! The topology file is the only state that matters: the healer reads it at every round, so after
@@ -7,7 +9,8 @@
 //!
 //! `DIR/events.log` has one JSON object per line: `{"at_ms": <unix ms>, "event": "...", "shard",
 //! "server", "epoch", "detail"}` with events `demote`, `promote`, `record_copy`, `recover_start`,
-//! `ready`, `recover_failed`, `control`.
+//! `ready`, `recover_failed`, `control`, and for placement changes `add_server`, `add_shard`,
+//! `add_replica`, `hand_over`, `remove_replica`, `remove_server`.
 //!
 //! `DIR/control/<verb>.<server>` (any content) asks for a fault or its repair; the file is removed
 //! once done. Verbs: `kill` (SIGKILL the shard server and keep it down), `stop` (stop it and keep it
@@ -17,6 +20,7 @@
 //! Postgres is never restarted by itself: these verbs are how a test keeps a server down.
 
 use super::{LocalCluster, LocalError};
+use crate::brain::moves::{self, Move};
 use crate::brain::observe::{Observations, Probe};
 use crate::brain::plan::{self, Action, Settings};
 use shard_server::api::{ClientError, RecoverRequest, RecoverResponse, ShardClient};
@@ -83,6 +87,10 @@ impl Healer {
         while let Ok(done) = self.done_rx.try_recv() {
             self.finish_recover(done);
         }
+        if cluster.declared().is_none() {
+            // Waiting for `/init`: there is no topology yet.
+            return;
+        }
         let topology = match self.read_topology() {
             Ok(t) => t,
             Err(e) => {
@@ -100,6 +108,17 @@ impl Healer {
             }
             for a in &changes {
                 self.log_action(a, next.epoch);
+            }
+        } else if let Some(declared) = cluster.declared() {
+            let steps = moves::plan_moves(&topology, &declared.db, &declared.placement, &cluster.urls(), &self.seen);
+            if let Some(next) = moves::apply(&topology, &steps) {
+                if let Err(e) = self.write_topology(&next) {
+                    tracing::error!(error = %e, "cannot write the topology");
+                    return;
+                }
+                for m in &steps {
+                    self.log_move(m, next.epoch);
+                }
             }
         }
         for a in recovers {
@@ -197,6 +216,22 @@ impl Healer {
             }
             Action::MarkReady { shard, server, .. } => self.event("ready", shard, server, Some(epoch), ""),
             Action::Recover { .. } => {}
+        }
+    }
+
+    fn log_move(&self, m: &Move, epoch: u64) {
+        let e = Some(epoch);
+        match m {
+            Move::AddServer { server, url } => self.event("add_server", "", server, e, url),
+            Move::AddShard { shard, primary, replicas, .. } => {
+                self.event("add_shard", shard, primary, e, &format!("copies on {}", replicas.join(", ")))
+            }
+            Move::AddReplica { shard, server } => self.event("add_replica", shard, server, e, "recovering"),
+            Move::HandOver { shard, from, to } => {
+                self.event("hand_over", shard, to, e, &format!("takes over from {from}, which is leaving"))
+            }
+            Move::RemoveReplica { shard, server } => self.event("remove_replica", shard, server, e, ""),
+            Move::RemoveServer { server } => self.event("remove_server", "", server, e, ""),
         }
     }
 

@@ -5,6 +5,8 @@
 //!
 //! Data directory layout:
 //! ```text
+//! DIR/declared.json              the declared configuration (a ShardedDatabase spec), changed by
+//!                                `/init`, `/add` and `/rm`; what a restart resumes from
 //! DIR/topology.json              the routing document the processes follow
 //! DIR/cluster.json               pids, ports and paths, for people and scripts
 //! DIR/events.log                 what the healer did (demote, promote, recover, ready), one JSON line each
@@ -13,22 +15,35 @@
 //! DIR/logs/<name>.log            each process's stdout and stderr (`router.log` for the router)
 //! DIR/logs/<name>.postgres.log   each server's Postgres log
 //! ```
-//! Reusing a data directory keeps every server's data; the new topology gets a higher epoch than
-//! the one left behind, so nothing that remembers the old epoch rejects it, and keeps what the old
-//! one knew about each unchanged shard (primary, copy states and identities), so healing resumes.
+//! Reusing a data directory keeps every server's data; the new topology is the one left behind
+//! (primaries, copy states and identities, moves half done) with the servers' new URLs and a
+//! higher epoch, so nothing that remembers the old epoch rejects it and healing and moves resume.
+//! `declared.json` wins over a spec file given again: it holds the changes made since.
+//!
+//! Without a spec file (and no `declared.json`) the cluster starts empty: only the router, which
+//! answers `/init` as the seed's load balancer did. The router passes `/init`, `/add` and `/rm` to
+//! this process's admin endpoint (`admin`), which changes the declared configuration
+//! (`brain::declare`, kept by `declared`); every round then starts the servers it names
+//! (`membership`), the healer moves copies (`brain::moves`), and servers that left the topology
+//! are stopped and their data deleted (`membership`).
 
+pub mod admin;
+pub mod declared;
 pub mod healer;
+mod membership;
 pub mod postgres;
 pub mod spec;
 pub mod supervisor;
 
-use crate::brain::placement::{Placement, place};
-use crate::brain::topology::{TopologyBuildError, carry_over, fresh_topology};
-use crate::brain::validate::ValidatedDb;
+use crate::brain::placement::Placement;
+use crate::brain::topology::{TopologyBuildError, fresh_topology};
+use crate::brain::validate::{SpecError, ValidatedDb, natural_key};
+pub use declared::Declared;
+use declared::initial_declaration;
 use postgres::{PostgresError, PostgresInfo, ServerPostgres};
 use serde::{Deserialize, Serialize};
 use shard_server::topology::Topology;
-use spec::{SpecFileError, read_spec};
+use spec::SpecFileError;
 use std::collections::BTreeMap;
 use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
@@ -36,19 +51,23 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 use supervisor::{ProcessSpec, Supervisor, SupervisorError};
 use tokio::signal::unix::{Signal, SignalKind, signal};
+use tokio::sync::mpsc;
 
 pub const SHARD_SERVER_BIN: &str = "sharddb-shard-server";
 pub const ROUTER_BIN: &str = "sharddb-router";
 /// The name of the router process (its log is `logs/router.log`).
 pub const ROUTER: &str = "router";
+/// The declared configuration's file in the data directory.
+pub const DECLARED_FILE: &str = "declared.json";
 /// How long a freshly started process may take to answer its health check.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How to run a local cluster (parsed once by `main`).
 #[derive(Clone, Debug)]
 pub struct LocalOptions {
-    /// The `ShardedDatabase` YAML.
-    pub spec: PathBuf,
+    /// The `ShardedDatabase` YAML; without it (and without a `declared.json` in the data
+    /// directory) the cluster waits for `/init`.
+    pub spec: Option<PathBuf>,
     /// Where everything lives; a fresh temporary directory (kept) when absent.
     pub data_dir: Option<PathBuf>,
     /// The router's port; 0 picks a free one.
@@ -94,6 +113,18 @@ pub enum LocalError {
         #[source]
         source: shard_server::topology::TopologyError,
     },
+    #[error("{} is not a valid declared configuration", path.display())]
+    BadDeclared {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("{} declares an invalid configuration", path.display())]
+    InvalidDeclared {
+        path: PathBuf,
+        #[source]
+        source: SpecError,
+    },
     #[error("unknown control verb {0:?} (kill, stop, start, wipe, stop-postgres, start-postgres)")]
     UnknownControl(String),
 }
@@ -105,6 +136,8 @@ pub struct ClusterInfo {
     /// The operator process itself.
     pub operator: OperatorInfo,
     pub router: RouterInfo,
+    /// The admin endpoint the router passes `/init`, `/add` and `/rm` to.
+    pub control_url: String,
     /// The topology file.
     pub topology: PathBuf,
     /// In server id order.
@@ -138,28 +171,35 @@ pub struct ServerInfo {
 pub async fn run_local(opts: LocalOptions) -> Result<(), LocalError> {
     // Take over the signals first, so one arriving during startup leads to a clean stop.
     let mut signals = Signals::new();
-    let (resource, db) = read_spec(&opts.spec)?;
-    let name = resource.metadata.name.as_deref().unwrap_or("sharddb");
     let bins = Binaries::locate(&opts.bin_dir)?;
     let dir = data_dir(opts.data_dir.as_deref())?;
+    let declared = initial_declaration(&dir, opts.spec.as_deref())?;
     // Printed for people and scripts: this and the URL line are the command's output.
     println!("sharddb data directory: {}", dir.display());
-    tracing::info!(database = name, dir = %dir.display(), "starting local cluster");
+    tracing::info!(dir = %dir.display(), configured = declared.is_some(), "starting local cluster");
 
-    let mut cluster = LocalCluster::new(dir, bins, opts.pg_bin.clone());
+    let admin_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(LocalError::NoFreePort)?;
+    let control_url = format!("http://{}", admin_listener.local_addr().map_err(LocalError::NoFreePort)?);
+    let (admin_tx, mut admin_rx) = mpsc::channel(16);
+    let admin_task = admin::serve(admin_listener, admin_tx);
+
+    let mut cluster = LocalCluster::new(dir, bins, opts.pg_bin.clone(), control_url);
+    cluster.declared = declared;
     // A signal while starting is a request to stop like any other: undo what started, exit 0.
     let started = tokio::select! {
-        r = cluster.start(&db, opts.port) => r.map(|()| None),
+        r = cluster.start(opts.port) => r.map(|()| None),
         s = signals.next() => Ok(Some(s)),
     };
     match started {
         Ok(None) => {}
         Ok(Some(signal)) => {
             tracing::info!(signal, "interrupted while starting; stopping what started");
+            admin_task.abort();
             cluster.shutdown().await;
             return Ok(());
         }
         Err(e) => {
+            admin_task.abort();
             cluster.shutdown().await;
             return Err(e);
         }
@@ -171,6 +211,7 @@ pub async fn run_local(opts: LocalOptions) -> Result<(), LocalError> {
     let mut healer = match healer::Healer::new(&cluster.dir, cluster.topology_path(), Default::default()) {
         Ok(h) => h,
         Err(e) => {
+            admin_task.abort();
             cluster.shutdown().await;
             return Err(e);
         }
@@ -186,7 +227,11 @@ pub async fn run_local(opts: LocalOptions) -> Result<(), LocalError> {
     let signal = loop {
         tokio::select! {
             s = signals.next() => break s,
-            _ = rounds.tick() => healer.round(&cluster).await,
+            Some(call) = admin_rx.recv() => cluster.admin(call).await,
+            _ = rounds.tick() => {
+                cluster.reconcile().await;
+                healer.round(&cluster).await;
+            }
             _ = changes.changed() => {
                 if let Err(e) = cluster.write_cluster_file() {
                     tracing::error!(error = %e, "cannot update cluster.json");
@@ -195,6 +240,7 @@ pub async fn run_local(opts: LocalOptions) -> Result<(), LocalError> {
         }
     };
     tracing::info!(signal, "shutting down");
+    admin_task.abort();
     cluster.shutdown().await;
     Ok(())
 }
@@ -313,11 +359,15 @@ pub struct LocalCluster {
     /// In server id order.
     servers: Vec<LocalServer>,
     router_port: u16,
+    /// The admin endpoint the router is started with.
+    control_url: String,
+    /// `None` until `/init` (or a spec file) configures the database.
+    declared: Option<Declared>,
     http: reqwest::Client,
 }
 
 impl LocalCluster {
-    fn new(dir: PathBuf, bins: Binaries, pg_bin: Option<PathBuf>) -> Self {
+    fn new(dir: PathBuf, bins: Binaries, pg_bin: Option<PathBuf>, control_url: String) -> Self {
         LocalCluster {
             dir,
             bins,
@@ -325,6 +375,8 @@ impl LocalCluster {
             supervisor: Supervisor::new(),
             servers: Vec::new(),
             router_port: 0,
+            control_url,
+            declared: None,
             http: shard_server::api::http_client(Duration::from_secs(2)),
         }
     }
@@ -353,21 +405,64 @@ impl LocalCluster {
         self.servers.iter().find(|s| s.name == name)
     }
 
-    fn logs_dir(&self) -> PathBuf {
+    /// The declared configuration, once there is one.
+    pub fn declared(&self) -> Option<&Declared> {
+        self.declared.as_ref()
+    }
+
+    /// Every started server's base URL.
+    pub fn urls(&self) -> BTreeMap<String, String> {
+        self.servers.iter().map(|s| (s.name.clone(), s.url())).collect()
+    }
+
+    pub(super) fn logs_dir(&self) -> PathBuf {
         self.dir.join("logs")
     }
 
-    /// Starts every Postgres (in parallel), writes the topology, starts the shard servers and waits
-    /// for their heartbeats, then starts the router and waits for it, and writes `cluster.json`.
-    async fn start(&mut self, db: &ValidatedDb, router_port: u16) -> Result<(), LocalError> {
-        let placement = place(db);
+    /// Starts the servers of the declared configuration, if there is one, then the router, waits
+    /// for it, and writes `cluster.json`.
+    async fn start(&mut self, router_port: u16) -> Result<(), LocalError> {
         for d in [self.logs_dir(), self.dir.join("servers")] {
             make_dir(&d)?;
         }
         let mut ports = PortReservations::default();
         self.router_port = ports.exact(router_port)?;
+        if let Some(d) = self.declared.clone() {
+            self.start_servers(&d.db, &d.placement).await?;
+        }
+        drop(ports);
+        let router_log = self.logs_dir().join(format!("{ROUTER}.log"));
+        self.supervisor.spawn(ProcessSpec::new(
+            ROUTER,
+            &self.bins.router,
+            vec![
+                "--listen".into(),
+                format!("127.0.0.1:{}", self.router_port),
+                "--topology-file".into(),
+                self.topology_path().display().to_string(),
+                "--control-url".into(),
+                self.control_url.clone(),
+            ],
+            &router_log,
+        ))?;
+        wait_ready(&self.http, ROUTER, format!("{}/healthz", self.router_url()), &router_log).await?;
+        self.write_cluster_file()?;
+        Ok(())
+    }
+
+    /// Starts every Postgres (in parallel), writes the topology, starts the shard servers and waits
+    /// for their heartbeats. The servers are those of `placement` and those of a topology left by
+    /// an earlier run (a server being drained still holds copies that are needed).
+    pub(super) async fn start_servers(&mut self, db: &ValidatedDb, placement: &Placement) -> Result<(), LocalError> {
+        let previous = self.read_topology();
+        let mut names = placement.servers.clone();
+        let mut leftover: Vec<String> =
+            previous.iter().flat_map(|t| t.servers.keys()).filter(|n| !names.contains(n)).cloned().collect();
+        leftover.sort_by(|a, b| natural_key(a).cmp(&natural_key(b)));
+        names.extend(leftover);
+        let mut ports = PortReservations::default();
         let mut planned = Vec::new();
-        for name in &placement.servers {
+        for name in &names {
             planned.push((name.clone(), ports.any()?, ports.any()?));
         }
         drop(ports);
@@ -431,7 +526,7 @@ impl LocalCluster {
             return Err(e);
         }
 
-        self.write_topology(db, &placement)?;
+        self.write_topology(db, placement, previous)?;
         for s in &self.servers {
             self.supervisor.spawn(self.server_process(s))?;
         }
@@ -439,25 +534,14 @@ impl LocalCluster {
         let waits = self.servers.iter().map(|s| wait_ready(http, &s.name, format!("{}/heartbeat", s.url()), &s.log));
         futures::future::try_join_all(waits).await?;
         tracing::info!(servers = self.servers.len(), "every shard server answers its heartbeat");
-
-        let router_log = self.logs_dir().join(format!("{ROUTER}.log"));
-        self.supervisor.spawn(ProcessSpec::new(
-            ROUTER,
-            &self.bins.router,
-            vec![
-                "--listen".into(),
-                format!("127.0.0.1:{}", self.router_port),
-                "--topology-file".into(),
-                self.topology_path().display().to_string(),
-            ],
-            &router_log,
-        ))?;
-        wait_ready(&self.http, ROUTER, format!("{}/healthz", self.router_url()), &router_log).await?;
-        self.write_cluster_file()?;
         Ok(())
     }
 
-    fn server_process(&self, s: &LocalServer) -> ProcessSpec {
+    pub(super) fn read_topology(&self) -> Option<Topology> {
+        std::fs::read(self.topology_path()).ok().and_then(|b| Topology::parse(&b).ok())
+    }
+
+    pub(super) fn server_process(&self, s: &LocalServer) -> ProcessSpec {
         ProcessSpec::new(
             &s.name,
             &self.bins.shard_server,
@@ -475,17 +559,31 @@ impl LocalCluster {
         )
     }
 
-    fn write_topology(&self, db: &ValidatedDb, placement: &Placement) -> Result<Topology, LocalError> {
+    /// Writes the first topology of this run. A topology left by an earlier run may have been
+    /// seen (and its epoch remembered) by the servers whose data we are reusing: it is kept as it
+    /// was, with the servers' new URLs and the next epoch, and the healer moves it toward the
+    /// declared placement from there (a move in progress resumes; nothing is declared ready that
+    /// was not).
+    pub(super) fn write_topology(
+        &self,
+        db: &ValidatedDb,
+        placement: &Placement,
+        previous: Option<Topology>,
+    ) -> Result<Topology, LocalError> {
         let path = self.topology_path();
-        // A topology left by an earlier run may have been seen (and its epoch remembered) by the
-        // servers whose data we are reusing: continue after it.
-        let previous = std::fs::read(&path).ok().and_then(|b| Topology::parse(&b).ok());
-        let epoch = previous.as_ref().map_or(1, |t| t.epoch + 1);
-        let urls = self.servers.iter().map(|s| (s.name.clone(), s.url())).collect::<BTreeMap<_, _>>();
-        let mut topology = fresh_topology(db, placement, &urls, epoch)?;
-        if let Some(previous) = &previous {
-            topology = carry_over(topology, previous);
-        }
+        let topology = match previous {
+            Some(mut t) => {
+                t.epoch += 1;
+                for (name, entry) in &mut t.servers {
+                    if let Some(s) = self.server(name) {
+                        entry.url = s.url();
+                    }
+                }
+                t
+            }
+            None => fresh_topology(db, placement, &self.urls(), 1)?,
+        };
+        let epoch = topology.epoch;
         shard_server::topology_source::write_atomic(&path, &topology).map_err(|source| LocalError::Io {
             action: "write",
             path: path.clone(),
@@ -505,6 +603,7 @@ impl LocalCluster {
                 pid: self.supervisor.pid(ROUTER),
                 log: self.logs_dir().join(format!("{ROUTER}.log")),
             },
+            control_url: self.control_url.clone(),
             topology: self.topology_path(),
             servers: self
                 .servers

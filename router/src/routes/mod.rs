@@ -1,6 +1,7 @@
 //! HTTP handlers of the seed load-balancer API and the router's own endpoints, plus the request
 //! body extractor and the 404/405 fallbacks. Handlers do I/O through `upstream` and `scatter`.
 
+pub mod admin;
 pub mod read;
 pub mod status;
 pub mod write;
