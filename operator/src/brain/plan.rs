@@ -91,12 +91,27 @@ impl Action {
 pub fn plan(topology: &Topology, seen: &Observations, now: Instant, settings: &Settings) -> Vec<Action> {
     let mut actions = Vec::new();
     let down_past = |server: &str, limit: Duration| matches!(seen.health(server), Health::Down { since } if now.saturating_duration_since(*since) >= limit);
-    // The copy `server` answers with, if it answers with a shard copy.
+    // Whether `server`'s copy is known to have lost data: it answers with a copy other than the
+    // recorded one, or, never recorded (it was wiped before its first round was recorded), it
+    // answers at sequence 0 while another ready copy of the shard is ahead. Nothing else produces
+    // the latter: a fresh shard has every copy at 0, and a copy that merely lags is only ever
+    // behind by the group in flight (a replica whose very first entry is in flight may be sent
+    // to a recover it did not need; that is safe). Recording such a copy would make an empty
+    // primary's next entries look like replays to its replicas, or let an empty replica stand
+    // for a full one.
     let lost_data = |shard: &shard_server::topology::ShardEntry, server: &str| match (
         shard.copies.get(server),
         seen.copy(server, &shard.id),
     ) {
         (Some(recorded), Some(copy)) => *recorded != copy.copy_id,
+        (None, Some(copy)) => {
+            copy.applied_seq == 0
+                && shard
+                    .ready_replicas()
+                    .filter(|r| *r != server)
+                    .filter_map(|r| seen.copy(r, &shard.id))
+                    .any(|other| other.applied_seq > 0)
+        }
         _ => false,
     };
     for shard in &topology.shards {
@@ -144,6 +159,7 @@ pub fn plan(topology: &Topology, seen: &Observations, now: Instant, settings: &S
                 && !shard.copies.contains_key(server)
                 && let Some(copy) = seen.copy(server, &shard.id)
                 && !(is_primary && primary_failed.is_some())
+                && !lost_data(shard, server)
             {
                 changes.push(Action::RecordCopy {
                     shard: shard.id.clone(),
@@ -447,6 +463,38 @@ mod tests {
             seen.set(server, up_at(EPOCH + 1, 1, copy));
         }
         assert_eq!(plan(&next, &seen, Instant::now(), &Settings::default()), [recover("C")], "then C heals");
+    }
+
+    #[test]
+    fn a_copy_wiped_before_it_was_recorded_is_not_recorded() {
+        let mut t = topology([Ready, Ready, Ready]);
+        t.shards[0].copies.clear();
+        let record = |s: &str, c: &str| Action::RecordCopy { shard: "sh1".into(), server: s.into(), copy_id: c.into() };
+        let now = Instant::now();
+        let mut seen = Observations::new();
+        // A replica back empty while the others hold entries: recovered, not recorded.
+        seen.set("A", up(4, "a"));
+        seen.set("B", up(0, "b"));
+        seen.set("C", up(4, "c"));
+        assert_eq!(
+            plan(&t, &seen, now, &Settings::default()),
+            [record("A", "a"), rec("B", Reason::LostData), record("C", "c")]
+        );
+        // The primary back empty: the most advanced replica takes over.
+        seen.set("A", up(0, "a"));
+        seen.set("B", up(3, "b"));
+        assert_eq!(
+            plan(&t, &seen, now, &Settings::default()),
+            [promote("A", "C", Reason::LostData), record("B", "b"), record("C", "c")]
+        );
+        // Every copy at 0 is a fresh shard; a copy behind but not empty merely lags.
+        for (server, seq) in [("A", 0), ("B", 0), ("C", 0)] {
+            seen.set(server, up(seq, &server.to_lowercase()));
+        }
+        assert_eq!(plan(&t, &seen, now, &Settings::default()), [record("A", "a"), record("B", "b"), record("C", "c")]);
+        seen.set("B", up(2, "b"));
+        seen.set("A", up(5, "a"));
+        assert_eq!(plan(&t, &seen, now, &Settings::default()).len(), 3, "all recorded");
     }
 
     #[test]
