@@ -844,8 +844,10 @@ async fn process_group(node: &Arc<Node>, shard: &Arc<Shard>, group: Vec<Job>) {
         let url = topo.as_ref().and_then(|t| t.servers.get(&peer)).map(|s| s.url.clone());
         lease_waits.push(wait_out_lease(Arc::clone(node), Arc::clone(shard), epoch, peer, url, target, end));
     }
-    // Leases granted by an earlier run of this server are unknown: wait them out once.
-    let restart_bound = node.started + lease_bound(lease);
+    // Leases granted by an earlier run of this server are unknown: wait them out once. A
+    // standalone shard has no replicas and never granted any.
+    let standalone = matches!(role, Ok(ShardRole::Standalone));
+    let restart_bound = if standalone { Instant::now() } else { node.started + lease_bound(lease) };
     let (results, _, _) = futures::join!(
         futures::future::join_all(must),
         futures::future::join_all(lease_waits),
