@@ -164,7 +164,13 @@ impl Harness {
     async fn serve(&mut self, i: usize, listener: TcpListener) {
         let s = &mut self.servers[i];
         let db = Db::connect_patiently(&s.db_url, 8, Duration::from_secs(60)).await.unwrap();
-        let config = NodeConfig { name: s.name.clone(), peer_timeout: Duration::from_secs(10), body_limit: 1 << 20 };
+        let config = NodeConfig {
+            name: s.name.clone(),
+            peer_timeout: Duration::from_secs(10),
+            body_limit: 1 << 20,
+            lease: NodeConfig::DEFAULT_LEASE,
+            lease_renew: NodeConfig::DEFAULT_LEASE_RENEW,
+        };
         let node = Node::new(config, db, watch_configmap(self.api.client(), NS, CONFIGMAP));
         node.start().await.unwrap();
         let app = shard_server::app(node);

@@ -223,6 +223,22 @@ pub struct ReplicateResponse {
     pub applied: u64,
 }
 
+/// `POST /v1/lease`: a ready replica asks the primary it is sent to for read leases on the listed
+/// shards (all the shards it replicates from that primary, in one request).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LeaseRequest {
+    /// The asking replica's server name.
+    pub replica: String,
+    pub shards: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseResponse {
+    /// The shards this server is the primary of and lists the replica as ready for: the replica may
+    /// serve reads of them for the lease duration, measured from before it sent the request.
+    pub granted: Vec<String>,
+}
+
 /// `GET /status`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ServerStatus {
@@ -416,6 +432,12 @@ impl ShardClient {
     /// Forwards replication entries to a replica.
     pub async fn replicate(&self, shard: &str, req: &ReplicateRequest) -> Result<ReplicateResponse, ClientError> {
         let url = format!("{}/v1/shards/{shard}/replicate", self.base);
+        self.call(self.http.post(&url).json(req), url).await
+    }
+
+    /// `POST /v1/lease`: asks this server (a primary) for read leases.
+    pub async fn lease(&self, req: &LeaseRequest) -> Result<LeaseResponse, ClientError> {
+        let url = format!("{}/v1/lease", self.base);
         self.call(self.http.post(&url).json(req), url).await
     }
 

@@ -45,6 +45,7 @@ pub fn app(node: Arc<Node>) -> Router {
         .route("/v1/shards/{shard}/stats", get(routes::v1::stats))
         .route("/v1/shards/{shard}/log", get(routes::v1::log))
         .route("/v1/shards/{shard}/recover", post(routes::v1::recover))
+        .route("/v1/lease", post(routes::v1::lease))
         .route("/status", get(routes::v1::status))
         .route("/metrics", get(routes::v1::metrics))
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })

@@ -33,6 +33,13 @@ struct Args {
     /// Timeout of one replication call to a peer, in milliseconds.
     #[arg(long, env = "SHARDDB_PEER_TIMEOUT_MS", default_value_t = 5000)]
     peer_timeout_ms: u64,
+    /// Read lease of a replica, in milliseconds (see the replication module documentation). Every
+    /// server of a cluster must use the same value.
+    #[arg(long, env = "SHARDDB_LEASE_MS", default_value_t = NodeConfig::DEFAULT_LEASE.as_millis() as u64)]
+    lease_ms: u64,
+    /// How often a replica renews its read leases, in milliseconds (well below the lease).
+    #[arg(long, env = "SHARDDB_LEASE_RENEW_MS", default_value_t = NodeConfig::DEFAULT_LEASE_RENEW.as_millis() as u64)]
+    lease_renew_ms: u64,
     /// Largest accepted request body, in bytes.
     #[arg(long, env = "SHARDDB_BODY_LIMIT", default_value_t = 64 * 1024 * 1024)]
     body_limit: usize,
@@ -60,7 +67,13 @@ async fn main() -> anyhow::Result<()> {
         name: args.name.clone(),
         peer_timeout: Duration::from_millis(args.peer_timeout_ms),
         body_limit: args.body_limit,
+        lease: Duration::from_millis(args.lease_ms),
+        lease_renew: Duration::from_millis(args.lease_renew_ms),
     };
+    anyhow::ensure!(
+        args.lease_renew_ms > 0 && args.lease_renew_ms < args.lease_ms,
+        "--lease-renew-ms must be positive and below --lease-ms"
+    );
     let node = Node::new(config, db, topology);
     node.start().await?;
     let listener = tokio::net::TcpListener::bind(args.listen).await?;

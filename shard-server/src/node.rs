@@ -2,7 +2,7 @@
 //! shards it holds with each one's role. Decides "may I serve/accept this?"; does I/O only to
 //! create a shard's table on first use.
 
-use crate::api::{ShardClient, http_client};
+use crate::api::{LeaseRequest, ShardClient, http_client};
 use crate::db::{Db, ShardTable};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
@@ -10,9 +10,9 @@ use crate::replication::Shard;
 use crate::schema::Schema;
 use crate::topology::{ReplicaState, ShardEntry, Topology};
 use crate::topology_source::TopologyRx;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Settings of a node, parsed once from flags.
 #[derive(Clone, Debug)]
@@ -22,6 +22,21 @@ pub struct NodeConfig {
     pub peer_timeout: Duration,
     /// Largest accepted request body.
     pub body_limit: usize,
+    /// How long a replica may serve reads after asking its primary for a lease, and how long a
+    /// primary holds back acknowledgements a demoted replica misses (see [`crate::replication`]).
+    pub lease: Duration,
+    /// How often a ready replica renews its leases; several renewals fit in one lease, so one
+    /// lost or slow renewal does not interrupt reads.
+    pub lease_renew: Duration,
+}
+
+impl NodeConfig {
+    /// Default lease: long enough that a few missed renewals (a GC-free server under load, a lost
+    /// packet) do not stop reads, short enough that a write delayed by a demotion waits at most
+    /// about this long, once per demotion.
+    pub const DEFAULT_LEASE: Duration = Duration::from_secs(2);
+    /// Default renewal interval: a quarter of the lease, so three renewals in a row may fail.
+    pub const DEFAULT_LEASE_RENEW: Duration = Duration::from_millis(500);
 }
 
 /// What this server is for one shard, as of the topology it holds.
@@ -31,16 +46,14 @@ pub enum ShardRole {
     /// it lost its data since the operator last looked (e.g. restarted on an empty volume). Such a
     /// copy must neither accept writes as primary (it would number them from scratch, and replicas
     /// would take them for replays) nor serve reads, until the operator heals it.
-    Primary {
-        epoch: u64,
-        entry: ShardEntry,
-        stale_copy: bool,
-    },
+    Primary { epoch: u64, entry: ShardEntry, stale_copy: bool },
     Replica {
         epoch: u64,
         state: ReplicaState,
         primary: String,
         stale_copy: bool,
+        /// Holds an unexpired read lease from `primary`.
+        leased: bool,
     },
     /// Configured with `/config`, outside any topology: its own sole primary.
     Standalone,
@@ -57,6 +70,9 @@ pub struct Node {
     shards: RwLock<HashMap<String, Arc<Shard>>>,
     /// Serialises the creation of shard tables.
     creating: tokio::sync::Mutex<()>,
+    /// When this process started: leases granted by an earlier incarnation of this server are
+    /// unknown, so acknowledgements wait until they have surely run out.
+    pub started: Instant,
 }
 
 impl Node {
@@ -78,6 +94,7 @@ impl Node {
             stream_http,
             shards: RwLock::new(HashMap::new()),
             creating: tokio::sync::Mutex::new(()),
+            started: Instant::now(),
         })
     }
 
@@ -125,7 +142,55 @@ impl Node {
                 }
             }
         });
+        let node = Arc::clone(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(node.config.lease_renew);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                node.renew_leases();
+            }
+        });
         Ok(())
+    }
+
+    /// Asks every primary this server replicates from for leases on all the shards it is a ready
+    /// replica of there: one request per primary, each in its own task so that an unreachable
+    /// primary delays no other.
+    fn renew_leases(self: &Arc<Self>) {
+        let Some(t) = self.topology() else { return };
+        let mut by_primary: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+        for (entry, state) in t.shards_of(self.name()) {
+            if state == ReplicaState::Ready && entry.primary != self.name() {
+                by_primary.entry(&entry.primary).or_default().push(entry.id.clone());
+            }
+        }
+        for (primary, shards) in by_primary {
+            let Some(url) = t.servers.get(primary).map(|s| s.url.clone()) else { continue };
+            let (node, primary) = (Arc::clone(self), primary.to_owned());
+            tokio::spawn(async move { node.request_lease(&primary, &url, shards).await });
+        }
+    }
+
+    /// One lease request to `primary`. The lease is measured from before the request is sent: the
+    /// primary records its grant later than that, so this copy's lease always ends before the
+    /// primary stops counting on it.
+    pub async fn request_lease(&self, primary: &str, url: &str, shards: Vec<String>) {
+        let asked = Instant::now();
+        let req = LeaseRequest { replica: self.name().to_owned(), shards };
+        // An answer arriving after the lease it would grant has run out grants nothing.
+        match tokio::time::timeout(self.config.lease, self.peer(url).lease(&req)).await {
+            Ok(Ok(r)) => {
+                let shards = self.shards.read().expect("lock");
+                for id in r.granted {
+                    if let Some(s) = shards.get(&id) {
+                        s.extend_lease(primary, asked + self.config.lease);
+                    }
+                }
+            }
+            Ok(Err(e)) => tracing::debug!(%primary, error = %e, "lease renewal failed"),
+            Err(_) => tracing::debug!(%primary, "lease renewal timed out"),
+        }
     }
 
     async fn adopt(self: &Arc<Self>, t: &Topology) {
@@ -138,8 +203,14 @@ impl Node {
                 Ok(shard) if state == ReplicaState::Ready && entry.primary != self.name() => {
                     if shard.close_read_gate(t.epoch) {
                         let (node, url) = (Arc::clone(self), t.servers.get(&entry.primary).map(|s| s.url.clone()));
+                        let primary = entry.primary.clone();
                         if let Some(url) = url {
-                            tokio::spawn(async move { shard.catch_up_then_open(&node, &url).await });
+                            tokio::spawn(async move {
+                                // Ask for a lease at once rather than at the next renewal, so the
+                                // copy serves as soon as its gate opens.
+                                node.request_lease(&primary, &url, vec![shard.id().to_owned()]).await;
+                                shard.catch_up_then_open(&node, &url).await
+                            });
                         }
                     }
                 }
@@ -207,6 +278,7 @@ impl Node {
                     state: *state,
                     primary: entry.primary.clone(),
                     stale_copy: stale_copy || shard.read_gate_closed(),
+                    leased: shard.holds_lease(&entry.primary),
                 }
             };
             return Ok((shard, role));

@@ -404,3 +404,159 @@ async fn a_not_found_answer_waits_for_ready_replicas_like_an_acknowledgement() {
     assert_eq!(on_replica.get(), "[]");
     assert_converged(&c, &[0, 1], 1).await;
 }
+
+// ---- Read leases -------------------------------------------------------------------------------
+
+use shard_server::api::{ClientError, KeyRange};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Keys of shard `sh1` read straight from server `i`.
+async fn read_keys(c: &Cluster, i: usize) -> Result<Vec<i64>, ClientError> {
+    let data = c.client(i).read("sh1", "Stud_id", KeyRange { low: 0, high: 999 }).await?;
+    let rows: Vec<serde_json::Value> = serde_json::from_str(data.get()).unwrap();
+    Ok(rows.iter().map(|r| r["Stud_id"].as_i64().unwrap()).collect())
+}
+
+/// Reads from server `i` until it serves, for at most `bound`.
+async fn read_when_served(c: &Cluster, i: usize, bound: Duration) -> Vec<i64> {
+    let start = Instant::now();
+    loop {
+        match read_keys(c, i).await {
+            Ok(keys) => return keys,
+            Err(e) => {
+                assert_eq!(e.code(), Some(ErrorCode::NotReady), "{e}");
+                assert!(start.elapsed() < bound, "server {i} still serves no reads: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Makes every write to shard `sh1` on server `i` fail in Postgres, reads unaffected.
+async fn refuse_applies(c: &Cluster, i: usize) {
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(&c.servers[i].db_url).await.unwrap();
+    for sql in [
+        "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'refused'; END $$",
+        r#"CREATE TRIGGER refuse BEFORE INSERT OR UPDATE OR DELETE ON "shard_sh1" FOR EACH STATEMENT EXECUTE FUNCTION refuse()"#,
+    ] {
+        sqlx::query(sql).execute(&mut conn).await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_replica_cut_off_from_its_primary_stops_serving_reads_until_renewals_resume() {
+    let (lease, renew) = (Duration::from_millis(1000), Duration::from_millis(100));
+    let mut c = Cluster::start_with_lease(2, &[("sh1", 0, 1000, 0, &[0, 1])], lease, renew).await;
+    c.client(0).write("sh1", &write(1, inserts(0..10))).await.unwrap();
+    assert_eq!(read_when_served(&c, 1, Duration::from_secs(20)).await, (0..10).collect::<Vec<_>>());
+
+    // The primary goes away: nothing renews the replica's lease, which runs out.
+    c.kill(0).await;
+    let cut = Instant::now();
+    let refused = loop {
+        match read_keys(&c, 1).await {
+            Err(e) => break e,
+            Ok(_) => {
+                assert!(cut.elapsed() < Duration::from_secs(30), "the replica kept serving without its primary");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    println!("the replica stopped serving reads {:?} after its primary went away", cut.elapsed());
+    assert_eq!(refused.code(), Some(ErrorCode::NotReady), "{refused}");
+    assert!(refused.to_string().contains("lease"), "says why: {refused}");
+    // It stays refused while the primary is away.
+    for _ in 0..5 {
+        tokio::time::sleep(renew).await;
+        assert_eq!(read_keys(&c, 1).await.unwrap_err().code(), Some(ErrorCode::NotReady));
+    }
+
+    // The primary is back: renewals resume and so do reads.
+    c.restart(0).await;
+    let back = Instant::now();
+    assert_eq!(read_when_served(&c, 1, Duration::from_secs(30)).await, (0..10).collect::<Vec<_>>());
+    println!("the replica served again {:?} after its primary came back", back.elapsed());
+}
+
+#[tokio::test]
+async fn a_write_acknowledged_after_a_demotion_is_never_missing_from_a_read_of_the_demoted_replica() {
+    let (lease, renew) = (Duration::from_millis(1500), Duration::from_millis(100));
+    let mut c = Cluster::start_with_lease(2, &[("sh1", 0, 1000, 0, &[0, 1])], lease, renew).await;
+    c.client(0).write("sh1", &write(1, inserts(0..10))).await.unwrap();
+    assert_eq!(read_when_served(&c, 1, Duration::from_secs(20)).await.len(), 10);
+
+    // Server1 can no longer apply, and only its primary learns that it was demoted: Server1 (and
+    // any router going by the old topology) still takes it for a ready replica.
+    refuse_applies(&c, 1).await;
+    c.publish_to(&[0], |t| {
+        t.shards[0].replicas.insert("Server1".into(), ReplicaState::Recovering);
+    })
+    .await;
+    assert_eq!(c.servers[1].node.as_ref().unwrap().epoch(), 1);
+
+    // A reader keeps reading from Server1 while key 500 is written through the primary.
+    type Outcome = (Instant, Result<Vec<i64>, ClientError>);
+    let reads: Arc<Mutex<Vec<Outcome>>> = Arc::default();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let (reads, stop, client) = (Arc::clone(&reads), Arc::clone(&stop), c.client(1));
+        tokio::spawn(async move {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let began = Instant::now();
+                let got = client.read("sh1", "Stud_id", KeyRange { low: 0, high: 999 }).await.map(|data| {
+                    let rows: Vec<serde_json::Value> = serde_json::from_str(data.get()).unwrap();
+                    rows.iter().map(|r| r["Stud_id"].as_i64().unwrap()).collect()
+                });
+                reads.lock().unwrap().push((began, got));
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    let sent = Instant::now();
+    let r = c.client(0).write("sh1", &write(2, inserts([500]))).await.unwrap();
+    let acked = Instant::now();
+    assert_eq!(r.inserted, 1);
+    tokio::time::sleep(lease).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    reader.await.unwrap();
+
+    let reads = std::mem::take(&mut *reads.lock().unwrap());
+    let served_before = reads.iter().filter(|(b, r)| *b < acked && r.is_ok()).count();
+    let after: Vec<_> = reads.iter().filter(|(b, _)| *b > acked).collect();
+    println!(
+        "ack took {:?}; Server1 served {served_before} reads before it, {} reads began after it",
+        acked - sent,
+        after.len()
+    );
+    assert!(!after.is_empty(), "the reader read after the acknowledgement");
+    for (_, outcome) in after {
+        match outcome {
+            Ok(keys) => assert!(keys.contains(&500), "a read served after the ack misses the write: {keys:?}"),
+            Err(e) => assert_eq!(e.code(), Some(ErrorCode::NotReady), "{e}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_idle_cluster_keeps_serving_reads_from_replicas() {
+    let (lease, renew) = (Duration::from_millis(800), Duration::from_millis(150));
+    let c = Cluster::start_with_lease(3, &[("sh1", 0, 1000, 0, &[0, 1, 2])], lease, renew).await;
+    c.client(0).write("sh1", &write(1, inserts(0..5))).await.unwrap();
+    let seq = c.client(0).status(false).await.unwrap().shards["sh1"].applied_seq;
+    // Several lease periods without a single write: renewals alone keep the replicas serving.
+    let mut refusals = 0;
+    for _ in 0..5 {
+        tokio::time::sleep(lease).await;
+        for i in 1..3 {
+            if read_keys(&c, i).await.is_err() {
+                refusals += 1;
+            }
+            // A replica whose leases are not renewed would never serve again: this wait would fail.
+            assert_eq!(read_when_served(&c, i, Duration::from_secs(20)).await, (0..5).collect::<Vec<_>>());
+        }
+    }
+    println!("reads refused at the first try: {refusals} of 10");
+    assert_eq!(c.client(0).status(false).await.unwrap().shards["sh1"].applied_seq, seq, "nothing was written");
+}

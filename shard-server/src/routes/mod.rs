@@ -11,7 +11,8 @@ use crate::schema::Schema;
 use crate::topology::ReplicaState;
 use std::collections::HashSet;
 
-/// Reads are served by the primary, a ready replica, or a standalone shard.
+/// Reads are served by the primary, a ready replica holding a read lease from its primary (see
+/// [`crate::replication`]), or a standalone shard.
 pub(crate) fn check_readable(shard: &str, role: &ShardRole) -> Result<(), ApiError> {
     match role {
         ShardRole::Primary { stale_copy: true, .. } | ShardRole::Replica { stale_copy: true, .. } => Err(
@@ -20,6 +21,10 @@ pub(crate) fn check_readable(shard: &str, role: &ShardRole) -> Result<(), ApiErr
         ShardRole::Replica { state, .. } if *state != ReplicaState::Ready => {
             Err(ApiError::NotReady(format!("this copy of shard {shard} is {state:?} and serves no reads")))
         }
+        ShardRole::Replica { leased: false, primary, .. } => Err(ApiError::NotReady(format!(
+            "this copy of shard {shard} holds no read lease from its primary {primary} (cut off from it, or no \
+             longer ready there) and serves no reads"
+        ))),
         _ => Ok(()),
     }
 }

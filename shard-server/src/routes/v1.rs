@@ -2,7 +2,7 @@
 //! and metrics.
 
 use super::{check_ops, check_readable};
-use crate::api::{BatchOutcome, WriteBatchesRequest, WriteBatchesResponse};
+use crate::api::{BatchOutcome, LeaseRequest, LeaseResponse, WriteBatchesRequest, WriteBatchesResponse};
 use crate::api::{
     LogResponse, RecoverRequest, RecoverResponse, ReplicateRequest, ReplicateResponse, Role, ServerStatus, ShardStats,
     ShardStatus, WriteRequest, WriteResponse,
@@ -219,6 +219,27 @@ pub async fn status(
         );
     }
     Ok(Json(ServerStatus { server: node.name().to_owned(), epoch: node.epoch(), shards }))
+}
+
+/// `POST /v1/lease`: grants read leases to a ready replica, for the shards this server is the
+/// primary of and lists the replica as ready for (see [`crate::replication`]).
+#[tracing::instrument(skip_all, fields(replica = %req.replica))]
+pub async fn lease(
+    State(node): State<Arc<Node>>,
+    JsonBody(req): JsonBody<LeaseRequest>,
+) -> Result<Json<LeaseResponse>, ApiError> {
+    if req.replica.is_empty() {
+        return Err(ApiError::bad_request("replica is empty"));
+    }
+    let mut granted = Vec::new();
+    for id in req.shards {
+        // A shard we do not hold is simply not granted: the replica may follow a newer topology.
+        let Ok((shard, _)) = node.shard(&id).await else { continue };
+        if shard.grant_lease(&node, &req.replica) {
+            granted.push(id);
+        }
+    }
+    Ok(Json(LeaseResponse { granted }))
 }
 
 /// `GET /metrics`: Prometheus text format.

@@ -1,5 +1,6 @@
 //! Test harness: shard servers served in-process on real TCP ports, each over its own database in
-//! one throwaway Postgres cluster, following a topology file.
+//! one throwaway Postgres cluster, each following its own topology file (so a test can let one
+//! server lag behind a topology change, as a slow ConfigMap watch would).
 
 #![allow(dead_code)]
 
@@ -20,14 +21,16 @@ use tokio::task::JoinHandle;
 pub struct Cluster {
     pub pg: LocalPg,
     pub dir: tempfile::TempDir,
-    pub topology_path: PathBuf,
     pub topology: Topology,
+    /// Read lease and renewal interval of every server (restarts included).
+    pub lease: (Duration, Duration),
     pub servers: Vec<Server>,
     pub http: reqwest::Client,
 }
 
 pub struct Server {
     pub name: String,
+    pub topology_path: PathBuf,
     pub addr: std::net::SocketAddr,
     pub db_url: String,
     pub node: Option<Arc<Node>>,
@@ -53,6 +56,10 @@ pub type ShardDef<'a> = (&'a str, i64, i64, usize, &'a [usize]);
 
 impl Cluster {
     pub async fn start(n: usize, shards: &[ShardDef<'_>]) -> Cluster {
+        Cluster::start_with_lease(n, shards, NodeConfig::DEFAULT_LEASE, NodeConfig::DEFAULT_LEASE_RENEW).await
+    }
+
+    pub async fn start_with_lease(n: usize, shards: &[ShardDef<'_>], lease: Duration, renew: Duration) -> Cluster {
         install_crypto_provider();
         let _ = tracing_subscriber::fmt()
             .with_test_writer()
@@ -60,7 +67,6 @@ impl Cluster {
             .try_init();
         let pg = tokio::task::spawn_blocking(LocalPg::temporary).await.unwrap().expect("throwaway postgres");
         let dir = tempfile::tempdir().unwrap();
-        let topology_path = dir.path().join("topology.json");
         let mut servers = Vec::new();
         let mut listeners = Vec::new();
         for i in 0..n {
@@ -70,6 +76,7 @@ impl Cluster {
             let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
             servers.push(Server {
                 name,
+                topology_path: dir.path().join(format!("topology{i}.json")),
                 addr: listener.local_addr().unwrap(),
                 db_url: pg.url(&db),
                 node: None,
@@ -103,8 +110,11 @@ impl Cluster {
                 .collect(),
         };
         topology.validate().unwrap();
-        write_atomic(&topology_path, &topology).unwrap();
-        let mut c = Cluster { pg, dir, topology_path, topology, servers, http: http_client(Duration::from_secs(30)) };
+        for s in &servers {
+            write_atomic(&s.topology_path, &topology).unwrap();
+        }
+        let mut c =
+            Cluster { pg, dir, topology, lease: (lease, renew), servers, http: http_client(Duration::from_secs(30)) };
         for (i, l) in listeners.into_iter().enumerate() {
             c.serve(i, l).await;
         }
@@ -114,8 +124,14 @@ impl Cluster {
     async fn serve(&mut self, i: usize, listener: TcpListener) {
         let s = &mut self.servers[i];
         let db = Db::connect_patiently(&s.db_url, 8, Duration::from_secs(60)).await.unwrap();
-        let config = NodeConfig { name: s.name.clone(), peer_timeout: Duration::from_secs(10), body_limit: 1 << 20 };
-        let node = Node::new(config, db, watch_file(self.topology_path.clone()));
+        let config = NodeConfig {
+            name: s.name.clone(),
+            peer_timeout: Duration::from_secs(10),
+            body_limit: 1 << 20,
+            lease: self.lease.0,
+            lease_renew: self.lease.1,
+        };
+        let node = Node::new(config, db, watch_file(s.topology_path.clone()));
         node.start().await.unwrap();
         let app = shard_server::app(Arc::clone(&node));
         s.task = Some(tokio::spawn(async move {
@@ -151,11 +167,19 @@ impl Cluster {
 
     /// Publishes a changed topology with the next epoch and waits until every live server has it.
     pub async fn publish(&mut self, change: impl FnOnce(&mut Topology)) {
+        let all: Vec<usize> = (0..self.servers.len()).collect();
+        self.publish_to(&all, change).await;
+    }
+
+    /// Publishes a changed topology with the next epoch to the listed servers only, and waits until
+    /// each of them that is live has it; the others keep following what they had.
+    pub async fn publish_to(&mut self, to: &[usize], change: impl FnOnce(&mut Topology)) {
         change(&mut self.topology);
         self.topology.epoch += 1;
         self.topology.validate().unwrap();
-        write_atomic(&self.topology_path, &self.topology).unwrap();
-        for s in &self.servers {
+        for &i in to {
+            let s = &self.servers[i];
+            write_atomic(&s.topology_path, &self.topology).unwrap();
             if let Some(node) = &s.node {
                 tokio::time::timeout(Duration::from_secs(10), async {
                     while node.epoch() < self.topology.epoch {
