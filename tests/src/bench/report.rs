@@ -290,7 +290,8 @@ pub fn evaluate_targets(results: &[ResultRow], memory: &[ClusterMemory]) -> Vec<
     });
     let mut copy = at_least("Shard copy (snapshot stream)", "copy", 100_000.0, "rows/s", None);
     if copy.measured.is_some() {
-        copy.detail = "the snapshot stream alone; a whole heal (install, catch-up, verify) is timed by the fault suite".into();
+        copy.detail =
+            "the snapshot stream alone; a whole heal (install, catch-up, verify) is timed by the fault suite".into();
     }
     out.push(copy);
     out
