@@ -29,9 +29,10 @@
 //!   kind of change per round, so a move never races a failover. A new holder joins `recovering`
 //!   and the heal plan fills it; a copy leaves only once the shard's wanted holders are ready; a
 //!   server leaves the document once it holds nothing, and the reconcile then deletes its
-//!   StatefulSet. Every desired server is given its URL at once: its StatefulSet is applied by
-//!   the same reconcile that accepted the spec, and a recover into a pod still starting fails and
-//!   is retried next round. An invalid spec moves nothing.
+//!   StatefulSet. A desired server outside the document is probed too, and joins it only once it
+//!   answers (its pod is up: the headless Service publishes not-ready addresses), so copies are
+//!   not given to a pod still pulling its image, and recovers do not fail meanwhile. An invalid
+//!   spec moves nothing.
 //! - Databases are handled one after the other in a round; the probes of one database run
 //!   concurrently and time out after a second, so a round takes about a second per database whose
 //!   servers hang, and a few milliseconds otherwise.
@@ -41,9 +42,9 @@ use super::controller::{Context, publish};
 use super::topology::{self, Published, WriteError};
 use crate::brain::moves::{self, Move};
 use crate::brain::observe::{Health, Observations};
-use crate::brain::placement::place;
+use crate::brain::placement::{Placement, place};
 use crate::brain::plan::{self, Action, Settings};
-use crate::brain::validate::validate_with_defaults;
+use crate::brain::validate::{ValidatedDb, validate_with_defaults};
 use crate::crd::ShardedDatabase;
 use crate::exec::{self, PROBE_TIMEOUT, RECOVER_TIMEOUT, RecoveredCopy};
 use futures::channel::mpsc::UnboundedSender;
@@ -164,9 +165,15 @@ impl Healer {
         };
         let Some(topology) = published.topology else { return };
         let key = ObjectRef::from_obj(db.as_ref());
-        let servers: Vec<(String, String)> = topology
-            .servers
-            .keys()
+        // The declared placement, for the moves; `None` while the spec is invalid.
+        let desired = validate_with_defaults(&db.spec, &self.ctx.config.default_images).ok().map(|valid| {
+            let placement = place(&valid);
+            (valid, placement)
+        });
+        let mut probed: BTreeSet<&String> = topology.servers.keys().collect();
+        probed.extend(desired.iter().flat_map(|(_, p)| &p.servers));
+        let servers: Vec<(String, String)> = probed
+            .into_iter()
             .map(|s| (s.clone(), self.ctx.config.server_urls.url(&owner.name, &owner.namespace, s)))
             .collect();
         let probes = exec::probe_servers(&self.probe_http, servers).await;
@@ -193,7 +200,9 @@ impl Healer {
                 }
                 Err(e) => return self.not_written(&owner, e),
             }
-        } else if let Some((next, steps)) = self.moves(&db, &owner, &topology, &key) {
+        } else if let Some((next, steps)) =
+            desired.and_then(|(valid, placement)| self.moves(&owner, &topology, &valid, &placement, &key))
+        {
             match topology::write(&self.ctx.client, &owner, &next, Some(&published.resource_version)).await {
                 Ok(_) => {
                     for step in &steps {
@@ -208,24 +217,25 @@ impl Healer {
         }
     }
 
-    /// The placement moves due now, and the document they lead to; `None` when the document
-    /// already holds the declared placement (or the spec does not validate).
+    /// The placement moves due now toward `placement` (of `valid`), and the document they lead
+    /// to; `None` when there is nothing to do. Only servers in the document or answering probes
+    /// have a URL, so only those can join.
     fn moves(
         &self,
-        db: &ShardedDatabase,
         owner: &Owner,
         topology: &Topology,
+        valid: &ValidatedDb,
+        placement: &Placement,
         key: &ObjectRef<ShardedDatabase>,
     ) -> Option<(Topology, Vec<Move>)> {
-        let valid = validate_with_defaults(&db.spec, &self.ctx.config.default_images).ok()?;
-        let placement = place(&valid);
+        let seen = &self.dbs.get(key)?.seen;
         let urls = placement
             .servers
             .iter()
+            .filter(|s| topology.servers.contains_key(*s) || matches!(seen.health(s), Health::Up { .. }))
             .map(|s| (s.clone(), self.ctx.config.server_urls.url(&owner.name, &owner.namespace, s)))
             .collect();
-        let seen = &self.dbs.get(key)?.seen;
-        let steps = moves::plan_moves(topology, &valid, &placement, &urls, seen);
+        let steps = moves::plan_moves(topology, valid, placement, &urls, seen);
         let next = moves::apply(topology, &steps)?;
         Some((next, steps))
     }
