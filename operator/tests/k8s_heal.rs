@@ -132,6 +132,7 @@ impl Harness {
         let config = Config {
             server_urls: Arc::new(LocalUrls(urls)),
             healing: Some(HealSettings { plan: settings, round: Duration::from_millis(200) }),
+            admin_url: Some(format!("http://{}", h.admin)),
             ..Config::default()
         };
         h.config = Some(config);
@@ -211,10 +212,19 @@ impl Harness {
         self.serve(i, listener).await;
     }
 
-    /// Sends an admin verb to the operator's endpoint for `students`: (status, body).
+    /// Sends an admin verb to the operator's endpoint for `students`, at the control URL the
+    /// operator gave the router Deployment: (status, body).
     async fn admin(&self, method: reqwest::Method, verb: &str, body: Value) -> (u16, Value) {
-        let url = format!("http://{}/databases/{NS}/students/{verb}", self.admin);
-        let response = self.http.request(method, &url).json(&body).send().await.unwrap();
+        let router = self.api.get("deployments", NS, "students-router").expect("the router Deployment");
+        let args = router["spec"]["template"]["spec"]["containers"][0]["args"].as_array().unwrap().clone();
+        let at = args.iter().position(|a| a == "--control-url").expect("the router has a control URL");
+        let control = args[at + 1].as_str().unwrap();
+        assert_eq!(control, format!("http://{}/databases/{NS}/students", self.admin));
+        self.admin_at(method, &format!("{control}/{verb}"), body).await
+    }
+
+    async fn admin_at(&self, method: reqwest::Method, url: &str, body: Value) -> (u16, Value) {
+        let response = self.http.request(method, url).json(&body).send().await.unwrap();
         (response.status().as_u16(), response.json().await.unwrap())
     }
 
@@ -540,6 +550,10 @@ async fn rm_drains_a_server_before_its_statefulset_goes_and_refused_requests_cha
     let (status, answer) = h.admin(reqwest::Method::POST, "init", init).await;
     assert_eq!(status, 409, "the resource is the configuration: {answer}");
     assert_eq!(h.resource(), before);
+    let elsewhere = format!("http://{}/databases/{NS}/nosuch/rm", h.admin);
+    let (status, answer) = h.admin_at(reqwest::Method::DELETE, &elsewhere, json!({ "n": 1, "servers": [] })).await;
+    assert_eq!(status, 404, "{answer}");
+    assert!(answer["message"].as_str().unwrap().contains("default/nosuch does not exist"), "{answer}");
 
     // Server2 is sh2's primary: its copy moves to Server1 and the primary hands over first.
     let removed = Instant::now();
