@@ -247,6 +247,26 @@ mod tests {
     }
 
     #[test]
+    fn a_topology_that_differs_from_the_spec_is_a_placement_change_not_ready() {
+        let db = db();
+        let p = place(&db);
+        let all: Vec<&str> = p.servers.iter().map(String::as_str).collect();
+        // The spec lost its last server; the topology still lists it (being drained).
+        let mut fewer = p.clone();
+        let leaving = fewer.servers.pop().unwrap();
+        for shard in &mut fewer.shards {
+            shard.replicas.retain(|r| *r != leaving);
+        }
+        let s = healthy_or_converging(Some(2), &fewer, &observed(&all, 2), None, "t0");
+        assert_eq!(status_of(&s, READY), (ConditionStatus::False, "PlacementChanging".into()));
+        assert_eq!(status_of(&s, PROGRESSING), (ConditionStatus::True, "Moving".into()));
+        assert_eq!(status_of(&s, DEGRADED).0, ConditionStatus::False, "a move degrades nothing");
+        assert!(condition(&s, READY).unwrap().message.contains("moving copies"));
+        let settled = healthy_or_converging(Some(2), &p, &observed(&all, 2), None, "t0");
+        assert_eq!(status_of(&settled, READY).0, ConditionStatus::True);
+    }
+
+    #[test]
     fn an_unreachable_server_is_not_ready_even_with_its_pod_ready() {
         let p = place(&db());
         let all: Vec<&str> = p.servers.iter().map(String::as_str).collect();
