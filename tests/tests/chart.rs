@@ -231,6 +231,8 @@ fn the_cluster_role_covers_every_kind_the_operator_owns() {
     for verb in ["get", "list", "watch", "patch"] {
         assert!(allows("sharddb.io", "shardeddatabases", verb), "{verb} shardeddatabases");
     }
+    // The admin endpoint replaces the spec at the resourceVersion it read.
+    assert!(allows("sharddb.io", "shardeddatabases", "update"));
     assert!(allows("sharddb.io", "shardeddatabases/status", "patch"));
     // The topology ConfigMap is written with a resourceVersion precondition (a replace), so the
     // reconcile and the healer never undo each other's writes.
