@@ -52,6 +52,14 @@ struct RunArgs {
     /// when leader election is on) are served.
     #[arg(long, env = "SHARDDB_METRICS_ADDR", default_value = "0.0.0.0:8080")]
     metrics_addr: std::net::SocketAddr,
+    /// Where the admin endpoint is served: the seed's `/init`, `/add`, `/rm` for each database
+    /// under `/databases/{namespace}/{name}/`, forwarded by its routers.
+    #[arg(long, env = "SHARDDB_ADMIN_ADDR", default_value = "0.0.0.0:8081")]
+    admin_addr: std::net::SocketAddr,
+    /// The admin endpoint's base URL as routers reach it (the operator's Service, set by the Helm
+    /// chart). Without it, routers are built without a control plane and the verbs answer 501.
+    #[arg(long, env = "SHARDDB_ADMIN_URL")]
+    admin_url: Option<String>,
     /// Reconcile only while holding a coordination Lease, so that of several replicas one acts.
     #[arg(long, env = "SHARDDB_LEADER_ELECT", default_value_t = false, action = clap::ArgAction::Set,
           num_args = 0..=1, default_missing_value = "true")]
@@ -108,6 +116,7 @@ impl RunArgs {
                 router: self.router_image.clone(),
                 postgres: self.postgres_image.clone(),
             },
+            admin_url: self.admin_url.clone().filter(|u| !u.is_empty()),
             ..operator::k8s::controller::Config::default()
         }
     }
@@ -141,7 +150,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Run(args) => {
             let lease = args.lease()?;
             let runtime = tokio::runtime::Runtime::new().context("failed to start the async runtime")?;
-            runtime.block_on(run_operator(args.metrics_addr, args.config(), lease))
+            runtime.block_on(run_operator(args.metrics_addr, args.admin_addr, args.config(), lease))
         }
         Command::Local { spec, data_dir, port, bin_dir, pg_bin } => {
             let bin_dir = match bin_dir {
@@ -162,6 +171,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 
 async fn run_operator(
     metrics_addr: std::net::SocketAddr,
+    admin_addr: std::net::SocketAddr,
     config: operator::k8s::controller::Config,
     lease: Option<operator::k8s::leader::LeaseConfig>,
 ) -> anyhow::Result<()> {
@@ -183,6 +193,7 @@ async fn run_operator(
         ),
         Err(e) => return Err(e).context("cannot list ShardedDatabases"),
     }
+    let admin = operator::k8s::admin::router(client.clone(), config.default_images.clone());
     let mut registry = prometheus_client::registry::Registry::default();
     let ctx = Context::new(client.clone(), config, Metrics::new(&mut registry));
     let registry = Arc::new(registry);
@@ -231,6 +242,19 @@ async fn run_operator(
             .await
     });
 
+    // Served by every replica, leading or not: a request only writes a spec at a version.
+    let admin_listener =
+        tokio::net::TcpListener::bind(admin_addr).await.with_context(|| format!("cannot listen on {admin_addr}"))?;
+    tracing::info!(%admin_addr, "serving the admin endpoint");
+    let mut admin_stop = stop_rx.clone();
+    let admin = tokio::spawn(async move {
+        axum::serve(admin_listener, admin)
+            .with_graceful_shutdown(async move {
+                let _ = admin_stop.wait_for(|s| *s).await;
+            })
+            .await
+    });
+
     let elector = lease.map(|lease| LeaderElector::new(client, lease));
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
@@ -243,6 +267,7 @@ async fn run_operator(
             () = &mut shutdown => {
                 let _ = stop_tx.send(true);
                 metrics.await.context("metrics server task failed")?.context("metrics server failed")?;
+                admin.await.context("admin endpoint task failed")?.context("admin endpoint failed")?;
                 return Ok(());
             }
         }
@@ -296,6 +321,7 @@ async fn run_operator(
     }
     let _ = stop_tx.send(true);
     metrics.await.context("metrics server task failed")?.context("metrics server failed")?;
+    admin.await.context("admin endpoint task failed")?.context("admin endpoint failed")?;
     outcome
 }
 

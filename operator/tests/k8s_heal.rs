@@ -5,12 +5,16 @@
 //!
 //! Database `students`: shards sh1 (primary Server0, copy on Server1) and sh2 (primary Server2,
 //! copy on Server0), per the count-mode placement of 2 shards × 2 replicas on 3 servers.
+//!
+//! The admin verbs go through the operator's admin endpoint (`k8s::admin`), served here as in
+//! `sharddb-operator run`; the spec changes they make are carried out by the healer's moves.
 
 use fake_apiserver::FakeApiServer;
 use kube::CustomResourceExt;
 use kube::api::{Api, PostParams};
 use localpg::LocalPg;
 use operator::brain::plan::Settings;
+use operator::brain::validate::Images;
 use operator::crd::ShardedDatabase;
 use operator::k8s::controller::{Config, Context, Metrics, run};
 use operator::k8s::heal::HealSettings;
@@ -53,6 +57,8 @@ struct Server {
 
 struct Harness {
     api: FakeApiServer,
+    /// The operator's admin endpoint.
+    admin: SocketAddr,
     pg: LocalPg,
     servers: Vec<Server>,
     http: reqwest::Client,
@@ -77,6 +83,13 @@ impl Drop for Harness {
 impl Harness {
     /// Three servers, the controller and healer with short timeouts, and the database created.
     async fn start() -> Harness {
+        Harness::start_with(3).await
+    }
+
+    /// As [`Harness::start`], with `servers` servers (`Server0`…) known by address, of which
+    /// only the spec's three are served: the others play pods yet to be created, started later
+    /// with [`Harness::restart`].
+    async fn start_with(servers: usize) -> Harness {
         install_crypto_provider();
         let _ = tracing_subscriber::fmt()
             .with_test_writer()
@@ -85,8 +98,13 @@ impl Harness {
         let pg = tokio::task::spawn_blocking(LocalPg::temporary).await.unwrap().expect("throwaway postgres");
         let api = FakeApiServer::start().await;
         api.install_crd(&ShardedDatabase::crd()).unwrap();
+        let admin_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin = admin_listener.local_addr().unwrap();
+        let endpoint = operator::k8s::admin::router(api.client(), Images::default());
+        tokio::spawn(async move { axum::serve(admin_listener, endpoint).await.unwrap() });
         let mut h = Harness {
             api,
+            admin,
             pg,
             servers: Vec::new(),
             http: http_client(Duration::from_secs(30)),
@@ -95,7 +113,7 @@ impl Harness {
             operator: None,
         };
         let mut listeners = Vec::new();
-        for i in 0..3 {
+        for i in 0..servers {
             let db = format!("server{i}");
             h.pg.create_database(&db).unwrap();
             let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -103,7 +121,7 @@ impl Harness {
             h.servers.push(Server { name: format!("Server{i}"), addr, db_url: h.pg.url(&db), task: None });
             listeners.push(listener);
         }
-        for (i, l) in listeners.into_iter().enumerate() {
+        for (i, l) in listeners.into_iter().enumerate().take(3) {
             h.serve(i, l).await;
         }
 
@@ -114,6 +132,7 @@ impl Harness {
         let config = Config {
             server_urls: Arc::new(LocalUrls(urls)),
             healing: Some(HealSettings { plan: settings, round: Duration::from_millis(200) }),
+            admin_url: Some(format!("http://{}", h.admin)),
             ..Config::default()
         };
         h.config = Some(config);
@@ -197,6 +216,50 @@ impl Harness {
         }
         let listener = TcpListener::bind(self.servers[i].addr).await.unwrap();
         self.serve(i, listener).await;
+    }
+
+    /// Sends an admin verb to the operator's endpoint for `students`, at the control URL the
+    /// operator gave the router Deployment: (status, body).
+    async fn admin(&self, method: reqwest::Method, verb: &str, body: Value) -> (u16, Value) {
+        let router = self.api.get("deployments", NS, "students-router").expect("the router Deployment");
+        let args = router["spec"]["template"]["spec"]["containers"][0]["args"].as_array().unwrap().clone();
+        let at = args.iter().position(|a| a == "--control-url").expect("the router has a control URL");
+        let control = args[at + 1].as_str().unwrap();
+        assert_eq!(control, format!("http://{}/databases/{NS}/students", self.admin));
+        self.admin_at(method, &format!("{control}/{verb}"), body).await
+    }
+
+    async fn admin_at(&self, method: reqwest::Method, url: &str, body: Value) -> (u16, Value) {
+        let response = self.http.request(method, url).json(&body).send().await.unwrap();
+        (response.status().as_u16(), response.json().await.unwrap())
+    }
+
+    /// The resource's spec and generation (which moves with every spec write; the status is
+    /// written meanwhile, so the resourceVersion may move on its own).
+    fn resource(&self) -> (Value, Value) {
+        let db = self.api.get("shardeddatabases", NS, "students").unwrap();
+        (db["spec"].clone(), db["metadata"]["generation"].clone())
+    }
+
+    /// Asserts every ready copy of every shard holds the same rows (count and checksum), and
+    /// returns the row count of each shard.
+    async fn assert_ready_copies_equal(&self) -> BTreeMap<String, i64> {
+        let t = self.topology().unwrap();
+        let mut rows = BTreeMap::new();
+        for shard in &t.shards {
+            let primary = self.index(&shard.primary);
+            let want = self.contents(primary, &shard.id).await;
+            for ready in shard.ready_replicas() {
+                let got = self.contents(self.index(ready), &shard.id).await;
+                assert_eq!(got, want, "{} on {ready} equals the primary {}", shard.id, shard.primary);
+            }
+            rows.insert(shard.id.clone(), want.0);
+        }
+        rows
+    }
+
+    fn index(&self, server: &str) -> usize {
+        self.servers.iter().position(|s| s.name == server).unwrap()
     }
 
     fn client(&self, i: usize) -> ShardClient {
@@ -394,6 +457,155 @@ async fn a_primary_that_is_gone_fails_over_and_the_status_shows_the_degraded_sha
     assert!(
         h.api.wait_for(WAIT, |_| h.condition("Ready") == Some(("True".into(), "AllReady".into()))).await,
         "ready again: {}",
+        h.status()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn add_through_the_admin_endpoint_changes_the_resource_and_fills_the_new_server_from_replicas() {
+    let mut h = Harness::start_with(4).await;
+    h.wait_ready().await;
+    h.write(0, "sh1", 0..40).await;
+    h.write(2, "sh2", 4096..4126).await;
+
+    let added = Instant::now();
+    let body = json!({ "n": 1, "new_shards": [], "servers": { "Server3": ["sh1", "sh2"] } });
+    let (status, answer) = h.admin(reqwest::Method::POST, "add", body).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer, json!({ "N": 4, "message": "Add Server:3", "status": "successful" }));
+    let (spec, _) = h.resource();
+    assert_eq!(spec["servers"], 4);
+    assert_eq!(spec["placement"]["Server3"], json!(["sh1", "sh2"]), "{spec}");
+
+    assert!(
+        h.api.wait_for(WAIT, |api| api.get("statefulsets", NS, "students-server3").is_some()).await,
+        "the new server's pod is asked for"
+    );
+    // Its pod is not up yet: several healer rounds later it has been given nothing.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!h.topology().unwrap().servers.contains_key("Server3"), "Server3 joins only once it answers");
+    assert!(h.events("RecoverFailed").is_empty(), "{:?}", h.events("RecoverFailed"));
+    h.restart(3, false).await;
+    h.mark_workloads_ready();
+    let filled = |t: &Topology| {
+        state(t, "sh1", "Server3").as_deref() == Some("ready") && state(t, "sh2", "Server3").as_deref() == Some("ready")
+    };
+    assert!(
+        h.api.wait_for(WAIT, |_| h.topology().is_some_and(|t| filled(&t))).await,
+        "Server3 holds ready copies of sh1 and sh2: {:?}",
+        h.topology()
+    );
+    println!("add: Server3 filled after {:?}", added.elapsed());
+    let t = h.topology().unwrap();
+    assert_eq!(t.shard("sh1").unwrap().primary, "Server0", "no needless handover");
+    assert_eq!(t.shard("sh2").unwrap().primary, "Server2");
+    let rows = h.assert_ready_copies_equal().await;
+    assert_eq!(rows, BTreeMap::from([("sh1".to_owned(), 40), ("sh2".to_owned(), 30)]));
+    let joined = |h: &Harness| h.events("ReplicaAdded").iter().any(|n| n.contains("sh1 gets a copy on Server3"));
+    assert!(h.api.wait_for(WAIT, |_| joined(&h)).await, "{:?}", h.events("ReplicaAdded"));
+    assert!(
+        h.api.wait_for(WAIT, |_| h.condition("Ready") == Some(("True".into(), "AllReady".into()))).await,
+        "ready with four servers: {}",
+        h.status()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rm_drains_a_server_before_its_statefulset_goes_and_refused_requests_change_nothing() {
+    let h = Harness::start().await;
+    h.wait_ready().await;
+    h.write(0, "sh1", 0..40).await;
+    h.write(2, "sh2", 4096..4126).await;
+
+    // Refused requests answer 4xx and leave the resource as it was.
+    let before = h.resource();
+    assert!(before.1.is_number(), "the resource has a generation");
+    let refused = [
+        (reqwest::Method::DELETE, "rm", json!({ "n": 1, "servers": ["Server9"] }), 400, "unknown server Server9"),
+        (reqwest::Method::DELETE, "rm", json!({ "n": 3, "servers": [] }), 400, "last replica"),
+        (reqwest::Method::DELETE, "rm", json!({ "n": 0, "servers": ["Server1"] }), 400, "more than removable"),
+        (
+            reqwest::Method::POST,
+            "add",
+            json!({ "n": 2, "new_shards": [], "servers": { "Server5": ["sh1"] } }),
+            400,
+            "greater than",
+        ),
+        (
+            reqwest::Method::POST,
+            "add",
+            json!({ "n": 1, "new_shards": [], "servers": { "Server1": ["sh1"] } }),
+            400,
+            "already exists",
+        ),
+        (
+            reqwest::Method::POST,
+            "add",
+            json!({ "n": 1, "new_shards": [], "servers": { "Server5": ["sh9"] } }),
+            400,
+            "sh9",
+        ),
+    ];
+    for (method, verb, body, code, says) in refused {
+        let (status, answer) = h.admin(method, verb, body.clone()).await;
+        assert_eq!(status, code, "{verb} {body}: {answer}");
+        assert!(answer["message"].as_str().unwrap().contains(says), "{verb} {body}: {answer}");
+        assert_eq!(h.resource(), before, "{verb} {body} changed nothing");
+    }
+    let init = json!({ "n": 1, "schema": { "columns": ["a"], "dtypes": ["Number"] }, "shards": [], "servers": null });
+    let (status, answer) = h.admin(reqwest::Method::POST, "init", init).await;
+    assert_eq!(status, 409, "the resource is the configuration: {answer}");
+    assert_eq!(h.resource(), before);
+    let elsewhere = format!("http://{}/databases/{NS}/nosuch/rm", h.admin);
+    let (status, answer) = h.admin_at(reqwest::Method::DELETE, &elsewhere, json!({ "n": 1, "servers": [] })).await;
+    assert_eq!(status, 404, "{answer}");
+    assert!(answer["message"].as_str().unwrap().contains("default/nosuch does not exist"), "{answer}");
+
+    // Server2 is sh2's primary: its copy moves to Server1 and the primary hands over first.
+    let removed = Instant::now();
+    let (status, answer) = h.admin(reqwest::Method::DELETE, "rm", json!({ "n": 1, "servers": ["Server2"] })).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer, json!({ "message": { "N": 2, "servers": ["Server2"] }, "status": "successful" }));
+    assert!(h.resource().0["placement"].get("Server2").is_none());
+
+    // Until the StatefulSet is gone: whenever Server2 is in the topology its StatefulSet exists,
+    // and every shard keeps a ready primary.
+    let mut observed = 0;
+    loop {
+        let sts = h.api.get("statefulsets", NS, "students-server2").is_some();
+        let t = h.topology().unwrap();
+        for shard in &t.shards {
+            assert_eq!(
+                shard.replicas.get(&shard.primary).and_then(|s| serde_json::to_value(s).ok()),
+                Some(json!("ready")),
+                "{} keeps a ready primary (epoch {}): {shard:?}",
+                shard.id,
+                t.epoch
+            );
+        }
+        if t.servers.contains_key("Server2") {
+            assert!(sts, "Server2's StatefulSet stays while it is in the topology (epoch {})", t.epoch);
+        } else if !sts {
+            break;
+        }
+        observed += 1;
+        assert!(removed.elapsed() < WAIT, "Server2 drained and removed: {t:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!("rm: Server2 drained and its StatefulSet deleted after {:?} ({observed} looks)", removed.elapsed());
+    let t = h.topology().unwrap();
+    assert!(!t.servers.contains_key("Server2"));
+    let sh2 = t.shard("sh2").unwrap();
+    assert_ne!(sh2.primary, "Server2");
+    assert_eq!(sh2.replicas.keys().collect::<Vec<_>>(), ["Server0", "Server1"]);
+    let rows = h.assert_ready_copies_equal().await;
+    assert_eq!(rows, BTreeMap::from([("sh1".to_owned(), 40), ("sh2".to_owned(), 30)]), "no write lost");
+    let drained = |h: &Harness| h.events("ServerDrained").iter().any(|n| n.contains("Server2 holds nothing"));
+    assert!(h.api.wait_for(WAIT, |_| drained(&h)).await, "{:?}", h.events("ServerDrained"));
+    h.mark_workloads_ready();
+    assert!(
+        h.api.wait_for(WAIT, |_| h.condition("Ready") == Some(("True".into(), "AllReady".into()))).await,
+        "ready with two servers: {}",
         h.status()
     );
 }

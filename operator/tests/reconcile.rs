@@ -151,40 +151,70 @@ async fn first_reconcile_creates_every_child_then_reports_ready_and_a_second_wri
     assert_eq!(topology_epoch(s), Some(1), "epoch unchanged");
 }
 
+/// Waits until the reconcile has seen the current generation of the resource.
+async fn wait_observed(s: &FakeApiServer) {
+    let seen = |s: &FakeApiServer| {
+        s.get("shardeddatabases", NS, "students").is_some_and(|d| {
+            d["metadata"]["generation"].is_number() && d["status"]["observedGeneration"] == d["metadata"]["generation"]
+        })
+    };
+    assert!(s.wait_for(WAIT, seen).await, "the reconcile saw the change");
+}
+
+/// A server added to the spec gets its StatefulSet at once; one removed keeps it until the
+/// healer has drained it out of the topology. The reconcile itself never moves a copy: with no
+/// healer here the document stays as published, and the status says the placement is changing.
 #[tokio::test]
-async fn scaling_servers_up_and_down_and_adding_a_shard_bump_the_epoch() {
+async fn servers_start_at_once_and_stop_only_once_drained_from_the_topology() {
     let h = start().await;
     let s = &h.server;
-    create(&h, students(2)).await;
+    create(&h, students(3)).await;
     assert!(s.wait_for(WAIT, |s| topology_epoch(s) == Some(1)).await);
+    assert!(s.wait_for(WAIT, |s| names(s, "statefulsets").len() == 3).await);
+    mark_all_ready(s);
+    assert!(s.wait_for(WAIT, |s| condition(s, "Ready") == Some(("True".into(), "AllReady".into()))).await);
 
     patch_spec(&h, json!({ "servers": 4 })).await;
     assert!(s.wait_for(WAIT, |s| names(s, "statefulsets").len() == 4).await, "scaled up");
-    assert!(s.wait_for(WAIT, |s| topology_epoch(s) == Some(2)).await);
+    mark_all_ready(s);
+    assert!(
+        s.wait_for(WAIT, |s| condition(s, "Ready") == Some(("False".into(), "PlacementChanging".into()))).await,
+        "{:?}",
+        condition(s, "Ready")
+    );
+    assert_eq!(topology_epoch(s), Some(1), "holders change only through the healer's moves");
 
-    patch_spec(&h, json!({ "servers": 3 })).await;
+    // Down to 2: Server3 never entered the document and goes at once; Server2 is still listed
+    // (it holds copies) and stays until drained.
+    patch_spec(&h, json!({ "servers": 2 })).await;
+    wait_observed(s).await;
     assert!(
         s.wait_for(WAIT, |s| names(s, "statefulsets") == ["students-server0", "students-server1", "students-server2"])
             .await,
-        "scaled down: {:?}",
+        "{:?}",
         names(s, "statefulsets")
     );
-    assert!(s.wait_for(WAIT, |s| topology_epoch(s) == Some(3)).await);
+    assert_eq!(topology_epoch(s), Some(1));
 
-    let mut shards = students(3)["spec"]["shards"].clone();
-    shards.as_array_mut().unwrap().push(json!({ "id": "sh3", "low": 8192, "size": 4096 }));
-    patch_spec(&h, json!({ "shards": shards })).await;
-    assert!(s.wait_for(WAIT, |s| topology_epoch(s) == Some(4)).await);
-    let cm = s.get("configmaps", NS, "students-topology").unwrap();
-    let doc: Value = serde_json::from_str(cm["data"]["topology.json"].as_str().unwrap()).unwrap();
-    assert_eq!(doc["shards"].as_array().unwrap().len(), 3);
+    // As the healer would once every copy moved: Server2 leaves the document.
+    let mut cm = s.get("configmaps", NS, "students-topology").unwrap();
+    let mut doc: Value = serde_json::from_str(cm["data"]["topology.json"].as_str().unwrap()).unwrap();
+    doc["epoch"] = json!(5);
+    doc["servers"].as_object_mut().unwrap().remove("Server2");
+    for shard in doc["shards"].as_array_mut().unwrap() {
+        shard["replicas"] = json!({ "Server0": "ready", "Server1": "ready" });
+        if shard["primary"] == "Server2" {
+            shard["primary"] = json!("Server0");
+        }
+    }
+    cm["data"]["topology.json"] = json!(doc.to_string());
+    s.upsert(cm).unwrap();
     assert!(
-        s.wait_for(WAIT, |s| {
-            s.get("shardeddatabases", NS, "students")
-                .is_some_and(|d| d["status"]["shards"].as_array().is_some_and(|a| a.len() == 3))
-        })
-        .await
+        s.wait_for(WAIT, |s| names(s, "statefulsets") == ["students-server0", "students-server1"]).await,
+        "drained, then removed: {:?}",
+        names(s, "statefulsets")
     );
+    assert_eq!(topology_epoch(s), Some(5), "the reconcile left the healer's document alone");
 }
 
 #[tokio::test]
@@ -229,9 +259,10 @@ async fn a_deleted_child_is_recreated() {
 }
 
 /// What a healer wrote into the topology is the operator's record of the data: a spec change
-/// must carry it forward, and a write from a stale read must be refused, not applied over it.
+/// leaves it alone (the healer carries the change out), and a write from a stale read must be
+/// refused, not applied over it.
 #[tokio::test]
-async fn a_spec_change_keeps_what_the_healer_published_and_stale_writes_are_refused() {
+async fn a_spec_change_leaves_the_healers_document_alone_and_stale_writes_are_refused() {
     let h = start().await;
     let s = &h.server;
     create(&h, students(3)).await;
@@ -251,12 +282,10 @@ async fn a_spec_change_keeps_what_the_healer_published_and_stale_writes_are_refu
     let mut shards = students(3)["spec"]["shards"].clone();
     shards.as_array_mut().unwrap().push(json!({ "id": "sh3", "low": 8192, "size": 4096 }));
     patch_spec(&h, json!({ "shards": shards })).await;
-    assert!(s.wait_for(WAIT, |s| topology_epoch(s) == Some(8)).await, "epoch {:?}", topology_epoch(s));
+    wait_observed(s).await;
     let cm = s.get("configmaps", NS, "students-topology").unwrap();
     let after: Value = serde_json::from_str(cm["data"]["topology.json"].as_str().unwrap()).unwrap();
-    assert_eq!(after["shards"].as_array().unwrap().len(), 3, "the new shard is published");
-    assert_eq!(after["shards"][0], doc["shards"][0], "the failover and the recorded copy are kept");
-
+    assert_eq!(after, doc, "the failover and the recorded copy are kept; sh3 waits for the healer");
     // A write computed from an older read fails with a conflict and changes nothing.
     let db: ShardedDatabase = Api::namespaced(s.client(), NS).get("students").await.unwrap();
     let owner = operator::k8s::build::Owner::of(&db).unwrap();
@@ -268,7 +297,7 @@ async fn a_spec_change_keeps_what_the_healer_published_and_stale_writes_are_refu
     s.upsert(newer).unwrap();
     let refused = operator::k8s::topology::write(&s.client(), &owner, &stale, Some(&read.resource_version)).await;
     assert!(matches!(refused, Err(operator::k8s::topology::WriteError::Conflict(_))), "{refused:?}");
-    assert_eq!(topology_epoch(s), Some(8));
+    assert_eq!(topology_epoch(s), Some(7));
     let created = operator::k8s::topology::write(&s.client(), &owner, &stale, None).await;
     assert!(matches!(created, Err(operator::k8s::topology::WriteError::Conflict(_))), "it exists: {created:?}");
 }

@@ -9,9 +9,9 @@
 //!   starts its router with `--control-url` pointing at it.
 //! - [`ControlPlane::None`]: no control plane; the verbs answer 501 saying so.
 //!
-//! The Kubernetes body has no admin endpoint yet; there the same verbs would change the
-//! `ShardedDatabase` resource (through `operator::brain::declare`), either by an operator endpoint
-//! behind `--control-url` or by a variant here that patches the resource.
+//! In Kubernetes the operator serves the same verbs per database under
+//! `/databases/{namespace}/{name}` and builds each router with `--control-url` pointing there;
+//! they change the `ShardedDatabase` resource (`operator::k8s::admin`).
 
 use crate::error::RouterError;
 use axum::http::StatusCode;

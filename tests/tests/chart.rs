@@ -93,6 +93,7 @@ fn renders_every_expected_kind_and_the_service_monitor_only_when_enabled() {
             "Role",
             "RoleBinding",
             "Service",
+            "Service",
             "ServiceAccount"
         ]
     );
@@ -101,8 +102,20 @@ fn renders_every_expected_kind_and_the_service_monitor_only_when_enabled() {
             assert_eq!(doc["metadata"]["namespace"], NAMESPACE, "{}", doc["metadata"]["name"]);
         }
     }
-    let metrics = one(&docs, "Service");
+    let service = |name: &str| {
+        docs.iter()
+            .find(|d| d["kind"] == "Service" && d["metadata"]["name"] == name)
+            .unwrap_or_else(|| panic!("no Service {name}"))
+    };
+    let metrics = service("sharddb-operator-metrics");
     assert_eq!(metrics["spec"]["ports"][0]["targetPort"], "metrics");
+    let admin = service("sharddb-operator-admin");
+    assert_eq!(admin["spec"]["type"], "ClusterIP", "the admin endpoint is never exposed outside the cluster");
+    assert_eq!(admin["spec"]["ports"][0]["targetPort"], "admin");
+    let c = operator_container(&docs);
+    assert_eq!(env(c, "SHARDDB_ADMIN_ADDR"), "0.0.0.0:8081");
+    assert_eq!(env(c, "SHARDDB_ADMIN_URL"), "http://sharddb-operator-admin.sharddb-system.svc:8081");
+    assert!(c["ports"].as_array().unwrap().iter().any(|p| p["name"] == "admin" && p["containerPort"] == 8081));
 
     let Some(docs) = render(&["serviceMonitor.enabled=true"]) else { return };
     let monitor = one(&docs, "ServiceMonitor");
@@ -218,6 +231,8 @@ fn the_cluster_role_covers_every_kind_the_operator_owns() {
     for verb in ["get", "list", "watch", "patch"] {
         assert!(allows("sharddb.io", "shardeddatabases", verb), "{verb} shardeddatabases");
     }
+    // The admin endpoint replaces the spec at the resourceVersion it read.
+    assert!(allows("sharddb.io", "shardeddatabases", "update"));
     assert!(allows("sharddb.io", "shardeddatabases/status", "patch"));
     // The topology ConfigMap is written with a resourceVersion precondition (a replace), so the
     // reconcile and the healer never undo each other's writes.

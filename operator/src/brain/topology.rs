@@ -57,25 +57,6 @@ pub fn fresh_topology(
     })
 }
 
-/// The document for a restart over existing data: `fresh`, but each shard whose range and set of
-/// holders are unchanged keeps what `previous` knew about it (its primary, the state and recorded
-/// identity of each copy). A heal or failover in progress then resumes, and a copy that lost its
-/// data while the operator was down is still recognised, instead of every copy being declared
-/// ready again.
-pub fn carry_over(mut fresh: Topology, previous: &Topology) -> Topology {
-    for shard in &mut fresh.shards {
-        if let Some(old) = previous.shard(&shard.id)
-            && (old.low, old.size) == (shard.low, shard.size)
-            && old.replicas.keys().eq(shard.replicas.keys())
-        {
-            shard.primary = old.primary.clone();
-            shard.replicas = old.replicas.clone();
-            shard.copies = old.copies.clone();
-        }
-    }
-    fresh
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -120,26 +101,6 @@ mod tests {
         assert_eq!(t.shards.iter().map(|s| s.low).collect::<Vec<_>>(), [-100, 4096, 8192, 12288]);
         assert_eq!(t.shard_for_key(-51).unwrap().id, "sh1");
         assert!(t.shard_for_key(-50).is_none(), "gap between shards");
-    }
-
-    #[test]
-    fn a_restart_keeps_what_the_previous_document_knew() {
-        let db = validate(&students()).unwrap();
-        let p = place(&db);
-        let mut previous = fresh_topology(&db, &p, &urls(&p), 4).unwrap();
-        let sh2 = &mut previous.shards[1];
-        sh2.replicas.insert("Server3".into(), ReplicaState::Recovering);
-        sh2.primary = "Server4".into();
-        sh2.copies.insert("Server4".into(), "c4".into());
-        previous.shards[2].low += 1; // a changed range starts afresh
-        previous.shards[2].replicas.insert(p.servers[0].clone(), ReplicaState::Recovering);
-        let fresh = fresh_topology(&db, &p, &urls(&p), 5).unwrap();
-        let next = carry_over(fresh.clone(), &previous);
-        next.validate().unwrap();
-        assert_eq!(next.epoch, 5);
-        assert_eq!(next.shards[1], previous.shards[1]);
-        assert_eq!(next.shards[0], fresh.shards[0]);
-        assert_eq!(next.shards[2], fresh.shards[2]);
     }
 
     #[test]

@@ -2,17 +2,25 @@
 //! Each reconcile runs validate → build → apply → observe → status. Beside it runs the healer
 //! ([`super::heal`]), which keeps the topology in step with the servers. Does I/O.
 //!
-//! The topology ConfigMap is shared with the healer: the reconcile creates it when missing and
-//! otherwise only carries forward what the spec changed (shards added, servers added or removed),
-//! keeping the primary and copy states the healer recorded; both write it only at the
-//! resourceVersion they read, so neither undoes the other.
+//! The topology ConfigMap is shared with the healer: the reconcile only creates it when missing;
+//! every later change (failovers, heals, and the placement moves that carry out a spec change) is
+//! the healer's, written at the resourceVersion it read.
+//!
+//! Servers follow the document, not only the spec: a server runs (its StatefulSet is applied)
+//! while the spec wants it *or* the published topology still lists it. A server removed from the
+//! spec is therefore kept until the healer has drained it (moved its copies to the servers that
+//! replace it) and dropped it from the document; the ConfigMap watch then reconciles, and only
+//! then is its StatefulSet deleted. A server added to the spec gets its StatefulSet at once, and
+//! the healer fills it from ready copies. Each server has its own StatefulSet of one pod, so any
+//! server can leave, not only the highest ordinal.
 //!
 //! Errors are classified once, here: an invalid spec is the user's to fix, so it becomes a
 //! `Ready=False, reason=InvalidSpec` condition and an Event, and the controller waits for the next
 //! change; everything else is transient and retried with exponential backoff and jitter.
 
+use super::admin::database_path;
 use super::apply::{self, ApplyError};
-use super::build::configmap::desired_topology;
+use super::build::configmap::first_topology;
 use super::build::secret::{generate_password, postgres_secret, stored_password};
 use super::build::{Owner, names, pdb, rbac, router, service, statefulset};
 use super::heal::{self, HealSettings};
@@ -116,6 +124,11 @@ pub struct Config {
     /// The healer's settings; `None` runs the reconcile alone (nothing probes the servers, and
     /// the topology changes only with the spec).
     pub healing: Option<HealSettings>,
+    /// The base URL of this operator's admin endpoint as routers reach it (its Service), e.g.
+    /// `http://sharddb-operator.sharddb-system.svc:8081`. Routers are built with
+    /// `--control-url <this>/databases/<namespace>/<name>`; `None` leaves them without a control
+    /// plane (the admin verbs answer 501).
+    pub admin_url: Option<String>,
 }
 
 impl Default for Config {
@@ -124,6 +137,7 @@ impl Default for Config {
             default_images: Images::default(),
             server_urls: Arc::new(HeadlessService),
             healing: Some(HealSettings::default()),
+            admin_url: None,
         }
     }
 }
@@ -250,9 +264,12 @@ async fn reconcile_inner(db: &ShardedDatabase, ctx: &Context) -> Result<Action, 
         .and_then(stored_password)
         .unwrap_or_else(generate_password);
     let published = topology::read(client, &owner).await?;
-    let current = published.as_ref().and_then(|p| p.topology.as_ref());
+    let current = published.as_ref().and_then(|p| p.topology.clone());
     let url = |server: &str| ctx.config.server_urls.url(&owner.name, ns, server);
-    let topology = desired_topology(&valid, &placement, url, current)?;
+    let (topology, first) = match current {
+        Some(t) => (t, false),
+        None => (first_topology(&valid, &placement, url)?, true),
+    };
 
     // Identity and access first, then what pods mount, then the pods.
     apply::apply(client, ns, &rbac::server_service_account(&owner)).await?;
@@ -261,33 +278,41 @@ async fn reconcile_inner(db: &ShardedDatabase, ctx: &Context) -> Result<Action, 
     apply::apply(client, ns, &rbac::topology_reader_binding(&owner)).await?;
     apply::apply(client, ns, &postgres_secret(&owner, &password)).await?;
     apply::apply(client, ns, &service::headless_service(&owner)).await?;
-    if current != Some(&topology) {
-        // Only at the version read: a heal published meanwhile makes this fail, and the retry
-        // carries it forward.
+    if first {
+        // Only at the version read (or as a create): a healer's write meanwhile makes this fail,
+        // and the retry starts from the document it wrote.
         let read_at = published.as_ref().map(|p| p.resource_version.as_str());
         topology::write(client, &owner, &topology, read_at).await?;
         tracing::info!(epoch = topology.epoch, "topology published");
     }
-    let mut server_sets = Vec::with_capacity(placement.servers.len());
-    for server in &placement.servers {
+    // Wanted by the spec, or still in the document (being drained).
+    let mut running: BTreeSet<String> = placement.servers.iter().cloned().collect();
+    running.extend(topology.servers.keys().cloned());
+    let mut server_sets = Vec::with_capacity(running.len());
+    for server in &running {
         let sts = apply::apply(client, ns, &statefulset::server_statefulset(&valid, &owner, server)).await?;
         server_sets.push((server.clone(), sts));
     }
-    let routers = apply::apply(client, ns, &router::router_deployment(&valid, &owner)).await?;
+    let control_url = ctx
+        .config
+        .admin_url
+        .as_ref()
+        .map(|base| format!("{}{}", base.trim_end_matches('/'), database_path(ns, &owner.name)));
+    let routers = apply::apply(client, ns, &router::router_deployment(&valid, &owner, control_url.as_deref())).await?;
     apply::apply(client, ns, &service::router_service(&owner)).await?;
     apply::apply(client, ns, &pdb::server_pdb(&owner)).await?;
     apply::apply(client, ns, &pdb::router_pdb(&owner)).await?;
 
-    // Servers no longer in the placement. Their pods go with them; their volumes stay (a
-    // StatefulSet's claims are not garbage-collected), so re-adding a server finds its data.
-    let wanted: BTreeSet<String> =
-        placement.servers.iter().map(|s| names::server_statefulset(&owner.name, s)).collect();
+    // Servers neither wanted nor in the document: drained. Their pods go with them; their
+    // volumes stay (a StatefulSet's claims are not garbage-collected), so re-adding a server
+    // finds its data (which the healer does not trust: a re-added holder is filled again).
+    let wanted: BTreeSet<String> = running.iter().map(|s| names::server_statefulset(&owner.name, s)).collect();
     let selector = names::selector_string(&names::servers_selector(&owner.name));
     for sts in apply::list::<StatefulSet>(client, ns, &selector).await? {
         let name = sts.name_any();
         let ours = sts.owner_references().iter().any(|r| r.uid == owner.reference.uid);
         if ours && !wanted.contains(&name) {
-            tracing::info!(statefulset = %name, "removing a server no longer in the spec");
+            tracing::info!(statefulset = %name, "removing a drained server");
             apply::delete::<StatefulSet>(client, ns, &name).await?;
             publish(ctx, db, EventType::Normal, "ServerRemoved", "Scale", format!("removed {name}")).await;
         }

@@ -24,6 +24,15 @@
 //!   passes `demote_after`, and recovered (from a still empty primary, in a moment) when it
 //!   answers: the brain treats a silent replica alike whatever the reason, and waiting for it
 //!   would fail writes meanwhile.
+//! - **Spec changes are placement moves** (`brain::moves`), planned against the placement of the
+//!   validated spec in rounds where the heal plan changes nothing (as the local healer does): one
+//!   kind of change per round, so a move never races a failover. A new holder joins `recovering`
+//!   and the heal plan fills it; a copy leaves only once the shard's wanted holders are ready; a
+//!   server leaves the document once it holds nothing, and the reconcile then deletes its
+//!   StatefulSet. A desired server outside the document is probed too, and joins it only once it
+//!   answers (its pod is up: the headless Service publishes not-ready addresses), so copies are
+//!   not given to a pod still pulling its image, and recovers do not fail meanwhile. An invalid
+//!   spec moves nothing.
 //! - Databases are handled one after the other in a round; the probes of one database run
 //!   concurrently and time out after a second, so a round takes about a second per database whose
 //!   servers hang, and a few milliseconds otherwise.
@@ -31,8 +40,11 @@
 use super::build::Owner;
 use super::controller::{Context, publish};
 use super::topology::{self, Published, WriteError};
+use crate::brain::moves::{self, Move};
 use crate::brain::observe::{Health, Observations};
+use crate::brain::placement::{Placement, place};
 use crate::brain::plan::{self, Action, Settings};
+use crate::brain::validate::{ValidatedDb, validate_with_defaults};
 use crate::crd::ShardedDatabase;
 use crate::exec::{self, PROBE_TIMEOUT, RECOVER_TIMEOUT, RecoveredCopy};
 use futures::channel::mpsc::UnboundedSender;
@@ -153,9 +165,15 @@ impl Healer {
         };
         let Some(topology) = published.topology else { return };
         let key = ObjectRef::from_obj(db.as_ref());
-        let servers: Vec<(String, String)> = topology
-            .servers
-            .keys()
+        // The declared placement, for the moves; `None` while the spec is invalid.
+        let desired = validate_with_defaults(&db.spec, &self.ctx.config.default_images).ok().map(|valid| {
+            let placement = place(&valid);
+            (valid, placement)
+        });
+        let mut probed: BTreeSet<&String> = topology.servers.keys().collect();
+        probed.extend(desired.iter().flat_map(|(_, p)| &p.servers));
+        let servers: Vec<(String, String)> = probed
+            .into_iter()
             .map(|s| (s.clone(), self.ctx.config.server_urls.url(&owner.name, &owner.namespace, s)))
             .collect();
         let probes = exec::probe_servers(&self.probe_http, servers).await;
@@ -180,18 +198,55 @@ impl Healer {
                         self.announce(&db, action, next.epoch).await;
                     }
                 }
-                Err(WriteError::Conflict(_)) => {
-                    tracing::debug!(db = %owner.name, "topology changed meanwhile; planning again next round");
-                    return;
+                Err(e) => return self.not_written(&owner, e),
+            }
+        } else if let Some((next, steps)) =
+            desired.and_then(|(valid, placement)| self.moves(&owner, &topology, &valid, &placement, &key))
+        {
+            match topology::write(&self.ctx.client, &owner, &next, Some(&published.resource_version)).await {
+                Ok(_) => {
+                    for step in &steps {
+                        self.announce_move(&db, step, next.epoch).await;
+                    }
                 }
-                Err(WriteError::Api(e)) => {
-                    tracing::warn!(db = %owner.name, error = %e, "cannot write the topology");
-                    return;
-                }
+                Err(e) => return self.not_written(&owner, e),
             }
         }
         for action in recovers {
             self.start_recover(&db, &owner, action);
+        }
+    }
+
+    /// The placement moves due now toward `placement` (of `valid`), and the document they lead
+    /// to; `None` when there is nothing to do. Only servers in the document or answering probes
+    /// have a URL, so only those can join.
+    fn moves(
+        &self,
+        owner: &Owner,
+        topology: &Topology,
+        valid: &ValidatedDb,
+        placement: &Placement,
+        key: &ObjectRef<ShardedDatabase>,
+    ) -> Option<(Topology, Vec<Move>)> {
+        let seen = &self.dbs.get(key)?.seen;
+        let urls = placement
+            .servers
+            .iter()
+            .filter(|s| topology.servers.contains_key(*s) || matches!(seen.health(s), Health::Up { .. }))
+            .map(|s| (s.clone(), self.ctx.config.server_urls.url(&owner.name, &owner.namespace, s)))
+            .collect();
+        let steps = moves::plan_moves(topology, valid, placement, &urls, seen);
+        let next = moves::apply(topology, &steps)?;
+        Some((next, steps))
+    }
+
+    /// Logs a write that did not happen; the next round plans again from a fresh read.
+    fn not_written(&self, owner: &Owner, error: WriteError) {
+        match error {
+            WriteError::Conflict(_) => {
+                tracing::debug!(db = %owner.name, "topology changed meanwhile; planning again next round");
+            }
+            WriteError::Api(e) => tracing::warn!(db = %owner.name, error = %e, "cannot write the topology"),
         }
     }
 
@@ -278,6 +333,31 @@ impl Healer {
             }
         }
         tracing::warn!(db = %owner.name, shard = %done.shard, server = %done.server, "the topology kept changing; the recover is redone");
+    }
+
+    /// An Event (and a log line) for each placement move published.
+    async fn announce_move(&self, db: &ShardedDatabase, step: &Move, epoch: u64) {
+        let (reason, note) = match step {
+            Move::AddServer { server, .. } => ("ServerAdded", format!("{server} joins the topology (epoch {epoch})")),
+            Move::AddShard { shard, primary, .. } => {
+                ("ShardAdded", format!("{shard} is added, primary {primary} (epoch {epoch})"))
+            }
+            Move::AddReplica { shard, server } => {
+                ("ReplicaAdded", format!("{shard} gets a copy on {server}, recovering (epoch {epoch})"))
+            }
+            Move::HandOver { shard, from, to } => (
+                "HandedOver",
+                format!("{to} is the primary of {shard}, taking over from leaving {from} (epoch {epoch})"),
+            ),
+            Move::RemoveReplica { shard, server } => {
+                ("ReplicaRemoved", format!("{shard} no longer has a copy on {server} (epoch {epoch})"))
+            }
+            Move::RemoveServer { server } => {
+                ("ServerDrained", format!("{server} holds nothing and leaves the topology (epoch {epoch})"))
+            }
+        };
+        tracing::info!(db = %db.metadata.name.as_deref().unwrap_or_default(), reason, "{note}");
+        publish(&self.ctx, db, EventType::Normal, reason, "Move", note).await;
     }
 
     /// An Event (and a log line) for each transition the healer published.

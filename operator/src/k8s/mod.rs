@@ -1,6 +1,7 @@
 //! The Kubernetes body: pure builders of the child objects, server-side apply, status, and the
 //! controller that drives them.
 
+pub mod admin;
 pub mod apply;
 pub mod build;
 pub mod controller;

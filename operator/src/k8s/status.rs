@@ -65,7 +65,8 @@ pub fn healthy_or_converging(
     let unreachable: Vec<&str> =
         placement.servers.iter().filter(|s| observed.unreachable.contains(*s)).map(String::as_str).collect();
     let servers_ready = ready_servers == total && observed.ready_routers > 0;
-    let all_ready = servers_ready && recovering.is_empty();
+    let settled = settled(placement, &observed.topology);
+    let all_ready = servers_ready && recovering.is_empty() && settled;
     let was_ready = previous.is_some_and(|p| {
         condition_is(p, READY, ConditionStatus::True) || condition_is(p, DEGRADED, ConditionStatus::True)
     });
@@ -76,6 +77,9 @@ pub fn healthy_or_converging(
     if !recovering.is_empty() {
         summary.push_str(&format!("; recovering: {}", recovering.join(", ")));
     }
+    if !settled {
+        summary.push_str("; moving copies to the declared placement");
+    }
     let conditions = if all_ready {
         vec![
             (READY, ConditionStatus::True, "AllReady", summary.clone()),
@@ -83,9 +87,15 @@ pub fn healthy_or_converging(
             (DEGRADED, ConditionStatus::False, "AllReady", summary),
         ]
     } else {
-        let ready_reason = if servers_ready { "CopiesRecovering" } else { "ServersNotReady" };
+        let ready_reason = match (servers_ready, recovering.is_empty()) {
+            (false, _) => "ServersNotReady",
+            (true, false) => "CopiesRecovering",
+            (true, true) => "PlacementChanging",
+        };
         let (progress_reason, degraded) = if !recovering.is_empty() {
             ("Healing", (DEGRADED, ConditionStatus::True, "CopiesRecovering", summary.clone()))
+        } else if servers_ready {
+            ("Moving", (DEGRADED, ConditionStatus::False, "Moving", summary.clone()))
         } else if was_ready {
             ("RollingOut", (DEGRADED, ConditionStatus::True, "ServersUnavailable", summary.clone()))
         } else {
@@ -104,6 +114,18 @@ pub fn healthy_or_converging(
         shards,
         topology_epoch: Some(observed.topology.epoch),
     }
+}
+
+/// Whether the document holds exactly the declared placement: the same servers, and each shard
+/// on the same holders. Until then the healer is moving copies (a spec change in progress).
+fn settled(placement: &Placement, topology: &Topology) -> bool {
+    let servers: BTreeSet<&str> = placement.servers.iter().map(String::as_str).collect();
+    servers.iter().copied().eq(topology.servers.keys().map(String::as_str))
+        && topology.shards.len() == placement.shards.len()
+        && placement.shards.iter().all(|want| {
+            let holders: BTreeSet<&str> = want.replicas.iter().map(String::as_str).collect();
+            topology.shard(&want.id).is_some_and(|s| holders.iter().copied().eq(s.replicas.keys().map(String::as_str)))
+        })
 }
 
 /// The status of a database whose spec is invalid: `Ready=False, reason=InvalidSpec`; what was
@@ -166,11 +188,11 @@ mod tests {
     use super::*;
     use crate::brain::placement::place;
     use crate::k8s::build::names;
-    use crate::k8s::build::{configmap::desired_topology, testing::db};
+    use crate::k8s::build::{configmap::first_topology, testing::db};
 
     fn topology() -> Topology {
         let db = db();
-        let mut t = desired_topology(&db, &place(&db), |s| names::server_url("students", "prod", s), None).unwrap();
+        let mut t = first_topology(&db, &place(&db), |s| names::server_url("students", "prod", s)).unwrap();
         t.epoch = 4;
         t
     }
@@ -222,6 +244,26 @@ mod tests {
         assert_eq!(condition(&lost, READY).unwrap().last_transition_time, "t2");
         assert_eq!(condition(&lost, DEGRADED).unwrap().last_transition_time, "t2");
         assert_eq!(lost.ready_servers, 5);
+    }
+
+    #[test]
+    fn a_topology_that_differs_from_the_spec_is_a_placement_change_not_ready() {
+        let db = db();
+        let p = place(&db);
+        let all: Vec<&str> = p.servers.iter().map(String::as_str).collect();
+        // The spec lost its last server; the topology still lists it (being drained).
+        let mut fewer = p.clone();
+        let leaving = fewer.servers.pop().unwrap();
+        for shard in &mut fewer.shards {
+            shard.replicas.retain(|r| *r != leaving);
+        }
+        let s = healthy_or_converging(Some(2), &fewer, &observed(&all, 2), None, "t0");
+        assert_eq!(status_of(&s, READY), (ConditionStatus::False, "PlacementChanging".into()));
+        assert_eq!(status_of(&s, PROGRESSING), (ConditionStatus::True, "Moving".into()));
+        assert_eq!(status_of(&s, DEGRADED).0, ConditionStatus::False, "a move degrades nothing");
+        assert!(condition(&s, READY).unwrap().message.contains("moving copies"));
+        let settled = healthy_or_converging(Some(2), &p, &observed(&all, 2), None, "t0");
+        assert_eq!(status_of(&settled, READY).0, ConditionStatus::True);
     }
 
     #[test]

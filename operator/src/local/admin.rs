@@ -6,17 +6,17 @@
 
 use super::declared::{Declared, save_declared};
 use super::{DECLARED_FILE, LocalCluster, LocalError};
+pub use crate::admin::AdminRequest;
+use crate::admin::{Reply, leaving, refused};
 use crate::brain::declare::{self, AdminError};
-use crate::crd::ShardedDatabaseSpec;
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, post};
-use serde_json::{Value, json};
+use serde_json::Value;
 use shard_server::admin::{AddRequest, InitRequest, RmRequest};
 use shard_server::api::{ErrorBody, ErrorCode};
-use std::collections::BTreeSet;
 use tokio::sync::{mpsc, oneshot};
 
 /// One admin request and where its answer goes.
@@ -24,13 +24,6 @@ use tokio::sync::{mpsc, oneshot};
 pub struct AdminCall {
     pub request: AdminRequest,
     pub reply: oneshot::Sender<(StatusCode, Value)>,
-}
-
-#[derive(Debug)]
-pub enum AdminRequest {
-    Init(InitRequest),
-    Add(AddRequest),
-    Rm(RmRequest),
 }
 
 /// Serves the endpoint on `listener` until the loop's receiver is gone.
@@ -86,23 +79,21 @@ impl LocalCluster {
         let outcome = match request {
             AdminRequest::Init(req) => declare::init(current, &req).map(|spec| (spec, Reply::Init)),
             AdminRequest::Add(req) => {
-                let leaving: BTreeSet<String> = self
-                    .read_topology()
-                    .map(|t| {
-                        t.servers.into_keys().filter(|n| !current.is_some_and(|c| declared_server(c, n))).collect()
-                    })
-                    .unwrap_or_default();
+                let leaving = match (self.read_topology(), current) {
+                    (Some(t), Some(c)) => leaving(c, t.servers.keys()),
+                    _ => Default::default(),
+                };
                 declare::add(current, &leaving, &req).map(|(spec, added)| (spec, Reply::Add(added)))
             }
             AdminRequest::Rm(req) => declare::rm(current, &req).map(|(spec, removed)| (spec, Reply::Rm(removed))),
         };
         let (spec, reply) = match outcome {
             Ok(ok) => ok,
-            Err(e) => return refused(e),
+            Err(e) => return refused(&e),
         };
         let declared = match Declared::new(spec) {
             Ok(d) => d,
-            Err(e) => return refused(AdminError::Invalid(e.to_string())),
+            Err(e) => return refused(&AdminError::Invalid(e.to_string())),
         };
         if let Err(e) = save_declared(&self.dir, &declared.spec) {
             return internal(&e);
@@ -116,7 +107,7 @@ impl LocalCluster {
                     if let Err(e) = self.write_cluster_file() {
                         tracing::error!(error = %e, "cannot update cluster.json");
                     }
-                    (StatusCode::OK, json!({"message": "Configured Database", "status": "success"}))
+                    Reply::Init.answer(servers)
                 }
                 Err(e) => {
                     // Undo it all, so that /init can be retried: nothing half-configured stays.
@@ -131,46 +122,13 @@ impl LocalCluster {
                     answer
                 }
             },
-            Reply::Add(added) => {
-                let names: Vec<String> = added.iter().map(|n| shard_server::admin::seed_display(n)).collect();
-                let message = format!("Add {}", names.join(" and "));
-                (StatusCode::OK, json!({"N": servers, "message": message, "status": "successful"}))
-            }
-            Reply::Rm(removed) => {
-                (StatusCode::OK, json!({"message": {"N": servers, "servers": removed}, "status": "successful"}))
-            }
+            reply => reply.answer(servers),
         }
     }
-}
-
-/// What a successful admin request answers with.
-#[derive(Debug)]
-enum Reply {
-    Init,
-    Add(Vec<String>),
-    Rm(Vec<String>),
-}
-
-fn declared_server(spec: &ShardedDatabaseSpec, name: &str) -> bool {
-    match &spec.placement {
-        Some(p) => p.contains_key(name),
-        None => (0..spec.servers).any(|i| crate::brain::placement::server_name(i as usize) == name),
-    }
-}
-
-/// The answer to a refused admin request: 409 when it conflicts with the state, else 400.
-fn refused(e: AdminError) -> (StatusCode, Value) {
-    let (status, code) = if e.is_conflict() {
-        (StatusCode::CONFLICT, ErrorCode::Conflict)
-    } else {
-        (StatusCode::BAD_REQUEST, ErrorCode::BadRequest)
-    };
-    (status, serde_json::to_value(ErrorBody::new(code, &e)).expect("an error body serialises"))
 }
 
 /// The answer to an admin request we failed to carry out; the detail goes to the log.
 fn internal(e: &LocalError) -> (StatusCode, Value) {
     tracing::error!(error = %e, "admin request failed");
-    let body = ErrorBody::new(ErrorCode::Internal, "internal error; the details are in the operator's log");
-    (StatusCode::INTERNAL_SERVER_ERROR, serde_json::to_value(body).expect("an error body serialises"))
+    crate::admin::internal()
 }

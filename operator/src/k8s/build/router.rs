@@ -8,20 +8,26 @@ use k8s_openapi::api::core::v1::{Container, PodSecurityContext, PodSpec, PodTemp
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use std::collections::BTreeMap;
 
-pub fn router_deployment(db: &ValidatedDb, owner: &Owner) -> Deployment {
+/// `control_url` is where the router forwards the admin verbs (the operator's admin endpoint for
+/// this database); without one they answer 501.
+pub fn router_deployment(db: &ValidatedDb, owner: &Owner, control_url: Option<&str>) -> Deployment {
     let selector = names::router_selector(&owner.name);
     let mut pod_labels = names::common_labels(&owner.name);
     pod_labels.extend(selector.clone());
     let component = BTreeMap::from([(names::LABEL_COMPONENT.to_owned(), names::COMPONENT_ROUTER.to_owned())]);
+    let mut args = vec![
+        "--listen".into(),
+        format!("0.0.0.0:{}", names::HTTP_PORT),
+        "--topology-configmap".into(),
+        format!("{}/{}", owner.namespace, names::topology_configmap(&owner.name)),
+    ];
+    if let Some(url) = control_url {
+        args.extend(["--control-url".into(), url.to_owned()]);
+    }
     let container = Container {
         name: "router".into(),
         image: Some(db.images.router.clone()),
-        args: Some(vec![
-            "--listen".into(),
-            format!("0.0.0.0:{}", names::HTTP_PORT),
-            "--topology-configmap".into(),
-            format!("{}/{}", owner.namespace, names::topology_configmap(&owner.name)),
-        ]),
+        args: Some(args),
         ports: http_port(),
         readiness_probe: Some(http_probe("/readyz", 5, 3)),
         liveness_probe: Some(http_probe("/healthz", 10, 6)),
@@ -63,7 +69,7 @@ mod tests {
 
     #[test]
     fn routers_follow_the_configmap_with_readiness_on_readyz() {
-        let d = router_deployment(&db(), &owner());
+        let d = router_deployment(&db(), &owner(), None);
         assert_child_meta(&d.metadata, "students-router");
         let spec = d.spec.unwrap();
         assert_eq!(spec.replicas, Some(2));
@@ -81,8 +87,21 @@ mod tests {
     }
 
     #[test]
+    fn the_admin_verbs_go_to_the_control_url_when_there_is_one() {
+        let args = |url| {
+            router_deployment(&db(), &owner(), url).spec.unwrap().template.spec.unwrap().containers[0]
+                .args
+                .clone()
+                .unwrap()
+        };
+        assert!(!args(None).contains(&"--control-url".to_owned()), "none: the verbs answer 501");
+        let url = "http://sharddb-operator.sharddb-system.svc:8081/databases/prod/students";
+        assert!(args(Some(url)).windows(2).any(|w| w == ["--control-url", url]));
+    }
+
+    #[test]
     fn the_operators_configured_router_image_is_the_default() {
-        let d = router_deployment(&db_with_mirror_images(), &owner());
+        let d = router_deployment(&db_with_mirror_images(), &owner(), None);
         let pod = d.spec.unwrap().template.spec.unwrap();
         assert_eq!(pod.containers[0].image, Some(mirror_images().router));
     }

@@ -1,0 +1,168 @@
+//! The Kubernetes body's admin endpoint: the seed's `/init`, `/add` and `/rm`, changing the
+//! `ShardedDatabase` resource. Routers built by the operator forward these verbs here
+//! (`--control-url`), as the local router forwards them to the local control plane. Does I/O.
+//!
+//! # Design
+//! - **The database is in the path**: `POST /databases/{namespace}/{name}/init`,
+//!   `POST …/add`, `DELETE …/rm`, with the bodies and answers of the local endpoint
+//!   (`crate::admin`). A router's control URL is `…/databases/{namespace}/{name}`, so the router
+//!   only appends the verb, whatever serves it. Headers would hide the database from logs and
+//!   proxies; the path names it.
+//! - **The resource is the declared configuration.** A request reads the `ShardedDatabase`,
+//!   decides with `brain::declare` on its spec, checks the result against the operator's defaults
+//!   (what the reconcile will validate), and replaces the resource at the resourceVersion it
+//!   read. A concurrent change (`kubectl edit`, another request) makes the replace fail with a
+//!   conflict and the request is decided again from the newer spec, so two requests never undo
+//!   each other. A refused request (400/409) writes nothing.
+//! - **Accepting is not carrying out**: the answer comes once the spec is stored; the reconcile
+//!   then starts new servers' pods, and the healer fills them, drains removed servers and only
+//!   then lets the reconcile delete their StatefulSets. The resource's status says when the
+//!   database is `Ready` again (`PlacementChanging` until the topology matches the spec).
+//! - **`/init` answers 409 here**: the resource is created with its configuration, so the seed's
+//!   `/init` never applies to an existing one. A database that does not exist answers 404.
+//! - Every operator replica serves the endpoint, leader or not: a request only writes the spec,
+//!   at a version, which any replica may do safely.
+//! - Anyone who can reach the port can change a database, as anyone who can reach a router can
+//!   send it `/add`; the chart exposes it only as a ClusterIP Service.
+
+use super::build::Owner;
+use super::topology;
+use crate::admin::{AdminRequest, Reply, error, internal, leaving, refused};
+use crate::brain::declare::{self, AdminError};
+use crate::brain::validate::{Images, validate_with_defaults};
+use crate::crd::ShardedDatabase;
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, post};
+use kube::Client;
+use kube::api::{Api, PostParams};
+use serde_json::Value;
+use shard_server::admin::{AddRequest, InitRequest, RmRequest};
+use shard_server::api::ErrorCode;
+use std::sync::Arc;
+
+/// How many times a request is decided again when the resource changed meanwhile.
+const ATTEMPTS: usize = 5;
+
+/// What the endpoint needs.
+#[derive(Clone)]
+pub struct AdminState {
+    client: Client,
+    /// The operator's default images, so a change is validated as the reconcile will.
+    images: Arc<Images>,
+}
+
+/// The path a database's admin verbs are served under, relative to the endpoint's base URL.
+pub fn database_path(namespace: &str, name: &str) -> String {
+    format!("/databases/{namespace}/{name}")
+}
+
+/// The endpoint's routes.
+pub fn router(client: Client, images: Images) -> axum::Router {
+    axum::Router::new()
+        .route("/databases/{namespace}/{name}/init", post(init))
+        .route("/databases/{namespace}/{name}/add", post(add))
+        .route("/databases/{namespace}/{name}/rm", delete(rm))
+        .with_state(AdminState { client, images: Arc::new(images) })
+}
+
+async fn init(
+    State(state): State<AdminState>,
+    Path((namespace, name)): Path<(String, String)>,
+    Json(req): Json<InitRequest>,
+) -> Response {
+    answer(decide(&state, &namespace, &name, AdminRequest::Init(req)).await)
+}
+
+async fn add(
+    State(state): State<AdminState>,
+    Path((namespace, name)): Path<(String, String)>,
+    Json(req): Json<AddRequest>,
+) -> Response {
+    answer(decide(&state, &namespace, &name, AdminRequest::Add(req)).await)
+}
+
+async fn rm(
+    State(state): State<AdminState>,
+    Path((namespace, name)): Path<(String, String)>,
+    Json(req): Json<RmRequest>,
+) -> Response {
+    answer(decide(&state, &namespace, &name, AdminRequest::Rm(req)).await)
+}
+
+fn answer((status, body): (StatusCode, Value)) -> Response {
+    (status, Json(body)).into_response()
+}
+
+/// Decides `request` against the resource and stores the result; retried from a fresh read when
+/// the resource changed between the read and the write.
+pub async fn decide(state: &AdminState, namespace: &str, name: &str, request: AdminRequest) -> (StatusCode, Value) {
+    let api: Api<ShardedDatabase> = Api::namespaced(state.client.clone(), namespace);
+    for _ in 0..ATTEMPTS {
+        let db = match api.get_opt(name).await {
+            Ok(Some(db)) => db,
+            Ok(None) => {
+                let message = format!("ShardedDatabase {namespace}/{name} does not exist");
+                return error(StatusCode::NOT_FOUND, ErrorCode::NotFound, message);
+            }
+            Err(e) => {
+                tracing::error!(%namespace, %name, error = %e, "cannot read the ShardedDatabase");
+                return internal();
+            }
+        };
+        let current = &db.spec;
+        let outcome = match &request {
+            AdminRequest::Init(req) => declare::init(Some(current), req).map(|spec| (spec, Reply::Init)),
+            AdminRequest::Add(req) => {
+                let present = match Owner::of(&db) {
+                    Some(owner) => match topology::read(&state.client, &owner).await {
+                        Ok(published) => published.and_then(|p| p.topology).map(|t| t.servers).unwrap_or_default(),
+                        Err(e) => {
+                            tracing::error!(%namespace, %name, error = %e, "cannot read the topology");
+                            return internal();
+                        }
+                    },
+                    None => Default::default(),
+                };
+                declare::add(Some(current), &leaving(current, present.keys()), req)
+                    .map(|(spec, added)| (spec, Reply::Add(added)))
+            }
+            AdminRequest::Rm(req) => declare::rm(Some(current), req).map(|(spec, removed)| (spec, Reply::Rm(removed))),
+        };
+        let (spec, reply) = match outcome {
+            Ok(ok) => ok,
+            Err(e) => return refused(&e),
+        };
+        let servers = match validate_with_defaults(&spec, &state.images) {
+            Ok(valid) => valid.server_count(),
+            Err(e) => return refused(&AdminError::Invalid(e.to_string())),
+        };
+        let mut next = db.clone();
+        next.spec = spec;
+        // `db` carries the resourceVersion read: the replace fails if anything changed since.
+        match api.replace(name, &PostParams::default(), &next).await {
+            Ok(_) => {
+                tracing::info!(%namespace, %name, ?reply, servers, "ShardedDatabase spec changed by an admin request");
+                return reply.answer(servers);
+            }
+            Err(kube::Error::Api(s)) if s.is_conflict() => {
+                tracing::debug!(%namespace, %name, "the ShardedDatabase changed meanwhile; deciding again");
+            }
+            Err(kube::Error::Api(s)) if s.code == 422 || s.code == 400 => {
+                // The API server's own validation (the CRD schema) refused it.
+                return refused(&AdminError::Invalid(s.message));
+            }
+            Err(e) => {
+                tracing::error!(%namespace, %name, error = %e, "cannot update the ShardedDatabase");
+                return internal();
+            }
+        }
+    }
+    error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        ErrorCode::Unavailable,
+        format!("ShardedDatabase {namespace}/{name} kept changing while this request was decided; retry"),
+    )
+}
