@@ -617,3 +617,60 @@ async fn a_delete_is_acknowledged_only_once_every_ready_replica_has_it() -> Resu
     });
     check(&c, &h, &BTreeMap::new()).await
 }
+
+/// Waits until the topology satisfies `done` and every copy is ready and followed.
+async fn settled(c: &LocalCluster, what: &str, done: impl Fn(&Topology) -> bool) -> Result<()> {
+    let start = Instant::now();
+    while start.elapsed() < HEAL_LIMIT {
+        if topology(c).is_ok_and(|t| done(&t)) {
+            return all_ready(c).await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!("{what}: not within {HEAL_LIMIT:?}; events.log:\n{}", events_text(c))
+}
+
+/// Placement changes under the recording load, each twice: `/add` of a server that takes copies
+/// of two shards (filled from their replicas), then `/rm` of a shard's primary (it hands over and
+/// drains before it stops). The checker then holds the whole history to the same standard as the
+/// other faults: no stale read, no lost write, identical copies.
+#[tokio::test]
+async fn add_and_rm_under_load_lose_nothing() -> Result<()> {
+    let c = LocalCluster::students()?;
+    let load = Load::start(&c.router, LoadConfig::default());
+    let mut report = Report::default();
+    progress(&load).await?;
+    for (round, new) in ["Server6", "Server7"].into_iter().enumerate() {
+        let e0 = load.errors();
+        let t0 = now_ms();
+        let body = json!({"n": 1, "new_shards": [], "servers": {new: ["sh1", "sh2"]}});
+        let (st, resp) = c.send(Method::POST, "/add", &body.to_string()).await?;
+        ensure!(st == 200, "/add {new}: {st} {resp}");
+        settled(&c, "the new server filled", |t| {
+            let held: BTreeSet<&str> =
+                t.shards_of(new).filter(|(_, s)| *s == ReplicaState::Ready).map(|(s, _)| s.id.as_str()).collect();
+            held == BTreeSet::from(["sh1", "sh2"])
+        })
+        .await?;
+        report.add(format!("/add {new}"), "→ filled, every copy ready", Some(now_ms() - t0), load.errors() - e0);
+        progress(&load).await?;
+
+        let victim = topology(&c)?.shards[round].primary.clone();
+        let e0 = load.errors();
+        let t0 = now_ms();
+        let (st, resp) = c.send(Method::DELETE, "/rm", &json!({"n": 1, "servers": [victim]}).to_string()).await?;
+        ensure!(st == 200, "/rm {victim}: {st} {resp}");
+        settled(&c, "the primary drained", |t| !t.servers.contains_key(&victim)).await?;
+        let t = topology(&c)?;
+        ensure!(t.shards.iter().all(|s| s.replicas.len() >= 3), "a shard lost a copy: {:?}", t.shards);
+        report.add(
+            format!("/rm primary {victim}"),
+            "→ drained, every copy ready",
+            Some(now_ms() - t0),
+            load.errors() - e0,
+        );
+        progress(&load).await?;
+    }
+    report.print("placement changes");
+    finish(&c, load, &BTreeMap::new()).await
+}
