@@ -215,7 +215,15 @@ async fn check(c: &LocalCluster, h: &History, base: &BTreeMap<i64, i64>) -> Resu
         for server in shard.ready_replicas() {
             let url = &t.servers[server].url;
             let req = json!({"shard": shard.id, "Stud_id": {"low": shard.low, "high": shard.high_exclusive() - 1}});
-            let (st, body) = tests::send(&c.http, Method::POST, &format!("{url}/read"), &req.to_string()).await?;
+            // A copy that has just become ready serves reads once its first read lease arrives.
+            let started = Instant::now();
+            let (st, body) = loop {
+                let (st, body) = tests::send(&c.http, Method::POST, &format!("{url}/read"), &req.to_string()).await?;
+                if st != 503 || body["code"] != "not_ready" || started.elapsed() > EVENT_LIMIT {
+                    break (st, body);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            };
             ensure!(st == 200, "{server} {}: {st} {body}", shard.id);
             let got = parse_rows(&body)?;
             for (key, states) in finals.range(shard.low..shard.high_exclusive()) {
