@@ -372,7 +372,8 @@ pub fn backoff(failures: u32, jitter: f64) -> Duration {
     exp.min(BACKOFF_MAX).mul_f64(0.5 + jitter.clamp(0.0, 1.0))
 }
 
-fn error_chain(error: &dyn std::error::Error) -> String {
+/// An error and its sources, joined with `: ` (for logs and Events).
+pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
     let mut s = error.to_string();
     let mut cur = error.source();
     while let Some(e) = cur {

@@ -15,6 +15,7 @@
 //! Expiry is judged by this process's clock against the `renewTime` written by the holder's, so
 //! clocks must agree to well within `lease_duration - renew_deadline` (NTP easily does).
 
+use super::controller::error_chain;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
@@ -222,17 +223,6 @@ fn expired(spec: &LeaseSpec, now: Timestamp) -> bool {
         return true;
     };
     renewed.0.checked_add(SignedDuration::from_secs(seconds.into())).is_ok_and(|until| until <= now)
-}
-
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut s = error.to_string();
-    let mut cur = error.source();
-    while let Some(e) = cur {
-        s.push_str(": ");
-        s.push_str(&e.to_string());
-        cur = e.source();
-    }
-    s
 }
 
 #[cfg(test)]
