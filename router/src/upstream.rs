@@ -238,10 +238,11 @@ pub async fn write_batches(
         let mut retry = None;
         let mut still_open = Vec::new();
         for (mut o, outcome) in open.into_iter().zip(outcomes) {
-            let only_deletes = o.batch.ops.iter().all(|op| matches!(op, Op::Delete { .. }));
             let done = match outcome {
                 Ok(done) => Ok(done),
-                Err(Next::Stop(UpstreamError::NotFound { .. })) if o.maybe_applied && only_deletes && !dry_run => {
+                Err(Next::Stop(UpstreamError::NotFound { .. }))
+                    if o.maybe_applied && !dry_run && o.batch.ops.iter().all(|op| matches!(op, Op::Delete { .. })) =>
+                {
                     // An earlier attempt may have removed these rows before its answer was lost;
                     // the keys are gone either way, which is what the caller asked for.
                     Ok(WriteResponse { deleted: o.batch.ops.len(), ..WriteResponse::default() })
