@@ -125,6 +125,20 @@ pub struct SeedWriteResponse {
 // ---------------------------------------------------------------------------------------------
 // Our endpoints: writes through the primary, replication, status
 
+/// `POST /v1/shards/{shard}/read_ranges`: several key ranges of one shard read in one request (a
+/// router coalesces concurrent clients' reads of a shard). Served by whoever may serve `/read`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ReadRangesRequest {
+    pub ranges: Vec<KeyRange>,
+}
+
+/// The rows of each range of a [`ReadRangesRequest`], in its order: one JSON array per range,
+/// sorted by key, kept raw so routers pass rows through without re-parsing.
+#[derive(Debug, Deserialize)]
+pub struct ReadRangesResponse {
+    pub data: Vec<Box<RawValue>>,
+}
+
 /// One mutation asked of a shard's primary. Rows are positional, in schema column order.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "lowercase")]
@@ -411,6 +425,14 @@ impl ShardClient {
                 text: String::from_utf8_lossy(&bytes[..bytes.len().min(200)]).into_owned(),
             }),
         }
+    }
+
+    /// Reads several ranges of one shard in one request; one JSON array per range, in order.
+    pub async fn read_ranges(&self, shard: &str, ranges: &[KeyRange]) -> Result<Vec<Box<RawValue>>, ClientError> {
+        let url = format!("{}/v1/shards/{shard}/read_ranges", self.base);
+        let body = ReadRangesRequest { ranges: ranges.to_vec() };
+        let r: ReadRangesResponse = self.call(self.http.post(&url).json(&body), url).await?;
+        Ok(r.data)
     }
 
     /// Sends independent batches to the shard's primary in one request.

@@ -48,6 +48,7 @@ pub struct ShardTable {
     /// One replication entry as one statement: see [`Db::apply`].
     apply: SqlStr,
     read_range: SqlStr,
+    read_ranges: SqlStr,
     count: SqlStr,
     truncate: SqlStr,
     stats: SqlStr,
@@ -128,6 +129,12 @@ impl ShardTable {
             read_range: trusted(format!(
                 "SELECT coalesce(json_agg(t ORDER BY {key}), '[]'::json)::text \
                  FROM (SELECT {col_list} FROM {table} WHERE {key} BETWEEN $1 AND $2) t"
+            )),
+            // One JSON array per (low, high) pair, in the order given.
+            read_ranges: trusted(format!(
+                "SELECT (SELECT coalesce(json_agg(t ORDER BY {key}), '[]'::json)::text \
+                         FROM (SELECT {col_list} FROM {table} WHERE {key} BETWEEN r.low AND r.high) t) \
+                 FROM UNNEST($1::BIGINT[], $2::BIGINT[]) WITH ORDINALITY AS r(low, high, i) ORDER BY r.i"
             )),
             // Order-independent: the sum of a 60-bit hash of each row's JSON text.
             stats: trusted(format!(
@@ -387,6 +394,13 @@ impl Db {
     /// Rows with keys in `[low, high]` as one JSON array text, sorted by key.
     pub async fn read_range_json(&self, t: &ShardTable, low: i64, high: i64) -> Result<String, DbError> {
         Ok(sqlx::query_scalar(t.read_range.clone()).bind(low).bind(high).fetch_one(&self.pool).await?)
+    }
+
+    /// The rows of each range as one JSON array text per range (sorted by key), in the order
+    /// given, from one statement.
+    pub async fn read_ranges_json(&self, t: &ShardTable, ranges: &[(i64, i64)]) -> Result<Vec<String>, DbError> {
+        let (lows, highs): (Vec<i64>, Vec<i64>) = ranges.iter().copied().unzip();
+        Ok(sqlx::query_scalar(t.read_ranges.clone()).bind(lows).bind(highs).fetch_all(&self.pool).await?)
     }
 
     /// Applied seq, row count and (optionally) checksum, all from one snapshot.

@@ -40,6 +40,7 @@ pub fn app(node: Arc<Node>) -> Router {
         .route("/del", axum::routing::delete(routes::seed::del))
         .route("/v1/shards/{shard}/write", post(routes::v1::write))
         .route("/v1/shards/{shard}/write_batches", post(routes::v1::write_batches))
+        .route("/v1/shards/{shard}/read_ranges", post(routes::v1::read_ranges))
         .route("/v1/shards/{shard}/replicate", post(routes::v1::replicate))
         .route("/v1/shards/{shard}/snapshot", get(routes::v1::snapshot))
         .route("/v1/shards/{shard}/stats", get(routes::v1::stats))

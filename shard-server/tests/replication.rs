@@ -560,3 +560,54 @@ async fn an_idle_cluster_keeps_serving_reads_from_replicas() {
     println!("reads refused at the first try: {refusals} of 10");
     assert_eq!(c.client(0).status(false).await.unwrap().shards["sh1"].applied_seq, seq, "nothing was written");
 }
+
+#[tokio::test]
+async fn read_ranges_answer_every_range_in_order_and_only_where_reads_are_served() {
+    let mut c = Cluster::start(3, &[("sh1", 0, 1000, 0, &[0, 1, 2])]).await;
+    c.client(0).write("sh1", &write(1, inserts(0..50))).await.unwrap();
+    read_when_served(&c, 1, Duration::from_secs(20)).await;
+    let ranges = [
+        KeyRange { low: 10, high: 12 },
+        KeyRange { low: 100, high: 200 },
+        KeyRange { low: 49, high: 49 },
+        KeyRange { low: 0, high: 1 },
+        KeyRange { low: 11, high: 11 },
+    ];
+    let want: [&[i64]; 5] = [&[10, 11, 12], &[], &[49], &[0, 1], &[11]];
+    for i in [0, 1] {
+        let parts = c.client(i).read_ranges("sh1", &ranges).await.unwrap();
+        let got: Vec<Vec<i64>> = parts
+            .iter()
+            .map(|p| {
+                let rows: Vec<serde_json::Value> = serde_json::from_str(p.get()).unwrap();
+                rows.iter().map(|r| r["Stud_id"].as_i64().unwrap()).collect()
+            })
+            .collect();
+        assert_eq!(got, want.map(<[i64]>::to_vec), "server {i}");
+        let first: Vec<serde_json::Value> = serde_json::from_str(parts[0].get()).unwrap();
+        assert_eq!(first[0], serde_json::json!({"Stud_id": 10, "Stud_name": "n", "Stud_marks": 10}));
+    }
+    // Bad requests name what is wrong.
+    let (status, body) = c.send(reqwest::Method::POST, 0, "/v1/shards/sh1/read_ranges", r#"{"ranges":[]}"#).await;
+    assert_eq!(status, 400);
+    assert!(body["message"].as_str().unwrap().contains("1 to 4096 ranges, not 0"), "{body}");
+    let (status, body) = c
+        .send(
+            reqwest::Method::POST,
+            0,
+            "/v1/shards/sh1/read_ranges",
+            r#"{"ranges":[{"low":1,"high":2},{"low":5,"high":3}]}"#,
+        )
+        .await;
+    assert_eq!(status, 400);
+    assert!(body["message"].as_str().unwrap().contains("range 1: low 5 is greater than high 3"), "{body}");
+    // A copy that may not serve reads refuses them, as `/read` does.
+    c.publish(|t| {
+        t.shards[0].replicas.insert("Server2".into(), ReplicaState::Recovering);
+    })
+    .await;
+    let e = c.client(2).read_ranges("sh1", &ranges).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::NotReady), "{e}");
+    let e = c.client(0).read_ranges("nope", &ranges).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::NotFound), "{e}");
+}
