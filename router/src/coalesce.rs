@@ -1,101 +1,179 @@
-//! Write coalescing: concurrent clients' writes to the same shard travel to its primary together.
+//! Coalescing: concurrent clients' calls to the same shard travel to it together, writes to its
+//! primary ([`Writes`]) and reads to one of its ready copies ([`Reads`]).
 //!
-//! Each shard has a lane: a queue of waiting batches and at most [`MAX_SENDERS`] requests in
-//! flight. A write joins the queue; if the lane has fewer senders than that, it starts one. A
-//! sender takes everything queued (up to [`MAX_OPS`] operations) as one `write_batches` request,
-//! hands each client its own outcome, and repeats until the queue is empty. So a lone write goes
-//! out at once, and under load the batches that piled up during one round trip share the next,
-//! which is where the CPU went: one HTTP exchange and one wake-up of the shard's writer per client
-//! write. Each batch keeps its own all-or-nothing outcome (the shard server decides them one by
-//! one), so coalescing changes no answer.
+//! Each shard has a lane per kind: a queue of waiting items and at most `MAX_SENDERS` requests in
+//! flight. An item joins the queue; if the lane has fewer senders than that, it starts one. A
+//! sender takes everything queued (up to `MAX_WEIGHT`) as one request, hands each client its own
+//! outcome, and repeats until the queue is empty. So a lone call goes out at once, and under load
+//! the items that piled up during one round trip share the next, which is where the CPU went: one
+//! HTTP exchange, one wake-up of the shard's writer and one Postgres statement per client call.
+//! Each item keeps its own outcome (a write batch stays all-or-nothing on its own; a read range
+//! gets its own rows), so coalescing changes no answer.
 //!
 //! Senders are spawned tasks, not the clients' own futures: a client that disconnects must not
-//! strand the batches of the others travelling with it. Does I/O (through [`upstream`]).
+//! strand the items of the others travelling with it. Does I/O (through [`upstream`]).
 
-use crate::state::AppState;
+use crate::state::{AppState, Routing};
 use crate::upstream::{self, Batch, UpstreamError};
-use shard_server::api::WriteResponse;
+use serde_json::value::RawValue;
+use shard_server::api::{KeyRange, WriteResponse};
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 use tokio::sync::oneshot;
 
-/// Requests in flight per shard. Two keep the primary's writer fed while an answer travels back.
-pub const MAX_SENDERS: usize = 2;
-/// Most operations in one request (a single larger batch still goes, alone).
-pub const MAX_OPS: usize = 2048;
-
-type Reply = oneshot::Sender<Result<WriteResponse, UpstreamError>>;
-
-#[derive(Default)]
-pub struct Lanes {
-    lanes: Mutex<HashMap<String, Arc<Lane>>>,
+/// What travels in one kind of lane and how a request of it is sent.
+pub trait Kind: Send + Sync + 'static {
+    type Item: Send + 'static;
+    type Out: Send + 'static;
+    /// Requests in flight per shard.
+    const MAX_SENDERS: usize;
+    /// Most weight (see [`Kind::weight`]) in one request; a single heavier item still goes, alone.
+    const MAX_WEIGHT: usize;
+    fn weight(item: &Self::Item) -> usize;
+    /// Sends `items` to shard `shard_id` as one request (retrying as the upstream policy says);
+    /// one outcome per item, in order.
+    fn send(
+        state: &AppState,
+        routing: Arc<Routing>,
+        shard_id: &str,
+        items: Vec<Self::Item>,
+    ) -> impl Future<Output = Vec<Result<Self::Out, UpstreamError>>> + Send;
 }
 
-#[derive(Default)]
-struct Lane {
-    state: Mutex<LaneState>,
+/// Client write batches to a shard's primary, through `write_batches`.
+pub struct Writes;
+
+impl Kind for Writes {
+    type Item = Batch;
+    type Out = WriteResponse;
+    /// Two keep the primary's writer fed while an answer travels back.
+    const MAX_SENDERS: usize = 2;
+    /// Operations.
+    const MAX_WEIGHT: usize = 2048;
+    fn weight(item: &Batch) -> usize {
+        item.ops.len()
+    }
+    async fn send(
+        state: &AppState,
+        routing: Arc<Routing>,
+        shard_id: &str,
+        items: Vec<Batch>,
+    ) -> Vec<Result<WriteResponse, UpstreamError>> {
+        upstream::write_batches(state, routing, shard_id, items, false).await
+    }
 }
 
-#[derive(Default)]
-struct LaneState {
-    queue: Vec<(Batch, Reply)>,
+/// Client key ranges (already clipped to the shard) to one ready copy of it, through
+/// `read_ranges`; each carries its request id, and the first one's picks the copy.
+pub struct Reads;
+
+impl Kind for Reads {
+    type Item = (KeyRange, u64);
+    type Out = Box<RawValue>;
+    /// Two, like writes: more would only make requests smaller, and each costs CPU on both sides.
+    const MAX_SENDERS: usize = 2;
+    /// Ranges: bounds the answer a sender holds when clients read wide ranges.
+    const MAX_WEIGHT: usize = 512;
+    fn weight(_: &(KeyRange, u64)) -> usize {
+        1
+    }
+    async fn send(
+        state: &AppState,
+        routing: Arc<Routing>,
+        shard_id: &str,
+        items: Vec<(KeyRange, u64)>,
+    ) -> Vec<Result<Box<RawValue>, UpstreamError>> {
+        let request = items.first().map_or(0, |i| i.1);
+        let ranges: Vec<KeyRange> = items.iter().map(|i| i.0).collect();
+        match upstream::read_ranges(state, routing, shard_id, &ranges, request).await {
+            Ok(parts) => parts.into_iter().map(Ok).collect(),
+            Err(e) => items.iter().map(|_| Err(e.clone())).collect(),
+        }
+    }
+}
+
+type Reply<K> = oneshot::Sender<Result<<K as Kind>::Out, UpstreamError>>;
+
+/// The lanes of one kind, per shard.
+pub struct Lanes<K: Kind> {
+    lanes: Mutex<HashMap<String, Arc<Lane<K>>>>,
+}
+
+impl<K: Kind> Default for Lanes<K> {
+    fn default() -> Self {
+        Lanes { lanes: Mutex::default() }
+    }
+}
+
+struct Lane<K: Kind> {
+    state: Mutex<LaneState<K>>,
+}
+
+struct LaneState<K: Kind> {
+    queue: Vec<(K::Item, Reply<K>)>,
     senders: usize,
 }
 
-impl Lanes {
-    /// Writes `batch` to `shard_id` through its lane and waits for its own outcome.
-    pub async fn submit(&self, state: &AppState, shard_id: &str, batch: Batch) -> Result<WriteResponse, UpstreamError> {
-        let lane = self.lanes.lock().expect("lock").entry(shard_id.to_owned()).or_default().clone();
+impl<K: Kind> Lanes<K> {
+    /// Sends `item` to `shard_id` through its lane and waits for its own outcome.
+    pub async fn submit(&self, state: &AppState, shard_id: &str, item: K::Item) -> Result<K::Out, UpstreamError> {
+        let lane =
+            Arc::clone(
+                self.lanes.lock().expect("lock").entry(shard_id.to_owned()).or_insert_with(|| {
+                    Arc::new(Lane { state: Mutex::new(LaneState { queue: Vec::new(), senders: 0 }) })
+                }),
+            );
         let (reply, outcome) = oneshot::channel();
         let start = {
             let mut s = lane.state.lock().expect("lock");
-            s.queue.push((batch, reply));
-            let start = s.senders < MAX_SENDERS;
+            s.queue.push((item, reply));
+            let start = s.senders < K::MAX_SENDERS;
             s.senders += usize::from(start);
             start
         };
         if start {
             tokio::spawn(send(state.clone(), lane, shard_id.to_owned()));
         }
-        outcome.await.unwrap_or_else(|_| Err(UpstreamError::Internal(format!("shard {shard_id}: write lane failed"))))
+        outcome.await.unwrap_or_else(|_| Err(UpstreamError::Internal(format!("shard {shard_id}: lane failed"))))
     }
 }
 
-/// Takes the next request's worth of batches off the queue, or `None` (and leaves) when it is
-/// empty. Deciding under the lock that the queue is empty and leaving is one step, so a batch
+/// Takes the next request's worth of items off the queue, or `None` (and leaves) when it is
+/// empty. Deciding under the lock that the queue is empty and leaving is one step, so an item
 /// queued just after always finds a sender or starts one.
-fn next(lane: &Lane) -> Option<Vec<(Batch, Reply)>> {
+fn next<K: Kind>(lane: &Lane<K>) -> Option<Vec<(K::Item, Reply<K>)>> {
     let mut s = lane.state.lock().expect("lock");
     if s.queue.is_empty() {
         s.senders -= 1;
         return None;
     }
-    let mut ops = 0;
+    let mut weight = 0;
     let take = s
         .queue
         .iter()
-        .take_while(|(b, _)| {
-            ops += b.ops.len();
-            ops <= MAX_OPS
+        .take_while(|(item, _)| {
+            weight += K::weight(item);
+            weight <= K::MAX_WEIGHT
         })
         .count()
         .max(1);
     Some(s.queue.drain(..take).collect())
 }
 
-/// One sender: sends queued batches until the lane is empty.
-async fn send(state: AppState, lane: Arc<Lane>, shard_id: String) {
-    // If this task panics, the batches it holds get an error through their dropped replies; the
+/// One sender: sends queued items until the lane is empty.
+async fn send<K: Kind>(state: AppState, lane: Arc<Lane<K>>, shard_id: String) {
+    // If this task panics, the items it holds get an error through their dropped replies; the
     // guard gives the sender slot back so the lane keeps moving.
     let guard = Leave(&lane);
     while let Some(taken) = next(&lane) {
-        let (batches, replies): (Vec<Batch>, Vec<Reply>) = taken.into_iter().unzip();
+        let (items, replies): (Vec<K::Item>, Vec<Reply<K>>) = taken.into_iter().unzip();
         let results = match state.table().current() {
-            Some(routing) => upstream::write_batches(&state, routing, &shard_id, batches, false).await,
-            None => batches.iter().map(|_| Err(UpstreamError::Unavailable("no topology yet".into()))).collect(),
+            Some(routing) => K::send(&state, routing, &shard_id, items).await,
+            None => items.iter().map(|_| Err(UpstreamError::Unavailable("no topology yet".into()))).collect(),
         };
         for (reply, result) in replies.into_iter().zip(results) {
-            // The client may have gone; its batch was still written (or not) like any other.
+            // The client may have gone; its item was still handled like any other.
             let _ = reply.send(result);
         }
     }
@@ -103,9 +181,9 @@ async fn send(state: AppState, lane: Arc<Lane>, shard_id: String) {
 }
 
 /// Gives a sender slot back when a sender unwinds.
-struct Leave<'a>(&'a Lane);
+struct Leave<'a, K: Kind>(&'a Lane<K>);
 
-impl Drop for Leave<'_> {
+impl<K: Kind> Drop for Leave<'_, K> {
     fn drop(&mut self) {
         if let Ok(mut s) = self.0.state.lock() {
             s.senders -= 1;

@@ -47,6 +47,7 @@ pub struct Metrics {
     latency: Family<EndpointLabels, Histogram, fn() -> Histogram>,
     retries: Family<RetryLabels, Counter>,
     write_batches: Histogram,
+    read_ranges: Histogram,
     epoch: Gauge,
 }
 
@@ -64,6 +65,7 @@ impl Metrics {
         let retries = Family::<RetryLabels, Counter>::default();
         let epoch = Gauge::default();
         let write_batches = Histogram::new(exponential_buckets(1.0, 2.0, 12));
+        let read_ranges = Histogram::new(exponential_buckets(1.0, 2.0, 12));
         registry.register("requests", "HTTP requests answered, by endpoint, method and status", requests.clone());
         registry.register("request_duration_seconds", "Time to answer an HTTP request", latency.clone());
         registry.register("upstream_retries", "Calls to shard servers repeated after a failure", retries.clone());
@@ -72,13 +74,23 @@ impl Metrics {
             "Client batches per write request to a shard server (coalescing)",
             write_batches.clone(),
         );
+        registry.register(
+            "upstream_read_ranges",
+            "Client ranges per read request to a shard server (coalescing)",
+            read_ranges.clone(),
+        );
         registry.register("topology_epoch", "Epoch of the routing table in use (0: none yet)", epoch.clone());
-        Metrics { registry, requests, latency, retries, write_batches, epoch }
+        Metrics { registry, requests, latency, retries, write_batches, read_ranges, epoch }
     }
 
     /// Records one write request to a shard server carrying `batches` client batches.
     pub fn write_batches(&self, batches: usize) {
         self.write_batches.observe(batches as f64);
+    }
+
+    /// Records one read request to a shard server carrying `ranges` client ranges.
+    pub fn read_ranges(&self, ranges: usize) {
+        self.read_ranges.observe(ranges as f64);
     }
 
     pub fn retry(&self, op: &'static str, reason: &'static str) {

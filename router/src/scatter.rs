@@ -25,10 +25,7 @@ pub async fn read_range(state: &AppState, routing: Arc<Routing>, range: KeyRange
     let request = state.next_request_id();
     let split = routing.ranges.split(range);
     let shards: Vec<String> = split.iter().map(|&(i, _)| routing.shards[i].id.clone()).collect();
-    let reads = split
-        .iter()
-        .zip(&shards)
-        .map(|(&(_, clipped), id)| upstream::read(state, routing.clone(), id, clipped, request));
+    let reads = split.iter().zip(&shards).map(|(&(_, clipped), id)| upstream::read(state, id, clipped, request));
     let parts = try_join_all(reads).await?;
     Ok(RangeRead { shards, parts })
 }

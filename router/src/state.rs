@@ -208,7 +208,8 @@ pub struct AppState(Arc<Inner>);
 
 struct Inner {
     config: Config,
-    lanes: crate::coalesce::Lanes,
+    lanes: crate::coalesce::Lanes<crate::coalesce::Writes>,
+    read_lanes: crate::coalesce::Lanes<crate::coalesce::Reads>,
     control: ControlPlane,
     routing: Arc<RoutingTable>,
     metrics: Arc<Metrics>,
@@ -241,6 +242,7 @@ impl AppState {
         AppState(Arc::new(Inner {
             config,
             lanes: Default::default(),
+            read_lanes: Default::default(),
             control,
             routing,
             metrics,
@@ -263,8 +265,13 @@ impl AppState {
     }
 
     /// Per-shard write lanes (see [`crate::coalesce`]).
-    pub fn lanes(&self) -> &crate::coalesce::Lanes {
+    pub fn lanes(&self) -> &crate::coalesce::Lanes<crate::coalesce::Writes> {
         &self.0.lanes
+    }
+
+    /// Per-shard read lanes (see [`crate::coalesce`]).
+    pub fn read_lanes(&self) -> &crate::coalesce::Lanes<crate::coalesce::Reads> {
+        &self.0.read_lanes
     }
 
     pub fn table(&self) -> &RoutingTable {

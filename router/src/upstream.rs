@@ -299,31 +299,51 @@ pub async fn write_batches(
     results.into_iter().map(|r| r.expect("every batch has an outcome")).collect()
 }
 
-/// Reads `range` (already clipped to the shard) from one ready replica of `shard_id`, chosen by the
-/// ring for `request`; on failure tries the shard's other ready replicas, then starts over after a
-/// pause (with the newest routing table) until the deadline.
+/// Reads `range` (already clipped to the shard) from one ready copy of `shard_id`, travelling with
+/// other clients' concurrent reads of the shard (see [`crate::coalesce`]); `request` picks the copy.
 pub async fn read(
     state: &AppState,
-    mut routing: Arc<Routing>,
     shard_id: &str,
     range: KeyRange,
     request: u64,
 ) -> Result<Box<RawValue>, UpstreamError> {
+    state.read_lanes().submit(state, shard_id, (range, request)).await
+}
+
+/// Reads `ranges` (already clipped to the shard) from one ready replica of `shard_id`, chosen by
+/// the ring for `request`, in one request; on failure tries the shard's other ready replicas, then
+/// starts over after a pause (with the newest routing table) until the deadline. One JSON array
+/// of rows per range, in order.
+pub async fn read_ranges(
+    state: &AppState,
+    mut routing: Arc<Routing>,
+    shard_id: &str,
+    ranges: &[KeyRange],
+    request: u64,
+) -> Result<Vec<Box<RawValue>>, UpstreamError> {
+    state.metrics().read_ranges(ranges.len());
     let mut backoff = Backoff::new(state);
     let mut attempts = 0u32;
     loop {
         let shard = routing.shard_index(shard_id).ok_or_else(|| {
             UpstreamError::Unavailable(format!("shard {shard_id} left topology epoch {}", routing.epoch()))
         })?;
-        let key_name = routing.schema.key_name();
         let mut last = None;
         for server in routing.read_candidates(shard, request) {
             if attempts > 0 {
                 state.metrics().retry("read", "replica_failed");
             }
             attempts += 1;
-            match server.client.read(shard_id, key_name, range).await {
-                Ok(data) => return Ok(data),
+            match server.client.read_ranges(shard_id, ranges).await {
+                Ok(parts) if parts.len() == ranges.len() => return Ok(parts),
+                Ok(parts) => {
+                    return Err(UpstreamError::Internal(format!(
+                        "shard {shard_id}: {} answered {} parts for {} ranges",
+                        server.name,
+                        parts.len(),
+                        ranges.len()
+                    )));
+                }
                 // We built the request; a replica refusing it is our bug, not worth a retry.
                 Err(e) if e.code() == Some(ErrorCode::BadRequest) => {
                     return Err(UpstreamError::Internal(format!("shard {shard_id}: {e}")));

@@ -337,6 +337,36 @@ async fn concurrent_writes_to_a_shard_share_requests_and_keep_their_own_outcomes
 }
 
 #[tokio::test]
+async fn concurrent_reads_of_a_shard_share_requests_and_get_their_own_rows() {
+    let s0 = spawn_slow_stub(ok, Duration::from_millis(100)).await;
+    let s1 = spawn_slow_stub(ok, Duration::from_millis(100)).await;
+    let t = topology(
+        1,
+        &[("Server0", &s0.url), ("Server1", &s1.url)],
+        &[("sh1", 0, 100, "Server0", &[("Server0", READY), ("Server1", READY)])],
+    );
+    let r = Arc::new(Router::start(Some(t), test_config()).await);
+    let readers: Vec<_> = (0..40)
+        .map(|k| {
+            let r = r.clone();
+            tokio::spawn(
+                async move { (k, r.json(Method::POST, "/read", json!({"Stud_id": {"low": k, "high": k}})).await) },
+            )
+        })
+        .collect();
+    for reader in readers {
+        let (k, (status, body)) = reader.await.unwrap();
+        assert_eq!(status, 200, "key {k}: {body}");
+        assert_eq!(body["data"], json!(common::rows(k, k)), "key {k}");
+        assert_eq!(body["shards_queried"], json!(["sh1"]));
+    }
+    assert_eq!(s0.calls().len() + s1.calls().len(), 40, "every client's range was read once");
+    // At most two requests are in flight per shard; the rest wait and go out together.
+    let requests = s0.read_requests() + s1.read_requests();
+    assert!(requests < 20, "{requests} requests for 40 concurrent reads");
+}
+
+#[tokio::test]
 async fn unavailable_primaries_are_retried_within_the_deadline() {
     let failures = Arc::new(AtomicUsize::new(0));
     let f = failures.clone();

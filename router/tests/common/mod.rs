@@ -11,7 +11,8 @@ use router::config::{Config, RetryPolicy};
 use router::{AppState, app};
 use serde_json::{Value, json};
 use shard_server::api::{
-    BatchOutcome, ErrorBody, ErrorCode, WriteBatchesRequest, WriteBatchesResponse, WriteRequest, WriteResponse,
+    BatchOutcome, ErrorBody, ErrorCode, ReadRangesRequest, WriteBatchesRequest, WriteBatchesResponse, WriteRequest,
+    WriteResponse,
 };
 use shard_server::topology::Topology;
 use shard_server::topology_source::offer;
@@ -46,8 +47,10 @@ struct StubState {
     behaviour: Behaviour,
     /// HTTP requests to the write endpoints (a coalesced request records several calls).
     write_requests: Arc<AtomicUsize>,
-    /// How long each write request takes to answer.
-    write_delay: Duration,
+    /// How long each write or read request takes to answer.
+    delay: Duration,
+    /// HTTP requests to the read endpoints (a coalesced request records several calls).
+    read_requests: Arc<AtomicUsize>,
 }
 
 /// A stand-in shard server.
@@ -55,11 +58,16 @@ pub struct Stub {
     pub url: String,
     calls: Arc<Mutex<Vec<Call>>>,
     write_requests: Arc<AtomicUsize>,
+    read_requests: Arc<AtomicUsize>,
 }
 
 impl Stub {
     pub fn write_requests(&self) -> usize {
         self.write_requests.load(Ordering::SeqCst)
+    }
+
+    pub fn read_requests(&self) -> usize {
+        self.read_requests.load(Ordering::SeqCst)
     }
 
     pub fn calls(&self) -> Vec<Call> {
@@ -75,9 +83,31 @@ async fn stub_read(State(s): State<StubState>, Json(body): Json<Value>) -> Respo
     answer(&s, call)
 }
 
+/// Each range is one recorded call; the first range the behaviour fails is the request's answer
+/// (a read request succeeds or fails as a whole), else every range's `data`, in order.
+async fn stub_read_ranges(
+    State(s): State<StubState>,
+    Path(shard): Path<String>,
+    Json(req): Json<ReadRangesRequest>,
+) -> Response {
+    s.read_requests.fetch_add(1, Ordering::SeqCst);
+    tokio::time::sleep(s.delay).await;
+    let mut data = Vec::new();
+    for r in req.ranges {
+        let call = Call::Read { shard: shard.clone(), low: r.low, high: r.high };
+        let (status, body) = (s.behaviour)(&call);
+        s.calls.lock().unwrap().push(call);
+        if !status.is_success() {
+            return (status, Json(body)).into_response();
+        }
+        data.push(body["data"].clone());
+    }
+    Json(json!({ "data": data })).into_response()
+}
+
 async fn stub_write(State(s): State<StubState>, Path(shard): Path<String>, Json(req): Json<WriteRequest>) -> Response {
     s.write_requests.fetch_add(1, Ordering::SeqCst);
-    tokio::time::sleep(s.write_delay).await;
+    tokio::time::sleep(s.delay).await;
     answer(&s, Call::Write { shard, req })
 }
 
@@ -90,7 +120,7 @@ async fn stub_write_batches(
     Json(req): Json<WriteBatchesRequest>,
 ) -> Response {
     s.write_requests.fetch_add(1, Ordering::SeqCst);
-    tokio::time::sleep(s.write_delay).await;
+    tokio::time::sleep(s.delay).await;
     let single = req.batches.len() == 1;
     let mut results = Vec::new();
     for ops in req.batches {
@@ -120,28 +150,31 @@ pub async fn spawn_stub(behaviour: impl Fn(&Call) -> (StatusCode, Value) + Send 
     spawn_slow_stub(behaviour, Duration::ZERO).await
 }
 
-/// A stub whose write requests each take `write_delay` to answer.
+/// A stub whose write and read requests each take `write_delay` to answer.
 pub async fn spawn_slow_stub(
     behaviour: impl Fn(&Call) -> (StatusCode, Value) + Send + Sync + 'static,
     write_delay: Duration,
 ) -> Stub {
     let calls = Arc::new(Mutex::new(Vec::new()));
     let write_requests = Arc::new(AtomicUsize::new(0));
+    let read_requests = Arc::new(AtomicUsize::new(0));
     let state = StubState {
         calls: calls.clone(),
         behaviour: Arc::new(behaviour),
         write_requests: write_requests.clone(),
-        write_delay,
+        delay: write_delay,
+        read_requests: read_requests.clone(),
     };
     let app = axum::Router::new()
         .route("/read", post(stub_read))
+        .route("/v1/shards/{shard}/read_ranges", post(stub_read_ranges))
         .route("/v1/shards/{shard}/write", post(stub_write))
         .route("/v1/shards/{shard}/write_batches", post(stub_write_batches))
         .with_state(state);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    Stub { url, calls, write_requests }
+    Stub { url, calls, write_requests, read_requests }
 }
 
 /// A stub that holds one row per key in `[low, high]` of every read (so merges can be checked)
