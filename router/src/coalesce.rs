@@ -47,8 +47,11 @@ pub struct Writes;
 impl Kind for Writes {
     type Item = Batch;
     type Out = WriteResponse;
-    /// Two keep the primary's writer fed while an answer travels back.
-    const MAX_SENDERS: usize = 2;
+    /// One: the primary's writer commits one group at a time anyway, so a second request in
+    /// flight only split the clients that would have shared one group into two. Measured on A-1:
+    /// 13 instead of 8.5 client writes per request and group, 30% less CPU per write, 3,900
+    /// instead of 3,000 writes/s. A lone write still goes out at once.
+    const MAX_SENDERS: usize = 1;
     /// Operations.
     const MAX_WEIGHT: usize = 2048;
     fn weight(item: &Batch) -> usize {
@@ -71,8 +74,9 @@ pub struct Reads;
 impl Kind for Reads {
     type Item = (KeyRange, u64);
     type Out = Box<RawValue>;
-    /// Two, like writes: more would only make requests smaller, and each costs CPU on both sides.
-    const MAX_SENDERS: usize = 2;
+    /// One, like writes: more only make requests smaller, and each costs CPU on both sides
+    /// 6,500 reads/s with two, 8,300 with one).
+    const MAX_SENDERS: usize = 1;
     /// Ranges: bounds the answer a sender holds when clients read wide ranges.
     const MAX_WEIGHT: usize = 512;
     fn weight(_: &(KeyRange, u64)) -> usize {

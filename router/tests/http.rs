@@ -332,7 +332,7 @@ async fn concurrent_writes_to_a_shard_share_requests_and_keep_their_own_outcomes
         assert_eq!(status, if k % 2 == 0 { 409 } else { 200 }, "key {k}");
     }
     assert_eq!(s0.calls().len(), 40, "every client's batch reached the primary once");
-    // At most two requests are in flight per shard; the rest wait and go out together.
+    // One request is in flight per shard; the rest wait and go out together.
     assert!(s0.write_requests() < 20, "{} requests for 40 concurrent writes", s0.write_requests());
 }
 
@@ -361,7 +361,7 @@ async fn concurrent_reads_of_a_shard_share_requests_and_get_their_own_rows() {
         assert_eq!(body["shards_queried"], json!(["sh1"]));
     }
     assert_eq!(s0.calls().len() + s1.calls().len(), 40, "every client's range was read once");
-    // At most two requests are in flight per shard; the rest wait and go out together.
+    // One request is in flight per shard; the rest wait and go out together.
     let requests = s0.read_requests() + s1.read_requests();
     assert!(requests < 20, "{requests} requests for 40 concurrent reads");
 }

@@ -1,5 +1,6 @@
 //! `sharddb-shard-server`: parses flags, connects to Postgres, follows the topology, serves HTTP.
 
+use axum::serve::ListenerExt as _;
 use clap::Parser;
 use shard_server::db::Db;
 use shard_server::node::{Node, NodeConfig};
@@ -78,6 +79,12 @@ async fn main() -> anyhow::Result<()> {
     node.start().await?;
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     tracing::info!(addr = %listener.local_addr()?, name = %args.name, "shard server listening");
+    // Answers go out as soon as they are written, never held back waiting for an ACK (Nagle).
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+    });
     axum::serve(listener, app(node)).with_graceful_shutdown(shutdown()).await?;
     Ok(())
 }
