@@ -189,6 +189,7 @@ impl Harness {
             body_limit: 1 << 20,
             lease: NodeConfig::DEFAULT_LEASE,
             lease_renew: NodeConfig::DEFAULT_LEASE_RENEW,
+            cache_rows: NodeConfig::DEFAULT_CACHE_ROWS,
         };
         let node = Node::new(config, db, watch_configmap(self.api.client(), NS, CONFIGMAP));
         node.start().await.unwrap();

@@ -275,6 +275,9 @@ pub struct ShardStatus {
     /// volume, installed snapshot). A changed id means "this copy lost its data".
     #[serde(default)]
     pub copy_id: String,
+    /// Whether this copy's rows are held in memory (reads and decisions skip Postgres).
+    #[serde(default)]
+    pub cached: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -44,10 +44,10 @@ pub struct ShardTable {
     pub schema: Schema,
     create: SqlStr,
     select_keys: SqlStr,
+    all_rows: SqlStr,
     upsert: SqlStr,
     /// One replication entry as one statement: see [`Db::apply`].
     apply: SqlStr,
-    read_range: SqlStr,
     read_ranges: SqlStr,
     count: SqlStr,
     truncate: SqlStr,
@@ -97,6 +97,7 @@ impl ShardTable {
             shard: shard.to_owned(),
             create: trusted(format!("CREATE TABLE IF NOT EXISTS {table} ({})", defs.join(", "))),
             select_keys: trusted(format!("SELECT {col_list} FROM {table} WHERE {key} = ANY($1)")),
+            all_rows: trusted(format!("SELECT {col_list} FROM {table} LIMIT $1")),
             upsert: trusted(format!(
                 "INSERT INTO {table} ({col_list}) SELECT * FROM UNNEST({}) {on_conflict}",
                 unnest.join(", ")
@@ -126,10 +127,6 @@ impl ShardTable {
             )),
             count: trusted(format!("SELECT count(*) FROM {table}")),
             truncate: trusted(format!("TRUNCATE {table}")),
-            read_range: trusted(format!(
-                "SELECT coalesce(json_agg(t ORDER BY {key}), '[]'::json)::text \
-                 FROM (SELECT {col_list} FROM {table} WHERE {key} BETWEEN $1 AND $2) t"
-            )),
             // One JSON array per (low, high) pair, in the order given.
             read_ranges: trusted(format!(
                 "SELECT (SELECT coalesce(json_agg(t ORDER BY {key}), '[]'::json)::text \
@@ -349,6 +346,16 @@ impl Db {
         }
     }
 
+    /// Every row of the shard when it holds at most `limit`, else `None`.
+    pub async fn all_rows(&self, t: &ShardTable, limit: usize) -> Result<Option<Vec<Row>>, DbError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX - 1);
+        let rows = sqlx::query(t.all_rows.clone()).bind(limit + 1).fetch_all(&self.pool).await?;
+        if rows.len() as i64 > limit {
+            return Ok(None);
+        }
+        rows.iter().map(|r| t.decode(r).map_err(DbError::from)).collect::<Result<Vec<_>, _>>().map(Some)
+    }
+
     /// Log entries `from..=to` that are still kept, in order.
     pub async fn log_entries(&self, shard: &str, from: u64, to: u64) -> Result<Vec<Entry>, DbError> {
         let rows = sqlx::query(
@@ -389,11 +396,6 @@ impl Db {
         sqlx::query(t.truncate.clone()).execute(&mut *tx).await?;
         sqlx::query("DELETE FROM sharddb_log WHERE shard = $1").bind(&t.shard).execute(&mut *tx).await?;
         Ok(Installer { tx })
-    }
-
-    /// Rows with keys in `[low, high]` as one JSON array text, sorted by key.
-    pub async fn read_range_json(&self, t: &ShardTable, low: i64, high: i64) -> Result<String, DbError> {
-        Ok(sqlx::query_scalar(t.read_range.clone()).bind(low).bind(high).fetch_one(&self.pool).await?)
     }
 
     /// The rows of each range as one JSON array text per range (sorted by key), in the order

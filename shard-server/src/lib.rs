@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod node;
 pub mod replication;
 pub mod routes;
+pub mod rowcache;
 pub mod schema;
 pub mod topology;
 pub mod topology_source;

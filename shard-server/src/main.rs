@@ -44,6 +44,10 @@ struct Args {
     /// Largest accepted request body, in bytes.
     #[arg(long, env = "SHARDDB_BODY_LIMIT", default_value_t = 64 * 1024 * 1024)]
     body_limit: usize,
+    /// Rows kept in memory across this server's shards, so reads and a primary's decisions skip
+    /// Postgres; a shard that does not fit is read from Postgres. 0 turns the cache off.
+    #[arg(long, env = "SHARDDB_CACHE_ROWS", default_value_t = NodeConfig::DEFAULT_CACHE_ROWS)]
+    cache_rows: usize,
 }
 
 #[tokio::main]
@@ -68,6 +72,7 @@ async fn main() -> anyhow::Result<()> {
         name: args.name.clone(),
         peer_timeout: Duration::from_millis(args.peer_timeout_ms),
         body_limit: args.body_limit,
+        cache_rows: args.cache_rows,
         lease: Duration::from_millis(args.lease_ms),
         lease_renew: Duration::from_millis(args.lease_renew_ms),
     };

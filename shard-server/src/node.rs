@@ -28,6 +28,8 @@ pub struct NodeConfig {
     /// How often a ready replica renews its leases; several renewals fit in one lease, so one
     /// lost or slow renewal does not interrupt reads.
     pub lease_renew: Duration,
+    /// Rows this server keeps in memory across its shards (see [`crate::rowcache`]).
+    pub cache_rows: usize,
 }
 
 impl NodeConfig {
@@ -37,6 +39,9 @@ impl NodeConfig {
     pub const DEFAULT_LEASE: Duration = Duration::from_secs(2);
     /// Default renewal interval: a quarter of the lease, so three renewals in a row may fail.
     pub const DEFAULT_LEASE_RENEW: Duration = Duration::from_millis(500);
+    /// Default row cache: 100,000 rows (a few tens of MiB with short rows). Shards that do not fit
+    /// are read from Postgres.
+    pub const DEFAULT_CACHE_ROWS: usize = 100_000;
 }
 
 /// What this server is for one shard, as of the topology it holds.
@@ -73,6 +78,8 @@ pub struct Node {
     /// When this process started: leases granted by an earlier incarnation of this server are
     /// unknown, so acknowledgements wait until they have surely run out.
     pub started: Instant,
+    /// What the row caches of this server's shards may hold together.
+    row_budget: Arc<crate::rowcache::Budget>,
 }
 
 impl Node {
@@ -85,7 +92,9 @@ impl Node {
             .tcp_nodelay(true)
             .build()
             .expect("HTTP client builds");
+        let row_budget = crate::rowcache::Budget::new(config.cache_rows);
         Arc::new(Node {
+            row_budget,
             config,
             db,
             metrics: Metrics::default(),
@@ -246,7 +255,8 @@ impl Node {
             },
             other => ApiError::Db(other),
         })?;
-        let shard = Shard::spawn(table, applied, copy_id, standalone);
+        let shard = Shard::spawn(table, applied, copy_id, standalone, Arc::clone(&self.row_budget));
+        shard.load_rows(&self.db).await;
         self.shards.write().expect("lock").insert(id.to_owned(), Arc::clone(&shard));
         tracing::info!(shard = id, applied, standalone, "shard opened");
         Ok(shard)

@@ -56,9 +56,10 @@ use crate::api::{
     Change, Entry, Op, RecoverResponse, ReplicateRequest, ShardClient, ShardStats, SnapshotEnd, SnapshotHeader,
     WriteResponse,
 };
-use crate::db::ShardTable;
+use crate::db::{Db, DbError, ShardTable};
 use crate::error::{ApiError, ReplicationError};
 use crate::node::{Node, ShardRole};
+use crate::rowcache::{Budget, RowCache};
 use crate::schema::{Row, Schema};
 use crate::topology::ReplicaState;
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -105,11 +106,21 @@ pub struct Shard {
     /// Primary side: when a read lease was last granted to each replica. Only changed under this
     /// lock after checking the topology under it too (see [`Shard::grant_lease`]).
     grants: Mutex<HashMap<String, Instant>>,
+    /// The table's rows in memory, changed only under `applied` (see [`crate::rowcache`]).
+    rows: RowCache,
 }
 
 impl Shard {
-    pub fn spawn(table: ShardTable, applied: u64, copy_id: String, standalone: bool) -> Arc<Shard> {
+    /// A shard whose row cache is off; [`Shard::load_rows`] fills it.
+    pub fn spawn(
+        table: ShardTable,
+        applied: u64,
+        copy_id: String,
+        standalone: bool,
+        budget: Arc<Budget>,
+    ) -> Arc<Shard> {
         let (tx, rx) = mpsc::channel(4096);
+        let rows = RowCache::off(&table.schema, budget);
         Arc::new(Shard {
             table,
             applied: tokio::sync::Mutex::new(applied),
@@ -122,7 +133,50 @@ impl Shard {
             peers: Mutex::new(HashMap::new()),
             lease: Mutex::new(None),
             grants: Mutex::new(HashMap::new()),
+            rows,
         })
+    }
+
+    /// Loads the row cache from the table (it stays off if the rows do not fit the server's budget
+    /// or Postgres fails).
+    pub async fn load_rows(&self, db: &Db) {
+        let _applied = self.applied.lock().await;
+        self.load_rows_locked(db).await;
+    }
+
+    /// [`Shard::load_rows`] for a caller holding `applied`.
+    async fn load_rows_locked(&self, db: &Db) {
+        self.rows.turn_off();
+        let room = usize::try_from(self.rows.budget_left()).unwrap_or(0);
+        match db.all_rows(&self.table, room).await {
+            Ok(Some(rows)) => self.rows.load(&self.table.schema, rows),
+            Ok(None) => {
+                tracing::info!(shard = self.id(), room, "shard too large for the row cache; reads go to Postgres")
+            }
+            Err(e) => tracing::warn!(shard = self.id(), error = %e, "cannot load the row cache; reads go to Postgres"),
+        }
+    }
+
+    /// Whether reads and decisions are served from memory.
+    pub fn rows_cached(&self) -> bool {
+        self.rows.is_on()
+    }
+
+    /// The rows of each inclusive range as a JSON array text, sorted by key: from the row cache,
+    /// or from Postgres when it is off.
+    pub async fn read_ranges_json(&self, db: &Db, ranges: &[(i64, i64)]) -> Result<Vec<String>, DbError> {
+        match self.rows.ranges_json(ranges) {
+            Some(parts) => Ok(parts),
+            None => db.read_ranges_json(&self.table, ranges).await,
+        }
+    }
+
+    /// The stored rows of `keys`: from the row cache, or from Postgres when it is off.
+    async fn stored_rows(&self, db: &Db, keys: &[i64]) -> Result<HashMap<i64, Row>, DbError> {
+        match self.rows.rows(keys) {
+            Some(rows) => Ok(rows),
+            None => db.fetch_rows(&self.table, keys).await,
+        }
     }
 
     pub fn id(&self) -> &str {
@@ -402,7 +456,9 @@ impl Shard {
         Ok(*applied)
     }
 
+    /// Right after an entry committed, under `applied`.
     fn after_apply(&self, node: &Node, entry: Arc<Entry>) {
+        self.rows.apply(&entry.changes);
         let seq = entry.seq;
         self.remember(entry);
         if seq.is_multiple_of(1024) && seq > LOG_ENTRIES {
@@ -454,8 +510,22 @@ impl Shard {
     /// number, pulls the entries in between from the source's log, and compares at that number.
     /// The previous copy stays intact if anything fails before the snapshot commits.
     pub async fn recover(&self, node: &Node, source: &ShardClient) -> Result<RecoverResponse, ApiError> {
-        let recovery = |what: String| ApiError::Recovery(what);
         let mut applied = self.applied.lock().await;
+        // The table is about to be replaced: the cache goes off first and is loaded again from
+        // whatever the table holds after (the new copy, or the old one if anything failed).
+        self.rows.turn_off();
+        let result = self.recover_locked(node, source, &mut applied).await;
+        self.load_rows_locked(&node.db).await;
+        result
+    }
+
+    async fn recover_locked(
+        &self,
+        node: &Node,
+        source: &ShardClient,
+        applied: &mut u64,
+    ) -> Result<RecoverResponse, ApiError> {
+        let recovery = |what: String| ApiError::Recovery(what);
         let resp = source.snapshot(self.id()).await.map_err(|e| recovery(format!("opening the snapshot: {e}")))?;
         let mut lines = LineReader::new(resp);
         let header: SnapshotHeader = match lines.next().await? {
@@ -513,7 +583,7 @@ impl Shard {
                 if got.entries.is_empty() {
                     return Err(recovery("the source returned no log entries".into()));
                 }
-                self.apply_entries(node, &mut applied, got.entries).await?;
+                self.apply_entries(node, applied, got.entries).await?;
             }
             let ours = node.db.stats(&self.table, true).await?;
             if ours.applied_seq != theirs.applied_seq {
@@ -742,7 +812,7 @@ async fn process_group(node: &Arc<Node>, shard: &Arc<Shard>, group: Vec<Job>) {
     keys.dedup();
 
     let mut applied = shard.applied.lock().await;
-    let stored = match node.db.fetch_rows(&shard.table, &keys).await {
+    let stored = match shard.stored_rows(&node.db, &keys).await {
         Ok(s) => s,
         Err(e) => {
             let e = Arc::new(e);

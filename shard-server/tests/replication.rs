@@ -10,6 +10,7 @@ use shard_server::api::{
     BatchOutcome, Change, Entry, ErrorCode, Op, ReplicateRequest, SnapshotEnd, SnapshotHeader, WriteBatchesRequest,
     WriteRequest,
 };
+use shard_server::node::NodeConfig;
 use shard_server::schema::{Row, Value};
 use shard_server::topology::ReplicaState;
 
@@ -563,8 +564,47 @@ async fn an_idle_cluster_keeps_serving_reads_from_replicas() {
 
 #[tokio::test]
 async fn read_ranges_answer_every_range_in_order_and_only_where_reads_are_served() {
-    let mut c = Cluster::start(3, &[("sh1", 0, 1000, 0, &[0, 1, 2])]).await;
+    let c = Cluster::start(3, &[("sh1", 0, 1000, 0, &[0, 1, 2])]).await;
+    read_ranges_case(c, true).await;
+}
+
+#[tokio::test]
+async fn read_ranges_answer_the_same_from_postgres_without_a_row_cache() {
+    let c = Cluster::start_without_cache(3, &[("sh1", 0, 1000, 0, &[0, 1, 2])]).await;
+    read_ranges_case(c, false).await;
+}
+
+#[tokio::test]
+async fn a_shard_outgrowing_the_row_cache_is_read_from_postgres() {
+    let c = Cluster::start_with(
+        2,
+        &[("sh1", 0, 1000, 0, &[0, 1])],
+        NodeConfig::DEFAULT_LEASE,
+        NodeConfig::DEFAULT_LEASE_RENEW,
+        30,
+    )
+    .await;
+    c.client(0).write("sh1", &write(1, inserts(0..20))).await.unwrap();
+    assert!(c.client(0).status(false).await.unwrap().shards["sh1"].cached, "20 rows fit 30");
+    c.client(0).write("sh1", &write(1, inserts(20..50))).await.unwrap();
+    c.client(0).write("sh1", &write(1, vec![Op::Delete { key: 7 }])).await.unwrap();
+    for i in [0, 1] {
+        assert!(!c.client(i).status(false).await.unwrap().shards["sh1"].cached, "server {i}: 50 rows do not fit");
+        let keys = read_when_served(&c, i, Duration::from_secs(20)).await;
+        assert_eq!(keys, (0..50).filter(|k| *k != 7).collect::<Vec<_>>(), "server {i}");
+    }
+    // Decisions still see every row: a different row at an existing key conflicts.
+    let e = c.client(0).write("sh1", &write(1, vec![Op::Insert { row: row(40, "other") }])).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::Conflict), "{e}");
+}
+
+/// Reads of several ranges at once, from the primary and a replica; `cached` says whether the
+/// servers hold the rows in memory.
+async fn read_ranges_case(mut c: Cluster, cached: bool) {
     c.client(0).write("sh1", &write(1, inserts(0..50))).await.unwrap();
+    for i in 0..3 {
+        assert_eq!(c.client(i).status(false).await.unwrap().shards["sh1"].cached, cached, "server {i}");
+    }
     read_when_served(&c, 1, Duration::from_secs(20)).await;
     let ranges = [
         KeyRange { low: 10, high: 12 },

@@ -95,8 +95,14 @@ mod tests {
     use std::time::Duration;
 
     fn status(seq: u64, copy: &str) -> ServerStatus {
-        let shard =
-            ShardStatus { role: Role::Replica, applied_seq: seq, rows: 0, checksum: None, copy_id: copy.into() };
+        let shard = ShardStatus {
+            role: Role::Replica,
+            applied_seq: seq,
+            rows: 0,
+            checksum: None,
+            copy_id: copy.into(),
+            cached: false,
+        };
         ServerStatus { server: "S".into(), epoch: 4, shards: [("sh1".to_owned(), shard)].into() }
     }
 

@@ -107,7 +107,11 @@ pub async fn read(State(node): State<Arc<Node>>, JsonBody(body): JsonBody<Obj>) 
     if range.low > range.high {
         return Err(ApiError::bad_request(format!("{key_name} low {} is greater than high {}", range.low, range.high)));
     }
-    let rows = node.db.read_range_json(&shard.table, range.low, range.high).await?;
+    let rows = shard
+        .read_ranges_json(&node.db, &[(range.low, range.high)])
+        .await?
+        .pop()
+        .ok_or_else(|| ApiError::Internal("no rows part for the one range read".into()))?;
     let body = format!("{{\"data\":{rows},\"status\":\"success\"}}");
     Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }

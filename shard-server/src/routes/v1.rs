@@ -97,7 +97,7 @@ pub async fn read_ranges(
         return Err(ApiError::bad_request(format!("range {i}: low {} is greater than high {}", r.low, r.high)));
     }
     let ranges: Vec<(i64, i64)> = req.ranges.iter().map(|r| (r.low, r.high)).collect();
-    let parts = node.db.read_ranges_json(&shard.table, &ranges).await?;
+    let parts = shard.read_ranges_json(&node.db, &ranges).await?;
     // Postgres wrote each part as a JSON array; they are passed through as they are.
     let mut body = String::with_capacity(parts.iter().map(|p| p.len() + 1).sum::<usize>() + 16);
     body.push_str("{\"data\":[");
@@ -254,6 +254,7 @@ pub async fn status(
                 rows: stats.rows,
                 checksum: stats.checksum,
                 copy_id: stats.copy_id,
+                cached: shard.rows_cached(),
             },
         );
     }

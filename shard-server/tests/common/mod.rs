@@ -24,6 +24,8 @@ pub struct Cluster {
     pub topology: Topology,
     /// Read lease and renewal interval of every server (restarts included).
     pub lease: (Duration, Duration),
+    /// Row cache budget of every server (restarts included).
+    pub cache_rows: usize,
     pub servers: Vec<Server>,
     pub http: reqwest::Client,
 }
@@ -60,6 +62,21 @@ impl Cluster {
     }
 
     pub async fn start_with_lease(n: usize, shards: &[ShardDef<'_>], lease: Duration, renew: Duration) -> Cluster {
+        Cluster::start_with(n, shards, lease, renew, NodeConfig::DEFAULT_CACHE_ROWS).await
+    }
+
+    /// Servers with no row cache: every read and decision goes to Postgres.
+    pub async fn start_without_cache(n: usize, shards: &[ShardDef<'_>]) -> Cluster {
+        Cluster::start_with(n, shards, NodeConfig::DEFAULT_LEASE, NodeConfig::DEFAULT_LEASE_RENEW, 0).await
+    }
+
+    pub async fn start_with(
+        n: usize,
+        shards: &[ShardDef<'_>],
+        lease: Duration,
+        renew: Duration,
+        cache_rows: usize,
+    ) -> Cluster {
         install_crypto_provider();
         let _ = tracing_subscriber::fmt()
             .with_test_writer()
@@ -113,8 +130,15 @@ impl Cluster {
         for s in &servers {
             write_atomic(&s.topology_path, &topology).unwrap();
         }
-        let mut c =
-            Cluster { pg, dir, topology, lease: (lease, renew), servers, http: http_client(Duration::from_secs(30)) };
+        let mut c = Cluster {
+            pg,
+            dir,
+            topology,
+            lease: (lease, renew),
+            cache_rows,
+            servers,
+            http: http_client(Duration::from_secs(30)),
+        };
         for (i, l) in listeners.into_iter().enumerate() {
             c.serve(i, l).await;
         }
@@ -130,6 +154,7 @@ impl Cluster {
             body_limit: 1 << 20,
             lease: self.lease.0,
             lease_renew: self.lease.1,
+            cache_rows: self.cache_rows,
         };
         let node = Node::new(config, db, watch_file(s.topology_path.clone()));
         node.start().await.unwrap();
