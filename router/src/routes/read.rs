@@ -30,7 +30,7 @@ pub fn parse_range(key_name: &str, body: &Map<String, Value>) -> Result<KeyRange
     Ok(range)
 }
 
-#[tracing::instrument(skip_all)]
+#[tracing::instrument(level = "debug", skip_all)]
 pub async fn read(
     State(state): State<AppState>,
     JsonBody(body): JsonBody<Map<String, Value>>,

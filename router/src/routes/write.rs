@@ -20,7 +20,7 @@ pub struct WriteBody {
     pub data: Vec<Value>,
 }
 
-#[tracing::instrument(skip_all, fields(rows = body.data.len()))]
+#[tracing::instrument(level = "debug", skip_all, fields(rows = body.data.len()))]
 pub async fn write(
     State(state): State<AppState>,
     JsonBody(body): JsonBody<WriteBody>,
@@ -31,7 +31,7 @@ pub async fn write(
     Ok(Json(Message::success(format!("{} Data entries added", body.data.len()))))
 }
 
-#[tracing::instrument(skip_all)]
+#[tracing::instrument(level = "debug", skip_all)]
 pub async fn update(
     State(state): State<AppState>,
     JsonBody(body): JsonBody<Map<String, Value>>,
@@ -42,7 +42,7 @@ pub async fn update(
     Ok(Json(Message::success(format!("Data entry for {}: {key} updated", routing.schema.key_name()))))
 }
 
-#[tracing::instrument(skip_all)]
+#[tracing::instrument(level = "debug", skip_all)]
 pub async fn del(
     State(state): State<AppState>,
     JsonBody(body): JsonBody<Map<String, Value>>,

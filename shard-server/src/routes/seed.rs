@@ -90,7 +90,7 @@ pub async fn copy(State(node): State<Arc<Node>>, JsonBody(req): JsonBody<CopyReq
 use futures::StreamExt as _;
 
 /// `POST /read`: rows of one shard with keys in `[low, high]`, sorted by key.
-#[tracing::instrument(skip_all)]
+#[tracing::instrument(level = "debug", skip_all)]
 pub async fn read(State(node): State<Arc<Node>>, JsonBody(body): JsonBody<Obj>) -> Result<Response, ApiError> {
     let id = shard_field(&body)?;
     let (shard, role) = node.shard(id).await?;
@@ -117,7 +117,7 @@ pub async fn read(State(node): State<Arc<Node>>, JsonBody(body): JsonBody<Obj>) 
 }
 
 /// `POST /write`: adds rows to a shard this server is the primary of.
-#[tracing::instrument(skip_all)]
+#[tracing::instrument(level = "debug", skip_all)]
 pub async fn write(
     State(node): State<Arc<Node>>,
     JsonBody(body): JsonBody<Obj>,

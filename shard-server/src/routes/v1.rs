@@ -24,7 +24,7 @@ use std::sync::Arc;
 use tokio_stream::wrappers::ReceiverStream;
 
 /// `POST /v1/shards/{shard}/write`: a batch applied atomically by this shard's primary.
-#[tracing::instrument(skip_all, fields(shard = %id))]
+#[tracing::instrument(level = "debug", skip_all, fields(shard = %id))]
 pub async fn write(
     State(node): State<Arc<Node>>,
     Path(id): Path<String>,
@@ -38,7 +38,7 @@ pub async fn write(
 /// `POST /v1/shards/{shard}/write_batches`: independent batches, each applied atomically on its own.
 /// A failure that concerns the whole request (unknown shard, unreadable body) is the request's
 /// answer; everything else, including a batch that breaks the rules, is that batch's outcome.
-#[tracing::instrument(skip_all, fields(shard = %id))]
+#[tracing::instrument(level = "debug", skip_all, fields(shard = %id))]
 pub async fn write_batches(
     State(node): State<Arc<Node>>,
     Path(id): Path<String>,
@@ -65,7 +65,7 @@ pub async fn write_batches(
             Ok(done) => BatchOutcome::Ok(done),
             Err(e) => {
                 if e.status().is_server_error() {
-                    tracing::warn!(error = %e, "batch failed");
+                    tracing::warn!(shard = %id, error = %e, "batch failed");
                 }
                 BatchOutcome::Err { status: e.status().as_u16(), error: e.body() }
             }
@@ -79,7 +79,7 @@ pub const MAX_READ_RANGES: usize = 4096;
 
 /// `POST /v1/shards/{shard}/read_ranges`: several ranges of one shard, one JSON array of rows per
 /// range, in the order asked. Served by the same copies as the seed `/read`.
-#[tracing::instrument(skip_all, fields(shard = %id))]
+#[tracing::instrument(level = "debug", skip_all, fields(shard = %id))]
 pub async fn read_ranges(
     State(node): State<Arc<Node>>,
     Path(id): Path<String>,
@@ -112,7 +112,7 @@ pub async fn read_ranges(
 }
 
 /// `POST /v1/shards/{shard}/replicate`: entries from the shard's primary.
-#[tracing::instrument(skip_all, fields(shard = %id, from = %req.primary))]
+#[tracing::instrument(level = "debug", skip_all, fields(shard = %id, from = %req.primary))]
 pub async fn replicate(
     State(node): State<Arc<Node>>,
     Path(id): Path<String>,
@@ -263,7 +263,7 @@ pub async fn status(
 
 /// `POST /v1/lease`: grants read leases to a ready replica, for the shards this server is the
 /// primary of and lists the replica as ready for (see [`crate::replication`]).
-#[tracing::instrument(skip_all, fields(replica = %req.replica))]
+#[tracing::instrument(level = "debug", skip_all, fields(replica = %req.replica))]
 pub async fn lease(
     State(node): State<Arc<Node>>,
     JsonBody(req): JsonBody<LeaseRequest>,
