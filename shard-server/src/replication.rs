@@ -108,6 +108,10 @@ pub struct Shard {
     grants: Mutex<HashMap<String, Instant>>,
     /// The table's rows in memory, changed only under `applied` (see [`crate::rowcache`]).
     rows: RowCache,
+    /// An apply failed: its commit may still have happened (the answer was lost), so `applied`
+    /// and `rows` may be behind the table. The next holder of `applied` reads both back from
+    /// Postgres before doing anything else.
+    resync: AtomicBool,
 }
 
 impl Shard {
@@ -134,7 +138,30 @@ impl Shard {
             lease: Mutex::new(None),
             grants: Mutex::new(HashMap::new()),
             rows,
+            resync: AtomicBool::new(false),
         })
+    }
+
+    /// After a failed apply (see `resync`), takes the applied seq and the rows from the table
+    /// again. The caller holds `applied`.
+    async fn resync_if_needed(&self, db: &Db, applied: &mut u64) -> Result<(), DbError> {
+        if !self.resync.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let stored = db.stats(&self.table, false).await?;
+        if stored.applied_seq != *applied {
+            tracing::warn!(
+                shard = self.id(),
+                memory = *applied,
+                table = stored.applied_seq,
+                "an apply reported as failed had committed; taking the table's state"
+            );
+            *applied = stored.applied_seq;
+            self.cache.lock().expect("lock").clear();
+        }
+        self.load_rows_locked(db).await;
+        self.resync.store(false, Ordering::Release);
+        Ok(())
     }
 
     /// Loads the row cache from the table (it stays off if the rows do not fit the server's budget
@@ -427,6 +454,7 @@ impl Shard {
 
     /// Applies consecutive entries on top of `applied` (held locked by the caller).
     async fn apply_entries(&self, node: &Node, applied: &mut u64, entries: Vec<Entry>) -> Result<u64, ApiError> {
+        self.resync_if_needed(&node.db, applied).await?;
         for entry in entries {
             if entry.seq <= *applied {
                 continue;
@@ -448,7 +476,10 @@ impl Shard {
                     }
                 }
             }
-            node.db.apply(&self.table, &entry).await?;
+            if let Err(e) = node.db.apply(&self.table, &entry).await {
+                self.resync.store(true, Ordering::Release);
+                return Err(e.into());
+            }
             *applied = entry.seq;
             node.metrics.entries_applied.inc();
             self.after_apply(node, Arc::new(entry));
@@ -812,6 +843,13 @@ async fn process_group(node: &Arc<Node>, shard: &Arc<Shard>, group: Vec<Job>) {
     keys.dedup();
 
     let mut applied = shard.applied.lock().await;
+    if let Err(e) = shard.resync_if_needed(&node.db, &mut applied).await {
+        let e = Arc::new(e);
+        for job in jobs {
+            let _ = job.reply.send(Err(ApiError::Internal(format!("reading the shard's state back: {e}"))));
+        }
+        return;
+    }
     let stored = match shard.stored_rows(&node.db, &keys).await {
         Ok(s) => s,
         Err(e) => {
@@ -852,8 +890,9 @@ async fn process_group(node: &Arc<Node>, shard: &Arc<Shard>, group: Vec<Job>) {
         list.sort_unstable_by_key(|c| c.key);
         let entry = Entry { seq: *applied + 1, epoch, changes: list };
         if let Err(e) = node.db.apply(&shard.table, &entry).await {
+            shard.resync.store(true, Ordering::Release);
             let e = Arc::new(e);
-            for (job, _) in accepted {
+            for job in accepted.into_iter().map(|(j, _)| j).chain(refused.into_iter().map(|(j, _)| j)) {
                 let _ = job.reply.send(Err(ApiError::Internal(format!("committing seq {}: {e}", entry.seq))));
             }
             return;

@@ -651,3 +651,27 @@ async fn read_ranges_case(mut c: Cluster, cached: bool) {
     let e = c.client(0).read_ranges("nope", &ranges).await.unwrap_err();
     assert_eq!(e.code(), Some(ErrorCode::NotFound), "{e}");
 }
+
+#[tokio::test]
+async fn a_commit_whose_answer_was_lost_is_read_back_from_the_table() {
+    let c = Cluster::start(2, &[("sh1", 0, 1000, 0, &[0, 1])]).await;
+    c.client(0).write("sh1", &write(1, inserts(0..5))).await.unwrap();
+    // Seq 2 commits on the primary's table without the primary hearing of it, as when the answer
+    // to its own commit is lost.
+    let db = shard_server::db::Db::connect(&c.servers[0].db_url, 1).await.unwrap();
+    let schema = shard_server::schema::Schema::try_from(common::students()).unwrap();
+    let table = shard_server::db::ShardTable::new("sh1", schema);
+    let lost = Entry { seq: 2, epoch: 1, changes: vec![Change { key: 100, row: Some(row(100, "lost answer")) }] };
+    db.apply(&table, &lost).await.unwrap();
+    // The primary's next commit fails (the table is past what it knows) and nothing is acknowledged...
+    let e = c.client(0).write("sh1", &write(1, inserts(5..6))).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::Internal), "{e}");
+    // ...then it takes the table's state back: writes go on after seq 2, its rows are served, and
+    // the replica receives seq 2 from the durable log.
+    let r = c.client(0).write("sh1", &write(1, inserts(5..6))).await.unwrap();
+    assert_eq!(r.seq, 3);
+    for i in [0, 1] {
+        assert_eq!(read_when_served(&c, i, Duration::from_secs(20)).await, [0, 1, 2, 3, 4, 5, 100], "server {i}");
+    }
+    assert_converged(&c, &[0, 1], 7).await;
+}

@@ -16,8 +16,12 @@ async fn quick_a1_run_reports_every_field_without_errors() -> anyhow::Result<()>
     let json = serde_json::to_value(&report)?;
     let results = json["results"].as_array().expect("results");
     let names: Vec<&str> = results.iter().map(|r| r["workload"].as_str().unwrap()).collect();
-    assert_eq!(names, ["a1-write", "a1-read"]);
-    for r in results {
+    assert_eq!(names, ["a1-write", "a1-read", "http-floor"]);
+    // The HTTP floor has no baseline: it measures the router and the load generator alone.
+    let floor = &results[2];
+    assert!(floor["ops_per_s"].is_number() && floor["baseline_ops_per_s"].is_null(), "{floor}");
+    assert_eq!((&floor["ops"], &floor["errors"]), (&serde_json::json!(100), &serde_json::json!(0)), "{floor}");
+    for r in &results[..2] {
         for field in ["ops_per_s", "baseline_ops_per_s", "ratio", "p50_ms", "p99_ms", "p999_ms", "cpu_s_per_1k_ops"] {
             assert!(r[field].is_number(), "{} lacks {field}: {r}", r["workload"]);
         }
@@ -37,8 +41,9 @@ async fn quick_a1_run_reports_every_field_without_errors() -> anyhow::Result<()>
     bench::write_outputs(&report, dir.path())?;
     let md = std::fs::read_to_string(dir.path().join("benchmarks.md"))?;
     assert!(md.contains("A-1 single-row writes") && md.contains("## Where the time goes"));
+    assert!(md.contains("HTTP floor"));
     let back: bench::report::Report = serde_json::from_slice(&std::fs::read(dir.path().join("benchmarks.json"))?)?;
-    assert_eq!(back.results.len(), 2);
+    assert_eq!(back.results.len(), 3);
     assert!(std::fs::read_to_string(dir.path().join("benchmarks.svg"))?.contains("</svg>"));
     Ok(())
 }

@@ -110,6 +110,18 @@ impl Router {
         check_rows(&answer.data.context("read answer without data")?, expect)
     }
 
+    /// `GET /healthz`: the router answers from memory, touching no shard server (the cost of
+    /// HTTP alone, for the floor phase).
+    pub async fn healthz(&self) -> Result<()> {
+        let resp = self.http.get(format!("{}/healthz", self.base)).send().await.context("GET /healthz")?;
+        let status = resp.status();
+        let bytes = resp.bytes().await.context("GET /healthz: reading the answer")?;
+        ensure!(status.is_success(), "GET /healthz answered {status}");
+        let answer: Answer = serde_json::from_slice(&bytes).context("GET /healthz: not JSON")?;
+        ensure!(answer.status == "success", "GET /healthz answered status {:?}", answer.status);
+        Ok(())
+    }
+
     /// Waits until the router answers `/readyz` with 200.
     pub async fn wait_ready(&self, limit: Duration) -> Result<()> {
         let start = Instant::now();

@@ -174,7 +174,36 @@ impl Ctx {
                 router,
                 baseline,
             );
-            anyhow::Ok(vec![write, read])
+            let mut rows = vec![write, read];
+            // The floor under every router workload: the same load generator and concurrency
+            // against an endpoint the router answers from memory. No shard server, no Postgres:
+            // what HTTP alone costs on this machine, so the other rows can be read against it.
+            if id == "a1" {
+                let r = t.router.clone();
+                let floor = measure(
+                    &t.layout,
+                    drive(n, self.opts.concurrency, move |_| {
+                        let r = r.clone();
+                        async move { r.healthz().await }
+                    }),
+                )
+                .await;
+                let mut row = ResultRow::new(
+                    "http-floor",
+                    "HTTP floor: GET /healthz (router only)",
+                    &t.cluster_name,
+                    0.0,
+                    Side::from_load(&floor.0, floor.1),
+                    None,
+                );
+                row.notes.push(
+                    "the router answers from memory: no shard server, no Postgres; an upper bound for any workload \
+                     through the router with this load generator"
+                        .into(),
+                );
+                rows.push(row);
+            }
+            anyhow::Ok(rows)
         }
         .await;
         self.finish(t, result, report).await
