@@ -72,6 +72,9 @@ use tokio::sync::{mpsc, oneshot};
 const MAX_GROUP_OPS: usize = 4096;
 /// Entries kept in memory for catching up replicas without reading the log table.
 const CACHE_ENTRIES: usize = 2048;
+/// Most row changes those entries may hold together: big batches (a bulk load of 500-row writes)
+/// would otherwise keep hundreds of thousands of rows in memory. Older entries come from the log.
+const CACHE_CHANGES: usize = 32_768;
 /// Entries kept in the durable log.
 const LOG_ENTRIES: u64 = 20_000;
 /// Most entries sent to a replica in one request.
@@ -363,8 +366,9 @@ impl Shard {
             c.clear();
         }
         c.push_back(entry);
-        while c.len() > CACHE_ENTRIES {
-            c.pop_front();
+        let mut changes: usize = c.iter().map(|e| e.changes.len()).sum();
+        while c.len() > 1 && (c.len() > CACHE_ENTRIES || changes > CACHE_CHANGES) {
+            changes -= c.pop_front().map_or(0, |e| e.changes.len());
         }
     }
 
@@ -1025,6 +1029,38 @@ mod tests {
             .unwrap();
         assert_eq!(d.changes[&2], None);
         assert_eq!(d.changes[&1], Some(row(1, "n")));
+    }
+
+    #[test]
+    fn recent_entries_kept_in_memory_are_bounded_by_count_and_by_rows() {
+        let shard =
+            Shard::spawn(ShardTable::new("sh1", schema()), 0, "copy".into(), false, crate::rowcache::Budget::new(0));
+        let entry = |seq: u64, rows: i64| {
+            Arc::new(Entry {
+                seq,
+                epoch: 1,
+                changes: (0..rows).map(|k| Change { key: k, row: Some(row(k, "v")) }).collect(),
+            })
+        };
+        for seq in 1..=CACHE_ENTRIES as u64 + 10 {
+            shard.remember(entry(seq, 1));
+        }
+        let seqs = |s: &Shard| {
+            let c = s.cache.lock().unwrap();
+            (c.front().unwrap().seq, c.back().unwrap().seq, c.len())
+        };
+        assert_eq!(seqs(&shard), (11, CACHE_ENTRIES as u64 + 10, CACHE_ENTRIES));
+        // Big entries: only as many as fit the row bound stay.
+        let next = CACHE_ENTRIES as u64 + 11;
+        for seq in next..next + 100 {
+            shard.remember(entry(seq, 1000));
+        }
+        let (front, back, len) = seqs(&shard);
+        assert_eq!(back, next + 99);
+        assert_eq!(len, CACHE_CHANGES / 1000, "from seq {front}");
+        // One entry larger than the bound is still kept alone.
+        shard.remember(entry(next + 100, CACHE_CHANGES as i64 + 1));
+        assert_eq!(seqs(&shard), (next + 100, next + 100, 1));
     }
 
     #[test]
