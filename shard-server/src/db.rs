@@ -79,8 +79,16 @@ impl ShardTable {
                 format!("{} {}{pk}", quote(c), d.sql_type())
             })
             .collect();
-        let unnest: Vec<String> =
-            schema.dtypes().iter().enumerate().map(|(i, d)| format!("${}::{}[]", i + 1, d.sql_type())).collect();
+        // One array parameter per column, numbered from `$first`.
+        let unnest = |first: usize| {
+            schema
+                .dtypes()
+                .iter()
+                .enumerate()
+                .map(|(i, d)| format!("${}::{}[]", i + first, d.sql_type()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
         let sets: Vec<String> = cols
             .iter()
             .enumerate()
@@ -100,7 +108,7 @@ impl ShardTable {
             all_rows: trusted(format!("SELECT {col_list} FROM {table} LIMIT $1")),
             upsert: trusted(format!(
                 "INSERT INTO {table} ({col_list}) SELECT * FROM UNNEST({}) {on_conflict}",
-                unnest.join(", ")
+                unnest(1)
             )),
             // $1: keys to delete; $2..=$n+1: one array per column of the rows to write; then the
             // shard, the entry's seq, its epoch and its changes as JSON. Sub-statements of one
@@ -113,13 +121,7 @@ impl ShardTable {
                          WHERE shard = ${sh} AND applied_seq = ${s} - 1 RETURNING 1), \
                  log AS (INSERT INTO sharddb_log (shard, seq, epoch, changes) VALUES (${sh}, ${s}, ${e}, ${c}::jsonb)) \
                  SELECT 1 / (SELECT count(*)::INT FROM seq)",
-                unnest_shifted = schema
-                    .dtypes()
-                    .iter()
-                    .enumerate()
-                    .map(|(i, d)| format!("${}::{}[]", i + 2, d.sql_type()))
-                    .collect::<Vec<_>>()
-                    .join(", "),
+                unnest_shifted = unnest(2),
                 sh = n + 2,
                 s = n + 3,
                 e = n + 4,

@@ -101,7 +101,7 @@ pub struct Shard {
     /// may serve reads. See [`Shard::catch_up_then_open`].
     gate: Mutex<GateState>,
     /// Recent entries, ascending and consecutive.
-    cache: Mutex<VecDeque<Arc<Entry>>>,
+    cache: Mutex<Recent>,
     /// What each peer is known to have applied (`None`: unknown, ask).
     peers: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<u64>>>>>,
     /// Replica side: the read lease this copy holds, from which primary and until when.
@@ -136,7 +136,7 @@ impl Shard {
             standalone: AtomicBool::new(standalone),
             copy_id: Mutex::new(copy_id),
             gate: Mutex::new(GateState::Unseen),
-            cache: Mutex::new(VecDeque::new()),
+            cache: Mutex::new(Recent::default()),
             peers: Mutex::new(HashMap::new()),
             lease: Mutex::new(None),
             grants: Mutex::new(HashMap::new()),
@@ -362,13 +362,14 @@ impl Shard {
 
     fn remember(&self, entry: Arc<Entry>) {
         let mut c = self.cache.lock().expect("lock");
-        if c.back().is_some_and(|b| b.seq + 1 != entry.seq) {
+        if c.entries.back().is_some_and(|b| b.seq + 1 != entry.seq) {
             c.clear();
         }
-        c.push_back(entry);
-        let mut changes: usize = c.iter().map(|e| e.changes.len()).sum();
-        while c.len() > 1 && (c.len() > CACHE_ENTRIES || changes > CACHE_CHANGES) {
-            changes -= c.pop_front().map_or(0, |e| e.changes.len());
+        c.changes += entry.changes.len();
+        c.entries.push_back(entry);
+        while c.entries.len() > 1 && (c.entries.len() > CACHE_ENTRIES || c.changes > CACHE_CHANGES) {
+            let dropped = c.entries.pop_front().map_or(0, |e| e.changes.len());
+            c.changes -= dropped;
         }
     }
 
@@ -376,7 +377,7 @@ impl Shard {
     async fn entries(&self, node: &Node, from: u64, to: u64) -> Result<Vec<Arc<Entry>>, ReplicationError> {
         let to = to.min(from + MAX_SEND as u64 - 1);
         {
-            let c = self.cache.lock().expect("lock");
+            let c = &self.cache.lock().expect("lock").entries;
             if let Some(front) = c.front()
                 && front.seq <= from
                 && c.back().is_some_and(|b| b.seq >= to)
@@ -671,6 +672,21 @@ async fn wait_out_lease(
     }
     tracing::info!(shard = shard.id(), %peer, seq = target, "waiting out the read lease of a demoted replica");
     tokio::time::sleep_until(end.into()).await;
+}
+
+/// Recent entries kept in memory, with the row changes they hold together (bounded by
+/// [`CACHE_ENTRIES`] and [`CACHE_CHANGES`]).
+#[derive(Debug, Default)]
+struct Recent {
+    entries: VecDeque<Arc<Entry>>,
+    changes: usize,
+}
+
+impl Recent {
+    fn clear(&mut self) {
+        self.entries.clear();
+        self.changes = 0;
+    }
 }
 
 /// Whether a ready replica may serve reads yet.
@@ -1046,7 +1062,7 @@ mod tests {
             shard.remember(entry(seq, 1));
         }
         let seqs = |s: &Shard| {
-            let c = s.cache.lock().unwrap();
+            let c = &s.cache.lock().unwrap().entries;
             (c.front().unwrap().seq, c.back().unwrap().seq, c.len())
         };
         assert_eq!(seqs(&shard), (11, CACHE_ENTRIES as u64 + 10, CACHE_ENTRIES));
