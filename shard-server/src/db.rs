@@ -188,6 +188,9 @@ fn seq_from_sql(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
 }
 
+/// A pooled connection idle this long is pinged before use (see [`Db::connect`]).
+const IDLE_PING_AFTER: Duration = Duration::from_secs(1);
+
 impl Db {
     /// Connects and creates the bookkeeping tables.
     pub async fn connect(url: &str, max_connections: u32) -> Result<Db, DbError> {
@@ -196,6 +199,21 @@ impl Db {
             .max_connections(max_connections)
             .min_connections(1)
             .acquire_timeout(Duration::from_secs(10))
+            // sqlx pings every connection it hands out by default: one more round trip to
+            // Postgres per statement, which on the write path (one statement per replication
+            // entry and copy) cost more CPU than the statement's own planning. A connection in
+            // steady use proves itself on every statement, so only one that sat idle (across a
+            // Postgres restart, say) is pinged; a statement that still meets a dead connection
+            // fails like any Postgres error, and the pool drops that connection.
+            .test_before_acquire(false)
+            .before_acquire(|conn, meta| {
+                Box::pin(async move {
+                    if meta.idle_for >= IDLE_PING_AFTER {
+                        sqlx::Connection::ping(conn).await?;
+                    }
+                    Ok(true)
+                })
+            })
             .connect_with(opts)
             .await?;
         let db = Db { pool };
