@@ -48,17 +48,28 @@ struct Args {
     /// Postgres; a shard that does not fit is read from Postgres. 0 turns the cache off.
     #[arg(long, env = "SHARDDB_CACHE_ROWS", default_value_t = NodeConfig::DEFAULT_CACHE_ROWS)]
     cache_rows: usize,
+    /// Threads running requests. Default: one per CPU this process may use (its cgroup's quota
+    /// included). Servers sharing a machine do better with fewer: local mode gives each its share.
+    #[arg(long, env = "SHARDDB_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
+    worker_threads: Option<u16>,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = args.worker_threads {
+        runtime.worker_threads(n.into());
+    }
+    runtime.enable_all().build()?.block_on(serve(args))
+}
+
+async fn serve(args: Args) -> anyhow::Result<()> {
     api::install_crypto_provider();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,sqlx=warn".into()),
         )
         .init();
-    let args = Args::parse();
     let db = Db::connect_patiently(&args.database_url, args.db_connections, Duration::from_secs(60)).await?;
     let topology = match (&args.topology_file, &args.topology_configmap) {
         (Some(p), _) => topology_source::watch_file(p.clone()),

@@ -215,11 +215,39 @@ fn parse_value(col: &str, dtype: DType, v: &serde_json::Value) -> Result<Value, 
 }
 
 /// A cell value. On the wire a JSON number or string.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
 #[serde(untagged)]
 pub enum Value {
     Int(i64),
     Text(String),
+}
+
+/// By hand rather than `#[serde(untagged)]`, which buffers each value and, for every string,
+/// builds (and formats) a failed attempt at a number first: every replicated row is decoded this
+/// way on each copy.
+impl<'de> Deserialize<'de> for Value {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Value, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Value;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an integer or a string")
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Value, E> {
+                Ok(Value::Int(v))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Value, E> {
+                i64::try_from(v).map(Value::Int).map_err(|_| E::invalid_value(serde::de::Unexpected::Unsigned(v), &self))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Value, E> {
+                Ok(Value::Text(v.to_owned()))
+            }
+            fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Value, E> {
+                Ok(Value::Text(v))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
 }
 
 impl fmt::Display for Value {
@@ -279,6 +307,26 @@ mod tests {
             None,
         )
         .unwrap()
+    }
+
+    #[test]
+    fn values_decode_from_json_numbers_and_strings_only() {
+        let row: Row = serde_json::from_str(r#"[7, "Ann \"A\"", -3, "12", 9223372036854775807]"#).unwrap();
+        assert_eq!(
+            row.0,
+            vec![
+                Value::Int(7),
+                Value::Text("Ann \"A\"".into()),
+                Value::Int(-3),
+                Value::Text("12".into()),
+                Value::Int(i64::MAX)
+            ]
+        );
+        assert_eq!(serde_json::from_str::<Row>(&serde_json::to_string(&row).unwrap()).unwrap(), row);
+        for bad in ["9223372036854775808", "1.5", "null", "true", "[1]", "{}"] {
+            let e = serde_json::from_str::<Value>(bad).unwrap_err().to_string();
+            assert!(e.contains("an integer or a string"), "{bad}: {e}");
+        }
     }
 
     #[test]
