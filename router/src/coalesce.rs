@@ -143,15 +143,12 @@ struct LaneState<K: Kind> {
 impl<K: Kind> Lanes<K> {
     /// Sends `item` to `shard_id` through its lane and waits for its own outcome.
     pub async fn submit(&self, state: &AppState, shard_id: &str, item: K::Item) -> Result<K::Out, UpstreamError> {
-        let lane =
-            Arc::clone(
-                self.lanes.lock().expect("lock").entry(shard_id.to_owned()).or_insert_with(|| {
-                    Arc::new(Lane {
-                        state: Mutex::new(LaneState { queue: Vec::new(), weight: 0, senders: 0 }),
-                        arrived: Notify::new(),
-                    })
-                }),
-            );
+        let lane = Arc::clone(self.lanes.lock().expect("lock").entry(shard_id.to_owned()).or_insert_with(|| {
+            Arc::new(Lane {
+                state: Mutex::new(LaneState { queue: Vec::new(), weight: 0, senders: 0 }),
+                arrived: Notify::new(),
+            })
+        }));
         let (reply, outcome) = oneshot::channel();
         let start = {
             let mut s = lane.state.lock().expect("lock");

@@ -237,7 +237,9 @@ impl<'de> Deserialize<'de> for Value {
                 Ok(Value::Int(v))
             }
             fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Value, E> {
-                i64::try_from(v).map(Value::Int).map_err(|_| E::invalid_value(serde::de::Unexpected::Unsigned(v), &self))
+                i64::try_from(v)
+                    .map(Value::Int)
+                    .map_err(|_| E::invalid_value(serde::de::Unexpected::Unsigned(v), &self))
             }
             fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Value, E> {
                 Ok(Value::Text(v.to_owned()))

@@ -2,10 +2,12 @@
 //! stream, each with its outcome checked: status, `"status":"success"`, and for reads the rows
 //! expected. Request bodies are built before the timed phase. Does I/O.
 
+use crate::bench::http1::Http1;
 use crate::bench::layout::{KEY, row_marks, row_name};
 use anyhow::{Context, Result, bail, ensure};
 use bytes::Bytes;
 use futures::StreamExt as _;
+use hyper::Method;
 use serde::Deserialize;
 use serde_json::json;
 use std::time::{Duration, Instant};
@@ -70,26 +72,20 @@ pub fn check_rows(rows: &[KeyOnly], expect: Expect) -> Result<()> {
 #[derive(Clone, Debug)]
 pub struct Router {
     pub http: reqwest::Client,
+    /// The timed requests go through this (see [`Http1`]).
+    load: Http1,
     pub base: String,
 }
 
 impl Router {
-    pub fn new(http: reqwest::Client, base: &str) -> Router {
-        Router { http, base: base.trim_end_matches('/').to_owned() }
+    /// `base` is the router's `http://host:port`.
+    pub fn new(http: reqwest::Client, base: &str) -> Result<Router> {
+        Ok(Router { http, load: Http1::new(base)?, base: base.trim_end_matches('/').to_owned() })
     }
 
     async fn post(&self, path: &str, body: Bytes) -> Result<Answer> {
-        let url = format!("{}{path}", self.base);
-        let resp = self
-            .http
-            .post(&url)
-            .header("content-type", "application/json")
-            .body(body)
-            .send()
-            .await
-            .with_context(|| format!("POST {path}"))?;
-        let status = resp.status();
-        let bytes = resp.bytes().await.with_context(|| format!("POST {path}: reading the answer"))?;
+        let (status, bytes) =
+            self.load.request(Method::POST, path, Some(body)).await.with_context(|| format!("POST {path}"))?;
         if !status.is_success() {
             bail!("POST {path} answered {status}: {}", String::from_utf8_lossy(&bytes[..bytes.len().min(300)]));
         }
@@ -113,9 +109,7 @@ impl Router {
     /// `GET /healthz`: the router answers from memory, touching no shard server (the cost of
     /// HTTP alone, for the floor phase).
     pub async fn healthz(&self) -> Result<()> {
-        let resp = self.http.get(format!("{}/healthz", self.base)).send().await.context("GET /healthz")?;
-        let status = resp.status();
-        let bytes = resp.bytes().await.context("GET /healthz: reading the answer")?;
+        let (status, bytes) = self.load.request(Method::GET, "/healthz", None).await.context("GET /healthz")?;
         ensure!(status.is_success(), "GET /healthz answered {status}");
         let answer: Answer = serde_json::from_slice(&bytes).context("GET /healthz: not JSON")?;
         ensure!(answer.status == "success", "GET /healthz answered status {:?}", answer.status);

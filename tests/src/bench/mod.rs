@@ -9,6 +9,7 @@
 
 pub mod baseline;
 pub mod client;
+pub mod http1;
 pub mod layout;
 pub mod load;
 pub mod procstat;

@@ -55,7 +55,7 @@ impl Target {
             }
             (None, None) => bail!("a local run needs a cluster shape"),
         };
-        let router = Router::new(http.clone(), &router_url);
+        let router = Router::new(http.clone(), &router_url)?;
         router.wait_ready(Duration::from_secs(60)).await?;
         tokio::time::sleep(Duration::from_millis(500)).await;
         let watched = layout.watched();

@@ -36,7 +36,7 @@ struct Args {
     /// A small smoke run (fewer operations, lower concurrency); its report says so.
     #[arg(long)]
     quick: bool,
-    /// Benchmark this running router instead of starting local clusters (a1/a2/a3 then run once,
+    /// Benchmark this running router (`http://host:port`) instead of starting local clusters (a1/a2/a3 then run once,
     /// as `seed`; copy is skipped). Rows are deterministic, so rerunning rewrites identical rows.
     #[arg(long)]
     router: Option<String>,
