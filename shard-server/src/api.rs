@@ -44,6 +44,9 @@ pub enum ErrorCode {
     NotPrimary,
     /// Replication: the entries do not follow on from what this replica applied.
     SeqGap,
+    /// Replication: this replica holds an entry the primary does not (written by an earlier
+    /// primary and never acknowledged); it gave up its copy and waits to be copied afresh.
+    Diverged,
     /// The replica is not ready to serve (recovering) or the shard is not held here.
     NotReady,
     /// A dependency (Postgres, a replica) failed; safe to retry.
@@ -229,6 +232,11 @@ pub struct ReplicateRequest {
     /// The sending primary's name, for logs and fencing.
     pub primary: String,
     pub entries: Vec<Entry>,
+    /// The epoch of the primary's entry just before `entries[0]`, when it still has it: the
+    /// replica checks that its own entry there matches before appending (see
+    /// [`crate::replication`], divergence).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prev_epoch: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -399,6 +399,27 @@ impl Db {
             .collect()
     }
 
+    /// The epoch of log entry `seq`, if it is still kept.
+    pub async fn log_epoch(&self, shard: &str, seq: u64) -> Result<Option<u64>, DbError> {
+        let epoch: Option<i64> = sqlx::query_scalar("SELECT epoch FROM sharddb_log WHERE shard = $1 AND seq = $2")
+            .bind(shard)
+            .bind(seq_to_sql(seq))
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(epoch.map(seq_from_sql))
+    }
+
+    /// Gives the shard's copy a new identity, so that the operator, which recorded the old one,
+    /// treats it as a different copy: refused for reads and writes until copied afresh.
+    pub async fn renew_copy_id(&self, shard: &str) -> Result<String, DbError> {
+        Ok(sqlx::query_scalar(
+            "UPDATE sharddb_shards SET copy_id = gen_random_uuid()::text WHERE shard = $1 RETURNING copy_id",
+        )
+        .bind(shard)
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
     /// Forgets log entries older than `keep_from`.
     pub async fn trim_log(&self, shard: &str, keep_from: u64) -> Result<u64, DbError> {
         let r = sqlx::query("DELETE FROM sharddb_log WHERE shard = $1 AND seq < $2")

@@ -26,6 +26,11 @@ pub enum ApiError {
     NotPrimary { server: String, shard: String },
     #[error("entries start at {first} but this replica applied up to {applied}")]
     SeqGap { first: u64, applied: u64 },
+    #[error(
+        "this copy of shard {shard} holds entry {seq} of epoch {ours}, the primary's is of epoch {theirs}: it \
+         gave up its copy and must be copied afresh"
+    )]
+    Diverged { shard: String, seq: u64, ours: u64, theirs: u64 },
     #[error("{0}")]
     NotReady(String),
     #[error("database error")]
@@ -82,6 +87,7 @@ impl ApiError {
             ApiError::EpochAhead { .. } => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::EpochAhead),
             ApiError::NotPrimary { .. } => (StatusCode::MISDIRECTED_REQUEST, ErrorCode::NotPrimary),
             ApiError::SeqGap { .. } => (StatusCode::CONFLICT, ErrorCode::SeqGap),
+            ApiError::Diverged { .. } => (StatusCode::CONFLICT, ErrorCode::Diverged),
             ApiError::NotReady(_) => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::NotReady),
             ApiError::Db(_) | ApiError::Replication { .. } => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable),
             ApiError::LogTruncated(_) => (StatusCode::GONE, ErrorCode::LogTruncated),

@@ -14,6 +14,19 @@
 //! (replays are harmless), one beyond the next is refused with `seq_gap` and the replica's position,
 //! so the primary resends from there (from its in-memory cache or its durable log).
 //!
+//! **Divergence.** An entry is named by its sequence number and the epoch of the primary that
+//! created it; one primary never makes two entries with the same number. A replica can still hold
+//! an entry its new primary lacks: the old primary sent it while the operator was handing the shard
+//! over, it reached this replica but not the new primary, so nobody acknowledged it, and the new
+//! primary gives its own next entry the same number. Skipping that entry as a replay would leave
+//! the copies different for good. So the replica compares: an entry it already holds must have the
+//! same epoch as its own, and the first entry it appends must follow an entry of the epoch the
+//! primary says it has there (`prev_epoch`). On a mismatch (where either side still knows the
+//! epoch: in memory or in the durable log) the replica gives up its copy: it takes a new copy
+//! identity, so it is `stale_copy` at once (no reads, no writes) and the operator, which recorded
+//! the old identity, demotes it and copies it afresh. It answers `diverged`, so the write that met
+//! it is not acknowledged and is retried.
+//!
 //! **Read leases.** Waiting for every ready replica is only enough if nobody reads from a replica
 //! the primary stopped waiting for. But topology changes reach servers and routers at different
 //! times (a ConfigMap watch can lag by a second or more), and a replica cut off from its primary
@@ -115,6 +128,9 @@ pub struct Shard {
     /// and `rows` may be behind the table. The next holder of `applied` reads both back from
     /// Postgres before doing anything else.
     resync: AtomicBool,
+    /// This copy met an entry that contradicts its own and gave up its identity (see the module
+    /// documentation, divergence); cleared when a snapshot replaces it.
+    diverged: AtomicBool,
 }
 
 impl Shard {
@@ -142,6 +158,7 @@ impl Shard {
             grants: Mutex::new(HashMap::new()),
             rows,
             resync: AtomicBool::new(false),
+            diverged: AtomicBool::new(false),
         })
     }
 
@@ -289,7 +306,7 @@ impl Shard {
     }
 
     pub fn read_gate_closed(&self) -> bool {
-        matches!(*self.gate.lock().expect("lock"), GateState::CatchingUp(_))
+        self.diverged.load(Ordering::Acquire) || matches!(*self.gate.lock().expect("lock"), GateState::CatchingUp(_))
     }
 
     /// Opens the read gate once this copy holds everything its primary had applied at a moment
@@ -336,7 +353,7 @@ impl Shard {
             if got.entries.is_empty() {
                 return Err("the primary returned no log entries".into());
             }
-            self.apply_entries(node, &mut applied, got.entries).await.map_err(|e| e.to_string())?;
+            self.apply_entries(node, &mut applied, got.entries, None).await.map_err(|e| e.to_string())?;
         }
         Ok(())
     }
@@ -428,10 +445,15 @@ impl Shard {
             // Unknown position: send the newest entry (the common case) and learn from the answer.
             let from = known.map_or(target, |a| a + 1);
             let entries = if target == 0 { Vec::new() } else { self.entries(node, from, target).await? };
+            let prev_epoch = match entries.first() {
+                Some(first) => self.epoch_at(node, first.seq - 1).await?,
+                None => None,
+            };
             let req = ReplicateRequest {
                 epoch,
                 primary: node.name().to_owned(),
                 entries: entries.iter().map(|e| Entry::clone(e)).collect(),
+                prev_epoch,
             };
             let before = *known;
             match client.replicate(self.id(), &req).await {
@@ -454,19 +476,89 @@ impl Shard {
     /// Applies entries sent by the primary (replica side).
     pub async fn replicate(&self, node: &Node, req: ReplicateRequest) -> Result<u64, ApiError> {
         let mut applied = self.applied.lock().await;
-        self.apply_entries(node, &mut applied, req.entries).await
+        self.apply_entries(node, &mut applied, req.entries, req.prev_epoch).await
     }
 
-    /// Applies consecutive entries on top of `applied` (held locked by the caller).
-    async fn apply_entries(&self, node: &Node, applied: &mut u64, entries: Vec<Entry>) -> Result<u64, ApiError> {
+    /// The epoch of this copy's entry `seq`, from memory or the durable log; `None` when neither
+    /// has it any more (or `seq` is 0).
+    async fn epoch_at(&self, node: &Node, seq: u64) -> Result<Option<u64>, DbError> {
+        if seq == 0 {
+            return Ok(None);
+        }
+        {
+            let c = &self.cache.lock().expect("lock").entries;
+            if let Some(front) = c.front()
+                && front.seq <= seq
+                && let Some(e) = c.get((seq - front.seq) as usize)
+            {
+                return Ok(Some(e.epoch));
+            }
+        }
+        node.db.log_epoch(self.id(), seq).await
+    }
+
+    /// Gives up this copy after its entry `seq` (epoch `ours`) met the primary's (epoch `theirs`).
+    async fn diverge(&self, node: &Node, seq: u64, ours: u64, theirs: u64) -> ApiError {
+        if !self.diverged.swap(true, Ordering::AcqRel) {
+            match node.db.renew_copy_id(self.id()).await {
+                Ok(id) => *self.copy_id.lock().expect("lock") = id,
+                // Still refused below; the next attempt tries again.
+                Err(e) => {
+                    self.diverged.store(false, Ordering::Release);
+                    tracing::error!(shard = self.id(), error = %e, "cannot give up a diverged copy");
+                }
+            }
+            tracing::warn!(
+                shard = self.id(),
+                seq,
+                ours,
+                theirs,
+                "copy diverged from its primary; it waits to be copied afresh"
+            );
+        }
+        ApiError::Diverged { shard: self.id().to_owned(), seq, ours, theirs }
+    }
+
+    /// Applies consecutive entries on top of `applied` (held locked by the caller), checking that
+    /// they continue this copy's own (see the module documentation, divergence). `prev_epoch` is
+    /// the sender's epoch for the entry before the first one, if it knows it.
+    async fn apply_entries(
+        &self,
+        node: &Node,
+        applied: &mut u64,
+        entries: Vec<Entry>,
+        prev_epoch: Option<u64>,
+    ) -> Result<u64, ApiError> {
+        if self.diverged.load(Ordering::Acquire) {
+            return Err(ApiError::NotReady(format!(
+                "this copy of shard {} diverged from its primary; it waits to be copied afresh",
+                self.id()
+            )));
+        }
         self.resync_if_needed(&node.db, applied).await?;
+        // The sender's (seq, epoch) just before the next entry, when known.
+        let mut prev = entries.first().and_then(|e| Some((e.seq.checked_sub(1)?, prev_epoch?)));
         for entry in entries {
             if entry.seq <= *applied {
+                if let Some(ours) = self.epoch_at(node, entry.seq).await?
+                    && ours != entry.epoch
+                {
+                    return Err(self.diverge(node, entry.seq, ours, entry.epoch).await);
+                }
+                prev = Some((entry.seq, entry.epoch));
                 continue;
             }
             if entry.seq != *applied + 1 {
                 return Err(ApiError::SeqGap { first: entry.seq, applied: *applied });
             }
+            if let Some((seq, theirs)) = prev
+                && seq == *applied
+                && let Some(ours) = self.epoch_at(node, seq).await?
+                && ours != theirs
+            {
+                return Err(self.diverge(node, seq, ours, theirs).await);
+            }
+            prev = Some((entry.seq, entry.epoch));
             for c in &entry.changes {
                 if let Some(row) = &c.row {
                     self.table
@@ -598,6 +690,7 @@ impl Shard {
         install.insert(&self.table, &batch).await?;
         let copy_id = install.finish(&self.table, header.seq).await?;
         *self.copy_id.lock().expect("lock") = copy_id;
+        self.diverged.store(false, Ordering::Release);
         *applied = header.seq;
         self.cache.lock().expect("lock").clear();
         tracing::info!(shard = self.id(), seq = header.seq, rows = count, "snapshot installed");
@@ -619,7 +712,7 @@ impl Shard {
                 if got.entries.is_empty() {
                     return Err(recovery("the source returned no log entries".into()));
                 }
-                self.apply_entries(node, applied, got.entries).await?;
+                self.apply_entries(node, applied, got.entries, None).await?;
             }
             let ours = node.db.stats(&self.table, true).await?;
             if ours.applied_seq != theirs.applied_seq {

@@ -187,6 +187,7 @@ async fn epochs_fence_stale_senders() {
         epoch: 1,
         primary: "Server0".into(),
         entries: vec![Entry { seq: 1, epoch: 1, changes: vec![Change { key: 1, row: Some(row(1, "x")) }] }],
+        prev_epoch: None,
     };
     let e = c.client(1).replicate("sh1", &stale).await.unwrap_err();
     assert_eq!(e.code(), Some(ErrorCode::StaleEpoch));
@@ -200,7 +201,7 @@ async fn epochs_fence_stale_senders() {
 async fn replicas_refuse_gaps_and_skip_replays() {
     let c = Cluster::start(2, &[("sh1", 0, 1000, 0, &[0, 1])]).await;
     let entry = |seq: u64, k: i64| Entry { seq, epoch: 1, changes: vec![Change { key: k, row: Some(row(k, "r")) }] };
-    let req = |entries| ReplicateRequest { epoch: 1, primary: "Server0".into(), entries };
+    let req = |entries| ReplicateRequest { epoch: 1, primary: "Server0".into(), entries, prev_epoch: None };
     let e = c.client(1).replicate("sh1", &req(vec![entry(2, 2)])).await.unwrap_err();
     assert_eq!(e.code(), Some(ErrorCode::SeqGap));
     assert_eq!(e.body().unwrap().applied, Some(0));
@@ -217,6 +218,68 @@ async fn replicas_refuse_gaps_and_skip_replays() {
     let e = c.client(1).replicate("sh1", &req(vec![bad])).await.unwrap_err();
     assert_eq!(e.code(), Some(ErrorCode::BadRequest));
     assert_eq!(c.client(1).status(false).await.unwrap().shards["sh1"].applied_seq, 3);
+}
+
+/// A replica holding an entry its primary lacks (sent by an earlier primary during a handover,
+/// never acknowledged) must not take the primary's own entry of that number for a replay.
+#[tokio::test]
+async fn a_replica_holding_an_entry_its_primary_lacks_gives_up_its_copy() {
+    let c = Cluster::start(3, &[("sh1", 0, 1000, 0, &[0, 1, 2])]).await;
+    let entry = |seq: u64, epoch: u64, k: i64, name: &str| Entry {
+        seq,
+        epoch,
+        changes: vec![Change { key: k, row: Some(row(k, name)) }],
+    };
+    let req = |entries, prev_epoch| ReplicateRequest { epoch: 1, primary: "Server0".into(), entries, prev_epoch };
+    let all = shard_server::api::KeyRange { low: 0, high: 999 };
+    for i in [1, 2] {
+        c.client(i).replicate("sh1", &req(vec![entry(1, 1, 1, "a")], None)).await.unwrap();
+    }
+    // Replica 1 got the old primary's entry 2 (epoch 1); replica 2 the new primary's (epoch 2).
+    c.client(1).replicate("sh1", &req(vec![entry(2, 1, 2, "old")], Some(1))).await.unwrap();
+    assert_eq!(c.client(2).replicate("sh1", &req(vec![entry(2, 2, 2, "new")], Some(1))).await.unwrap().applied, 2);
+    // Replays with the same epochs are fine.
+    assert_eq!(c.client(2).replicate("sh1", &req(vec![entry(2, 2, 2, "new")], Some(1))).await.unwrap().applied, 2);
+    assert!(c.client(1).read("sh1", "Stud_id", all).await.unwrap().get().contains("old"));
+    let before = c.client(1).status(false).await.unwrap().shards["sh1"].copy_id.clone();
+
+    // Replica 1 meets the new primary's entry 2: it gives up its copy instead of skipping it.
+    let e = c.client(1).replicate("sh1", &req(vec![entry(2, 2, 2, "new")], Some(1))).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::Diverged), "{e}");
+    let st = c.client(1).status(false).await.unwrap();
+    assert_ne!(st.shards["sh1"].copy_id, before, "a new identity, so the operator copies it afresh");
+    let e = c.client(1).read("sh1", "Stud_id", all).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::NotReady), "{e}");
+    let e = c.client(1).replicate("sh1", &req(vec![entry(3, 2, 3, "c")], Some(2))).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::NotReady), "{e}");
+    assert_eq!(c.client(1).status(false).await.unwrap().shards["sh1"].applied_seq, 2);
+
+    // Replica 2 is told the entry before the new one is of another epoch than its own entry 2.
+    let before = c.client(2).status(false).await.unwrap().shards["sh1"].copy_id.clone();
+    let e = c.client(2).replicate("sh1", &req(vec![entry(3, 3, 3, "c")], Some(1))).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::Diverged), "{e}");
+    let st = c.client(2).status(false).await.unwrap();
+    assert_ne!(st.shards["sh1"].copy_id, before);
+    assert_eq!(st.shards["sh1"].applied_seq, 2, "nothing appended");
+}
+
+#[tokio::test]
+async fn a_replica_appends_entries_that_continue_its_own() {
+    let c = Cluster::start(2, &[("sh1", 0, 1000, 0, &[0, 1])]).await;
+    let entry = |seq: u64, epoch: u64| Entry {
+        seq,
+        epoch,
+        changes: vec![Change { key: seq as i64, row: Some(row(seq as i64, "r")) }],
+    };
+    let req = |entries, prev_epoch| ReplicateRequest { epoch: 1, primary: "Server0".into(), entries, prev_epoch };
+    assert_eq!(c.client(1).replicate("sh1", &req(vec![entry(1, 1)], None)).await.unwrap().applied, 1);
+    // A new primary's first entry after an old primary's: same seq chain, matching prev epoch.
+    assert_eq!(c.client(1).replicate("sh1", &req(vec![entry(2, 3)], Some(1))).await.unwrap().applied, 2);
+    assert_eq!(c.client(1).replicate("sh1", &req(vec![entry(2, 3), entry(3, 3)], Some(1))).await.unwrap().applied, 3);
+    // A sender that no longer knows the epoch before its first entry is taken at its word.
+    assert_eq!(c.client(1).replicate("sh1", &req(vec![entry(4, 3)], None)).await.unwrap().applied, 4);
+    let st = c.client(1).status(true).await.unwrap();
+    assert_eq!((st.shards["sh1"].applied_seq, st.shards["sh1"].rows), (4, 4));
 }
 
 #[tokio::test]

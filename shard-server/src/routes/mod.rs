@@ -15,9 +15,12 @@ use std::collections::HashSet;
 /// [`crate::replication`]), or a standalone shard.
 pub(crate) fn check_readable(shard: &str, role: &ShardRole) -> Result<(), ApiError> {
     match role {
-        ShardRole::Primary { stale_copy: true, .. } | ShardRole::Replica { stale_copy: true, .. } => Err(
-            ApiError::NotReady(format!("this copy of shard {shard} lost its data and serves no reads until healed")),
-        ),
+        ShardRole::Primary { stale_copy: true, .. } | ShardRole::Replica { stale_copy: true, .. } => {
+            Err(ApiError::NotReady(format!(
+                "this copy of shard {shard} lost its data, diverged from its primary or is catching up, and serves \
+                 no reads until healed"
+            )))
+        }
         ShardRole::Replica { state, .. } if *state != ReplicaState::Ready => {
             Err(ApiError::NotReady(format!("this copy of shard {shard} is {state:?} and serves no reads")))
         }
