@@ -116,6 +116,9 @@ impl Kind for Reads {
 
 type Reply<K> = oneshot::Sender<Result<<K as Kind>::Out, UpstreamError>>;
 
+/// Items taken off a lane's queue for one request, each with its client's reply.
+type Taken<K> = Vec<(<K as Kind>::Item, Reply<K>)>;
+
 /// The lanes of one kind, per shard.
 pub struct Lanes<K: Kind> {
     lanes: Mutex<HashMap<String, Arc<Lane<K>>>>,
@@ -167,10 +170,10 @@ impl<K: Kind> Lanes<K> {
     }
 }
 
-/// Takes the next request's worth of items off the queue, or `None` (and leaves) when it is
-/// empty. Deciding under the lock that the queue is empty and leaving is one step, so an item
-/// queued just after always finds a sender or starts one.
-fn next<K: Kind>(lane: &Lane<K>) -> Option<Vec<(K::Item, Reply<K>)>> {
+/// Takes the next request's worth of items off the queue, with their weight, or `None` (and
+/// leaves) when it is empty. Deciding under the lock that the queue is empty and leaving is one
+/// step, so an item queued just after always finds a sender or starts one.
+fn next<K: Kind>(lane: &Lane<K>) -> Option<(Taken<K>, usize)> {
     let mut s = lane.state.lock().expect("lock");
     if s.queue.is_empty() {
         s.senders -= 1;
@@ -186,9 +189,10 @@ fn next<K: Kind>(lane: &Lane<K>) -> Option<Vec<(K::Item, Reply<K>)>> {
         })
         .count()
         .max(1);
-    let taken: Vec<_> = s.queue.drain(..take).collect();
-    s.weight -= taken.iter().map(|(item, _)| K::weight(item)).sum::<usize>();
-    Some(taken)
+    let taken: Taken<K> = s.queue.drain(..take).collect();
+    let taken_weight = taken.iter().map(|(item, _)| K::weight(item)).sum();
+    s.weight -= taken_weight;
+    Some((taken, taken_weight))
 }
 
 /// Waits until the queue weighs at least `target`, or `patience` passed.
@@ -214,8 +218,8 @@ async fn send<K: Kind>(state: AppState, lane: Arc<Lane<K>>, shard_id: String) {
         if !K::LINGER.is_zero() && last > 1 {
             linger(&lane, last, K::LINGER).await;
         }
-        let Some(taken) = next(&lane) else { break };
-        last = taken.iter().map(|(item, _)| K::weight(item)).sum();
+        let Some((taken, weight)) = next(&lane) else { break };
+        last = weight;
         let (items, replies): (Vec<K::Item>, Vec<Reply<K>>) = taken.into_iter().unzip();
         let results = match state.table().current() {
             Some(routing) => K::send(&state, routing, &shard_id, items).await,
@@ -281,7 +285,7 @@ mod tests {
         });
         linger(&lane, 3, Duration::from_millis(5)).await;
         assert_eq!(start.elapsed(), Duration::from_millis(2));
-        assert_eq!(next(&lane).map(|t| t.len()), Some(3));
+        assert_eq!(next(&lane).map(|(t, w)| (t.len(), w)), Some((3, 3)));
         assert_eq!(lane.state.lock().unwrap().weight, 0);
     }
 
@@ -292,7 +296,7 @@ mod tests {
         let start = Instant::now();
         linger(&lane, 10, Duration::from_millis(5)).await;
         assert_eq!(start.elapsed(), Duration::from_millis(5));
-        assert_eq!(next(&lane).map(|t| t.len()), Some(1), "what was queued still goes");
+        assert_eq!(next(&lane).map(|(t, w)| (t.len(), w)), Some((1, 1)), "what was queued still goes");
         // An empty queue: the sender leaves.
         assert!(next(&lane).is_none());
         assert_eq!(lane.state.lock().unwrap().senders, 0);
