@@ -92,8 +92,15 @@ fn topology_epoch(server: &FakeApiServer) -> Option<u64> {
     doc["epoch"].as_u64()
 }
 
-/// Plays the kubelet and the StatefulSet/Deployment controllers: every workload is ready.
-fn mark_all_ready(server: &FakeApiServer) {
+/// Plays the kubelet and the StatefulSet/Deployment controllers: once the reconcile has built
+/// the router Deployment and `servers` server StatefulSets, every workload is ready.
+///
+/// It waits for them first because a reconcile applies the StatefulSets before the Deployment:
+/// marking as soon as the StatefulSets exist (on a busy machine the Deployment may come a moment
+/// later) would leave the router unready for good, and the status rightly never turns Ready.
+async fn mark_all_ready(server: &FakeApiServer, servers: usize) {
+    let built = |s: &FakeApiServer| names(s, "statefulsets").len() == servers && names(s, "deployments").len() == 1;
+    assert!(server.wait_for(WAIT, built).await, "workloads built: {:?}", names(server, "statefulsets"));
     for kind in ["statefulsets", "deployments"] {
         for mut o in server.list(kind, NS) {
             let replicas = o["spec"]["replicas"].clone();
@@ -129,7 +136,7 @@ async fn first_reconcile_creates_every_child_then_reports_ready_and_a_second_wri
     assert_eq!(topology_epoch(s), Some(1));
     let password = s.get("secrets", NS, "students-postgres").unwrap()["data"]["password"].clone();
 
-    mark_all_ready(s);
+    mark_all_ready(s, 3).await;
     assert!(s.wait_for(WAIT, |s| condition(s, "Ready") == Some(("True".into(), "AllReady".into()))).await);
     let db = s.get("shardeddatabases", NS, "students").unwrap();
     assert_eq!(db["status"]["readyServers"], 3);
@@ -170,13 +177,11 @@ async fn servers_start_at_once_and_stop_only_once_drained_from_the_topology() {
     let s = &h.server;
     create(&h, students(3)).await;
     assert!(s.wait_for(WAIT, |s| topology_epoch(s) == Some(1)).await);
-    assert!(s.wait_for(WAIT, |s| names(s, "statefulsets").len() == 3).await);
-    mark_all_ready(s);
+    mark_all_ready(s, 3).await;
     assert!(s.wait_for(WAIT, |s| condition(s, "Ready") == Some(("True".into(), "AllReady".into()))).await);
 
     patch_spec(&h, json!({ "servers": 4 })).await;
-    assert!(s.wait_for(WAIT, |s| names(s, "statefulsets").len() == 4).await, "scaled up");
-    mark_all_ready(s);
+    mark_all_ready(s, 4).await;
     assert!(
         s.wait_for(WAIT, |s| condition(s, "Ready") == Some(("False".into(), "PlacementChanging".into()))).await,
         "{:?}",
