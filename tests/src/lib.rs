@@ -16,6 +16,9 @@ pub mod bench;
 /// The fault-injection suite's recording load generator and its checker.
 pub mod load;
 
+/// Keeps nextest's retries of the fault-injection tests from hiding a safety finding.
+pub mod safety;
+
 /// `cluster.json`, as the local mode writes it.
 #[derive(Clone, Debug, Deserialize)]
 pub struct ClusterFile {
@@ -84,6 +87,7 @@ impl LocalCluster {
     }
 
     fn launch(spec: Option<&Path>) -> Result<LocalCluster> {
+        safety::no_earlier_violation()?;
         install_crypto_provider();
         let dir = tempfile::Builder::new().prefix("sharddb-e2e-").tempdir()?;
         let (child, router) = spawn_operator(dir.path(), spec)?;

@@ -188,7 +188,14 @@ impl Report {
 ///   acknowledged write of each key the load wrote (or a later write of unknown outcome).
 /// - The copies of a shard are identical, and `/status` reports equal row counts, checksums and
 ///   sequence numbers for them.
+///
+/// Every failure here counts as a safety finding, which a retry of the test cannot clear
+/// (see `tests::safety`).
 async fn check(c: &LocalCluster, h: &History, base: &BTreeMap<i64, i64>) -> Result<()> {
+    check_history_and_copies(c, h, base).await.map_err(tests::safety::violation)
+}
+
+async fn check_history_and_copies(c: &LocalCluster, h: &History, base: &BTreeMap<i64, i64>) -> Result<()> {
     let mut violations = h.rejected_writes();
     violations.extend(h.check_reads());
     if !violations.is_empty() {
@@ -606,8 +613,12 @@ async fn a_delete_is_acknowledged_only_once_every_ready_replica_has_it() -> Resu
     let (st, body) = c.send(Method::DELETE, "/del", &json!({"Stud_id": key}).to_string()).await?;
     let on_replica = read_replica().await?;
     println!("delete while {replica} refuses changes: {st} {body}; {replica} holds {on_replica:?}");
-    ensure!(st != 200 || on_replica.is_none(), "the delete was acknowledged, but {replica} still serves the row");
-    ensure!(st == 200 || st >= 500, "a failed delete is a 5xx (retry), not {st} {body}");
+    let answered = || -> Result<()> {
+        ensure!(st != 200 || on_replica.is_none(), "the delete was acknowledged, but {replica} still serves the row");
+        ensure!(st == 200 || st >= 500, "a failed delete is a 5xx (retry), not {st} {body}");
+        Ok(())
+    };
+    answered().map_err(tests::safety::violation)?;
 
     // Once the replica applies again, a retry completes and the row is gone from every copy.
     sqlx::query(r#"DROP TRIGGER refuse ON "shard_sh1""#).execute(&mut conn).await?;
@@ -670,7 +681,9 @@ async fn add_and_rm_under_load_lose_nothing() -> Result<()> {
         ensure!(st == 200, "/rm {victim}: {st} {resp}");
         settled(&c, "the primary drained", |t| !t.servers.contains_key(&victim)).await?;
         let t = topology(&c)?;
-        ensure!(t.shards.iter().all(|s| s.replicas.len() >= 3), "a shard lost a copy: {:?}", t.shards);
+        if t.shards.iter().any(|s| s.replicas.len() < 3) {
+            return Err(tests::safety::violation(anyhow::anyhow!("a shard lost a copy: {:?}", t.shards)));
+        }
         report.add(
             format!("/rm primary {victim}"),
             "→ drained, every copy ready",
