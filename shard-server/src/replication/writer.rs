@@ -1,0 +1,449 @@
+//! The primary's side of a shard: the writer task, group commit, and bringing replicas up to date
+//! before acknowledging. Does I/O (Postgres, peers).
+//!
+//! **Primary.** Writes for a shard queue to one writer task, which takes every queued batch as one
+//! group (group commit): it reads the stored rows the group touches, decides each batch against them
+//! in arrival order (a batch is all-or-nothing: a conflict or absent key fails that batch alone),
+//! and commits the surviving batches' final row states as one entry with the shard's next sequence
+//! number, in one transaction. It then brings every `ready` replica up to that sequence number and
+//! only then acknowledges. A replica that cannot apply fails the group's writes (the client may
+//! retry: an identical insert is a no-op) until the operator demotes it. Because a retried no-op
+//! still waits for every ready replica to reach the primary's sequence number, an acknowledgement
+//! always means "on every ready replica", even for a write first committed by an earlier attempt.
+//!
+//! Replicas that are not ready are fed too but hold up no acknowledgement, except while they may
+//! still hold a read lease (see `lease.rs`).
+
+use super::Shard;
+use super::lease::{lease_bound, wait_out_lease};
+use crate::api::{Change, Entry, Op, ReplicateRequest, WriteResponse};
+use crate::error::{ApiError, ReplicationError};
+use crate::node::{Node, ShardRole};
+use crate::topology::ReplicaState;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+use tokio::sync::{mpsc, oneshot};
+
+/// Most operations one group commits together.
+const MAX_GROUP_OPS: usize = 4096;
+
+/// One batch waiting for the writer.
+pub struct Job {
+    pub ops: Vec<Op>,
+    pub epoch: Option<u64>,
+    pub dry_run: bool,
+    pub reply: oneshot::Sender<Result<WriteResponse, ApiError>>,
+}
+
+impl Shard {
+    /// Queues a batch for the writer (started on first use) and waits for its outcome.
+    pub async fn submit(
+        self: &Arc<Self>,
+        node: &Arc<Node>,
+        ops: Vec<Op>,
+        epoch: Option<u64>,
+        dry_run: bool,
+    ) -> Result<WriteResponse, ApiError> {
+        if let Some(rx) = self.job_rx.lock().expect("lock").take() {
+            tokio::spawn(writer(Arc::clone(node), Arc::clone(self), rx));
+        }
+        let (reply, wait) = oneshot::channel();
+        self.jobs
+            .send(Job { ops, epoch, dry_run, reply })
+            .await
+            .map_err(|_| ApiError::Internal("shard writer stopped".into()))?;
+        wait.await.map_err(|_| ApiError::Internal("shard writer dropped a request".into()))?
+    }
+
+    fn peer_state(&self, peer: &str) -> Arc<tokio::sync::Mutex<Option<u64>>> {
+        Arc::clone(self.peers.lock().expect("lock").entry(peer.to_owned()).or_default())
+    }
+
+    /// Brings `peer` up to `target`, sending what it misses. Serialised per peer; with `wait` false
+    /// (feeding a replica that holds up no acknowledgement) it gives way when a sync to that peer is
+    /// already running, since the next one sends everything missed anyway.
+    pub(super) async fn sync_peer(
+        &self,
+        node: &Node,
+        epoch: u64,
+        peer: &str,
+        url: &str,
+        target: u64,
+        wait: bool,
+    ) -> Result<(), ReplicationError> {
+        let state = self.peer_state(peer);
+        let mut known = if wait {
+            state.lock().await
+        } else {
+            match state.try_lock() {
+                Ok(g) => g,
+                Err(_) => return Ok(()),
+            }
+        };
+        let client = node.peer(url);
+        for _ in 0..64 {
+            match *known {
+                Some(a) if a == target => return Ok(()),
+                Some(a) if a > target => return Err(ReplicationError::Ahead { replica: a, primary: target }),
+                _ => {}
+            }
+            // Unknown position: send the newest entry (the common case) and learn from the answer.
+            let from = known.map_or(target, |a| a + 1);
+            let entries = if target == 0 { Vec::new() } else { self.entries(node, from, target).await? };
+            let prev_epoch = match entries.first() {
+                Some(first) => self.epoch_at(node, first.seq - 1).await?,
+                None => None,
+            };
+            let req = ReplicateRequest {
+                epoch,
+                primary: node.name().to_owned(),
+                entries: entries.iter().map(|e| Entry::clone(e)).collect(),
+                prev_epoch,
+            };
+            let before = *known;
+            match client.replicate(self.id(), &req).await {
+                Ok(r) => *known = Some(r.applied),
+                Err(e) => match e.body() {
+                    Some(b) if b.code == crate::api::ErrorCode::SeqGap => *known = b.applied,
+                    _ => {
+                        *known = None;
+                        return Err(e.into());
+                    }
+                },
+            }
+            if *known == before && before.is_some() {
+                return Err(ReplicationError::NoProgress);
+            }
+        }
+        Err(ReplicationError::NoProgress)
+    }
+}
+
+/// The writer task of one shard: drains queued jobs into groups.
+async fn writer(node: Arc<Node>, shard: Arc<Shard>, mut rx: mpsc::Receiver<Job>) {
+    while let Some(first) = rx.recv().await {
+        let mut ops = first.ops.len();
+        let mut group = vec![first];
+        while ops < MAX_GROUP_OPS {
+            match rx.try_recv() {
+                Ok(j) => {
+                    ops += j.ops.len();
+                    group.push(j);
+                }
+                Err(_) => break,
+            }
+        }
+        node.metrics.group_size.observe(group.len() as f64);
+        process_group(&node, &shard, group).await;
+    }
+}
+
+/// What one batch does, decided against the stored rows plus earlier batches of the group.
+#[derive(Debug, Default)]
+struct Decision {
+    changes: HashMap<i64, Option<crate::schema::Row>>,
+    outcome: WriteResponse,
+}
+
+fn decide(
+    job: &Job,
+    stored: &HashMap<i64, crate::schema::Row>,
+    group: &HashMap<i64, Option<crate::schema::Row>>,
+    schema: &crate::schema::Schema,
+) -> Result<Decision, ApiError> {
+    let mut d = Decision::default();
+    let mut conflicts = Vec::new();
+    let mut absent = Vec::new();
+    for op in &job.ops {
+        let key = match op {
+            Op::Insert { row } => row.key(schema),
+            Op::Update { key, .. } | Op::Delete { key } => *key,
+        };
+        let current = match d.changes.get(&key).or_else(|| group.get(&key)) {
+            Some(state) => state.as_ref(),
+            None => stored.get(&key),
+        };
+        match (op, current) {
+            (Op::Insert { row }, None) => {
+                d.changes.insert(key, Some(row.clone()));
+                d.outcome.inserted += 1;
+            }
+            (Op::Insert { row }, Some(cur)) if cur == row => d.outcome.unchanged += 1,
+            (Op::Insert { .. }, Some(_)) => conflicts.push(key),
+            (Op::Update { .. } | Op::Delete { .. }, None) => absent.push(key),
+            (Op::Update { row, .. }, Some(_)) => {
+                d.changes.insert(key, Some(row.clone()));
+                d.outcome.updated += 1;
+            }
+            (Op::Delete { .. }, Some(_)) => {
+                d.changes.insert(key, None);
+                d.outcome.deleted += 1;
+            }
+        }
+    }
+    let list = |keys: &[i64]| keys.iter().map(|k| k.to_string()).collect::<Vec<_>>().join(", ");
+    let key_name = schema.key_name();
+    if !conflicts.is_empty() {
+        return Err(ApiError::Conflict {
+            message: format!("{key_name} {} already hold(s) a different row; nothing was written", list(&conflicts)),
+            keys: conflicts,
+        });
+    }
+    if !absent.is_empty() {
+        return Err(ApiError::NotFound {
+            message: format!("no data entry for {key_name} {}; nothing was written", list(&absent)),
+            keys: absent,
+        });
+    }
+    Ok(d)
+}
+
+async fn process_group(node: &Arc<Node>, shard: &Arc<Shard>, group: Vec<Job>) {
+    let role = node.shard(shard.id()).await.map(|(_, r)| r);
+    let (epoch, replicas) = match &role {
+        Ok(ShardRole::Primary { stale_copy: true, .. }) => {
+            for job in group {
+                let _ = job.reply.send(Err(ApiError::NotReady(format!(
+                    "this copy of shard {} lost its data; it accepts no writes until the operator heals it",
+                    shard.id()
+                ))));
+            }
+            return;
+        }
+        Ok(ShardRole::Primary { epoch, entry, .. }) => (*epoch, entry.replicas.clone()),
+        Ok(ShardRole::Standalone) => (0, BTreeMap::new()),
+        Ok(ShardRole::Replica { .. }) | Err(_) => {
+            for job in group {
+                let _ =
+                    job.reply.send(Err(ApiError::NotPrimary { server: node.name().into(), shard: shard.id().into() }));
+            }
+            return;
+        }
+    };
+    // Fencing: only a sender on our epoch may write.
+    let mut jobs = Vec::with_capacity(group.len());
+    for job in group {
+        match job.epoch {
+            Some(e) if e < epoch => {
+                let _ = job.reply.send(Err(ApiError::StaleEpoch { got: e, ours: epoch }));
+            }
+            Some(e) if e > epoch => {
+                let _ = job.reply.send(Err(ApiError::EpochAhead { got: e, ours: epoch }));
+            }
+            _ => jobs.push(job),
+        }
+    }
+    if jobs.is_empty() {
+        return;
+    }
+    let schema = &shard.table.schema;
+    let mut keys: Vec<i64> = jobs
+        .iter()
+        .flat_map(|j| j.ops.iter())
+        .map(|op| match op {
+            Op::Insert { row } => row.key(schema),
+            Op::Update { key, .. } | Op::Delete { key } => *key,
+        })
+        .collect();
+    keys.sort_unstable();
+    keys.dedup();
+
+    let mut applied = shard.applied.lock().await;
+    if let Err(e) = shard.resync_if_needed(&node.db, &mut applied).await {
+        let e = Arc::new(e);
+        for job in jobs {
+            let _ = job.reply.send(Err(ApiError::Internal(format!("reading the shard's state back: {e}"))));
+        }
+        return;
+    }
+    let stored = match shard.stored_rows(&node.db, &keys).await {
+        Ok(s) => s,
+        Err(e) => {
+            let e = Arc::new(e);
+            for job in jobs {
+                let _ = job.reply.send(Err(ApiError::Internal(format!("reading rows: {e}"))));
+            }
+            return;
+        }
+    };
+    let mut changes: HashMap<i64, Option<crate::schema::Row>> = HashMap::new();
+    let mut accepted = Vec::with_capacity(jobs.len());
+    // Batches refused because of the stored rows (a key absent, a conflicting row). Those rows may
+    // come from an entry not yet confirmed by every ready replica (a retry after a timed-out
+    // attempt, typically), so the refusal is held back like an acknowledgement: a delete retried
+    // into 404 must mean "gone on every copy that serves reads", not "gone here".
+    let mut refused = Vec::new();
+    for job in jobs {
+        match decide(&job, &stored, &changes, schema) {
+            Ok(d) if job.dry_run => {
+                let _ = job.reply.send(Ok(d.outcome));
+            }
+            Ok(d) => {
+                changes.extend(d.changes);
+                accepted.push((job, d.outcome));
+            }
+            Err(e @ (ApiError::NotFound { .. } | ApiError::Conflict { .. })) if !job.dry_run => refused.push((job, e)),
+            Err(e) => {
+                let _ = job.reply.send(Err(e));
+            }
+        }
+    }
+    if accepted.is_empty() && refused.is_empty() {
+        return;
+    }
+    if !changes.is_empty() {
+        let mut list: Vec<Change> = changes.into_iter().map(|(key, row)| Change { key, row }).collect();
+        list.sort_unstable_by_key(|c| c.key);
+        let entry = Entry { seq: *applied + 1, epoch, changes: list };
+        if let Err(e) = node.db.apply(&shard.table, &entry).await {
+            shard.resync.store(true, Ordering::Release);
+            let e = Arc::new(e);
+            for job in accepted.into_iter().map(|(j, _)| j).chain(refused.into_iter().map(|(j, _)| j)) {
+                let _ = job.reply.send(Err(ApiError::Internal(format!("committing seq {}: {e}", entry.seq))));
+            }
+            return;
+        }
+        *applied = entry.seq;
+        node.metrics.entries_applied.inc();
+        shard.after_apply(node, Arc::new(entry));
+    }
+    let target = *applied;
+    drop(applied);
+
+    // Every ready replica must hold `target` before anyone is acknowledged; recovering and leaving
+    // replicas are fed too, but never hold up an acknowledgement, except while they may still hold
+    // a read lease: then the acknowledgement waits until they applied `target` or the lease ran out.
+    let topo = node.topology();
+    let lease = node.config.lease;
+    let mut leased: HashMap<String, Instant> = shard.live_grants(lease).into_iter().collect();
+    let mut must = Vec::new();
+    let mut lease_waits = Vec::new();
+    for (peer, state) in &replicas {
+        if peer == node.name() {
+            continue;
+        }
+        let ready = *state == ReplicaState::Ready;
+        // A ready replica is waited for in full anyway.
+        let lease_end = leased.remove(peer);
+        if !ready && let Some(end) = lease_end {
+            let url = topo.as_ref().and_then(|t| t.servers.get(peer)).map(|s| s.url.clone());
+            lease_waits.push(wait_out_lease(
+                Arc::clone(node),
+                Arc::clone(shard),
+                epoch,
+                peer.clone(),
+                url,
+                target,
+                end,
+            ));
+            continue;
+        }
+        let Some(url) = topo.as_ref().and_then(|t| t.servers.get(peer)).map(|s| s.url.clone()) else { continue };
+        let (node2, shard2, peer2) = (Arc::clone(node), Arc::clone(shard), peer.clone());
+        let task = async move {
+            let r = shard2.sync_peer(&node2, epoch, &peer2, &url, target, ready).await;
+            (peer2, r)
+        };
+        if ready {
+            must.push(task);
+        } else {
+            tokio::spawn(async move {
+                if let (peer, Err(e)) = task.await {
+                    tracing::debug!(%peer, error = %e, "feeding a non-ready replica failed");
+                }
+            });
+        }
+    }
+    // Replicas no longer listed at all may still hold a lease too.
+    for (peer, end) in leased {
+        let url = topo.as_ref().and_then(|t| t.servers.get(&peer)).map(|s| s.url.clone());
+        lease_waits.push(wait_out_lease(Arc::clone(node), Arc::clone(shard), epoch, peer, url, target, end));
+    }
+    // Leases granted by an earlier run of this server are unknown: wait them out once. A
+    // standalone shard has no replicas and never granted any.
+    let standalone = matches!(role, Ok(ShardRole::Standalone));
+    let restart_bound = if standalone { Instant::now() } else { node.started + lease_bound(lease) };
+    let (results, _, _) = futures::join!(
+        futures::future::join_all(must),
+        futures::future::join_all(lease_waits),
+        tokio::time::sleep_until(restart_bound.into()),
+    );
+    let failed = results.into_iter().find_map(|(peer, r)| r.err().map(|e| (peer, e)));
+    match failed {
+        None => {
+            for (job, mut outcome) in accepted {
+                outcome.seq = target;
+                let _ = job.reply.send(Ok(outcome));
+            }
+            for (job, e) in refused {
+                let _ = job.reply.send(Err(e));
+            }
+        }
+        Some((peer, source)) => {
+            node.metrics.replication_failures.inc();
+            let source = Arc::new(source);
+            for job in accepted.into_iter().map(|(j, _)| j).chain(refused.into_iter().map(|(j, _)| j)) {
+                let _ = job.reply.send(Err(ApiError::Replication {
+                    shard: shard.id().into(),
+                    replica: peer.clone(),
+                    seq: target,
+                    source: Arc::clone(&source),
+                }));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::replication::testing::{row, schema};
+
+    fn job(ops: Vec<Op>) -> Job {
+        Job { ops, epoch: None, dry_run: false, reply: oneshot::channel().0 }
+    }
+
+    #[test]
+    fn decisions_follow_the_seed_rules() {
+        let s = schema();
+        let stored: HashMap<_, _> = [(1, row(1, "a")), (2, row(2, "b"))].into();
+        let none = HashMap::new();
+        // New key inserts; identical row is a no-op; different row conflicts and fails the batch.
+        let d =
+            decide(&job(vec![Op::Insert { row: row(3, "c") }, Op::Insert { row: row(1, "a") }]), &stored, &none, &s)
+                .unwrap();
+        assert_eq!((d.outcome.inserted, d.outcome.unchanged), (1, 1));
+        assert_eq!(d.changes.len(), 1);
+        let e =
+            decide(&job(vec![Op::Insert { row: row(3, "c") }, Op::Insert { row: row(1, "x") }]), &stored, &none, &s)
+                .unwrap_err();
+        assert!(matches!(&e, ApiError::Conflict { keys, .. } if keys == &[1]), "{e}");
+        // Update and delete need the key to exist.
+        let e = decide(&job(vec![Op::Update { key: 9, row: row(9, "z") }]), &stored, &none, &s).unwrap_err();
+        assert!(matches!(&e, ApiError::NotFound { keys, .. } if keys == &[9]), "{e}");
+        let d = decide(&job(vec![Op::Delete { key: 2 }, Op::Update { key: 1, row: row(1, "n") }]), &stored, &none, &s)
+            .unwrap();
+        assert_eq!(d.changes[&2], None);
+        assert_eq!(d.changes[&1], Some(row(1, "n")));
+    }
+
+    #[test]
+    fn later_batches_of_a_group_see_earlier_ones() {
+        let s = schema();
+        let stored = HashMap::new();
+        let group: HashMap<_, _> = [(5, Some(row(5, "first"))), (6, None)].into();
+        // Same row again: no-op; different: conflict; a key deleted earlier in the group is absent.
+        assert_eq!(
+            decide(&job(vec![Op::Insert { row: row(5, "first") }]), &stored, &group, &s).unwrap().outcome.unchanged,
+            1
+        );
+        assert!(decide(&job(vec![Op::Insert { row: row(5, "second") }]), &stored, &group, &s).is_err());
+        let stored6: HashMap<_, _> = [(6, row(6, "old"))].into();
+        assert!(matches!(
+            decide(&job(vec![Op::Delete { key: 6 }]), &stored6, &group, &s),
+            Err(ApiError::NotFound { .. })
+        ));
+    }
+}
