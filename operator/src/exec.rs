@@ -2,16 +2,16 @@
 //! and replacing one copy of a shard by a verified recover. Platform-independent: callers say
 //! where each server is; what to do with the outcomes stays with the body (which document to
 //! write, where to log).
-//!
-//! The local healer (`local::healer`) still carries its own copy of these few lines; it can call
-//! these once the concurrent placement work on it has landed.
 
 use crate::brain::observe::Probe;
 use shard_server::api::{ClientError, RecoverRequest, RecoverResponse, ShardClient};
 use std::time::Duration;
 
-/// How long a server may take to answer a probe before it counts as failed.
-pub const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a server may take to answer a probe before it counts as failed. A failed probe starts
+/// the clock towards a failover (`plan::Settings`), so this must be well above how long a live
+/// server takes to answer on a busy machine: on 2 cores running ten servers, their Postgres and a
+/// hundred clients, answers took over a second and healthy primaries were replaced.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// A recover of a large shard streams every row; give it time.
 pub const RECOVER_TIMEOUT: Duration = Duration::from_secs(600);
 

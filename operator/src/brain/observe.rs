@@ -40,9 +40,30 @@ pub enum Probe {
 
 /// Every server's last known state. Lives in memory only: after a restart everything starts as
 /// `Unknown`, and timeouts count again from the first failed probe, which only delays actions.
+///
+/// Bodies probe in rounds: every probe of a round is recorded with one `now`, taken before any of
+/// them was sent, and a round starts only once the previous one's probes all returned. So an
+/// answer recorded in an earlier round arrived before any probe of a later round left, which is
+/// what [`Observations::reached_before`] relies on: answers of one round are unordered (under load
+/// one server may answer a second after another), so comparing two of them says nothing about
+/// which state came first.
 #[derive(Clone, Debug, Default)]
 pub struct Observations {
     servers: BTreeMap<String, Health>,
+    /// The round (its `now`) of each server's latest answer.
+    answered_in: BTreeMap<String, Instant>,
+    /// Per shard, the highest sequence number any copy reported.
+    positions: BTreeMap<String, Position>,
+}
+
+/// The highest sequence number reported for a shard, split by round.
+#[derive(Clone, Copy, Debug, Default)]
+struct Position {
+    /// The highest reported in any round before `round`.
+    before: u64,
+    /// The latest round with a report, and the highest reported in it.
+    round: Option<Instant>,
+    in_round: u64,
 }
 
 impl Observations {
@@ -52,6 +73,18 @@ impl Observations {
 
     /// Folds in one probe made at `now`.
     pub fn record(&mut self, server: &str, probe: Probe, now: Instant) {
+        if let Probe::Answered(status) = &probe {
+            self.answered_in.insert(server.to_owned(), now);
+            for (shard, copy) in &status.shards {
+                let p = self.positions.entry(shard.clone()).or_default();
+                if p.round != Some(now) {
+                    p.before = p.before.max(p.in_round);
+                    p.round = Some(now);
+                    p.in_round = 0;
+                }
+                p.in_round = p.in_round.max(copy.applied_seq);
+            }
+        }
         let next = match probe {
             Probe::Answered(status) => Health::Up {
                 epoch: status.epoch,
@@ -69,9 +102,26 @@ impl Observations {
         self.servers.insert(server.to_owned(), next);
     }
 
-    /// Sets a server's state directly (tests, and bodies that learn it some other way).
+    /// Sets a server's state directly (tests, and bodies that learn it some other way). Such a
+    /// state has no round, so it is never compared with others in [`Observations::reached_before`].
     pub fn set(&mut self, server: &str, health: Health) {
+        self.answered_in.remove(server);
         self.servers.insert(server.to_owned(), health);
+    }
+
+    /// The highest sequence number any copy of `shard` has reported.
+    pub fn highest(&self, shard: &str) -> u64 {
+        self.positions.get(shard).map_or(0, |p| p.before.max(p.in_round))
+    }
+
+    /// The highest sequence number any copy of `shard` reported in a round before the one of
+    /// `server`'s latest answer: a position the shard had certainly reached before `server` was
+    /// last asked. 0 when nothing is known to have come first.
+    pub fn reached_before(&self, shard: &str, server: &str) -> u64 {
+        match (self.answered_in.get(server), self.positions.get(shard)) {
+            (Some(asked), Some(p)) if p.round == Some(*asked) => p.before,
+            _ => 0,
+        }
     }
 
     pub fn health(&self, server: &str) -> &Health {
@@ -121,5 +171,34 @@ mod tests {
         let t3 = t0 + Duration::from_secs(3);
         o.record("S", Probe::Failed, t3);
         assert_eq!(o.health("S"), &Health::Down { since: t3 });
+    }
+
+    fn of(server: &str, seq: u64) -> Probe {
+        Probe::Answered(ServerStatus { server: server.into(), ..status(seq, &server.to_lowercase()) })
+    }
+
+    #[test]
+    fn only_positions_reported_in_an_earlier_round_count_as_reached_before() {
+        let t0 = Instant::now();
+        let (t1, t2) = (t0 + Duration::from_secs(1), t0 + Duration::from_secs(2));
+        let mut o = Observations::new();
+        // Answers of one round are unordered: T's 5 may describe a later moment than P's 0.
+        o.record("P", of("P", 0), t0);
+        o.record("T", of("T", 5), t0);
+        assert_eq!(o.reached_before("sh1", "P"), 0);
+        assert_eq!(o.highest("sh1"), 5);
+        // In the next round P is asked after T's 5 arrived.
+        o.record("T", of("T", 6), t1);
+        o.record("P", of("P", 0), t1);
+        assert_eq!(o.reached_before("sh1", "P"), 5);
+        assert_eq!(o.reached_before("sh1", "T"), 5, "its own earlier answers count too");
+        // A server whose latest answer is older than the shard's latest round compares with nothing.
+        o.record("T", of("T", 7), t2);
+        assert_eq!(o.reached_before("sh1", "P"), 0);
+        assert_eq!(o.reached_before("sh1", "T"), 6);
+        // A state set by hand has no round.
+        o.set("T", Health::Unknown);
+        assert_eq!(o.reached_before("sh1", "T"), 0);
+        assert_eq!(o.reached_before("sh2", "T"), 0);
     }
 }

@@ -93,25 +93,21 @@ pub fn plan(topology: &Topology, seen: &Observations, now: Instant, settings: &S
     let down_past = |server: &str, limit: Duration| matches!(seen.health(server), Health::Down { since } if now.saturating_duration_since(*since) >= limit);
     // Whether `server`'s copy is known to have lost data: it answers with a copy other than the
     // recorded one, or, never recorded (it was wiped before its first round was recorded), it
-    // answers at sequence 0 while another ready copy of the shard is ahead. Nothing else produces
-    // the latter: a fresh shard has every copy at 0, and a copy that merely lags is only ever
-    // behind by the group in flight (a replica whose very first entry is in flight may be sent
-    // to a recover it did not need; that is safe). Recording such a copy would make an empty
-    // primary's next entries look like replays to its replicas, or let an empty replica stand
-    // for a full one.
+    // answers at sequence 0 although a copy of the shard had reported more in an earlier round of
+    // probes, so before this server was asked. Nothing else produces the latter: a fresh shard
+    // has every copy at 0, and a copy that merely lags is only ever behind by the group in flight
+    // (a replica whose very first entry is still in flight a round later may be sent to a
+    // recover it did not need; that is safe). Answers of the same round prove nothing: on a
+    // loaded machine a primary asked at the start of a fresh cluster's first writes answers 0
+    // while its replicas, answering a moment later, already hold entries. Recording a wiped copy
+    // would make an empty primary's next entries look like replays to its replicas, or let an
+    // empty replica stand for a full one.
     let lost_data = |shard: &shard_server::topology::ShardEntry, server: &str| match (
         shard.copies.get(server),
         seen.copy(server, &shard.id),
     ) {
         (Some(recorded), Some(copy)) => *recorded != copy.copy_id,
-        (None, Some(copy)) => {
-            copy.applied_seq == 0
-                && shard
-                    .ready_replicas()
-                    .filter(|r| *r != server)
-                    .filter_map(|r| seen.copy(r, &shard.id))
-                    .any(|other| other.applied_seq > 0)
-        }
+        (None, Some(copy)) => copy.applied_seq == 0 && seen.reached_before(&shard.id, server) > 0,
         _ => false,
     };
     for shard in &topology.shards {
@@ -155,9 +151,12 @@ pub fn plan(topology: &Topology, seen: &Observations, now: Instant, settings: &S
                 }
                 _ => {}
             }
+            // A copy at 0 while the shard is known to be ahead is recorded only once a later
+            // round settles whether it lags or lost its data.
             if *state == ReplicaState::Ready
                 && !shard.copies.contains_key(server)
                 && let Some(copy) = seen.copy(server, &shard.id)
+                && !(copy.applied_seq == 0 && seen.highest(&shard.id) > 0)
                 && !(is_primary && primary_failed.is_some())
                 && !lost_data(shard, server)
             {
@@ -238,7 +237,7 @@ pub fn apply(topology: &Topology, actions: &[Action]) -> Option<Topology> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::brain::observe::CopySeen;
+    use crate::brain::observe::{CopySeen, Probe};
     use shard_server::topology::{ServerEntry, ShardEntry, TOPOLOGY_VERSION};
     use std::collections::BTreeMap;
 
@@ -470,31 +469,61 @@ mod tests {
         let mut t = topology([Ready, Ready, Ready]);
         t.shards[0].copies.clear();
         let record = |s: &str, c: &str| Action::RecordCopy { shard: "sh1".into(), server: s.into(), copy_id: c.into() };
-        let now = Instant::now();
+        let t0 = Instant::now();
+        let round = |i: u64| t0 + Duration::from_secs(i);
+        let answer = |seq: u64, copy: &str| {
+            let Health::Up { epoch, copies } = up(seq, copy) else { unreachable!() };
+            let shards = copies
+                .into_iter()
+                .map(|(id, c)| {
+                    let s = shard_server::api::ShardStatus {
+                        role: shard_server::api::Role::Replica,
+                        applied_seq: c.applied_seq,
+                        rows: 0,
+                        checksum: None,
+                        copy_id: c.copy_id,
+                        cached: false,
+                    };
+                    (id, s)
+                })
+                .collect();
+            Probe::Answered(shard_server::api::ServerStatus { server: String::new(), epoch, shards })
+        };
+        let probe = |seen: &mut Observations, i: u64, copies: [(&str, u64); 3]| {
+            for (server, seq) in copies {
+                seen.record(server, answer(seq, &server.to_lowercase()), round(i));
+            }
+        };
         let mut seen = Observations::new();
-        // A replica back empty while the others hold entries: recovered, not recorded.
-        seen.set("A", up(4, "a"));
-        seen.set("B", up(0, "b"));
-        seen.set("C", up(4, "c"));
+        // Within one round, a copy at 0 beside copies ahead proves nothing: the 0 may be the
+        // older state (a fresh cluster's primary asked just before the first writes). It is
+        // neither recovered nor recorded until a later round settles it.
+        probe(&mut seen, 0, [("A", 0), ("B", 4), ("C", 4)]);
+        assert_eq!(plan(&t, &seen, round(0), &Settings::default()), [record("B", "b"), record("C", "c")]);
+        // A replica back empty a round after the others held entries: recovered, not recorded.
+        probe(&mut seen, 1, [("A", 4), ("B", 0), ("C", 4)]);
         assert_eq!(
-            plan(&t, &seen, now, &Settings::default()),
+            plan(&t, &seen, round(1), &Settings::default()),
             [record("A", "a"), rec("B", Reason::LostData), record("C", "c")]
         );
         // The primary back empty: the most advanced replica takes over.
-        seen.set("A", up(0, "a"));
-        seen.set("B", up(3, "b"));
+        probe(&mut seen, 2, [("A", 0), ("B", 3), ("C", 4)]);
         assert_eq!(
-            plan(&t, &seen, now, &Settings::default()),
+            plan(&t, &seen, round(2), &Settings::default()),
             [promote("A", "C", Reason::LostData), record("B", "b"), record("C", "c")]
         );
-        // Every copy at 0 is a fresh shard; a copy behind but not empty merely lags.
-        for (server, seq) in [("A", 0), ("B", 0), ("C", 0)] {
-            seen.set(server, up(seq, &server.to_lowercase()));
-        }
-        assert_eq!(plan(&t, &seen, now, &Settings::default()), [record("A", "a"), record("B", "b"), record("C", "c")]);
-        seen.set("B", up(2, "b"));
-        seen.set("A", up(5, "a"));
-        assert_eq!(plan(&t, &seen, now, &Settings::default()).len(), 3, "all recorded");
+        // Every copy at 0, round after round, is a fresh shard; a copy behind but not empty
+        // merely lags.
+        let mut fresh = Observations::new();
+        probe(&mut fresh, 0, [("A", 0), ("B", 0), ("C", 0)]);
+        probe(&mut fresh, 1, [("A", 0), ("B", 0), ("C", 0)]);
+        assert_eq!(
+            plan(&t, &fresh, round(1), &Settings::default()),
+            [record("A", "a"), record("B", "b"), record("C", "c")]
+        );
+        probe(&mut fresh, 2, [("A", 5), ("B", 2), ("C", 0)]);
+        probe(&mut fresh, 3, [("A", 6), ("B", 3), ("C", 1)]);
+        assert_eq!(plan(&t, &fresh, round(3), &Settings::default()).len(), 3, "all recorded");
     }
 
     #[test]

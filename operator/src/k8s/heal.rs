@@ -176,9 +176,10 @@ impl Healer {
             .into_iter()
             .map(|s| (s.clone(), self.ctx.config.server_urls.url(&owner.name, &owner.namespace, s)))
             .collect();
+        // One `now` for the round, taken before any probe leaves (see `Observations`).
+        let now = Instant::now();
         let probes = exec::probe_servers(&self.probe_http, servers).await;
         let state = self.dbs.entry(key.clone()).or_default();
-        let now = Instant::now();
         for (server, probe) in probes {
             state.seen.record(&server, probe, now);
         }

@@ -21,8 +21,9 @@
 
 use super::{LocalCluster, LocalError};
 use crate::brain::moves::{self, Move};
-use crate::brain::observe::{Observations, Probe};
+use crate::brain::observe::Observations;
 use crate::brain::plan::{self, Action, Settings};
+use crate::exec::{self, PROBE_TIMEOUT, RECOVER_TIMEOUT};
 use shard_server::api::{ClientError, RecoverRequest, RecoverResponse, ShardClient};
 use shard_server::topology::Topology;
 use std::collections::BTreeSet;
@@ -33,10 +34,6 @@ use tokio::sync::mpsc;
 
 /// How often the healer looks at the cluster.
 pub const ROUND: Duration = Duration::from_millis(500);
-/// How long a server may take to answer a probe before it counts as failed.
-const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
-/// A recover of a large shard streams every row; give it time.
-const RECOVER_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// The outcome of one recover task.
 struct Recovered {
@@ -127,18 +124,10 @@ impl Healer {
     }
 
     async fn observe(&mut self, topology: &Topology) {
-        let probes = topology.servers.iter().map(|(name, s)| {
-            let client = ShardClient::new(self.probe_http.clone(), s.url.clone());
-            async move {
-                let probe = match client.status(false).await {
-                    Ok(status) => Probe::Answered(status),
-                    Err(_) => Probe::Failed,
-                };
-                (name.clone(), probe)
-            }
-        });
+        // One `now` for the round, taken before any probe leaves (see `Observations`).
         let now = Instant::now();
-        for (name, probe) in futures::future::join_all(probes).await {
+        let servers = topology.servers.iter().map(|(name, s)| (name.clone(), s.url.clone())).collect();
+        for (name, probe) in exec::probe_servers(&self.probe_http, servers).await {
             self.seen.record(&name, probe, now);
         }
     }
