@@ -4,9 +4,9 @@
 //! `control`). Handlers do I/O through the control plane.
 
 use super::JsonBody;
+use crate::app_state::AppState;
 use crate::control::Verb;
 use crate::error::RouterError;
-use crate::state::AppState;
 use axum::Json;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};

@@ -6,8 +6,8 @@ pub mod read;
 pub mod status;
 pub mod write;
 
+use crate::app_state::AppState;
 use crate::error::RouterError;
-use crate::state::AppState;
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Request};
 use axum::http::{Method, StatusCode, Uri};

@@ -1,8 +1,8 @@
 //! `GET /status` (the seed's configuration view, plus epoch, primaries and replica states),
-//! `/healthz` and `/readyz`. Reads the routing table only; the body builder is pure.
+//! `/healthz`, `/readyz` and `/metrics`. Reads the routing table only; the body builder is pure.
 
+use crate::app_state::AppState;
 use crate::error::RouterError;
-use crate::state::AppState;
 use axum::Json;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
@@ -74,6 +74,11 @@ pub async fn status(State(state): State<AppState>) -> Result<Response, RouterErr
 pub async fn healthz(State(state): State<AppState>) -> Json<serde_json::Value> {
     let epoch = state.table().current().map(|r| r.epoch());
     Json(json!({"status": "success", "epoch": epoch}))
+}
+
+/// `GET /metrics`: the Prometheus exposition.
+pub async fn metrics(State(state): State<AppState>) -> Response {
+    crate::metrics::response(state.metrics())
 }
 
 /// Readiness: a topology is loaded, so data endpoints can answer.

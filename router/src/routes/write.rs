@@ -2,10 +2,11 @@
 //! and sent to each shard's primary. Does I/O (through `upstream`).
 
 use super::JsonBody;
+use crate::app_state::AppState;
 use crate::batch::{self, Part};
 use crate::error::RouterError;
-use crate::state::{AppState, Routing};
-use crate::upstream::{self, UpstreamError};
+use crate::state::Routing;
+use crate::upstream::UpstreamError;
 use axum::Json;
 use axum::extract::State;
 use futures::future::join_all;
@@ -83,7 +84,7 @@ async fn send(
     dry_run: bool,
 ) -> Result<WriteResponse, UpstreamError> {
     let shard_id = &routing.shards[part.shard].id;
-    upstream::write(state, routing.clone(), shard_id, &part.keys, ops, dry_run).await
+    state.coalescer().write(routing.clone(), shard_id, &part.keys, ops, dry_run).await
 }
 
 /// Folds the parts' outcomes (aligned with `parts`) into one answer: every conflicting key from
