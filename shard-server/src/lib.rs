@@ -7,6 +7,7 @@ pub mod api;
 pub mod db;
 pub mod error;
 pub mod json;
+pub mod limits;
 pub mod metrics;
 pub mod node;
 pub mod replication;

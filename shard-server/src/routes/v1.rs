@@ -11,6 +11,7 @@ use crate::api::{
 };
 use crate::error::ApiError;
 use crate::json::JsonBody;
+use crate::limits::MAX_READ_RANGES;
 use crate::node::{Node, ShardRole};
 use crate::topology::ReplicaState;
 use axum::Json;
@@ -73,9 +74,6 @@ pub async fn write_batches(
         .collect();
     Ok(Json(WriteBatchesResponse { results }))
 }
-
-/// Most ranges one `read_ranges` request may carry.
-pub const MAX_READ_RANGES: usize = 4096;
 
 /// `POST /v1/shards/{shard}/read_ranges`: several ranges of one shard, one JSON array of rows per
 /// range, in the order asked. Served by the same copies as the seed `/read`.
