@@ -125,6 +125,7 @@ impl Cluster {
                     copies: BTreeMap::new(),
                 })
                 .collect(),
+            unrouted_keys: Default::default(),
         };
         topology.validate().unwrap();
         for s in &servers {
