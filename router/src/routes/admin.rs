@@ -13,6 +13,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 use shard_server::admin::{AddRequest, InitRequest, RmRequest, ShardDecl};
+use shard_server::limits::{MAX_SERVERS, MAX_SHARDS, bounded_vec, opt_placement, placement};
 use shard_server::schema::SchemaSpec;
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -27,8 +28,9 @@ struct RawInit {
     #[serde(rename = "N")]
     n: u32,
     schema: SchemaSpec,
+    #[serde(deserialize_with = "bounded_vec::<_, _, MAX_SHARDS>")]
     shards: Vec<Map<String, Value>>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "opt_placement")]
     servers: Option<BTreeMap<String, Vec<String>>>,
 }
 
@@ -36,9 +38,9 @@ struct RawInit {
 #[serde(deny_unknown_fields)]
 struct RawAdd {
     n: u32,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "bounded_vec::<_, _, MAX_SHARDS>")]
     new_shards: Vec<Map<String, Value>>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "placement")]
     servers: BTreeMap<String, Vec<String>>,
 }
 
@@ -46,7 +48,7 @@ struct RawAdd {
 #[serde(deny_unknown_fields)]
 struct RawRm {
     n: u32,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "bounded_vec::<_, _, MAX_SERVERS>")]
     servers: Vec<String>,
 }
 
@@ -87,6 +89,10 @@ fn key_of(schema: &SchemaSpec) -> Result<&str, RouterError> {
 
 pub fn parse_init(body: Value) -> Result<InitRequest, RouterError> {
     let raw: RawInit = from_value(body)?;
+    // `N` sizes the database only when `servers` is absent; otherwise it is informational.
+    if raw.servers.is_none() && raw.n as usize > MAX_SERVERS {
+        return Err(bad(format!("N is {}; at most {MAX_SERVERS} servers are allowed", raw.n)));
+    }
     let key = key_of(&raw.schema)?;
     let shards = raw
         .shards
@@ -114,6 +120,9 @@ pub fn parse_add(body: Value, key: &str) -> Result<AddRequest, RouterError> {
 
 pub fn parse_rm(body: Value) -> Result<RmRequest, RouterError> {
     let raw: RawRm = from_value(body)?;
+    if raw.n as usize > MAX_SERVERS {
+        return Err(bad(format!("n is {}; a database has at most {MAX_SERVERS} servers", raw.n)));
+    }
     if raw.servers.len() > raw.n as usize {
         return Err(bad("Length of server list is more than removable instances"));
     }
@@ -226,6 +235,35 @@ mod tests {
             assert!(got.starts_with(want), "{got:?} should start with {want:?}");
         }
         parse_init(base()).unwrap();
+    }
+
+    #[test]
+    fn counts_beyond_the_limits_are_refused_while_parsing() {
+        let base = || {
+            json!({
+                "N": 1, "schema": {"columns": ["id"], "dtypes": ["Number"]},
+                "shards": [{"id_low": 0, "Shard_id": "a", "Shard_size": 10}]
+            })
+        };
+        let mut huge_n = base();
+        huge_n["N"] = json!(4294967295u32);
+        assert_eq!(
+            message(parse_init(huge_n.clone()).unwrap_err()),
+            "N is 4294967295; at most 256 servers are allowed"
+        );
+        huge_n["servers"] = json!({"S0": ["a"]});
+        assert_eq!(parse_init(huge_n).unwrap().n, 4294967295, "informational beside servers");
+        let mut many_shards = base();
+        many_shards["shards"] = Value::Array(vec![json!({}); MAX_SHARDS + 1]);
+        let e = message(parse_init(many_shards).unwrap_err());
+        assert!(e.contains("more than 1024 items in a list"), "{e}");
+        let mut many_servers = base();
+        let servers: Map<String, Value> = (0..=MAX_SERVERS).map(|i| (format!("S{i}"), json!(["a"]))).collect();
+        many_servers["servers"] = Value::Object(servers);
+        let e = message(parse_init(many_servers).unwrap_err());
+        assert!(e.contains("more than 256 entries in an object"), "{e}");
+        let e = message(parse_rm(json!({"n": 4294967295u32})).unwrap_err());
+        assert_eq!(e, "n is 4294967295; a database has at most 256 servers");
     }
 
     #[test]

@@ -64,10 +64,15 @@ pub fn status_body<'a>(topology: &'a Topology, key_name: &str) -> StatusBody<'a>
     }
 }
 
+/// Before the first topology (a local mode waiting for `/init`), the seed's answer: an empty
+/// configuration, 200.
 #[tracing::instrument(skip_all)]
-pub async fn status(State(state): State<AppState>) -> Result<Response, RouterError> {
-    let routing = state.routing()?;
-    Ok(Json(status_body(&routing.topology, routing.schema.key_name())).into_response())
+pub async fn status(State(state): State<AppState>) -> Response {
+    match state.table().current() {
+        Some(routing) => Json(status_body(&routing.topology, routing.schema.key_name())).into_response(),
+        None => Json(json!({"N": 0, "schema": {"columns": [], "dtypes": []}, "shards": [], "servers": {}, "epoch": 0}))
+            .into_response(),
+    }
 }
 
 /// Liveness: the process serves HTTP. Also says which topology epoch it routes with.
