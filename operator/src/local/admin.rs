@@ -7,7 +7,7 @@
 use super::declared::{Declared, save_declared};
 use super::{DECLARED_FILE, LocalCluster, LocalError};
 pub use crate::admin::AdminRequest;
-use crate::admin::{Reply, leaving, refused};
+use crate::admin::{JsonBody, Reply, leaving, refused};
 use crate::brain::declare::{self, AdminError};
 use axum::Json;
 use axum::extract::State;
@@ -32,6 +32,8 @@ pub fn serve(listener: tokio::net::TcpListener, calls: mpsc::Sender<AdminCall>) 
         .route("/init", post(init))
         .route("/add", post(add))
         .route("/rm", delete(rm))
+        .fallback(crate::admin::no_route)
+        .method_not_allowed_fallback(crate::admin::method_not_allowed)
         .with_state(calls);
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
@@ -55,15 +57,15 @@ async fn call(calls: &mpsc::Sender<AdminCall>, request: AdminRequest) -> Respons
     }
 }
 
-async fn init(State(calls): State<mpsc::Sender<AdminCall>>, Json(req): Json<InitRequest>) -> Response {
+async fn init(State(calls): State<mpsc::Sender<AdminCall>>, JsonBody(req): JsonBody<InitRequest>) -> Response {
     call(&calls, AdminRequest::Init(req)).await
 }
 
-async fn add(State(calls): State<mpsc::Sender<AdminCall>>, Json(req): Json<AddRequest>) -> Response {
+async fn add(State(calls): State<mpsc::Sender<AdminCall>>, JsonBody(req): JsonBody<AddRequest>) -> Response {
     call(&calls, AdminRequest::Add(req)).await
 }
 
-async fn rm(State(calls): State<mpsc::Sender<AdminCall>>, Json(req): Json<RmRequest>) -> Response {
+async fn rm(State(calls): State<mpsc::Sender<AdminCall>>, JsonBody(req): JsonBody<RmRequest>) -> Response {
     call(&calls, AdminRequest::Rm(req)).await
 }
 
