@@ -190,6 +190,8 @@ impl Harness {
             lease: NodeConfig::DEFAULT_LEASE,
             lease_renew: NodeConfig::DEFAULT_LEASE_RENEW,
             cache_rows: NodeConfig::DEFAULT_CACHE_ROWS,
+            cache_bytes: NodeConfig::DEFAULT_CACHE_BYTES,
+            body_timeout: Duration::from_secs(60),
         };
         let node = Node::new(config, db, watch_configmap(self.api.client(), NS, CONFIGMAP));
         node.start().await.unwrap();

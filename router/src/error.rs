@@ -25,6 +25,9 @@ pub enum RouterError {
     /// The body (or a shard's part of it) is larger than accepted; the text says which limit.
     #[error("{0}")]
     PayloadTooLarge(String),
+    /// The body did not arrive in full within the body timeout.
+    #[error("{0}")]
+    RequestTimeout(String),
     #[error("method {method} is not allowed on {path}")]
     MethodNotAllowed { method: String, path: String },
     #[error("no endpoint {method} {path}")]
@@ -50,6 +53,7 @@ impl RouterError {
             RouterError::NotFound(_) | RouterError::NoRoute { .. } => StatusCode::NOT_FOUND,
             RouterError::Conflict { .. } => StatusCode::CONFLICT,
             RouterError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            RouterError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             RouterError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             RouterError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
             RouterError::NoTopology | RouterError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -63,6 +67,7 @@ impl RouterError {
             RouterError::NotFound(_) | RouterError::NoRoute { .. } => ErrorCode::NotFound,
             RouterError::Conflict { .. } => ErrorCode::Conflict,
             RouterError::PayloadTooLarge(_) => ErrorCode::PayloadTooLarge,
+            RouterError::RequestTimeout(_) => ErrorCode::RequestTimeout,
             RouterError::MethodNotAllowed { .. } => ErrorCode::MethodNotAllowed,
             RouterError::NotImplemented(_) => ErrorCode::NotImplemented,
             RouterError::NoTopology | RouterError::Unavailable(_) => ErrorCode::Unavailable,

@@ -2,11 +2,11 @@
 //! until SIGINT or SIGTERM. Does I/O.
 
 use anyhow::Context;
-use axum::serve::ListenerExt as _;
 use clap::Parser;
 use router::config::Args;
 use router::{AppState, app};
 use shard_server::api::install_crypto_provider;
+use shard_server::serve::serve;
 use shard_server::topology_source::{watch_configmap, watch_file};
 use std::io::IsTerminal;
 use tokio::net::TcpListener;
@@ -35,14 +35,9 @@ async fn main() -> anyhow::Result<()> {
     };
     let state = AppState::new(config, topology);
     let listener = TcpListener::bind(args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?;
-    tracing::info!(address = %listener.local_addr()?, "serving");
-    // Answers go out as soon as they are written, never held back waiting for an ACK (Nagle).
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-        }
-    });
-    axum::serve(listener, app(state)).with_graceful_shutdown(shutdown()).await.context("server failed")?;
+    let limits = args.serve_limits();
+    tracing::info!(address = %listener.local_addr()?, ?limits, "serving");
+    serve(listener, app(state), limits, shutdown()).await.context("server failed")?;
     tracing::info!("stopped");
     Ok(())
 }

@@ -56,6 +56,8 @@ pub enum ErrorCode {
     LogTruncated,
     /// The endpoint exists but is not available in this deployment (e.g. no control plane).
     NotImplemented,
+    /// The request's body did not arrive in full within the server's body timeout.
+    RequestTimeout,
     Internal,
 }
 
@@ -400,7 +402,9 @@ pub fn http_client(request_timeout: Duration) -> reqwest::Client {
     reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(2))
         .timeout(request_timeout)
-        .pool_idle_timeout(Duration::from_secs(60))
+        // Well below the servers' idle timeout (`serve`, 60 s by default), so a pooled connection
+        // is never reused just as its server closes it.
+        .pool_idle_timeout(Duration::from_secs(30))
         .pool_max_idle_per_host(256)
         .tcp_nodelay(true)
         .build()

@@ -16,6 +16,8 @@ pub enum ApiError {
     NotFound { message: String, keys: Vec<i64> },
     #[error("request body is larger than {limit} bytes")]
     PayloadTooLarge { limit: usize },
+    #[error("the request body did not arrive in full within {timeout:?}")]
+    BodyTimeout { timeout: std::time::Duration },
     #[error("method not allowed")]
     MethodNotAllowed,
     #[error("the sender's topology epoch {got} is older than ours ({ours})")]
@@ -82,6 +84,7 @@ impl ApiError {
             ApiError::Conflict { .. } => (StatusCode::CONFLICT, ErrorCode::Conflict),
             ApiError::NotFound { .. } => (StatusCode::NOT_FOUND, ErrorCode::NotFound),
             ApiError::PayloadTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, ErrorCode::PayloadTooLarge),
+            ApiError::BodyTimeout { .. } => (StatusCode::REQUEST_TIMEOUT, ErrorCode::RequestTimeout),
             ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, ErrorCode::MethodNotAllowed),
             ApiError::StaleEpoch { .. } => (StatusCode::CONFLICT, ErrorCode::StaleEpoch),
             ApiError::EpochAhead { .. } => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::EpochAhead),

@@ -14,6 +14,7 @@ pub mod replication;
 pub mod routes;
 pub mod rowcache;
 pub mod schema;
+pub mod serve;
 pub mod topology;
 pub mod topology_source;
 
@@ -55,7 +56,7 @@ pub fn app(node: Arc<Node>) -> Router {
         .fallback(|| async { ApiError::NotFound { message: "no such endpoint".into(), keys: vec![] } })
         .layer(middleware::from_fn_with_state(Arc::clone(&node), observe))
         .layer(DefaultBodyLimit::max(limit))
-        .layer(axum::Extension(BodyLimit(limit)))
+        .layer(axum::Extension(BodyLimit { bytes: limit, timeout: node.config.body_timeout }))
         .with_state(node)
 }
 

@@ -1,9 +1,9 @@
 //! `sharddb-shard-server`: parses flags, connects to Postgres, follows the topology, serves HTTP.
 
-use axum::serve::ListenerExt as _;
 use clap::Parser;
 use shard_server::db::Db;
 use shard_server::node::{Node, NodeConfig};
+use shard_server::serve::ServeArgs;
 use shard_server::{api, app, topology_source};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -48,6 +48,13 @@ struct Args {
     /// Postgres; a shard that does not fit is read from Postgres. 0 turns the cache off.
     #[arg(long, env = "SHARDDB_CACHE_ROWS", default_value_t = NodeConfig::DEFAULT_CACHE_ROWS)]
     cache_rows: usize,
+    /// Bytes (estimated: cell sizes plus a per-row overhead) the cached rows may take together;
+    /// a shard whose rows do not fit is read from Postgres.
+    #[arg(long, env = "SHARDDB_CACHE_BYTES", default_value_t = NodeConfig::DEFAULT_CACHE_BYTES)]
+    cache_bytes: usize,
+    /// Timeouts and the connection cap of the HTTP server.
+    #[command(flatten)]
+    serve: ServeArgs,
     /// Threads running requests. Default: one per CPU this process may use (its cgroup's quota
     /// included). Servers sharing a machine do better with fewer: local mode gives each its share.
     #[arg(long, env = "SHARDDB_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
@@ -84,6 +91,8 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         peer_timeout: Duration::from_millis(args.peer_timeout_ms),
         body_limit: args.body_limit,
         cache_rows: args.cache_rows,
+        cache_bytes: args.cache_bytes,
+        body_timeout: args.serve.body_timeout,
         lease: Duration::from_millis(args.lease_ms),
         lease_renew: Duration::from_millis(args.lease_renew_ms),
     };
@@ -94,14 +103,9 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let node = Node::new(config, db, topology);
     node.start().await?;
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
-    tracing::info!(addr = %listener.local_addr()?, name = %args.name, "shard server listening");
-    // Answers go out as soon as they are written, never held back waiting for an ACK (Nagle).
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-        }
-    });
-    axum::serve(listener, app(node)).with_graceful_shutdown(shutdown()).await?;
+    let limits = args.serve.limits();
+    tracing::info!(addr = %listener.local_addr()?, name = %args.name, ?limits, "shard server listening");
+    shard_server::serve::serve(listener, app(node), limits, shutdown()).await?;
     Ok(())
 }
 

@@ -9,6 +9,7 @@ use shard_server::api::{ShardClient, http_client, install_crypto_provider};
 use shard_server::db::Db;
 use shard_server::node::{Node, NodeConfig};
 use shard_server::schema::{DType, SchemaSpec};
+use shard_server::serve::{ServeLimits, serve};
 use shard_server::topology::{ReplicaState, ServerEntry, ShardEntry, TOPOLOGY_VERSION, Topology};
 use shard_server::topology_source::{watch_file, write_atomic};
 use std::collections::BTreeMap;
@@ -18,6 +19,16 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
+/// The limits of the production defaults, with a connection cap fit for tests.
+pub fn test_limits() -> ServeLimits {
+    ServeLimits {
+        header_timeout: ServeLimits::DEFAULT_HEADER_TIMEOUT,
+        body_timeout: ServeLimits::DEFAULT_BODY_TIMEOUT,
+        idle_timeout: ServeLimits::DEFAULT_IDLE_TIMEOUT,
+        max_connections: 1024,
+    }
+}
+
 pub struct Cluster {
     pub pg: LocalPg,
     pub dir: tempfile::TempDir,
@@ -26,6 +37,8 @@ pub struct Cluster {
     pub lease: (Duration, Duration),
     /// Row cache budget of every server (restarts included).
     pub cache_rows: usize,
+    /// The HTTP limits every server is served with (restarts included).
+    pub serve_limits: ServeLimits,
     pub servers: Vec<Server>,
     pub http: reqwest::Client,
 }
@@ -70,12 +83,29 @@ impl Cluster {
         Cluster::start_with(n, shards, NodeConfig::DEFAULT_LEASE, NodeConfig::DEFAULT_LEASE_RENEW, 0).await
     }
 
+    /// Servers served with `limits` (timeouts, connection cap).
+    pub async fn start_with_serve_limits(n: usize, shards: &[ShardDef<'_>], limits: ServeLimits) -> Cluster {
+        let (lease, renew) = (NodeConfig::DEFAULT_LEASE, NodeConfig::DEFAULT_LEASE_RENEW);
+        Cluster::start_full(n, shards, lease, renew, NodeConfig::DEFAULT_CACHE_ROWS, limits).await
+    }
+
     pub async fn start_with(
         n: usize,
         shards: &[ShardDef<'_>],
         lease: Duration,
         renew: Duration,
         cache_rows: usize,
+    ) -> Cluster {
+        Cluster::start_full(n, shards, lease, renew, cache_rows, test_limits()).await
+    }
+
+    async fn start_full(
+        n: usize,
+        shards: &[ShardDef<'_>],
+        lease: Duration,
+        renew: Duration,
+        cache_rows: usize,
+        serve_limits: ServeLimits,
     ) -> Cluster {
         install_crypto_provider();
         let _ = tracing_subscriber::fmt()
@@ -137,6 +167,7 @@ impl Cluster {
             topology,
             lease: (lease, renew),
             cache_rows,
+            serve_limits,
             servers,
             http: http_client(Duration::from_secs(30)),
         };
@@ -156,12 +187,15 @@ impl Cluster {
             lease: self.lease.0,
             lease_renew: self.lease.1,
             cache_rows: self.cache_rows,
+            cache_bytes: NodeConfig::DEFAULT_CACHE_BYTES,
+            body_timeout: self.serve_limits.body_timeout,
         };
         let node = Node::new(config, db, watch_file(s.topology_path.clone()));
         node.start().await.unwrap();
         let app = shard_server::app(Arc::clone(&node));
+        let limits = self.serve_limits;
         s.task = Some(tokio::spawn(async move {
-            axum::serve(listener, app).await.unwrap();
+            serve(listener, app, limits, std::future::pending()).await.unwrap();
         }));
         s.node = Some(node);
     }
