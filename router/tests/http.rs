@@ -503,3 +503,37 @@ async fn a_delete_retried_after_an_ambiguous_failure_that_finds_the_key_gone_suc
     let (status, _) = r.json(Method::DELETE, "/del", json!({"Stud_id": 4})).await;
     assert_eq!(status, 404);
 }
+
+#[tokio::test]
+async fn a_body_that_never_arrives_is_answered_408_in_the_error_shape() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = healthy_stub().await;
+    let t = topology(1, &[("Server0", &s.url)], &[("sh1", 0, 100, "Server0", &[("Server0", READY)])]);
+    let limits = shard_server::serve::ServeLimits {
+        header_timeout: Duration::from_secs(5),
+        body_timeout: Duration::from_secs(1),
+        idle_timeout: Duration::from_secs(5),
+        max_connections: 8,
+    };
+    let r = common::Router::start_with_limits(Some(t), test_config(), limits).await;
+    let mut tcp = tokio::net::TcpStream::connect(r.url.trim_start_matches("http://")).await.unwrap();
+    tcp.write_all(b"POST /write HTTP/1.1\r\nHost: x\r\nContent-Length: 500\r\n\r\n{\"data\": [").await.unwrap();
+    let started = Instant::now();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut buf)).await {
+        if n == 0 {
+            break;
+        }
+        answer.extend_from_slice(&buf[..n]);
+        if answer.windows(4).any(|w| w == b"\r\n\r\n") && answer.ends_with(b"}") {
+            break;
+        }
+    }
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(started.elapsed() >= Duration::from_millis(900), "answered before the body timeout");
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    let body: serde_json::Value = serde_json::from_str(&answer[answer.find("\r\n\r\n").unwrap() + 4..]).unwrap();
+    assert_eq!(body["code"], "request_timeout");
+    assert!(s.calls().is_empty(), "nothing reached a shard server");
+}
