@@ -111,6 +111,11 @@ impl LocalCluster {
         LocalCluster::start(&repo_root().join("examples/students.yaml"))
     }
 
+    /// The process id of the local mode itself (the operator).
+    pub fn operator_pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn cluster_file(&self) -> Result<ClusterFile> {
         let text = std::fs::read_to_string(self.dir.path().join("cluster.json"))?;
         Ok(serde_json::from_str(&text)?)
