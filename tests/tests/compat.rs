@@ -55,7 +55,9 @@ async fn replay(shape: Shape) -> anyhow::Result<()> {
         .await;
     for (k, answer) in writes {
         let (st, body) = answer?;
-        assert_eq!(st, 200, "{}: write of {k}: {body}", shape.name);
+        if st != 200 {
+            panic!("{}: write of {k}: {st} {body}; warnings logged:\n{}", shape.name, warnings(&c));
+        }
         let want = if k < high {
             "1 Data entries added".to_owned()
         } else {
@@ -82,9 +84,40 @@ async fn replay(shape: Shape) -> anyhow::Result<()> {
         } else {
             json!([])
         };
-        assert_eq!(body["data"], want, "{}: read of {k}", shape.name);
+        if body["data"] != want {
+            // Say which copies hold the row, and what a second read sees, before failing.
+            let again = c.send(Method::POST, "/read", &json!({"Stud_id": {"low": k, "high": k}}).to_string()).await?;
+            let shard = format!("sh{}", k / shape.shard_size + 1);
+            let mut copies = Vec::new();
+            for server in c.cluster_file()?.servers {
+                let req = json!({"shard": shard, "Stud_id": {"low": k, "high": k}}).to_string();
+                copies.push((
+                    server.name,
+                    tests::send(&c.http, Method::POST, &format!("{}/read", server.url), &req).await?,
+                ));
+            }
+            panic!(
+                "{}: read of {k} gave {body}, want {want}; read again: {again:?}; copies: {copies:?}; warnings \
+                 logged:\n{}",
+                shape.name,
+                warnings(&c)
+            );
+        }
     }
     Ok(())
+}
+
+/// The warnings and errors the cluster's processes logged, for a failure's message.
+fn warnings(c: &LocalCluster) -> String {
+    let mut out = std::fs::read_to_string(c.dir.path().join("events.log")).unwrap_or_default();
+    let logs = std::fs::read_dir(c.dir.path().join("logs")).into_iter().flatten().flatten();
+    for entry in logs {
+        let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+        for line in text.lines().filter(|l| l.contains("WARN") || l.contains("ERROR")).take(20) {
+            out.push_str(&format!("{}: {line}\n", entry.file_name().to_string_lossy()));
+        }
+    }
+    out
 }
 
 #[tokio::test]
