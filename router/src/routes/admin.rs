@@ -24,7 +24,7 @@ const FIRST_TOPOLOGY_WAIT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawInit {
+pub struct RawInit {
     #[serde(rename = "N")]
     n: u32,
     schema: SchemaSpec,
@@ -36,7 +36,7 @@ struct RawInit {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawAdd {
+pub struct RawAdd {
     n: u32,
     #[serde(default, deserialize_with = "bounded_vec::<_, _, MAX_SHARDS>")]
     new_shards: Vec<Map<String, Value>>,
@@ -46,7 +46,7 @@ struct RawAdd {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawRm {
+pub struct RawRm {
     n: u32,
     #[serde(default, deserialize_with = "bounded_vec::<_, _, MAX_SERVERS>")]
     servers: Vec<String>,
@@ -88,7 +88,12 @@ fn key_of(schema: &SchemaSpec) -> Result<&str, RouterError> {
 }
 
 pub fn parse_init(body: Value) -> Result<InitRequest, RouterError> {
-    let raw: RawInit = from_value(body)?;
+    init_request(from_value(body)?)
+}
+
+/// The body is parsed straight into these shapes (never into a `Value` tree first), so a list
+/// past its limit is cut off before it costs memory.
+fn init_request(raw: RawInit) -> Result<InitRequest, RouterError> {
     // `N` sizes the database only when `servers` is absent; otherwise it is informational.
     if raw.servers.is_none() && raw.n as usize > MAX_SERVERS {
         return Err(bad(format!("N is {}; at most {MAX_SERVERS} servers are allowed", raw.n)));
@@ -105,7 +110,10 @@ pub fn parse_init(body: Value) -> Result<InitRequest, RouterError> {
 
 /// `key` is the current schema's key (new shards name their low field after it).
 pub fn parse_add(body: Value, key: &str) -> Result<AddRequest, RouterError> {
-    let raw: RawAdd = from_value(body)?;
+    add_request(from_value(body)?, key)
+}
+
+fn add_request(raw: RawAdd, key: &str) -> Result<AddRequest, RouterError> {
     if raw.n as usize > raw.servers.len() {
         return Err(bad("Number of new servers (n) is greater than newly added instances"));
     }
@@ -119,7 +127,10 @@ pub fn parse_add(body: Value, key: &str) -> Result<AddRequest, RouterError> {
 }
 
 pub fn parse_rm(body: Value) -> Result<RmRequest, RouterError> {
-    let raw: RawRm = from_value(body)?;
+    rm_request(from_value(body)?)
+}
+
+fn rm_request(raw: RawRm) -> Result<RmRequest, RouterError> {
     if raw.n as usize > MAX_SERVERS {
         return Err(bad(format!("n is {}; a database has at most {MAX_SERVERS} servers", raw.n)));
     }
@@ -134,8 +145,8 @@ fn relay((status, body): (axum::http::StatusCode, Value)) -> Response {
 }
 
 #[tracing::instrument(skip_all)]
-pub async fn init(State(state): State<AppState>, JsonBody(body): JsonBody<Value>) -> Result<Response, RouterError> {
-    let request = parse_init(body)?;
+pub async fn init(State(state): State<AppState>, JsonBody(body): JsonBody<RawInit>) -> Result<Response, RouterError> {
+    let request = init_request(body)?;
     let (status, body) = state.control().submit(Verb::Init, &request).await?;
     if status.is_success() && state.table().current().is_none() {
         // The control plane answers once the topology is written; wait until we route with it.
@@ -147,18 +158,18 @@ pub async fn init(State(state): State<AppState>, JsonBody(body): JsonBody<Value>
 }
 
 #[tracing::instrument(skip_all)]
-pub async fn add(State(state): State<AppState>, JsonBody(body): JsonBody<Value>) -> Result<Response, RouterError> {
+pub async fn add(State(state): State<AppState>, JsonBody(body): JsonBody<RawAdd>) -> Result<Response, RouterError> {
     let routing = state.routing().map_err(|_| RouterError::Conflict {
         message: "the database is not configured yet: POST /init first".into(),
         keys: vec![],
     })?;
-    let request = parse_add(body, routing.schema.key_name())?;
+    let request = add_request(body, routing.schema.key_name())?;
     Ok(relay(state.control().submit(Verb::Add, &request).await?))
 }
 
 #[tracing::instrument(skip_all)]
-pub async fn rm(State(state): State<AppState>, JsonBody(body): JsonBody<Value>) -> Result<Response, RouterError> {
-    let request = parse_rm(body)?;
+pub async fn rm(State(state): State<AppState>, JsonBody(body): JsonBody<RawRm>) -> Result<Response, RouterError> {
+    let request = rm_request(body)?;
     Ok(relay(state.control().submit(Verb::Rm, &request).await?))
 }
 
