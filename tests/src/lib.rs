@@ -89,7 +89,10 @@ impl LocalCluster {
     fn launch(spec: Option<&Path>) -> Result<LocalCluster> {
         safety::no_earlier_violation()?;
         install_crypto_provider();
-        let dir = tempfile::Builder::new().prefix("sharddb-e2e-").tempdir()?;
+        // SHARDDB_KEEP_TEST_DIRS=1 keeps every cluster's directory (data, logs, events) to read
+        // after a failure.
+        let keep = std::env::var_os("SHARDDB_KEEP_TEST_DIRS").is_some();
+        let dir = tempfile::Builder::new().prefix("sharddb-e2e-").disable_cleanup(keep).tempdir()?;
         let (child, router) = spawn_operator(dir.path(), spec)?;
         let http = shard_server::api::http_client(Duration::from_secs(30));
         Ok(LocalCluster { child, dir, router, http })
