@@ -36,7 +36,18 @@ pub const DEFAULT_POSTGRES_IMAGE: &str = "docker.io/library/postgres:17.6-bookwo
     status = "ShardedDatabaseStatus",
     doc = "A sharded, replicated, Postgres-backed table served over HTTP",
     scale(spec_replicas_path = ".spec.servers", status_replicas_path = ".status.readyServers"),
-    printcolumn(name = "Shards", type_ = "string", json_path = ".spec.shards[*].id"),
+    printcolumn(
+        name = "Shards",
+        type_ = "integer",
+        json_path = ".status.shardCount",
+        description = "Shards in the published topology"
+    ),
+    printcolumn(
+        name = "Copies",
+        type_ = "string",
+        json_path = ".status.copiesReady",
+        description = "Copies of shards that serve reads / every copy in the topology"
+    ),
     printcolumn(name = "Servers", type_ = "integer", json_path = ".spec.servers"),
     printcolumn(name = "Servers-Ready", type_ = "integer", json_path = ".status.readyServers"),
     printcolumn(name = "Epoch", type_ = "integer", json_path = ".status.topologyEpoch", priority = "1"),
@@ -50,6 +61,7 @@ pub const DEFAULT_POSTGRES_IMAGE: &str = "docker.io/library/postgres:17.6-bookwo
         .message("spec.placement must list exactly spec.servers servers"),
 )]
 #[serde(rename_all = "camelCase")]
+#[schemars(transform = kubernetes_formats)]
 pub struct ShardedDatabaseSpec {
     /// The table: column names and types. The first column is the shard key unless `key` names
     /// another one; the key must be a `Number` column. Immutable once created.
@@ -240,6 +252,7 @@ pub struct ContainerResources {
 /// What the operator last observed and did.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(transform = kubernetes_formats)]
 pub struct ShardedDatabaseStatus {
     /// The `metadata.generation` of the spec this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -256,6 +269,19 @@ pub struct ShardedDatabaseStatus {
     /// The epoch of the topology document last published.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub topology_epoch: Option<u64>,
+    /// Shards in the published topology.
+    #[serde(default)]
+    pub shard_count: u32,
+    /// Copies of shards in the published topology, whatever their state.
+    #[serde(default)]
+    pub copies: u32,
+    /// Of `copies`, those that serve reads: ready in the topology, on a ready pod the operator
+    /// reaches.
+    #[serde(default)]
+    pub ready_copies: u32,
+    /// `readyCopies/copies`, for `kubectl get` (a column cannot compute it).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub copies_ready: String,
 }
 
 /// One condition of the resource.
@@ -306,6 +332,51 @@ pub struct ShardStatus {
     /// failover); they serve no reads and do not hold up writes until ready again.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub recovering_replicas: Vec<String>,
+}
+
+/// The `format`s the Kubernetes API server recognises in a CRD schema (`supportedVersionedFormats`
+/// of apiextensions-apiserver, compared with `-` removed as it does). Any other format draws an
+/// `unrecognized format` warning on `kubectl apply` from some Kubernetes versions, integer formats
+/// (`int32`, `int64`) included, and is never checked anyway: the API server stores every
+/// integer as 64 bits and validates ranges with `minimum`/`maximum`.
+pub const KUBERNETES_FORMATS: [&str; 24] = [
+    "bsonobjectid",
+    "uri",
+    "email",
+    "hostname",
+    "ipv4",
+    "ipv6",
+    "cidr",
+    "mac",
+    "uuid",
+    "uuid3",
+    "uuid4",
+    "uuid5",
+    "isbn",
+    "isbn10",
+    "isbn13",
+    "creditcard",
+    "ssn",
+    "hexcolor",
+    "rgbcolor",
+    "byte",
+    "password",
+    "date",
+    "duration",
+    "datetime",
+];
+
+/// Drops the `format` schemars gives numbers (`uint32`, `uint64`, `int64`, `double`, ...), which
+/// Kubernetes does not know (see [`KUBERNETES_FORMATS`]); ranges stay as `minimum`/`maximum`.
+fn kubernetes_formats(schema: &mut schemars::Schema) {
+    // An optional field's type is still `["integer", "null"]` here (made `nullable` later).
+    let numeric = |t: &serde_json::Value| matches!(t.as_str(), Some("integer" | "number"));
+    if let Some(object) = schema.as_object_mut()
+        && object.get("type").is_some_and(|t| numeric(t) || t.as_array().is_some_and(|a| a.iter().any(numeric)))
+    {
+        object.remove("format");
+    }
+    schemars::transform::transform_subschemas(&mut kubernetes_formats, schema);
 }
 
 /// Where the generated CRD is kept, relative to the repository root.
@@ -376,7 +447,13 @@ mod tests {
         assert_eq!(scale.status_replicas_path, ".status.readyServers");
         let columns: Vec<&str> =
             v.additional_printer_columns.as_ref().unwrap().iter().map(|c| c.name.as_str()).collect();
-        assert_eq!(columns, ["Shards", "Servers", "Servers-Ready", "Epoch", "Ready", "Age"]);
+        assert_eq!(columns, ["Shards", "Copies", "Servers", "Servers-Ready", "Epoch", "Ready", "Age"]);
+        let paths: Vec<&str> =
+            v.additional_printer_columns.as_ref().unwrap().iter().map(|c| c.json_path.as_str()).collect();
+        assert!(
+            !paths.iter().any(|p| p.contains("[*]")),
+            "kubectl prints only the first match of a wildcard: {paths:?}"
+        );
         let schema = serde_json::to_value(&v.schema).unwrap();
         let spec = &schema["openAPIV3Schema"]["properties"]["spec"];
         let rules = |v: &serde_json::Value| -> Vec<String> {
@@ -396,6 +473,44 @@ mod tests {
         for field in ["images", "resources"] {
             assert!(spec["properties"][field]["description"].as_str().is_some_and(|d| !d.is_empty()), "{field}");
         }
+    }
+
+    /// Every `format` in the schema, with the path where it occurs.
+    fn formats(value: &serde_json::Value, path: &str, out: &mut Vec<(String, String)>) {
+        match value {
+            serde_json::Value::Object(map) => {
+                if let Some(f) = map.get("format").and_then(|f| f.as_str()) {
+                    out.push((path.to_owned(), f.to_owned()));
+                }
+                for (k, v) in map {
+                    formats(v, &format!("{path}.{k}"), out);
+                }
+            }
+            serde_json::Value::Array(items) => {
+                for (i, v) in items.iter().enumerate() {
+                    formats(v, &format!("{path}[{i}]"), out);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    #[test]
+    fn the_schema_uses_only_formats_kubernetes_recognises() {
+        let crd = ShardedDatabase::crd();
+        let schema = serde_json::to_value(&crd.spec.versions[0].schema).unwrap();
+        let mut found = Vec::new();
+        formats(&schema, "schema", &mut found);
+        let unknown: Vec<_> =
+            found.iter().filter(|(_, f)| !KUBERNETES_FORMATS.contains(&f.replace('-', "").as_str())).collect();
+        assert!(unknown.is_empty(), "formats `kubectl apply` warns about: {unknown:?}");
+        // The check sees formats where they are: a number field keeps its range, not its format.
+        let epoch = &schema["openAPIV3Schema"]["properties"]["status"]["properties"]["topologyEpoch"];
+        assert_eq!(epoch["type"], "integer");
+        assert_eq!(epoch["minimum"], 0.0, "{epoch}");
+        let mut sample = Vec::new();
+        formats(&serde_json::json!({"a": [{"format": "uint64"}]}), "x", &mut sample);
+        assert_eq!(sample, [("x.a[0]".to_owned(), "uint64".to_owned())]);
     }
 
     #[test]

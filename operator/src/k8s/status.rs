@@ -107,10 +107,17 @@ pub fn healthy_or_converging(
             degraded,
         ]
     };
+    let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+    let copies = count(observed.topology.shards.iter().map(|s| s.replicas.len()).sum());
+    let ready_copies = count(shards.iter().map(|s| s.ready_replicas.len()).sum());
     ShardedDatabaseStatus {
         observed_generation: generation,
         conditions: build_conditions(conditions, generation, previous, now),
-        ready_servers: u32::try_from(ready_servers).unwrap_or(u32::MAX),
+        ready_servers: count(ready_servers),
+        shard_count: count(shards.len()),
+        copies,
+        ready_copies,
+        copies_ready: format!("{ready_copies}/{copies}"),
         shards,
         topology_epoch: Some(observed.topology.epoch),
     }
@@ -223,6 +230,9 @@ mod tests {
         assert!(s.conditions.iter().all(|c| c.observed_generation == Some(1) && c.last_transition_time == "t0"));
         assert_eq!(s.shards[0].ready_replicas, ["Server0"]);
         assert_eq!(s.topology_epoch, Some(4));
+        // Four shards of three copies; Server0 holds two of them (sh1 and sh3 in count placement).
+        assert_eq!((s.shard_count, s.copies, s.ready_copies), (4, 12, 2));
+        assert_eq!(s.copies_ready, "2/12");
     }
 
     #[test]
@@ -296,6 +306,7 @@ mod tests {
         assert_eq!(s.shards[1].primary.as_deref(), Some("Server4"));
         assert_eq!(s.shards[1].ready_replicas, ["Server4", "Server5"]);
         assert_eq!(s.shards[1].recovering_replicas, ["Server3"]);
+        assert_eq!(s.copies_ready, "11/12", "a recovering copy is a copy, not a ready one");
         assert!(condition(&s, DEGRADED).unwrap().message.contains("recovering: sh2 on Server3"));
     }
 
