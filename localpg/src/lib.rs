@@ -76,6 +76,8 @@ pub enum PgError {
     BadTemplate { template: PathBuf, why: &'static str },
     #[error("database name {0:?} is not a valid identifier")]
     BadDatabaseName(String),
+    #[error("server setting {0:?} is not a name=value of letters, digits, '_', '.', '-'")]
+    BadSetting(String),
 }
 
 /// How to create a cluster. `data_dir` is the only required field.
@@ -99,6 +101,8 @@ pub struct Options {
     /// fraction of initdb's time, which matters when many clusters start together). Only used when
     /// `data_dir` holds no cluster yet.
     pub template: Option<PathBuf>,
+    /// More server settings (`-c name=value`), after and so over the ones set here.
+    pub settings: Vec<(String, String)>,
 }
 
 impl Options {
@@ -111,6 +115,7 @@ impl Options {
             max_connections: 100,
             no_sync: false,
             template: None,
+            settings: Vec::new(),
         }
     }
 }
@@ -254,6 +259,7 @@ pub struct LocalPg {
     port: u16,
     max_connections: u32,
     no_sync: bool,
+    settings: Vec<(String, String)>,
     running: bool,
     /// Set by [`LocalPg::temporary`]: the directory removed when this value drops (after the stop).
     temp: Option<tempfile::TempDir>,
@@ -278,6 +284,11 @@ impl LocalPg {
             Some(p) => p,
             None => free_port().map_err(PgError::NoFreePort)?,
         };
+        // pg_ctl hands its `-o` options to a shell: only plain words may get there.
+        let plain = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+        if let Some((name, value)) = opts.settings.iter().find(|(n, v)| !plain(n) || !plain(v)) {
+            return Err(PgError::BadSetting(format!("{name}={value}")));
+        }
         let pg = LocalPg {
             bins,
             run_as,
@@ -286,6 +297,7 @@ impl LocalPg {
             port,
             max_connections: opts.max_connections,
             no_sync: opts.no_sync,
+            settings: opts.settings,
             running: false,
             temp: None,
         };
@@ -426,6 +438,9 @@ impl LocalPg {
         );
         if self.no_sync {
             server_opts.push_str(" -c fsync=off -c synchronous_commit=off -c full_page_writes=off");
+        }
+        for (name, value) in &self.settings {
+            server_opts.push_str(&format!(" -c {name}={value}"));
         }
         let mut cmd = self.pg_ctl();
         cmd.arg("-w").arg("-t").arg("60").arg("-l").arg(&self.log_file).arg("-o").arg(server_opts).arg("start");

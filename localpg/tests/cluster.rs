@@ -117,3 +117,22 @@ fn a_cluster_can_start_as_a_copy_of_a_template() {
     copy_opts.template = Some(base.path().join("nothing"));
     assert!(LocalPg::new(copy_opts).unwrap_err().to_string().contains("holds no cluster"));
 }
+
+#[test]
+fn settings_reach_the_server_and_only_plain_words_are_accepted() {
+    let base = tempfile::Builder::new().permissions(std::fs::Permissions::from_mode(0o755)).tempdir().unwrap();
+    let mut opts = Options::new(base.path().join("pgdata"));
+    opts.settings = vec![("work_mem".into(), "8MB".into()), ("shared_buffers".into(), "48MB".into())];
+    let mut pg = LocalPg::new(opts).unwrap();
+    pg.start().unwrap();
+    assert_eq!(pg.psql("postgres", "show work_mem").unwrap(), "8MB");
+    assert_eq!(pg.psql("postgres", "show shared_buffers").unwrap(), "48MB", "over localpg's own 32MB");
+    pg.stop().unwrap();
+
+    for bad in [("work_mem", "8MB -c fsync=off"), ("work_mem", "'8MB'"), ("a;b", "1"), ("work_mem", "")] {
+        let mut opts = Options::new(base.path().join("other"));
+        opts.settings = vec![(bad.0.into(), bad.1.into())];
+        let err = LocalPg::new(opts).unwrap_err();
+        assert!(matches!(err, PgError::BadSetting(_)), "{bad:?}: {err}");
+    }
+}

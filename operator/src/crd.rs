@@ -105,6 +105,13 @@ pub struct ShardedDatabaseSpec {
     /// Compute resources per container kind; none are requested when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourcesSpec>,
+    /// Tuning of every shard server: its row cache, its threads and its probes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard_server: Option<ShardServerSpec>,
+    /// The PostgreSQL run beside each shard server: an allow-listed set of its settings, and its
+    /// probes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postgres: Option<PostgresSpec>,
     /// What a write does with a row whose key is in no shard: `Reject` (the default) refuses the
     /// whole write with a 400 and writes nothing; `Skip` writes the rows that belong to a shard
     /// and says in its answer how many rows were skipped and which keys, as the seed's load
@@ -183,13 +190,94 @@ pub struct ShardSpec {
 }
 
 /// The router Deployment.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RouterSpec {
     /// Router pods (default 2). Local mode always runs one router.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub replicas: Option<u32>,
+    /// When a router pod counts as ready (`GET /readyz`: it has a routing table); defaults:
+    /// every 5 s, 2 s timeout, 3 failures. Kubernetes only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub readiness_probe: Option<ProbeSpec>,
+    /// When a router pod is restarted (`GET /healthz`); defaults: every 10 s, 2 s timeout, 6
+    /// failures. Kubernetes only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub liveness_probe: Option<ProbeSpec>,
+}
+
+/// Tuning of each shard server.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ShardServerSpec {
+    /// Rows each server keeps in memory across its shard copies (`--cache-rows`), so reads and
+    /// a primary's decisions skip Postgres; a copy that does not fit is read from Postgres. About
+    /// 200 bytes per row of the seed's table. 0 turns the cache off; default 50,000. At most
+    /// 100,000,000.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 100_000_000))]
+    pub cache_rows: Option<u64>,
+    /// Threads running requests (`--worker-threads`), 1 to 256. Default: one per CPU the
+    /// container may use (its CPU limit included); in local mode, each server's share of this
+    /// machine's CPUs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 256))]
+    pub worker_threads: Option<u32>,
+    /// When a server pod counts as ready (`GET /heartbeat`); defaults: every 5 s, 2 s timeout, 3
+    /// failures. Kubernetes only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub readiness_probe: Option<ProbeSpec>,
+    /// When the shard-server container is restarted (`GET /heartbeat`); defaults: every 10 s,
+    /// 2 s timeout, 6 failures. Kubernetes only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub liveness_probe: Option<ProbeSpec>,
+}
+
+/// The PostgreSQL beside each shard server.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PostgresSpec {
+    /// Server settings, name → value, passed as `-c name=value`, like CloudNativePG's
+    /// `postgresql.parameters`. Only an allow-list may be set (memory, checkpoints, planner costs,
+    /// autovacuum, logging); settings that would lose acknowledged writes (`fsync`,
+    /// `synchronous_commit`, ...), move Postgres away from where the shard server reaches it
+    /// (`port`, `listen_addresses`), cancel its statements (`statement_timeout`) or keep Postgres
+    /// from starting (`shared_preload_libraries`) are refused with the reason. Each value is
+    /// checked against the setting's kind (`64MB`, `5min`, `0.9`, `on`). The README lists them.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 64))]
+    pub parameters: BTreeMap<String, String>,
+    /// When the postgres container counts as ready (`pg_isready`); defaults: every 10 s, 5 s
+    /// timeout, 6 failures. Kubernetes only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub readiness_probe: Option<ProbeSpec>,
+    /// When the postgres container is restarted (`pg_isready`); defaults as for readiness.
+    /// Kubernetes only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub liveness_probe: Option<ProbeSpec>,
+}
+
+/// Timings of one probe; each field left out keeps its default.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ProbeSpec {
+    /// Seconds after the container starts before the first probe (default 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 3600))]
+    pub initial_delay_seconds: Option<i32>,
+    /// Seconds between probes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub period_seconds: Option<i32>,
+    /// Seconds a probe may take; at most `periodSeconds`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub timeout_seconds: Option<i32>,
+    /// Consecutive failures before the probe counts as failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100))]
+    pub failure_threshold: Option<i32>,
 }
 
 /// Persistent storage per server.
@@ -411,9 +499,19 @@ mod tests {
         let crd = ShardedDatabase::crd();
         let schema = serde_json::to_value(&crd.spec.versions[0].schema).unwrap();
         let spec = &schema["openAPIV3Schema"]["properties"]["spec"];
-        for field in
-            ["schema", "shards", "replicas", "servers", "placement", "router", "storage", "images", "resources"]
-        {
+        for field in [
+            "schema",
+            "shards",
+            "replicas",
+            "servers",
+            "placement",
+            "router",
+            "storage",
+            "images",
+            "resources",
+            "shardServer",
+            "postgres",
+        ] {
             let desc = spec["properties"][field]["description"].as_str().unwrap_or("");
             assert!(!desc.is_empty(), "spec.{field} has a description");
         }

@@ -25,7 +25,9 @@ impl LocalCluster {
         make_dir(&dir)?;
         let log = self.logs_dir().join(format!("{name}.postgres.log"));
         drop(pg_port);
-        let postgres = ServerPostgres::open(name, &dir.join("pgdata"), &log, pg, self.pg_bin.as_deref(), None).await?;
+        let settings = self.declared.as_ref().map(|d| d.db.tuning.postgres_parameters.clone()).unwrap_or_default();
+        let postgres =
+            ServerPostgres::open(name, &dir.join("pgdata"), &log, pg, self.pg_bin.as_deref(), None, &settings).await?;
         let server =
             LocalServer { name: name.to_owned(), port, log: self.logs_dir().join(format!("{name}.log")), postgres };
         drop(server_port);

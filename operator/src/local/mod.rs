@@ -493,12 +493,16 @@ impl LocalCluster {
         } else {
             None
         };
-        let opening = planned.iter().map(|(name, _, pg_port)| {
-            let log = self.logs_dir().join(format!("{name}.postgres.log"));
-            let template = template.as_ref().map(|t| t.join("pgdata"));
-            let (data_dir, pg_bin) = (pgdata(name), self.pg_bin.as_deref());
-            async move { ServerPostgres::open(name, &data_dir, &log, *pg_port, pg_bin, template.as_deref()).await }
-        });
+        let settings = &db.tuning.postgres_parameters;
+        let opening =
+            planned.iter().map(|(name, _, pg_port)| {
+                let log = self.logs_dir().join(format!("{name}.postgres.log"));
+                let template = template.as_ref().map(|t| t.join("pgdata"));
+                let (data_dir, pg_bin) = (pgdata(name), self.pg_bin.as_deref());
+                async move {
+                    ServerPostgres::open(name, &data_dir, &log, *pg_port, pg_bin, template.as_deref(), settings).await
+                }
+            });
         // Keep every cluster that did start, so a failure elsewhere still stops it on shutdown.
         let mut first_error = None;
         for ((name, port, _), opened) in planned.iter().zip(futures::future::join_all(opening).await) {
@@ -541,24 +545,28 @@ impl LocalCluster {
         std::fs::read(self.topology_path()).ok().and_then(|b| Topology::parse(&b).ok())
     }
 
+    /// The shard-server process of `s`, with the declared configuration's knobs (probes and
+    /// resources have no meaning here).
     pub(super) fn server_process(&self, s: &LocalServer) -> ProcessSpec {
-        ProcessSpec::new(
-            &s.name,
-            &self.bins.shard_server,
-            vec![
-                "--listen".into(),
-                format!("127.0.0.1:{}", s.port),
-                "--name".into(),
-                s.name.clone(),
-                "--database-url".into(),
-                s.postgres.database_url(),
-                "--topology-file".into(),
-                self.topology_path().display().to_string(),
-                "--worker-threads".into(),
-                self.server_worker_threads().to_string(),
-            ],
-            &s.log,
-        )
+        let tuning = self.declared.as_ref().map(|d| &d.db.tuning);
+        let threads =
+            tuning.and_then(|t| t.worker_threads).map_or_else(|| self.server_worker_threads(), |t| t as usize);
+        let mut args = vec![
+            "--listen".into(),
+            format!("127.0.0.1:{}", s.port),
+            "--name".into(),
+            s.name.clone(),
+            "--database-url".into(),
+            s.postgres.database_url(),
+            "--topology-file".into(),
+            self.topology_path().display().to_string(),
+            "--worker-threads".into(),
+            threads.to_string(),
+        ];
+        if let Some(rows) = tuning.and_then(|t| t.cache_rows) {
+            args.extend(["--cache-rows".into(), rows.to_string()]);
+        }
+        ProcessSpec::new(&s.name, &self.bins.shard_server, args, &s.log)
     }
 
     /// Every shard server of local mode shares this machine, so each gets its share of the CPUs

@@ -5,6 +5,7 @@
 
 use localpg::{LocalPg, Options, PgError};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -44,7 +45,8 @@ pub struct ServerPostgres {
 
 impl ServerPostgres {
     /// Creates the cluster if `data_dir` holds none (as a copy of `template` when given, keeping an
-    /// existing one and its data), starts it on `port` and makes sure the `sharddb` database exists.
+    /// existing one and its data), starts it on `port` with `settings` (the spec's allow-listed
+    /// `postgres.parameters`) and makes sure the `sharddb` database exists.
     pub async fn open(
         server: &str,
         data_dir: &Path,
@@ -52,12 +54,14 @@ impl ServerPostgres {
         port: u16,
         pg_bin: Option<&Path>,
         template: Option<&Path>,
+        settings: &BTreeMap<String, String>,
     ) -> Result<Self, PostgresError> {
         let mut opts = Options::new(data_dir);
         opts.log_file = Some(log.to_owned());
         opts.port = Some(port);
         opts.bin_dir = pg_bin.map(Path::to_owned);
         opts.template = template.map(Path::to_owned);
+        opts.settings = settings.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         let name = server.to_owned();
         let pg = tokio::task::spawn_blocking(move || -> Result<LocalPg, (&'static str, PgError)> {
             let mut pg = LocalPg::new(opts).map_err(|e| ("initialise", e))?;

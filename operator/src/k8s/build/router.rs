@@ -29,8 +29,8 @@ pub fn router_deployment(db: &ValidatedDb, owner: &Owner, control_url: Option<&s
         image: Some(db.images.router.clone()),
         args: Some(args),
         ports: http_port(),
-        readiness_probe: Some(http_probe("/readyz", 5, 3)),
-        liveness_probe: Some(http_probe("/healthz", 10, 6)),
+        readiness_probe: Some(http_probe("/readyz", db.tuning.probes.router_readiness)),
+        liveness_probe: Some(http_probe("/healthz", db.tuning.probes.router_liveness)),
         resources: resources(db.resources.router.as_ref()),
         security_context: Some(restricted()),
         ..Container::default()
@@ -97,6 +97,35 @@ mod tests {
         assert!(!args(None).contains(&"--control-url".to_owned()), "none: the verbs answer 501");
         let url = "http://sharddb-operator.sharddb-system.svc:8081/databases/prod/students";
         assert!(args(Some(url)).windows(2).any(|w| w == ["--control-url", url]));
+    }
+
+    #[test]
+    fn probe_timings_come_from_the_spec_and_default_to_earlier_releases() {
+        use crate::brain::validate::{tests::students, validate};
+        use crate::crd::{ProbeSpec, RouterSpec};
+        let probes = |db: &ValidatedDb| {
+            let c = router_deployment(db, &owner(), None).spec.unwrap().template.spec.unwrap().containers.remove(0);
+            let t = |p: Option<k8s_openapi::api::core::v1::Probe>| {
+                let p = p.unwrap();
+                (p.initial_delay_seconds, p.period_seconds, p.timeout_seconds, p.failure_threshold)
+            };
+            (t(c.readiness_probe), t(c.liveness_probe))
+        };
+        assert_eq!(probes(&db()), ((None, Some(5), Some(2), Some(3)), (None, Some(10), Some(2), Some(6))));
+        let mut spec = students();
+        spec.router = Some(RouterSpec {
+            replicas: Some(3),
+            readiness_probe: Some(ProbeSpec {
+                period_seconds: Some(1),
+                timeout_seconds: Some(1),
+                ..Default::default()
+            }),
+            liveness_probe: Some(ProbeSpec { initial_delay_seconds: Some(2), ..Default::default() }),
+        });
+        assert_eq!(
+            probes(&validate(&spec).unwrap()),
+            ((None, Some(1), Some(1), Some(3)), (Some(2), Some(10), Some(2), Some(6)))
+        );
     }
 
     #[test]
