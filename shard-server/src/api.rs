@@ -1,6 +1,25 @@
 //! Wire contracts between sharddb processes: request and response bodies of the shard server (the
 //! seed endpoints and our own under `/v1`), the error body every component speaks, and a typed
 //! client. Routers, the operator and tests all use these types; nothing re-declares them.
+//!
+//! # Versions
+//! The contract is versioned ([`PROTOCOL_VERSION`]) so that release N and N−1 of the router, the
+//! shard server and the operator work together in any mix, in both directions, as they must for
+//! minutes of every rolling upgrade. The rules every change follows:
+//! - A field added to a body is optional (`#[serde(default)]`) and means, when absent, what the
+//!   previous release did; readers ignore fields they do not know (no `deny_unknown_fields` on
+//!   any body two sharddb processes exchange).
+//! - A new error code is understood by its HTTP status until every peer knows it: a code this
+//!   build does not know parses as [`ErrorCode::Unknown`], and [`ClientError::code`] answers the
+//!   code its status stands for ([`ErrorCode::for_status`]). So a new code must come with the
+//!   status whose class its handling falls in (retry on 503, reroute on 421, final on 4xx).
+//! - A new endpoint is used only once the peer advertises a protocol that has it, or with a
+//!   fallback to what the previous release offers.
+//! - Every response carries the responder's version in the [`PROTOCOL_HEADER`] header, every
+//!   request of [`http_client`] the sender's, and `/status` says it in [`ServerStatus::protocol`].
+//!   A peer declaring a version older than [`OLDEST_PROTOCOL_VERSION`] is refused
+//!   (`unsupported_protocol`, 400); one declaring none is a client of the seed API, or a release
+//!   from before the header (version 1), and is served.
 
 use crate::limits::{MAX_READ_RANGES, MAX_ROWS, MAX_SHARDS, bounded_batches, bounded_vec};
 use crate::schema::{Row, SchemaSpec};
@@ -8,6 +27,31 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use std::collections::BTreeMap;
 use std::time::Duration;
+
+// ---------------------------------------------------------------------------------------------
+// Versions
+
+/// The wire protocol this build speaks. Version 1 is the release before versions were
+/// advertised; each release whose contract changes adds one.
+pub const PROTOCOL_VERSION: u32 = 2;
+/// The oldest protocol this build still works with: the previous release's (N−1).
+pub const OLDEST_PROTOCOL_VERSION: u32 = 1;
+/// The header carrying a process's protocol version, on requests and responses alike.
+pub const PROTOCOL_HEADER: &str = "sharddb-protocol";
+
+/// What a peer's [`PROTOCOL_HEADER`] says: absent (a seed client, or a release from before
+/// versions were advertised), a version, or something that is not one.
+pub fn peer_protocol(value: Option<&str>) -> Result<Option<u32>, String> {
+    match value {
+        None => Ok(None),
+        Some(v) => v.trim().parse().map(Some).map_err(|_| format!("{PROTOCOL_HEADER} {v:?} is not a version number")),
+    }
+}
+
+/// `/status` of a release from before versions were advertised says no protocol: version 1.
+fn protocol_v1() -> u32 {
+    1
+}
 
 // ---------------------------------------------------------------------------------------------
 // Bodies shared by every endpoint
@@ -59,6 +103,32 @@ pub enum ErrorCode {
     /// The request's body did not arrive in full within the server's body timeout.
     RequestTimeout,
     Internal,
+    /// The sender declared a protocol version older than [`OLDEST_PROTOCOL_VERSION`].
+    UnsupportedProtocol,
+    /// A code this build does not know (a newer peer's): read it by its HTTP status, see
+    /// [`ErrorCode::for_status`]. Never sent.
+    #[serde(other)]
+    Unknown,
+}
+
+impl ErrorCode {
+    /// The code an answer's HTTP status stands for: how a failure whose own code is
+    /// [`ErrorCode::Unknown`] is handled. 503 (and the other statuses of a failure worth
+    /// retrying) is `unavailable`, 421 `not_primary` (route again), 409 `conflict`, 404
+    /// `not_found`, 413 `payload_too_large`, another 4xx `bad_request`, any other 5xx `internal`.
+    pub fn for_status(status: u16) -> ErrorCode {
+        match status {
+            404 => ErrorCode::NotFound,
+            405 => ErrorCode::MethodNotAllowed,
+            409 => ErrorCode::Conflict,
+            413 => ErrorCode::PayloadTooLarge,
+            421 => ErrorCode::NotPrimary,
+            429 | 502 | 503 | 504 => ErrorCode::Unavailable,
+            501 => ErrorCode::NotImplemented,
+            400..=499 => ErrorCode::BadRequest,
+            _ => ErrorCode::Internal,
+        }
+    }
 }
 
 /// `{"message": "<Error> ...", "status": "failure", ...}`: every failure has this body.
@@ -275,6 +345,10 @@ pub struct LeaseResponse {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ServerStatus {
     pub server: String,
+    /// The protocol this server speaks ([`PROTOCOL_VERSION`]); 1 when absent (a release from
+    /// before versions were advertised).
+    #[serde(default = "protocol_v1")]
+    pub protocol: u32,
     /// The epoch of the topology this server follows (0: none).
     pub epoch: u64,
     pub shards: BTreeMap<String, ShardStatus>,
@@ -305,6 +379,10 @@ pub enum Role {
     Replica,
     /// Configured with `/config` outside any topology: its own sole primary.
     Standalone,
+    /// A role this build does not know (a newer server's); the copy's position and identity,
+    /// which the operator reads, mean the same whatever its role.
+    #[serde(other)]
+    Unknown,
 }
 
 /// First line of a snapshot stream (`GET /v1/shards/{shard}/snapshot`, newline-delimited JSON):
@@ -383,8 +461,15 @@ impl ClientError {
             _ => None,
         }
     }
+    /// The failure's code; a code this build does not know is the one its status stands for
+    /// (see the module documentation, versions).
     pub fn code(&self) -> Option<ErrorCode> {
-        self.body().map(|b| b.code)
+        match self {
+            ClientError::Api { body, status, .. } if body.code == ErrorCode::Unknown => {
+                Some(ErrorCode::for_status(*status))
+            }
+            _ => self.body().map(|b| b.code),
+        }
     }
 }
 
@@ -395,11 +480,14 @@ pub struct ShardClient {
     base: String,
 }
 
-/// The HTTP client every sharddb process uses to call another: bounded connect and request times.
-/// Installs the TLS provider first, so no caller (a test, a tool) can forget it.
+/// The HTTP client every sharddb process uses to call another: bounded connect and request times,
+/// and this build's protocol version on every request. Installs the TLS provider first, so no
+/// caller (a test, a tool) can forget it.
 pub fn http_client(request_timeout: Duration) -> reqwest::Client {
     install_crypto_provider();
+    let version = reqwest::header::HeaderValue::from(PROTOCOL_VERSION);
     reqwest::Client::builder()
+        .default_headers([(reqwest::header::HeaderName::from_static(PROTOCOL_HEADER), version)].into_iter().collect())
         .connect_timeout(Duration::from_secs(2))
         .timeout(request_timeout)
         // Well below the servers' idle timeout (`serve`, 60 s by default), so a pooled connection
@@ -540,5 +628,91 @@ impl ShardClient {
     pub async fn heartbeat(&self) -> bool {
         let url = format!("{}/heartbeat", self.base);
         matches!(self.http.get(&url).send().await, Ok(r) if r.status().is_success())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_newer_peers_unknown_code_parses_and_reads_as_its_status() {
+        let body: ErrorBody =
+            serde_json::from_str(r#"{"message":"<Error> x","status":"failure","code":"from_the_future","extra":1}"#)
+                .unwrap();
+        assert_eq!(body.code, ErrorCode::Unknown);
+        let err = |status| ClientError::Api { url: "u".into(), status, body: body.clone() };
+        for (status, code) in [
+            (503, ErrorCode::Unavailable),
+            (504, ErrorCode::Unavailable),
+            (421, ErrorCode::NotPrimary),
+            (409, ErrorCode::Conflict),
+            (404, ErrorCode::NotFound),
+            (413, ErrorCode::PayloadTooLarge),
+            (400, ErrorCode::BadRequest),
+            (418, ErrorCode::BadRequest),
+            (500, ErrorCode::Internal),
+        ] {
+            assert_eq!(err(status).code(), Some(code), "{status}");
+        }
+        let known = ClientError::Api { url: "u".into(), status: 503, body: ErrorBody::new(ErrorCode::NotReady, "x") };
+        assert_eq!(known.code(), Some(ErrorCode::NotReady), "a known code is kept");
+    }
+
+    #[test]
+    fn every_code_this_build_sends_round_trips() {
+        for code in [
+            ErrorCode::BadRequest,
+            ErrorCode::Conflict,
+            ErrorCode::NotFound,
+            ErrorCode::MethodNotAllowed,
+            ErrorCode::PayloadTooLarge,
+            ErrorCode::StaleEpoch,
+            ErrorCode::EpochAhead,
+            ErrorCode::NotPrimary,
+            ErrorCode::SeqGap,
+            ErrorCode::Diverged,
+            ErrorCode::NotReady,
+            ErrorCode::Unavailable,
+            ErrorCode::LogTruncated,
+            ErrorCode::NotImplemented,
+            ErrorCode::Internal,
+            ErrorCode::UnsupportedProtocol,
+        ] {
+            let json = serde_json::to_string(&code).unwrap();
+            assert_eq!(serde_json::from_str::<ErrorCode>(&json).unwrap(), code, "{json}");
+        }
+    }
+
+    #[test]
+    fn a_previous_releases_status_reads_as_protocol_1_and_unknown_fields_and_roles_are_tolerated() {
+        let old = r#"{"server":"Server0","epoch":3,"shards":{"sh1":{"role":"primary","applied_seq":5,"rows":2}}}"#;
+        let s: ServerStatus = serde_json::from_str(old).unwrap();
+        assert_eq!((s.protocol, s.shards["sh1"].applied_seq), (1, 5));
+        let newer = r#"{"server":"Server0","protocol":3,"epoch":3,"later":{"a":1},
+            "shards":{"sh1":{"role":"witness","applied_seq":5,"rows":2,"copy_id":"c","more":true}}}"#;
+        let s: ServerStatus = serde_json::from_str(newer).unwrap();
+        assert_eq!((s.protocol, s.shards["sh1"].role, s.shards["sh1"].copy_id.as_str()), (3, Role::Unknown, "c"));
+        let ours = serde_json::to_value(ServerStatus {
+            server: "S".into(),
+            protocol: PROTOCOL_VERSION,
+            epoch: 1,
+            shards: BTreeMap::new(),
+        })
+        .unwrap();
+        assert_eq!(ours["protocol"], PROTOCOL_VERSION);
+    }
+
+    #[test]
+    fn a_previous_releases_bodies_parse_and_ours_parse_there() {
+        // A write request as the previous release sends it (no dry_run), and a replicate request
+        // without prev_epoch: the defaults mean what that release did.
+        let w: WriteRequest = serde_json::from_str(r#"{"epoch":4,"ops":[{"op":"delete","key":7}]}"#).unwrap();
+        assert!(!w.dry_run);
+        let r: ReplicateRequest = serde_json::from_str(r#"{"epoch":4,"primary":"S","entries":[]}"#).unwrap();
+        assert_eq!(r.prev_epoch, None);
+        assert!(peer_protocol(None).unwrap().is_none());
+        assert_eq!(peer_protocol(Some(" 2 ")).unwrap(), Some(2));
+        assert!(peer_protocol(Some("v2")).is_err());
     }
 }

@@ -10,6 +10,7 @@ pub mod json;
 pub mod limits;
 pub mod metrics;
 pub mod node;
+pub mod protocol;
 pub mod replication;
 pub mod routes;
 pub mod rowcache;
@@ -57,6 +58,7 @@ pub fn app(node: Arc<Node>) -> Router {
         .layer(middleware::from_fn_with_state(Arc::clone(&node), observe))
         .layer(DefaultBodyLimit::max(limit))
         .layer(axum::Extension(BodyLimit { bytes: limit, timeout: node.config.body_timeout }))
+        .layer(middleware::from_fn(protocol::versioned))
         .with_state(node)
 }
 

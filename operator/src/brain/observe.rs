@@ -50,6 +50,8 @@ pub enum Probe {
 #[derive(Clone, Debug, Default)]
 pub struct Observations {
     servers: BTreeMap<String, Health>,
+    /// The protocol each server said it speaks when it last answered.
+    protocols: BTreeMap<String, u32>,
     /// The round (its `now`) of each server's latest answer.
     answered_in: BTreeMap<String, Instant>,
     /// Per shard, the highest sequence number any copy reported.
@@ -74,6 +76,7 @@ impl Observations {
     /// Folds in one probe made at `now`.
     pub fn record(&mut self, server: &str, probe: Probe, now: Instant) {
         if let Probe::Answered(status) = &probe {
+            self.protocols.insert(server.to_owned(), status.protocol);
             self.answered_in.insert(server.to_owned(), now);
             for (shard, copy) in &status.shards {
                 let p = self.positions.entry(shard.clone()).or_default();
@@ -129,6 +132,12 @@ impl Observations {
         self.servers.get(server).unwrap_or(&UNKNOWN)
     }
 
+    /// The wire protocol `server` said it speaks when it last answered (1: a release from before
+    /// versions were advertised); `None` if it never answered.
+    pub fn protocol(&self, server: &str) -> Option<u32> {
+        self.protocols.get(server).copied()
+    }
+
     /// The copy of `shard` on `server`, if the server is up and reported it.
     pub fn copy(&self, server: &str, shard: &str) -> Option<&CopySeen> {
         match self.health(server) {
@@ -153,7 +162,7 @@ mod tests {
             copy_id: copy.into(),
             cached: false,
         };
-        ServerStatus { server: "S".into(), epoch: 4, shards: [("sh1".to_owned(), shard)].into() }
+        ServerStatus { server: "S".into(), protocol: 2, epoch: 4, shards: [("sh1".to_owned(), shard)].into() }
     }
 
     #[test]
@@ -168,6 +177,7 @@ mod tests {
         o.record("S", Probe::Answered(status(7, "c1")), t0 + Duration::from_secs(2));
         assert_eq!(o.copy("S", "sh1"), Some(&CopySeen { applied_seq: 7, copy_id: "c1".into() }));
         assert!(matches!(o.health("S"), Health::Up { epoch: 4, .. }));
+        assert_eq!(o.protocol("S"), Some(2));
         let t3 = t0 + Duration::from_secs(3);
         o.record("S", Probe::Failed, t3);
         assert_eq!(o.health("S"), &Health::Down { since: t3 });

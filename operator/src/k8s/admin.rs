@@ -67,6 +67,7 @@ pub fn router(client: Client, images: Images) -> axum::Router {
         .route("/databases/{namespace}/{name}/rm", delete(rm))
         .fallback(crate::admin::no_route)
         .method_not_allowed_fallback(crate::admin::method_not_allowed)
+        .layer(axum::middleware::from_fn(shard_server::protocol::versioned))
         .with_state(AdminState { client, images: Arc::new(images) })
 }
 

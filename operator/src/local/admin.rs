@@ -34,6 +34,7 @@ pub fn serve(listener: tokio::net::TcpListener, calls: mpsc::Sender<AdminCall>) 
         .route("/rm", delete(rm))
         .fallback(crate::admin::no_route)
         .method_not_allowed_fallback(crate::admin::method_not_allowed)
+        .layer(axum::middleware::from_fn(shard_server::protocol::versioned))
         .with_state(calls);
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {

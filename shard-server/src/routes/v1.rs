@@ -261,7 +261,8 @@ pub async fn status(
             },
         );
     }
-    Ok(Json(ServerStatus { server: node.name().to_owned(), epoch: node.epoch(), shards }))
+    let protocol = crate::api::PROTOCOL_VERSION;
+    Ok(Json(ServerStatus { server: node.name().to_owned(), protocol, epoch: node.epoch(), shards }))
 }
 
 /// `POST /v1/lease`: grants read leases to a ready replica, for the shards this server is the
