@@ -50,6 +50,13 @@ pub const DEFAULT_POSTGRES_IMAGE: &str = "docker.io/library/postgres:17.6-bookwo
     ),
     printcolumn(name = "Servers", type_ = "integer", json_path = ".spec.servers"),
     printcolumn(name = "Servers-Ready", type_ = "integer", json_path = ".status.readyServers"),
+    printcolumn(
+        name = "Servers-Updated",
+        type_ = "integer",
+        json_path = ".status.updatedServers",
+        priority = 1,
+        description = "Server pods running the current revision of their template"
+    ),
     printcolumn(name = "Epoch", type_ = "integer", json_path = ".status.topologyEpoch", priority = "1"),
     printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
@@ -351,6 +358,10 @@ pub struct ShardedDatabaseStatus {
     /// Server pods that are ready (the scale subresource's status replicas).
     #[serde(default)]
     pub ready_servers: u32,
+    /// Server pods running the current revision of their template; fewer than `readyServers`
+    /// while a rolling update restarts them one at a time.
+    #[serde(default)]
+    pub updated_servers: u32,
     /// Per shard: its primary and the servers whose copy serves reads.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub shards: Vec<ShardStatus>,
@@ -545,7 +556,10 @@ mod tests {
         assert_eq!(scale.status_replicas_path, ".status.readyServers");
         let columns: Vec<&str> =
             v.additional_printer_columns.as_ref().unwrap().iter().map(|c| c.name.as_str()).collect();
-        assert_eq!(columns, ["Shards", "Copies", "Servers", "Servers-Ready", "Epoch", "Ready", "Age"]);
+        assert_eq!(
+            columns,
+            ["Shards", "Copies", "Servers", "Servers-Ready", "Servers-Updated", "Epoch", "Ready", "Age"]
+        );
         let paths: Vec<&str> =
             v.additional_printer_columns.as_ref().unwrap().iter().map(|c| c.json_path.as_str()).collect();
         assert!(

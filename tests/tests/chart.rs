@@ -238,6 +238,9 @@ fn the_cluster_role_covers_every_kind_the_operator_owns() {
     // reconcile and the healer never undo each other's writes.
     assert!(allows("", "configmaps", "update"));
     assert!(allows("", "pods", "watch"));
+    // A rolling update lists the server pods and evicts them one at a time.
+    assert!(allows("", "pods", "list"));
+    assert!(allows("", "pods/eviction", "create"));
     assert!(allows("events.k8s.io", "events", "create"));
     let binding = one(&docs, "ClusterRoleBinding");
     assert_eq!(binding["subjects"][0]["name"], one(&docs, "ServiceAccount")["metadata"]["name"]);

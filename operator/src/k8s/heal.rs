@@ -33,17 +33,26 @@
 //!   answers (its pod is up: the headless Service publishes not-ready addresses), so copies are
 //!   not given to a pod still pulling its image, and recovers do not fail meanwhile. An invalid
 //!   spec moves nothing.
+//! - **Rolling restarts** (`brain::rollout`, `k8s::rollout`) come last, in rounds where neither
+//!   heals nor moves change anything: a server whose pod runs an older revision of its
+//!   StatefulSet's template (`OnDelete`: a changed template restarts nothing by itself) is
+//!   drained (its primaries handed over, its copies `recovering`), its pod evicted once every
+//!   other server follows that document, and the next one waits until it is back and its copies
+//!   are recovered. The server about to restart is not recovered meanwhile. Each step is an Event
+//!   (`ServerDraining`, `ServerRestarting`, `ServerUpdated`).
 //! - Databases are handled one after the other in a round; the probes of one database run
 //!   concurrently and time out after a second, so a round takes about a second per database whose
 //!   servers hang, and a few milliseconds otherwise.
 
 use super::build::Owner;
-use super::controller::{Context, publish};
+use super::controller::{Context, publish, publish_related};
+use super::rollout::{self as pods, Evicted, Revisions};
 use super::topology::{self, Published, WriteError};
 use crate::brain::moves::{self, Move};
 use crate::brain::observe::{Health, Observations};
 use crate::brain::placement::{Placement, place};
 use crate::brain::plan::{self, Action, Settings};
+use crate::brain::rollout::{self, Change, Step};
 use crate::brain::validate::{ValidatedDb, validate_with_defaults};
 use crate::crd::ShardedDatabase;
 use crate::exec::{self, PROBE_TIMEOUT, RECOVER_TIMEOUT, RecoveredCopy};
@@ -51,7 +60,7 @@ use futures::channel::mpsc::UnboundedSender;
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::{ObjectRef, Store};
 use shard_server::api::ClientError;
-use shard_server::topology::Topology;
+use shard_server::topology::{ReplicaState, Topology};
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::future::Future;
 use std::sync::Arc;
@@ -82,6 +91,10 @@ struct DbState {
     seen: Observations,
     /// (shard, server) pairs with a recover running.
     running: BTreeSet<(String, String)>,
+    /// Servers whose pod the rollout evicted and whose copies are not all ready again yet.
+    restarted: BTreeSet<String>,
+    /// Why the rollout last waited, so that a wait is logged once rather than every round.
+    waiting: Option<String>,
 }
 
 /// The outcome of one recover task.
@@ -172,6 +185,7 @@ impl Healer {
         });
         let mut probed: BTreeSet<&String> = topology.servers.keys().collect();
         probed.extend(desired.iter().flat_map(|(_, p)| &p.servers));
+        let named: BTreeSet<String> = probed.iter().map(|s| (*s).clone()).collect();
         let servers: Vec<(String, String)> = probed
             .into_iter()
             .map(|s| (s.clone(), self.ctx.config.server_urls.url(&owner.name, &owner.namespace, s)))
@@ -179,6 +193,15 @@ impl Healer {
         // One `now` for the round, taken before any probe leaves (see `Observations`).
         let now = Instant::now();
         let probes = exec::probe_servers(&self.probe_http, servers).await;
+        // `None` when they cannot be read: no rollout step this round.
+        let revisions = match pods::observe(&self.ctx.client, &owner, &named).await {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::warn!(db = %owner.name, error = %e, "cannot read the server pods' revisions");
+                None
+            }
+        };
+        let outdated = revisions.as_ref().map(|r| r.outdated.clone()).unwrap_or_default();
         let state = self.dbs.entry(key.clone()).or_default();
         for (server, probe) in probes {
             state.seen.record(&server, probe, now);
@@ -189,7 +212,8 @@ impl Healer {
             let _ = self.reconcile.unbounded_send(());
         }
 
-        let actions = plan::plan(&topology, &state.seen, now, &self.settings.plan);
+        let mut actions = plan::plan(&topology, &state.seen, now, &self.settings.plan);
+        rollout::hold_recovers(&mut actions, rollout::next_restart(&topology, &outdated).as_deref());
         let (changes, recovers): (Vec<_>, Vec<_>) = actions.into_iter().partition(Action::changes_topology);
         if let Some(next) = plan::apply(&topology, &changes) {
             match topology::write(&self.ctx.client, &owner, &next, Some(&published.resource_version)).await {
@@ -212,6 +236,16 @@ impl Healer {
                 }
                 Err(e) => return self.not_written(&owner, e),
             }
+        } else if let Some(revisions) = &revisions {
+            self.roll(&db, &owner, &key, &published.resource_version, &topology, revisions).await;
+        }
+        if let Some(revisions) = &revisions {
+            self.note_updated(&db, &owner, &key, &topology, revisions).await;
+        }
+        // The status shows a rollout until its last server is back (see `status`).
+        let restarting = self.dbs.get(&key).map(|s| s.restarted.clone()).unwrap_or_default();
+        if self.ctx.set_restarting(&key, restarting) {
+            let _ = self.reconcile.unbounded_send(());
         }
         for action in recovers {
             self.start_recover(&db, &owner, action);
@@ -239,6 +273,110 @@ impl Healer {
         let steps = moves::plan_moves(topology, valid, placement, &urls, seen);
         let next = moves::apply(topology, &steps)?;
         Some((next, steps))
+    }
+
+    /// One step of the rolling restart of `db`'s outdated servers.
+    async fn roll(
+        &mut self,
+        db: &Arc<ShardedDatabase>,
+        owner: &Owner,
+        key: &ObjectRef<ShardedDatabase>,
+        read_at: &str,
+        topology: &Topology,
+        revisions: &Revisions,
+    ) {
+        let Some(state) = self.dbs.get_mut(key) else { return };
+        let step = if revisions.unknown.is_empty() {
+            rollout::plan_rollout(topology, &revisions.outdated, &state.seen)
+        } else {
+            let unknown: Vec<&str> = revisions.unknown.iter().map(String::as_str).collect();
+            Step::Wait(format!("the current revision of {} is not known yet", unknown.join(", ")))
+        };
+        match step {
+            Step::Done => state.waiting = None,
+            Step::Wait(why) => {
+                if !revisions.outdated.is_empty() && state.waiting.as_ref() != Some(&why) {
+                    tracing::info!(db = %owner.name, %why, "rollout waits");
+                }
+                state.waiting = Some(why);
+            }
+            Step::Drain { server, changes } => {
+                state.waiting = None;
+                let Some(next) = rollout::apply(topology, &changes) else { return };
+                if let Err(e) = topology::write(&self.ctx.client, owner, &next, Some(read_at)).await {
+                    return self.not_written(owner, e);
+                }
+                let what: Vec<String> = changes
+                    .iter()
+                    .map(|c| match c {
+                        Change::Demote { shard, .. } => format!("{shard} stops serving there"),
+                        Change::HandOver { shard, to, .. } => format!("{shard} is handed over to {to}"),
+                    })
+                    .collect();
+                let revision = revisions.current.get(&server).map_or("?", String::as_str);
+                let note = format!(
+                    "{server} is drained before its restart to revision {revision}: {} (epoch {})",
+                    what.join(", "),
+                    next.epoch
+                );
+                tracing::info!(db = %owner.name, "{note}");
+                let pod = Some(pods::pod_reference(owner, &server));
+                publish_related(&self.ctx, db, EventType::Normal, "ServerDraining", "Rollout", note, pod).await;
+            }
+            Step::Restart { server } => {
+                state.waiting = None;
+                match pods::evict(&self.ctx.client, owner, &server).await {
+                    Ok(Evicted::Done) => {
+                        state.restarted.insert(server.clone());
+                        let revision = revisions.current.get(&server).map_or("?", String::as_str);
+                        let note = format!(
+                            "{server}'s pod is evicted to run revision {revision}; its copies are recovered once it is back"
+                        );
+                        tracing::info!(db = %owner.name, "{note}");
+                        let pod = Some(pods::pod_reference(owner, &server));
+                        publish_related(&self.ctx, db, EventType::Normal, "ServerRestarting", "Rollout", note, pod)
+                            .await;
+                    }
+                    Ok(Evicted::NotNow(why)) => {
+                        tracing::info!(db = %owner.name, %server, %why, "eviction refused; retrying next round")
+                    }
+                    Err(e) => tracing::warn!(db = %owner.name, %server, error = %e, "cannot evict a server pod"),
+                }
+            }
+        }
+    }
+
+    /// A `ServerUpdated` Event for each restarted server that runs its current revision, answers
+    /// at the current epoch and whose copies are all ready again.
+    async fn note_updated(
+        &mut self,
+        db: &ShardedDatabase,
+        owner: &Owner,
+        key: &ObjectRef<ShardedDatabase>,
+        topology: &Topology,
+        revisions: &Revisions,
+    ) {
+        let Some(state) = self.dbs.get_mut(key) else { return };
+        let back: Vec<String> = state
+            .restarted
+            .iter()
+            .filter(|s| !revisions.outdated.contains(*s) && !revisions.replacing.contains(*s))
+            .filter(|s| matches!(state.seen.health(s), Health::Up { epoch, .. } if *epoch >= topology.epoch))
+            .filter(|s| topology.shards_of(s).all(|(_, st)| st == ReplicaState::Ready))
+            .cloned()
+            .collect();
+        let total = revisions.current.len();
+        let updated = total.saturating_sub(revisions.outdated.len() + revisions.replacing.len());
+        for server in back {
+            state.restarted.remove(&server);
+            let revision = revisions.current.get(&server).map_or("?", String::as_str);
+            let note = format!(
+                "{server} runs revision {revision} and its copies are ready again ({updated}/{total} servers updated)"
+            );
+            tracing::info!(db = %db.metadata.name.as_deref().unwrap_or_default(), "{note}");
+            let pod = Some(pods::pod_reference(owner, &server));
+            publish_related(&self.ctx, db, EventType::Normal, "ServerUpdated", "Rollout", note, pod).await;
+        }
     }
 
     /// Logs a write that did not happen; the next round plans again from a fresh read.

@@ -7,10 +7,17 @@
 //! The topology file is the only state that matters: the healer reads it at every round, so after
 //! an operator restart a heal or failover in progress simply continues.
 //!
+//! When neither heals nor placement moves have anything to do, servers running an outdated binary
+//! are restarted one at a time (`brain::rollout`): drained, restarted, and recovered before the
+//! next. A server about to restart is not recovered meanwhile.
+//!
 //! `DIR/events.log` has one JSON object per line: `{"at_ms": <unix ms>, "event": "...", "shard",
 //! "server", "epoch", "detail"}` with events `demote`, `promote`, `record_copy`, `recover_start`,
-//! `ready`, `recover_failed`, `control`, and for placement changes `add_server`, `add_shard`,
-//! `add_replica`, `hand_over`, `remove_replica`, `remove_server`.
+//! `ready`, `recover_failed`, `control`, for placement changes `add_server`, `add_shard`,
+//! `add_replica`, `hand_over`, `remove_replica`, `remove_server`, and for upgrades `upgrade` (new
+//! binaries taken), `drain_demote`, `drain_hand_over` (a copy taken out of service before its
+//! server restarts), `restart` (the server restarts on the new binary) and `updated` (its copies
+//! are ready again; the detail says how many servers run the new binary).
 //!
 //! `DIR/control/<verb>.<server>` (any content) asks for a fault or its repair; the file is removed
 //! once done. Verbs: `kill` (SIGKILL the shard server and keep it down), `stop` (stop it and keep it
@@ -18,13 +25,19 @@
 //! until `start`), `stop-postgres`, `start-postgres`. A crashed process is otherwise restarted by
 //! the supervisor within about a second, too soon for any timeout to matter, and a stopped
 //! Postgres is never restarted by itself: these verbs are how a test keeps a server down.
+//!
+//! `DIR/control/upgrade` (no server) takes new binaries: those of the directory the file names,
+//! or, when it is empty, the bin directory's again (rebuilt in place). The router restarts on its
+//! new binary at once; the servers follow one at a time.
 
 use super::{LocalCluster, LocalError};
 use crate::brain::moves::{self, Move};
-use crate::brain::observe::Observations;
+use crate::brain::observe::{Health, Observations};
 use crate::brain::plan::{self, Action, Settings};
+use crate::brain::rollout::{self, Change, Step};
 use crate::exec::{self, PROBE_TIMEOUT, RECOVER_TIMEOUT};
 use shard_server::api::{ClientError, RecoverRequest, RecoverResponse, ShardClient};
+use shard_server::topology::ReplicaState;
 use shard_server::topology::Topology;
 use std::collections::BTreeSet;
 use std::io::Write;
@@ -55,6 +68,10 @@ pub struct Healer {
     recover_http: reqwest::Client,
     /// (shard, server) pairs with a recover running.
     running: BTreeSet<(String, String)>,
+    /// Servers restarted by the rollout whose copies are not all ready again yet.
+    restarted: BTreeSet<String>,
+    /// Why the rollout waits, when it last said (so a wait is logged once, not every round).
+    waiting: Option<String>,
     done_tx: mpsc::UnboundedSender<Recovered>,
     done_rx: mpsc::UnboundedReceiver<Recovered>,
 }
@@ -73,13 +90,15 @@ impl Healer {
             probe_http: shard_server::api::http_client(PROBE_TIMEOUT),
             recover_http: shard_server::api::http_client(RECOVER_TIMEOUT),
             running: BTreeSet::new(),
+            restarted: BTreeSet::new(),
+            waiting: None,
             done_tx,
             done_rx,
         })
     }
 
     /// One round: fault requests, finished recovers, then observe → plan → act.
-    pub async fn round(&mut self, cluster: &LocalCluster) {
+    pub async fn round(&mut self, cluster: &mut LocalCluster) {
         self.control_requests(cluster).await;
         while let Ok(done) = self.done_rx.try_recv() {
             self.finish_recover(done);
@@ -96,7 +115,9 @@ impl Healer {
             }
         };
         self.observe(&topology).await;
-        let actions = plan::plan(&topology, &self.seen, Instant::now(), &self.settings);
+        let outdated = cluster.outdated_servers();
+        let mut actions = plan::plan(&topology, &self.seen, Instant::now(), &self.settings);
+        rollout::hold_recovers(&mut actions, rollout::next_restart(&topology, &outdated).as_deref());
         let (changes, recovers): (Vec<_>, Vec<_>) = actions.into_iter().partition(Action::changes_topology);
         if let Some(next) = plan::apply(&topology, &changes) {
             if let Err(e) = self.write_topology(&next) {
@@ -116,10 +137,81 @@ impl Healer {
                 for m in &steps {
                     self.log_move(m, next.epoch);
                 }
+            } else {
+                self.roll(cluster, &topology, &outdated).await;
             }
         }
+        self.note_updated(cluster, &topology, &outdated);
         for a in recovers {
             self.start_recover(a, topology.epoch);
+        }
+    }
+
+    /// One step of the rolling restart of outdated servers.
+    async fn roll(&mut self, cluster: &LocalCluster, topology: &Topology, outdated: &BTreeSet<String>) {
+        match rollout::plan_rollout(topology, outdated, &self.seen) {
+            Step::Done => {}
+            Step::Wait(why) => {
+                if self.waiting.as_ref() != Some(&why) {
+                    tracing::info!(%why, "rollout waits");
+                    self.waiting = Some(why);
+                }
+            }
+            Step::Drain { server, changes } => {
+                self.waiting = None;
+                let Some(next) = rollout::apply(topology, &changes) else { return };
+                if let Err(e) = self.write_topology(&next) {
+                    tracing::error!(error = %e, "cannot write the topology");
+                    return;
+                }
+                for change in &changes {
+                    match change {
+                        Change::Demote { shard, server } => {
+                            self.event("drain_demote", shard, server, Some(next.epoch), "before its restart")
+                        }
+                        Change::HandOver { shard, from, to } => self.event(
+                            "drain_hand_over",
+                            shard,
+                            to,
+                            Some(next.epoch),
+                            &format!("takes over from {from}, which restarts"),
+                        ),
+                    }
+                }
+                tracing::info!(%server, "drained before its restart");
+            }
+            Step::Restart { server } => {
+                self.waiting = None;
+                let binary = cluster.bins.shard_server.display().to_string();
+                match cluster.restart_server(&server).await {
+                    Ok(()) => {
+                        self.restarted.insert(server.clone());
+                        self.event("restart", "", &server, Some(topology.epoch), &binary);
+                    }
+                    Err(e) => tracing::error!(%server, error = %e, "cannot restart a server; retrying next round"),
+                }
+            }
+        }
+    }
+
+    /// An `updated` event for each restarted server that is up to date and whose copies are all
+    /// ready again.
+    fn note_updated(&mut self, cluster: &LocalCluster, topology: &Topology, outdated: &BTreeSet<String>) {
+        let done: Vec<String> = self
+            .restarted
+            .iter()
+            .filter(|s| {
+                !outdated.contains(*s)
+                    && matches!(self.seen.health(s), Health::Up { epoch, .. } if *epoch >= topology.epoch)
+            })
+            .filter(|s| topology.shards_of(s).all(|(_, state)| state == ReplicaState::Ready))
+            .cloned()
+            .collect();
+        for server in done {
+            self.restarted.remove(&server);
+            let total = cluster.servers.len();
+            let updated = total - outdated.len();
+            self.event("updated", "", &server, Some(topology.epoch), &format!("{updated}/{total} servers updated"));
         }
     }
 
@@ -262,12 +354,16 @@ impl Healer {
     }
 
     /// Carries out the requests in `DIR/control/`, oldest name first.
-    async fn control_requests(&mut self, cluster: &LocalCluster) {
+    async fn control_requests(&mut self, cluster: &mut LocalCluster) {
         let Ok(entries) = std::fs::read_dir(&self.control) else { return };
         let mut files: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
         files.sort();
         for path in files {
             let Some(name) = path.file_name().and_then(|n| n.to_str()).map(str::to_owned) else { continue };
+            if name == "upgrade" {
+                self.upgrade(cluster, &path).await;
+                continue;
+            }
             let Some((verb, server)) = name.split_once('.') else { continue };
             let outcome = control(cluster, verb, server).await;
             let detail = match &outcome {
@@ -277,6 +373,24 @@ impl Healer {
             self.event("control", "", server, None, &detail);
             let _ = std::fs::remove_file(&path);
         }
+    }
+}
+
+impl Healer {
+    /// `DIR/control/upgrade`: new binaries (see the module documentation).
+    async fn upgrade(&mut self, cluster: &mut LocalCluster, request: &Path) {
+        let named = std::fs::read_to_string(request).unwrap_or_default();
+        let dir = Some(named.trim()).filter(|d| !d.is_empty()).map(PathBuf::from);
+        let detail = match cluster.upgrade(dir.as_deref()).await {
+            Ok(router) => {
+                let outdated = cluster.outdated_servers().len();
+                let router = if router { "router restarted" } else { "router up to date" };
+                format!("{}: {router}; {outdated} servers to restart", cluster.bins.dir.display())
+            }
+            Err(e) => format!("upgrade failed: {e}"),
+        };
+        self.event("upgrade", "", "", None, &detail);
+        let _ = std::fs::remove_file(request);
     }
 }
 

@@ -34,6 +34,7 @@ mod membership;
 pub mod postgres;
 pub mod spec;
 pub mod supervisor;
+mod upgrade;
 
 use crate::brain::placement::Placement;
 use crate::brain::topology::{TopologyBuildError, fresh_topology};
@@ -49,7 +50,7 @@ use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use supervisor::{ProcessSpec, Supervisor, SupervisorError};
+use supervisor::{BinaryId, ProcessSpec, Supervisor, SupervisorError};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::mpsc;
 
@@ -230,7 +231,7 @@ pub async fn run_local(opts: LocalOptions) -> Result<(), LocalError> {
             Some(call) = admin_rx.recv() => cluster.admin(call).await,
             _ = rounds.tick() => {
                 cluster.reconcile().await;
-                healer.round(&cluster).await;
+                healer.round(&mut cluster).await;
             }
             _ = changes.changed() => {
                 if let Err(e) = cluster.write_cluster_file() {
@@ -264,11 +265,15 @@ impl Signals {
     }
 }
 
-/// The programs local mode runs.
+/// The programs local mode runs, as the files were when located: a process started from
+/// another file (an earlier build) is outdated, and the healer restarts it (`upgrade`).
 #[derive(Clone, Debug)]
 pub struct Binaries {
+    pub dir: PathBuf,
     pub shard_server: PathBuf,
     pub router: PathBuf,
+    pub shard_server_id: BinaryId,
+    pub router_id: BinaryId,
 }
 
 impl Binaries {
@@ -277,7 +282,14 @@ impl Binaries {
             let p = dir.join(name);
             if p.is_file() { Ok(p) } else { Err(LocalError::MissingBinary { name, dir: dir.to_owned() }) }
         };
-        Ok(Binaries { shard_server: find(SHARD_SERVER_BIN)?, router: find(ROUTER_BIN)? })
+        let (shard_server, router) = (find(SHARD_SERVER_BIN)?, find(ROUTER_BIN)?);
+        Ok(Binaries {
+            dir: dir.to_owned(),
+            shard_server_id: BinaryId::of(&shard_server),
+            router_id: BinaryId::of(&router),
+            shard_server,
+            router,
+        })
     }
 }
 
@@ -431,21 +443,9 @@ impl LocalCluster {
             self.start_servers(&d.db, &d.placement).await?;
         }
         drop(ports);
-        let router_log = self.logs_dir().join(format!("{ROUTER}.log"));
-        self.supervisor.spawn(ProcessSpec::new(
-            ROUTER,
-            &self.bins.router,
-            vec![
-                "--listen".into(),
-                format!("127.0.0.1:{}", self.router_port),
-                "--topology-file".into(),
-                self.topology_path().display().to_string(),
-                "--control-url".into(),
-                self.control_url.clone(),
-            ],
-            &router_log,
-        ))?;
-        wait_ready(&self.http, ROUTER, format!("{}/healthz", self.router_url()), &router_log).await?;
+        let router = self.router_process();
+        self.supervisor.spawn(router.clone())?;
+        wait_ready(&self.http, ROUTER, format!("{}/healthz", self.router_url()), &router.log).await?;
         self.write_cluster_file()?;
         Ok(())
     }

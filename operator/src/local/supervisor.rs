@@ -15,10 +15,10 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -52,6 +52,27 @@ impl ProcessSpec {
     }
 }
 
+/// Which program file a process was started from: its path, and the file's size and
+/// modification time then, so that a file replaced in place (a rebuild) is another binary.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BinaryId {
+    pub path: PathBuf,
+    len: Option<u64>,
+    modified: Option<SystemTime>,
+}
+
+impl BinaryId {
+    /// The file at `path` now (size and time unknown if it cannot be read).
+    pub fn of(path: &Path) -> BinaryId {
+        let meta = std::fs::metadata(path).ok();
+        BinaryId {
+            path: path.to_owned(),
+            len: meta.as_ref().map(std::fs::Metadata::len),
+            modified: meta.and_then(|m| m.modified().ok()),
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Desired {
     Running,
@@ -64,6 +85,10 @@ struct Managed {
     desired: watch::Sender<Desired>,
     pid: watch::Receiver<Option<u32>>,
     task: JoinHandle<()>,
+    /// The program file as it was when supervision began. A crashed process is restarted from
+    /// the same path, whatever file is there then; a deliberate change of binary goes through
+    /// `remove` and `spawn`, which records the new one.
+    binary: BinaryId,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -110,9 +135,15 @@ impl Supervisor {
         let (desired_tx, desired_rx) = watch::channel(Desired::Running);
         let (pid_tx, pid_rx) = watch::channel(None);
         let name = spec.name.clone();
+        let binary = BinaryId::of(&spec.program);
         let task = tokio::spawn(supervise(spec, desired_rx, pid_tx, self.changes.clone()));
-        procs.insert(name, Managed { desired: desired_tx, pid: pid_rx, task });
+        procs.insert(name, Managed { desired: desired_tx, pid: pid_rx, task, binary });
         Ok(())
+    }
+
+    /// The program file `name` was started from.
+    pub fn binary(&self, name: &str) -> Option<BinaryId> {
+        self.procs.lock().expect("supervisor lock").get(name).map(|m| m.binary.clone())
     }
 
     pub fn names(&self) -> Vec<String> {

@@ -1,12 +1,26 @@
 //! The router Deployment: stateless pods following the topology ConfigMap. Pure.
+//!
+//! Routers roll as a Deployment does, but never below the wanted count: a new pod is started and
+//! ready (it has a routing table) before an old one stops (`maxSurge: 1`, `maxUnavailable: 0`),
+//! and a stopping pod keeps serving for a few seconds after it is taken out of its Service's
+//! endpoints (a `preStop` sleep), since proxies and clients learn of that with a delay; its
+//! requests in flight then finish before it exits. The PodDisruptionBudget (`pdb`) covers
+//! evictions.
 
 use super::statefulset::{http_port, http_probe, restricted};
 use super::{Owner, names, resources};
 use crate::brain::validate::ValidatedDb;
-use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
-use k8s_openapi::api::core::v1::{Container, PodSecurityContext, PodSpec, PodTemplateSpec, SeccompProfile};
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment};
+use k8s_openapi::api::core::v1::{
+    Container, Lifecycle, LifecycleHandler, PodSecurityContext, PodSpec, PodTemplateSpec, SeccompProfile, SleepAction,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use std::collections::BTreeMap;
+
+/// How long a stopping router keeps serving before it is signalled: longer than Service
+/// endpoints take to stop sending it connections. Within the default 30 s grace period.
+const DRAIN_SECONDS: i64 = 5;
 
 /// `control_url` is where the router forwards the admin verbs (the operator's admin endpoint for
 /// this database); without one they answer 501.
@@ -33,6 +47,13 @@ pub fn router_deployment(db: &ValidatedDb, owner: &Owner, control_url: Option<&s
         liveness_probe: Some(http_probe("/healthz", db.tuning.probes.router_liveness)),
         resources: resources(db.resources.router.as_ref()),
         security_context: Some(restricted()),
+        lifecycle: Some(Lifecycle {
+            pre_stop: Some(LifecycleHandler {
+                sleep: Some(SleepAction { seconds: DRAIN_SECONDS }),
+                ..LifecycleHandler::default()
+            }),
+            ..Lifecycle::default()
+        }),
         ..Container::default()
     };
     Deployment {
@@ -40,6 +61,13 @@ pub fn router_deployment(db: &ValidatedDb, owner: &Owner, control_url: Option<&s
         spec: Some(DeploymentSpec {
             replicas: Some(i32::try_from(db.router_replicas).unwrap_or(i32::MAX)),
             selector: LabelSelector { match_labels: Some(selector), ..LabelSelector::default() },
+            strategy: Some(DeploymentStrategy {
+                type_: Some("RollingUpdate".into()),
+                rolling_update: Some(RollingUpdateDeployment {
+                    max_surge: Some(IntOrString::Int(1)),
+                    max_unavailable: Some(IntOrString::Int(0)),
+                }),
+            }),
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta { labels: Some(pod_labels), ..ObjectMeta::default() }),
                 spec: Some(PodSpec {
@@ -84,6 +112,23 @@ mod tests {
         for (k, v) in spec.selector.match_labels.unwrap() {
             assert_eq!(labels.get(&k), Some(&v));
         }
+    }
+
+    #[test]
+    fn routers_roll_one_new_pod_at_a_time_and_keep_serving_while_they_leave_the_service() {
+        let spec = router_deployment(&db(), &owner(), None).spec.unwrap();
+        let strategy = spec.strategy.unwrap();
+        assert_eq!(strategy.type_.as_deref(), Some("RollingUpdate"));
+        let rolling = strategy.rolling_update.unwrap();
+        assert_eq!(
+            (rolling.max_surge, rolling.max_unavailable),
+            (Some(IntOrString::Int(1)), Some(IntOrString::Int(0))),
+            "never fewer routers than asked for"
+        );
+        let pod = spec.template.spec.unwrap();
+        let pre_stop = pod.containers[0].lifecycle.clone().unwrap().pre_stop.unwrap();
+        assert_eq!(pre_stop.sleep.unwrap().seconds, DRAIN_SECONDS);
+        assert!(pod.termination_grace_period_seconds.is_none_or(|g| g > DRAIN_SECONDS), "the default 30 s");
     }
 
     #[test]

@@ -2,6 +2,11 @@
 //! `/rm` names servers. Its pod runs the shard server and the upstream Postgres image; the shard
 //! server reaches Postgres on the pod's loopback. Pure.
 //!
+//! Pods restart when the operator says: the update strategy is `OnDelete`, so a changed template
+//! (an image, a knob) restarts nothing by itself, and the healer restarts the servers one at a
+//! time, each drained first (`brain::rollout`, `k8s::rollout`). With the default `RollingUpdate`,
+//! the StatefulSet controller would restart every server at once (each is its own StatefulSet).
+//!
 //! Volumes are kept: the `persistentVolumeClaimRetentionPolicy` is `Retain` both when the
 //! StatefulSet is deleted (a server removed from the spec, or the whole database deleted) and
 //! when it is scaled, as CloudNativePG keeps data by default. Deleting data is the one mistake
@@ -12,7 +17,9 @@
 use super::{Owner, names, resources};
 use crate::brain::tuning::ProbeTiming;
 use crate::brain::validate::ValidatedDb;
-use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetPersistentVolumeClaimRetentionPolicy, StatefulSetSpec};
+use k8s_openapi::api::apps::v1::{
+    StatefulSet, StatefulSetPersistentVolumeClaimRetentionPolicy, StatefulSetSpec, StatefulSetUpdateStrategy,
+};
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, ExecAction, HTTPGetAction,
     PersistentVolumeClaim, PersistentVolumeClaimSpec, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
@@ -68,6 +75,7 @@ pub fn server_statefulset(db: &ValidatedDb, owner: &Owner, server: &str) -> Stat
             service_name: Some(names::headless_service(&owner.name)),
             selector: LabelSelector { match_labels: Some(selector), ..LabelSelector::default() },
             pod_management_policy: Some("Parallel".into()),
+            update_strategy: Some(StatefulSetUpdateStrategy { type_: Some("OnDelete".into()), rolling_update: None }),
             persistent_volume_claim_retention_policy: Some(StatefulSetPersistentVolumeClaimRetentionPolicy {
                 when_deleted: Some("Retain".into()),
                 when_scaled: Some("Retain".into()),
@@ -268,6 +276,8 @@ mod tests {
             assert_eq!(pod_labels.get(k), Some(v), "the pod matches the selector on {k}");
         }
         assert_eq!(pod(&sts).service_account_name.as_deref(), Some("students-server"));
+        let strategy = spec.update_strategy.as_ref().unwrap();
+        assert_eq!(strategy.type_.as_deref(), Some("OnDelete"), "the operator decides when a pod restarts");
     }
 
     #[test]
