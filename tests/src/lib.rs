@@ -13,8 +13,14 @@ pub use shard_server::api::install_crypto_provider;
 /// The benchmark program's library (its binary is `src/bin/bench.rs`).
 pub mod bench;
 
+/// What the local-mode suites check and wait for: topology, events, readiness, the checker.
+pub mod checks;
+
 /// The fault-injection suite's recording load generator and its checker.
 pub mod load;
+
+/// The previous release's binaries, built from the git history, for the upgrade test.
+pub mod previous;
 
 /// Keeps nextest's retries of the fault-injection tests from hiding a safety finding.
 pub mod safety;
@@ -67,6 +73,24 @@ pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
 }
 
+/// Which programs a local cluster runs, and the router's port.
+#[derive(Clone, Debug)]
+pub struct Launch {
+    /// The `sharddb-operator` binary.
+    pub operator: PathBuf,
+    /// Where it finds `sharddb-router` and `sharddb-shard-server` (`--bin-dir`).
+    pub bin_dir: PathBuf,
+    /// The router's port; 0 picks a free one.
+    pub port: u16,
+}
+
+impl Default for Launch {
+    /// This workspace's binaries, any free port.
+    fn default() -> Self {
+        Launch { operator: bin_dir().join("sharddb-operator"), bin_dir: bin_dir(), port: 0 }
+    }
+}
+
 /// A running local cluster; stopped (SIGTERM, then SIGKILL) on drop.
 pub struct LocalCluster {
     child: Child,
@@ -87,13 +111,18 @@ impl LocalCluster {
     }
 
     fn launch(spec: Option<&Path>) -> Result<LocalCluster> {
+        LocalCluster::start_as(spec, &Launch::default())
+    }
+
+    /// Starts `launch.operator local` on a spec file (or none), with `launch`'s binaries and port.
+    pub fn start_as(spec: Option<&Path>, launch: &Launch) -> Result<LocalCluster> {
         safety::no_earlier_violation()?;
         install_crypto_provider();
         // SHARDDB_KEEP_TEST_DIRS=1 keeps every cluster's directory (data, logs, events) to read
         // after a failure.
         let keep = std::env::var_os("SHARDDB_KEEP_TEST_DIRS").is_some();
         let dir = tempfile::Builder::new().prefix("sharddb-e2e-").disable_cleanup(keep).tempdir()?;
-        let (child, router) = spawn_operator(dir.path(), spec)?;
+        let (child, router) = spawn_operator(dir.path(), spec, launch)?;
         let http = shard_server::api::http_client(Duration::from_secs(30));
         Ok(LocalCluster { child, dir, router, http })
     }
@@ -102,8 +131,14 @@ impl LocalCluster {
     /// file, so it resumes from what it left there (`declared.json`, `topology.json`, the data).
     /// The router gets a new port.
     pub fn restart(&mut self) -> Result<()> {
+        self.restart_as(&Launch::default())
+    }
+
+    /// [`LocalCluster::restart`] with `launch`'s binaries and port (e.g. another release's
+    /// operator, on the port the router had).
+    pub fn restart_as(&mut self, launch: &Launch) -> Result<()> {
         ensure!(self.stop()?, "the local mode did not exit cleanly");
-        let (child, router) = spawn_operator(self.dir.path(), None)?;
+        let (child, router) = spawn_operator(self.dir.path(), None, launch)?;
         self.child = child;
         self.router = router;
         Ok(())
@@ -173,22 +208,21 @@ impl Drop for LocalCluster {
 }
 
 /// Starts `sharddb-operator local` on `dir` and waits for its router URL line.
-fn spawn_operator(dir: &Path, spec: Option<&Path>) -> Result<(Child, String)> {
-    let bin = bin_dir();
-    let operator = bin.join("sharddb-operator");
+fn spawn_operator(dir: &Path, spec: Option<&Path>, launch: &Launch) -> Result<(Child, String)> {
+    let operator = &launch.operator;
     if !operator.exists() {
         bail!("{} is missing: run `cargo build --workspace --bins` first", operator.display());
     }
     let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("operator.log"))?;
-    let mut child = Command::new(&operator)
+    let mut child = Command::new(operator)
         .arg("local")
         .args(spec)
         .arg("--data-dir")
         .arg(dir)
         .arg("--port")
-        .arg("0")
+        .arg(launch.port.to_string())
         .arg("--bin-dir")
-        .arg(&bin)
+        .arg(&launch.bin_dir)
         .stdout(Stdio::piped())
         .stderr(Stdio::from(log))
         .spawn()

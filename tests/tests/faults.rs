@@ -11,27 +11,18 @@
 use anyhow::{Context, Result, bail, ensure};
 use reqwest::Method;
 use serde_json::json;
-use shard_server::api::ShardClient;
 use shard_server::topology::{ReplicaState, Topology};
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tests::LocalCluster;
+use tests::checks::{EVENT_LIMIT, Event, HEAL_LIMIT, all_ready, check, events, events_text, topology};
 use tests::load::{History, Load, LoadConfig, parse_rows};
 
-/// Bounds on waits; generous, since a shared 2-core machine can be slow. Never timing assertions.
-const EVENT_LIMIT: Duration = Duration::from_secs(45);
-const HEAL_LIMIT: Duration = Duration::from_secs(90);
 /// Acknowledged writes that prove the cluster serves writes again after a fault.
 const PROGRESS: usize = 10;
 
 fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64
-}
-
-fn topology(c: &LocalCluster) -> Result<Topology> {
-    let file = c.cluster_file()?;
-    Ok(Topology::parse(&std::fs::read(&file.topology)?)?)
 }
 
 /// Asks the local mode for a fault (or its repair) and waits until it is carried out.
@@ -43,24 +34,6 @@ async fn control(c: &LocalCluster, verb: &str, server: &str) -> Result<()> {
         async move { gone }
     })
     .await
-}
-
-#[derive(Debug, serde::Deserialize)]
-struct Event {
-    at_ms: u64,
-    event: String,
-    shard: String,
-    server: String,
-    #[serde(default)]
-    detail: String,
-}
-
-fn events(dir: &Path) -> Vec<Event> {
-    std::fs::read_to_string(dir.join("events.log"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
 }
 
 /// The first event since `since` (unix ms) that `matches`.
@@ -78,30 +51,6 @@ async fn wait_event(c: &LocalCluster, what: &str, since: u64, matches: impl Fn(&
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     bail!("{what}: no such event within {EVENT_LIMIT:?}; events.log:\n{}", events_text(c))
-}
-
-fn events_text(c: &LocalCluster) -> String {
-    std::fs::read_to_string(c.dir.path().join("events.log")).unwrap_or_default()
-}
-
-/// Waits until every copy of every shard is `ready` and every server follows that topology.
-async fn all_ready(c: &LocalCluster) -> Result<()> {
-    let start = Instant::now();
-    while start.elapsed() < HEAL_LIMIT {
-        let t = topology(c)?;
-        if t.shards.iter().all(|s| s.replicas.values().all(|r| *r == ReplicaState::Ready)) {
-            let mut current = true;
-            for s in t.servers.values() {
-                let st = ShardClient::new(c.http.clone(), s.url.clone()).status(false).await;
-                current &= st.is_ok_and(|st| st.epoch >= t.epoch);
-            }
-            if current {
-                return Ok(());
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    bail!("not every copy ready within {HEAL_LIMIT:?}; events.log:\n{}", events_text(c))
 }
 
 fn pid_of(c: &LocalCluster, name: &str) -> Result<Option<u32>> {
@@ -178,92 +127,6 @@ impl Report {
         }
         println!("(targets: failover under 10000 ms; heal of a 100,000-row shard under 30000 ms)\n");
     }
-}
-
-/// The checker.
-/// - No read was stale or invented, and no write was answered in a way that contradicts the
-///   history (see [`History::check_reads`]).
-/// - Every copy of every shard (all are expected `ready` by now) holds exactly the acknowledged
-///   state of every key: `base` (rows loaded before the load ran, untouched by it) and the last
-///   acknowledged write of each key the load wrote (or a later write of unknown outcome).
-/// - The copies of a shard are identical, and `/status` reports equal row counts, checksums and
-///   sequence numbers for them.
-///
-/// Every failure here counts as a safety finding, which a retry of the test cannot clear
-/// (see `tests::safety`).
-async fn check(c: &LocalCluster, h: &History, base: &BTreeMap<i64, i64>) -> Result<()> {
-    check_history_and_copies(c, h, base).await.map_err(tests::safety::violation)
-}
-
-async fn check_history_and_copies(c: &LocalCluster, h: &History, base: &BTreeMap<i64, i64>) -> Result<()> {
-    let mut violations = h.rejected_writes();
-    violations.extend(h.check_reads());
-    if !violations.is_empty() {
-        let shown: Vec<&String> = violations.iter().take(20).collect();
-        bail!("{} violations in the history, the first ones:\n{shown:#?}", violations.len());
-    }
-    // Reported, not asserted: the system does not promise it (see the documentation of `tests::load`).
-    let back = h.non_monotonic_reads();
-    println!("reads that went back in time relative to an earlier read: {}", back.len());
-    for v in back.iter().take(5) {
-        println!("  {v}");
-    }
-    let finals = h.final_states();
-    let t = topology(c)?;
-    for shard in &t.shards {
-        ensure!(
-            shard.replicas.values().all(|s| *s == ReplicaState::Ready),
-            "{} is not fully ready: {:?}",
-            shard.id,
-            shard.replicas
-        );
-        let mut copies: BTreeMap<&str, BTreeMap<i64, i64>> = BTreeMap::new();
-        let mut stats = BTreeMap::new();
-        for server in shard.ready_replicas() {
-            let url = &t.servers[server].url;
-            let req = json!({"shard": shard.id, "Stud_id": {"low": shard.low, "high": shard.high_exclusive() - 1}});
-            // A copy that has just become ready serves reads once its first read lease arrives.
-            let started = Instant::now();
-            let (st, body) = loop {
-                let (st, body) = tests::send(&c.http, Method::POST, &format!("{url}/read"), &req.to_string()).await?;
-                if st != 503 || body["code"] != "not_ready" || started.elapsed() > EVENT_LIMIT {
-                    break (st, body);
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            };
-            ensure!(st == 200, "{server} {}: {st} {body}", shard.id);
-            let got = parse_rows(&body)?;
-            for (key, states) in finals.range(shard.low..shard.high_exclusive()) {
-                let has = got.get(key).copied();
-                ensure!(
-                    states.contains(&has),
-                    "{server}'s copy of {}: key {key} is {has:?}, but the acknowledged state is one of {states:?}",
-                    shard.id
-                );
-            }
-            for (key, v) in base.range(shard.low..shard.high_exclusive()) {
-                ensure!(got.get(key) == Some(v), "{server}'s copy of {}: loaded row {key} is missing", shard.id);
-            }
-            let strays: Vec<&i64> = got.keys().filter(|k| !finals.contains_key(k) && !base.contains_key(k)).collect();
-            ensure!(strays.is_empty(), "{server}'s copy of {} holds keys nobody wrote: {strays:?}", shard.id);
-            let status = ShardClient::new(c.http.clone(), url.clone()).status(true).await?;
-            let s = status.shards.get(&shard.id).context("shard in status")?;
-            stats.insert(server, (s.applied_seq, s.rows, s.checksum.clone()));
-            copies.insert(server, got);
-        }
-        let distinct: BTreeSet<_> = copies.values().collect();
-        ensure!(distinct.len() == 1, "the copies of {} differ", shard.id);
-        let distinct: BTreeSet<_> = stats.values().collect();
-        ensure!(distinct.len() == 1, "the copies of {} report different states: {stats:?}", shard.id);
-    }
-    println!(
-        "checked: {} acknowledged writes, {} successful reads, {} client-visible errors; no stale read, \
-         no lost write, every copy identical",
-        h.acked_writes(),
-        h.successful_reads(),
-        h.errors.len()
-    );
-    Ok(())
 }
 
 /// Stops the load, checks it made progress, and runs the checker.
