@@ -8,7 +8,9 @@
 //! Server0). Changing `spec.images.shardServer` under a write load must restart the servers one
 //! at a time, Server1 (the primary of nothing) first, each evicted only once it serves nothing
 //! (its primaries handed over, its copies recovering) while every other copy is ready, and lose
-//! no acknowledged write. The status shows the rollout and each server gets its Events.
+//! no acknowledged write. The status shows the rollout and each server gets its Events. The
+//! operator itself is replaced halfway (a fresh one, nothing in memory), as `helm upgrade` does
+//! while a rollout runs: the new one carries on from what the cluster shows.
 
 mod common;
 
@@ -162,6 +164,7 @@ async fn an_image_change_restarts_servers_one_at_a_time_replicas_first_and_loses
     // Drive the controllers until every server runs the new template and the database is Ready
     // again, watching the status on the way.
     let mut progressing = BTreeSet::new();
+    let mut operator_replaced = false;
     let done = |h: &Harness, kubelet: &Kubelet| {
         let all_updated = h.api.list("statefulsets", NS).iter().all(|s| {
             s["status"]["currentRevision"] == s["status"]["updateRevision"]
@@ -181,6 +184,11 @@ async fn an_image_change_restarts_servers_one_at_a_time_replicas_first_and_loses
             h.status()
         );
         kubelet.step(&mut h).await;
+        if kubelet.evicted.len() == 1 && !operator_replaced {
+            h.stop_operator().await;
+            h.start_operator();
+            operator_replaced = true;
+        }
         if let Some(c) = h.condition("Progressing") {
             progressing.insert(c.1);
         }

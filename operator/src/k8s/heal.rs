@@ -347,7 +347,10 @@ impl Healer {
     }
 
     /// A `ServerUpdated` Event for each restarted server that runs its current revision, answers
-    /// at the current epoch and whose copies are all ready again.
+    /// at the current epoch and whose copies are all ready again. Which servers were restarted is
+    /// kept in memory; an operator that starts during a rollout (a new leader, an upgrade of the
+    /// operator itself) takes a server that runs its current revision with copies not ready yet,
+    /// while others still wait for theirs, for one the rollout restarted.
     async fn note_updated(
         &mut self,
         db: &ShardedDatabase,
@@ -357,6 +360,14 @@ impl Healer {
         revisions: &Revisions,
     ) {
         let Some(state) = self.dbs.get_mut(key) else { return };
+        if !revisions.outdated.is_empty() {
+            let recovering = revisions.current.keys().filter(|s| {
+                !revisions.outdated.contains(*s)
+                    && !revisions.replacing.contains(*s)
+                    && topology.shards_of(s).any(|(_, st)| st != ReplicaState::Ready)
+            });
+            state.restarted.extend(recovering.cloned());
+        }
         let back: Vec<String> = state
             .restarted
             .iter()
