@@ -72,3 +72,91 @@ mod tests {
         assert!(body.contains("\"bad_request\"") && body.contains("is not a version number"), "{body}");
     }
 }
+
+/// The compatibility rules of the contract (see [`crate::api`], versions), on its types.
+#[cfg(test)]
+mod compatibility {
+    use crate::api::*;
+    use std::collections::BTreeMap;
+
+    #[test]
+    fn a_newer_peers_unknown_code_parses_and_reads_as_its_status() {
+        let body: ErrorBody =
+            serde_json::from_str(r#"{"message":"<Error> x","status":"failure","code":"from_the_future","extra":1}"#)
+                .unwrap();
+        assert_eq!(body.code, ErrorCode::Unknown);
+        let err = |status| ClientError::Api { url: "u".into(), status, body: body.clone() };
+        for (status, code) in [
+            (503, ErrorCode::Unavailable),
+            (504, ErrorCode::Unavailable),
+            (421, ErrorCode::NotPrimary),
+            (409, ErrorCode::Conflict),
+            (404, ErrorCode::NotFound),
+            (413, ErrorCode::PayloadTooLarge),
+            (400, ErrorCode::BadRequest),
+            (418, ErrorCode::BadRequest),
+            (500, ErrorCode::Internal),
+        ] {
+            assert_eq!(err(status).code(), Some(code), "{status}");
+        }
+        let known = ClientError::Api { url: "u".into(), status: 503, body: ErrorBody::new(ErrorCode::NotReady, "x") };
+        assert_eq!(known.code(), Some(ErrorCode::NotReady), "a known code is kept");
+    }
+
+    #[test]
+    fn every_code_this_build_sends_round_trips() {
+        for code in [
+            ErrorCode::BadRequest,
+            ErrorCode::Conflict,
+            ErrorCode::NotFound,
+            ErrorCode::MethodNotAllowed,
+            ErrorCode::PayloadTooLarge,
+            ErrorCode::StaleEpoch,
+            ErrorCode::EpochAhead,
+            ErrorCode::NotPrimary,
+            ErrorCode::SeqGap,
+            ErrorCode::Diverged,
+            ErrorCode::NotReady,
+            ErrorCode::Unavailable,
+            ErrorCode::LogTruncated,
+            ErrorCode::NotImplemented,
+            ErrorCode::Internal,
+            ErrorCode::UnsupportedProtocol,
+        ] {
+            let json = serde_json::to_string(&code).unwrap();
+            assert_eq!(serde_json::from_str::<ErrorCode>(&json).unwrap(), code, "{json}");
+        }
+    }
+
+    #[test]
+    fn a_previous_releases_status_reads_as_protocol_1_and_unknown_fields_and_roles_are_tolerated() {
+        let old = r#"{"server":"Server0","epoch":3,"shards":{"sh1":{"role":"primary","applied_seq":5,"rows":2}}}"#;
+        let s: ServerStatus = serde_json::from_str(old).unwrap();
+        assert_eq!((s.protocol, s.shards["sh1"].applied_seq), (1, 5));
+        let newer = r#"{"server":"Server0","protocol":3,"epoch":3,"later":{"a":1},
+            "shards":{"sh1":{"role":"witness","applied_seq":5,"rows":2,"copy_id":"c","more":true}}}"#;
+        let s: ServerStatus = serde_json::from_str(newer).unwrap();
+        assert_eq!((s.protocol, s.shards["sh1"].role, s.shards["sh1"].copy_id.as_str()), (3, Role::Unknown, "c"));
+        let ours = serde_json::to_value(ServerStatus {
+            server: "S".into(),
+            protocol: PROTOCOL_VERSION,
+            epoch: 1,
+            shards: BTreeMap::new(),
+        })
+        .unwrap();
+        assert_eq!(ours["protocol"], PROTOCOL_VERSION);
+    }
+
+    #[test]
+    fn a_previous_releases_bodies_parse_and_ours_parse_there() {
+        // A write request as the previous release sends it (no dry_run), and a replicate request
+        // without prev_epoch: the defaults mean what that release did.
+        let w: WriteRequest = serde_json::from_str(r#"{"epoch":4,"ops":[{"op":"delete","key":7}]}"#).unwrap();
+        assert!(!w.dry_run);
+        let r: ReplicateRequest = serde_json::from_str(r#"{"epoch":4,"primary":"S","entries":[]}"#).unwrap();
+        assert_eq!(r.prev_epoch, None);
+        assert!(peer_protocol(None).unwrap().is_none());
+        assert_eq!(peer_protocol(Some(" 2 ")).unwrap(), Some(2));
+        assert!(peer_protocol(Some("v2")).is_err());
+    }
+}

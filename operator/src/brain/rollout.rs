@@ -289,7 +289,10 @@ mod tests {
             "C runs the new version now but has not answered yet"
         );
         assert!(
-            matches!(plan_rollout(&drained, &updated, &seen(&drained, &[])), Step::Wait(w) if w == "sh1 on C is recovering yet"),
+            matches!(
+                plan_rollout(&drained, &updated, &seen(&drained, &[])),
+                Step::Wait(w) if w == "sh1 on C is recovering yet"
+            ),
             "its copies are recovered before the next server"
         );
     }
