@@ -488,7 +488,12 @@ mod tests {
                     (id, s)
                 })
                 .collect();
-            Probe::Answered(shard_server::api::ServerStatus { server: String::new(), epoch, shards })
+            Probe::Answered(shard_server::api::ServerStatus {
+                server: String::new(),
+                protocol: shard_server::api::PROTOCOL_VERSION,
+                epoch,
+                shards,
+            })
         };
         let probe = |seen: &mut Observations, i: u64, copies: [(&str, u64); 3]| {
             for (server, seq) in copies {

@@ -212,6 +212,7 @@ mod tests {
                     copies: holders.iter().map(|(n, _)| (n.to_string(), format!("{n}-{id}"))).collect(),
                 })
                 .collect(),
+            unrouted_keys: Default::default(),
         };
         t.validate().unwrap();
         t
