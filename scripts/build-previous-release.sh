@@ -15,7 +15,8 @@
 # target/previous-release/<commit>/, which is the cache: when it exists nothing is built.
 # Concurrent runs wait for each other (flock).
 #
-# Needs the pinned commit in the local history: CI checks out with `fetch-depth: 0`.
+# Needs the pinned commit in the local history: CI checks out with `fetch-depth: 0`, and a shallow
+# clone is deepened from its origin first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -35,6 +36,10 @@ exec 9>"$BASE/.lock"
 flock 9
 if built; then echo "$OUT"; exit 0; fi
 
+if ! git cat-file -e "$COMMIT^{commit}" 2>/dev/null; then
+  # A shallow clone: fetch the history (or at least the commit) from where this one came from.
+  git fetch --quiet --unshallow 2>/dev/null || git fetch --quiet origin "$COMMIT" 2>/dev/null || true
+fi
 if ! git cat-file -e "$COMMIT^{commit}" 2>/dev/null; then
   echo "build-previous-release: commit $COMMIT (tests/previous-release) is not in this repository's history;" \
        "fetch the full history (git fetch --unshallow; in GitHub Actions, actions/checkout with fetch-depth: 0)" >&2
