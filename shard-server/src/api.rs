@@ -400,6 +400,17 @@ pub struct SnapshotHeader {
 pub struct SnapshotEnd {
     pub end: bool,
     pub rows: u64,
+    /// A digest of the rows streamed, from the same database snapshot as the rows: the bitwise XOR
+    /// of `hashtextextended(row::text, 0)` over every row (the row as the record of the table's
+    /// columns in order), as decimal text. A replica computes the same over the table it installed
+    /// and commits only if both agree (see `replication::replica`). Absent from releases before it;
+    /// a replica then verifies against the source's [`ShardStats`] instead.
+    ///
+    /// It is not [`ShardStats::checksum`]: that md5 sum costs about five times as much per row, and
+    /// the primary pauses its writer while computing it. Postgres's hash functions give the same
+    /// value for the same text on every platform of one byte order (all that sharddb runs on).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
 }
 
 /// `POST /v1/shards/{shard}/recover` on a recovering replica: replace this copy with a snapshot
@@ -418,7 +429,38 @@ pub struct RecoverResponse {
     /// The sequence number at which the copy was verified equal to the source.
     pub verified_seq: u64,
     pub rows: i64,
+    /// The source's checksum or, for a snapshot that carried a digest, that digest (both at
+    /// `verified_seq`).
     pub checksum: String,
+    /// Where the time went; absent from releases before it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timings: Option<RecoverTimings>,
+}
+
+/// Where a recover's time went, in microseconds. Streaming the snapshot and copying it into
+/// Postgres overlap: `copy_us` runs from the first row to the copy's end, and `stream_wait_us`
+/// (waiting for the source), `parse_us` (parsing, checking and encoding rows) and `copy_wait_us`
+/// (waiting for Postgres to take them) split the reading side's share of it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecoverTimings {
+    /// Opening the snapshot and emptying the table (its primary key index dropped).
+    pub prepare_us: u64,
+    pub copy_us: u64,
+    pub stream_wait_us: u64,
+    pub parse_us: u64,
+    pub copy_wait_us: u64,
+    /// Building the primary key index once every row is in.
+    pub index_us: u64,
+    /// Counting and digesting the installed rows, compared with the snapshot's end line.
+    pub verify_us: u64,
+    pub commit_us: u64,
+    /// Applying the entries the source committed meanwhile (from a source that sends no digest,
+    /// this includes the verification against its checksum).
+    pub catch_up_us: u64,
+    /// Loading the row cache from the new table.
+    pub cache_us: u64,
+    /// From the request to the answer.
+    pub total_us: u64,
 }
 
 /// `GET /v1/shards/{shard}/log?from=&to=`: entries still kept in the log, in order.

@@ -28,6 +28,8 @@ pub enum DbError {
         #[source]
         source: serde_json::Error,
     },
+    #[error("{0}")]
+    Unexpected(String),
 }
 
 impl DbError {
@@ -61,7 +63,10 @@ pub struct ShardTable {
     create: SqlStr,
     select_keys: SqlStr,
     all_rows: SqlStr,
-    upsert: SqlStr,
+    /// `COPY ... FROM STDIN` in the binary format (see [`crate::pgcopy`]), for installs.
+    copy_in: String,
+    /// Row count and [`crate::api::SnapshotEnd::digest`] of the table.
+    digest: SqlStr,
     /// One replication entry as one statement: see [`Db::apply`].
     apply: SqlStr,
     read_ranges: SqlStr,
@@ -123,9 +128,10 @@ impl ShardTable {
             create: trusted(format!("CREATE TABLE IF NOT EXISTS {table} ({})", defs.join(", "))),
             select_keys: trusted(format!("SELECT {col_list} FROM {table} WHERE {key} = ANY($1)")),
             all_rows: trusted(format!("SELECT {col_list} FROM {table} LIMIT $1")),
-            upsert: trusted(format!(
-                "INSERT INTO {table} ({col_list}) SELECT * FROM UNNEST({}) {on_conflict}",
-                unnest(1)
+            copy_in: format!("COPY {table} ({col_list}) FROM STDIN (FORMAT binary)"),
+            digest: trusted(format!(
+                "SELECT count(*), coalesce(bit_xor(hashtextextended(t::text, 0)), 0) \
+                 FROM (SELECT {col_list} FROM {table}) t"
             )),
             // $1: keys to delete; $2..=$n+1: one array per column of the rows to write; then the
             // shard, the entry's seq, its epoch and its changes as JSON. Sub-statements of one
@@ -160,7 +166,11 @@ impl ShardTable {
                 "SELECT count(*), coalesce(sum(('x' || substr(md5(row_to_json(t)::text), 1, 15))::bit(60)::bigint), 0)::text \
                  FROM (SELECT {col_list} FROM {table}) t"
             )),
-            snapshot: trusted(format!("SELECT json_build_array({col_list})::text FROM {table} ORDER BY {key}")),
+            // Each row with its share of the digest (the same expression as `digest`).
+            snapshot: trusted(format!(
+                "SELECT json_build_array({col_list})::text, hashtextextended(t::text, 0) \
+                 FROM (SELECT {col_list} FROM {table}) t ORDER BY {key}"
+            )),
             objects: trusted(format!(
                 "SELECT row_to_json(t)::text FROM (SELECT {col_list} FROM {table} ORDER BY {key}) t"
             )),
@@ -450,13 +460,31 @@ impl Db {
         Ok(r.rows_affected())
     }
 
-    /// Starts replacing a shard's rows: empties the table and forgets its log, in a transaction
-    /// that [`Installer::finish`] commits.
+    /// Starts replacing a shard's rows: empties the table, drops its primary key index (rebuilt by
+    /// [`Installer::restore_key`] once every row is in: one sort instead of an index insertion per
+    /// row) and forgets its log, in a transaction that [`Installer::finish`] commits.
     pub async fn begin_install(&self, t: &ShardTable) -> Result<Installer, DbError> {
         let mut tx = self.pool.begin().await?;
         sqlx::query(t.truncate.clone()).execute(&mut *tx).await?;
         sqlx::query("DELETE FROM sharddb_log WHERE shard = $1").bind(&t.shard).execute(&mut *tx).await?;
-        Ok(Installer { tx })
+        let table = quote(&format!("shard_{}", t.shard));
+        // The constraint's name is Postgres's choice (`shard_<id>_pkey` unless that was taken), so
+        // it is read from the catalog, checked like any identifier, and the key is rebuilt under it.
+        let key: Option<String> = sqlx::query_scalar(
+            "SELECT conname::text FROM pg_constraint WHERE conrelid = $1::regclass AND contype = 'p'",
+        )
+        .bind(&table)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(name) = &key {
+            if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+                return Err(DbError::Unexpected(format!("primary key of {table} is named {name:?}")));
+            }
+            sqlx::query(trusted(format!("ALTER TABLE {table} DROP CONSTRAINT {}", quote(name))))
+                .execute(&mut *tx)
+                .await?;
+        }
+        Ok(Installer { tx, table, key })
     }
 
     /// The rows of each range as one JSON array text per range (sorted by key), in the order
@@ -505,20 +533,22 @@ impl Db {
             return Ok(());
         }
         let mut count = 0u64;
+        let mut digest = 0i64;
         let mut buf = Vec::with_capacity(64 * 1024);
         {
-            let mut rows = sqlx::query_scalar::<_, String>(t.snapshot.clone()).fetch(&mut *tx);
-            while let Some(row) = rows.try_next().await? {
+            let mut rows = sqlx::query_as::<_, (String, i64)>(t.snapshot.clone()).fetch(&mut *tx);
+            while let Some((row, hash)) = rows.try_next().await? {
                 buf.extend_from_slice(row.as_bytes());
                 buf.push(b'\n');
                 count += 1;
+                digest ^= hash;
                 if buf.len() >= 60 * 1024 && out.send(std::mem::take(&mut buf).into()).await.is_err() {
                     return Ok(()); // the reader went away
                 }
             }
         }
         tx.commit().await?;
-        let end = SnapshotEnd { end: true, rows: count };
+        let end = SnapshotEnd { end: true, rows: count, digest: Some(digest.to_string()) };
         buf.extend_from_slice(&serde_json::to_vec(&end).expect("end serialises"));
         buf.push(b'\n');
         let _ = out.send(buf.into()).await;
@@ -578,25 +608,64 @@ fn bind_columns<'q>(
     q
 }
 
-/// Inserts or replaces rows with one statement (one array parameter per column).
-async fn upsert_rows(tx: &mut Transaction<'_, Postgres>, t: &ShardTable, rows: &[&Row]) -> Result<(), DbError> {
-    if rows.is_empty() {
-        return Ok(());
-    }
-    bind_columns(sqlx::query(t.upsert.clone()), t, rows).execute(&mut **tx).await?;
-    Ok(())
-}
-
 /// A snapshot being installed: the shard emptied and refilled inside one transaction, so a failure
-/// half-way leaves the previous copy as it was.
+/// half-way leaves the previous copy as it was. Steps, in order: [`Installer::copy_rows`],
+/// [`Installer::restore_key`], [`Installer::digest`] (optional), [`Installer::finish`].
 pub struct Installer {
     tx: Transaction<'static, Postgres>,
+    /// The table, quoted.
+    table: String,
+    /// The name of the primary key constraint dropped by [`Db::begin_install`].
+    key: Option<String>,
+}
+
+/// What [`Installer::copy_rows`] did.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Copied {
+    pub rows: u64,
+    /// Time spent waiting for Postgres to take the data.
+    pub wait: Duration,
 }
 
 impl Installer {
-    pub async fn insert(&mut self, t: &ShardTable, rows: &[Row]) -> Result<(), DbError> {
-        let refs: Vec<&Row> = rows.iter().collect();
-        upsert_rows(&mut self.tx, t, &refs).await
+    /// Copies rows into the table with one `COPY ... FROM STDIN (FORMAT binary)`: `chunks` carries
+    /// tuples encoded by [`crate::pgcopy::encode_row`], and the copy ends when its sender is
+    /// dropped. A copy that ends early (the sender gave up) is still a valid copy of fewer rows;
+    /// the caller compares the count with what it expected before finishing.
+    pub async fn copy_rows(
+        &mut self,
+        t: &ShardTable,
+        mut chunks: tokio::sync::mpsc::Receiver<bytes::Bytes>,
+    ) -> Result<Copied, DbError> {
+        let mut copy = self.tx.copy_in_raw(&t.copy_in).await?;
+        let mut wait = Duration::ZERO;
+        copy.send(crate::pgcopy::HEADER).await?;
+        while let Some(chunk) = chunks.recv().await {
+            let sent = std::time::Instant::now();
+            copy.send(chunk).await?;
+            wait += sent.elapsed();
+        }
+        copy.send(crate::pgcopy::TRAILER).await?;
+        let sent = std::time::Instant::now();
+        let rows = copy.finish().await?;
+        Ok(Copied { rows, wait: wait + sent.elapsed() })
+    }
+
+    /// Rebuilds the primary key dropped by [`Db::begin_install`]; fails if two rows share a key.
+    pub async fn restore_key(&mut self, t: &ShardTable) -> Result<(), DbError> {
+        let key = quote(t.schema.key_name());
+        let named = self.key.as_deref().map_or_else(String::new, |n| format!("CONSTRAINT {} ", quote(n)));
+        let table = &self.table;
+        sqlx::query(trusted(format!("ALTER TABLE {table} ADD {named}PRIMARY KEY ({key})")))
+            .execute(&mut *self.tx)
+            .await?;
+        Ok(())
+    }
+
+    /// Row count and digest of the rows installed so far (see [`crate::api::SnapshotEnd::digest`]).
+    pub async fn digest(&mut self, t: &ShardTable) -> Result<(i64, String), DbError> {
+        let (rows, digest): (i64, i64) = sqlx::query_as(t.digest.clone()).fetch_one(&mut *self.tx).await?;
+        Ok((rows, digest.to_string()))
     }
 
     /// Records the snapshot's sequence number and commits.

@@ -10,6 +10,7 @@ pub mod json;
 pub mod limits;
 pub mod metrics;
 pub mod node;
+pub mod pgcopy;
 pub mod protocol;
 pub mod replication;
 pub mod routes;
