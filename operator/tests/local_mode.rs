@@ -121,6 +121,8 @@ fn runs_the_students_example_restarts_a_killed_server_and_stops_cleanly() {
         assert!(http_ok(&s.url, "/heartbeat"), "{} answers its heartbeat", s.name);
         assert!(s.postgres.data_dir.starts_with(data.path().join("servers").join(&s.name)));
         assert!(s.postgres.url.ends_with("/sharddb"));
+        // A new cluster's servers are the first processes of their names: no lease wait at start.
+        assert!(cmdline(pid).contains(" --no-predecessor"), "{}: {}", s.name, cmdline(pid));
         pids.extend([pid, pg_pid]);
     }
     assert!(alive(cluster.router.pid.unwrap()));
@@ -137,6 +139,7 @@ fn runs_the_students_example_restarts_a_killed_server_and_stops_cleanly() {
         read_cluster(data.path()).servers[2].pid.filter(|&p| p != old)
     });
     assert!(alive(new));
+    assert!(!cmdline(new).contains("--no-predecessor"), "a restart had a predecessor: {}", cmdline(new));
     eventually("the restarted Server2's heartbeat", Duration::from_secs(60), || {
         http_ok(&victim.url, "/heartbeat").then_some(())
     });
@@ -151,6 +154,11 @@ fn runs_the_students_example_restarts_a_killed_server_and_stops_cleanly() {
     });
     let log = std::fs::read_to_string(data.path().join("logs/Server2.log")).unwrap();
     assert!(log.contains("exited (signal: 9 (SIGKILL)); restarting"), "{log}");
+}
+
+/// A process's command line, arguments separated by spaces.
+fn cmdline(pid: u32) -> String {
+    String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default()).replace('\0', " ")
 }
 
 /// Processes whose command line mentions `dir` (Postgres servers name their data directory).

@@ -59,6 +59,12 @@ struct Args {
     /// included). Servers sharing a machine do better with fewer: local mode gives each its share.
     #[arg(long, env = "SHARDDB_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
     worker_threads: Option<u16>,
+    /// No earlier process ever ran under this server's name in this database: acknowledge writes
+    /// at once instead of waiting one read lease for leases a predecessor may have granted. Only
+    /// for whoever starts the process and knows it is the first of its name (the local mode, for
+    /// a cluster it creates); never on a restart, so no environment variable.
+    #[arg(long)]
+    no_predecessor: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -101,6 +107,9 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         "--lease-renew-ms must be positive and below --lease-ms"
     );
     let node = Node::new(config, db, topology);
+    if args.no_predecessor {
+        node.declare_no_predecessor();
+    }
     node.start().await?;
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     let limits = args.serve.limits();

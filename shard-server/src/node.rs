@@ -11,6 +11,7 @@ use crate::schema::Schema;
 use crate::topology::{ReplicaState, ShardEntry, Topology};
 use crate::topology_source::TopologyRx;
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -87,6 +88,8 @@ pub struct Node {
     /// When this process started: leases granted by an earlier incarnation of this server are
     /// unknown, so acknowledgements wait until they have surely run out.
     pub started: Instant,
+    /// No earlier process ever ran under this server's name (see [`Node::declare_no_predecessor`]).
+    no_predecessor: AtomicBool,
     /// What the row caches of this server's shards may hold together.
     row_budget: Arc<crate::rowcache::Budget>,
 }
@@ -113,7 +116,21 @@ impl Node {
             shards: RwLock::new(HashMap::new()),
             creating: tokio::sync::Mutex::new(()),
             started: Instant::now(),
+            no_predecessor: AtomicBool::new(false),
         })
+    }
+
+    /// Declares that no earlier process ever ran under this server's name in its database, so no
+    /// read lease can have been granted in its name before this process started, and the wait for
+    /// a predecessor's leases is skipped (the argument is in `replication::lease`). Only whoever
+    /// starts the process can know this: the local mode says so (`--no-predecessor`) for the
+    /// servers of a cluster it has just created, on their first start only.
+    pub fn declare_no_predecessor(&self) {
+        self.no_predecessor.store(true, Ordering::Release);
+    }
+
+    pub fn has_no_predecessor(&self) -> bool {
+        self.no_predecessor.load(Ordering::Acquire)
     }
 
     pub fn name(&self) -> &str {

@@ -454,6 +454,9 @@ impl LocalCluster {
     /// for their heartbeats. The servers are those of `placement` and those of a topology left by
     /// an earlier run (a server being drained still holds copies that are needed).
     pub(super) async fn start_servers(&mut self, db: &ValidatedDb, placement: &Placement) -> Result<(), LocalError> {
+        // No topology file: this directory never held a running cluster (the topology is written
+        // before any server starts), so these servers are the first processes of their names.
+        let new_cluster = !self.topology_path().exists();
         let previous = self.read_topology();
         let mut names = placement.servers.clone();
         let mut leftover: Vec<String> =
@@ -532,7 +535,12 @@ impl LocalCluster {
 
         self.write_topology(db, placement, previous)?;
         for s in &self.servers {
-            self.supervisor.spawn(self.server_process(s))?;
+            let mut process = self.server_process(s);
+            if new_cluster {
+                // No read lease was ever granted in these names: see `--no-predecessor`.
+                process.first_start_args.push("--no-predecessor".into());
+            }
+            self.supervisor.spawn(process)?;
         }
         let http = &self.http;
         let waits = self.servers.iter().map(|s| wait_ready(http, &s.name, format!("{}/heartbeat", s.url()), &s.log));

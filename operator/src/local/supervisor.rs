@@ -35,6 +35,9 @@ pub struct ProcessSpec {
     pub name: String,
     pub program: PathBuf,
     pub args: Vec<String>,
+    /// Flags added on the first start only, never on a restart (e.g. a shard server's
+    /// `--no-predecessor`).
+    pub first_start_args: Vec<String>,
     /// Receives the process's stdout and stderr (appended, across restarts).
     pub log: PathBuf,
     /// Time between SIGTERM and SIGKILL when stopping it.
@@ -48,7 +51,14 @@ impl ProcessSpec {
         args: Vec<String>,
         log: impl Into<PathBuf>,
     ) -> Self {
-        ProcessSpec { name: name.into(), program: program.into(), args, log: log.into(), stop_grace: STOP_GRACE }
+        ProcessSpec {
+            name: name.into(),
+            program: program.into(),
+            args,
+            first_start_args: Vec::new(),
+            log: log.into(),
+            stop_grace: STOP_GRACE,
+        }
     }
 }
 
@@ -211,13 +221,14 @@ async fn supervise(
     };
     let mut backoff = BACKOFF_MIN;
     let mut restarts = 0u32;
+    let mut first = true;
     loop {
         match desired.wait_for(|d| *d != Desired::Stopped).await.map(|d| *d) {
             // A closed channel means the supervisor is gone: never start anything again.
             Ok(Desired::Running) if desired.has_changed().is_ok() => {}
             _ => return,
         }
-        let mut child = match spawn_child(&spec) {
+        let mut child = match spawn_child(&spec, std::mem::take(&mut first)) {
             Ok(c) => c,
             Err(e) => {
                 tracing::error!(name = %spec.name, program = %spec.program.display(), error = %e, "cannot start process");
@@ -270,10 +281,16 @@ async fn wait_or_change(desired: &mut watch::Receiver<Desired>, delay: Duration)
     }
 }
 
-fn spawn_child(spec: &ProcessSpec) -> std::io::Result<tokio::process::Child> {
+/// Starts the process; `first` adds its first-start flags (a failed attempt counts as the first
+/// start too: it may have run before failing).
+fn spawn_child(spec: &ProcessSpec, first: bool) -> std::io::Result<tokio::process::Child> {
     let log = std::fs::OpenOptions::new().create(true).append(true).open(&spec.log)?;
     let mut cmd = tokio::process::Command::new(&spec.program);
-    cmd.args(&spec.args).stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log).process_group(0).kill_on_drop(true);
+    cmd.args(&spec.args);
+    if first {
+        cmd.args(&spec.first_start_args);
+    }
+    cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log).process_group(0).kill_on_drop(true);
     // SAFETY: the closure only makes the prctl system call, which is async-signal-safe.
     unsafe {
         cmd.pre_exec(|| {
@@ -383,6 +400,25 @@ mod tests {
         assert!(log.contains("out\nerr\n"), "{log}");
         assert!(log.contains("exited (exit status: 3); restarting in 200 ms"), "{log}");
         assert_eq!(sup.stop("crashy").await, Err(SupervisorError::Unknown("crashy".into())));
+    }
+
+    #[tokio::test]
+    async fn first_start_flags_are_given_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let sup = Supervisor::new();
+        // `sh -c SCRIPT NAME ARGS...`: the script prints its arguments, then exits to be restarted.
+        let mut s = spec(dir.path(), "once", "echo \"args:$*\"; exit 1");
+        s.args.push("once".into());
+        s.args.push("--always".into());
+        s.first_start_args.push("--first".into());
+        sup.spawn(s).unwrap();
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        sup.remove("once").await.unwrap();
+        let log = std::fs::read_to_string(dir.path().join("once.log")).unwrap();
+        let runs: Vec<&str> = log.lines().filter(|l| l.starts_with("args:")).collect();
+        assert!(runs.len() >= 2, "{log}");
+        assert_eq!(runs[0], "args:--always --first");
+        assert!(runs[1..].iter().all(|r| *r == "args:--always"), "{log}");
     }
 
     #[tokio::test]

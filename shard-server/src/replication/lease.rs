@@ -22,7 +22,8 @@
 //!   replica with a grant younger than `lease` (+1% for clock-rate drift) that the group's topology
 //!   does not list as ready, and waits until that replica has applied the group's entry or the
 //!   lease has run out. A process that just started does not know its predecessor's grants, so it
-//!   acknowledges nothing before `lease` after its start.
+//!   acknowledges nothing before `lease` after its start, unless it has no predecessor (see
+//!   [`predecessor_grants_end`]).
 //!
 //! Why the replica asks rather than the primary pushing grants with its replication traffic: the
 //! replica measures from before its request left, which is before the primary recorded the grant,
@@ -93,6 +94,32 @@ impl Shard {
         grants.retain(|_, granted| *granted + lease_bound(lease) > now);
         grants.iter().map(|(r, granted)| (r.clone(), *granted + lease_bound(lease))).collect()
     }
+}
+
+/// Until when acknowledgements wait for read leases granted by an earlier process of this server,
+/// which this process cannot know of: `lease` (plus the clock margin) after it started, or its
+/// start when it was declared to have no predecessor.
+///
+/// Why skipping the wait is safe then. A replica serves reads only under a lease from the server
+/// its topology names as the shard's primary, *by name*, and counts the lease from before it
+/// asked. The grants this process makes itself are in `grants` and waited for as usual; the only
+/// grants it cannot see are those of an earlier process running under the same name. With no
+/// such process, there is no such grant. The declaration comes from whoever starts the process,
+/// which alone can know it: the local mode gives `--no-predecessor` only to the servers of a
+/// cluster it creates (no topology existed, and a topology is always written before any server
+/// starts), and only on their first start. So:
+/// - a process restarted at the same address (a crash and the supervisor's restart, or the
+///   `kill`/`start` and `wipe`/`start` fault verbs) never has the flag, and waits;
+/// - a wiped data directory changes nothing: the flag is about processes, not data, and the
+///   server that comes back over it is a restart;
+/// - a server promoted after a failover: the leases that matter then are the deposed primary's,
+///   granted under another name; this wait never covered them (promotion comes long after start)
+///   and the flag does not touch whatever covers them;
+/// - the local mode resumed on a data directory: a topology exists, so no flag;
+/// - Kubernetes: a restarted container runs with the same arguments, so a first start cannot be
+///   told apart, and the operator never passes the flag.
+pub(super) fn predecessor_grants_end(node: &Node) -> Instant {
+    if node.has_no_predecessor() { node.started } else { node.started + lease_bound(node.config.lease) }
 }
 
 /// When a lease granted at `t` has surely run out on the replica: `t + lease` plus a margin for

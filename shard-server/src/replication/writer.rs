@@ -19,7 +19,7 @@
 //! still hold a read lease (see `lease.rs`).
 
 use super::Shard;
-use super::lease::{lease_bound, wait_out_lease};
+use super::lease::{predecessor_grants_end, wait_out_lease};
 use crate::api::{Change, Entry, Op, ReplicateRequest, WriteResponse};
 use crate::db::DbError;
 use crate::error::{ApiError, ReplicationError};
@@ -375,7 +375,7 @@ async fn process_group(node: &Arc<Node>, shard: &Arc<Shard>, group: Vec<Job>) {
     // Leases granted by an earlier run of this server are unknown: wait them out once. A
     // standalone shard has no replicas and never granted any.
     let standalone = matches!(role, Ok(ShardRole::Standalone));
-    let restart_bound = if standalone { Instant::now() } else { node.started + lease_bound(lease) };
+    let restart_bound = if standalone { Instant::now() } else { predecessor_grants_end(node) };
     let (results, _, _) = futures::join!(
         futures::future::join_all(must),
         futures::future::join_all(lease_waits),
