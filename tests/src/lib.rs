@@ -82,12 +82,14 @@ pub struct Launch {
     pub bin_dir: PathBuf,
     /// The router's port; 0 picks a free one.
     pub port: u16,
+    /// Flags given to `sharddb-operator local` beyond the spec, data directory and ports.
+    pub args: Vec<String>,
 }
 
 impl Default for Launch {
     /// This workspace's binaries, any free port.
     fn default() -> Self {
-        Launch { operator: bin_dir().join("sharddb-operator"), bin_dir: bin_dir(), port: 0 }
+        Launch { operator: bin_dir().join("sharddb-operator"), bin_dir: bin_dir(), port: 0, args: Vec::new() }
     }
 }
 
@@ -97,12 +99,19 @@ pub struct LocalCluster {
     pub dir: tempfile::TempDir,
     pub router: String,
     pub http: reqwest::Client,
+    /// Flags given to `sharddb-operator local` beyond the spec, data directory and ports.
+    args: Vec<String>,
 }
 
 impl LocalCluster {
     /// Starts `sharddb-operator local` on a spec file, with the router on a free port.
     pub fn start(spec: &Path) -> Result<LocalCluster> {
         LocalCluster::launch(Some(spec))
+    }
+
+    /// Starts `sharddb-operator local` on a spec file with extra flags.
+    pub fn start_with(spec: &Path, args: &[String]) -> Result<LocalCluster> {
+        LocalCluster::start_as(Some(spec), &Launch { args: args.to_vec(), ..Launch::default() })
     }
 
     /// Starts `sharddb-operator local` with no spec: only the router, waiting for `POST /init`.
@@ -124,14 +133,14 @@ impl LocalCluster {
         let dir = tempfile::Builder::new().prefix("sharddb-e2e-").disable_cleanup(keep).tempdir()?;
         let (child, router) = spawn_operator(dir.path(), spec, launch)?;
         let http = shard_server::api::http_client(Duration::from_secs(30));
-        Ok(LocalCluster { child, dir, router, http })
+        Ok(LocalCluster { child, dir, router, http, args: launch.args.clone() })
     }
 
     /// Stops the local mode (SIGTERM) and starts it again on the same data directory with no spec
     /// file, so it resumes from what it left there (`declared.json`, `topology.json`, the data).
     /// The router gets a new port.
     pub fn restart(&mut self) -> Result<()> {
-        self.restart_as(&Launch::default())
+        self.restart_as(&Launch { args: self.args.clone(), ..Launch::default() })
     }
 
     /// [`LocalCluster::restart`] with `launch`'s binaries and port (e.g. another release's
@@ -223,6 +232,7 @@ fn spawn_operator(dir: &Path, spec: Option<&Path>, launch: &Launch) -> Result<(C
         .arg(launch.port.to_string())
         .arg("--bin-dir")
         .arg(&launch.bin_dir)
+        .args(&launch.args)
         .stdout(Stdio::piped())
         .stderr(Stdio::from(log))
         .spawn()

@@ -17,7 +17,9 @@
 //! `add_replica`, `hand_over`, `remove_replica`, `remove_server`, and for upgrades `upgrade` (new
 //! binaries taken), `drain_demote`, `drain_hand_over` (a copy taken out of service before its
 //! server restarts), `restart` (the server restarts on the new binary) and `updated` (its copies
-//! are ready again; the detail says how many servers run the new binary).
+//! are ready again; the detail says how many servers run the new binary). A `ready` that ends a
+//! recover also has `recover`: `{"took_ms": <the healer's time>, "response": <the server's answer,
+//! with where the time went>}`.
 //!
 //! `DIR/control/<verb>.<server>` (any content) asks for a fault or its repair; the file is removed
 //! once done. Verbs: `kill` (SIGKILL the shard server and keep it down), `stop` (stop it and keep it
@@ -273,10 +275,15 @@ impl Healer {
             match self.write_topology(&next) {
                 Ok(()) => {
                     let detail = format!(
-                        "recovered in {took} ms: snapshot of {} rows at seq {}, verified {} rows at seq {}",
-                        response.snapshot_rows, response.snapshot_seq, response.rows, response.verified_seq
+                        "recovered in {took} ms ({:.0} rows/s): snapshot of {} rows at seq {}, verified {} rows at seq {}",
+                        response.snapshot_rows as f64 / (took.max(1) as f64 / 1000.0),
+                        response.snapshot_rows,
+                        response.snapshot_seq,
+                        response.rows,
+                        response.verified_seq
                     );
-                    self.event("ready", &done.shard, &done.server, Some(next.epoch), &detail);
+                    let recovered = serde_json::json!({"took_ms": took as u64, "response": response});
+                    self.event_with("ready", &done.shard, &done.server, Some(next.epoch), &detail, Some(recovered));
                 }
                 Err(e) => tracing::error!(error = %e, "cannot write the topology"),
             }
@@ -318,11 +325,27 @@ impl Healer {
 
     /// Logs a transition and appends it to `events.log`.
     fn event(&self, event: &str, shard: &str, server: &str, epoch: Option<u64>, detail: &str) {
+        self.event_with(event, shard, server, epoch, detail, None);
+    }
+
+    /// An event with a structured `recover` field: the healer's time and the server's answer.
+    fn event_with(
+        &self,
+        event: &str,
+        shard: &str,
+        server: &str,
+        epoch: Option<u64>,
+        detail: &str,
+        recover: Option<serde_json::Value>,
+    ) {
         tracing::info!(event, shard, server, epoch, detail, "healer");
         let at_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
-        let line = serde_json::json!({
+        let mut line = serde_json::json!({
             "at_ms": at_ms as u64, "event": event, "shard": shard, "server": server, "epoch": epoch, "detail": detail,
         });
+        if let Some(r) = recover {
+            line["recover"] = r;
+        }
         let appended = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
