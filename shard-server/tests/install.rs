@@ -133,7 +133,8 @@ async fn an_install_that_cannot_be_verified_leaves_the_previous_copy() {
     let c = recovering_replica((0..50).map(|k| row(k, "n", k)).collect()).await;
     let before = state(&c, 1).await;
     assert_eq!(before.0, 1);
-    let cases: [(&str, fn(String) -> Response); 4] = [
+    type Craft = fn(String) -> Response;
+    let cases: [(&str, Craft); 4] = [
         ("a digest that differs", |text| with_end(&text, r#"{"end":true,"rows":50,"digest":"12345"}"#)),
         ("a stream cut short", |text| {
             let cut: Vec<&str> = text.lines().take(20).collect();

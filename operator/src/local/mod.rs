@@ -454,8 +454,9 @@ impl LocalCluster {
     /// for their heartbeats. The servers are those of `placement` and those of a topology left by
     /// an earlier run (a server being drained still holds copies that are needed).
     pub(super) async fn start_servers(&mut self, db: &ValidatedDb, placement: &Placement) -> Result<(), LocalError> {
-        // No topology file: this directory never held a running cluster (the topology is written
-        // before any server starts), so these servers are the first processes of their names.
+        // No topology file: no server of this directory runs or ever ran, except those of a failed
+        // `/init`, which were stopped before it removed the topology (the topology is written
+        // before any server starts). So no live replica holds a lease granted in these names.
         let new_cluster = !self.topology_path().exists();
         let previous = self.read_topology();
         let mut names = placement.servers.clone();

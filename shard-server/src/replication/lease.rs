@@ -103,11 +103,14 @@ impl Shard {
 /// Why skipping the wait is safe then. A replica serves reads only under a lease from the server
 /// its topology names as the shard's primary, *by name*, and counts the lease from before it
 /// asked. The grants this process makes itself are in `grants` and waited for as usual; the only
-/// grants it cannot see are those of an earlier process running under the same name. With no
-/// such process, there is no such grant. The declaration comes from whoever starts the process,
-/// which alone can know it: the local mode gives `--no-predecessor` only to the servers of a
-/// cluster it creates (no topology existed, and a topology is always written before any server
-/// starts), and only on their first start. So:
+/// grants it cannot see are those of an earlier process running under the same name, and they
+/// matter only while a replica process holding one is alive to serve reads. With no earlier
+/// process of this name, or with every earlier one and every replica it could have granted to
+/// gone, there is no such lease. The declaration comes from whoever starts the process, which
+/// alone can know it: the local mode gives `--no-predecessor` only to the servers it starts for a
+/// cluster with no topology file, and only on their first start. A topology is written before any
+/// server starts, and is removed only by a failed `/init`, which first stops (and waits for) every
+/// server it started. So:
 /// - a process restarted at the same address (a crash and the supervisor's restart, or the
 ///   `kill`/`start` and `wipe`/`start` fault verbs) never has the flag, and waits;
 /// - a wiped data directory changes nothing: the flag is about processes, not data, and the

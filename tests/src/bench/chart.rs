@@ -330,8 +330,7 @@ mod tests {
     }
 
     fn report(titles: &[String]) -> Report {
-        let mut r = Report::default();
-        r.results = titles
+        let results = titles
             .iter()
             .enumerate()
             .map(|(i, title)| ResultRow {
@@ -346,7 +345,7 @@ mod tests {
                 ..ResultRow::default()
             })
             .collect();
-        r
+        Report { results, ..Report::default() }
     }
 
     fn assert_fits(c: &Chart) {

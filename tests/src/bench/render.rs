@@ -268,9 +268,10 @@ fn anchored(m: &mut String, r: &Report) {
         m,
         "The same operations on one plain Postgres of this machine (fsync on, as the shard servers' are), \
          driven by `pgbench` at the same concurrency ({} clients) after a warm-up, on distinct keys: what one \
-         would run instead of sharddb. sharddb keeps every row on {} and serves them through a router over HTTP; \
-         the ratio is what that costs (or, for reads spread over copies, gains). Latencies in ms (p50 / p99 / p999).\n",
-        r.params.concurrency, "each shard's replicas"
+         would run instead of sharddb. sharddb commits every write on each of a shard's copies and serves \
+         everything through a router over HTTP; the ratio is what that costs (or, for reads spread over copies, \
+         gains). Latencies in ms (p50 / p99 / p999).\n",
+        r.params.concurrency
     );
     let _ = writeln!(
         m,
