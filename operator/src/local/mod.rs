@@ -375,6 +375,9 @@ pub struct LocalCluster {
     control_url: String,
     /// `None` until `/init` (or a spec file) configures the database.
     declared: Option<Declared>,
+    /// No shard server ever ran in this directory, so none can have granted a read lease in
+    /// these names (see [`LocalCluster::start`]). Cleared when the first servers start.
+    no_predecessor: bool,
     http: reqwest::Client,
 }
 
@@ -389,6 +392,7 @@ impl LocalCluster {
             router_port: 0,
             control_url,
             declared: None,
+            no_predecessor: false,
             http: shard_server::api::http_client(Duration::from_secs(2)),
         }
     }
@@ -399,6 +403,11 @@ impl LocalCluster {
 
     pub fn topology_path(&self) -> PathBuf {
         self.dir.join("topology.json")
+    }
+
+    /// Where each shard server's directory (its Postgres cluster) lives.
+    pub fn servers_dir(&self) -> PathBuf {
+        self.dir.join("servers")
     }
 
     pub fn cluster_file(&self) -> PathBuf {
@@ -434,7 +443,15 @@ impl LocalCluster {
     /// Starts the servers of the declared configuration, if there is one, then the router, waits
     /// for it, and writes `cluster.json`.
     async fn start(&mut self, router_port: u16) -> Result<(), LocalError> {
-        for d in [self.logs_dir(), self.dir.join("servers")] {
+        // A cluster with no predecessor: neither a topology nor the servers' directory exists
+        // before this run makes it (a server's Postgres and process start only once it exists,
+        // and nothing but removing the whole data directory deletes it). So no shard server ever
+        // ran here and no replica anywhere holds a read lease granted in these names; the servers
+        // this run starts first may acknowledge at once. Anything else (a resumed cluster, a
+        // directory of unknown history) waits one lease at start. The argument is beside
+        // `predecessor_grants_end` in the shard server's `replication::lease`.
+        self.no_predecessor = !self.topology_path().exists() && !self.servers_dir().exists();
+        for d in [self.logs_dir(), self.servers_dir()] {
             make_dir(&d)?;
         }
         let mut ports = PortReservations::default();
@@ -454,10 +471,10 @@ impl LocalCluster {
     /// for their heartbeats. The servers are those of `placement` and those of a topology left by
     /// an earlier run (a server being drained still holds copies that are needed).
     pub(super) async fn start_servers(&mut self, db: &ValidatedDb, placement: &Placement) -> Result<(), LocalError> {
-        // No topology file: no server of this directory runs or ever ran, except those of a failed
-        // `/init`, which were stopped before it removed the topology (the topology is written
-        // before any server starts). So no live replica holds a lease granted in these names.
-        let new_cluster = !self.topology_path().exists();
+        // Only the first servers of a directory without a predecessor skip the start-up wait
+        // (see `start`); once any has been started, even by an `/init` that then failed and is
+        // retried, every later start waits.
+        let new_cluster = std::mem::take(&mut self.no_predecessor);
         let previous = self.read_topology();
         let mut names = placement.servers.clone();
         let mut leftover: Vec<String> =
@@ -471,9 +488,9 @@ impl LocalCluster {
         }
         drop(ports);
 
-        let pgdata = |name: &str| self.dir.join("servers").join(name).join("pgdata");
+        let pgdata = |name: &str| self.servers_dir().join(name).join("pgdata");
         for (name, _, _) in &planned {
-            let d = self.dir.join("servers").join(name);
+            let d = self.servers_dir().join(name);
             make_dir(&d)?;
         }
         // initdb is the slow part of starting (seconds, with fsync); run it once and copy the
@@ -482,7 +499,7 @@ impl LocalCluster {
             planned.iter().map(|(n, _, _)| n.as_str()).filter(|n| !pgdata(n).join("PG_VERSION").is_file()).collect();
         // The template is a cluster of its own: a server's cluster cannot be copied while it starts.
         let template = if fresh.len() > 1 {
-            let t = self.dir.join("servers").join(".template");
+            let t = self.servers_dir().join(".template");
             if t.exists() {
                 // Left by a run interrupted while starting; it may be half made.
                 std::fs::remove_dir_all(&t).map_err(|source| LocalError::Io {

@@ -100,27 +100,30 @@ impl Shard {
 /// which this process cannot know of: `lease` (plus the clock margin) after it started, or its
 /// start when it was declared to have no predecessor.
 ///
-/// Why skipping the wait is safe then. A replica serves reads only under a lease from the server
-/// its topology names as the shard's primary, *by name*, and counts the lease from before it
-/// asked. The grants this process makes itself are in `grants` and waited for as usual; the only
-/// grants it cannot see are those of an earlier process running under the same name, and they
-/// matter only while a replica process holding one is alive to serve reads. With no earlier
-/// process of this name, or with every earlier one and every replica it could have granted to
-/// gone, there is no such lease. The declaration comes from whoever starts the process, which
-/// alone can know it: the local mode gives `--no-predecessor` only to the servers it starts for a
-/// cluster with no topology file, and only on their first start. A topology is written before any
-/// server starts, and is removed only by a failed `/init`, which first stops (and waits for) every
-/// server it started. So:
+/// Why skipping the wait is safe then, and only then. A replica serves reads only under a lease
+/// from the server its topology names as the shard's primary, *by name*, and counts the lease from
+/// before it asked. The grants this process makes itself are in `grants` and waited for as usual;
+/// the only grants it cannot see are those of an earlier process running under the same name, and
+/// they matter only while a replica process holding one is alive to serve reads. With no earlier
+/// process of this name in this cluster there is no such lease. The declaration comes from whoever
+/// starts the process, which alone can know it, and the claim is deliberately narrow: the local
+/// mode gives `--no-predecessor` only to the first servers it starts in a data directory that had
+/// neither a topology nor a servers directory when it started (no shard server ever ran there),
+/// and only on their first start. So:
 /// - a process restarted at the same address (a crash and the supervisor's restart, or the
 ///   `kill`/`start` and `wipe`/`start` fault verbs) never has the flag, and waits;
 /// - a wiped data directory changes nothing: the flag is about processes, not data, and the
 ///   server that comes back over it is a restart;
+/// - the local mode resumed on a data directory, or an `/init` retried after a failed one: the
+///   directory has a predecessor, so no flag;
 /// - a server promoted after a failover: the leases that matter then are the deposed primary's,
 ///   granted under another name; this wait never covered them (promotion comes long after start)
 ///   and the flag does not touch whatever covers them;
-/// - the local mode resumed on a data directory: a topology exists, so no flag;
 /// - Kubernetes: a restarted container runs with the same arguments, so a first start cannot be
 ///   told apart, and the operator never passes the flag.
+///
+/// Whoever changes who grants read leases must recheck this: the argument holds only while every
+/// lease a replica may hold was granted either by this process or by an earlier one of its name.
 pub(super) fn predecessor_grants_end(node: &Node) -> Instant {
     if node.has_no_predecessor() { node.started } else { node.started + lease_bound(node.config.lease) }
 }
