@@ -214,6 +214,7 @@ pub async fn run(opts: &Options) -> Result<Report> {
     report.errors_total = report.results.iter().map(|r| r.errors + r.baseline_errors + r.anchor_errors).sum::<u64>()
         + report.cold_start.as_ref().map_or(0, |c| c.errors);
     report.targets = report::evaluate_targets(&report.results, &report.memory, &report.heals);
+    report.machine.loadavg_at_end = loadavg();
     Ok(report)
 }
 
@@ -254,10 +255,14 @@ fn machine() -> Machine {
             .map_or(0.0, |kib| (kib / 1024.0 / 1024.0 * 10.0).round() / 10.0),
         kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_owned(),
         postgres: None,
-        loadavg_at_start: std::fs::read_to_string("/proc/loadavg")
-            .ok()
-            .and_then(|l| l.split_whitespace().next().and_then(|v| v.parse().ok())),
+        loadavg_at_start: loadavg(),
+        loadavg_at_end: None,
     }
+}
+
+/// The 1-minute load average.
+fn loadavg() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg").ok().and_then(|l| l.split_whitespace().next().and_then(|v| v.parse().ok()))
 }
 
 fn git_commit() -> Option<String> {

@@ -79,6 +79,12 @@ pub fn markdown(r: &Report, svg_name: &str, analysis: Option<&str>) -> String {
     if p.quick {
         let _ = writeln!(m, "> **Quick run** (`--quick`): too small to be representative.\n");
     }
+    if let Some(busy) = busy_machine(&r.machine) {
+        let _ = writeln!(
+            m,
+            "> **Busy machine**: {busy}; other work competed for the cores, so these numbers are not representative.\n"
+        );
+    }
     if r.errors_total > 0 {
         let _ = writeln!(
             m,
@@ -461,6 +467,17 @@ const METHOD: &[&str] = &[
      the results counts router, shard servers and Postgres.",
 ];
 
+/// Why the machine was too busy for a representative run, if it was: a 1-minute load average at
+/// the start above the cores' count (another program's builds and tests took CPU the run needed),
+/// as the run's own processes are not yet running then.
+fn busy_machine(machine: &crate::bench::report::Machine) -> Option<String> {
+    let start = machine.loadavg_at_start?;
+    (start > machine.cores.max(1) as f64).then(|| {
+        let end = machine.loadavg_at_end.map_or_else(String::new, |l| format!(", {l:.2} at the end"));
+        format!("load average {start:.2} at the start{end} on {} cores", machine.cores)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -550,6 +567,21 @@ mod tests {
         let s = crate::bench::chart::svg(&sample());
         assert!(s.contains("Copy &lt;stream&gt; &amp; more"));
         assert!(s.contains("150,000 (errors)"));
+    }
+
+    #[test]
+    fn a_run_on_a_busy_machine_says_so() {
+        let mut r = sample();
+        r.machine.cores = 2;
+        r.machine.loadavg_at_start = Some(1.5);
+        assert!(!markdown(&r, "x.svg", None).contains("Busy machine"));
+        r.machine.loadavg_at_start = Some(18.49);
+        r.machine.loadavg_at_end = Some(17.13);
+        let md = markdown(&r, "x.svg", None);
+        assert!(
+            md.contains("> **Busy machine**: load average 18.49 at the start, 17.13 at the end on 2 cores"),
+            "{md}"
+        );
     }
 
     #[test]

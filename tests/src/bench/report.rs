@@ -44,6 +44,9 @@ pub struct Machine {
     pub postgres: Option<String>,
     /// The 1-minute load average when the run started (other work on the machine skews results).
     pub loadavg_at_start: Option<f64>,
+    /// The 1-minute load average when the run ended (it includes the run's own load).
+    #[serde(default)]
+    pub loadavg_at_end: Option<f64>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
