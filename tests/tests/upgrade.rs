@@ -89,7 +89,8 @@ async fn the_previous_release_is_upgraded_one_process_at_a_time_under_load_and_l
     }
     let port = free_port()?;
     let spec = tests::repo_root().join("examples/students.yaml");
-    let old = Launch { operator: previous.join("sharddb-operator"), bin_dir: bins.path().to_owned(), port, args: Vec::new() };
+    let old =
+        Launch { operator: previous.join("sharddb-operator"), bin_dir: bins.path().to_owned(), port, args: Vec::new() };
     let mut c = LocalCluster::start_as(Some(&spec), &old)?;
     ensure!(router_protocol(&c).await?.is_none(), "the previous router advertises no protocol");
     ensure!(server_protocols(&c).await?.values().all(|p| *p == 1), "the previous servers speak protocol 1");
