@@ -7,7 +7,7 @@ use router::config::Args;
 use router::{AppState, app};
 use shard_server::api::install_crypto_provider;
 use shard_server::serve::serve;
-use shard_server::topology_source::{watch_configmap, watch_file};
+use shard_server::topology_source::{watch_configmap, watch_file, watch_url};
 use std::io::IsTerminal;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
@@ -23,15 +23,18 @@ async fn main() -> anyhow::Result<()> {
     install_crypto_provider();
     let args = Args::parse();
     let config = args.config();
-    tracing::info!(topology_file = ?args.topology_file, topology_configmap = ?args.topology_configmap, control_url = ?config.control_url, upstream_timeout = ?config.upstream_timeout, body_limit = config.body_limit, "starting");
+    tracing::info!(topology_file = ?args.topology_file, topology_configmap = ?args.topology_configmap, topology_url = ?args.topology_url, control_url = ?config.control_url, upstream_timeout = ?config.upstream_timeout, body_limit = config.body_limit, "starting");
 
-    let topology = match (&args.topology_file, &args.topology_configmap) {
-        (Some(path), _) => watch_file(path.clone()),
-        (None, Some((namespace, name))) => {
+    let topology = match (&args.topology_file, &args.topology_configmap, &args.topology_url) {
+        (Some(path), _, _) => watch_file(path.clone()),
+        (None, Some((namespace, name)), _) => {
             let client = kube::Client::try_default().await.context("no Kubernetes configuration found")?;
             watch_configmap(client, namespace, name)
         }
-        (None, None) => anyhow::bail!("one of --topology-file and --topology-configmap is required"),
+        (None, None, Some(url)) => watch_url(url.clone()),
+        (None, None, None) => {
+            anyhow::bail!("one of --topology-file, --topology-configmap and --topology-url is required")
+        }
     };
     let state = AppState::new(config, topology);
     let listener = TcpListener::bind(args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?;

@@ -301,6 +301,11 @@ pub struct Entry {
     /// The epoch of the primary that created it.
     pub epoch: u64,
     pub changes: Vec<Change>,
+    /// The running hash of the shard's history up to and including this entry (hex), which a
+    /// replica checks against its own (see `replication::divergence`); absent from a primary that
+    /// predates it or does not know its history's hash.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash: Option<String>,
 }
 
 /// `POST /v1/shards/{shard}/replicate`: consecutive entries from the primary. Empty `entries`
@@ -316,6 +321,22 @@ pub struct ReplicateRequest {
     /// [`crate::replication`], divergence).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prev_epoch: Option<u64>,
+    /// The primary's last confirmed entry (see [`Confirmed`]); absent from senders that predate it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub confirmed: Option<Confirmed>,
+}
+
+/// An entry a primary vouches for: every copy it waits for holds it (and every entry before it),
+/// so it survives any failover. A replica shows readers the effects of its entries up to it once
+/// its own entry there is the same one (see `replication::visibility`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Confirmed {
+    pub seq: u64,
+    /// The epoch of the primary that created the entry: with `seq`, it names the entry.
+    pub epoch: u64,
+    /// The entry's history hash, when known: it names the whole history up to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -339,6 +360,15 @@ pub struct LeaseResponse {
     /// The shards this server is the primary of and lists the replica as ready for: the replica may
     /// serve reads of them for the lease duration, measured from before it sent the request.
     pub granted: Vec<String>,
+    /// For each granted shard, how long the lease may run at most (in ms, measured the same way):
+    /// no longer than the primary's own lease from the operator. Absent: the full lease (an older
+    /// primary).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub valid_ms: BTreeMap<String, u64>,
+    /// The primary's last confirmed entry of each granted shard, so that a replica shows what
+    /// was confirmed even when no write follows to carry it; absent from older primaries.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub confirmed: BTreeMap<String, Confirmed>,
 }
 
 /// `GET /status`.
@@ -352,6 +382,40 @@ pub struct ServerStatus {
     /// The epoch of the topology this server follows (0: none).
     pub epoch: u64,
     pub shards: BTreeMap<String, ShardStatus>,
+    /// A moment of this server's clock just before it answered, for the operator to grant primary
+    /// leases measured from it (see [`PrimaryLeaseRequest`]); absent from older servers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_token: Option<LeaseToken>,
+}
+
+/// A moment on one server process's monotonic clock: the process (`boot`, random per start) and
+/// the microseconds since it started. Only that process can turn it back into a time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseToken {
+    pub boot: u64,
+    pub at_us: u64,
+}
+
+/// `POST /v1/primary_lease`: the operator lets a primary serve reads of the listed shards (those
+/// it is the primary of in the operator's topology of `epoch`) until `lease_ms` after the moment
+/// `token` names, which the server handed out before the operator decided: so the server's lease
+/// always ends before the operator stops counting on it, however late this request arrives.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PrimaryLeaseRequest {
+    pub token: LeaseToken,
+    pub epoch: u64,
+    #[serde(deserialize_with = "bounded_vec::<_, _, MAX_SHARDS>")]
+    pub shards: Vec<String>,
+    pub lease_ms: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrimaryLeaseResponse {
+    /// The shards this server took the lease for: it is their primary in a topology at least as
+    /// new as `epoch`.
+    pub granted: Vec<String>,
+    /// A fresh token, for the next grant (so the operator need not probe `/status` for one).
+    pub next_token: LeaseToken,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -370,6 +434,16 @@ pub struct ShardStatus {
     /// Whether this copy's rows are held in memory (reads and decisions skip Postgres).
     #[serde(default)]
     pub cached: bool,
+    /// A ready replica: whether it caught up with its primary as of the topology that made it
+    /// ready (only then does it hold every acknowledged write, so only then may it be promoted).
+    /// Absent from primaries, other copies and older servers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub caught_up: Option<bool>,
+    /// The running hash of this copy's history at `applied_seq` (see `replication::divergence`),
+    /// when known: two copies at one sequence number with different hashes hold different
+    /// histories. Absent from older servers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -393,6 +467,9 @@ pub struct SnapshotHeader {
     /// The sequence number the snapshot reflects.
     pub seq: u64,
     pub schema: SchemaSpec,
+    /// The source's history hash at `seq`, when known: the installed copy carries it on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash: Option<String>,
 }
 
 /// Last line of a snapshot stream; its absence means the stream was cut.
@@ -607,6 +684,12 @@ impl ShardClient {
     /// Forwards replication entries to a replica.
     pub async fn replicate(&self, shard: &str, req: &ReplicateRequest) -> Result<ReplicateResponse, ClientError> {
         let url = format!("{}/v1/shards/{shard}/replicate", self.base);
+        self.call(self.http.post(&url).json(req), url).await
+    }
+
+    /// `POST /v1/primary_lease`: the operator's lease for this server as a primary.
+    pub async fn primary_lease(&self, req: &PrimaryLeaseRequest) -> Result<PrimaryLeaseResponse, ClientError> {
+        let url = format!("{}/v1/primary_lease", self.base);
         self.call(self.http.post(&url).json(req), url).await
     }
 

@@ -52,6 +52,7 @@ pub fn app(node: Arc<Node>) -> Router {
         .route("/v1/shards/{shard}/log", get(routes::v1::log))
         .route("/v1/shards/{shard}/recover", post(routes::v1::recover))
         .route("/v1/lease", post(routes::v1::lease))
+        .route("/v1/primary_lease", post(routes::v1::primary_lease))
         .route("/status", get(routes::v1::status))
         .route("/metrics", get(routes::v1::metrics))
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })

@@ -26,8 +26,12 @@ struct Args {
     #[arg(long, env = "SHARDDB_TOPOLOGY_FILE", conflicts_with = "topology_configmap")]
     topology_file: Option<PathBuf>,
     /// Topology ConfigMap to follow through the Kubernetes API, as NAMESPACE/NAME.
-    #[arg(long, env = "SHARDDB_TOPOLOGY_CONFIGMAP", value_parser = topology_source::parse_configmap_ref)]
+    #[arg(long, env = "SHARDDB_TOPOLOGY_CONFIGMAP", value_parser = topology_source::parse_configmap_ref, conflicts_with = "topology_url")]
     topology_configmap: Option<(String, String)>,
+    /// Topology document served over HTTP by the local mode's operator (`GET URL?after=EPOCH`,
+    /// long-polled), for a server in a network namespace of its own.
+    #[arg(long, env = "SHARDDB_TOPOLOGY_URL", conflicts_with = "topology_file")]
+    topology_url: Option<String>,
     /// Postgres connections in the pool.
     #[arg(long, env = "SHARDDB_DB_CONNECTIONS", default_value_t = 16)]
     db_connections: u32,
@@ -84,13 +88,14 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         )
         .init();
     let db = Db::connect_patiently(&args.database_url, args.db_connections, Duration::from_secs(60)).await?;
-    let topology = match (&args.topology_file, &args.topology_configmap) {
-        (Some(p), _) => topology_source::watch_file(p.clone()),
-        (None, Some((namespace, name))) => {
+    let topology = match (&args.topology_file, &args.topology_configmap, &args.topology_url) {
+        (Some(p), _, _) => topology_source::watch_file(p.clone()),
+        (None, Some((namespace, name)), _) => {
             let client = kube::Client::try_default().await?;
             topology_source::watch_configmap(client, namespace, name)
         }
-        (None, None) => topology_source::fixed(None),
+        (None, None, Some(url)) => topology_source::watch_url(url.clone()),
+        (None, None, None) => topology_source::fixed(None),
     };
     let config = NodeConfig {
         name: args.name.clone(),

@@ -142,6 +142,7 @@ mod compatibility {
             protocol: PROTOCOL_VERSION,
             epoch: 1,
             shards: BTreeMap::new(),
+            lease_token: None,
         })
         .unwrap();
         assert_eq!(ours["protocol"], PROTOCOL_VERSION);

@@ -90,10 +90,16 @@ impl Shard {
         Ok(())
     }
 
-    /// Applies entries sent by the primary (replica side).
+    /// Applies entries sent by the primary (replica side), then takes the primary's confirmation
+    /// (see `visibility.rs`).
     pub async fn replicate(&self, node: &Node, req: ReplicateRequest) -> Result<u64, ApiError> {
         let mut applied = self.applied.lock().await;
-        self.apply_entries(node, &mut applied, req.entries, req.prev_epoch).await
+        let done = self.apply_entries(node, &mut applied, req.entries, req.prev_epoch).await?;
+        drop(applied);
+        if let Some(c) = req.confirmed {
+            self.confirm_from_primary(node, c).await;
+        }
+        Ok(done)
     }
 
     /// Applies consecutive entries on top of `applied` (held locked by the caller), checking that
@@ -125,6 +131,7 @@ impl Shard {
                 return Err(ApiError::SeqGap { first: entry.seq, applied: *applied });
             }
             self.check_follows(node, prev, *applied).await?;
+            let hash = self.check_continues(node, &entry).await?;
             prev = Some((entry.seq, entry.epoch));
             for c in &entry.changes {
                 if let Some(row) = &c.row {
@@ -145,6 +152,7 @@ impl Shard {
                 return Err(e.into());
             }
             *applied = entry.seq;
+            self.set_history_hash(hash);
             node.metrics.entries_applied.inc();
             self.after_apply(node, Arc::new(entry));
         }
@@ -162,7 +170,7 @@ impl Shard {
         self.rows.turn_off();
         let result = self.recover_locked(node, source, &mut applied).await;
         let cache = Instant::now();
-        self.load_rows_locked(&node.db).await;
+        self.load_rows_locked(&node.db, *applied, true).await;
         result.map(|mut done| {
             if let Some(t) = &mut done.timings {
                 t.cache_us = micros(cache.elapsed());
@@ -246,11 +254,13 @@ impl Shard {
             }
         }
         let clock = Instant::now();
-        let copy_id = install.finish(&self.table, header.seq).await?;
+        let copy_id = install.finish(&self.table, header.seq, header.hash.as_deref()).await?;
         timings.commit_us = micros(clock.elapsed());
         *self.copy_id.lock().expect("lock") = copy_id;
         self.diverged.store(false, Ordering::Release);
         *applied = header.seq;
+        // The source's hash at the snapshot's number: the entries caught up next must continue it.
+        self.set_history_hash(super::divergence::stored_hash(header.seq, header.hash.as_deref()));
         self.cache.lock().expect("lock").clear();
         tracing::info!(shard = self.id(), seq = header.seq, rows = count, "snapshot installed");
 
