@@ -103,6 +103,9 @@ pub struct Options {
     pub template: Option<PathBuf>,
     /// More server settings (`-c name=value`), after and so over the ones set here.
     pub settings: Vec<(String, String)>,
+    /// Also listen on a Unix socket in the data directory ([`LocalPg::socket_url`]), for clients
+    /// that cannot reach 127.0.0.1 here: a process in another network namespace, for instance.
+    pub unix_socket: bool,
 }
 
 impl Options {
@@ -116,6 +119,7 @@ impl Options {
             no_sync: false,
             template: None,
             settings: Vec::new(),
+            unix_socket: false,
         }
     }
 }
@@ -260,6 +264,7 @@ pub struct LocalPg {
     max_connections: u32,
     no_sync: bool,
     settings: Vec<(String, String)>,
+    unix_socket: bool,
     running: bool,
     /// Set by [`LocalPg::temporary`]: the directory removed when this value drops (after the stop).
     temp: Option<tempfile::TempDir>,
@@ -298,6 +303,7 @@ impl LocalPg {
             max_connections: opts.max_connections,
             no_sync: opts.no_sync,
             settings: opts.settings,
+            unix_socket: opts.unix_socket,
             running: false,
             temp: None,
         };
@@ -354,6 +360,21 @@ impl LocalPg {
     /// A connection URL for database `db` (trust authentication, superuser).
     pub fn url(&self, db: &str) -> String {
         format!("postgres://{SUPERUSER}@127.0.0.1:{}/{db}", self.port)
+    }
+
+    /// A connection URL for database `db` through the Unix socket in the data directory, when the
+    /// cluster was created with [`Options::unix_socket`].
+    pub fn socket_url(&self, db: &str) -> Option<String> {
+        let dir: String = self
+            .data_dir
+            .to_string_lossy()
+            .bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'/' | b'.' | b'_' | b'-' => char::from(b).to_string(),
+                other => format!("%{other:02X}"),
+            })
+            .collect();
+        self.unix_socket.then(|| format!("postgres://{SUPERUSER}@localhost:{}/{db}?host={dir}", self.port))
     }
 
     /// The postmaster's pid: the first line of `postmaster.pid`, when the server is up.
@@ -432,8 +453,24 @@ impl LocalPg {
             tracing::warn!(data_dir = %self.data_dir.display(), "stopping a postgres left running on this data directory");
             self.pg_ctl_stop()?;
         }
+        // The socket directory is quoted for the server's option parser; a data directory holding
+        // a quote or a backslash is refused rather than passed on.
+        let sockets = if self.unix_socket {
+            let dir = self.data_dir.to_string_lossy();
+            if dir.contains(['\'', '\\', ' ']) {
+                return Err(PgError::Start {
+                    data_dir: self.data_dir.clone(),
+                    log: self.log_file.clone(),
+                    log_tail: "a data directory with a Unix socket may not contain quotes, backslashes or spaces"
+                        .into(),
+                });
+            }
+            dir.into_owned()
+        } else {
+            String::new()
+        };
         let mut server_opts = format!(
-            "-p {} -c listen_addresses=127.0.0.1 -c unix_socket_directories='' -c max_connections={} -c shared_buffers=32MB",
+            "-p {} -c listen_addresses=127.0.0.1 -c unix_socket_directories='{sockets}' -c max_connections={} -c shared_buffers=32MB",
             self.port, self.max_connections
         );
         if self.no_sync {

@@ -136,3 +136,23 @@ fn settings_reach_the_server_and_only_plain_words_are_accepted() {
         assert!(matches!(err, PgError::BadSetting(_)), "{bad:?}: {err}");
     }
 }
+
+#[test]
+fn a_cluster_may_also_listen_on_a_unix_socket_in_its_data_directory() {
+    let base = tempfile::Builder::new().permissions(std::fs::Permissions::from_mode(0o755)).tempdir().unwrap();
+    let mut opts = Options::new(base.path().join("pgdata"));
+    opts.no_sync = true;
+    let plain = LocalPg::new(opts.clone()).unwrap();
+    assert_eq!(plain.socket_url("db"), None, "no socket unless asked for");
+    drop(plain);
+    opts.unix_socket = true;
+    let mut pg = LocalPg::new(opts).unwrap();
+    pg.start().unwrap();
+    let socket = pg.data_dir().join(format!(".s.PGSQL.{}", pg.port()));
+    assert!(std::os::unix::net::UnixStream::connect(&socket).is_ok(), "{} accepts connections", socket.display());
+    assert!(accepts_connections(pg.port()), "and 127.0.0.1 still does");
+    assert_eq!(
+        pg.socket_url("db").unwrap(),
+        format!("postgres://postgres@localhost:{}/db?host={}", pg.port(), pg.data_dir().display())
+    );
+}

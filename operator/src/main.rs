@@ -28,7 +28,8 @@ enum Command {
         /// when absent. An existing directory's data is reused.
         #[arg(long)]
         data_dir: Option<PathBuf>,
-        /// The router's port on 127.0.0.1; 0 picks a free one.
+        /// The router's port on 127.0.0.1 (0 picks a free one), or on its own address with --netns
+        /// (0: 5000).
         #[arg(long, default_value_t = 5000)]
         port: u16,
         /// Directory holding sharddb-shard-server and sharddb-router; default: this program's own.
@@ -38,6 +39,12 @@ enum Command {
         /// the newest /usr/lib/postgresql/*/bin.
         #[arg(long, env = "SHARDDB_PG_BIN")]
         pg_bin: Option<PathBuf>,
+        /// Run the router and every shard server in a network namespace of its own, attached to a
+        /// private switch (namespaces `ID-net`, `ID-router`, `ID-<server>`), so that links between
+        /// them can be cut; `cluster.json` says where. ID: 1 to 10 lowercase letters and digits,
+        /// unique on this machine. Needs root; the namespaces are deleted on exit.
+        #[arg(long, value_name = "ID")]
+        netns: Option<String>,
     },
     /// Print the ShardedDatabase CustomResourceDefinition as YAML.
     Crd,
@@ -152,7 +159,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let runtime = tokio::runtime::Runtime::new().context("failed to start the async runtime")?;
             runtime.block_on(run_operator(args.metrics_addr, args.admin_addr, args.config(), lease))
         }
-        Command::Local { spec, data_dir, port, bin_dir, pg_bin } => {
+        Command::Local { spec, data_dir, port, bin_dir, pg_bin, netns } => {
             let bin_dir = match bin_dir {
                 Some(d) => d,
                 None => std::env::current_exe()
@@ -161,7 +168,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     .context("this program has no directory; pass --bin-dir")?
                     .to_owned(),
             };
-            let opts = LocalOptions { spec, data_dir, port, bin_dir, pg_bin };
+            let opts = LocalOptions { spec, data_dir, port, bin_dir, pg_bin, netns };
             let runtime = tokio::runtime::Runtime::new().context("failed to start the async runtime")?;
             runtime.block_on(run_local(opts))?;
             Ok(())

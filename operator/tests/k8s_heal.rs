@@ -282,3 +282,33 @@ async fn rm_drains_a_server_before_its_statefulset_goes_and_refused_requests_cha
         h.status()
     );
 }
+
+/// A replica's rows changed behind its server's back (straight in its Postgres) keep its sequence
+/// number and history hash: only the rows' checksum differs from the primary's. The healer
+/// compares the copies' checksums at equal sequence numbers, demotes the replica with a `Diverged`
+/// Event, counts it in `sharddb_operator_copies_diverged`, and copies it afresh from the primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_that_differs_from_its_primary_is_demoted_with_an_event_and_a_metric_and_copied_afresh() {
+    let h = Harness::start().await;
+    h.wait_ready().await;
+    h.write(0, "sh1", 0..50).await;
+    let before = h.topology().unwrap();
+    assert!(h.metrics().contains("sharddb_operator_copies_diverged_total 0"), "{}", h.metrics());
+
+    h.pg.psql("server1", r#"UPDATE "shard_sh1" SET "Stud_marks" = 1000 WHERE "Stud_id" = 7"#).unwrap();
+    let diverged = |h: &Harness| h.events("Diverged").iter().any(|n| n.contains("sh1 on Server1"));
+    assert!(h.api.wait_for(WAIT, |_| diverged(&h)).await, "Diverged: {:?}", h.events("Diverged"));
+    assert!(h.metrics().contains("sharddb_operator_copies_diverged_total 1"), "{}", h.metrics());
+    // Demoted (one epoch), then ready again (another).
+    let recopied = |t: &Topology| state(t, "sh1", "Server1").as_deref() == Some("ready") && t.epoch >= before.epoch + 2;
+    assert!(
+        h.api.wait_for(WAIT, |_| h.topology().is_some_and(|t| recopied(&t))).await,
+        "Server1's copy of sh1 copied afresh and ready: {:?}",
+        h.topology()
+    );
+    assert_eq!(h.assert_ready_copies_equal().await["sh1"], 50);
+    assert!(h.events("Diverged").iter().all(|n| n.contains("sh1 on Server1")), "{:?}", h.events("Diverged"));
+    // Copied afresh, the copy is the primary's again: nothing differs, nothing more is counted.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(h.metrics().contains("sharddb_operator_copies_diverged_total 1"), "{}", h.metrics());
+}

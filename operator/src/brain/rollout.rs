@@ -235,7 +235,7 @@ mod tests {
                 .shards_of(name)
                 .map(|(s, _)| {
                     let seq = seqs.iter().find(|(n, sh, _)| n == name && *sh == s.id).map_or(9, |(_, _, q)| *q);
-                    (s.id.clone(), CopySeen { applied_seq: seq, copy_id: format!("{name}-{}", s.id) })
+                    (s.id.clone(), CopySeen { applied_seq: seq, copy_id: format!("{name}-{}", s.id), caught_up: true })
                 })
                 .collect();
             o.set(name, Health::Up { epoch: t.epoch, copies });
@@ -330,7 +330,8 @@ mod tests {
             "B",
             Health::Up {
                 epoch: EPOCH,
-                copies: [("sh1".to_owned(), CopySeen { applied_seq: 50, copy_id: "other".into() })].into(),
+                copies: [("sh1".to_owned(), CopySeen { applied_seq: 50, copy_id: "other".into(), caught_up: true })]
+                    .into(),
             },
         );
         let step = plan_rollout(&t, &set(&["A"]), &o);

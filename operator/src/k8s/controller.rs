@@ -89,6 +89,9 @@ pub struct Metrics {
     reconciles: Counter,
     errors: Family<ErrorLabels, Counter>,
     duration: Histogram,
+    /// Copies the healer found differing from their primary at an equal sequence number and
+    /// demoted to be copied afresh.
+    pub copies_diverged: Counter,
 }
 
 impl Metrics {
@@ -97,11 +100,17 @@ impl Metrics {
             reconciles: Counter::default(),
             errors: Family::default(),
             duration: Histogram::new(exponential_buckets(0.005, 2.0, 14)),
+            copies_diverged: Counter::default(),
         };
         let sub = registry.sub_registry_with_prefix("sharddb_operator");
         sub.register("reconciles", "Reconciles started", m.reconciles.clone());
         sub.register("reconcile_errors", "Reconciles that failed, by error kind", m.errors.clone());
         sub.register("reconcile_duration_seconds", "Time spent in one reconcile", m.duration.clone());
+        sub.register(
+            "copies_diverged",
+            "Copies found differing from their primary at an equal sequence number, demoted and copied afresh",
+            m.copies_diverged.clone(),
+        );
         m
     }
 }

@@ -43,15 +43,21 @@
 //! - Databases are handled one after the other in a round; the probes of one database run
 //!   concurrently and time out after a second, so a round takes about a second per database whose
 //!   servers hang, and a few milliseconds otherwise.
+//! - **Primary leases** (`brain::lease`) are granted by a task of their own every half second, so
+//!   a slow round never lets them lapse; the rounds keep each database's book on the topology they
+//!   read, and publish a change of primary (a failover, a handover) only once the old primary's
+//!   lease has surely run out. The book is in memory: a new leader waits a lease before it changes
+//!   any primary.
 
 use super::build::Owner;
 use super::controller::{Context, publish, publish_related};
 use super::rollout::{self as pods, Evicted, Revisions};
 use super::topology::{self, Published, WriteError};
+use crate::brain::lease::{DEFAULT_PRIMARY_LEASE, LeaseBook};
 use crate::brain::moves::{self, Move};
 use crate::brain::observe::{Health, Observations};
 use crate::brain::placement::{Placement, place};
-use crate::brain::plan::{self, Action, Settings};
+use crate::brain::plan::{self, Action, Reason, Settings};
 use crate::brain::rollout::{self, Change, Step};
 use crate::brain::validate::{ValidatedDb, validate_with_defaults};
 use crate::crd::ShardedDatabase;
@@ -59,11 +65,11 @@ use crate::exec::{self, PROBE_TIMEOUT, RECOVER_TIMEOUT, RecoveredCopy};
 use futures::channel::mpsc::UnboundedSender;
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::{ObjectRef, Store};
-use shard_server::api::ClientError;
+use shard_server::api::{ClientError, LeaseToken};
 use shard_server::topology::{ReplicaState, Topology};
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::task::JoinSet;
 
@@ -86,7 +92,6 @@ impl Default for HealSettings {
 const READY_ATTEMPTS: usize = 5;
 
 /// What the healer keeps per database between rounds.
-#[derive(Default)]
 struct DbState {
     seen: Observations,
     /// (shard, server) pairs with a recover running.
@@ -95,7 +100,37 @@ struct DbState {
     restarted: BTreeSet<String>,
     /// Why the rollout last waited, so that a wait is logged once rather than every round.
     waiting: Option<String>,
+    leases: Arc<DbLeases>,
 }
+
+/// One database's primary leases: the book, the tokens its servers last handed out, and where its
+/// servers are; shared with the task that grants them.
+struct DbLeases {
+    book: Mutex<LeaseBook>,
+    tokens: Mutex<HashMap<String, LeaseToken>>,
+    name: String,
+    namespace: String,
+}
+
+impl DbState {
+    fn new(owner: &Owner) -> DbState {
+        DbState {
+            seen: Observations::new(),
+            running: BTreeSet::new(),
+            restarted: BTreeSet::new(),
+            waiting: None,
+            leases: Arc::new(DbLeases {
+                book: Mutex::new(LeaseBook::new(DEFAULT_PRIMARY_LEASE, Instant::now())),
+                tokens: Mutex::default(),
+                name: owner.name.clone(),
+                namespace: owner.namespace.clone(),
+            }),
+        }
+    }
+}
+
+/// The books of every database the healer looks after, for the grant task.
+type Books = Arc<Mutex<HashMap<ObjectRef<ShardedDatabase>, Arc<DbLeases>>>>;
 
 /// The outcome of one recover task.
 struct Finished {
@@ -117,6 +152,9 @@ struct Healer {
     recovers: JoinSet<Finished>,
     /// Asks the controller to reconcile (so the status shows a change in reachability).
     reconcile: UnboundedSender<()>,
+    books: Books,
+    /// Rounds of database probes so far (every [`exec::CHECKSUM_EVERY`]th asks for checksums).
+    rounds: u64,
 }
 
 /// Runs the healer over every database in `dbs` (the controller's cache) until `shutdown`.
@@ -135,7 +173,11 @@ pub async fn run(
         recover_http: shard_server::api::http_client(RECOVER_TIMEOUT),
         recovers: JoinSet::new(),
         reconcile,
+        books: Books::default(),
+        rounds: 0,
     };
+    let grants = tokio::spawn(grant_leases(Arc::clone(&healer.ctx), Arc::clone(&healer.books)));
+    let _stop_grants = AbortOnDrop(grants);
     let mut ticks = tokio::time::interval(settings.round);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
@@ -153,6 +195,7 @@ pub async fn run(
         let current = dbs.state();
         let keys: HashSet<_> = current.iter().map(|db| ObjectRef::from_obj(db.as_ref())).collect();
         healer.dbs.retain(|k, _| keys.contains(k));
+        healer.books.lock().expect("books lock").retain(|k, _| keys.contains(k));
         healer.ctx.forget_unreachable_except(&keys);
         for db in current {
             healer.round(db).await;
@@ -190,9 +233,11 @@ impl Healer {
             .into_iter()
             .map(|s| (s.clone(), self.ctx.config.server_urls.url(&owner.name, &owner.namespace, s)))
             .collect();
+        self.rounds += 1;
+        let checksums = self.rounds.is_multiple_of(exec::CHECKSUM_EVERY);
         // One `now` for the round, taken before any probe leaves (see `Observations`).
         let now = Instant::now();
-        let probes = exec::probe_servers(&self.probe_http, servers).await;
+        let probes = exec::probe_servers(&self.probe_http, servers, checksums).await;
         // `None` when they cannot be read: no rollout step this round.
         let revisions = match pods::observe(&self.ctx.client, &owner, &named).await {
             Ok(r) => Some(r),
@@ -202,7 +247,14 @@ impl Healer {
             }
         };
         let outdated = revisions.as_ref().map(|r| r.outdated.clone()).unwrap_or_default();
-        let state = self.dbs.entry(key.clone()).or_default();
+        let state = self.dbs.entry(key.clone()).or_insert_with(|| DbState::new(&owner));
+        self.books.lock().expect("books lock").insert(key.clone(), Arc::clone(&state.leases));
+        {
+            let mut book = state.leases.book.lock().expect("lease book lock");
+            book.begin_round();
+            book.follow(&topology);
+        }
+        let leases = Arc::clone(&state.leases);
         for (server, probe) in probes {
             state.seen.record(&server, probe, now);
         }
@@ -214,8 +266,14 @@ impl Healer {
 
         let mut actions = plan::plan(&topology, &state.seen, now, &self.settings.plan);
         rollout::hold_recovers(&mut actions, rollout::next_restart(&topology, &outdated).as_deref());
-        let (changes, recovers): (Vec<_>, Vec<_>) = actions.into_iter().partition(Action::changes_topology);
-        if let Some(next) = plan::apply(&topology, &changes) {
+        let (mut changes, recovers): (Vec<_>, Vec<_>) = actions.into_iter().partition(Action::changes_topology);
+        let mut next = plan::apply(&topology, &changes);
+        if next.as_ref().is_some_and(|n| !fence(&leases, &topology, n)) {
+            // Everything else goes ahead; the promotions wait for a later round.
+            changes.retain(|a| !matches!(a, Action::Promote { .. }));
+            next = plan::apply(&topology, &changes).filter(|n| fence(&leases, &topology, n));
+        }
+        if let Some(next) = next {
             match topology::write(&self.ctx.client, &owner, &next, Some(&published.resource_version)).await {
                 Ok(_) => {
                     tracing::info!(db = %owner.name, epoch = next.epoch, "topology written");
@@ -225,8 +283,9 @@ impl Healer {
                 }
                 Err(e) => return self.not_written(&owner, e),
             }
-        } else if let Some((next, steps)) =
-            desired.and_then(|(valid, placement)| self.moves(&owner, &topology, &valid, &placement, &key))
+        } else if let Some((next, steps)) = desired
+            .and_then(|(valid, placement)| self.moves(&owner, &topology, &valid, &placement, &key))
+            .filter(|(n, _)| fence(&leases, &topology, n))
         {
             match topology::write(&self.ctx.client, &owner, &next, Some(&published.resource_version)).await {
                 Ok(_) => {
@@ -402,7 +461,7 @@ impl Healer {
 
     fn start_recover(&mut self, db: &Arc<ShardedDatabase>, owner: &Owner, action: Action) {
         let Action::Recover { shard, server, primary, source } = action else { return };
-        let state = self.dbs.entry(ObjectRef::from_obj(db.as_ref())).or_default();
+        let state = self.dbs.entry(ObjectRef::from_obj(db.as_ref())).or_insert_with(|| DbState::new(owner));
         if !state.running.insert((shard.clone(), server.clone())) {
             return;
         }
@@ -457,6 +516,12 @@ impl Healer {
                 copy_id: copy.copy_id.clone(),
             };
             let Some(next) = plan::apply(&current, &[ready]) else { return };
+            // Marking a copy ready changes no primary: the book only follows.
+            if let Some(state) = self.dbs.get(&ObjectRef::from_obj(done.db.as_ref()))
+                && !fence(&state.leases, &current, &next)
+            {
+                return;
+            }
             match topology::write(&self.ctx.client, &owner, &next, Some(&version)).await {
                 Ok(_) => {
                     let r = &copy.response;
@@ -521,6 +586,14 @@ impl Healer {
                 tracing::info!(%shard, %server, %copy_id, epoch, "copy identity recorded");
                 return;
             }
+            Action::MarkRecovering { shard, server, reason: reason @ Reason::Diverged } => {
+                self.ctx.metrics.copies_diverged.inc();
+                (
+                    EventType::Warning,
+                    "Diverged",
+                    format!("{shard} on {server} {reason}: recovering, to be copied afresh (epoch {epoch})"),
+                )
+            }
             Action::MarkRecovering { shard, server, reason } => (
                 EventType::Warning,
                 "Demoted",
@@ -538,5 +611,48 @@ impl Healer {
         };
         tracing::info!(db = %db.metadata.name.as_deref().unwrap_or_default(), reason, "{note}");
         publish(&self.ctx, db, type_, reason, "Heal", note).await;
+    }
+}
+
+/// Whether `next` may replace `current` now: a change of primary waits until the old primary's
+/// lease has surely run out (see `brain::lease`), and it is granted nothing more meanwhile.
+fn fence(leases: &DbLeases, current: &Topology, next: &Topology) -> bool {
+    match leases.book.lock().expect("lease book lock").fence(current, next, Instant::now()) {
+        Ok(()) => true,
+        Err(until) => {
+            let ms = until.saturating_duration_since(Instant::now()).as_millis();
+            tracing::info!(db = %leases.name, epoch = next.epoch, wait_ms = ms, "a new primary waits until the old one's lease has run out");
+            false
+        }
+    }
+}
+
+/// Grants the primaries of every database their leases, every [`exec::GRANT_EVERY`]; each
+/// database's grants run on their own, so one whose servers hang holds up no other.
+async fn grant_leases(ctx: Arc<Context>, books: Books) {
+    let http = shard_server::api::http_client(PROBE_TIMEOUT);
+    let mut ticks = tokio::time::interval(exec::GRANT_EVERY);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut running = JoinSet::new();
+    loop {
+        ticks.tick().await;
+        while running.try_join_next().is_some() {}
+        let all: Vec<Arc<DbLeases>> = books.lock().expect("books lock").values().cloned().collect();
+        for db in all {
+            let (ctx, http) = (Arc::clone(&ctx), http.clone());
+            running.spawn(async move {
+                let url = |server: &str, _: &str| ctx.config.server_urls.url(&db.name, &db.namespace, server);
+                exec::grant_primary_leases(&http, &db.book, &db.tokens, &url).await;
+            });
+        }
+    }
+}
+
+/// Aborts a task when dropped (the healer's grant task stops with the healer).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

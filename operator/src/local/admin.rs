@@ -1,8 +1,13 @@
 //! The local control plane's admin endpoint: `POST /init`, `POST /add`, `DELETE /rm` with the
-//! typed bodies of `shard_server::admin`, served on 127.0.0.1 for the router (`--control-url`).
+//! typed bodies of `shard_server::admin`, served on 127.0.0.1 for the router (`--control-url`),
+//! or on the switch's gateway address when processes run in network namespaces (see `hosts`).
 //! Each request is handed to the operator's main loop, which owns the declared configuration, and
 //! the loop's answer (the seed body and status) goes back; [`LocalCluster::admin`] decides it
 //! with `brain::declare`, saves the result and, for `/init`, starts the servers. Does I/O (HTTP).
+//!
+//! It also serves the topology document to processes that cannot follow the file (`GET
+//! /topology?after=EPOCH`, a long poll: the document once its epoch is past `after`, or 204 after
+//! [`TOPOLOGY_HOLD`]).
 
 use super::declared::{Declared, save_declared};
 use super::{DECLARED_FILE, LocalCluster, LocalError};
@@ -10,14 +15,26 @@ pub use crate::admin::AdminRequest;
 use crate::admin::{JsonBody, Reply, leaving, refused};
 use crate::brain::declare::{self, AdminError};
 use axum::Json;
-use axum::extract::State;
-use axum::http::StatusCode;
+use axum::extract::{Query, State};
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, post};
+use axum::routing::{delete, get, post};
 use serde_json::Value;
 use shard_server::admin::{AddRequest, InitRequest, RmRequest};
 use shard_server::api::{ErrorBody, ErrorCode};
+use shard_server::topology_source::TopologyRx;
+use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
+
+/// Longest a `GET /topology?after=N` waits for a newer document before answering 204 (its caller
+/// asks again at once); well below any client's timeout.
+pub const TOPOLOGY_HOLD: Duration = Duration::from_secs(10);
+
+#[derive(Clone)]
+struct AdminState {
+    calls: mpsc::Sender<AdminCall>,
+    topology: TopologyRx,
+}
 
 /// One admin request and where its answer goes.
 #[derive(Debug)]
@@ -26,16 +43,22 @@ pub struct AdminCall {
     pub reply: oneshot::Sender<(StatusCode, Value)>,
 }
 
-/// Serves the endpoint on `listener` until the loop's receiver is gone.
-pub fn serve(listener: tokio::net::TcpListener, calls: mpsc::Sender<AdminCall>) -> tokio::task::JoinHandle<()> {
+/// Serves the endpoint on `listener` until the loop's receiver is gone; `topology` follows the
+/// topology file, for `GET /topology`.
+pub fn serve(
+    listener: tokio::net::TcpListener,
+    calls: mpsc::Sender<AdminCall>,
+    topology: TopologyRx,
+) -> tokio::task::JoinHandle<()> {
     let app = axum::Router::new()
         .route("/init", post(init))
         .route("/add", post(add))
         .route("/rm", delete(rm))
+        .route("/topology", get(topology_document))
         .fallback(crate::admin::no_route)
         .method_not_allowed_fallback(crate::admin::method_not_allowed)
         .layer(axum::middleware::from_fn(shard_server::protocol::versioned))
-        .with_state(calls);
+        .with_state(AdminState { calls, topology });
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "the admin endpoint stopped");
@@ -58,16 +81,39 @@ async fn call(calls: &mpsc::Sender<AdminCall>, request: AdminRequest) -> Respons
     }
 }
 
-async fn init(State(calls): State<mpsc::Sender<AdminCall>>, JsonBody(req): JsonBody<InitRequest>) -> Response {
-    call(&calls, AdminRequest::Init(req)).await
+async fn init(State(s): State<AdminState>, JsonBody(req): JsonBody<InitRequest>) -> Response {
+    call(&s.calls, AdminRequest::Init(req)).await
 }
 
-async fn add(State(calls): State<mpsc::Sender<AdminCall>>, JsonBody(req): JsonBody<AddRequest>) -> Response {
-    call(&calls, AdminRequest::Add(req)).await
+async fn add(State(s): State<AdminState>, JsonBody(req): JsonBody<AddRequest>) -> Response {
+    call(&s.calls, AdminRequest::Add(req)).await
 }
 
-async fn rm(State(calls): State<mpsc::Sender<AdminCall>>, JsonBody(req): JsonBody<RmRequest>) -> Response {
-    call(&calls, AdminRequest::Rm(req)).await
+async fn rm(State(s): State<AdminState>, JsonBody(req): JsonBody<RmRequest>) -> Response {
+    call(&s.calls, AdminRequest::Rm(req)).await
+}
+
+#[derive(serde::Deserialize)]
+struct TopologyQuery {
+    /// Answer only with a document of a later epoch (waiting up to [`TOPOLOGY_HOLD`] for one).
+    after: Option<u64>,
+}
+
+/// `GET /topology[?after=EPOCH]`: the current document, once it is newer than `after`; 204 when
+/// none is within [`TOPOLOGY_HOLD`] (or there is no topology yet).
+async fn topology_document(State(s): State<AdminState>, Query(q): Query<TopologyQuery>) -> Response {
+    let mut rx = s.topology.clone();
+    let newer = |t: &Option<std::sync::Arc<shard_server::topology::Topology>>| {
+        t.as_ref().is_some_and(|t| q.after.is_none_or(|after| t.epoch > after))
+    };
+    let document = match tokio::time::timeout(TOPOLOGY_HOLD, rx.wait_for(newer)).await {
+        Ok(Ok(t)) => t.as_ref().map(|t| t.to_json_pretty()),
+        _ => None,
+    };
+    match document {
+        Some(json) => ([(header::CONTENT_TYPE, "application/json")], json).into_response(),
+        None => StatusCode::NO_CONTENT.into_response(),
+    }
 }
 
 impl LocalCluster {
@@ -110,6 +156,8 @@ impl LocalCluster {
                     if let Err(e) = self.write_cluster_file() {
                         tracing::error!(error = %e, "cannot update cluster.json");
                     }
+                    // The client reads next: its primaries need their leases (see `leases`).
+                    self.leases.grant_now(self.read_topology().as_ref()).await;
                     Reply::Init.answer(servers)
                 }
                 Err(e) => {

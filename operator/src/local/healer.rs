@@ -11,6 +11,13 @@
 //! are restarted one at a time (`brain::rollout`): drained, restarted, and recovered before the
 //! next. A server about to restart is not recovered meanwhile.
 //!
+//! A topology that gives a shard another primary (a failover, a handover) is written only once the
+//! old primary's read lease has surely run out (`leases`, `brain::lease`); until then the rest of
+//! the round's changes go ahead without it. Every [`crate::exec::CHECKSUM_EVERY`]th round the
+//! probes ask for the rows' checksums too, so that copies are compared at equal sequence numbers
+//! (history hashes every round): a replica that differs from its primary is demoted (`demote`,
+//! with the reason in `detail`) and copied afresh.
+//!
 //! `DIR/events.log` has one JSON object per line: `{"at_ms": <unix ms>, "event": "...", "shard",
 //! "server", "epoch", "detail"}` with events `demote`, `promote`, `record_copy`, `recover_start`,
 //! `ready`, `recover_failed`, `control`, for placement changes `add_server`, `add_shard`,
@@ -33,6 +40,7 @@
 //! new binary at once; the servers follow one at a time.
 
 use super::{LocalCluster, LocalError};
+use crate::brain::lease::LeaseBook;
 use crate::brain::moves::{self, Move};
 use crate::brain::observe::{Health, Observations};
 use crate::brain::plan::{self, Action, Settings};
@@ -43,6 +51,7 @@ use shard_server::topology::{ReplicaState, Topology};
 use std::collections::BTreeSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
@@ -75,10 +84,19 @@ pub struct Healer {
     waiting: Option<String>,
     done_tx: mpsc::UnboundedSender<Recovered>,
     done_rx: mpsc::UnboundedReceiver<Recovered>,
+    /// The primaries' leases, shared with the task that grants them (see `leases`).
+    leases: Arc<Mutex<LeaseBook>>,
+    /// Rounds of probes so far (every [`crate::exec::CHECKSUM_EVERY`]th asks for checksums).
+    rounds: u64,
 }
 
 impl Healer {
-    pub fn new(dir: &Path, topology: PathBuf, settings: Settings) -> Result<Healer, LocalError> {
+    pub fn new(
+        dir: &Path,
+        topology: PathBuf,
+        settings: Settings,
+        leases: Arc<Mutex<LeaseBook>>,
+    ) -> Result<Healer, LocalError> {
         let control = dir.join("control");
         super::make_dir(&control)?;
         let (done_tx, done_rx) = mpsc::unbounded_channel();
@@ -95,7 +113,26 @@ impl Healer {
             waiting: None,
             done_tx,
             done_rx,
+            leases,
+            rounds: 0,
         })
+    }
+
+    /// Whether `next` may replace `current` now: a change of primary waits until the old primary's
+    /// lease has surely run out (see `brain::lease`), and it is granted nothing more meanwhile.
+    fn fence(&self, current: &Topology, next: &Topology) -> bool {
+        match self.leases.lock().expect("lease book lock").fence(current, next, Instant::now()) {
+            Ok(()) => true,
+            Err(until) => {
+                let ms = until.saturating_duration_since(Instant::now()).as_millis();
+                tracing::info!(
+                    epoch = next.epoch,
+                    wait_ms = ms,
+                    "a new primary waits until the old one's lease has run out"
+                );
+                false
+            }
+        }
     }
 
     /// One round: fault requests, finished recovers, then observe → plan → act.
@@ -115,12 +152,23 @@ impl Healer {
                 return;
             }
         };
+        {
+            let mut book = self.leases.lock().expect("lease book lock");
+            book.begin_round();
+            book.follow(&topology);
+        }
         self.observe(&topology).await;
         let outdated = cluster.outdated_servers();
         let mut actions = plan::plan(&topology, &self.seen, Instant::now(), &self.settings);
         rollout::hold_recovers(&mut actions, rollout::next_restart(&topology, &outdated).as_deref());
-        let (changes, recovers): (Vec<_>, Vec<_>) = actions.into_iter().partition(Action::changes_topology);
-        if let Some(next) = plan::apply(&topology, &changes) {
+        let (mut changes, recovers): (Vec<_>, Vec<_>) = actions.into_iter().partition(Action::changes_topology);
+        let mut next = plan::apply(&topology, &changes);
+        if next.as_ref().is_some_and(|n| !self.fence(&topology, n)) {
+            // Everything else goes ahead; the promotions wait for a later round.
+            changes.retain(|a| !matches!(a, Action::Promote { .. }));
+            next = plan::apply(&topology, &changes).filter(|n| self.fence(&topology, n));
+        }
+        if let Some(next) = next {
             if let Err(e) = self.write_topology(&next) {
                 tracing::error!(error = %e, "cannot write the topology");
                 return;
@@ -130,7 +178,7 @@ impl Healer {
             }
         } else if let Some(declared) = cluster.declared() {
             let steps = moves::plan_moves(&topology, &declared.db, &declared.placement, &cluster.urls(), &self.seen);
-            if let Some(next) = moves::apply(&topology, &steps) {
+            if let Some(next) = moves::apply(&topology, &steps).filter(|n| self.fence(&topology, n)) {
                 if let Err(e) = self.write_topology(&next) {
                     tracing::error!(error = %e, "cannot write the topology");
                     return;
@@ -217,10 +265,12 @@ impl Healer {
     }
 
     async fn observe(&mut self, topology: &Topology) {
+        self.rounds += 1;
+        let checksums = self.rounds.is_multiple_of(crate::exec::CHECKSUM_EVERY);
         // One `now` for the round, taken before any probe leaves (see `Observations`).
         let now = Instant::now();
         let servers = topology.servers.iter().map(|(name, s)| (name.clone(), s.url.clone())).collect();
-        for (name, probe) in exec::probe_servers(&self.probe_http, servers).await {
+        for (name, probe) in exec::probe_servers(&self.probe_http, servers, checksums).await {
             self.seen.record(&name, probe, now);
         }
     }
@@ -271,7 +321,7 @@ impl Healer {
             return;
         }
         let ready = Action::MarkReady { shard: done.shard.clone(), server: done.server.clone(), copy_id };
-        if let Some(next) = plan::apply(&topology, &[ready]) {
+        if let Some(next) = plan::apply(&topology, &[ready]).filter(|n| self.fence(&topology, n)) {
             match self.write_topology(&next) {
                 Ok(()) => {
                     let detail = format!(

@@ -11,7 +11,7 @@ impl LocalCluster {
         // Each port stays held until just before its user binds it, so that nothing else (an
         // outgoing connection, another process) takes it meanwhile.
         let (mut server_port, mut pg_port) = (PortReservations::default(), PortReservations::default());
-        let (port, pg) = (server_port.any()?, pg_port.any()?);
+        let (port, pg) = (self.hosts.port(|| server_port.any())?, pg_port.any()?);
         let dir = self.dir.join("servers").join(name);
         let in_topology = self.read_topology().is_some_and(|t| t.servers.contains_key(name));
         if dir.exists() && !in_topology {
@@ -26,10 +26,13 @@ impl LocalCluster {
         let log = self.logs_dir().join(format!("{name}.postgres.log"));
         drop(pg_port);
         let settings = self.declared.as_ref().map(|d| d.db.tuning.postgres_parameters.clone()).unwrap_or_default();
+        let socket = self.hosts.namespaced();
         let postgres =
-            ServerPostgres::open(name, &dir.join("pgdata"), &log, pg, self.pg_bin.as_deref(), None, &settings).await?;
-        let server =
-            LocalServer { name: name.to_owned(), port, log: self.logs_dir().join(format!("{name}.log")), postgres };
+            ServerPostgres::open(name, &dir.join("pgdata"), &log, pg, self.pg_bin.as_deref(), None, &settings, socket)
+                .await?;
+        let place = self.hosts.place(name).await?;
+        let log = self.logs_dir().join(format!("{name}.log"));
+        let server = LocalServer { name: name.to_owned(), place, port, log, postgres };
         drop(server_port);
         self.supervisor.spawn(self.server_process(&server))?;
         self.servers.push(server.clone());
@@ -58,6 +61,7 @@ impl LocalCluster {
                 tracing::warn!(server = name, path = %dir.display(), error = %e, "cannot delete the server's data");
             }
         }
+        self.hosts.remove(name).await;
         self.supervisor.announce();
         tracing::info!(server = name, "server removed");
     }

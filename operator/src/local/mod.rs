@@ -30,7 +30,10 @@
 pub mod admin;
 pub mod declared;
 pub mod healer;
+pub mod hosts;
+pub mod leases;
 mod membership;
+pub mod netns;
 pub mod postgres;
 pub mod spec;
 pub mod supervisor;
@@ -41,9 +44,12 @@ use crate::brain::topology::{TopologyBuildError, fresh_topology};
 use crate::brain::validate::{SpecError, ValidatedDb, natural_key};
 pub use declared::Declared;
 use declared::initial_declaration;
+use hosts::{Hosts, NetworkInfo, Place};
+use netns::NetnsError;
 use postgres::{PostgresError, PostgresInfo, ServerPostgres};
 use serde::{Deserialize, Serialize};
 use shard_server::topology::Topology;
+use shard_server::topology_source;
 use spec::SpecFileError;
 use std::collections::BTreeMap;
 use std::net::TcpListener;
@@ -77,6 +83,9 @@ pub struct LocalOptions {
     pub bin_dir: PathBuf,
     /// Where the PostgreSQL binaries are; found automatically when absent.
     pub pg_bin: Option<PathBuf>,
+    /// Run every process in a network namespace of its own, on a switch named by this id (see
+    /// `hosts` and `netns`); `None`: everything on 127.0.0.1.
+    pub netns: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -102,6 +111,8 @@ pub enum LocalError {
     NoFreePort(#[source] std::io::Error),
     #[error(transparent)]
     Postgres(#[from] PostgresError),
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
     #[error("failed to build the topology")]
     Topology(#[from] TopologyBuildError),
     #[error(transparent)]
@@ -143,6 +154,9 @@ pub struct ClusterInfo {
     pub topology: PathBuf,
     /// In server id order.
     pub servers: Vec<ServerInfo>,
+    /// The switch, when every process runs in a network namespace of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetworkInfo>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -156,6 +170,9 @@ pub struct RouterInfo {
     /// `null` while the process is down (e.g. between a crash and its restart).
     pub pid: Option<u32>,
     pub log: PathBuf,
+    /// Its network namespace, if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -166,6 +183,9 @@ pub struct ServerInfo {
     pub pid: Option<u32>,
     pub log: PathBuf,
     pub postgres: PostgresInfo,
+    /// Its network namespace, if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<String>,
 }
 
 /// Runs a local cluster until SIGINT or SIGTERM, then stops everything and returns.
@@ -179,12 +199,20 @@ pub async fn run_local(opts: LocalOptions) -> Result<(), LocalError> {
     println!("sharddb data directory: {}", dir.display());
     tracing::info!(dir = %dir.display(), configured = declared.is_some(), "starting local cluster");
 
-    let admin_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(LocalError::NoFreePort)?;
+    let mut hosts = Hosts::new(opts.netns.as_deref()).await?;
+    let admin_listener = match tokio::net::TcpListener::bind((hosts.control_address(), 0)).await {
+        Ok(l) => l,
+        Err(e) => {
+            hosts.teardown().await;
+            return Err(LocalError::NoFreePort(e));
+        }
+    };
     let control_url = format!("http://{}", admin_listener.local_addr().map_err(LocalError::NoFreePort)?);
     let (admin_tx, mut admin_rx) = mpsc::channel(16);
-    let admin_task = admin::serve(admin_listener, admin_tx);
+    let topology_path = dir.join("topology.json");
+    let admin_task = admin::serve(admin_listener, admin_tx, topology_source::watch_file(topology_path));
 
-    let mut cluster = LocalCluster::new(dir, bins, opts.pg_bin.clone(), control_url);
+    let mut cluster = LocalCluster::new(dir, bins, opts.pg_bin.clone(), control_url, hosts);
     cluster.declared = declared;
     // A signal while starting is a request to stop like any other: undo what started, exit 0.
     let started = tokio::select! {
@@ -205,13 +233,19 @@ pub async fn run_local(opts: LocalOptions) -> Result<(), LocalError> {
             return Err(e);
         }
     }
+    // Primaries serve reads only with a lease: grant the first ones before anyone is told where to
+    // send reads, then every half second.
+    cluster.leases.grant_now(cluster.read_topology().as_ref()).await;
+    let grant_task = cluster.leases.spawn();
     println!("sharddb router listening on {}", cluster.router_url());
     use std::io::Write;
     let _ = std::io::stdout().flush();
 
-    let mut healer = match healer::Healer::new(&cluster.dir, cluster.topology_path(), Default::default()) {
+    let book = std::sync::Arc::clone(cluster.leases.book());
+    let mut healer = match healer::Healer::new(&cluster.dir, cluster.topology_path(), Default::default(), book) {
         Ok(h) => h,
         Err(e) => {
+            grant_task.abort();
             admin_task.abort();
             cluster.shutdown().await;
             return Err(e);
@@ -241,6 +275,7 @@ pub async fn run_local(opts: LocalOptions) -> Result<(), LocalError> {
         }
     };
     tracing::info!(signal, "shutting down");
+    grant_task.abort();
     admin_task.abort();
     cluster.shutdown().await;
     Ok(())
@@ -350,6 +385,7 @@ impl PortReservations {
 #[derive(Clone, Debug)]
 pub struct LocalServer {
     pub name: String,
+    pub place: Place,
     pub port: u16,
     pub log: PathBuf,
     pub postgres: ServerPostgres,
@@ -357,7 +393,7 @@ pub struct LocalServer {
 
 impl LocalServer {
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        format!("http://{}:{}", self.place.address, self.port)
     }
 }
 
@@ -371,6 +407,9 @@ pub struct LocalCluster {
     /// In server id order.
     servers: Vec<LocalServer>,
     router_port: u16,
+    router_place: Place,
+    /// Where processes listen (see `hosts`).
+    hosts: Hosts,
     /// The admin endpoint the router is started with.
     control_url: String,
     /// `None` until `/init` (or a spec file) configures the database.
@@ -378,11 +417,13 @@ pub struct LocalCluster {
     /// No shard server ever ran in this directory, so none can have granted a read lease in
     /// these names (see [`LocalCluster::start`]). Cleared when the first servers start.
     no_predecessor: bool,
+    /// The primaries' leases (see `leases`).
+    leases: leases::Leases,
     http: reqwest::Client,
 }
 
 impl LocalCluster {
-    fn new(dir: PathBuf, bins: Binaries, pg_bin: Option<PathBuf>, control_url: String) -> Self {
+    fn new(dir: PathBuf, bins: Binaries, pg_bin: Option<PathBuf>, control_url: String, hosts: Hosts) -> Self {
         LocalCluster {
             dir,
             bins,
@@ -390,9 +431,12 @@ impl LocalCluster {
             supervisor: Supervisor::new(),
             servers: Vec::new(),
             router_port: 0,
+            router_place: Place::loopback(),
+            hosts,
             control_url,
             declared: None,
             no_predecessor: false,
+            leases: leases::Leases::new(),
             http: shard_server::api::http_client(Duration::from_secs(2)),
         }
     }
@@ -415,11 +459,16 @@ impl LocalCluster {
     }
 
     pub fn router_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.router_port)
+        format!("http://{}:{}", self.router_place.address, self.router_port)
     }
 
     pub fn supervisor(&self) -> &Supervisor {
         &self.supervisor
+    }
+
+    /// The primaries' leases, which the healer consults before it changes a primary.
+    pub fn leases(&self) -> &leases::Leases {
+        &self.leases
     }
 
     pub fn server(&self, name: &str) -> Option<&LocalServer> {
@@ -455,7 +504,12 @@ impl LocalCluster {
             make_dir(&d)?;
         }
         let mut ports = PortReservations::default();
-        self.router_port = ports.exact(router_port)?;
+        self.router_port = match (&self.hosts, router_port) {
+            (Hosts::Namespaces(_), 0) => hosts::NAMESPACED_PORT,
+            (Hosts::Namespaces(_), port) => port,
+            (Hosts::Loopback, port) => ports.exact(port)?,
+        };
+        self.router_place = self.hosts.place(ROUTER).await?;
         if let Some(d) = self.declared.clone() {
             self.start_servers(&d.db, &d.placement).await?;
         }
@@ -484,7 +538,12 @@ impl LocalCluster {
         let mut ports = PortReservations::default();
         let mut planned = Vec::new();
         for name in &names {
-            planned.push((name.clone(), ports.any()?, ports.any()?));
+            let port = self.hosts.port(|| ports.any())?;
+            planned.push((name.clone(), port, ports.any()?));
+        }
+        let mut places = Vec::new();
+        for name in &names {
+            places.push(self.hosts.place(name).await?);
         }
         drop(ports);
 
@@ -515,21 +574,24 @@ impl LocalCluster {
             None
         };
         let settings = &db.tuning.postgres_parameters;
-        let opening =
-            planned.iter().map(|(name, _, pg_port)| {
-                let log = self.logs_dir().join(format!("{name}.postgres.log"));
-                let template = template.as_ref().map(|t| t.join("pgdata"));
-                let (data_dir, pg_bin) = (pgdata(name), self.pg_bin.as_deref());
-                async move {
-                    ServerPostgres::open(name, &data_dir, &log, *pg_port, pg_bin, template.as_deref(), settings).await
-                }
-            });
+        let socket = self.hosts.namespaced();
+        let opening = planned.iter().map(|(name, _, pg_port)| {
+            let log = self.logs_dir().join(format!("{name}.postgres.log"));
+            let template = template.as_ref().map(|t| t.join("pgdata"));
+            let (data_dir, pg_bin) = (pgdata(name), self.pg_bin.as_deref());
+            async move {
+                ServerPostgres::open(name, &data_dir, &log, *pg_port, pg_bin, template.as_deref(), settings, socket)
+                    .await
+            }
+        });
         // Keep every cluster that did start, so a failure elsewhere still stops it on shutdown.
         let mut first_error = None;
-        for ((name, port, _), opened) in planned.iter().zip(futures::future::join_all(opening).await) {
+        let opened = futures::future::join_all(opening).await;
+        for (((name, port, _), opened), place) in planned.iter().zip(opened).zip(places) {
             match opened.map_err(LocalError::from) {
                 Ok(postgres) => self.servers.push(LocalServer {
                     name: name.clone(),
+                    place,
                     port: *port,
                     log: self.logs_dir().join(format!("{name}.log")),
                     postgres,
@@ -579,20 +641,30 @@ impl LocalCluster {
             tuning.and_then(|t| t.worker_threads).map_or_else(|| self.server_worker_threads(), |t| t as usize);
         let mut args = vec![
             "--listen".into(),
-            format!("127.0.0.1:{}", s.port),
+            format!("{}:{}", s.place.address, s.port),
             "--name".into(),
             s.name.clone(),
             "--database-url".into(),
             s.postgres.database_url(),
-            "--topology-file".into(),
-            self.topology_path().display().to_string(),
-            "--worker-threads".into(),
-            threads.to_string(),
         ];
+        args.extend(self.topology_args());
+        args.extend(["--worker-threads".into(), threads.to_string()]);
         if let Some(rows) = tuning.and_then(|t| t.cache_rows) {
             args.extend(["--cache-rows".into(), rows.to_string()]);
         }
-        ProcessSpec::new(&s.name, &self.bins.shard_server, args, &s.log)
+        let mut spec = ProcessSpec::new(&s.name, &self.bins.shard_server, args, &s.log);
+        spec.netns = s.place.netns_path();
+        spec
+    }
+
+    /// Where a process follows the topology from: the file, or, in a network namespace of its
+    /// own, this operator's endpoint (see `hosts`).
+    pub(super) fn topology_args(&self) -> [String; 2] {
+        if self.hosts.namespaced() {
+            ["--topology-url".into(), format!("{}/topology", self.control_url)]
+        } else {
+            ["--topology-file".into(), self.topology_path().display().to_string()]
+        }
     }
 
     /// Every shard server of local mode shares this machine, so each gets its share of the CPUs
@@ -647,6 +719,7 @@ impl LocalCluster {
                 url: self.router_url(),
                 pid: self.supervisor.pid(ROUTER),
                 log: self.logs_dir().join(format!("{ROUTER}.log")),
+                netns: self.router_place.namespace(),
             },
             control_url: self.control_url.clone(),
             topology: self.topology_path(),
@@ -659,8 +732,10 @@ impl LocalCluster {
                     pid: self.supervisor.pid(&s.name),
                     log: s.log.clone(),
                     postgres: s.postgres.info(),
+                    netns: s.place.namespace(),
                 })
                 .collect(),
+            network: self.hosts.info(),
         }
     }
 
@@ -731,6 +806,7 @@ impl LocalCluster {
             }
         });
         futures::future::join_all(stops).await;
+        self.hosts.teardown().await;
         tracing::info!("local cluster stopped");
     }
 }

@@ -46,7 +46,9 @@ pub struct ServerPostgres {
 impl ServerPostgres {
     /// Creates the cluster if `data_dir` holds none (as a copy of `template` when given, keeping an
     /// existing one and its data), starts it on `port` with `settings` (the spec's allow-listed
-    /// `postgres.parameters`) and makes sure the `sharddb` database exists.
+    /// `postgres.parameters`) and makes sure the `sharddb` database exists. With `unix_socket`, the
+    /// shard server connects through a socket in the data directory (it runs in a network
+    /// namespace of its own and cannot reach this machine's 127.0.0.1).
     pub async fn open(
         server: &str,
         data_dir: &Path,
@@ -55,6 +57,7 @@ impl ServerPostgres {
         pg_bin: Option<&Path>,
         template: Option<&Path>,
         settings: &BTreeMap<String, String>,
+        unix_socket: bool,
     ) -> Result<Self, PostgresError> {
         let mut opts = Options::new(data_dir);
         opts.log_file = Some(log.to_owned());
@@ -62,6 +65,7 @@ impl ServerPostgres {
         opts.bin_dir = pg_bin.map(Path::to_owned);
         opts.template = template.map(Path::to_owned);
         opts.settings = settings.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        opts.unix_socket = unix_socket;
         let name = server.to_owned();
         let pg = tokio::task::spawn_blocking(move || -> Result<LocalPg, (&'static str, PgError)> {
             let mut pg = LocalPg::new(opts).map_err(|e| ("initialise", e))?;
@@ -92,9 +96,10 @@ impl ServerPostgres {
         &self.server
     }
 
-    /// The URL the shard server connects to.
+    /// The URL the shard server connects to: through the Unix socket when there is one.
     pub fn database_url(&self) -> String {
-        self.lock().url(DATABASE)
+        let pg = self.lock();
+        pg.socket_url(DATABASE).unwrap_or_else(|| pg.url(DATABASE))
     }
 
     pub fn info(&self) -> PostgresInfo {

@@ -42,6 +42,9 @@ pub struct ProcessSpec {
     pub log: PathBuf,
     /// Time between SIGTERM and SIGKILL when stopping it.
     pub stop_grace: Duration,
+    /// A network namespace (its file, e.g. `/run/netns/NAME`) the process runs in; it joins it
+    /// between fork and exec, so it never has a socket outside it.
+    pub netns: Option<PathBuf>,
 }
 
 impl ProcessSpec {
@@ -58,6 +61,7 @@ impl ProcessSpec {
             first_start_args: Vec::new(),
             log: log.into(),
             stop_grace: STOP_GRACE,
+            netns: None,
         }
     }
 }
@@ -291,10 +295,15 @@ fn spawn_child(spec: &ProcessSpec, first: bool) -> std::io::Result<tokio::proces
         cmd.args(&spec.first_start_args);
     }
     cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log).process_group(0).kill_on_drop(true);
-    // SAFETY: the closure only makes the prctl system call, which is async-signal-safe.
+    let netns = spec.netns.as_ref().map(std::fs::File::open).transpose()?;
+    // SAFETY: the closure only makes the prctl and setns system calls, which are async-signal-safe.
     unsafe {
-        cmd.pre_exec(|| {
-            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM).map_err(std::io::Error::from)
+        cmd.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM).map_err(std::io::Error::from)?;
+            if let Some(ns) = &netns {
+                nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)?;
+            }
+            Ok(())
         });
     }
     let child = cmd.spawn()?;
@@ -419,6 +428,33 @@ mod tests {
         assert!(runs.len() >= 2, "{log}");
         assert_eq!(runs[0], "args:--always --first");
         assert!(runs[1..].iter().all(|r| *r == "args:--always"), "{log}");
+    }
+
+    #[tokio::test]
+    async fn a_process_runs_in_its_network_namespace() {
+        use std::os::unix::fs::MetadataExt;
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("not root: network namespaces cannot be made, nothing to check");
+            return;
+        }
+        let name = format!("sdbsup{}", std::process::id());
+        let made = std::process::Command::new("ip").args(["netns", "add", &name]).status().unwrap();
+        assert!(made.success(), "ip netns add {name}");
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("ns");
+        let mut spec =
+            spec(dir.path(), "inside", &format!("readlink /proc/$$/ns/net > {}; exec sleep 600", out.display()));
+        spec.netns = Some(PathBuf::from("/run/netns").join(&name));
+        let sup = Supervisor::new();
+        sup.spawn(spec).unwrap();
+        wait_pid(&sup, "inside", |p| p.is_some()).await;
+        while std::fs::read_to_string(&out).map_or(true, |s| !s.ends_with('\n')) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        sup.shutdown().await;
+        let inode = std::fs::metadata(PathBuf::from("/run/netns").join(&name)).unwrap().ino();
+        let _ = std::process::Command::new("ip").args(["netns", "delete", &name]).status();
+        assert_eq!(std::fs::read_to_string(&out).unwrap().trim(), format!("net:[{inode}]"));
     }
 
     #[tokio::test]

@@ -15,19 +15,13 @@ use std::path::Path;
 impl LocalCluster {
     /// The router's process, on the current binaries.
     pub(super) fn router_process(&self) -> ProcessSpec {
-        ProcessSpec::new(
-            ROUTER,
-            &self.bins.router,
-            vec![
-                "--listen".into(),
-                format!("127.0.0.1:{}", self.router_port),
-                "--topology-file".into(),
-                self.topology_path().display().to_string(),
-                "--control-url".into(),
-                self.control_url.clone(),
-            ],
-            self.logs_dir().join(format!("{ROUTER}.log")),
-        )
+        let mut args = vec!["--listen".into(), format!("{}:{}", self.router_place.address, self.router_port)];
+        args.extend(self.topology_args());
+        args.extend(["--control-url".into(), self.control_url.clone()]);
+        let mut router =
+            ProcessSpec::new(ROUTER, &self.bins.router, args, self.logs_dir().join(format!("{ROUTER}.log")));
+        router.netns = self.router_place.netns_path();
+        router
     }
 
     /// The servers whose process was started from another file than the shard-server binary to

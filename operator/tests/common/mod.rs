@@ -61,6 +61,8 @@ pub struct Harness {
     pub config: Option<Config>,
     pub stop: Option<tokio::sync::oneshot::Sender<()>>,
     pub operator: Option<JoinHandle<()>>,
+    /// The metrics of the operator started last.
+    pub registry: Option<prometheus_client::registry::Registry>,
 }
 
 impl Drop for Harness {
@@ -107,6 +109,7 @@ impl Harness {
             config: None,
             stop: None,
             operator: None,
+            registry: None,
         };
         let mut listeners = Vec::new();
         for i in 0..servers {
@@ -163,6 +166,15 @@ impl Harness {
             let _ = stopped.await;
         })));
         self.stop = Some(stop);
+        self.registry = Some(registry);
+    }
+
+    /// The operator's metrics, in Prometheus' text format.
+    pub fn metrics(&self) -> String {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, self.registry.as_ref().expect("operator started"))
+            .unwrap();
+        text
     }
 
     /// Stops the operator gracefully and waits until it has.
