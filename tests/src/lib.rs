@@ -16,8 +16,15 @@ pub mod bench;
 /// What the local-mode suites check and wait for: topology, events, readiness, the checker.
 pub mod checks;
 
-/// The fault-injection suite's recording load generator and its checker.
+/// The fault-injection suites' fixtures: process faults, waits on events, the report and the
+/// windows of unavailability per fault.
+pub mod fault;
+
+/// The fault-injection suite's recording load generator and its checkers.
 pub mod load;
+
+/// Network namespaces of a test run and the links cut between them.
+pub mod partition;
 
 /// The previous release's binaries, built from the git history, for the upgrade test.
 pub mod previous;
@@ -25,12 +32,18 @@ pub mod previous;
 /// Keeps nextest's retries of the fault-injection tests from hiding a safety finding.
 pub mod safety;
 
+/// The linearizability checker for one register that [`load::History::linearizability`] runs per key.
+pub mod linearizable;
+
 /// `cluster.json`, as the local mode writes it.
 #[derive(Clone, Debug, Deserialize)]
 pub struct ClusterFile {
     pub router: Process,
     pub topology: PathBuf,
     pub servers: Vec<ServerProcess>,
+    /// The switch, when every process runs in a network namespace of its own.
+    #[serde(default)]
+    pub network: Option<NetworkInfo>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -38,6 +51,8 @@ pub struct Process {
     pub url: String,
     /// `None` while the process is down (between a crash and its restart).
     pub pid: Option<u32>,
+    #[serde(default)]
+    pub netns: Option<String>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -47,6 +62,18 @@ pub struct ServerProcess {
     /// `None` while the process is down (between a crash and its restart).
     pub pid: Option<u32>,
     pub postgres: PostgresProcess,
+    #[serde(default)]
+    pub netns: Option<String>,
+}
+
+/// The local mode's switch (`--netns`): where links are cut.
+#[derive(Clone, Debug, Deserialize)]
+pub struct NetworkInfo {
+    pub id: String,
+    pub subnet: String,
+    /// The operator's (and this test process's) address on the switch.
+    pub gateway: std::net::Ipv4Addr,
+    pub switch_namespace: String,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -101,6 +128,8 @@ pub struct LocalCluster {
     pub http: reqwest::Client,
     /// Flags given to `sharddb-operator local` beyond the spec, data directory and ports.
     args: Vec<String>,
+    /// With `--netns`: deletes what the run left of its namespaces, after the stop above.
+    namespaces: Option<partition::Namespaces>,
 }
 
 impl LocalCluster {
@@ -119,21 +148,47 @@ impl LocalCluster {
         LocalCluster::launch(None)
     }
 
+    /// Starts `sharddb-operator local --netns` on a spec file: the router and every server in a
+    /// network namespace of its own, named uniquely for this run (see [`partition`]).
+    pub fn start_in_namespaces(spec: &Path) -> Result<LocalCluster> {
+        let namespaces = partition::Namespaces::new()?;
+        let id = namespaces.id().to_owned();
+        let mut c = LocalCluster::launch_with(Some(spec), &Launch::default(), Some(namespaces))?;
+        let network = c.cluster_file()?.network;
+        ensure!(network.as_ref().is_some_and(|n| n.id == id), "cluster.json describes no network {id}: {network:?}");
+        c.http = shard_server::api::http_client(Duration::from_secs(30));
+        Ok(c)
+    }
+
     fn launch(spec: Option<&Path>) -> Result<LocalCluster> {
         LocalCluster::start_as(spec, &Launch::default())
     }
 
     /// Starts `launch.operator local` on a spec file (or none), with `launch`'s binaries and port.
     pub fn start_as(spec: Option<&Path>, launch: &Launch) -> Result<LocalCluster> {
+        LocalCluster::launch_with(spec, launch, None)
+    }
+
+    fn launch_with(
+        spec: Option<&Path>,
+        launch: &Launch,
+        namespaces: Option<partition::Namespaces>,
+    ) -> Result<LocalCluster> {
         safety::no_earlier_violation()?;
         install_crypto_provider();
         // SHARDDB_KEEP_TEST_DIRS=1 keeps every cluster's directory (data, logs, events) to read
         // after a failure.
         let keep = std::env::var_os("SHARDDB_KEEP_TEST_DIRS").is_some();
         let dir = tempfile::Builder::new().prefix("sharddb-e2e-").disable_cleanup(keep).tempdir()?;
-        let (child, router) = spawn_operator(dir.path(), spec, launch)?;
+        let netns = namespaces.as_ref().map(|n| n.id().to_owned());
+        let (child, router) = spawn_operator(dir.path(), spec, launch, netns.as_deref())?;
         let http = shard_server::api::http_client(Duration::from_secs(30));
-        Ok(LocalCluster { child, dir, router, http, args: launch.args.clone() })
+        Ok(LocalCluster { child, dir, router, http, args: launch.args.clone(), namespaces })
+    }
+
+    /// The switch of a cluster started in namespaces, for cutting links.
+    pub fn switch(&self) -> Result<partition::Switch> {
+        partition::Switch::of(&self.cluster_file()?)
     }
 
     /// Stops the local mode (SIGTERM) and starts it again on the same data directory with no spec
@@ -147,7 +202,8 @@ impl LocalCluster {
     /// operator, on the port the router had).
     pub fn restart_as(&mut self, launch: &Launch) -> Result<()> {
         ensure!(self.stop()?, "the local mode did not exit cleanly");
-        let (child, router) = spawn_operator(self.dir.path(), None, launch)?;
+        let netns = self.namespaces.as_ref().map(|n| n.id().to_owned());
+        let (child, router) = spawn_operator(self.dir.path(), None, launch, netns.as_deref())?;
         self.child = child;
         self.router = router;
         Ok(())
@@ -216,8 +272,9 @@ impl Drop for LocalCluster {
     }
 }
 
-/// Starts `sharddb-operator local` on `dir` and waits for its router URL line.
-fn spawn_operator(dir: &Path, spec: Option<&Path>, launch: &Launch) -> Result<(Child, String)> {
+/// Starts `launch.operator local` on `dir` (with `--netns ID` when given) and waits for its
+/// router URL line.
+fn spawn_operator(dir: &Path, spec: Option<&Path>, launch: &Launch, netns: Option<&str>) -> Result<(Child, String)> {
     let operator = &launch.operator;
     if !operator.exists() {
         bail!("{} is missing: run `cargo build --workspace --bins` first", operator.display());
@@ -233,6 +290,7 @@ fn spawn_operator(dir: &Path, spec: Option<&Path>, launch: &Launch) -> Result<(C
         .arg("--bin-dir")
         .arg(&launch.bin_dir)
         .args(&launch.args)
+        .args(netns.map(|id| format!("--netns={id}")))
         .stdout(Stdio::piped())
         .stderr(Stdio::from(log))
         .spawn()
