@@ -324,13 +324,51 @@ impl History {
     /// Checks every key's register history for linearizability (see [`crate::linearizable`]);
     /// every key starts absent.
     pub fn linearizability(&self) -> Linearizability {
+        self.linearizability_of(self.register_histories().into_iter().map(|(k, ops)| (k, None, ops)))
+    }
+
+    /// [`History::linearizability`] of what happened from `since` on: each key's operations that
+    /// did not end before `since`, from the state its last write before then left. A key whose
+    /// writes before `since` did not all end acknowledged (one may still take effect) has no
+    /// known state there and is left out ([`Linearizability::keys`] says how many were checked).
+    /// Reads are taken only when they started at or after `since`.
+    pub fn linearizability_since(&self, since: Micros) -> Linearizability {
+        let mut keys = Vec::new();
+        for (key, writes) in self.writes_by_key() {
+            let (before, after): (Vec<&WriteOp>, Vec<&WriteOp>) = writes.into_iter().partition(|w| w.end < since);
+            if before.iter().any(|w| w.outcome != Outcome::Acked) {
+                continue;
+            }
+            let initial = before.last().and_then(|w| w.change.state());
+            let mut ops: Vec<Operation> = after
+                .iter()
+                .map(|w| Operation {
+                    action: Action::Write(w.change.state()),
+                    call: w.start.max(since),
+                    ret: (w.outcome == Outcome::Acked).then_some(w.end),
+                })
+                .collect();
+            for read in self.reads.iter().filter(|r| r.start >= since && (r.low..=r.high).contains(&key)) {
+                let Some(rows) = &read.rows else { continue };
+                ops.push(Operation {
+                    action: Action::Read(rows.get(&key).copied()),
+                    call: read.start,
+                    ret: Some(read.end),
+                });
+            }
+            keys.push((key, initial, ops));
+        }
+        self.linearizability_of(keys.into_iter())
+    }
+
+    fn linearizability_of(&self, keys: impl Iterator<Item = (i64, Option<i64>, Vec<Operation>)>) -> Linearizability {
         let started = Instant::now();
         let mut report = Linearizability::default();
-        for (key, ops) in self.register_histories() {
+        for (key, initial, ops) in keys {
             report.keys += 1;
             report.operations += ops.len();
             report.overlap_max = report.overlap_max.max(linearizable::max_overlap(&ops));
-            let verdict = linearizable::check(None, &ops, CONFIGURATIONS_PER_KEY);
+            let verdict = linearizable::check(initial, &ops, CONFIGURATIONS_PER_KEY);
             let explored = match &verdict {
                 Verdict::Linearizable { explored }
                 | Verdict::Violation { explored, .. }
