@@ -1,7 +1,7 @@
 //! Which servers run: starting the servers the declared configuration adds and removing those that
 //! left the topology (after the healer drained them). Does I/O (processes, Postgres, files).
 
-use super::postgres::ServerPostgres;
+use super::postgres::{ServerPostgres, Serving};
 use super::{LocalCluster, LocalError, LocalServer, PortReservations, make_dir, wait_ready};
 
 impl LocalCluster {
@@ -26,10 +26,9 @@ impl LocalCluster {
         let log = self.logs_dir().join(format!("{name}.postgres.log"));
         drop(pg_port);
         let settings = self.declared.as_ref().map(|d| d.db.tuning.postgres_parameters.clone()).unwrap_or_default();
-        let socket = self.hosts.namespaced();
+        let serving = Serving { settings: &settings, unix_socket: self.hosts.namespaced() };
         let postgres =
-            ServerPostgres::open(name, &dir.join("pgdata"), &log, pg, self.pg_bin.as_deref(), None, &settings, socket)
-                .await?;
+            ServerPostgres::open(name, &dir.join("pgdata"), &log, pg, self.pg_bin.as_deref(), None, serving).await?;
         let place = self.hosts.place(name).await?;
         let log = self.logs_dir().join(format!("{name}.log"));
         let server = LocalServer { name: name.to_owned(), place, port, log, postgres };

@@ -46,7 +46,7 @@ pub use declared::Declared;
 use declared::initial_declaration;
 use hosts::{Hosts, NetworkInfo, Place};
 use netns::NetnsError;
-use postgres::{PostgresError, PostgresInfo, ServerPostgres};
+use postgres::{PostgresError, PostgresInfo, ServerPostgres, Serving};
 use serde::{Deserialize, Serialize};
 use shard_server::topology::Topology;
 use shard_server::topology_source;
@@ -573,17 +573,16 @@ impl LocalCluster {
         } else {
             None
         };
-        let settings = &db.tuning.postgres_parameters;
-        let socket = self.hosts.namespaced();
-        let opening = planned.iter().map(|(name, _, pg_port)| {
-            let log = self.logs_dir().join(format!("{name}.postgres.log"));
-            let template = template.as_ref().map(|t| t.join("pgdata"));
-            let (data_dir, pg_bin) = (pgdata(name), self.pg_bin.as_deref());
-            async move {
-                ServerPostgres::open(name, &data_dir, &log, *pg_port, pg_bin, template.as_deref(), settings, socket)
-                    .await
-            }
-        });
+        let serving = Serving { settings: &db.tuning.postgres_parameters, unix_socket: self.hosts.namespaced() };
+        let opening =
+            planned.iter().map(|(name, _, pg_port)| {
+                let log = self.logs_dir().join(format!("{name}.postgres.log"));
+                let template = template.as_ref().map(|t| t.join("pgdata"));
+                let (data_dir, pg_bin) = (pgdata(name), self.pg_bin.as_deref());
+                async move {
+                    ServerPostgres::open(name, &data_dir, &log, *pg_port, pg_bin, template.as_deref(), serving).await
+                }
+            });
         // Keep every cluster that did start, so a failure elsewhere still stops it on shutdown.
         let mut first_error = None;
         let opened = futures::future::join_all(opening).await;

@@ -43,12 +43,20 @@ pub struct ServerPostgres {
     pg: Arc<Mutex<LocalPg>>,
 }
 
+/// How a server's Postgres runs, beyond where.
+#[derive(Clone, Copy, Debug)]
+pub struct Serving<'a> {
+    /// The spec's allow-listed `postgres.parameters`.
+    pub settings: &'a BTreeMap<String, String>,
+    /// The shard server connects through a socket in the data directory (it runs in a network
+    /// namespace of its own and cannot reach this machine's 127.0.0.1).
+    pub unix_socket: bool,
+}
+
 impl ServerPostgres {
     /// Creates the cluster if `data_dir` holds none (as a copy of `template` when given, keeping an
-    /// existing one and its data), starts it on `port` with `settings` (the spec's allow-listed
-    /// `postgres.parameters`) and makes sure the `sharddb` database exists. With `unix_socket`, the
-    /// shard server connects through a socket in the data directory (it runs in a network
-    /// namespace of its own and cannot reach this machine's 127.0.0.1).
+    /// existing one and its data), starts it on `port` as `serving` says and makes sure the
+    /// `sharddb` database exists.
     pub async fn open(
         server: &str,
         data_dir: &Path,
@@ -56,16 +64,15 @@ impl ServerPostgres {
         port: u16,
         pg_bin: Option<&Path>,
         template: Option<&Path>,
-        settings: &BTreeMap<String, String>,
-        unix_socket: bool,
+        serving: Serving<'_>,
     ) -> Result<Self, PostgresError> {
         let mut opts = Options::new(data_dir);
         opts.log_file = Some(log.to_owned());
         opts.port = Some(port);
         opts.bin_dir = pg_bin.map(Path::to_owned);
         opts.template = template.map(Path::to_owned);
-        opts.settings = settings.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-        opts.unix_socket = unix_socket;
+        opts.settings = serving.settings.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        opts.unix_socket = serving.unix_socket;
         let name = server.to_owned();
         let pg = tokio::task::spawn_blocking(move || -> Result<LocalPg, (&'static str, PgError)> {
             let mut pg = LocalPg::new(opts).map_err(|e| ("initialise", e))?;
