@@ -23,8 +23,8 @@ use shard_server::topology::Topology;
 use std::collections::BTreeMap;
 use std::time::Duration;
 use tests::LocalCluster;
-use tests::checks::{all_ready, check, topology};
-use tests::fault::{Window, progress, stop_load, windows_table};
+use tests::checks::{all_ready, topology};
+use tests::fault::{Window, finish_with_windows, progress};
 use tests::load::{Load, LoadConfig};
 use tests::partition::{OPERATOR, runnable};
 
@@ -101,9 +101,7 @@ async fn partitions_around_a_primary() -> Result<()> {
         let fault = format!("primary's packets to the operator dropped ({primary}, {id})");
         windows.push(inject(&c, &load, fault, &t, round + 2, &[(primary, OPERATOR.to_owned())]).await?);
     }
-    let h = stop_load(&c, load).await?;
-    println!("\npartitions around a primary\n{}", windows_table(&h, &windows));
-    check(&c, &h, &BTreeMap::new()).await
+    finish_with_windows(&c, load, &BTreeMap::new(), "partitions around a primary", &windows).await
 }
 
 /// Cuts around replicas and the router, each twice: a replica from its primary (writes wait for
@@ -133,7 +131,5 @@ async fn partitions_around_replicas_and_the_router() -> Result<()> {
         let fault = format!("replica's packets to its primary dropped ({}, {id})", replicas[0]);
         windows.push(inject(&c, &load, fault, &t, round + 2, &[(replicas[0].clone(), primary)]).await?);
     }
-    let h = stop_load(&c, load).await?;
-    println!("\npartitions around replicas and the router\n{}", windows_table(&h, &windows));
-    check(&c, &h, &BTreeMap::new()).await
+    finish_with_windows(&c, load, &BTreeMap::new(), "partitions around replicas and the router", &windows).await
 }
