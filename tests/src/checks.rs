@@ -66,6 +66,22 @@ pub async fn all_ready(c: &LocalCluster) -> Result<()> {
     bail!("not every copy ready within {HEAL_LIMIT:?}; events.log:\n{}", events_text(c))
 }
 
+/// Waits until the operator has recorded the identity of every copy of every shard. A copy wiped
+/// before its identity was recorded cannot be told from a fresh one: the healer does not demote
+/// it, and it refills itself from its primary's log instead of being recovered (which is correct,
+/// but not the path a wipe test means to exercise). Wipe tests wait for this first.
+pub async fn all_recorded(c: &LocalCluster) -> Result<()> {
+    let start = Instant::now();
+    while start.elapsed() < HEAL_LIMIT {
+        let t = topology(c)?;
+        if t.shards.iter().all(|s| s.replicas.keys().all(|server| s.copies.contains_key(server))) {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!("not every copy recorded within {HEAL_LIMIT:?}; events.log:\n{}", events_text(c))
+}
+
 /// The checker.
 /// - Every key's history is linearizable ([`History::linearizability`]); no read was stale or
 ///   invented, none went back in time relative to an earlier read, and no write was answered in a

@@ -66,6 +66,7 @@ async fn replica_faults_heal_under_load() -> Result<()> {
         let e0 = load.errors();
         let t0 = now_ms();
         let w = open_window(&load, fault("wipe replica"), &shard);
+        all_recorded(&c).await?;
         control(&c, "wipe", &replica).await?;
         // The healer carries out control requests in its own loop, so it observes nothing while
         // the server stops and its data is replaced: time the demotion from when that is done.
@@ -225,6 +226,7 @@ async fn a_wiped_primary_fails_over_under_load() -> Result<()> {
         let e0 = load.errors();
         let t0 = now_ms();
         let w = open_window(&load, fault.clone(), &nth_shard(&t, round));
+        all_recorded(&c).await?;
         control(&c, "wipe", &primary).await?;
         let wiped = now_ms();
         let promoted = wait_event(&c, "failover", t0, |e| e.event == "promote" && e.shard == shard).await?;
@@ -264,6 +266,7 @@ async fn a_killed_server_comes_back_with_its_shards() -> Result<()> {
         .collect();
     let (st, resp) = c.send(Method::POST, "/write", &json!({"data": rows}).to_string()).await?;
     ensure!(st == 200, "{resp}");
+    all_recorded(&c).await?;
     let t0 = now_ms();
     control(&c, "wipe", victim).await?;
     control(&c, "start", victim).await?;
@@ -317,6 +320,7 @@ async fn a_wiped_replica_of_a_100k_row_shard_heals() -> Result<()> {
     let load = Load::start(&c.router, config);
     progress(&load).await?;
     let (replica, _) = replica_and_primary(&topology(&c)?, 0);
+    all_recorded(&c).await?;
     let t0 = now_ms();
     control(&c, "wipe", &replica).await?;
     wait_event(&c, "demotion", t0, |e| e.event == "demote" && e.server == replica).await?;
