@@ -256,16 +256,7 @@ async fn a_killed_server_comes_back_with_its_shards() -> Result<()> {
     let c = LocalCluster::students()?;
     let (_, n_before) = c.send(Method::GET, "/status", "").await?;
     let victim = "Server2";
-    let mut base = BTreeMap::new();
-    let rows: Vec<_> = (0..16384)
-        .step_by(64)
-        .map(|k| {
-            base.insert(k, k % 97);
-            json!({"Stud_id": k, "Stud_name": format!("n{k}"), "Stud_marks": k % 97})
-        })
-        .collect();
-    let (st, resp) = c.send(Method::POST, "/write", &json!({"data": rows}).to_string()).await?;
-    ensure!(st == 200, "{resp}");
+    let base = write_rows(&c, (0..16384).step_by(64)).await?;
     all_recorded(&c).await?;
     let t0 = now_ms();
     control(&c, "wipe", victim).await?;
@@ -469,16 +460,7 @@ async fn add_and_rm_under_load_lose_nothing() -> Result<()> {
 async fn a_copy_whose_rows_differ_from_its_primary_is_found_and_copied_afresh() -> Result<()> {
     use sqlx::Connection;
     let c = LocalCluster::students()?;
-    let mut base = BTreeMap::new();
-    let rows: Vec<_> = (0..4096)
-        .step_by(128)
-        .map(|k| {
-            base.insert(k, k % 97);
-            json!({"Stud_id": k, "Stud_name": format!("n{k}"), "Stud_marks": k % 97})
-        })
-        .collect();
-    let (st, resp) = c.send(Method::POST, "/write", &json!({"data": rows}).to_string()).await?;
-    ensure!(st == 200, "{resp}");
+    let base = write_rows(&c, (0..4096).step_by(128)).await?;
     let (replica, _) = replica_and_primary(&topology(&c)?, 0);
     let pg = c.cluster_file()?.servers.iter().find(|s| s.name == replica).context("replica")?.postgres.url.clone();
     let mut conn = sqlx::PgConnection::connect(&pg).await?;

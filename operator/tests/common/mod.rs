@@ -137,21 +137,7 @@ impl Harness {
         h.config = Some(config);
         h.start_operator();
 
-        let db: ShardedDatabase = serde_json::from_value(json!({
-            "apiVersion": "sharddb.io/v1alpha1",
-            "kind": "ShardedDatabase",
-            "metadata": { "name": "students", "namespace": NS },
-            "spec": {
-                "schema": { "columns": ["Stud_id", "Stud_name", "Stud_marks"], "dtypes": ["Number", "String", "Number"] },
-                "shards": [
-                    { "id": "sh1", "low": 0, "size": 4096 },
-                    { "id": "sh2", "low": 4096, "size": 4096 }
-                ],
-                "replicas": 2,
-                "servers": 3
-            }
-        }))
-        .unwrap();
+        let db: ShardedDatabase = serde_json::from_value(students(3)).unwrap();
         Api::<ShardedDatabase>::namespaced(h.api.client(), NS).create(&PostParams::default(), &db).await.unwrap();
         h
     }
@@ -348,6 +334,25 @@ impl Harness {
         let s = &self.client(i).status(true).await.unwrap().shards[shard];
         (s.rows, s.checksum.clone())
     }
+}
+
+/// The `students` database of the seed's schema: two shards of 4096 keys, two copies each, on
+/// `servers` servers.
+pub fn students(servers: u32) -> Value {
+    json!({
+        "apiVersion": "sharddb.io/v1alpha1",
+        "kind": "ShardedDatabase",
+        "metadata": { "name": "students", "namespace": NS },
+        "spec": {
+            "schema": { "columns": ["Stud_id", "Stud_name", "Stud_marks"], "dtypes": ["Number", "String", "Number"] },
+            "shards": [
+                { "id": "sh1", "low": 0, "size": 4096 },
+                { "id": "sh2", "low": 4096, "size": 4096 }
+            ],
+            "replicas": 2,
+            "servers": servers
+        }
+    })
 }
 
 pub fn state(t: &Topology, shard: &str, server: &str) -> Option<String> {
