@@ -118,6 +118,21 @@ pub struct Variant {
     pub args: Vec<String>,
 }
 
+/// A variant's flag as the report shows it: a `--bin-dir` inside this repository relative to it,
+/// one elsewhere by its last component, so a committed report names no machine's paths.
+fn portable(arg: &str) -> String {
+    let Some(dir) = arg.strip_prefix("--bin-dir=") else { return arg.to_owned() };
+    let path = std::path::Path::new(dir);
+    let shown = match path.strip_prefix(crate::repo_root()) {
+        Ok(inside) => inside.display().to_string(),
+        Err(_) if path.is_absolute() => {
+            format!(".../{}", path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default())
+        }
+        Err(_) => dir.to_owned(),
+    };
+    format!("--bin-dir={shown}")
+}
+
 impl FromStr for Variant {
     type Err = String;
     /// `NAME=FLAGS`, flags separated by spaces: `tls-off=--internal-tls=false`.
@@ -176,7 +191,11 @@ pub async fn run(opts: &Options) -> Result<Report> {
             warmup: opts.warmup,
             heal_rows: if opts.workloads.contains(&Workload::Heal) { opts.heal_rows.clone() } else { Vec::new() },
             local_args: opts.local_args.clone(),
-            variants: opts.variants.iter().map(|v| (v.name.clone(), v.args.clone())).collect(),
+            variants: opts
+                .variants
+                .iter()
+                .map(|v| (v.name.clone(), v.args.iter().map(|a| portable(a)).collect()))
+                .collect(),
         },
         ..Report::default()
     };
@@ -305,6 +324,17 @@ mod tests {
         assert_eq!("a1".parse::<Workload>(), Ok(Workload::A1));
         assert_eq!(" Copy".parse::<Workload>(), Ok(Workload::Copy));
         assert!("a4".parse::<Workload>().unwrap_err().contains("a1,a2,a3,batch,range,mixed,copy,heal,cold"));
+    }
+
+    #[test]
+    fn a_bin_dir_is_shown_without_this_machines_paths() {
+        let inside = crate::repo_root().join("target/previous-release/abc-release");
+        assert_eq!(
+            portable(&format!("--bin-dir={}", inside.display())),
+            "--bin-dir=target/previous-release/abc-release"
+        );
+        assert_eq!(portable("--bin-dir=/opt/builds/abc"), "--bin-dir=.../abc");
+        assert_eq!(portable("--internal-tls=false"), "--internal-tls=false");
     }
 
     #[test]
