@@ -38,6 +38,17 @@ enum Command {
         /// the newest /usr/lib/postgresql/*/bin.
         #[arg(long, env = "SHARDDB_PG_BIN")]
         pg_bin: Option<PathBuf>,
+        /// Mutual TLS between the cluster's processes under a CA kept in the data directory. With
+        /// `--internal-tls=false` a per-cluster secret still authenticates them, but nothing is
+        /// encrypted: meant for measuring what TLS costs.
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1,
+              default_missing_value = "true")]
+        internal_tls: bool,
+        /// Make the router's `/init`, `/add` and `/rm` require `Authorization: Bearer <token>`,
+        /// the token being in `DIR/admin-token` (generated, 0600). Off by default: the seed's
+        /// clients call them without one, on 127.0.0.1.
+        #[arg(long)]
+        admin_token: bool,
     },
     /// Print the ShardedDatabase CustomResourceDefinition as YAML.
     Crd,
@@ -152,7 +163,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let runtime = tokio::runtime::Runtime::new().context("failed to start the async runtime")?;
             runtime.block_on(run_operator(args.metrics_addr, args.admin_addr, args.config(), lease))
         }
-        Command::Local { spec, data_dir, port, bin_dir, pg_bin } => {
+        Command::Local { spec, data_dir, port, bin_dir, pg_bin, internal_tls, admin_token } => {
             let bin_dir = match bin_dir {
                 Some(d) => d,
                 None => std::env::current_exe()
@@ -161,7 +172,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     .context("this program has no directory; pass --bin-dir")?
                     .to_owned(),
             };
-            let opts = LocalOptions { spec, data_dir, port, bin_dir, pg_bin };
+            let opts = LocalOptions { spec, data_dir, port, bin_dir, pg_bin, internal_tls, admin_token };
             let runtime = tokio::runtime::Runtime::new().context("failed to start the async runtime")?;
             runtime.block_on(run_local(opts))?;
             Ok(())

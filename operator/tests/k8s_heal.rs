@@ -190,6 +190,8 @@ impl Harness {
             lease: NodeConfig::DEFAULT_LEASE,
             lease_renew: NodeConfig::DEFAULT_LEASE_RENEW,
             cache_rows: NodeConfig::DEFAULT_CACHE_ROWS,
+            credentials: shard_server::tls::testing::TestPki::new(NS, "students")
+                .credentials(shard_server::tls::Component::Server, &s.name),
         };
         let node = Node::new(config, db, watch_configmap(self.api.client(), NS, CONFIGMAP));
         node.start().await.unwrap();

@@ -3,6 +3,7 @@
 //! shard server killed with SIGKILL comes back, and SIGTERM leaves nothing running.
 
 use operator::local::ClusterInfo;
+use shard_server::tls::{Credentials, TlsFiles, TlsSource};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::os::unix::fs::PermissionsExt;
@@ -58,6 +59,47 @@ fn eventually<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// `method url path` (an empty JSON body) with the operator's certificate, or with none; the
+/// status, or `None` when no answer came (a refused connection or handshake).
+fn https_call(
+    cluster: &ClusterInfo,
+    method: reqwest::Method,
+    url: &str,
+    path: &str,
+    with_certificate: bool,
+) -> Option<u16> {
+    let dir = cluster.internal.operator_tls_dir.clone().expect("local mode uses TLS by default");
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        let http = if with_certificate {
+            Credentials::Tls(TlsSource::open(TlsFiles::in_dir(&dir)).unwrap()).http_client(Duration::from_secs(5))
+        } else {
+            anonymous(&std::fs::read_to_string(dir.join("ca.crt")).unwrap())
+        };
+        let request = http.request(method, format!("{url}{path}")).body("{}");
+        request.send().await.ok().map(|r| r.status().as_u16())
+    })
+}
+
+fn https_get(cluster: &ClusterInfo, url: &str, path: &str, with_certificate: bool) -> Option<u16> {
+    https_call(cluster, reqwest::Method::GET, url, path, with_certificate)
+}
+
+/// A client trusting the PEM CA `ca` and presenting no certificate.
+fn anonymous(ca: &str) -> reqwest::Client {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject as _;
+    shard_server::api::install_crypto_provider();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(CertificateDer::from_pem_slice(ca.as_bytes()).unwrap()).unwrap();
+    let config = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+    reqwest::Client::builder().tls_backend_preconfigured(config).timeout(Duration::from_secs(5)).build().unwrap()
+}
+
+fn https_ok(cluster: &ClusterInfo, url: &str, path: &str) -> bool {
+    https_get(cluster, url, path, true).is_some_and(|s| (200..300).contains(&s))
 }
 
 fn read_cluster(dir: &Path) -> ClusterInfo {
@@ -118,7 +160,8 @@ fn runs_the_students_example_restarts_a_killed_server_and_stops_cleanly() {
     for s in &cluster.servers {
         let (pid, pg_pid) = (s.pid.unwrap(), s.postgres.pid.unwrap());
         assert!(alive(pid) && alive(pg_pid), "{} and its postgres run", s.name);
-        assert!(http_ok(&s.url, "/heartbeat"), "{} answers its heartbeat", s.name);
+        assert!(s.url.starts_with("https://127.0.0.1:"), "{}", s.url);
+        assert!(https_ok(&cluster, &s.url, "/heartbeat"), "{} answers its heartbeat", s.name);
         assert!(s.postgres.data_dir.starts_with(data.path().join("servers").join(&s.name)));
         assert!(s.postgres.url.ends_with("/sharddb"));
         pids.extend([pid, pg_pid]);
@@ -129,6 +172,21 @@ fn runs_the_students_example_restarts_a_killed_server_and_stops_cleanly() {
     assert_eq!(topology.servers.len(), 6);
     assert_eq!(topology.shards.len(), 4);
 
+    // Only the cluster's own components are answered: the operator's certificate is, nobody
+    // without one is (401), and plain HTTP gets no answer at all.
+    let server = &cluster.servers[0].url;
+    assert_eq!(https_get(&cluster, server, "/status", true), Some(200));
+    assert_eq!(https_get(&cluster, server, "/status", false), Some(401));
+    assert_eq!(https_call(&cluster, reqwest::Method::POST, &cluster.control_url, "/add", false), Some(401));
+    assert_eq!(https_call(&cluster, reqwest::Method::POST, server, "/config", false), Some(401));
+    let plain = server.replacen("https://", "http://", 1);
+    assert!(!http_ok(&plain, "/status"), "plain HTTP to a shard server is not served");
+    // Secrets and the map of ports are for the operator's user alone.
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&data.path().join("cluster.json")), 0o600);
+    assert_eq!(mode(&data.path().join("tls")), 0o700);
+    assert_eq!(mode(&data.path().join("tls/ca.key")), 0o600);
+
     // A shard server killed outright comes back on the same port, with a new pid.
     let victim = &cluster.servers[2];
     let old = victim.pid.unwrap();
@@ -138,7 +196,7 @@ fn runs_the_students_example_restarts_a_killed_server_and_stops_cleanly() {
     });
     assert!(alive(new));
     eventually("the restarted Server2's heartbeat", Duration::from_secs(60), || {
-        http_ok(&victim.url, "/heartbeat").then_some(())
+        https_ok(&cluster, &victim.url, "/heartbeat").then_some(())
     });
     pids.push(new);
 

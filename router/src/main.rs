@@ -7,6 +7,7 @@ use clap::Parser;
 use router::config::Args;
 use router::{AppState, app};
 use shard_server::api::install_crypto_provider;
+use shard_server::tls::{Component, Credentials, TlsFiles, TlsListener, TlsPeer, TlsSource, source::RELOAD_EVERY};
 use shard_server::topology_source::{watch_configmap, watch_file};
 use std::io::IsTerminal;
 use tokio::net::TcpListener;
@@ -22,7 +23,21 @@ async fn main() -> anyhow::Result<()> {
         .init();
     install_crypto_provider();
     let args = Args::parse();
-    let config = args.config();
+    if args.serve_tls && args.credentials.tls_dir.is_none() {
+        anyhow::bail!("--serve-tls needs --tls-dir (the router's certificate)");
+    }
+    let mut config = args.config();
+    let name = Component::Router.as_str();
+    let credentials = args.credentials.load(Component::Router, name)?.context(
+        "no credentials: pass --tls-dir (a directory with tls.crt, tls.key and ca.crt) or, with TLS off, \
+         --internal-token-file and --database",
+    )?;
+    if let (Some(ca), Some(dir)) = (&args.control_ca, &args.credentials.tls_dir) {
+        let source = TlsSource::open(TlsFiles { ca: ca.clone(), ..TlsFiles::in_dir(dir) })?;
+        source.watch(RELOAD_EVERY);
+        config.control_credentials = Some(Credentials::Tls(source));
+    }
+    config.credentials = Some(credentials.clone());
     tracing::info!(topology_file = ?args.topology_file, topology_configmap = ?args.topology_configmap, control_url = ?config.control_url, upstream_timeout = ?config.upstream_timeout, body_limit = config.body_limit, "starting");
 
     let topology = match (&args.topology_file, &args.topology_configmap) {
@@ -35,14 +50,21 @@ async fn main() -> anyhow::Result<()> {
     };
     let state = AppState::new(config, topology);
     let listener = TcpListener::bind(args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?;
-    tracing::info!(address = %listener.local_addr()?, "serving");
+    tracing::info!(address = %listener.local_addr()?, tls = args.serve_tls, "serving");
     // Answers go out as soon as they are written, never held back waiting for an ACK (Nagle).
     let listener = listener.tap_io(|tcp| {
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
     });
-    axum::serve(listener, app(state)).with_graceful_shutdown(shutdown()).await.context("server failed")?;
+    match (&credentials, args.serve_tls) {
+        (Credentials::Tls(source), true) => {
+            let listener = TlsListener::new(listener, source.server_config());
+            let service = app(state).into_make_service_with_connect_info::<TlsPeer>();
+            axum::serve(listener, service).with_graceful_shutdown(shutdown()).await.context("server failed")?;
+        }
+        _ => axum::serve(listener, app(state)).with_graceful_shutdown(shutdown()).await.context("server failed")?,
+    }
     tracing::info!("stopped");
     Ok(())
 }

@@ -36,6 +36,10 @@ pub enum ErrorCode {
     NotFound,
     MethodNotAllowed,
     PayloadTooLarge,
+    /// The caller showed no credential of the database's components (401).
+    Unauthenticated,
+    /// The caller is a component, but of another database or not one allowed here (403).
+    Forbidden,
     /// The sender's topology epoch is older than ours: it must reload and retry.
     StaleEpoch,
     /// The sender's epoch is newer than ours: retry shortly, we are catching up.
@@ -315,11 +319,15 @@ pub struct SnapshotEnd {
 }
 
 /// `POST /v1/shards/{shard}/recover` on a recovering replica: replace this copy with a snapshot
-/// from `source` (the shard's primary), then verify it against the primary at one sequence number.
+/// of the shard's primary, then verify it against the primary at one sequence number. The
+/// replica copies from the primary its own topology names, at the address the topology gives;
+/// never from an address in a request.
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RecoverRequest {
-    /// Base URL of the server to copy from.
-    pub source: String,
+    /// The server name of the primary the caller expects the copy to come from; the replica
+    /// refuses (409) when its topology names another.
+    pub primary: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -386,17 +394,21 @@ pub struct ShardClient {
 }
 
 /// The HTTP client every sharddb process uses to call another: bounded connect and request times.
-/// Installs the TLS provider first, so no caller (a test, a tool) can forget it.
+/// Installs the TLS provider first, so no caller (a test, a tool) can forget it. It carries no
+/// credential: internal endpoints need [`crate::tls::Credentials::http_client`].
 pub fn http_client(request_timeout: Duration) -> reqwest::Client {
     install_crypto_provider();
+    client_defaults().timeout(request_timeout).build().expect("HTTP client builds")
+}
+
+/// The settings every sharddb HTTP client shares: a bounded connect, a reused connection pool and
+/// no Nagle delay.
+pub(crate) fn client_defaults() -> reqwest::ClientBuilder {
     reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(2))
-        .timeout(request_timeout)
         .pool_idle_timeout(Duration::from_secs(60))
         .pool_max_idle_per_host(256)
         .tcp_nodelay(true)
-        .build()
-        .expect("HTTP client builds")
 }
 
 /// Installs the process-wide TLS provider (ring). Idempotent; call at the start of every `main`.

@@ -4,6 +4,7 @@ use axum::serve::ListenerExt as _;
 use clap::Parser;
 use shard_server::db::Db;
 use shard_server::node::{Node, NodeConfig};
+use shard_server::tls::{Component, CredentialArgs, Credentials, TlsListener, TlsPeer};
 use shard_server::{api, app, topology_source};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -52,6 +53,11 @@ struct Args {
     /// included). Servers sharing a machine do better with fewer: local mode gives each its share.
     #[arg(long, env = "SHARDDB_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
     worker_threads: Option<u16>,
+    /// Who this server is to the database's other components: `--tls-dir` (serve HTTPS, mutual
+    /// TLS) or, with TLS off, `--internal-token-file` and `--database`. One is required: every
+    /// endpoint but /heartbeat and /metrics answers only the database's own components.
+    #[command(flatten)]
+    credentials: CredentialArgs,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -70,6 +76,12 @@ async fn serve(args: Args) -> anyhow::Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,sqlx=warn".into()),
         )
         .init();
+    let credentials = args.credentials.load(Component::Server, &args.name)?.ok_or_else(|| {
+        anyhow::anyhow!(
+            "no credentials: pass --tls-dir (a directory with tls.crt, tls.key and ca.crt) or, with TLS off, \
+             --internal-token-file and --database"
+        )
+    })?;
     let db = Db::connect_patiently(&args.database_url, args.db_connections, Duration::from_secs(60)).await?;
     let topology = match (&args.topology_file, &args.topology_configmap) {
         (Some(p), _) => topology_source::watch_file(p.clone()),
@@ -86,6 +98,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         cache_rows: args.cache_rows,
         lease: Duration::from_millis(args.lease_ms),
         lease_renew: Duration::from_millis(args.lease_renew_ms),
+        credentials: credentials.clone(),
     };
     anyhow::ensure!(
         args.lease_renew_ms > 0 && args.lease_renew_ms < args.lease_ms,
@@ -94,14 +107,21 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let node = Node::new(config, db, topology);
     node.start().await?;
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
-    tracing::info!(addr = %listener.local_addr()?, name = %args.name, "shard server listening");
+    tracing::info!(addr = %listener.local_addr()?, name = %args.name, scheme = credentials.scheme(), "shard server listening");
     // Answers go out as soon as they are written, never held back waiting for an ACK (Nagle).
     let listener = listener.tap_io(|tcp| {
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
     });
-    axum::serve(listener, app(node)).with_graceful_shutdown(shutdown()).await?;
+    match credentials {
+        Credentials::Tls(source) => {
+            let listener = TlsListener::new(listener, source.server_config());
+            let service = app(node).into_make_service_with_connect_info::<TlsPeer>();
+            axum::serve(listener, service).with_graceful_shutdown(shutdown()).await?;
+        }
+        Credentials::Token { .. } => axum::serve(listener, app(node)).with_graceful_shutdown(shutdown()).await?,
+    }
     Ok(())
 }
 

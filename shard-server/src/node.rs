@@ -2,12 +2,14 @@
 //! shards it holds with each one's role. Decides "may I serve/accept this?"; does I/O only to
 //! create a shard's table on first use.
 
-use crate::api::{LeaseRequest, ShardClient, http_client};
+use crate::api::{LeaseRequest, ShardClient};
+use crate::auth::Gate;
 use crate::db::{Db, ShardTable};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::replication::Shard;
 use crate::schema::Schema;
+use crate::tls::Credentials;
 use crate::topology::{ReplicaState, ShardEntry, Topology};
 use crate::topology_source::TopologyRx;
 use std::collections::{BTreeMap, HashMap};
@@ -30,6 +32,8 @@ pub struct NodeConfig {
     pub lease_renew: Duration,
     /// Rows this server keeps in memory across its shards (see [`crate::rowcache`]).
     pub cache_rows: usize,
+    /// Who this server is to its peers, and how it checks them (see [`crate::tls`]).
+    pub credentials: Credentials,
 }
 
 impl NodeConfig {
@@ -70,6 +74,8 @@ pub struct Node {
     pub db: Db,
     pub metrics: Metrics,
     topology: TopologyRx,
+    /// Checks callers of the internal endpoints (see [`crate::auth`]).
+    gate: Gate,
     http: reqwest::Client,
     /// For long transfers (snapshots): no overall deadline, but a bound on every read.
     stream_http: reqwest::Client,
@@ -85,14 +91,10 @@ pub struct Node {
 
 impl Node {
     pub fn new(config: NodeConfig, db: Db, topology: TopologyRx) -> Arc<Node> {
-        let http = http_client(config.peer_timeout);
-        crate::api::install_crypto_provider();
-        let stream_http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(2))
-            .read_timeout(config.peer_timeout)
-            .tcp_nodelay(true)
-            .build()
-            .expect("HTTP client builds");
+        let http = config.credentials.http_client(config.peer_timeout);
+        let stream_http =
+            config.credentials.client_builder().read_timeout(config.peer_timeout).build().expect("HTTP client builds");
+        let gate = Gate::for_credentials(&config.credentials).unwrap_or_else(Gate::nobody);
         let row_budget = crate::rowcache::Budget::new(config.cache_rows);
         Arc::new(Node {
             row_budget,
@@ -100,6 +102,7 @@ impl Node {
             db,
             metrics: Metrics::default(),
             topology,
+            gate,
             http,
             stream_http,
             shards: RwLock::new(HashMap::new()),
@@ -110,6 +113,11 @@ impl Node {
 
     pub fn name(&self) -> &str {
         &self.config.name
+    }
+
+    /// The check of callers of the internal endpoints.
+    pub fn gate(&self) -> &Gate {
+        &self.gate
     }
 
     pub fn topology(&self) -> Option<Arc<Topology>> {

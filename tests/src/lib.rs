@@ -9,6 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub use shard_server::api::install_crypto_provider;
+use shard_server::tls::{Credentials, DatabaseId, Identity, TlsFiles, TlsSource};
 
 /// The benchmark program's library (its binary is `src/bin/bench.rs`).
 pub mod bench;
@@ -25,6 +26,35 @@ pub struct ClusterFile {
     pub router: Process,
     pub topology: PathBuf,
     pub servers: Vec<ServerProcess>,
+    pub control_url: String,
+    pub internal: Internal,
+}
+
+/// How the cluster's processes authenticate each other (`cluster.json`'s `internal`).
+#[derive(Clone, Debug, Deserialize)]
+pub struct Internal {
+    pub tls: bool,
+    pub ca: Option<PathBuf>,
+    pub operator_tls_dir: Option<PathBuf>,
+    pub token_file: Option<PathBuf>,
+    pub database: String,
+    pub admin_token_file: Option<PathBuf>,
+}
+
+impl ClusterFile {
+    /// The operator's credentials: what a test presents to call a shard server directly.
+    pub fn operator_credentials(&self) -> Result<Credentials> {
+        let i = &self.internal;
+        match (&i.operator_tls_dir, &i.token_file) {
+            (Some(dir), _) => Ok(Credentials::Tls(TlsSource::open(TlsFiles::in_dir(dir))?)),
+            (None, Some(file)) => {
+                let (namespace, name) = i.database.split_once('/').context("database is NAMESPACE/NAME")?;
+                let identity = Identity::operator(DatabaseId::new(namespace, name))?;
+                Ok(Credentials::Token { secret: std::fs::read_to_string(file)?.trim().into(), identity })
+            }
+            (None, None) => bail!("cluster.json names no credentials"),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -72,7 +102,10 @@ pub struct LocalCluster {
     child: Child,
     pub dir: tempfile::TempDir,
     pub router: String,
+    /// Presents the operator's credentials: shard servers answer it on every endpoint.
     pub http: reqwest::Client,
+    /// Flags given to `sharddb-operator local` beyond the spec, data directory and ports.
+    args: Vec<String>,
 }
 
 impl LocalCluster {
@@ -86,13 +119,25 @@ impl LocalCluster {
         LocalCluster::launch(None)
     }
 
+    /// Starts `sharddb-operator local` on a spec file with extra flags (e.g. `--internal-tls=false`).
+    pub fn start_with(spec: &Path, args: &[&str]) -> Result<LocalCluster> {
+        LocalCluster::launch_with(Some(spec), args)
+    }
+
     fn launch(spec: Option<&Path>) -> Result<LocalCluster> {
+        LocalCluster::launch_with(spec, &[])
+    }
+
+    fn launch_with(spec: Option<&Path>, args: &[&str]) -> Result<LocalCluster> {
         safety::no_earlier_violation()?;
         install_crypto_provider();
         let dir = tempfile::Builder::new().prefix("sharddb-e2e-").tempdir()?;
-        let (child, router) = spawn_operator(dir.path(), spec)?;
-        let http = shard_server::api::http_client(Duration::from_secs(30));
-        Ok(LocalCluster { child, dir, router, http })
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let (child, router) = spawn_operator(dir.path(), spec, &args)?;
+        let mut cluster =
+            LocalCluster { child, dir, router, http: shard_server::api::http_client(Duration::from_secs(30)), args };
+        cluster.http = cluster.cluster_file()?.operator_credentials()?.http_client(Duration::from_secs(30));
+        Ok(cluster)
     }
 
     /// Stops the local mode (SIGTERM) and starts it again on the same data directory with no spec
@@ -100,7 +145,7 @@ impl LocalCluster {
     /// The router gets a new port.
     pub fn restart(&mut self) -> Result<()> {
         ensure!(self.stop()?, "the local mode did not exit cleanly");
-        let (child, router) = spawn_operator(self.dir.path(), None)?;
+        let (child, router) = spawn_operator(self.dir.path(), None, &self.args)?;
         self.child = child;
         self.router = router;
         Ok(())
@@ -165,7 +210,7 @@ impl Drop for LocalCluster {
 }
 
 /// Starts `sharddb-operator local` on `dir` and waits for its router URL line.
-fn spawn_operator(dir: &Path, spec: Option<&Path>) -> Result<(Child, String)> {
+fn spawn_operator(dir: &Path, spec: Option<&Path>, args: &[String]) -> Result<(Child, String)> {
     let bin = bin_dir();
     let operator = bin.join("sharddb-operator");
     if !operator.exists() {
@@ -181,6 +226,7 @@ fn spawn_operator(dir: &Path, spec: Option<&Path>) -> Result<(Child, String)> {
         .arg("0")
         .arg("--bin-dir")
         .arg(&bin)
+        .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::from(log))
         .spawn()

@@ -7,7 +7,7 @@
 use anyhow::{Context, Result, ensure};
 use reqwest::Method;
 use serde_json::{Value, json};
-use shard_server::api::{ShardClient, http_client};
+use shard_server::api::ShardClient;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -80,7 +80,7 @@ fn placed_as(status: &Value, want: &BTreeMap<&str, Vec<&str>>) -> bool {
 async fn copies(c: &LocalCluster) -> Result<BTreeMap<String, BTreeMap<String, (u64, i64, String)>>> {
     let st = status(c).await?;
     let file = c.cluster_file()?;
-    let http = http_client(Duration::from_secs(10));
+    let http = file.operator_credentials()?.http_client(Duration::from_secs(10));
     let mut out: BTreeMap<String, BTreeMap<String, (u64, i64, String)>> = BTreeMap::new();
     for (shard, states) in replicas(&st) {
         for (server, state) in states {

@@ -41,7 +41,8 @@ async fn a_million_row_snapshot_streams_in_bounded_memory() -> anyhow::Result<()
     let before = peak_rss_kib(pid)?;
 
     // No overall deadline for ~100 MB from a debug build on a busy machine; each read is bounded.
-    let http = reqwest::Client::builder().read_timeout(std::time::Duration::from_secs(60)).build()?;
+    let http =
+        file.operator_credentials()?.client_builder().read_timeout(std::time::Duration::from_secs(60)).build()?;
     let mut resp = http.get(format!("{}/v1/shards/sh1/snapshot", server.url)).send().await?;
     assert_eq!(resp.status(), 200);
     let (mut bytes, mut lines) = (0u64, 0u64);

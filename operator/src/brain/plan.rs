@@ -63,9 +63,10 @@ pub enum Action {
     MarkRecovering { shard: String, server: String, reason: Reason },
     /// `to` becomes the primary; the copy on `from` becomes `recovering`.
     Promote { shard: String, from: String, to: String, reason: Reason },
-    /// I/O for the body: replace the copy on `server` from `source` (the primary's base URL) and
-    /// verify it; on success the body applies [`Action::MarkReady`]. Changes no document itself.
-    Recover { shard: String, server: String, primary: String, source: String },
+    /// I/O for the body: have `server` replace its copy from `primary` (which the server finds in
+    /// its own topology) and verify it; on success the body applies [`Action::MarkReady`].
+    /// Changes no document itself.
+    Recover { shard: String, server: String, primary: String },
     /// A verified recover finished: the copy serves again, under its new identity.
     MarkReady { shard: String, server: String, copy_id: String },
 }
@@ -172,15 +173,11 @@ pub fn plan(topology: &Topology, seen: &Observations, now: Instant, settings: &S
         if changes.is_empty() && primary_failed.is_none() {
             let current = |s: &str| matches!(seen.health(s), Health::Up { epoch, .. } if *epoch >= topology.epoch);
             for server in shard.replicas.iter().filter(|(_, s)| **s == ReplicaState::Recovering).map(|(n, _)| n) {
-                if current(server)
-                    && current(primary)
-                    && let Some(source) = topology.servers.get(primary)
-                {
+                if current(server) && current(primary) && topology.servers.contains_key(primary) {
                     actions.push(Action::Recover {
                         shard: shard.id.clone(),
                         server: server.clone(),
                         primary: primary.into(),
-                        source: source.url.clone(),
                     });
                 }
             }
@@ -306,7 +303,7 @@ mod tests {
     }
 
     fn recover(server: &str) -> Action {
-        Action::Recover { shard: "sh1".into(), server: server.into(), primary: "A".into(), source: "http://A".into() }
+        Action::Recover { shard: "sh1".into(), server: server.into(), primary: "A".into() }
     }
 
     #[test]

@@ -252,7 +252,7 @@ impl Healer {
     }
 
     fn start_recover(&mut self, db: &Arc<ShardedDatabase>, owner: &Owner, action: Action) {
-        let Action::Recover { shard, server, primary, source } = action else { return };
+        let Action::Recover { shard, server, primary } = action else { return };
         let state = self.dbs.entry(ObjectRef::from_obj(db.as_ref())).or_default();
         if !state.running.insert((shard.clone(), server.clone())) {
             return;
@@ -262,7 +262,7 @@ impl Healer {
         let (recover_http, probe_http, db) = (self.recover_http.clone(), self.probe_http.clone(), Arc::clone(db));
         self.recovers.spawn(async move {
             let started = Instant::now();
-            let result = exec::recover_copy(&recover_http, &probe_http, &url, &shard, &source).await;
+            let result = exec::recover_copy(&recover_http, &probe_http, &url, &shard, &primary).await;
             Finished { db, shard, server, primary, took: started.elapsed(), result }
         });
     }

@@ -2,7 +2,8 @@
 //! typed bodies of `shard_server::admin`, served on 127.0.0.1 for the router (`--control-url`).
 //! Each request is handed to the operator's main loop, which owns the declared configuration, and
 //! the loop's answer (the seed body and status) goes back; [`LocalCluster::admin`] decides it
-//! with `brain::declare`, saves the result and, for `/init`, starts the servers. Does I/O (HTTP).
+//! with `brain::declare`, saves the result and, for `/init`, starts the servers. Only the cluster's
+//! router may call it (mutual TLS, see `pki`). Does I/O (HTTP).
 
 use super::declared::{Declared, save_declared};
 use super::{DECLARED_FILE, LocalCluster, LocalError};
@@ -17,6 +18,8 @@ use axum::routing::{delete, post};
 use serde_json::Value;
 use shard_server::admin::{AddRequest, InitRequest, RmRequest};
 use shard_server::api::{ErrorBody, ErrorCode};
+use shard_server::auth::{self, Gate};
+use shard_server::tls::{Component, Credentials, TlsListener, TlsPeer};
 use tokio::sync::{mpsc, oneshot};
 
 /// One admin request and where its answer goes.
@@ -26,15 +29,32 @@ pub struct AdminCall {
     pub reply: oneshot::Sender<(StatusCode, Value)>,
 }
 
-/// Serves the endpoint on `listener` until the loop's receiver is gone.
-pub fn serve(listener: tokio::net::TcpListener, calls: mpsc::Sender<AdminCall>) -> tokio::task::JoinHandle<()> {
+/// Serves the endpoint on `listener` until the loop's receiver is gone: over TLS with the
+/// operator's certificate (or, with TLS off, checking the per-cluster secret), answering the
+/// cluster's router alone; anyone else is refused (401/403) before the request is read.
+pub fn serve(
+    listener: tokio::net::TcpListener,
+    credentials: &Credentials,
+    calls: mpsc::Sender<AdminCall>,
+) -> tokio::task::JoinHandle<()> {
+    let gate = Gate::for_credentials(credentials).unwrap_or_else(Gate::nobody);
+    let routers_only = axum::middleware::from_fn_with_state(gate.allow(&[Component::Router]), auth::require);
     let app = axum::Router::new()
         .route("/init", post(init))
         .route("/add", post(add))
         .route("/rm", delete(rm))
+        .route_layer(routers_only)
         .with_state(calls);
+    let credentials = credentials.clone();
     tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
+        let served = match credentials {
+            Credentials::Tls(source) => {
+                let listener = TlsListener::new(listener, source.server_config());
+                axum::serve(listener, app.into_make_service_with_connect_info::<TlsPeer>()).await
+            }
+            Credentials::Token { .. } => axum::serve(listener, app).await,
+        };
+        if let Err(e) = served {
             tracing::error!(error = %e, "the admin endpoint stopped");
         }
     })

@@ -26,8 +26,14 @@ impl LocalCluster {
         let log = self.logs_dir().join(format!("{name}.postgres.log"));
         drop(pg_port);
         let postgres = ServerPostgres::open(name, &dir.join("pgdata"), &log, pg, self.pg_bin.as_deref(), None).await?;
-        let server =
-            LocalServer { name: name.to_owned(), port, log: self.logs_dir().join(format!("{name}.log")), postgres };
+        let server = LocalServer {
+            name: name.to_owned(),
+            port,
+            log: self.logs_dir().join(format!("{name}.log")),
+            postgres,
+            scheme: self.pki.scheme(),
+        };
+        self.pki.ensure(shard_server::tls::Component::Server, name, false)?;
         drop(server_port);
         self.supervisor.spawn(self.server_process(&server))?;
         self.servers.push(server.clone());
@@ -55,6 +61,7 @@ impl LocalCluster {
             if let Err(e) = std::fs::remove_dir_all(&dir) {
                 tracing::warn!(server = name, path = %dir.display(), error = %e, "cannot delete the server's data");
             }
+            self.pki.remove_server(name);
         }
         self.supervisor.announce();
         tracing::info!(server = name, "server removed");

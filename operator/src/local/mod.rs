@@ -14,7 +14,12 @@
 //! DIR/servers/<name>/pgdata      each server's Postgres cluster (database `sharddb`)
 //! DIR/logs/<name>.log            each process's stdout and stderr (`router.log` for the router)
 //! DIR/logs/<name>.postgres.log   each server's Postgres log
+//! DIR/tls/                       the cluster's CA and every process's certificate (`pki`)
+//! DIR/admin-token                with `--admin-token`: the bearer token `/init`, `/add`, `/rm` need
 //! ```
+//! Internal traffic (router → servers, server → server, operator → servers, router → operator)
+//! is mutual TLS under the cluster's CA by default (`pki`); the router's client port stays plain
+//! HTTP on 127.0.0.1, as the seed's clients expect.
 //! Reusing a data directory keeps every server's data; the new topology is the one left behind
 //! (primaries, copy states and identities, moves half done) with the servers' new URLs and a
 //! higher epoch, so nothing that remembers the old epoch rejects it and healing and moves resume.
@@ -31,6 +36,7 @@ pub mod admin;
 pub mod declared;
 pub mod healer;
 mod membership;
+pub mod pki;
 pub mod postgres;
 pub mod spec;
 pub mod supervisor;
@@ -40,8 +46,10 @@ use crate::brain::topology::{TopologyBuildError, fresh_topology};
 use crate::brain::validate::{SpecError, ValidatedDb, natural_key};
 pub use declared::Declared;
 use declared::initial_declaration;
+use pki::{LocalPki, PkiError};
 use postgres::{PostgresError, PostgresInfo, ServerPostgres};
 use serde::{Deserialize, Serialize};
+use shard_server::tls::{Component, Credentials};
 use shard_server::topology::Topology;
 use spec::SpecFileError;
 use std::collections::BTreeMap;
@@ -59,6 +67,10 @@ pub const ROUTER_BIN: &str = "sharddb-router";
 pub const ROUTER: &str = "router";
 /// The declared configuration's file in the data directory.
 pub const DECLARED_FILE: &str = "declared.json";
+/// The admin verbs' bearer token, with `--admin-token`.
+pub const ADMIN_TOKEN_FILE: &str = "admin-token";
+/// How often certificates are checked for renewal while running.
+const RENEW_CHECK: Duration = Duration::from_secs(60);
 /// How long a freshly started process may take to answer its health check.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -76,6 +88,11 @@ pub struct LocalOptions {
     pub bin_dir: PathBuf,
     /// Where the PostgreSQL binaries are; found automatically when absent.
     pub pg_bin: Option<PathBuf>,
+    /// Mutual TLS between the cluster's processes (default); off, a per-cluster secret
+    /// authenticates them without encryption (to measure what TLS costs).
+    pub internal_tls: bool,
+    /// The router's `/init`, `/add` and `/rm` need `Authorization: Bearer <DIR/admin-token>`.
+    pub admin_token: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -125,8 +142,10 @@ pub enum LocalError {
         #[source]
         source: SpecError,
     },
-    #[error("unknown control verb {0:?} (kill, stop, start, wipe, stop-postgres, start-postgres)")]
+    #[error("unknown control verb {0:?} (kill, stop, start, wipe, stop-postgres, start-postgres, renew-certs)")]
     UnknownControl(String),
+    #[error(transparent)]
+    Pki(#[from] PkiError),
 }
 
 /// `cluster.json`: where everything runs, for people and scripts.
@@ -142,6 +161,30 @@ pub struct ClusterInfo {
     pub topology: PathBuf,
     /// In server id order.
     pub servers: Vec<ServerInfo>,
+    /// How the processes authenticate each other (where the credentials are; never a secret).
+    pub internal: InternalInfo,
+}
+
+/// `cluster.json`'s description of internal authentication.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InternalInfo {
+    /// Mutual TLS under the cluster's CA; false: a per-cluster secret, unencrypted.
+    pub tls: bool,
+    /// The CA certificate servers are checked against (with TLS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<PathBuf>,
+    /// The operator's certificate directory (`tls.crt`, `tls.key`, `ca.crt`): what a person or a
+    /// test presents to call a shard server directly (with TLS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operator_tls_dir: Option<PathBuf>,
+    /// The file holding the per-cluster secret (TLS off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<PathBuf>,
+    /// The database every identity names (`local/sharddb`).
+    pub database: String,
+    /// The file holding the admin verbs' bearer token, when the router requires one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin_token_file: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -176,14 +219,18 @@ pub async fn run_local(opts: LocalOptions) -> Result<(), LocalError> {
     let declared = initial_declaration(&dir, opts.spec.as_deref())?;
     // Printed for people and scripts: this and the URL line are the command's output.
     println!("sharddb data directory: {}", dir.display());
-    tracing::info!(dir = %dir.display(), configured = declared.is_some(), "starting local cluster");
+    tracing::info!(dir = %dir.display(), configured = declared.is_some(), internal_tls = opts.internal_tls, "starting local cluster");
+    let pki = LocalPki::open(&dir, opts.internal_tls)?;
+    let credentials = pki.operator_credentials()?;
+    let admin_token = if opts.admin_token { Some(admin_token(&dir)?) } else { None };
 
     let admin_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(LocalError::NoFreePort)?;
-    let control_url = format!("http://{}", admin_listener.local_addr().map_err(LocalError::NoFreePort)?);
+    let control_url = format!("{}://{}", pki.scheme(), admin_listener.local_addr().map_err(LocalError::NoFreePort)?);
     let (admin_tx, mut admin_rx) = mpsc::channel(16);
-    let admin_task = admin::serve(admin_listener, admin_tx);
+    let admin_task = admin::serve(admin_listener, &credentials, admin_tx);
 
-    let mut cluster = LocalCluster::new(dir, bins, opts.pg_bin.clone(), control_url);
+    let mut cluster = LocalCluster::new(dir, bins, opts.pg_bin.clone(), control_url, pki, credentials);
+    cluster.admin_token = admin_token;
     cluster.declared = declared;
     // A signal while starting is a request to stop like any other: undo what started, exit 0.
     let started = tokio::select! {
@@ -208,16 +255,19 @@ pub async fn run_local(opts: LocalOptions) -> Result<(), LocalError> {
     use std::io::Write;
     let _ = std::io::stdout().flush();
 
-    let mut healer = match healer::Healer::new(&cluster.dir, cluster.topology_path(), Default::default()) {
-        Ok(h) => h,
-        Err(e) => {
-            admin_task.abort();
-            cluster.shutdown().await;
-            return Err(e);
-        }
-    };
+    let mut healer =
+        match healer::Healer::new(&cluster.dir, cluster.topology_path(), &cluster.credentials, Default::default()) {
+            Ok(h) => h,
+            Err(e) => {
+                admin_task.abort();
+                cluster.shutdown().await;
+                return Err(e);
+            }
+        };
     let mut rounds = tokio::time::interval(healer::ROUND);
     rounds.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut renewals = tokio::time::interval(RENEW_CHECK);
+    renewals.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut changes = cluster.supervisor.changes();
     // A process may have been restarted between the first cluster.json and this subscription;
     // writing once now, after subscribing, means no pid change is ever missed.
@@ -231,6 +281,11 @@ pub async fn run_local(opts: LocalOptions) -> Result<(), LocalError> {
             _ = rounds.tick() => {
                 cluster.reconcile().await;
                 healer.round(&cluster).await;
+            }
+            _ = renewals.tick() => {
+                if let Err(e) = cluster.renew_certificates(false) {
+                    tracing::error!(error = %e, "cannot renew certificates; trying again in a minute");
+                }
             }
             _ = changes.changed() => {
                 if let Err(e) = cluster.write_cluster_file() {
@@ -295,6 +350,26 @@ fn data_dir(given: Option<&Path>) -> Result<PathBuf, LocalError> {
     std::path::absolute(&dir).map_err(|source| LocalError::Io { action: "resolve", path: dir, source })
 }
 
+/// The admin verbs' bearer token: `DIR/admin-token` (0600), generated on first use.
+fn admin_token(dir: &Path) -> Result<PathBuf, LocalError> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let path = dir.join(ADMIN_TOKEN_FILE);
+    let kept = std::fs::read_to_string(&path).is_ok_and(|t| !t.trim().is_empty());
+    if !kept {
+        let token = crate::k8s::build::secret::generate_password();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)
+            .and_then(|mut f| f.write_all(token.as_bytes()))
+            .map_err(|source| LocalError::Io { action: "write", path: path.clone(), source })?;
+    }
+    Ok(path)
+}
+
 /// Creates a directory of ours (and its parents). When we are root, Postgres runs as `postgres`
 /// and must pass through our directories to reach its cluster, so they get the traverse bit
 /// (`o+x`: enter, not list) whatever the umask or `tempfile` chose. A directory above the data
@@ -341,11 +416,13 @@ pub struct LocalServer {
     pub port: u16,
     pub log: PathBuf,
     pub postgres: ServerPostgres,
+    /// `https`, or `http` with internal TLS off.
+    pub scheme: &'static str,
 }
 
 impl LocalServer {
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        format!("{}://127.0.0.1:{}", self.scheme, self.port)
     }
 }
 
@@ -363,11 +440,24 @@ pub struct LocalCluster {
     control_url: String,
     /// `None` until `/init` (or a spec file) configures the database.
     declared: Option<Declared>,
+    /// The cluster's CA and certificates (or its secret, with TLS off).
+    pki: LocalPki,
+    /// The operator's own credentials, which every call to a server presents.
+    credentials: Credentials,
+    /// With `--admin-token`: the file holding the router's admin token.
+    admin_token: Option<PathBuf>,
     http: reqwest::Client,
 }
 
 impl LocalCluster {
-    fn new(dir: PathBuf, bins: Binaries, pg_bin: Option<PathBuf>, control_url: String) -> Self {
+    fn new(
+        dir: PathBuf,
+        bins: Binaries,
+        pg_bin: Option<PathBuf>,
+        control_url: String,
+        pki: LocalPki,
+        credentials: Credentials,
+    ) -> Self {
         LocalCluster {
             dir,
             bins,
@@ -377,8 +467,21 @@ impl LocalCluster {
             router_port: 0,
             control_url,
             declared: None,
-            http: shard_server::api::http_client(Duration::from_secs(2)),
+            pki,
+            http: credentials.http_client(Duration::from_secs(2)),
+            credentials,
+            admin_token: None,
         }
+    }
+
+    /// Issues again every certificate that is due (`force`: all of them); the processes pick
+    /// them up from their files.
+    pub fn renew_certificates(&self, force: bool) -> Result<Vec<String>, LocalError> {
+        let renewed = self.pki.renew_due(self.servers.iter().map(|s| s.name.as_str()), force)?;
+        if !renewed.is_empty() {
+            tracing::info!(?renewed, "certificates renewed");
+        }
+        Ok(renewed)
     }
 
     pub fn dir(&self) -> &Path {
@@ -432,19 +535,20 @@ impl LocalCluster {
         }
         drop(ports);
         let router_log = self.logs_dir().join(format!("{ROUTER}.log"));
-        self.supervisor.spawn(ProcessSpec::new(
-            ROUTER,
-            &self.bins.router,
-            vec![
-                "--listen".into(),
-                format!("127.0.0.1:{}", self.router_port),
-                "--topology-file".into(),
-                self.topology_path().display().to_string(),
-                "--control-url".into(),
-                self.control_url.clone(),
-            ],
-            &router_log,
-        ))?;
+        self.pki.ensure(Component::Router, ROUTER, false)?;
+        let mut args = vec![
+            "--listen".into(),
+            format!("127.0.0.1:{}", self.router_port),
+            "--topology-file".into(),
+            self.topology_path().display().to_string(),
+            "--control-url".into(),
+            self.control_url.clone(),
+        ];
+        args.extend(self.pki.process_args(Component::Router, ROUTER));
+        if let Some(token) = &self.admin_token {
+            args.extend(["--admin-token-file".into(), token.display().to_string()]);
+        }
+        self.supervisor.spawn(ProcessSpec::new(ROUTER, &self.bins.router, args, &router_log))?;
         wait_ready(&self.http, ROUTER, format!("{}/healthz", self.router_url()), &router_log).await?;
         self.write_cluster_file()?;
         Ok(())
@@ -508,6 +612,7 @@ impl LocalCluster {
                     port: *port,
                     log: self.logs_dir().join(format!("{name}.log")),
                     postgres,
+                    scheme: self.pki.scheme(),
                 }),
                 Err(e) => {
                     first_error.get_or_insert(e);
@@ -528,6 +633,7 @@ impl LocalCluster {
 
         self.write_topology(db, placement, previous)?;
         for s in &self.servers {
+            self.pki.ensure(Component::Server, &s.name, false)?;
             self.supervisor.spawn(self.server_process(s))?;
         }
         let http = &self.http;
@@ -541,24 +647,22 @@ impl LocalCluster {
         std::fs::read(self.topology_path()).ok().and_then(|b| Topology::parse(&b).ok())
     }
 
+    /// The process of server `s`; its certificate must have been issued ([`LocalPki::ensure`]).
     pub(super) fn server_process(&self, s: &LocalServer) -> ProcessSpec {
-        ProcessSpec::new(
-            &s.name,
-            &self.bins.shard_server,
-            vec![
-                "--listen".into(),
-                format!("127.0.0.1:{}", s.port),
-                "--name".into(),
-                s.name.clone(),
-                "--database-url".into(),
-                s.postgres.database_url(),
-                "--topology-file".into(),
-                self.topology_path().display().to_string(),
-                "--worker-threads".into(),
-                self.server_worker_threads().to_string(),
-            ],
-            &s.log,
-        )
+        let mut args = vec![
+            "--listen".into(),
+            format!("127.0.0.1:{}", s.port),
+            "--name".into(),
+            s.name.clone(),
+            "--database-url".into(),
+            s.postgres.database_url(),
+            "--topology-file".into(),
+            self.topology_path().display().to_string(),
+            "--worker-threads".into(),
+            self.server_worker_threads().to_string(),
+        ];
+        args.extend(self.pki.process_args(Component::Server, &s.name));
+        ProcessSpec::new(&s.name, &self.bins.shard_server, args, &s.log)
     }
 
     /// Every shard server of local mode shares this machine, so each gets its share of the CPUs
@@ -627,19 +731,35 @@ impl LocalCluster {
                     postgres: s.postgres.info(),
                 })
                 .collect(),
+            internal: InternalInfo {
+                tls: self.pki.tls(),
+                ca: self.pki.ca_file(),
+                operator_tls_dir: self.pki.tls().then(|| self.pki.component_dir(Component::Operator, "operator")),
+                token_file: self.pki.token_file(),
+                database: self.pki.database().to_string(),
+                admin_token_file: self.admin_token.clone(),
+            },
         }
     }
 
-    /// Writes `cluster.json` atomically (temporary file + rename).
+    /// Writes `cluster.json` atomically (temporary file + rename), readable by our user alone: it
+    /// holds no secret, but it maps every port of the cluster.
     pub fn write_cluster_file(&self) -> Result<(), LocalError> {
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
         let path = self.cluster_file();
         let tmp = path.with_extension("json.tmp");
         let json = serde_json::to_string_pretty(&self.cluster_info()).expect("cluster info serialises");
-        std::fs::write(&tmp, json + "\n").and_then(|()| std::fs::rename(&tmp, &path)).map_err(|source| LocalError::Io {
-            action: "write",
-            path,
-            source,
-        })
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .and_then(|mut f| f.write_all((json + "\n").as_bytes()))
+            .and_then(|()| std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600)))
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .map_err(|source| LocalError::Io { action: "write", path, source })
     }
 
     fn known(&self, name: &str) -> Result<&LocalServer, LocalError> {

@@ -250,7 +250,7 @@ pub fn test_config() -> Config {
             backoff_min: Duration::from_millis(10),
             backoff_max: Duration::from_millis(100),
         },
-        control_url: None,
+        ..Config::default()
     }
 }
 

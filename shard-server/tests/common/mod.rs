@@ -1,14 +1,18 @@
 //! Test harness: shard servers served in-process on real TCP ports, each over its own database in
 //! one throwaway Postgres cluster, each following its own topology file (so a test can let one
-//! server lag behind a topology change, as a slow ConfigMap watch would).
+//! server lag behind a topology change, as a slow ConfigMap watch would). They serve mutual TLS
+//! under a CA of the test (`pki`), each with its own certificate, as in production; the test
+//! speaks to them with the operator's certificate unless it asks for another.
 
 #![allow(dead_code)]
 
 use localpg::LocalPg;
-use shard_server::api::{ShardClient, http_client, install_crypto_provider};
+use shard_server::api::{ShardClient, install_crypto_provider};
 use shard_server::db::Db;
 use shard_server::node::{Node, NodeConfig};
 use shard_server::schema::{DType, SchemaSpec};
+use shard_server::tls::testing::TestPki;
+use shard_server::tls::{Component, Credentials, Identity, TlsListener, TlsPeer};
 use shard_server::topology::{ReplicaState, ServerEntry, ShardEntry, TOPOLOGY_VERSION, Topology};
 use shard_server::topology_source::{watch_file, write_atomic};
 use std::collections::BTreeMap;
@@ -27,7 +31,10 @@ pub struct Cluster {
     /// Row cache budget of every server (restarts included).
     pub cache_rows: usize,
     pub servers: Vec<Server>,
+    /// The operator's client: accepted by every internal endpoint.
     pub http: reqwest::Client,
+    /// The database's CA.
+    pub pki: TestPki,
 }
 
 pub struct Server {
@@ -41,7 +48,7 @@ pub struct Server {
 
 impl Server {
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("https://{}", self.addr)
     }
 }
 
@@ -130,6 +137,7 @@ impl Cluster {
         for s in &servers {
             write_atomic(&s.topology_path, &topology).unwrap();
         }
+        let pki = TestPki::new("test", "students");
         let mut c = Cluster {
             pg,
             dir,
@@ -137,7 +145,8 @@ impl Cluster {
             lease: (lease, renew),
             cache_rows,
             servers,
-            http: http_client(Duration::from_secs(30)),
+            http: pki.credentials(Component::Operator, "operator").http_client(Duration::from_secs(30)),
+            pki,
         };
         for (i, l) in listeners.into_iter().enumerate() {
             c.serve(i, l).await;
@@ -155,10 +164,13 @@ impl Cluster {
             lease: self.lease.0,
             lease_renew: self.lease.1,
             cache_rows: self.cache_rows,
+            credentials: self.pki.credentials(Component::Server, &s.name),
         };
+        let Credentials::Tls(tls) = &config.credentials else { unreachable!("test servers use TLS") };
+        let listener = TlsListener::new(listener, tls.server_config());
         let node = Node::new(config, db, watch_file(s.topology_path.clone()));
         node.start().await.unwrap();
-        let app = shard_server::app(Arc::clone(&node));
+        let app = shard_server::app(Arc::clone(&node)).into_make_service_with_connect_info::<TlsPeer>();
         s.task = Some(tokio::spawn(async move {
             axum::serve(listener, app).await.unwrap();
         }));
@@ -219,6 +231,17 @@ impl Cluster {
 
     pub fn client(&self, i: usize) -> ShardClient {
         ShardClient::new(self.http.clone(), self.servers[i].url())
+    }
+
+    /// A client of server `i` presenting a certificate of this database's CA for `identity`.
+    pub fn client_as(&self, i: usize, identity: Identity) -> ShardClient {
+        let http = self.pki.credentials_of(identity).http_client(Duration::from_secs(30));
+        ShardClient::new(http, self.servers[i].url())
+    }
+
+    /// A client of server `i` presenting no certificate at all (it still checks the server's).
+    pub fn anonymous_client(&self, i: usize) -> ShardClient {
+        ShardClient::new(self.pki.anonymous_http(Duration::from_secs(30)), self.servers[i].url())
     }
 
     pub fn url(&self, i: usize, path: &str) -> String {

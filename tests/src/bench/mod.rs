@@ -77,6 +77,8 @@ pub struct Options {
     /// With `router`: the Postgres databases for the baseline (server i uses `[i % len]`).
     pub baseline_dbs: Vec<String>,
     pub quick: bool,
+    /// Whether local clusters use mutual TLS between their processes (their default).
+    pub internal_tls: bool,
 }
 
 impl Options {
@@ -89,6 +91,7 @@ impl Options {
             router: None,
             baseline_dbs: Vec::new(),
             quick: false,
+            internal_tls: true,
         }
     }
 }

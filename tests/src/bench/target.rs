@@ -33,6 +33,11 @@ pub struct Target {
 }
 
 impl Target {
+    /// A client the shard servers of a local cluster answer (the operator's credentials).
+    pub fn server_http(&self) -> Option<&reqwest::Client> {
+        self.cluster.as_ref().map(|c| &c.http)
+    }
+
     /// Starts a local cluster of `shape` (or reaches `opts.router`), waits until it serves, takes
     /// its memory and idle CPU at rest, and prepares the baseline over its databases.
     pub async fn open(opts: &Options, http: &reqwest::Client, workload: &str, shape: Option<Shape>) -> Result<Target> {
@@ -47,7 +52,8 @@ impl Target {
                 let dir = tempfile::Builder::new().prefix("sharddb-bench-spec-").tempdir()?;
                 let spec = dir.path().join(format!("{workload}.yaml"));
                 std::fs::write(&spec, shape.yaml())?;
-                let cluster = tokio::task::spawn_blocking(move || LocalCluster::start(&spec))
+                let args: &[&str] = if opts.internal_tls { &[] } else { &["--internal-tls=false"] };
+                let cluster = tokio::task::spawn_blocking(move || LocalCluster::start_with(&spec, args))
                     .await
                     .context("starting the local cluster")??;
                 let layout = Layout::from_cluster(&cluster.cluster_file()?)?;

@@ -44,6 +44,10 @@ struct Args {
     /// i mod count). Without them the baseline is skipped.
     #[arg(long = "baseline-db", num_args = 1.., value_delimiter = ',')]
     baseline_db: Vec<String>,
+    /// Local clusters speak mutual TLS between their processes (the default); `--internal-tls=false`
+    /// starts them without, to measure what TLS costs (same workloads, compare the ratios).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    internal_tls: bool,
 }
 
 #[tokio::main]
@@ -66,6 +70,7 @@ async fn main() -> Result<()> {
     opts.copy_rows = args.copy_rows.unwrap_or(if args.quick { 20_000 } else { 200_000 }).max(1);
     opts.router = args.router.clone();
     opts.baseline_dbs = args.baseline_db.clone();
+    opts.internal_tls = args.internal_tls;
 
     if opts.router.is_none() {
         let dir = tests::bin_dir();
