@@ -187,6 +187,32 @@ fn runs_the_students_example_restarts_a_killed_server_and_stops_cleanly() {
     assert_eq!(mode(&data.path().join("tls")), 0o700);
     assert_eq!(mode(&data.path().join("tls/ca.key")), 0o600);
 
+    // Every server's Postgres authenticates: a password kept 0600 in the data directory, in no
+    // command line and not in cluster.json; without it no connection is made.
+    let password_file = data.path().join("postgres-password");
+    assert_eq!(mode(&password_file), 0o600);
+    let password = std::fs::read_to_string(&password_file).unwrap().trim().to_owned();
+    assert!(password.len() >= 32);
+    let cluster_json = std::fs::read_to_string(data.path().join("cluster.json")).unwrap();
+    assert!(!cluster_json.contains(&password), "cluster.json holds no secret");
+    for &pid in &pids {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+        assert!(!String::from_utf8_lossy(&cmdline).contains(&password), "pid {pid}'s command line holds no password");
+    }
+    let pg = &cluster.servers[0].postgres;
+    assert_eq!(pg.password_file.as_deref(), Some(password_file.as_path()));
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        use sqlx::Connection as _;
+        let refused = sqlx::PgConnection::connect(&pg.url).await.unwrap_err().to_string();
+        assert!(refused.contains("password"), "{refused}");
+        let wrong = pg.url.replacen("postgres@", "postgres:wrong@", 1);
+        let refused = sqlx::PgConnection::connect(&wrong).await.unwrap_err().to_string();
+        assert!(refused.contains("password authentication failed"), "{refused}");
+        let right = pg.url.replacen("postgres@", &format!("postgres:{password}@"), 1);
+        sqlx::PgConnection::connect(&right).await.expect("the password opens it").close().await.unwrap();
+    });
+
     // A shard server killed outright comes back on the same port, with a new pid.
     let victim = &cluster.servers[2];
     let old = victim.pid.unwrap();

@@ -22,6 +22,10 @@ struct Args {
     /// Postgres database holding this server's shards.
     #[arg(long, env = "DATABASE_URL")]
     database_url: String,
+    /// A file holding the Postgres password, added to --database-url (so it is in neither the
+    /// command line nor the environment, which other users may read).
+    #[arg(long, env = "SHARDDB_DATABASE_PASSWORD_FILE")]
+    database_password_file: Option<PathBuf>,
     /// Topology document to follow (local mode). Without it the server only serves shards
     /// configured with POST /config.
     #[arg(long, env = "SHARDDB_TOPOLOGY_FILE", conflicts_with = "topology_configmap")]
@@ -82,7 +86,15 @@ async fn serve(args: Args) -> anyhow::Result<()> {
              --internal-token-file and --database"
         )
     })?;
-    let db = Db::connect_patiently(&args.database_url, args.db_connections, Duration::from_secs(60)).await?;
+    let database_url = match &args.database_password_file {
+        Some(file) => {
+            let password = std::fs::read_to_string(file)
+                .map_err(|e| anyhow::anyhow!("cannot read the database password file {}: {e}", file.display()))?;
+            with_password(&args.database_url, password.trim())?
+        }
+        None => args.database_url.clone(),
+    };
+    let db = Db::connect_patiently(&database_url, args.db_connections, Duration::from_secs(60)).await?;
     let topology = match (&args.topology_file, &args.topology_configmap) {
         (Some(p), _) => topology_source::watch_file(p.clone()),
         (None, Some((namespace, name))) => {
@@ -125,6 +137,13 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `url` with `password` set (percent-encoded as a URL needs).
+fn with_password(url: &str, password: &str) -> anyhow::Result<String> {
+    let mut url = url::Url::parse(url).map_err(|e| anyhow::anyhow!("--database-url is not a URL: {e}"))?;
+    url.set_password(Some(password)).map_err(|()| anyhow::anyhow!("--database-url cannot hold a password"))?;
+    Ok(url.into())
+}
+
 async fn shutdown() {
     let ctrl_c = tokio::signal::ctrl_c();
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
@@ -133,4 +152,13 @@ async fn shutdown() {
         _ = term.recv() => {}
     }
     tracing::info!("shutting down");
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_password_is_added_encoded() {
+        let url = super::with_password("postgres://postgres@127.0.0.1:5432/sharddb", "a/b@c d").unwrap();
+        assert_eq!(url, "postgres://postgres:a%2Fb%40c%20d@127.0.0.1:5432/sharddb");
+    }
 }

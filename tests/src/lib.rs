@@ -78,7 +78,21 @@ pub struct PostgresProcess {
     pub port: u16,
     pub pid: Option<u32>,
     pub data_dir: PathBuf,
+    /// Without the password (cluster.json holds no secret).
     pub url: String,
+    /// The file holding the password.
+    pub password_file: Option<PathBuf>,
+}
+
+impl PostgresProcess {
+    /// A URL to connect with: `url` plus the password from its file.
+    pub fn connect_url(&self) -> Result<String> {
+        let Some(file) = &self.password_file else { return Ok(self.url.clone()) };
+        let password = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+        let mut url = url::Url::parse(&self.url)?;
+        url.set_password(Some(password.trim())).map_err(|()| anyhow::anyhow!("{} cannot hold a password", self.url))?;
+        Ok(url.into())
+    }
 }
 
 /// Where the workspace's binaries are: `SHARDDB_BIN_DIR`, else the cargo target directory this
@@ -117,6 +131,11 @@ impl LocalCluster {
     /// Starts `sharddb-operator local` with no spec: only the router, waiting for `POST /init`.
     pub fn empty() -> Result<LocalCluster> {
         LocalCluster::launch(None)
+    }
+
+    /// Starts `sharddb-operator local` with no spec and extra flags (e.g. `--admin-token`).
+    pub fn empty_with(args: &[&str]) -> Result<LocalCluster> {
+        LocalCluster::launch_with(None, args)
     }
 
     /// Starts `sharddb-operator local` on a spec file with extra flags (e.g. `--internal-tls=false`).

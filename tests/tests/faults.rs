@@ -593,7 +593,7 @@ async fn a_delete_is_acknowledged_only_once_every_ready_replica_has_it() -> Resu
     ensure!(st == 200, "{body}");
     let t = topology(&c)?;
     let (replica, _) = replica_and_primary(&t, 0);
-    let pg = c.cluster_file()?.servers.iter().find(|s| s.name == replica).context("replica")?.postgres.url.clone();
+    let pg = c.cluster_file()?.servers.iter().find(|s| s.name == replica).context("replica")?.postgres.connect_url()?;
     let mut conn = sqlx::PgConnection::connect(&pg).await?;
     let refuse = [
         "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'refused'; END $$",

@@ -30,7 +30,7 @@ async fn a_million_row_snapshot_streams_in_bounded_memory() -> anyhow::Result<()
     let pid = server.pid.expect("server runs");
 
     // Load straight into the shard's table: the write path is not what is measured here.
-    let db = sqlx::PgPool::connect(&server.postgres.url).await?;
+    let db = sqlx::PgPool::connect(&server.postgres.connect_url()?).await?;
     sqlx::query(
         "INSERT INTO \"shard_sh1\" SELECT g, 'name-' || g || repeat('x', $2), g % 100 FROM generate_series(0, $1 - 1) g",
     )

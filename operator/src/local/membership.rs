@@ -25,7 +25,7 @@ impl LocalCluster {
         make_dir(&dir)?;
         let log = self.logs_dir().join(format!("{name}.postgres.log"));
         drop(pg_port);
-        let postgres = ServerPostgres::open(name, &dir.join("pgdata"), &log, pg, self.pg_bin.as_deref(), None).await?;
+        let postgres = ServerPostgres::open(name, &dir.join("pgdata"), &log, pg, &self.pg, None).await?;
         let server = LocalServer {
             name: name.to_owned(),
             port,

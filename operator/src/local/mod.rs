@@ -16,6 +16,8 @@
 //! DIR/logs/<name>.postgres.log   each server's Postgres log
 //! DIR/tls/                       the cluster's CA and every process's certificate (`pki`)
 //! DIR/admin-token                with `--admin-token`: the bearer token `/init`, `/add`, `/rm` need
+//! DIR/postgres-password          the password every server's Postgres authenticates with
+//!                                (`scram-sha-256`; generated, 0600)
 //! ```
 //! Internal traffic (router → servers, server → server, operator → servers, router → operator)
 //! is mutual TLS under the cluster's CA by default (`pki`); the router's client port stays plain
@@ -47,7 +49,7 @@ use crate::brain::validate::{SpecError, ValidatedDb, natural_key};
 pub use declared::Declared;
 use declared::initial_declaration;
 use pki::{LocalPki, PkiError};
-use postgres::{PostgresError, PostgresInfo, ServerPostgres};
+use postgres::{PgSettings, PostgresError, PostgresInfo, ServerPostgres};
 use serde::{Deserialize, Serialize};
 use shard_server::tls::{Component, Credentials};
 use shard_server::topology::Topology;
@@ -69,6 +71,8 @@ pub const ROUTER: &str = "router";
 pub const DECLARED_FILE: &str = "declared.json";
 /// The admin verbs' bearer token, with `--admin-token`.
 pub const ADMIN_TOKEN_FILE: &str = "admin-token";
+/// The servers' Postgres password.
+pub const POSTGRES_PASSWORD_FILE: &str = "postgres-password";
 /// How often certificates are checked for renewal while running.
 const RENEW_CHECK: Duration = Duration::from_secs(60);
 /// How long a freshly started process may take to answer its health check.
@@ -222,14 +226,16 @@ pub async fn run_local(opts: LocalOptions) -> Result<(), LocalError> {
     tracing::info!(dir = %dir.display(), configured = declared.is_some(), internal_tls = opts.internal_tls, "starting local cluster");
     let pki = LocalPki::open(&dir, opts.internal_tls)?;
     let credentials = pki.operator_credentials()?;
-    let admin_token = if opts.admin_token { Some(admin_token(&dir)?) } else { None };
+    let admin_token = if opts.admin_token { Some(private_secret(&dir, ADMIN_TOKEN_FILE)?.0) } else { None };
+    let (pg_password_file, pg_password) = private_secret(&dir, POSTGRES_PASSWORD_FILE)?;
+    let pg = PgSettings { bin: opts.pg_bin.clone(), password: Some((pg_password, pg_password_file)) };
 
     let admin_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(LocalError::NoFreePort)?;
     let control_url = format!("{}://{}", pki.scheme(), admin_listener.local_addr().map_err(LocalError::NoFreePort)?);
     let (admin_tx, mut admin_rx) = mpsc::channel(16);
     let admin_task = admin::serve(admin_listener, &credentials, admin_tx);
 
-    let mut cluster = LocalCluster::new(dir, bins, opts.pg_bin.clone(), control_url, pki, credentials);
+    let mut cluster = LocalCluster::new(dir, bins, pg, control_url, pki, credentials);
     cluster.admin_token = admin_token;
     cluster.declared = declared;
     // A signal while starting is a request to stop like any other: undo what started, exit 0.
@@ -350,24 +356,27 @@ fn data_dir(given: Option<&Path>) -> Result<PathBuf, LocalError> {
     std::path::absolute(&dir).map_err(|source| LocalError::Io { action: "resolve", path: dir, source })
 }
 
-/// The admin verbs' bearer token: `DIR/admin-token` (0600), generated on first use.
-fn admin_token(dir: &Path) -> Result<PathBuf, LocalError> {
+/// A secret of the cluster kept in `DIR/<file>` (0600), generated on first use: its file and
+/// value. A run on the same data directory reuses it.
+fn private_secret(dir: &Path, file: &str) -> Result<(PathBuf, String), LocalError> {
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt as _;
-    let path = dir.join(ADMIN_TOKEN_FILE);
-    let kept = std::fs::read_to_string(&path).is_ok_and(|t| !t.trim().is_empty());
-    if !kept {
-        let token = crate::k8s::build::secret::generate_password();
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&path)
-            .and_then(|mut f| f.write_all(token.as_bytes()))
-            .map_err(|source| LocalError::Io { action: "write", path: path.clone(), source })?;
+    let path = dir.join(file);
+    if let Ok(kept) = std::fs::read_to_string(&path)
+        && !kept.trim().is_empty()
+    {
+        return Ok((path, kept.trim().to_owned()));
     }
-    Ok(path)
+    let secret = crate::k8s::build::secret::generate_password();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)
+        .and_then(|mut f| f.write_all(secret.as_bytes()))
+        .map_err(|source| LocalError::Io { action: "write", path: path.clone(), source })?;
+    Ok((path, secret))
 }
 
 /// Creates a directory of ours (and its parents). When we are root, Postgres runs as `postgres`
@@ -431,7 +440,8 @@ impl LocalServer {
 pub struct LocalCluster {
     dir: PathBuf,
     bins: Binaries,
-    pg_bin: Option<PathBuf>,
+    /// How each server's Postgres is made (binaries, password).
+    pg: PgSettings,
     supervisor: Supervisor,
     /// In server id order.
     servers: Vec<LocalServer>,
@@ -453,7 +463,7 @@ impl LocalCluster {
     fn new(
         dir: PathBuf,
         bins: Binaries,
-        pg_bin: Option<PathBuf>,
+        pg: PgSettings,
         control_url: String,
         pki: LocalPki,
         credentials: Credentials,
@@ -461,7 +471,7 @@ impl LocalCluster {
         LocalCluster {
             dir,
             bins,
-            pg_bin,
+            pg,
             supervisor: Supervisor::new(),
             servers: Vec::new(),
             router_port: 0,
@@ -592,7 +602,7 @@ impl LocalCluster {
                 })?;
             }
             make_dir(&t)?;
-            ServerPostgres::init_template(&t.join("pgdata"), self.pg_bin.as_deref()).await?;
+            ServerPostgres::init_template(&t.join("pgdata"), &self.pg).await?;
             Some(t)
         } else {
             None
@@ -600,8 +610,8 @@ impl LocalCluster {
         let opening = planned.iter().map(|(name, _, pg_port)| {
             let log = self.logs_dir().join(format!("{name}.postgres.log"));
             let template = template.as_ref().map(|t| t.join("pgdata"));
-            let (data_dir, pg_bin) = (pgdata(name), self.pg_bin.as_deref());
-            async move { ServerPostgres::open(name, &data_dir, &log, *pg_port, pg_bin, template.as_deref()).await }
+            let (data_dir, settings) = (pgdata(name), &self.pg);
+            async move { ServerPostgres::open(name, &data_dir, &log, *pg_port, settings, template.as_deref()).await }
         });
         // Keep every cluster that did start, so a failure elsewhere still stops it on shutdown.
         let mut first_error = None;
@@ -661,6 +671,9 @@ impl LocalCluster {
             "--worker-threads".into(),
             self.server_worker_threads().to_string(),
         ];
+        if let Some(file) = s.postgres.password_file() {
+            args.extend(["--database-password-file".into(), file.display().to_string()]);
+        }
         args.extend(self.pki.process_args(Component::Server, &s.name));
         ProcessSpec::new(&s.name, &self.bins.shard_server, args, &s.log)
     }

@@ -31,8 +31,12 @@ pub struct PostgresInfo {
     /// The postmaster's pid; `null` while stopped.
     pub pid: Option<u32>,
     pub data_dir: PathBuf,
+    /// Without the password: see `password_file`.
     pub url: String,
     pub log: PathBuf,
+    /// The file holding the password (`scram-sha-256`), readable by the operator's user alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
 }
 
 /// One server's Postgres. Clones share the cluster; the last one dropped stops it.
@@ -40,6 +44,16 @@ pub struct PostgresInfo {
 pub struct ServerPostgres {
     server: String,
     pg: Arc<Mutex<LocalPg>>,
+    /// Where the password is kept, when there is one.
+    password_file: Option<PathBuf>,
+}
+
+/// How every server's Postgres of a cluster is made: where the binaries are, and the superuser's
+/// password (kept in `file`, 0600) that each authenticates with (`scram-sha-256`).
+#[derive(Clone, Debug, Default)]
+pub struct PgSettings {
+    pub bin: Option<PathBuf>,
+    pub password: Option<(String, PathBuf)>,
 }
 
 impl ServerPostgres {
@@ -50,14 +64,15 @@ impl ServerPostgres {
         data_dir: &Path,
         log: &Path,
         port: u16,
-        pg_bin: Option<&Path>,
+        settings: &PgSettings,
         template: Option<&Path>,
     ) -> Result<Self, PostgresError> {
         let mut opts = Options::new(data_dir);
         opts.log_file = Some(log.to_owned());
         opts.port = Some(port);
-        opts.bin_dir = pg_bin.map(Path::to_owned);
+        opts.bin_dir = settings.bin.clone();
         opts.template = template.map(Path::to_owned);
+        opts.password = settings.password.as_ref().map(|(p, _)| p.clone());
         let name = server.to_owned();
         let pg = tokio::task::spawn_blocking(move || -> Result<LocalPg, (&'static str, PgError)> {
             let mut pg = LocalPg::new(opts).map_err(|e| ("initialise", e))?;
@@ -69,14 +84,16 @@ impl ServerPostgres {
         .map_err(|_| PostgresError::Panicked { server: name.clone() })?
         .map_err(|(action, source)| PostgresError::Pg { action, server: name.clone(), source })?;
         tracing::info!(server, port, data_dir = %data_dir.display(), "postgres ready");
-        Ok(ServerPostgres { server: name, pg: Arc::new(Mutex::new(pg)) })
+        let password_file = settings.password.as_ref().map(|(_, f)| f.clone());
+        Ok(ServerPostgres { server: name, pg: Arc::new(Mutex::new(pg)), password_file })
     }
 
     /// Runs `initdb` in `data_dir` (unless it holds a cluster) without starting a server: a
     /// template for [`ServerPostgres::open`].
-    pub async fn init_template(data_dir: &Path, pg_bin: Option<&Path>) -> Result<(), PostgresError> {
+    pub async fn init_template(data_dir: &Path, settings: &PgSettings) -> Result<(), PostgresError> {
         let mut opts = Options::new(data_dir);
-        opts.bin_dir = pg_bin.map(Path::to_owned);
+        opts.bin_dir = settings.bin.clone();
+        opts.password = settings.password.as_ref().map(|(p, _)| p.clone());
         let template = || data_dir.display().to_string();
         tokio::task::spawn_blocking(move || LocalPg::new(opts).map(drop))
             .await
@@ -88,9 +105,14 @@ impl ServerPostgres {
         &self.server
     }
 
-    /// The URL the shard server connects to.
+    /// The URL the shard server connects to (without the password).
     pub fn database_url(&self) -> String {
         self.lock().url(DATABASE)
+    }
+
+    /// The file holding the password the shard server adds to [`ServerPostgres::database_url`].
+    pub fn password_file(&self) -> Option<&Path> {
+        self.password_file.as_deref()
     }
 
     pub fn info(&self) -> PostgresInfo {
@@ -101,6 +123,7 @@ impl ServerPostgres {
             data_dir: pg.data_dir().to_owned(),
             url: pg.url(DATABASE),
             log: pg.log_file().to_owned(),
+            password_file: self.password_file.clone(),
         }
     }
 
