@@ -91,6 +91,10 @@ pub struct ShardedDatabaseSpec {
     /// Compute resources per container kind; none are requested when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourcesSpec>,
+    /// The database's certificates. Traffic between its servers, routers and the operator is
+    /// always mutual TLS; this chooses the CA and whether clients reach the router over TLS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsSpec>,
 }
 
 /// The table's columns, in the seed's format.
@@ -150,6 +154,25 @@ pub struct RouterSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub replicas: Option<u32>,
+}
+
+/// The database's certificates.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TlsSpec {
+    /// A Secret in the database's namespace holding the CA that signs the database's
+    /// certificates, as `tls.crt` and `tls.key` (a `kubernetes.io/tls` Secret; cert-manager
+    /// writes one for a `Certificate` with `isCA: true`). The CA must serve sharddb alone:
+    /// whoever can obtain a certificate from it can act as any component of the databases it
+    /// signs for. Default: the operator makes a CA and keeps it in the Secret `<name>-ca`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub ca_secret_name: Option<String>,
+    /// Serve the router's client port over HTTPS, with a certificate of the database's CA for
+    /// the router Service's DNS names; clients check it against `ca.crt` of the Secret
+    /// `<name>-router-tls`. Default false: plain HTTP, which the seed's clients speak.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_tls: Option<bool>,
 }
 
 /// Persistent storage per server.

@@ -6,8 +6,11 @@
 //! Database `students`: shards sh1 (primary Server0, copy on Server1) and sh2 (primary Server2,
 //! copy on Server0), per the count-mode placement of 2 shards × 2 replicas on 3 servers.
 //!
-//! The admin verbs go through the operator's admin endpoint (`k8s::admin`), served here as in
-//! `sharddb-operator run`; the spec changes they make are carried out by the healer's moves.
+//! The admin verbs go through the operator's admin endpoint (`k8s::admin`), served here over TLS
+//! as in `sharddb-operator run`, with the router certificate the operator put in the routers'
+//! Secret; the spec changes they make are carried out by the healer's moves. Servers present
+//! certificates of the database's CA (the one the operator made in `students-ca`), and the
+//! healer reaches them with its own certificate for the database, as in a cluster.
 
 use fake_apiserver::FakeApiServer;
 use kube::CustomResourceExt;
@@ -18,12 +21,16 @@ use operator::brain::validate::Images;
 use operator::crd::ShardedDatabase;
 use operator::k8s::controller::{Config, Context, Metrics, run};
 use operator::k8s::heal::HealSettings;
+use operator::k8s::pki::OperatorPki;
 use operator::k8s::topology::ServerUrls;
 use serde_json::{Value, json};
-use shard_server::api::{Op, ShardClient, WriteRequest, http_client, install_crypto_provider};
+use shard_server::api::{Op, ShardClient, WriteRequest, install_crypto_provider};
 use shard_server::db::Db;
 use shard_server::node::{Node, NodeConfig};
 use shard_server::schema::{Row, Value as Cell};
+use shard_server::tls::issue::{Ca, LeafRequest};
+use shard_server::tls::source::Pem;
+use shard_server::tls::{Component, Credentials, DatabaseId, Identity, TlsListener, TlsPeer, TlsSource};
 use shard_server::topology::Topology;
 use shard_server::topology_source::watch_configmap;
 use std::collections::BTreeMap;
@@ -44,7 +51,7 @@ struct LocalUrls(BTreeMap<String, String>);
 
 impl ServerUrls for LocalUrls {
     fn url(&self, _db: &str, _namespace: &str, server: &str) -> String {
-        self.0.get(server).cloned().unwrap_or_else(|| "http://127.0.0.1:9".into())
+        self.0.get(server).cloned().unwrap_or_else(|| "https://127.0.0.1:9".into())
     }
 }
 
@@ -61,7 +68,12 @@ struct Harness {
     admin: SocketAddr,
     pg: LocalPg,
     servers: Vec<Server>,
+    /// Presents a certificate of the operator for the database: what the servers answer.
     http: reqwest::Client,
+    /// The operator's CA, kept across operator restarts as its Secret would keep it.
+    pki: Arc<OperatorPki>,
+    /// The database's CA, as the operator made it in `students-ca`.
+    ca: Option<Ca>,
     config: Option<Config>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     operator: Option<JoinHandle<()>>,
@@ -100,14 +112,20 @@ impl Harness {
         api.install_crd(&ShardedDatabase::crd()).unwrap();
         let admin_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin = admin_listener.local_addr().unwrap();
-        let endpoint = operator::k8s::admin::router(api.client(), Images::default());
+        let admin_url = format!("https://{admin}");
+        let pki = OperatorPki::ephemeral(Some(&admin_url));
+        let endpoint = operator::k8s::admin::router(api.client(), Images::default())
+            .into_make_service_with_connect_info::<TlsPeer>();
+        let admin_listener = TlsListener::new(admin_listener, pki.admin_tls().server_config());
         tokio::spawn(async move { axum::serve(admin_listener, endpoint).await.unwrap() });
         let mut h = Harness {
             api,
             admin,
             pg,
             servers: Vec::new(),
-            http: http_client(Duration::from_secs(30)),
+            http: shard_server::api::http_client(Duration::from_secs(30)),
+            pki,
+            ca: None,
             config: None,
             stop: None,
             operator: None,
@@ -121,18 +139,14 @@ impl Harness {
             h.servers.push(Server { name: format!("Server{i}"), addr, db_url: h.pg.url(&db), task: None });
             listeners.push(listener);
         }
-        for (i, l) in listeners.into_iter().enumerate().take(3) {
-            h.serve(i, l).await;
-        }
-
-        let urls = h.servers.iter().map(|s| (s.name.clone(), format!("http://{}", s.addr))).collect();
+        let urls = h.servers.iter().map(|s| (s.name.clone(), format!("https://{}", s.addr))).collect();
         // Shorter than the defaults (3 s) to keep the test quick, long enough that a probe slowed
         // down by a busy machine is not mistaken for an outage.
         let settings = Settings { failover_after: Duration::from_secs(2), demote_after: Duration::from_secs(2) };
         let config = Config {
             server_urls: Arc::new(LocalUrls(urls)),
             healing: Some(HealSettings { plan: settings, round: Duration::from_millis(200) }),
-            admin_url: Some(format!("http://{}", h.admin)),
+            admin_url: Some(admin_url),
             ..Config::default()
         };
         h.config = Some(config);
@@ -154,14 +168,32 @@ impl Harness {
         }))
         .unwrap();
         Api::<ShardedDatabase>::namespaced(h.api.client(), NS).create(&PostParams::default(), &db).await.unwrap();
+
+        // The servers' pods start once their certificates exist, as a pod waits for its Secret.
+        assert!(h.api.wait_for(WAIT, |api| secret(api, "students-ca", "ca.key").is_some()).await, "the CA is made");
+        let ca_pem = secret(&h.api, "students-ca", "ca.crt").unwrap();
+        let ca = Ca::from_pem(&ca_pem, &secret(&h.api, "students-ca", "ca.key").unwrap()).unwrap();
+        h.http = credentials(&ca, Identity::operator(students()).unwrap()).http_client(Duration::from_secs(30));
+        h.ca = Some(ca);
+        for (i, l) in listeners.into_iter().enumerate().take(3) {
+            h.serve(i, l).await;
+        }
         h
+    }
+
+    /// A client presenting the routers' certificate, from the Secret the operator made for them,
+    /// and checking the admin endpoint against the operator's CA given there: what a router does.
+    fn router_http(&self) -> reqwest::Client {
+        let key = |k: &str| secret(&self.api, "students-router-tls", k).expect("the routers' Secret");
+        let pem = Pem { cert: key("tls.crt"), key: key("tls.key"), ca: key("operator-ca.crt") };
+        Credentials::Tls(TlsSource::from_pem(pem).unwrap()).http_client(Duration::from_secs(30))
     }
 
     /// Starts the controller and its healer: a fresh operator process, with nothing in memory.
     fn start_operator(&mut self) {
         let mut registry = prometheus_client::registry::Registry::default();
         let config = self.config.clone().expect("configured");
-        let ctx = Context::new(self.api.client(), config, Metrics::new(&mut registry));
+        let ctx = Context::with_pki(self.api.client(), config, Metrics::new(&mut registry), self.pki.clone());
         let (stop, stopped) = tokio::sync::oneshot::channel();
         self.operator = Some(tokio::spawn(run(ctx, async move {
             let _ = stopped.await;
@@ -190,12 +222,16 @@ impl Harness {
             lease: NodeConfig::DEFAULT_LEASE,
             lease_renew: NodeConfig::DEFAULT_LEASE_RENEW,
             cache_rows: NodeConfig::DEFAULT_CACHE_ROWS,
-            credentials: shard_server::tls::testing::TestPki::new(NS, "students")
-                .credentials(shard_server::tls::Component::Server, &s.name),
+            credentials: credentials(
+                self.ca.as_ref().expect("the database's CA"),
+                Identity::new(students(), Component::Server, &s.name).unwrap(),
+            ),
         };
+        let Credentials::Tls(tls) = &config.credentials else { unreachable!() };
+        let listener = TlsListener::new(listener, tls.server_config());
         let node = Node::new(config, db, watch_configmap(self.api.client(), NS, CONFIGMAP));
         node.start().await.unwrap();
-        let app = shard_server::app(node);
+        let app = shard_server::app(node).into_make_service_with_connect_info::<TlsPeer>();
         s.task = Some(tokio::spawn(async move {
             axum::serve(listener, app).await.unwrap();
         }));
@@ -228,12 +264,12 @@ impl Harness {
         let args = router["spec"]["template"]["spec"]["containers"][0]["args"].as_array().unwrap().clone();
         let at = args.iter().position(|a| a == "--control-url").expect("the router has a control URL");
         let control = args[at + 1].as_str().unwrap();
-        assert_eq!(control, format!("http://{}/databases/{NS}/students", self.admin));
+        assert_eq!(control, format!("https://{}/databases/{NS}/students", self.admin));
         self.admin_at(method, &format!("{control}/{verb}"), body).await
     }
 
     async fn admin_at(&self, method: reqwest::Method, url: &str, body: Value) -> (u16, Value) {
-        let response = self.http.request(method, url).json(&body).send().await.unwrap();
+        let response = self.router_http().request(method, url).json(&body).send().await.unwrap();
         (response.status().as_u16(), response.json().await.unwrap())
     }
 
@@ -266,7 +302,7 @@ impl Harness {
     }
 
     fn client(&self, i: usize) -> ShardClient {
-        ShardClient::new(self.http.clone(), format!("http://{}", self.servers[i].addr))
+        ShardClient::new(self.http.clone(), format!("https://{}", self.servers[i].addr))
     }
 
     fn topology(&self) -> Option<Topology> {
@@ -342,6 +378,25 @@ impl Harness {
     }
 }
 
+fn students() -> DatabaseId {
+    DatabaseId::new(NS, "students")
+}
+
+/// A Secret's key, decoded.
+fn secret(api: &FakeApiServer, name: &str, key: &str) -> Option<String> {
+    let o = api.get("secrets", NS, name)?;
+    let bytes: k8s_openapi::ByteString = serde_json::from_value(o["data"][key].clone()).ok()?;
+    String::from_utf8(bytes.0).ok()
+}
+
+/// Credentials of `identity` from the database's CA, serving on the loopback address (the test's
+/// servers are reached at 127.0.0.1 rather than their pods' DNS names).
+fn credentials(ca: &Ca, identity: Identity) -> Credentials {
+    let issued = ca.issue(&LeafRequest::new(identity).on_loopback(), std::time::SystemTime::now()).unwrap();
+    let pem = Pem { cert: issued.cert_pem, key: issued.key_pem, ca: ca.cert_pem().to_owned() };
+    Credentials::Tls(TlsSource::from_pem(pem).unwrap())
+}
+
 fn state(t: &Topology, shard: &str, server: &str) -> Option<String> {
     let state = t.shard(shard)?.replicas.get(server)?;
     Some(serde_json::to_value(state).ok()?.as_str()?.to_owned())
@@ -389,13 +444,14 @@ async fn a_server_that_lost_its_volume_heals_back_to_ready_and_a_quiet_cluster_i
     assert!(h.api.wait_for(WAIT, |_| demoted(&h)).await, "{:?}", h.events("Demoted"));
     let ready = |h: &Harness| h.events("ReplicaReady").iter().any(|n| n.contains("sh1 on Server1 is ready"));
     assert!(h.api.wait_for(WAIT, |_| ready(&h)).await, "{:?}", h.events("ReplicaReady"));
-    assert!(
-        h.api.wait_for(WAIT, |_| h.condition("Ready") == Some(("True".into(), "AllReady".into()))).await,
-        "ready again: {}",
-        h.status()
-    );
+    // The status follows the ConfigMap a reconcile later: wait for the one of this topology (an
+    // AllReady from before the volume was lost would satisfy the condition alone).
+    let current = |h: &Harness| {
+        h.condition("Ready") == Some(("True".into(), "AllReady".into()))
+            && h.status()["topologyEpoch"] == json!(after.epoch)
+    };
+    assert!(h.api.wait_for(WAIT, |_| current(&h)).await, "ready again: {}", h.status());
     assert_eq!(h.shard_status("sh1")["readyReplicas"], json!(["Server0", "Server1"]));
-    assert_eq!(h.status()["topologyEpoch"], json!(after.epoch));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -559,10 +615,11 @@ async fn rm_drains_a_server_before_its_statefulset_goes_and_refused_requests_cha
     let (status, answer) = h.admin(reqwest::Method::POST, "init", init).await;
     assert_eq!(status, 409, "the resource is the configuration: {answer}");
     assert_eq!(h.resource(), before);
-    let elsewhere = format!("http://{}/databases/{NS}/nosuch/rm", h.admin);
+    // A database's router speaks for that database alone.
+    let elsewhere = format!("https://{}/databases/{NS}/nosuch/rm", h.admin);
     let (status, answer) = h.admin_at(reqwest::Method::DELETE, &elsewhere, json!({ "n": 1, "servers": [] })).await;
-    assert_eq!(status, 404, "{answer}");
-    assert!(answer["message"].as_str().unwrap().contains("default/nosuch does not exist"), "{answer}");
+    assert_eq!(status, 403, "{answer}");
+    assert!(answer["message"].as_str().unwrap().contains("only the routers of default/nosuch"), "{answer}");
 
     // Server2 is sh2's primary: its copy moves to Server1 and the primary hands over first.
     let removed = Instant::now();
@@ -611,4 +668,65 @@ async fn rm_drains_a_server_before_its_statefulset_goes_and_refused_requests_cha
         "ready with two servers: {}",
         h.status()
     );
+}
+
+/// The operator's admin endpoint answers the routers of the database named in the path alone:
+/// no certificate, another component's, another database's (even under the same CA) or another
+/// CA's are refused, and the resource is unchanged; the database's router is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_endpoint_answers_only_the_routers_of_the_database_in_its_path() {
+    let h = Harness::start().await;
+    assert!(h.api.wait_for(WAIT, |api| secret(api, "students-router-tls", "tls.crt").is_some()).await);
+    let before = h.resource();
+    let url = format!("https://{}/databases/{NS}/students/add", h.admin);
+    let body = json!({ "n": 1, "new_shards": [], "servers": { "Server3": ["sh1"] } });
+    let operator_ca = secret(&h.api, "students-router-tls", "operator-ca.crt").unwrap();
+    let ca = h.ca.as_ref().unwrap();
+    // A client presenting `identity` signed by `signer`, trusting the admin endpoint's CA.
+    let client = |signer: &Ca, identity: Identity| {
+        let issued = signer.issue(&LeafRequest::new(identity), std::time::SystemTime::now()).unwrap();
+        let pem = Pem { cert: issued.cert_pem, key: issued.key_pem, ca: operator_ca.clone() };
+        Credentials::Tls(TlsSource::from_pem(pem).unwrap()).http_client(Duration::from_secs(10))
+    };
+    let attempt = |http: reqwest::Client| {
+        let (url, body) = (url.clone(), body.clone());
+        async move {
+            match http.post(url).json(&body).send().await {
+                Ok(r) => {
+                    let status = r.status().as_u16();
+                    let body: Value = r.json().await.unwrap_or(Value::Null);
+                    Some((status, body["code"].as_str().map(str::to_owned)))
+                }
+                Err(_) => None,
+            }
+        }
+    };
+    // Trusts the endpoint, presents nothing.
+    let anonymous = {
+        let mut roots = rustls::RootCertStore::empty();
+        use rustls::pki_types::pem::PemObject as _;
+        roots.add(rustls::pki_types::CertificateDer::from_pem_slice(operator_ca.as_bytes()).unwrap()).unwrap();
+        let config = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+        reqwest::Client::builder().tls_backend_preconfigured(config).build().unwrap()
+    };
+    assert_eq!(attempt(anonymous).await, Some((401, Some("unauthenticated".into()))));
+    let forbidden = Some((403, Some("forbidden".into())));
+    let server = Identity::server(students(), "Server0").unwrap();
+    assert_eq!(attempt(client(ca, server)).await, forbidden, "a server of the database");
+    let teachers = Identity::router(DatabaseId::new(NS, "teachers")).unwrap();
+    assert_eq!(attempt(client(ca, teachers)).await, forbidden, "another database's router, same CA");
+    let elsewhere = Identity::router(DatabaseId::new("other", "students")).unwrap();
+    assert_eq!(attempt(client(ca, elsewhere)).await, forbidden, "a namesake in another namespace");
+    let stranger =
+        Ca::generate("stranger", std::time::SystemTime::now(), shard_server::tls::issue::CA_VALIDITY).unwrap();
+    assert_eq!(
+        attempt(client(&stranger, Identity::router(students()).unwrap())).await,
+        None,
+        "another CA's certificate gets no handshake"
+    );
+    assert_eq!(h.resource(), before, "nothing changed");
+
+    // The routers' own certificate is answered.
+    assert_eq!(attempt(h.router_http()).await.map(|a| a.0), Some(200));
+    assert_eq!(h.resource().0["servers"], 4);
 }

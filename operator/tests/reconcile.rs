@@ -120,7 +120,18 @@ async fn first_reconcile_creates_every_child_then_reports_ready_and_a_second_wri
     assert_eq!(names(s, "deployments"), ["students-router"]);
     assert_eq!(names(s, "services"), ["students-router", "students-servers"]);
     assert_eq!(names(s, "configmaps"), ["students-topology"]);
-    assert_eq!(names(s, "secrets"), ["students-postgres"]);
+    assert_eq!(
+        names(s, "secrets"),
+        [
+            "students-admin-token",
+            "students-ca",
+            "students-postgres",
+            "students-router-tls",
+            "students-tls-server0",
+            "students-tls-server1",
+            "students-tls-server2"
+        ]
+    );
     assert_eq!(names(s, "serviceaccounts"), ["students-router", "students-server"]);
     assert_eq!(names(s, "roles"), ["students-topology-reader"]);
     assert_eq!(names(s, "rolebindings"), ["students-topology-reader"]);

@@ -146,6 +146,7 @@ pub fn init(current: Option<&ShardedDatabaseSpec>, req: &InitRequest) -> Result<
         storage: None,
         images: None,
         resources: None,
+        tls: None,
     };
     validate(&spec).map_err(invalid)?;
     Ok(spec)

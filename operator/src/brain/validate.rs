@@ -31,6 +31,17 @@ pub struct ValidatedDb {
     pub images: Images,
     /// Compute resources per container kind (quantities are checked by the API server).
     pub resources: ResourcesSpec,
+    /// Where the database's CA comes from, and whether routers serve clients over TLS.
+    pub tls: TlsSettings,
+}
+
+/// The database's certificates, defaults applied.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TlsSettings {
+    /// A user-supplied CA Secret; `None`: the operator's own `<name>-ca`.
+    pub ca_secret: Option<String>,
+    /// Routers serve their client port over HTTPS.
+    pub client_tls: bool,
 }
 
 /// The images every pod runs, defaults applied.
@@ -166,6 +177,10 @@ pub fn validate_with_defaults(spec: &ShardedDatabaseSpec, default_images: &Image
         storage_class: spec.storage.as_ref().and_then(|s| s.storage_class_name.clone()),
         images,
         resources: spec.resources.clone().unwrap_or_default(),
+        tls: TlsSettings {
+            ca_secret: spec.tls.as_ref().and_then(|t| t.ca_secret_name.clone()),
+            client_tls: spec.tls.as_ref().and_then(|t| t.client_tls).unwrap_or(false),
+        },
     })
 }
 
@@ -304,6 +319,7 @@ pub(crate) mod tests {
             storage: Some(StorageSpec { size: "1Gi".into(), storage_class_name: None }),
             images: None,
             resources: None,
+            tls: None,
         }
     }
 

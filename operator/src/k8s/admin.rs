@@ -22,8 +22,13 @@
 //!   `/init` never applies to an existing one. A database that does not exist answers 404.
 //! - Every operator replica serves the endpoint, leader or not: a request only writes the spec,
 //!   at a version, which any replica may do safely.
-//! - Anyone who can reach the port can change a database, as anyone who can reach a router can
-//!   send it `/add`; the chart exposes it only as a ClusterIP Service.
+//! - **Only the database's own routers.** The endpoint serves TLS with the operator's certificate
+//!   (`k8s::pki`) and checks every client's certificate against the CAs of the databases it
+//!   manages; a request for `/databases/{namespace}/{name}/…` is then answered only when the
+//!   certificate names the router of exactly that database. No certificate: 401; any other
+//!   component or database: 403; a certificate of an unknown CA does not complete the handshake.
+//!   Nothing of a refused request is read. The chart's NetworkPolicy admits only router pods to
+//!   the port as well, where the CNI enforces it.
 
 use super::build::Owner;
 use super::topology;
@@ -32,6 +37,7 @@ use crate::brain::declare::{self, AdminError};
 use crate::brain::validate::{Images, validate_with_defaults};
 use crate::crd::ShardedDatabase;
 use axum::Json;
+use axum::extract::connect_info::ConnectInfo;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -41,6 +47,7 @@ use kube::api::{Api, PostParams};
 use serde_json::Value;
 use shard_server::admin::{AddRequest, InitRequest, RmRequest};
 use shard_server::api::ErrorCode;
+use shard_server::tls::{Component, TlsPeer};
 use std::sync::Arc;
 
 /// How many times a request is decided again when the resource changed meanwhile.
@@ -59,13 +66,49 @@ pub fn database_path(namespace: &str, name: &str) -> String {
     format!("/databases/{namespace}/{name}")
 }
 
-/// The endpoint's routes.
+/// The endpoint's routes. Serve them over TLS with connection info ([`TlsPeer`]), as
+/// `sharddb-operator run` does; without it every request is refused.
 pub fn router(client: Client, images: Images) -> axum::Router {
     axum::Router::new()
         .route("/databases/{namespace}/{name}/init", post(init))
         .route("/databases/{namespace}/{name}/add", post(add))
         .route("/databases/{namespace}/{name}/rm", delete(rm))
+        .route_layer(axum::middleware::from_fn(only_its_routers))
         .with_state(AdminState { client, images: Arc::new(images) })
+}
+
+/// Admits a request only from the router of the database its path names.
+async fn only_its_routers(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let path: Vec<&str> = req.uri().path().trim_start_matches('/').split('/').collect();
+    let (namespace, name) = match path[..] {
+        ["databases", namespace, name, _] => (namespace.to_owned(), name.to_owned()),
+        _ => return answer(error(StatusCode::NOT_FOUND, ErrorCode::NotFound, "no such endpoint")),
+    };
+    let caller = req.extensions().get::<ConnectInfo<TlsPeer>>().and_then(|c| c.0.identity.clone());
+    let refusal = match caller {
+        None => Some((
+            StatusCode::UNAUTHORIZED,
+            ErrorCode::Unauthenticated,
+            format!("only the routers of {namespace}/{name} may change it: present their client certificate"),
+        )),
+        Some(id)
+            if id.component == Component::Router && id.database.namespace == namespace && id.database.name == name =>
+        {
+            None
+        }
+        Some(id) => Some((
+            StatusCode::FORBIDDEN,
+            ErrorCode::Forbidden,
+            format!("only the routers of {namespace}/{name} may change it, not the {id}"),
+        )),
+    };
+    match refusal {
+        None => next.run(req).await,
+        Some((status, code, message)) => {
+            tracing::info!(%namespace, %name, %message, "admin request refused");
+            answer(error(status, code, message))
+        }
+    }
 }
 
 async fn init(

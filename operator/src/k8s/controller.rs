@@ -21,9 +21,12 @@
 use super::admin::database_path;
 use super::apply::{self, ApplyError};
 use super::build::configmap::first_topology;
+use super::build::netpol::{self, OperatorPods};
 use super::build::secret::{generate_password, postgres_secret, stored_password};
+use super::build::tls::{self as tls_build, CaPem, Kept};
 use super::build::{Owner, names, pdb, rbac, router, service, statefulset};
 use super::heal::{self, HealSettings};
+use super::pki::{OperatorPki, PkiError};
 use super::status::{self, Observed, READY};
 use super::topology::{self, HeadlessService, ServerUrls, WriteError};
 use crate::brain::placement::place;
@@ -34,6 +37,7 @@ use futures::FutureExt;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -48,6 +52,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use shard_server::tls::issue::{CA_VALIDITY, Ca};
 use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -77,6 +82,8 @@ pub enum ReconcileError {
         #[source]
         source: kube::Error,
     },
+    #[error("failed to keep the database's certificates")]
+    Pki(#[from] PkiError),
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -129,6 +136,13 @@ pub struct Config {
     /// `--control-url <this>/databases/<namespace>/<name>`; `None` leaves them without a control
     /// plane (the admin verbs answer 501).
     pub admin_url: Option<String>,
+    /// The routers' `/init`, `/add` and `/rm` need the bearer token of `<db>-admin-token`.
+    pub require_admin_token: bool,
+    /// Where the operator's pods run: each database gets a NetworkPolicy admitting only its
+    /// routers, its servers and these pods to its servers. `None`: no NetworkPolicies.
+    pub network_policy: Option<OperatorPods>,
+    /// The namespaces watched, each with namespaced permissions; `None`: the whole cluster.
+    pub namespaces: Option<Vec<String>>,
 }
 
 impl Default for Config {
@@ -138,6 +152,9 @@ impl Default for Config {
             server_urls: Arc::new(HeadlessService),
             healing: Some(HealSettings::default()),
             admin_url: None,
+            require_admin_token: true,
+            network_policy: None,
+            namespaces: None,
         }
     }
 }
@@ -146,6 +163,8 @@ impl Default for Config {
 pub struct Context {
     pub client: Client,
     pub config: Config,
+    /// The operator's CA and its certificates for each database (see `k8s::pki`).
+    pub pki: Arc<OperatorPki>,
     pub recorder: Recorder,
     pub metrics: Metrics,
     /// Consecutive failures per object, for the backoff; cleared by a success.
@@ -155,12 +174,20 @@ pub struct Context {
 }
 
 impl Context {
+    /// A context with an operator CA held in memory (see [`OperatorPki::ephemeral`]).
     pub fn new(client: Client, config: Config, metrics: Metrics) -> Arc<Self> {
+        let pki = OperatorPki::ephemeral(config.admin_url.as_deref());
+        Context::with_pki(client, config, metrics, pki)
+    }
+
+    /// A context using the operator CA `pki` (kept in a Secret by `sharddb-operator run`).
+    pub fn with_pki(client: Client, config: Config, metrics: Metrics, pki: Arc<OperatorPki>) -> Arc<Self> {
         let reporter = Reporter { controller: names::MANAGER.into(), instance: std::env::var("POD_NAME").ok() };
         let recorder = Recorder::new(client.clone(), reporter);
         Arc::new(Context {
             client,
             config,
+            pki,
             recorder,
             metrics,
             failures: Mutex::default(),
@@ -179,35 +206,70 @@ impl Context {
         map.insert(db.clone(), servers.clone()) != Some(servers)
     }
 
-    /// Forgets databases that are gone.
-    pub(super) fn forget_unreachable_except(&self, keep: &std::collections::HashSet<ObjectRef<ShardedDatabase>>) {
-        self.unreachable.lock().unwrap_or_else(|e| e.into_inner()).retain(|k, _| keep.contains(k));
+    /// Forgets databases of `scope` (a namespace, or every one) that are gone.
+    pub(super) fn forget_unreachable_except(
+        &self,
+        scope: Option<&str>,
+        keep: &std::collections::HashSet<ObjectRef<ShardedDatabase>>,
+    ) {
+        let in_scope = |k: &ObjectRef<ShardedDatabase>| scope.is_none_or(|ns| k.namespace.as_deref() == Some(ns));
+        self.unreachable.lock().unwrap_or_else(|e| e.into_inner()).retain(|k, _| !in_scope(k) || keep.contains(k));
     }
 }
 
 /// Runs the controller and the healer until `shutdown` resolves; reconciles in flight are
 /// finished first, recovers in flight are abandoned (the next leader redoes them).
 pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
-    let client = ctx.client.clone();
-    let dbs: Api<ShardedDatabase> = Api::all(client.clone());
     let shutdown = shutdown.shared();
+    match ctx.config.namespaces.clone() {
+        None => run_scope(ctx, None, shutdown).await,
+        // One controller and healer per namespace: each lists and watches its namespace alone,
+        // which is all a namespaced Role lets it do.
+        Some(namespaces) => {
+            let scopes = namespaces.into_iter().map(|ns| run_scope(ctx.clone(), Some(ns), shutdown.clone()));
+            futures::future::join_all(scopes).await;
+        }
+    }
+}
+
+/// The controller and healer over one namespace, or over the whole cluster (`None`).
+async fn run_scope(
+    ctx: Arc<Context>,
+    namespace: Option<String>,
+    shutdown: futures::future::Shared<impl Future<Output = ()> + Send + Sync + 'static>,
+) {
+    fn api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+    {
+        match namespace {
+            Some(ns) => Api::namespaced(client.clone(), ns),
+            None => Api::all(client.clone()),
+        }
+    }
+    let client = ctx.client.clone();
+    let ns = namespace.as_deref();
     let cfg = || watcher::Config::default().labels(&format!("{}={}", names::LABEL_MANAGED_BY, names::MANAGER));
     // The healer asks for a reconcile (to refresh the status) when a server's reachability changes.
     let (reconcile_tx, reconcile_rx) = futures::channel::mpsc::unbounded();
-    let controller = Controller::new(dbs, watcher::Config::default())
-        .owns(Api::<StatefulSet>::all(client.clone()), cfg())
-        .owns(Api::<Deployment>::all(client.clone()), cfg())
-        .owns(Api::<Service>::all(client.clone()), cfg())
-        .owns(Api::<ConfigMap>::all(client.clone()), cfg())
-        .owns(Api::<Secret>::all(client.clone()), cfg())
-        .owns(Api::<ServiceAccount>::all(client.clone()), cfg())
-        .owns(Api::<Role>::all(client.clone()), cfg())
-        .owns(Api::<RoleBinding>::all(client.clone()), cfg())
-        .owns(Api::<PodDisruptionBudget>::all(client), cfg())
-        .reconcile_all_on(reconcile_rx)
-        .graceful_shutdown_on(shutdown.clone());
+    let mut controller = Controller::new(api::<ShardedDatabase>(&client, ns), watcher::Config::default())
+        .owns(api::<StatefulSet>(&client, ns), cfg())
+        .owns(api::<Deployment>(&client, ns), cfg())
+        .owns(api::<Service>(&client, ns), cfg())
+        .owns(api::<ConfigMap>(&client, ns), cfg())
+        .owns(api::<Secret>(&client, ns), cfg())
+        .owns(api::<ServiceAccount>(&client, ns), cfg())
+        .owns(api::<Role>(&client, ns), cfg())
+        .owns(api::<RoleBinding>(&client, ns), cfg())
+        .owns(api::<PodDisruptionBudget>(&client, ns), cfg());
+    if ctx.config.network_policy.is_some() {
+        controller = controller.owns(api::<NetworkPolicy>(&client, ns), cfg());
+    }
+    let controller = controller.reconcile_all_on(reconcile_rx).graceful_shutdown_on(shutdown.clone());
     let healer = match ctx.config.healing {
-        Some(settings) => heal::run(ctx.clone(), controller.store(), settings, reconcile_tx, shutdown).boxed(),
+        Some(settings) => {
+            heal::run(ctx.clone(), controller.store(), namespace.clone(), settings, reconcile_tx, shutdown).boxed()
+        }
         None => futures::future::ready(()).boxed(),
     };
     let reconciles = controller.run(reconcile, error_policy, ctx).for_each(|result| async move {
@@ -266,7 +328,7 @@ async fn reconcile_inner(db: &ShardedDatabase, ctx: &Context) -> Result<Action, 
     let published = topology::read(client, &owner).await?;
     let current = published.as_ref().and_then(|p| p.topology.clone());
     let url = |server: &str| ctx.config.server_urls.url(&owner.name, ns, server);
-    let (topology, first) = match current {
+    let (topology, first) = match current.clone() {
         Some(t) => (t, false),
         None => (first_topology(&valid, &placement, url)?, true),
     };
@@ -277,6 +339,24 @@ async fn reconcile_inner(db: &ShardedDatabase, ctx: &Context) -> Result<Action, 
     apply::apply(client, ns, &rbac::topology_reader_role(&owner)).await?;
     apply::apply(client, ns, &rbac::topology_reader_binding(&owner)).await?;
     apply::apply(client, ns, &postgres_secret(&owner, &password)).await?;
+    // Wanted by the spec, or still in the document (being drained).
+    let mut running: BTreeSet<String> = placement.servers.iter().cloned().collect();
+    if let Some(t) = &current {
+        running.extend(t.servers.keys().cloned());
+    }
+    if let Err(e) = ensure_identities(ctx, &owner, &valid, &running).await {
+        if let ReconcileError::Pki(PkiError::BadCa { .. }) = &e {
+            let note = error_chain(&e);
+            publish(ctx, db, EventType::Warning, "CertificateAuthority", "Reconcile", note).await;
+        }
+        return Err(e);
+    }
+    match &ctx.config.network_policy {
+        Some(operator) => {
+            apply::apply(client, ns, &netpol::servers_network_policy(&owner, operator)).await?;
+        }
+        None => apply::delete::<NetworkPolicy>(client, ns, &names::servers_network_policy(&owner.name)).await?,
+    }
     apply::apply(client, ns, &service::headless_service(&owner)).await?;
     if first {
         // Only at the version read (or as a create): a healer's write meanwhile makes this fail,
@@ -285,8 +365,6 @@ async fn reconcile_inner(db: &ShardedDatabase, ctx: &Context) -> Result<Action, 
         topology::write(client, &owner, &topology, read_at).await?;
         tracing::info!(epoch = topology.epoch, "topology published");
     }
-    // Wanted by the spec, or still in the document (being drained).
-    let mut running: BTreeSet<String> = placement.servers.iter().cloned().collect();
     running.extend(topology.servers.keys().cloned());
     let mut server_sets = Vec::with_capacity(running.len());
     for server in &running {
@@ -298,7 +376,12 @@ async fn reconcile_inner(db: &ShardedDatabase, ctx: &Context) -> Result<Action, 
         .admin_url
         .as_ref()
         .map(|base| format!("{}{}", base.trim_end_matches('/'), database_path(ns, &owner.name)));
-    let routers = apply::apply(client, ns, &router::router_deployment(&valid, &owner, control_url.as_deref())).await?;
+    let routers = apply::apply(
+        client,
+        ns,
+        &router::router_deployment(&valid, &owner, control_url.as_deref(), ctx.config.require_admin_token),
+    )
+    .await?;
     apply::apply(client, ns, &service::router_service(&owner)).await?;
     apply::apply(client, ns, &pdb::server_pdb(&owner)).await?;
     apply::apply(client, ns, &pdb::router_pdb(&owner)).await?;
@@ -314,6 +397,10 @@ async fn reconcile_inner(db: &ShardedDatabase, ctx: &Context) -> Result<Action, 
         if ours && !wanted.contains(&name) {
             tracing::info!(statefulset = %name, "removing a drained server");
             apply::delete::<StatefulSet>(client, ns, &name).await?;
+            // Its certificate goes with it: `<db>-<server>` → `<db>-tls-<server>`.
+            if let Some(server) = name.strip_prefix(&format!("{}-", owner.name)) {
+                apply::delete::<Secret>(client, ns, &names::server_tls_secret(&owner.name, server)).await?;
+            }
             publish(ctx, db, EventType::Normal, "ServerRemoved", "Scale", format!("removed {name}")).await;
         }
     }
@@ -343,6 +430,90 @@ async fn reconcile_inner(db: &ShardedDatabase, ctx: &Context) -> Result<Action, 
     Ok(Action::requeue(RESYNC))
 }
 
+/// The database's CA (operator-made or the user's), every running server's and the routers'
+/// certificate Secrets, issued when missing and renewed when due, and the routers' admin token;
+/// then the operator's own client certificate for the database (see `k8s::pki`).
+async fn ensure_identities(
+    ctx: &Context,
+    owner: &Owner,
+    valid: &crate::brain::validate::ValidatedDb,
+    servers: &BTreeSet<String>,
+) -> Result<(), ReconcileError> {
+    let (client, ns) = (&ctx.client, owner.namespace.as_str());
+    let ca = database_ca(client, owner, valid.tls.ca_secret.as_deref()).await?;
+    let now = std::time::SystemTime::now();
+    let issue = |request: &shard_server::tls::issue::LeafRequest| -> Result<Kept, ReconcileError> {
+        let what = request.identity.as_ref().map_or_else(String::new, ToString::to_string);
+        let issued = ca.issue(request, now).map_err(|source| PkiError::Issue { what, source })?;
+        Ok(Kept { cert: issued.cert_pem, key: issued.key_pem, ca: ca.cert_pem().to_owned() })
+    };
+    let kept = |secret: Option<Secret>| secret.as_ref().and_then(tls_build::stored_certificate);
+    let mut issued = Vec::new();
+    for server in servers {
+        let stored = kept(apply::get::<Secret>(client, ns, &names::server_tls_secret(&owner.name, server)).await?);
+        let want = tls_build::server_identity(owner, server);
+        let cert = match stored.filter(|k| tls_build::still_good(Some(k), ca.cert_pem(), &want, now)) {
+            Some(k) => k,
+            None => {
+                issued.push(server.clone());
+                issue(&tls_build::server_request(owner, server))?
+            }
+        };
+        apply::apply(client, ns, &tls_build::server_tls_secret(owner, server, &cert)).await?;
+    }
+    let stored = kept(apply::get::<Secret>(client, ns, &names::router_tls_secret(&owner.name)).await?);
+    let want = tls_build::router_identity(owner);
+    let cert = match stored.filter(|k| tls_build::still_good(Some(k), ca.cert_pem(), &want, now)) {
+        Some(k) => k,
+        None => {
+            issued.push("router".into());
+            issue(&tls_build::router_request(owner))?
+        }
+    };
+    apply::apply(client, ns, &tls_build::router_tls_secret(owner, &cert, ctx.pki.operator_ca_pem())).await?;
+    if ctx.config.require_admin_token {
+        let token = apply::get::<Secret>(client, ns, &names::admin_token_secret(&owner.name))
+            .await?
+            .as_ref()
+            .and_then(tls_build::stored_token)
+            .unwrap_or_else(generate_password);
+        apply::apply(client, ns, &tls_build::admin_token_secret(owner, &token)).await?;
+    }
+    ctx.pki.register(&tls_build::database_id(owner), &ca)?;
+    if !issued.is_empty() {
+        tracing::info!(db = %owner.name, ?issued, "certificates issued");
+    }
+    Ok(())
+}
+
+/// The CA of a database: the user's Secret when the spec names one, else `<db>-ca`, made here
+/// the first time (created, never overwritten, so a CA once made stays).
+async fn database_ca(client: &Client, owner: &Owner, user_secret: Option<&str>) -> Result<Ca, ReconcileError> {
+    let ns = owner.namespace.as_str();
+    let bad = |name: &str, why: String| PkiError::BadCa { namespace: ns.to_owned(), name: name.to_owned(), why };
+    let name = match user_secret {
+        Some(name) => name.to_owned(),
+        None => names::ca_secret(&owner.name),
+    };
+    let mut stored = apply::get::<Secret>(client, ns, &name).await?.as_ref().and_then(tls_build::stored_ca);
+    if stored.is_none() {
+        if user_secret.is_some() {
+            return Err(
+                bad(&name, "it does not exist or holds no tls.crt and tls.key (spec.tls.caSecretName)".into()).into()
+            );
+        }
+        let ca = Ca::generate(&format!("sharddb {ns}/{} CA", owner.name), std::time::SystemTime::now(), CA_VALIDITY)
+            .map_err(|source| PkiError::Issue { what: "the database's CA".into(), source })?;
+        let pem = CaPem { cert: ca.cert_pem().to_owned(), key: ca.key_pem().to_owned() };
+        if apply::create(client, ns, &tls_build::ca_secret(owner, &pem)).await? {
+            tracing::info!(db = %owner.name, secret = %name, "created the database's CA");
+        }
+        stored = apply::get::<Secret>(client, ns, &name).await?.as_ref().and_then(tls_build::stored_ca);
+    }
+    let pem = stored.ok_or_else(|| bad(&name, "it holds no ca.crt and ca.key".into()))?;
+    Ok(Ca::from_pem(&pem.cert, &pem.key).map_err(|e| bad(&name, e.to_string()))?)
+}
+
 /// Transient errors: retry with exponential backoff and ±50% jitter, so many failing objects do
 /// not retry in lockstep against a struggling API server.
 pub fn error_policy(db: Arc<ShardedDatabase>, error: &ReconcileError, ctx: Arc<Context>) -> Action {
@@ -353,6 +524,7 @@ pub fn error_policy(db: Arc<ShardedDatabase>, error: &ReconcileError, ctx: Arc<C
         ReconcileError::TopologyWrite(WriteError::Conflict(_)) => "topology_conflict",
         ReconcileError::TopologyWrite(WriteError::Api(_)) => "api",
         ReconcileError::Status { .. } => "status",
+        ReconcileError::Pki(_) => "pki",
     };
     ctx.metrics.errors.get_or_create(&ErrorLabels { kind: kind.into() }).inc();
     let failures = {

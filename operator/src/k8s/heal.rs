@@ -82,6 +82,10 @@ struct DbState {
     seen: Observations,
     /// (shard, server) pairs with a recover running.
     running: BTreeSet<(String, String)>,
+    /// Clients presenting the operator's certificate for this database (probe, recover); made
+    /// once the reconcile has registered the database's CA. A renewed certificate is used by
+    /// them without rebuilding them.
+    http: Option<(reqwest::Client, reqwest::Client)>,
 }
 
 /// The outcome of one recover task.
@@ -99,30 +103,22 @@ struct Healer {
     ctx: Arc<Context>,
     settings: HealSettings,
     dbs: HashMap<ObjectRef<ShardedDatabase>, DbState>,
-    probe_http: reqwest::Client,
-    recover_http: reqwest::Client,
     recovers: JoinSet<Finished>,
     /// Asks the controller to reconcile (so the status shows a change in reachability).
     reconcile: UnboundedSender<()>,
 }
 
-/// Runs the healer over every database in `dbs` (the controller's cache) until `shutdown`.
+/// Runs the healer over every database in `dbs` (the controller's cache of `scope`, a namespace
+/// or the whole cluster) until `shutdown`.
 pub async fn run(
     ctx: Arc<Context>,
     dbs: Store<ShardedDatabase>,
+    scope: Option<String>,
     settings: HealSettings,
     reconcile: UnboundedSender<()>,
     shutdown: impl Future<Output = ()>,
 ) {
-    let mut healer = Healer {
-        ctx,
-        settings,
-        dbs: HashMap::new(),
-        probe_http: shard_server::api::http_client(PROBE_TIMEOUT),
-        recover_http: shard_server::api::http_client(RECOVER_TIMEOUT),
-        recovers: JoinSet::new(),
-        reconcile,
-    };
+    let mut healer = Healer { ctx, settings, dbs: HashMap::new(), recovers: JoinSet::new(), reconcile };
     let mut ticks = tokio::time::interval(settings.round);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
@@ -140,7 +136,12 @@ pub async fn run(
         let current = dbs.state();
         let keys: HashSet<_> = current.iter().map(|db| ObjectRef::from_obj(db.as_ref())).collect();
         healer.dbs.retain(|k, _| keys.contains(k));
-        healer.ctx.forget_unreachable_except(&keys);
+        healer.ctx.forget_unreachable_except(scope.as_deref(), &keys);
+        let ids =
+            current.iter().filter_map(|db| Owner::of(db)).map(|o| crate::k8s::build::tls::database_id(&o)).collect();
+        if let Err(e) = healer.ctx.pki.forget_except(scope.as_deref(), &ids) {
+            tracing::warn!(error = %e, "cannot update the admin endpoint's trusted CAs");
+        }
         for db in current {
             healer.round(db).await;
         }
@@ -148,6 +149,20 @@ pub async fn run(
 }
 
 impl Healer {
+    /// The probe and recover clients of a database, presenting the operator's certificate for it.
+    fn clients(
+        &mut self,
+        owner: &Owner,
+        key: &ObjectRef<ShardedDatabase>,
+    ) -> Option<(reqwest::Client, reqwest::Client)> {
+        let state = self.dbs.entry(key.clone()).or_default();
+        if state.http.is_none() {
+            let credentials = self.ctx.pki.credentials(&crate::k8s::build::tls::database_id(owner))?;
+            state.http = Some((credentials.http_client(PROBE_TIMEOUT), credentials.http_client(RECOVER_TIMEOUT)));
+        }
+        state.http.clone()
+    }
+
     /// One round for one database: observe → plan → write → start recovers.
     async fn round(&mut self, db: Arc<ShardedDatabase>) {
         let Some(owner) = Owner::of(&db) else { return };
@@ -176,9 +191,13 @@ impl Healer {
             .into_iter()
             .map(|s| (s.clone(), self.ctx.config.server_urls.url(&owner.name, &owner.namespace, s)))
             .collect();
+        let Some((probe_http, _)) = self.clients(&owner, &key) else {
+            // The reconcile has not made the database's certificates yet: nothing can be asked.
+            return;
+        };
         // One `now` for the round, taken before any probe leaves (see `Observations`).
         let now = Instant::now();
-        let probes = exec::probe_servers(&self.probe_http, servers).await;
+        let probes = exec::probe_servers(&probe_http, servers).await;
         let state = self.dbs.entry(key.clone()).or_default();
         for (server, probe) in probes {
             state.seen.record(&server, probe, now);
@@ -259,7 +278,11 @@ impl Healer {
         }
         tracing::info!(db = %owner.name, %shard, %server, %primary, "recovering a copy");
         let url = self.ctx.config.server_urls.url(&owner.name, &owner.namespace, &server);
-        let (recover_http, probe_http, db) = (self.recover_http.clone(), self.probe_http.clone(), Arc::clone(db));
+        let Some((probe_http, recover_http)) = self.clients(owner, &ObjectRef::from_obj(db.as_ref())) else {
+            self.dbs.entry(ObjectRef::from_obj(db.as_ref())).or_default().running.remove(&(shard, server));
+            return;
+        };
+        let db = Arc::clone(db);
         self.recovers.spawn(async move {
             let started = Instant::now();
             let result = exec::recover_copy(&recover_http, &probe_http, &url, &shard, &primary).await;

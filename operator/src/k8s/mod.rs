@@ -7,5 +7,6 @@ pub mod build;
 pub mod controller;
 pub mod heal;
 pub mod leader;
+pub mod pki;
 pub mod status;
 pub mod topology;

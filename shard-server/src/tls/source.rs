@@ -86,6 +86,12 @@ pub struct Pem {
     pub ca: String,
 }
 
+impl std::fmt::Debug for Pem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pem").field("cert", &self.cert).field("ca", &self.ca).finish_non_exhaustive()
+    }
+}
+
 /// Everything built from one version of the files.
 struct Material {
     pem: Pem,

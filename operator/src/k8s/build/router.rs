@@ -1,6 +1,6 @@
 //! The router Deployment: stateless pods following the topology ConfigMap. Pure.
 
-use super::statefulset::{http_port, http_probe, restricted};
+use super::statefulset::{http_port, http_probe, read_only_mount, restricted, secret_volume};
 use super::{Owner, names, resources};
 use crate::brain::validate::ValidatedDb;
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
@@ -9,8 +9,14 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use std::collections::BTreeMap;
 
 /// `control_url` is where the router forwards the admin verbs (the operator's admin endpoint for
-/// this database); without one they answer 501.
-pub fn router_deployment(db: &ValidatedDb, owner: &Owner, control_url: Option<&str>) -> Deployment {
+/// this database); without one they answer 501. With `admin_token` the verbs need the bearer
+/// token of the Secret `<db>-admin-token`, mounted at `/etc/sharddb/admin`.
+///
+/// Every router mounts the routers' certificate Secret (servers and the operator answer only its
+/// certificate); it checks the operator's admin endpoint against `operator-ca.crt` of that
+/// Secret, and with `spec.tls.clientTls` serves its client port over HTTPS with the same
+/// certificate.
+pub fn router_deployment(db: &ValidatedDb, owner: &Owner, control_url: Option<&str>, admin_token: bool) -> Deployment {
     let selector = names::router_selector(&owner.name);
     let mut pod_labels = names::common_labels(&owner.name);
     pod_labels.extend(selector.clone());
@@ -20,17 +26,36 @@ pub fn router_deployment(db: &ValidatedDb, owner: &Owner, control_url: Option<&s
         format!("0.0.0.0:{}", names::HTTP_PORT),
         "--topology-configmap".into(),
         format!("{}/{}", owner.namespace, names::topology_configmap(&owner.name)),
+        "--tls-dir".into(),
+        names::TLS_MOUNT.into(),
     ];
     if let Some(url) = control_url {
-        args.extend(["--control-url".into(), url.to_owned()]);
+        args.extend([
+            "--control-url".into(),
+            url.to_owned(),
+            "--control-ca".into(),
+            format!("{}/{}", names::TLS_MOUNT, names::OPERATOR_CA_KEY),
+        ]);
+    }
+    let mut volumes = vec![secret_volume(names::TLS_VOLUME, &names::router_tls_secret(&owner.name))];
+    let mut mounts = vec![read_only_mount(names::TLS_VOLUME, names::TLS_MOUNT)];
+    if admin_token {
+        args.extend(["--admin-token-file".into(), format!("{}/{}", names::ADMIN_TOKEN_MOUNT, names::ADMIN_TOKEN_KEY)]);
+        volumes.push(secret_volume(names::ADMIN_TOKEN_VOLUME, &names::admin_token_secret(&owner.name)));
+        mounts.push(read_only_mount(names::ADMIN_TOKEN_VOLUME, names::ADMIN_TOKEN_MOUNT));
+    }
+    let tls = db.tls.client_tls;
+    if tls {
+        args.push("--serve-tls".into());
     }
     let container = Container {
         name: "router".into(),
         image: Some(db.images.router.clone()),
         args: Some(args),
         ports: http_port(),
-        readiness_probe: Some(http_probe("/readyz", 5, 3)),
-        liveness_probe: Some(http_probe("/healthz", 10, 6)),
+        volume_mounts: Some(mounts),
+        readiness_probe: Some(http_probe("/readyz", 5, 3, tls)),
+        liveness_probe: Some(http_probe("/healthz", 10, 6, tls)),
         resources: resources(db.resources.router.as_ref()),
         security_context: Some(restricted()),
         ..Container::default()
@@ -48,10 +73,13 @@ pub fn router_deployment(db: &ValidatedDb, owner: &Owner, control_url: Option<&s
                         run_as_non_root: Some(true),
                         run_as_user: Some(names::ROUTER_UID),
                         run_as_group: Some(names::ROUTER_UID),
+                        // The mounted Secrets are group-readable (0440) by this group.
+                        fs_group: Some(names::ROUTER_UID),
                         seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), ..Default::default() }),
                         ..PodSecurityContext::default()
                     }),
                     containers: vec![container],
+                    volumes: Some(volumes),
                     ..PodSpec::default()
                 }),
             },
@@ -69,7 +97,7 @@ mod tests {
 
     #[test]
     fn routers_follow_the_configmap_with_readiness_on_readyz() {
-        let d = router_deployment(&db(), &owner(), None);
+        let d = router_deployment(&db(), &owner(), None, true);
         assert_child_meta(&d.metadata, "students-router");
         let spec = d.spec.unwrap();
         assert_eq!(spec.replicas, Some(2));
@@ -89,19 +117,56 @@ mod tests {
     #[test]
     fn the_admin_verbs_go_to_the_control_url_when_there_is_one() {
         let args = |url| {
-            router_deployment(&db(), &owner(), url).spec.unwrap().template.spec.unwrap().containers[0]
+            router_deployment(&db(), &owner(), url, true).spec.unwrap().template.spec.unwrap().containers[0]
                 .args
                 .clone()
                 .unwrap()
         };
         assert!(!args(None).contains(&"--control-url".to_owned()), "none: the verbs answer 501");
-        let url = "http://sharddb-operator.sharddb-system.svc:8081/databases/prod/students";
+        let url = "https://sharddb-operator.sharddb-system.svc:8081/databases/prod/students";
         assert!(args(Some(url)).windows(2).any(|w| w == ["--control-url", url]));
+        assert!(args(Some(url)).windows(2).any(|w| w == ["--control-ca", "/etc/sharddb/tls/operator-ca.crt"]));
+    }
+
+    fn pod(d: Deployment) -> PodSpec {
+        d.spec.unwrap().template.spec.unwrap()
+    }
+
+    #[test]
+    fn routers_mount_their_certificate_and_the_admin_token() {
+        let p = pod(router_deployment(&db(), &owner(), None, true));
+        let args = p.containers[0].args.clone().unwrap();
+        assert!(args.windows(2).any(|w| w == ["--tls-dir", "/etc/sharddb/tls"]));
+        assert!(args.windows(2).any(|w| w == ["--admin-token-file", "/etc/sharddb/admin/token"]));
+        assert!(!args.contains(&"--serve-tls".to_owned()), "plain HTTP for clients by default");
+        let secret = |name: &str| {
+            p.volumes.as_ref().unwrap().iter().find(|v| v.name == name).unwrap().secret.clone().unwrap().secret_name
+        };
+        assert_eq!(secret("tls").as_deref(), Some("students-router-tls"));
+        assert_eq!(secret("admin-token").as_deref(), Some("students-admin-token"));
+        let mounts = p.containers[0].volume_mounts.clone().unwrap();
+        assert!(mounts.iter().all(|m| m.read_only == Some(true) && m.sub_path.is_none()));
+        assert_eq!(p.security_context.unwrap().fs_group, Some(names::ROUTER_UID));
+        // Without the token requirement, nothing about it is mounted.
+        let p = pod(router_deployment(&db(), &owner(), None, false));
+        assert!(!p.containers[0].args.clone().unwrap().contains(&"--admin-token-file".to_owned()));
+        assert_eq!(p.volumes.unwrap().len(), 1);
+    }
+
+    #[test]
+    fn client_tls_serves_https_and_probes_it() {
+        let mut db = db();
+        db.tls.client_tls = true;
+        let p = pod(router_deployment(&db, &owner(), None, true));
+        let c = &p.containers[0];
+        assert!(c.args.clone().unwrap().contains(&"--serve-tls".to_owned()));
+        let probe = c.readiness_probe.as_ref().unwrap().http_get.as_ref().unwrap();
+        assert_eq!(probe.scheme.as_deref(), Some("HTTPS"));
     }
 
     #[test]
     fn the_operators_configured_router_image_is_the_default() {
-        let d = router_deployment(&db_with_mirror_images(), &owner(), None);
+        let d = router_deployment(&db_with_mirror_images(), &owner(), None, true);
         let pod = d.spec.unwrap().template.spec.unwrap();
         assert_eq!(pod.containers[0].image, Some(mirror_images().router));
     }

@@ -15,7 +15,8 @@ use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetPersistentVolumeClaimRe
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, ExecAction, HTTPGetAction,
     PersistentVolumeClaim, PersistentVolumeClaimSpec, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
-    SeccompProfile, SecretKeySelector, SecurityContext, Volume, VolumeMount, VolumeResourceRequirements,
+    SeccompProfile, SecretKeySelector, SecretVolumeSource, SecurityContext, Volume, VolumeMount,
+    VolumeResourceRequirements,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -36,7 +37,11 @@ pub fn server_statefulset(db: &ValidatedDb, owner: &Owner, server: &str) -> Stat
         empty_dir: Some(EmptyDirVolumeSource::default()),
         ..Volume::default()
     };
-    let mut volumes = vec![empty_dir(RUN_VOLUME), empty_dir(TMP_VOLUME)];
+    let mut volumes = vec![
+        empty_dir(RUN_VOLUME),
+        empty_dir(TMP_VOLUME),
+        secret_volume(names::TLS_VOLUME, &names::server_tls_secret(&owner.name, server)),
+    ];
     let claims = match &db.storage_size {
         Some(size) => Some(vec![PersistentVolumeClaim {
             metadata: ObjectMeta {
@@ -106,11 +111,32 @@ pub(super) fn restricted() -> SecurityContext {
     }
 }
 
-pub(super) fn http_probe(path: &str, period: i32, failures: i32) -> Probe {
+/// A Secret mounted whole (never through `subPath`, so that the kubelet replaces the files when
+/// the operator renews a certificate), readable by the pod's group only.
+pub(super) fn secret_volume(name: &str, secret: &str) -> Volume {
+    Volume {
+        name: name.into(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(secret.into()),
+            default_mode: Some(0o440),
+            ..SecretVolumeSource::default()
+        }),
+        ..Volume::default()
+    }
+}
+
+pub(super) fn read_only_mount(name: &str, path: &str) -> VolumeMount {
+    VolumeMount { name: name.into(), mount_path: path.into(), read_only: Some(true), ..VolumeMount::default() }
+}
+
+/// An HTTP GET probe; `tls` for a port serving HTTPS (the kubelet then does not check the
+/// certificate, and presents none: the probed paths answer without one).
+pub(super) fn http_probe(path: &str, period: i32, failures: i32, tls: bool) -> Probe {
     Probe {
         http_get: Some(HTTPGetAction {
             path: Some(path.into()),
             port: IntOrString::String(names::HTTP_PORT_NAME.into()),
+            scheme: Some(if tls { "HTTPS" } else { "HTTP" }.into()),
             ..HTTPGetAction::default()
         }),
         period_seconds: Some(period),
@@ -163,6 +189,8 @@ fn shard_server_container(db: &ValidatedDb, owner: &Owner, server: &str) -> Cont
             server.into(),
             "--topology-configmap".into(),
             format!("{}/{}", owner.namespace, names::topology_configmap(&owner.name)),
+            "--tls-dir".into(),
+            names::TLS_MOUNT.into(),
         ]),
         env: Some(vec![
             env("SHARDDB_LISTEN", &format!("0.0.0.0:{}", names::HTTP_PORT)),
@@ -171,8 +199,9 @@ fn shard_server_container(db: &ValidatedDb, owner: &Owner, server: &str) -> Cont
             env("DATABASE_URL", &database_url),
         ]),
         ports: http_port(),
-        readiness_probe: Some(http_probe("/heartbeat", 5, 3)),
-        liveness_probe: Some(http_probe("/heartbeat", 10, 6)),
+        volume_mounts: Some(vec![read_only_mount(names::TLS_VOLUME, names::TLS_MOUNT)]),
+        readiness_probe: Some(http_probe("/heartbeat", 5, 3, true)),
+        liveness_probe: Some(http_probe("/heartbeat", 10, 6, true)),
         resources: resources(db.resources.shard_server.as_ref()),
         security_context: Some(restricted()),
         ..Container::default()
@@ -254,7 +283,10 @@ mod tests {
         let sts = server_statefulset(&db(), &owner(), "Server3");
         let c = &pod(&sts).containers[0];
         assert_eq!(c.name, "shard-server");
-        assert_eq!(c.args.as_deref().unwrap(), ["--name", "Server3", "--topology-configmap", "prod/students-topology"]);
+        assert_eq!(
+            c.args.as_deref().unwrap(),
+            ["--name", "Server3", "--topology-configmap", "prod/students-topology", "--tls-dir", "/etc/sharddb/tls"]
+        );
         let env = c.env.as_ref().unwrap();
         let url = env.iter().find(|e| e.name == "DATABASE_URL").unwrap().value.as_deref().unwrap();
         assert!(url.starts_with("postgres://$(POSTGRES_USER):$(POSTGRES_PASSWORD)@127.0.0.1:5432/"), "{url}");
@@ -262,8 +294,27 @@ mod tests {
         let url_at = env.iter().position(|e| e.name == "DATABASE_URL").unwrap();
         assert!(pw < url_at, "$(VAR) expands only variables defined earlier");
         assert_eq!(pw_secret(&env[pw]), ("students-postgres", "password"));
-        assert_eq!(c.readiness_probe.as_ref().unwrap().http_get.as_ref().unwrap().path.as_deref(), Some("/heartbeat"));
+        let probe = c.readiness_probe.as_ref().unwrap().http_get.as_ref().unwrap();
+        assert_eq!((probe.path.as_deref(), probe.scheme.as_deref()), (Some("/heartbeat"), Some("HTTPS")));
         assert!(c.liveness_probe.is_some());
+    }
+
+    #[test]
+    fn each_server_mounts_its_own_certificate_secret_whole() {
+        let sts = server_statefulset(&db(), &owner(), "Server3");
+        let p = pod(&sts);
+        let volume = p.volumes.as_ref().unwrap().iter().find(|v| v.name == "tls").unwrap();
+        let secret = volume.secret.as_ref().unwrap();
+        assert_eq!(secret.secret_name.as_deref(), Some("students-tls-server3"));
+        assert_eq!(secret.default_mode, Some(0o440), "readable by the pod's group (fsGroup) only");
+        let mount = p.containers[0].volume_mounts.as_ref().unwrap().iter().find(|m| m.name == "tls").unwrap();
+        assert_eq!(mount.mount_path, "/etc/sharddb/tls");
+        assert_eq!(mount.read_only, Some(true));
+        assert!(mount.sub_path.is_none(), "a subPath mount would never see a renewed certificate");
+        assert!(
+            p.containers[1].volume_mounts.as_ref().unwrap().iter().all(|m| m.name != "tls"),
+            "postgres never sees the certificate"
+        );
     }
 
     fn pw_secret(e: &EnvVar) -> (&str, &str) {
