@@ -23,9 +23,9 @@ use super::apply::{self, ApplyError};
 use super::build::configmap::first_topology;
 use super::build::netpol::{self, OperatorPods};
 use super::build::secret::{generate_password, postgres_secret, stored_password};
-use super::build::tls::{self as tls_build, CaPem, Kept};
 use super::build::{Owner, names, pdb, rbac, router, service, statefulset};
 use super::heal::{self, HealSettings};
+use super::identities::ensure_identities;
 use super::pki::{OperatorPki, PkiError};
 use super::status::{self, Observed, READY};
 use super::topology::{self, HeadlessService, ServerUrls, WriteError};
@@ -52,7 +52,6 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use shard_server::tls::issue::{CA_VALIDITY, Ca};
 use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -428,90 +427,6 @@ async fn reconcile_inner(db: &ShardedDatabase, ctx: &Context) -> Result<Action, 
     }
     write_status(ctx, db, &owner, status).await?;
     Ok(Action::requeue(RESYNC))
-}
-
-/// The database's CA (operator-made or the user's), every running server's and the routers'
-/// certificate Secrets, issued when missing and renewed when due, and the routers' admin token;
-/// then the operator's own client certificate for the database (see `k8s::pki`).
-async fn ensure_identities(
-    ctx: &Context,
-    owner: &Owner,
-    valid: &crate::brain::validate::ValidatedDb,
-    servers: &BTreeSet<String>,
-) -> Result<(), ReconcileError> {
-    let (client, ns) = (&ctx.client, owner.namespace.as_str());
-    let ca = database_ca(client, owner, valid.tls.ca_secret.as_deref()).await?;
-    let now = std::time::SystemTime::now();
-    let issue = |request: &shard_server::tls::issue::LeafRequest| -> Result<Kept, ReconcileError> {
-        let what = request.identity.as_ref().map_or_else(String::new, ToString::to_string);
-        let issued = ca.issue(request, now).map_err(|source| PkiError::Issue { what, source })?;
-        Ok(Kept { cert: issued.cert_pem, key: issued.key_pem, ca: ca.cert_pem().to_owned() })
-    };
-    let kept = |secret: Option<Secret>| secret.as_ref().and_then(tls_build::stored_certificate);
-    let mut issued = Vec::new();
-    for server in servers {
-        let stored = kept(apply::get::<Secret>(client, ns, &names::server_tls_secret(&owner.name, server)).await?);
-        let want = tls_build::server_identity(owner, server);
-        let cert = match stored.filter(|k| tls_build::still_good(Some(k), ca.cert_pem(), &want, now)) {
-            Some(k) => k,
-            None => {
-                issued.push(server.clone());
-                issue(&tls_build::server_request(owner, server))?
-            }
-        };
-        apply::apply(client, ns, &tls_build::server_tls_secret(owner, server, &cert)).await?;
-    }
-    let stored = kept(apply::get::<Secret>(client, ns, &names::router_tls_secret(&owner.name)).await?);
-    let want = tls_build::router_identity(owner);
-    let cert = match stored.filter(|k| tls_build::still_good(Some(k), ca.cert_pem(), &want, now)) {
-        Some(k) => k,
-        None => {
-            issued.push("router".into());
-            issue(&tls_build::router_request(owner))?
-        }
-    };
-    apply::apply(client, ns, &tls_build::router_tls_secret(owner, &cert, ctx.pki.operator_ca_pem())).await?;
-    if ctx.config.require_admin_token {
-        let token = apply::get::<Secret>(client, ns, &names::admin_token_secret(&owner.name))
-            .await?
-            .as_ref()
-            .and_then(tls_build::stored_token)
-            .unwrap_or_else(generate_password);
-        apply::apply(client, ns, &tls_build::admin_token_secret(owner, &token)).await?;
-    }
-    ctx.pki.register(&tls_build::database_id(owner), &ca)?;
-    if !issued.is_empty() {
-        tracing::info!(db = %owner.name, ?issued, "certificates issued");
-    }
-    Ok(())
-}
-
-/// The CA of a database: the user's Secret when the spec names one, else `<db>-ca`, made here
-/// the first time (created, never overwritten, so a CA once made stays).
-async fn database_ca(client: &Client, owner: &Owner, user_secret: Option<&str>) -> Result<Ca, ReconcileError> {
-    let ns = owner.namespace.as_str();
-    let bad = |name: &str, why: String| PkiError::BadCa { namespace: ns.to_owned(), name: name.to_owned(), why };
-    let name = match user_secret {
-        Some(name) => name.to_owned(),
-        None => names::ca_secret(&owner.name),
-    };
-    let mut stored = apply::get::<Secret>(client, ns, &name).await?.as_ref().and_then(tls_build::stored_ca);
-    if stored.is_none() {
-        if user_secret.is_some() {
-            return Err(
-                bad(&name, "it does not exist or holds no tls.crt and tls.key (spec.tls.caSecretName)".into()).into()
-            );
-        }
-        let ca = Ca::generate(&format!("sharddb {ns}/{} CA", owner.name), std::time::SystemTime::now(), CA_VALIDITY)
-            .map_err(|source| PkiError::Issue { what: "the database's CA".into(), source })?;
-        let pem = CaPem { cert: ca.cert_pem().to_owned(), key: ca.key_pem().to_owned() };
-        if apply::create(client, ns, &tls_build::ca_secret(owner, &pem)).await? {
-            tracing::info!(db = %owner.name, secret = %name, "created the database's CA");
-        }
-        stored = apply::get::<Secret>(client, ns, &name).await?.as_ref().and_then(tls_build::stored_ca);
-    }
-    let pem = stored.ok_or_else(|| bad(&name, "it holds no ca.crt and ca.key".into()))?;
-    Ok(Ca::from_pem(&pem.cert, &pem.key).map_err(|e| bad(&name, e.to_string()))?)
 }
 
 /// Transient errors: retry with exponential backoff and ±50% jitter, so many failing objects do

@@ -6,6 +6,7 @@ pub mod apply;
 pub mod build;
 pub mod controller;
 pub mod heal;
+pub mod identities;
 pub mod leader;
 pub mod pki;
 pub mod status;

@@ -226,8 +226,8 @@ pub async fn run_local(opts: LocalOptions) -> Result<(), LocalError> {
     tracing::info!(dir = %dir.display(), configured = declared.is_some(), internal_tls = opts.internal_tls, "starting local cluster");
     let pki = LocalPki::open(&dir, opts.internal_tls)?;
     let credentials = pki.operator_credentials()?;
-    let admin_token = if opts.admin_token { Some(private_secret(&dir, ADMIN_TOKEN_FILE)?.0) } else { None };
-    let (pg_password_file, pg_password) = private_secret(&dir, POSTGRES_PASSWORD_FILE)?;
+    let admin_token = if opts.admin_token { Some(pki::kept_secret(&dir, ADMIN_TOKEN_FILE)?.0) } else { None };
+    let (pg_password_file, pg_password) = pki::kept_secret(&dir, POSTGRES_PASSWORD_FILE)?;
     let pg = PgSettings { bin: opts.pg_bin.clone(), password: Some((pg_password, pg_password_file)) };
 
     let admin_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(LocalError::NoFreePort)?;
@@ -354,29 +354,6 @@ fn data_dir(given: Option<&Path>) -> Result<PathBuf, LocalError> {
     };
     make_dir(&dir)?;
     std::path::absolute(&dir).map_err(|source| LocalError::Io { action: "resolve", path: dir, source })
-}
-
-/// A secret of the cluster kept in `DIR/<file>` (0600), generated on first use: its file and
-/// value. A run on the same data directory reuses it.
-fn private_secret(dir: &Path, file: &str) -> Result<(PathBuf, String), LocalError> {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let path = dir.join(file);
-    if let Ok(kept) = std::fs::read_to_string(&path)
-        && !kept.trim().is_empty()
-    {
-        return Ok((path, kept.trim().to_owned()));
-    }
-    let secret = crate::k8s::build::secret::generate_password();
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&path)
-        .and_then(|mut f| f.write_all(secret.as_bytes()))
-        .map_err(|source| LocalError::Io { action: "write", path: path.clone(), source })?;
-    Ok((path, secret))
 }
 
 /// Creates a directory of ours (and its parents). When we are root, Postgres runs as `postgres`

@@ -106,6 +106,20 @@ fn read(path: &Path) -> Result<String, PkiError> {
     std::fs::read_to_string(path).map_err(io("read", path))
 }
 
+/// A secret of the cluster kept in `DIR/<file>` (0600), generated on first use: its file and
+/// value. A run on the same data directory reuses it.
+pub fn kept_secret(dir: &Path, file: &str) -> Result<(PathBuf, String), PkiError> {
+    let path = dir.join(file);
+    if let Ok(kept) = std::fs::read_to_string(&path)
+        && !kept.trim().is_empty()
+    {
+        return Ok((path, kept.trim().to_owned()));
+    }
+    let secret = crate::k8s::build::secret::generate_password();
+    write_private(&path, &secret)?;
+    Ok((path, secret))
+}
+
 impl LocalPki {
     /// Opens (or creates) the credentials of the data directory `data_dir`.
     pub fn open(data_dir: &Path, tls: bool) -> Result<LocalPki, PkiError> {
@@ -129,16 +143,7 @@ impl LocalPki {
             };
             Mode::Tls(Box::new(ca))
         } else {
-            let path = dir.join(TOKEN_FILE);
-            let secret = match std::fs::read_to_string(&path) {
-                Ok(s) if !s.trim().is_empty() => s.trim().to_owned(),
-                _ => {
-                    let secret = crate::k8s::build::secret::generate_password();
-                    write_private(&path, &secret)?;
-                    secret
-                }
-            };
-            Mode::Token(secret.into())
+            Mode::Token(kept_secret(&dir, TOKEN_FILE)?.1.into())
         };
         Ok(LocalPki { dir, database, mode })
     }
