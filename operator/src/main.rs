@@ -276,6 +276,7 @@ async fn run_operator(
     };
     let admin = operator::k8s::admin::router(client.clone(), config.default_images.clone());
     let admin_tls = pki.admin_tls();
+    let (trust_pki, trust_scope) = (pki.clone(), config.namespaces.clone());
     let mut registry = prometheus_client::registry::Registry::default();
     let ctx = Context::with_pki(client.clone(), config, Metrics::new(&mut registry), pki);
     let registry = Arc::new(registry);
@@ -339,6 +340,18 @@ async fn run_operator(
             })
             .await
     });
+
+    // Every replica checks routers against the databases' CAs, leading or not.
+    let mut trust_stop = stop_rx.clone();
+    tokio::spawn(operator::k8s::identities::trust_databases(
+        client.clone(),
+        trust_pki,
+        trust_scope,
+        std::time::Duration::from_secs(10),
+        async move {
+            let _ = trust_stop.wait_for(|s| *s).await;
+        },
+    ));
 
     let elector = lease.map(|lease| LeaderElector::new(client, lease));
     let shutdown = shutdown_signal();

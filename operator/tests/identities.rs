@@ -288,3 +288,45 @@ async fn with_a_namespace_list_only_those_namespaces_are_managed() {
     assert!(s.get("shardeddatabases", "team-b", "students").unwrap()["status"].is_null());
     assert!(h.ctx.pki.credentials(&DatabaseId::new("team-b", "students")).is_none());
 }
+
+/// Every operator replica serves the admin endpoint, but only the leader reconciles: a follower
+/// learns each database's CA by reading it, so that it too admits the database's routers, and
+/// forgets it once the database is gone.
+#[tokio::test]
+async fn a_replica_that_does_not_reconcile_still_trusts_every_databases_routers() {
+    let server = FakeApiServer::start().await;
+    server.install_crd(&ShardedDatabase::crd()).unwrap();
+    // The leader made the database and its CA; this replica only reads.
+    let db: ShardedDatabase = serde_json::from_value(json!({
+        "apiVersion": "sharddb.io/v1alpha1", "kind": "ShardedDatabase",
+        "metadata": { "name": "students", "namespace": NS },
+        "spec": { "schema": { "columns": ["k"], "dtypes": ["Number"] }, "shards": [{ "id": "a", "low": 0, "size": 1 }], "servers": 1 }
+    }))
+    .unwrap();
+    Api::<ShardedDatabase>::namespaced(server.client(), NS).create(&PostParams::default(), &db).await.unwrap();
+    let ca = Ca::generate("students", SystemTime::now(), CA_VALIDITY).unwrap();
+    server
+        .upsert(json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": { "name": "students-ca", "namespace": NS },
+            "stringData": { "ca.crt": ca.cert_pem(), "ca.key": ca.key_pem() }
+        }))
+        .unwrap();
+    let pki = operator::k8s::pki::OperatorPki::ephemeral(Some("https://127.0.0.1:8081"));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(operator::k8s::identities::trust_databases(
+        server.client(),
+        pki.clone(),
+        None,
+        Duration::from_millis(100),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    let trusted = |pki: &operator::k8s::pki::OperatorPki| pki.credentials(&students()).is_some();
+    assert!(server.wait_for(WAIT, |_| trusted(&pki)).await, "the database's CA is learnt");
+    assert!(server.list("secrets", NS).len() == 1, "nothing is written");
+    Api::<ShardedDatabase>::namespaced(server.client(), NS).delete("students", &Default::default()).await.unwrap();
+    assert!(server.wait_for(WAIT, |_| !trusted(&pki)).await, "a database that is gone is forgotten");
+    let _ = stop.send(());
+}

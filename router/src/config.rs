@@ -36,7 +36,7 @@ pub struct Args {
     #[arg(long, env = "SHARDDB_BODY_LIMIT", default_value = "16MiB", value_parser = parse_size)]
     pub body_limit: usize,
 
-    /// The control plane's admin endpoint (e.g. `http://127.0.0.1:7100`), which `/init`, `/add`
+    /// The control plane's admin endpoint (e.g. `https://127.0.0.1:7100`), which `/init`, `/add`
     /// and `/rm` are passed to; without it they answer 501.
     #[arg(long, env = "SHARDDB_CONTROL_URL")]
     pub control_url: Option<String>,

@@ -131,7 +131,7 @@ pub struct Config {
     /// the topology changes only with the spec).
     pub healing: Option<HealSettings>,
     /// The base URL of this operator's admin endpoint as routers reach it (its Service), e.g.
-    /// `http://sharddb-operator.sharddb-system.svc:8081`. Routers are built with
+    /// `https://sharddb-operator.sharddb-system.svc:8081`. Routers are built with
     /// `--control-url <this>/databases/<namespace>/<name>`; `None` leaves them without a control
     /// plane (the admin verbs answer 501).
     pub admin_url: Option<String>,

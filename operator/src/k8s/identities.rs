@@ -100,3 +100,72 @@ async fn database_ca(client: &Client, owner: &Owner, user_secret: Option<&str>) 
     let pem = stored.ok_or_else(|| bad(&name, "it holds no ca.crt and ca.key".into()))?;
     Ok(Ca::from_pem(&pem.cert, &pem.key).map_err(|e| bad(&name, e.to_string()))?)
 }
+
+/// Keeps the CA of every database known to this replica's admin endpoint. Every operator replica
+/// serves the endpoint, but only the leader reconciles (and so registers CAs as it issues
+/// certificates): without this a follower would refuse every router's handshake. Read-only: it
+/// never makes a CA, only reads those the leader (or the user) keeps. Runs until `shutdown`.
+pub async fn trust_databases(
+    client: Client,
+    pki: std::sync::Arc<super::pki::OperatorPki>,
+    namespaces: Option<Vec<String>>,
+    every: std::time::Duration,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    use crate::crd::ShardedDatabase;
+    use kube::api::{Api, ListParams};
+    tokio::pin!(shutdown);
+    let scopes: Vec<Option<String>> = match namespaces {
+        Some(list) => list.into_iter().map(Some).collect(),
+        None => vec![None],
+    };
+    loop {
+        for scope in &scopes {
+            let api: Api<ShardedDatabase> = match scope {
+                Some(ns) => Api::namespaced(client.clone(), ns),
+                None => Api::all(client.clone()),
+            };
+            let dbs = match api.list(&ListParams::default()).await {
+                Ok(list) => list.items,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot list the databases whose routers the admin endpoint trusts");
+                    continue;
+                }
+            };
+            let mut known = std::collections::HashSet::new();
+            for db in &dbs {
+                let Some(owner) = Owner::of(db) else { continue };
+                let name = match db.spec.tls.as_ref().and_then(|t| t.ca_secret_name.clone()) {
+                    Some(name) => name,
+                    None => names::ca_secret(&owner.name),
+                };
+                let id = tls_build::database_id(&owner);
+                known.insert(id.clone());
+                let stored = match apply::get::<Secret>(&client, &owner.namespace, &name).await {
+                    Ok(secret) => secret.as_ref().and_then(tls_build::stored_ca),
+                    Err(e) => {
+                        tracing::debug!(db = %id, error = %e, "cannot read the database's CA");
+                        continue;
+                    }
+                };
+                // Not made yet: the leader's reconcile makes it and registers it itself.
+                let Some(pem) = stored else { continue };
+                match Ca::from_pem(&pem.cert, &pem.key) {
+                    Ok(ca) => {
+                        if let Err(e) = pki.register(&id, &ca) {
+                            tracing::warn!(db = %id, error = %e, "cannot trust the database's routers");
+                        }
+                    }
+                    Err(e) => tracing::warn!(db = %id, error = %e, "the database's CA cannot be used"),
+                }
+            }
+            if let Err(e) = pki.forget_except(scope.as_deref(), &known) {
+                tracing::warn!(error = %e, "cannot update the admin endpoint's trusted CAs");
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            () = &mut shutdown => return,
+        }
+    }
+}
