@@ -85,6 +85,16 @@ fn forgeries(applied: u64) -> Vec<(Method, usize, &'static str, Value)> {
                 {"seq": applied + 1, "epoch": 1, "changes": [{"key": 999, "row": evil}]}
             ]}),
         ),
+        // At an old epoch: had it been answered, the replica would throw its copy away and be
+        // copied again (a new copy id).
+        (
+            Method::POST,
+            1,
+            "/v1/shards/sh1/replicate",
+            json!({"epoch": 0, "primary": "Server0", "entries": [
+                {"seq": applied + 1, "epoch": 0, "changes": [{"key": 999, "row": evil}]}
+            ]}),
+        ),
         (Method::POST, 0, "/v1/lease", json!({"replica": "Server1", "shards": ["sh1"]})),
         (Method::POST, 1, "/v1/shards/sh1/recover", json!({"primary": "Server0"})),
         (Method::GET, 0, "/v1/shards/sh1/snapshot", Value::Null),
@@ -118,7 +128,7 @@ fn forgeries(applied: u64) -> Vec<(Method, usize, &'static str, Value)> {
     ]
 }
 
-/// The forgery of [`forgeries`] at `path`.
+/// The (first) forgery of [`forgeries`] at `path`.
 fn forgery(applied: u64, path: &str) -> (Method, usize, &'static str, Value) {
     forgeries(applied).into_iter().find(|f| f.2 == path).unwrap_or_else(|| panic!("no forgery for {path}"))
 }
@@ -159,6 +169,17 @@ async fn forged_internal_calls_are_refused_and_change_nothing() {
         }
     }
     assert_eq!(state(&c).await, before, "nothing changed");
+
+    // The primary's next entry carries the sequence number the forged replicate tried to take:
+    // the copy applies it (it was not taken by the forgery) and both copies agree.
+    let next = c.client(0).write("sh1", &write(vec![Op::Insert { row: row(999, "real") }])).await.unwrap();
+    assert_eq!(next.seq, done.seq + 1);
+    let after = state(&c).await;
+    let (primary, copy) = (&after[0].0["sh1"], &after[1].0["sh1"]);
+    assert_eq!((primary.1, primary.2), (next.seq, 21));
+    assert!(primary.3.is_some(), "a checksum to compare");
+    assert_eq!((copy.1, copy.2, &copy.3), (primary.1, primary.2, &primary.3), "the copies agree");
+    let before = after;
 
     // The same requests from the operator do take effect: what stopped them was the caller check.
     let operator = &c.http;
