@@ -9,6 +9,7 @@
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+use shard_server::limits::{MAX_SERVERS, MAX_SHARDS};
 use std::collections::BTreeMap;
 
 /// The identifier pattern of `shard_server::schema::check_ident`, for the OpenAPI schema.
@@ -54,19 +55,20 @@ pub struct ShardedDatabaseSpec {
     /// another one; the key must be a `Number` column. Immutable once created.
     #[x_kube(validation = Rule::new("self == oldSelf").message("spec.schema is immutable"))]
     pub schema: TableSchema,
-    /// The shards: half-open key ranges `[low, low + size)` that must not overlap. Keys outside
-    /// every shard are rejected on write. Shard ids are unique (the list is keyed by `id`).
-    #[schemars(length(min = 1, max = 1024), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["id"]))]
+    /// The shards (at most 1024): half-open key ranges `[low, low + size)` that must not overlap.
+    /// A written key outside every shard is handled as `unroutedKeys` says. Shard ids are unique
+    /// (the list is keyed by `id`).
+    #[schemars(length(min = 1, max = MAX_SHARDS), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["id"]))]
     pub shards: Vec<ShardSpec>,
     /// Copies of each shard, each on a different server. Defaults to 3 when `placement` is absent;
     /// with a `placement`, each shard has as many copies as servers listing it, and `replicas`, if
     /// set, must equal that number for every shard.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = MAX_SERVERS))]
     pub replicas: Option<u32>,
-    /// Number of data servers (each one pod with its own Postgres and volume). The scale
+    /// Number of data servers (each one pod with its own Postgres and volume), at most 256. The scale
     /// subresource (`kubectl scale sdb/NAME --replicas=N`) sets this field.
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = MAX_SERVERS))]
     pub servers: u32,
     /// An explicit placement, like the seed's `/init` `servers`: server name → the shard ids it
     /// holds. Must list exactly `servers` servers and place every shard. Without it, replicas are
@@ -75,7 +77,7 @@ pub struct ShardedDatabaseSpec {
     /// part of object names, so it may hold only letters, digits and `-`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     // Bounded so the API server's CEL cost estimate of the name rule stays within budget.
-    #[schemars(extend("maxProperties" = 512))]
+    #[schemars(extend("maxProperties" = MAX_SERVERS))]
     #[x_kube(validation = Rule::new("self.all(k, k.matches('^[A-Za-z]([A-Za-z0-9-]{0,38}[A-Za-z0-9])?$'))")
         .message("spec.placement server names must be letters, digits and '-', start with a letter, end with a letter or digit, at most 40 characters"))]
     pub placement: Option<BTreeMap<String, Vec<String>>>,
@@ -95,6 +97,32 @@ pub struct ShardedDatabaseSpec {
     /// always mutual TLS; this chooses the CA and whether clients reach the router over TLS.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsSpec>,
+    /// What a write does with a row whose key is in no shard: `Reject` (the default) refuses the
+    /// whole write with a 400 and writes nothing; `Skip` writes the rows that belong to a shard
+    /// and says in its answer how many rows were skipped and which keys, as the seed's load
+    /// balancer did (a database declared through the seed's `/init` is created with `Skip`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unrouted_keys: Option<UnroutedKeys>,
+}
+
+// What a write does with a row whose key is in no shard. No `///` here: the field's description is
+// the one the schema should show.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum UnroutedKeys {
+    /// Refuse the whole write (400); nothing is written.
+    #[default]
+    Reject,
+    /// Write the rows that belong to a shard; the answer names the keys skipped.
+    Skip,
+}
+
+impl From<UnroutedKeys> for shard_server::topology::UnroutedKeys {
+    fn from(u: UnroutedKeys) -> Self {
+        match u {
+            UnroutedKeys::Reject => shard_server::topology::UnroutedKeys::Reject,
+            UnroutedKeys::Skip => shard_server::topology::UnroutedKeys::Skip,
+        }
+    }
 }
 
 /// The table's columns, in the seed's format.

@@ -222,6 +222,8 @@ impl Harness {
             lease: NodeConfig::DEFAULT_LEASE,
             lease_renew: NodeConfig::DEFAULT_LEASE_RENEW,
             cache_rows: NodeConfig::DEFAULT_CACHE_ROWS,
+            cache_bytes: NodeConfig::DEFAULT_CACHE_BYTES,
+            body_timeout: Duration::from_secs(60),
             credentials: credentials(
                 self.ca.as_ref().expect("the database's CA"),
                 Identity::new(students(), Component::Server, &s.name).unwrap(),

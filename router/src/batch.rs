@@ -1,12 +1,13 @@
 //! Turning write requests into per-shard parts: validation of a whole `/write` batch (row shapes,
-//! duplicate keys, keys in no shard) before anything is sent, and the single-key checks of
-//! `/update` and `/del`. Pure; no I/O.
+//! duplicate keys, keys in no shard, refused or skipped) before anything is sent, and the
+//! single-key checks of `/update` and `/del`. Pure; no I/O.
 
 use crate::error::RouterError;
 use crate::routing::Ranges;
 use serde_json::{Map, Value};
 use shard_server::api::Op;
 use shard_server::schema::{Row, Schema};
+use shard_server::topology::UnroutedKeys;
 use std::collections::{BTreeMap, HashMap};
 
 /// The ops for one shard, with the keys they touch.
@@ -24,14 +25,35 @@ impl Part {
     }
 }
 
+/// A `/write` batch split by shard.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct InsertPlan {
+    /// In shard order, rows in request order.
+    pub parts: Vec<Part>,
+    /// Keys in no shard, in request order, when the database skips them (`UnroutedKeys::Skip`).
+    pub skipped: Vec<i64>,
+}
+
+impl InsertPlan {
+    /// Rows that go to a shard.
+    pub fn routed(&self) -> usize {
+        self.parts.iter().map(|p| p.ops.len()).sum()
+    }
+}
+
 /// Validates every row of a `/write` batch and groups the inserts by shard (parts in shard order,
 /// rows in request order). The first problem found is reported, naming the row's index in `data`,
-/// its key when it has one, and what is wrong.
-pub fn plan_inserts(schema: &Schema, ranges: &Ranges, rows: &[Value]) -> Result<Vec<Part>, RouterError> {
+/// its key when it has one, and what is wrong. A key in no shard is refused, or skipped when
+/// `unrouted` says so; an empty batch is a plan with nothing to write (the seed answered it with
+/// `0 Data entries added`).
+pub fn plan_inserts(
+    schema: &Schema,
+    ranges: &Ranges,
+    rows: &[Value],
+    unrouted: UnroutedKeys,
+) -> Result<InsertPlan, RouterError> {
     let key_name = schema.key_name();
-    if rows.is_empty() {
-        return Err(RouterError::BadRequest("data is empty: send at least one row".into()));
-    }
+    let mut skipped = Vec::new();
     let mut seen: HashMap<i64, usize> = HashMap::with_capacity(rows.len());
     let mut parts: BTreeMap<usize, Part> = BTreeMap::new();
     for (i, value) in rows.iter().enumerate() {
@@ -46,14 +68,24 @@ pub fn plan_inserts(schema: &Schema, ranges: &Ranges, rows: &[Value]) -> Result<
                 "data[{i}]: {key_name} {key} appears twice in the batch (also data[{first}])"
             )));
         }
-        let shard = ranges
-            .shard_for_key(key)
-            .ok_or_else(|| RouterError::BadRequest(format!("data[{i}]: {key_name} {key} is in no shard")))?;
+        let Some(shard) = ranges.shard_for_key(key) else {
+            match unrouted {
+                UnroutedKeys::Skip => {
+                    skipped.push(key);
+                    continue;
+                }
+                UnroutedKeys::Reject => {
+                    return Err(RouterError::BadRequest(format!(
+                        "data[{i}]: {key_name} {key} is in no shard; nothing was written"
+                    )));
+                }
+            }
+        };
         let part = parts.entry(shard).or_insert_with(|| Part { shard, keys: Vec::new(), ops: Vec::new() });
         part.keys.push(key);
         part.ops.push(Op::Insert { row });
     }
-    Ok(parts.into_values().collect())
+    Ok(InsertPlan { parts: parts.into_values().collect(), skipped })
 }
 
 /// The key named by the request body's key field (`{"Stud_id": 2255, ...}`).
@@ -129,7 +161,7 @@ mod tests {
     }
 
     fn bad(rows: Vec<Value>) -> String {
-        match plan_inserts(&schema(), &ranges(), &rows) {
+        match plan_inserts(&schema(), &ranges(), &rows, UnroutedKeys::Reject) {
             Err(RouterError::BadRequest(m)) => m,
             other => panic!("expected a 400, got {other:?}"),
         }
@@ -138,7 +170,9 @@ mod tests {
     #[test]
     fn a_valid_batch_is_grouped_by_shard_in_key_order() {
         let rows = vec![row(150), row(5), row(301), row(7)];
-        let parts = plan_inserts(&schema(), &ranges(), &rows).unwrap();
+        let plan = plan_inserts(&schema(), &ranges(), &rows, UnroutedKeys::Reject).unwrap();
+        assert_eq!((plan.routed(), plan.skipped.len()), (4, 0));
+        let parts = plan.parts;
         let summary: Vec<(usize, Vec<i64>)> = parts.iter().map(|p| (p.shard, p.keys.clone())).collect();
         assert_eq!(summary, [(0, vec![5, 7]), (1, vec![150]), (2, vec![301])]);
         // The String column took a number as its decimal text.
@@ -150,7 +184,6 @@ mod tests {
 
     #[test]
     fn batch_problems_name_the_row_key_and_fault() {
-        assert_eq!(bad(vec![]), "data is empty: send at least one row");
         assert_eq!(
             bad(vec![row(1), json!({"Stud_id": 2, "Stud_name": "x"})]),
             "data[1] (Stud_id 2): column Stud_marks is missing"
@@ -165,8 +198,31 @@ mod tests {
         );
         assert_eq!(bad(vec![json!([4, "x", 1])]), "data[0]: row is not a JSON object");
         assert_eq!(bad(vec![row(1), row(2), row(1)]), "data[2]: Stud_id 1 appears twice in the batch (also data[0])");
-        assert_eq!(bad(vec![row(1), row(250)]), "data[1]: Stud_id 250 is in no shard");
-        assert_eq!(bad(vec![row(-1)]), "data[0]: Stud_id -1 is in no shard");
+        assert_eq!(bad(vec![row(1), row(250)]), "data[1]: Stud_id 250 is in no shard; nothing was written");
+        assert_eq!(bad(vec![row(-1)]), "data[0]: Stud_id -1 is in no shard; nothing was written");
+    }
+
+    #[test]
+    fn a_database_that_skips_unrouted_keys_writes_the_others_and_names_the_skipped() {
+        let rows = vec![row(250), row(5), row(-1), row(301)];
+        let plan = plan_inserts(&schema(), &ranges(), &rows, UnroutedKeys::Skip).unwrap();
+        assert_eq!(plan.skipped, [250, -1]);
+        assert_eq!(plan.parts.iter().map(|p| p.keys.clone()).collect::<Vec<_>>(), [vec![5], vec![301]]);
+        assert_eq!(plan.routed(), 2);
+        // Every row is still validated, skipped or not: a bad row refuses the whole batch.
+        let e = plan_inserts(&schema(), &ranges(), &[row(5), json!({"Stud_id": 250})], UnroutedKeys::Skip);
+        assert!(
+            matches!(e, Err(RouterError::BadRequest(m)) if m == "data[1] (Stud_id 250): column Stud_name is missing")
+        );
+        let e = plan_inserts(&schema(), &ranges(), &[row(250), row(250)], UnroutedKeys::Skip);
+        assert!(matches!(e, Err(RouterError::BadRequest(m)) if m.contains("appears twice")));
+    }
+
+    #[test]
+    fn an_empty_batch_writes_nothing() {
+        for policy in [UnroutedKeys::Reject, UnroutedKeys::Skip] {
+            assert_eq!(plan_inserts(&schema(), &ranges(), &[], policy).unwrap(), InsertPlan::default());
+        }
     }
 
     #[test]

@@ -18,10 +18,10 @@
 //! Senders are spawned tasks, not the clients' own futures: a client that disconnects must not
 //! strand the items of the others travelling with it. Does I/O (through [`upstream`]).
 
-use crate::state::{AppState, Routing};
-use crate::upstream::{self, Batch, UpstreamError};
+use crate::state::Routing;
+use crate::upstream::{self, Batch, Upstream, UpstreamError};
 use serde_json::value::RawValue;
-use shard_server::api::{KeyRange, WriteResponse};
+use shard_server::api::{KeyRange, Op, WriteResponse};
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -43,7 +43,7 @@ pub trait Kind: Send + Sync + 'static {
     /// Sends `items` to shard `shard_id` as one request (retrying as the upstream policy says);
     /// one outcome per item, in order.
     fn send(
-        state: &AppState,
+        up: &Upstream,
         routing: Arc<Routing>,
         shard_id: &str,
         items: Vec<Self::Item>,
@@ -73,12 +73,12 @@ impl Kind for Writes {
         item.ops.len()
     }
     async fn send(
-        state: &AppState,
+        up: &Upstream,
         routing: Arc<Routing>,
         shard_id: &str,
         items: Vec<Batch>,
     ) -> Vec<Result<WriteResponse, UpstreamError>> {
-        upstream::write_batches(state, routing, shard_id, items, false).await
+        upstream::write_batches(up, routing, shard_id, items, false).await
     }
 }
 
@@ -100,17 +100,55 @@ impl Kind for Reads {
         1
     }
     async fn send(
-        state: &AppState,
+        up: &Upstream,
         routing: Arc<Routing>,
         shard_id: &str,
         items: Vec<(KeyRange, u64)>,
     ) -> Vec<Result<Box<RawValue>, UpstreamError>> {
         let request = items.first().map_or(0, |i| i.1);
         let ranges: Vec<KeyRange> = items.iter().map(|i| i.0).collect();
-        match upstream::read_ranges(state, routing, shard_id, &ranges, request).await {
+        match upstream::read_ranges(up, routing, shard_id, &ranges, request).await {
             Ok(parts) => parts.into_iter().map(Ok).collect(),
             Err(e) => items.iter().map(|_| Err(e.clone())).collect(),
         }
+    }
+}
+
+/// Calls to shard servers through per-shard lanes: what the request path uses.
+pub struct Coalescer {
+    upstream: Upstream,
+    writes: Lanes<Writes>,
+    reads: Lanes<Reads>,
+}
+
+impl Coalescer {
+    pub fn new(upstream: Upstream) -> Coalescer {
+        Coalescer { upstream, writes: Lanes::default(), reads: Lanes::default() }
+    }
+
+    /// Sends one shard's part of a request to the shard's primary, carrying the routing table's
+    /// epoch. Real writes join the shard's write lane, travelling with other clients' concurrent
+    /// writes to the same shard; dry runs go alone.
+    pub async fn write(
+        &self,
+        routing: Arc<Routing>,
+        shard_id: &str,
+        keys: &[i64],
+        ops: Vec<Op>,
+        dry_run: bool,
+    ) -> Result<WriteResponse, UpstreamError> {
+        let batch = Batch { keys: keys.to_vec(), ops };
+        if dry_run {
+            let mut results = upstream::write_batches(&self.upstream, routing, shard_id, vec![batch], true).await;
+            return results.pop().expect("one result per batch");
+        }
+        self.writes.submit(&self.upstream, shard_id, batch).await
+    }
+
+    /// Reads `range` (already clipped to the shard) from one ready copy of `shard_id`, travelling
+    /// with other clients' concurrent reads of the shard; `request` picks the copy.
+    pub async fn read(&self, shard_id: &str, range: KeyRange, request: u64) -> Result<Box<RawValue>, UpstreamError> {
+        self.reads.submit(&self.upstream, shard_id, (range, request)).await
     }
 }
 
@@ -145,7 +183,7 @@ struct LaneState<K: Kind> {
 
 impl<K: Kind> Lanes<K> {
     /// Sends `item` to `shard_id` through its lane and waits for its own outcome.
-    pub async fn submit(&self, state: &AppState, shard_id: &str, item: K::Item) -> Result<K::Out, UpstreamError> {
+    async fn submit(&self, up: &Upstream, shard_id: &str, item: K::Item) -> Result<K::Out, UpstreamError> {
         let lane = Arc::clone(self.lanes.lock().expect("lock").entry(shard_id.to_owned()).or_insert_with(|| {
             Arc::new(Lane {
                 state: Mutex::new(LaneState { queue: Vec::new(), weight: 0, senders: 0 }),
@@ -162,7 +200,7 @@ impl<K: Kind> Lanes<K> {
             start
         };
         if start {
-            tokio::spawn(send(state.clone(), lane, shard_id.to_owned()));
+            tokio::spawn(send(up.clone(), lane, shard_id.to_owned()));
         } else {
             lane.arrived.notify_one();
         }
@@ -209,7 +247,7 @@ async fn linger<K: Kind>(lane: &Lane<K>, target: usize, patience: Duration) {
 }
 
 /// One sender: sends queued items until the lane is empty.
-async fn send<K: Kind>(state: AppState, lane: Arc<Lane<K>>, shard_id: String) {
+async fn send<K: Kind>(up: Upstream, lane: Arc<Lane<K>>, shard_id: String) {
     // If this task panics, the items it holds get an error through their dropped replies; the
     // guard gives the sender slot back so the lane keeps moving.
     let guard = Leave(&lane);
@@ -221,8 +259,8 @@ async fn send<K: Kind>(state: AppState, lane: Arc<Lane<K>>, shard_id: String) {
         let Some((taken, weight)) = next(&lane) else { break };
         last = weight;
         let (items, replies): (Vec<K::Item>, Vec<Reply<K>>) = taken.into_iter().unzip();
-        let results = match state.table().current() {
-            Some(routing) => K::send(&state, routing, &shard_id, items).await,
+        let results = match up.table().current() {
+            Some(routing) => K::send(&up, routing, &shard_id, items).await,
             None => items.iter().map(|_| Err(UpstreamError::Unavailable("no topology yet".into()))).collect(),
         };
         for (reply, result) in replies.into_iter().zip(results) {

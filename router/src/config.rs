@@ -2,6 +2,8 @@
 //! once into [`Config`] and passed down. Pure; no I/O.
 
 use clap::Parser;
+pub use shard_server::serve::parse_duration;
+use shard_server::serve::{ServeArgs, ServeLimits};
 use shard_server::tls::{CredentialArgs, Credentials};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -64,6 +66,9 @@ pub struct Args {
     #[arg(long, env = "SHARDDB_SERVE_TLS", default_value_t = false, action = clap::ArgAction::Set,
           num_args = 0..=1, default_missing_value = "true")]
     pub serve_tls: bool,
+    /// Timeouts and the connection cap of the HTTP server.
+    #[command(flatten)]
+    pub serve: ServeArgs,
 }
 
 impl Args {
@@ -71,12 +76,18 @@ impl Args {
         Config {
             upstream_timeout: self.upstream_timeout,
             body_limit: self.body_limit,
+            body_timeout: self.serve.body_timeout,
             retry: RetryPolicy::default(),
             control_url: self.control_url.clone(),
             credentials: None,
             control_credentials: None,
             admin_token_file: self.admin_token_file.clone(),
         }
+    }
+
+    /// The HTTP server's limits.
+    pub fn serve_limits(&self) -> ServeLimits {
+        self.serve.limits()
     }
 }
 
@@ -85,6 +96,8 @@ impl Args {
 pub struct Config {
     pub upstream_timeout: Duration,
     pub body_limit: usize,
+    /// How long a request body may take to arrive in full (answered 408 past it).
+    pub body_timeout: Duration,
     pub retry: RetryPolicy,
     /// Where the admin verbs go (see `control`); none when absent.
     pub control_url: Option<String>,
@@ -109,6 +122,7 @@ impl Default for Config {
         Config {
             upstream_timeout: Duration::from_secs(10),
             body_limit: 16 << 20,
+            body_timeout: ServeLimits::DEFAULT_BODY_TIMEOUT,
             retry: RetryPolicy::default(),
             control_url: None,
             credentials: None,
@@ -138,20 +152,6 @@ impl Default for RetryPolicy {
             backoff_min: Duration::from_millis(25),
             backoff_max: Duration::from_millis(500),
         }
-    }
-}
-
-/// Parses `250ms`, `10s`, `2m` or a bare number of seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration (e.g. 10s, 500ms)"))?;
-    match unit.trim() {
-        "ms" => Ok(Duration::from_millis(n)),
-        "" | "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        u => Err(format!("unknown duration unit {u:?} (use ms, s or m)")),
     }
 }
 

@@ -25,6 +25,9 @@ pub enum RouterError {
     /// The body (or a shard's part of it) is larger than accepted; the text says which limit.
     #[error("{0}")]
     PayloadTooLarge(String),
+    /// The body did not arrive in full within the body timeout.
+    #[error("{0}")]
+    RequestTimeout(String),
     #[error("method {method} is not allowed on {path}")]
     MethodNotAllowed { method: String, path: String },
     #[error("no endpoint {method} {path}")]
@@ -53,6 +56,7 @@ impl RouterError {
             RouterError::NotFound(_) | RouterError::NoRoute { .. } => StatusCode::NOT_FOUND,
             RouterError::Conflict { .. } => StatusCode::CONFLICT,
             RouterError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            RouterError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             RouterError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             RouterError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
             RouterError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
@@ -67,6 +71,7 @@ impl RouterError {
             RouterError::NotFound(_) | RouterError::NoRoute { .. } => ErrorCode::NotFound,
             RouterError::Conflict { .. } => ErrorCode::Conflict,
             RouterError::PayloadTooLarge(_) => ErrorCode::PayloadTooLarge,
+            RouterError::RequestTimeout(_) => ErrorCode::RequestTimeout,
             RouterError::MethodNotAllowed { .. } => ErrorCode::MethodNotAllowed,
             RouterError::Unauthenticated(_) => ErrorCode::Unauthenticated,
             RouterError::NotImplemented(_) => ErrorCode::NotImplemented,

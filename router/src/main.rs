@@ -2,12 +2,12 @@
 //! until SIGINT or SIGTERM. Does I/O.
 
 use anyhow::Context;
-use axum::serve::ListenerExt as _;
 use clap::Parser;
 use router::config::Args;
 use router::{AppState, app};
 use shard_server::api::install_crypto_provider;
-use shard_server::tls::{Component, Credentials, TlsFiles, TlsListener, TlsPeer, TlsSource, source::RELOAD_EVERY};
+use shard_server::serve::{serve, serve_tls};
+use shard_server::tls::{Component, Credentials, TlsFiles, TlsSource, source::RELOAD_EVERY};
 use shard_server::topology_source::{watch_configmap, watch_file};
 use std::io::IsTerminal;
 use tokio::net::TcpListener;
@@ -50,20 +50,13 @@ async fn main() -> anyhow::Result<()> {
     };
     let state = AppState::new(config, topology);
     let listener = TcpListener::bind(args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?;
-    tracing::info!(address = %listener.local_addr()?, tls = args.serve_tls, "serving");
-    // Answers go out as soon as they are written, never held back waiting for an ACK (Nagle).
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-        }
-    });
+    let limits = args.serve_limits();
+    tracing::info!(address = %listener.local_addr()?, tls = args.serve_tls, ?limits, "serving");
     match (&credentials, args.serve_tls) {
-        (Credentials::Tls(source), true) => {
-            let listener = TlsListener::new(listener, source.server_config());
-            let service = app(state).into_make_service_with_connect_info::<TlsPeer>();
-            axum::serve(listener, service).with_graceful_shutdown(shutdown()).await.context("server failed")?;
-        }
-        _ => axum::serve(listener, app(state)).with_graceful_shutdown(shutdown()).await.context("server failed")?,
+        (Credentials::Tls(source), true) => serve_tls(listener, app(state), limits, source.server_config(), shutdown())
+            .await
+            .context("server failed")?,
+        _ => serve(listener, app(state), limits, shutdown()).await.context("server failed")?,
     }
     tracing::info!("stopped");
     Ok(())

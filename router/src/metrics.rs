@@ -11,9 +11,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use std::sync::Arc;
 use std::time::Instant;
-
-use crate::state::AppState;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
@@ -116,20 +115,19 @@ impl Metrics {
 }
 
 /// Middleware: counts and times every request, including 404/405/413 answers.
-pub async fn track(State(state): State<AppState>, req: Request, next: Next) -> Response {
+pub async fn track(State(metrics): State<Arc<Metrics>>, req: Request, next: Next) -> Response {
     let endpoint =
         req.extensions().get::<MatchedPath>().map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
     let method = req.method().as_str().to_owned();
     let started = Instant::now();
     let resp = next.run(req).await;
-    state.metrics().observe(endpoint, method, resp.status().as_u16(), started.elapsed().as_secs_f64());
+    metrics.observe(endpoint, method, resp.status().as_u16(), started.elapsed().as_secs_f64());
     resp
 }
 
-/// `GET /metrics`.
-pub async fn render(State(state): State<AppState>) -> Response {
-    ([(CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], state.metrics().render())
-        .into_response()
+/// The `/metrics` answer.
+pub fn response(metrics: &Metrics) -> Response {
+    ([(CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], metrics.render()).into_response()
 }
 
 #[cfg(test)]

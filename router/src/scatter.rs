@@ -5,8 +5,9 @@
 //! so the merge is a concatenation of the servers' JSON arrays in shard order. Rows are passed
 //! through as raw JSON text and never re-parsed.
 
-use crate::state::{AppState, Routing};
-use crate::upstream::{self, UpstreamError};
+use crate::app_state::AppState;
+use crate::state::Routing;
+use crate::upstream::UpstreamError;
 use futures::future::try_join_all;
 use serde_json::value::RawValue;
 use shard_server::api::KeyRange;
@@ -25,7 +26,7 @@ pub async fn read_range(state: &AppState, routing: Arc<Routing>, range: KeyRange
     let request = state.next_request_id();
     let split = routing.ranges.split(range);
     let shards: Vec<String> = split.iter().map(|&(i, _)| routing.shards[i].id.clone()).collect();
-    let reads = split.iter().zip(&shards).map(|(&(_, clipped), id)| upstream::read(state, id, clipped, request));
+    let reads = split.iter().zip(&shards).map(|(&(_, clipped), id)| state.coalescer().read(id, clipped, request));
     let parts = try_join_all(reads).await?;
     Ok(RangeRead { shards, parts })
 }

@@ -1,29 +1,19 @@
-//! The router's shared state: the routing table derived from the topology (ordered ranges, a ring
-//! per shard over its ready replicas, one client per server), rebuilt off the request path whenever
-//! the topology changes and swapped atomically; plus configuration, metrics and the request-id
-//! counter. Building is pure; only [`follow`] does I/O (it awaits topology changes).
-//!
-//! Any topology source (the file watcher today, a ConfigMap watch later) feeds the router through
-//! the same `watch` channel of `shard_server::topology_source`, so the router does not care where
-//! documents come from.
+//! The routing state: the routing table derived from one topology document (ordered ranges, a
+//! ring per shard over its ready replicas, one client per server) and the [`RoutingTable`] that
+//! holds the current one, swapped atomically when a newer document is built. Plain data that the
+//! request path (`upstream`, `coalesce`, the handlers) reads; it knows none of them. Building is
+//! pure; [`RoutingTable::wait_newer`] only awaits a change.
 
-use crate::config::Config;
-use crate::control::ControlPlane;
-use crate::error::RouterError;
-use crate::metrics::Metrics;
 use crate::ring::Ring;
 use crate::routing::Ranges;
 use arc_swap::ArcSwapOption;
-use shard_server::api::{ShardClient, http_client};
+use shard_server::api::ShardClient;
 use shard_server::schema::{Schema, SchemaError};
 use shard_server::topology::Topology;
-use shard_server::topology_source::TopologyRx;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
 
 /// Everything needed to route one request, derived from one topology document. Immutable: a new
 /// document produces a new `Routing`.
@@ -160,138 +150,6 @@ impl RoutingTable {
     }
 }
 
-/// Follows `topology`, rebuilding and publishing the routing table on every newer document. Builds
-/// run on the blocking pool so request handling never waits on them; requests keep using the old
-/// table until the new one is swapped in.
-pub fn follow(
-    table: Arc<RoutingTable>,
-    mut topology: TopologyRx,
-    http: reqwest::Client,
-    metrics: Arc<Metrics>,
-) -> JoinHandle<()> {
-    tokio::spawn(async move {
-        loop {
-            let doc = topology.borrow_and_update().clone();
-            if let Some(doc) = doc {
-                let newer = table.current().is_none_or(|r| r.epoch() < doc.epoch);
-                if newer {
-                    let http = http.clone();
-                    match tokio::task::spawn_blocking(move || Routing::build(doc, &http)).await {
-                        Ok(Ok(routing)) => install(&table, &metrics, routing),
-                        Ok(Err(e)) => {
-                            tracing::error!(error = %e, "cannot route with this topology; keeping the previous one")
-                        }
-                        Err(e) => tracing::error!(error = %e, "routing table build panicked"),
-                    }
-                }
-            }
-            if topology.changed().await.is_err() {
-                tracing::warn!("topology source closed; keeping the current routing table");
-                return;
-            }
-        }
-    })
-}
-
-fn install(table: &RoutingTable, metrics: &Metrics, routing: Routing) {
-    let epoch = routing.epoch();
-    let shards = routing.shards.len();
-    if table.publish(routing) {
-        metrics.set_epoch(epoch);
-        tracing::info!(epoch, shards, "routing table updated");
-    }
-}
-
-/// Handle to everything request handlers share; cheap to clone.
-#[derive(Clone)]
-pub struct AppState(Arc<Inner>);
-
-struct Inner {
-    config: Config,
-    lanes: crate::coalesce::Lanes<crate::coalesce::Writes>,
-    read_lanes: crate::coalesce::Lanes<crate::coalesce::Reads>,
-    control: ControlPlane,
-    routing: Arc<RoutingTable>,
-    metrics: Arc<Metrics>,
-    request_ids: AtomicU64,
-    follower: JoinHandle<()>,
-}
-
-impl Drop for Inner {
-    fn drop(&mut self) {
-        self.follower.abort();
-    }
-}
-
-impl AppState {
-    /// Starts following `topology` (must run inside a Tokio runtime). A document already in the
-    /// channel is routed before this returns, so the first request does not race the first build.
-    pub fn new(config: Config, topology: TopologyRx) -> AppState {
-        let http = match &config.credentials {
-            Some(credentials) => credentials.http_client(config.upstream_timeout),
-            None => http_client(config.upstream_timeout),
-        };
-        let routing = Arc::new(RoutingTable::default());
-        let metrics = Arc::new(Metrics::new());
-        let initial = topology.borrow().clone();
-        if let Some(doc) = initial {
-            match Routing::build(doc, &http) {
-                Ok(r) => install(&routing, &metrics, r),
-                Err(e) => tracing::error!(error = %e, "cannot route with the initial topology"),
-            }
-        }
-        let follower = follow(routing.clone(), topology, http, metrics.clone());
-        let control = ControlPlane::from_url(config.control_url.as_deref(), config.control_credentials());
-        AppState(Arc::new(Inner {
-            config,
-            lanes: Default::default(),
-            read_lanes: Default::default(),
-            control,
-            routing,
-            metrics,
-            request_ids: AtomicU64::new(0),
-            follower,
-        }))
-    }
-
-    pub fn config(&self) -> &Config {
-        &self.0.config
-    }
-
-    /// Where the admin verbs (`/init`, `/add`, `/rm`) go.
-    pub fn control(&self) -> &ControlPlane {
-        &self.0.control
-    }
-
-    pub fn metrics(&self) -> &Metrics {
-        &self.0.metrics
-    }
-
-    /// Per-shard write lanes (see [`crate::coalesce`]).
-    pub fn lanes(&self) -> &crate::coalesce::Lanes<crate::coalesce::Writes> {
-        &self.0.lanes
-    }
-
-    /// Per-shard read lanes (see [`crate::coalesce`]).
-    pub fn read_lanes(&self) -> &crate::coalesce::Lanes<crate::coalesce::Reads> {
-        &self.0.read_lanes
-    }
-
-    pub fn table(&self) -> &RoutingTable {
-        &self.0.routing
-    }
-
-    /// The routing table, or 503 before the first topology.
-    pub fn routing(&self) -> Result<Arc<Routing>, RouterError> {
-        self.0.routing.current().ok_or(RouterError::NoTopology)
-    }
-
-    /// A fresh request id for replica choice (see `ring`: a counter spreads even a hot key).
-    pub fn next_request_id(&self) -> u64 {
-        self.0.request_ids.fetch_add(1, Ordering::Relaxed)
-    }
-}
-
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -320,7 +178,7 @@ pub(crate) mod tests {
 
     fn http() -> reqwest::Client {
         shard_server::api::install_crypto_provider();
-        http_client(Duration::from_secs(1))
+        shard_server::api::http_client(Duration::from_secs(1))
     }
 
     #[test]
@@ -359,34 +217,5 @@ pub(crate) mod tests {
         doc.shards[0].replicas.insert("Server2".into(), ReplicaState::Ready);
         table.publish(Routing::build(Arc::new(doc), &http()).unwrap());
         assert_eq!(waiter.await.unwrap(), Some(6));
-    }
-
-    #[tokio::test]
-    async fn state_follows_a_topology_file_without_restart() {
-        use shard_server::topology_source::{watch_file, write_atomic};
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("topology.json");
-        let state = AppState::new(Config::default(), watch_file(path.clone()));
-        assert!(matches!(state.routing(), Err(RouterError::NoTopology)), "no file yet");
-        write_atomic(&path, &topology(3)).unwrap();
-        let r = state.table().wait_newer(0, Duration::from_secs(10)).await.unwrap();
-        assert_eq!(r.epoch(), 3);
-        let mut next = topology(4);
-        next.shards[0].primary = "Server1".into();
-        write_atomic(&path, &next).unwrap();
-        let r = state.table().wait_newer(3, Duration::from_secs(10)).await.unwrap();
-        assert_eq!(r.primary(0).name, "Server1");
-    }
-
-    #[tokio::test]
-    async fn state_follows_the_topology_channel() {
-        let (tx, rx) = watch::channel(None);
-        let state = AppState::new(Config::default(), rx);
-        assert!(matches!(state.routing(), Err(RouterError::NoTopology)));
-        shard_server::topology_source::offer(&tx, topology(2));
-        let r = state.table().wait_newer(0, Duration::from_secs(5)).await.unwrap();
-        assert_eq!(r.epoch(), 2);
-        assert_eq!(state.routing().unwrap().epoch(), 2);
-        assert_eq!(state.next_request_id() + 1, state.next_request_id());
     }
 }

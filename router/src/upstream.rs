@@ -17,11 +17,32 @@
 //! sets the same final value. A delete whose earlier attempt may have been applied (its answer was
 //! lost) and whose retry finds the key gone counts as done.
 
-use crate::state::{AppState, Routing};
+use crate::config::RetryPolicy;
+use crate::metrics::Metrics;
+use crate::state::{Routing, RoutingTable};
 use serde_json::value::RawValue;
 use shard_server::api::{BatchOutcome, ClientError, ErrorCode, KeyRange, Op, WriteBatchesRequest, WriteResponse};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// What calls to shard servers need: the current routing table (re-read after a failure), the
+/// retry policy and the metrics they record. Cheap to clone.
+#[derive(Clone)]
+pub struct Upstream {
+    table: Arc<RoutingTable>,
+    retry: RetryPolicy,
+    metrics: Arc<Metrics>,
+}
+
+impl Upstream {
+    pub fn new(table: Arc<RoutingTable>, retry: RetryPolicy, metrics: Arc<Metrics>) -> Upstream {
+        Upstream { table, retry, metrics }
+    }
+
+    pub fn table(&self) -> &RoutingTable {
+        &self.table
+    }
+}
 
 /// How a shard-server call ended when it did not succeed.
 #[derive(Clone, Debug, thiserror::Error)]
@@ -99,8 +120,7 @@ struct Backoff {
 }
 
 impl Backoff {
-    fn new(state: &AppState) -> Backoff {
-        let p = &state.config().retry;
+    fn new(p: &RetryPolicy) -> Backoff {
         Backoff { next: p.backoff_min, max: p.backoff_max, until: Instant::now() + p.deadline }
     }
 
@@ -135,25 +155,6 @@ pub struct Batch {
     pub ops: Vec<Op>,
 }
 
-/// Sends one shard's part of a request to the shard's primary, carrying the routing table's epoch.
-/// Real writes join the shard's write lane (see [`crate::coalesce`]), travelling with other
-/// clients' concurrent writes to the same shard; dry runs go alone.
-pub async fn write(
-    state: &AppState,
-    routing: Arc<Routing>,
-    shard_id: &str,
-    keys: &[i64],
-    ops: Vec<Op>,
-    dry_run: bool,
-) -> Result<WriteResponse, UpstreamError> {
-    let batch = Batch { keys: keys.to_vec(), ops };
-    if dry_run {
-        let mut results = write_batches(state, routing, shard_id, vec![batch], true).await;
-        return results.pop().expect("one result per batch");
-    }
-    state.lanes().submit(state, shard_id, batch).await
-}
-
 /// A batch still waiting for its outcome.
 struct Open {
     index: usize,
@@ -167,21 +168,21 @@ struct Open {
 /// batch with a final answer is done, the others are sent again together after a pause or a
 /// topology change, until the deadline.
 pub async fn write_batches(
-    state: &AppState,
+    up: &Upstream,
     mut routing: Arc<Routing>,
     shard_id: &str,
     batches: Vec<Batch>,
     dry_run: bool,
 ) -> Vec<Result<WriteResponse, UpstreamError>> {
     let op = if dry_run { "dry_run" } else { "write" };
-    let topology_wait = state.config().retry.topology_wait;
-    let mut backoff = Backoff::new(state);
+    let topology_wait = up.retry.topology_wait;
+    let mut backoff = Backoff::new(&up.retry);
     // Topology waits stretch the deadline once, so a failover that needs both still fits.
     let give_up = backoff.until + topology_wait;
     let mut results: Vec<Option<Result<WriteResponse, UpstreamError>>> = batches.iter().map(|_| None).collect();
     let mut open: Vec<Open> =
         batches.into_iter().enumerate().map(|(index, batch)| Open { index, batch, maybe_applied: false }).collect();
-    state.metrics().write_batches(open.len());
+    up.metrics.write_batches(open.len());
     while !open.is_empty() {
         // A batch whose keys a newer topology moved elsewhere cannot be sent here any more.
         let mut shard = None;
@@ -269,9 +270,9 @@ pub async fn write_batches(
         }
         let (reason, why) = retry.expect("an open batch has a reason");
         let failure = if reroute {
-            state.metrics().retry(op, "topology");
+            up.metrics.retry(op, "topology");
             let wait = topology_wait.min(give_up.saturating_duration_since(Instant::now()));
-            match state.table().wait_newer(routing.epoch(), wait).await {
+            match up.table.wait_newer(routing.epoch(), wait).await {
                 Some(newer) => {
                     routing = newer;
                     None
@@ -282,8 +283,8 @@ pub async fn write_batches(
                 )),
             }
         } else if backoff.pause().await {
-            state.metrics().retry(op, reason);
-            if let Some(current) = state.table().current() {
+            up.metrics.retry(op, reason);
+            if let Some(current) = up.table.current() {
                 routing = current;
             }
             None
@@ -299,30 +300,19 @@ pub async fn write_batches(
     results.into_iter().map(|r| r.expect("every batch has an outcome")).collect()
 }
 
-/// Reads `range` (already clipped to the shard) from one ready copy of `shard_id`, travelling with
-/// other clients' concurrent reads of the shard (see [`crate::coalesce`]); `request` picks the copy.
-pub async fn read(
-    state: &AppState,
-    shard_id: &str,
-    range: KeyRange,
-    request: u64,
-) -> Result<Box<RawValue>, UpstreamError> {
-    state.read_lanes().submit(state, shard_id, (range, request)).await
-}
-
 /// Reads `ranges` (already clipped to the shard) from one ready replica of `shard_id`, chosen by
 /// the ring for `request`, in one request; on failure tries the shard's other ready replicas, then
 /// starts over after a pause (with the newest routing table) until the deadline. One JSON array
 /// of rows per range, in order.
 pub async fn read_ranges(
-    state: &AppState,
+    up: &Upstream,
     mut routing: Arc<Routing>,
     shard_id: &str,
     ranges: &[KeyRange],
     request: u64,
 ) -> Result<Vec<Box<RawValue>>, UpstreamError> {
-    state.metrics().read_ranges(ranges.len());
-    let mut backoff = Backoff::new(state);
+    up.metrics.read_ranges(ranges.len());
+    let mut backoff = Backoff::new(&up.retry);
     let mut attempts = 0u32;
     loop {
         let shard = routing.shard_index(shard_id).ok_or_else(|| {
@@ -331,7 +321,7 @@ pub async fn read_ranges(
         let mut last = None;
         for server in routing.read_candidates(shard, request) {
             if attempts > 0 {
-                state.metrics().retry("read", "replica_failed");
+                up.metrics.retry("read", "replica_failed");
             }
             attempts += 1;
             match server.client.read_ranges(shard_id, ranges).await {
@@ -358,7 +348,7 @@ pub async fn read_ranges(
         if !backoff.pause().await {
             return Err(UpstreamError::Unavailable(format!("shard {shard_id}: every ready replica failed: {detail}")));
         }
-        if let Some(current) = state.table().current() {
+        if let Some(current) = up.table.current() {
             routing = current;
         }
     }

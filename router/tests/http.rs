@@ -10,6 +10,7 @@ use reqwest::Method;
 use serde_json::json;
 use shard_server::api::{ErrorCode, Op};
 use shard_server::schema::Value;
+use shard_server::topology::UnroutedKeys;
 use shard_server::topology_source::offer;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -29,7 +30,6 @@ async fn before_any_topology_data_endpoints_answer_503() {
         (Method::POST, "/write", json!({"data": [row(1)]})),
         (Method::PUT, "/update", json!({"Stud_id": 1, "data": row(1)})),
         (Method::DELETE, "/del", json!({"Stud_id": 1})),
-        (Method::GET, "/status", json!(null)),
         (Method::GET, "/readyz", json!(null)),
     ] {
         let (status, body) = r.json(method, path, body).await;
@@ -40,6 +40,58 @@ async fn before_any_topology_data_endpoints_answer_503() {
     }
     let (status, body) = r.json(Method::GET, "/healthz", json!(null)).await;
     assert_eq!((status, body), (200, json!({"status": "success", "epoch": null})));
+    // The seed's load balancer answered /status before /init with an empty configuration.
+    let (status, body) = r.json(Method::GET, "/status", json!(null)).await;
+    assert_eq!(
+        (status, body),
+        (200, json!({"N": 0, "schema": {"columns": [], "dtypes": []}, "shards": [], "servers": {}, "epoch": 0}))
+    );
+}
+
+#[tokio::test]
+async fn shapes_other_seed_clients_send_are_accepted() {
+    let s = healthy_stub().await;
+    let t = topology(1, &[("Server0", &s.url)], &[("sh1", 0, 100, "Server0", &[("Server0", READY)])]);
+    let r = Router::start(Some(t), test_config()).await;
+    // GET /read with a JSON body, as the assignment's figure lists it.
+    let (status, body) = r.json(Method::GET, "/read", json!({"Stud_id": {"low": 0, "high": 5}})).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["shards_queried"], json!(["sh1"]));
+    // An empty batch: 200, nothing sent anywhere.
+    let (status, body) = r.json(Method::POST, "/write", json!({"data": []})).await;
+    assert_eq!((status, body), (200, json!({"message": "0 Data entries added", "status": "success"})));
+    assert!(s.calls().iter().all(|c| matches!(c, Call::Read { .. })), "{:?}", s.calls());
+}
+
+#[tokio::test]
+async fn a_database_that_skips_unrouted_keys_stores_the_rest_and_says_which_were_skipped() {
+    let s = healthy_stub().await;
+    let mut t = topology(1, &[("Server0", &s.url)], &[("sh1", 0, 100, "Server0", &[("Server0", READY)])]);
+    t.unrouted_keys = UnroutedKeys::Skip;
+    let r = Router::start(Some(t), test_config()).await;
+    let (status, body) = r.json(Method::POST, "/write", json!({"data": [row(150), row(1), row(-3)]})).await;
+    assert_eq!(
+        (status, body),
+        (
+            200,
+            json!({"message": "1 Data entries added; 2 skipped (Stud_id 150, -3 are in no shard)", "status": "success"})
+        )
+    );
+    let written: Vec<Vec<Op>> = s
+        .calls()
+        .into_iter()
+        .filter_map(|c| match c {
+            Call::Write { req, .. } => Some(req.ops),
+            Call::Read { .. } => None,
+        })
+        .collect();
+    assert_eq!(written.len(), 1, "only the routed row was sent");
+    assert!(matches!(&written[0][..], [Op::Insert { row }] if row.0[0] == Value::Int(1)), "{written:?}");
+    // Nothing routed: nothing sent, and the answer claims nothing.
+    let (status, body) = r.json(Method::POST, "/write", json!({"data": [row(500)]})).await;
+    assert_eq!(body["message"], "0 Data entries added; 1 skipped (Stud_id 500 is in no shard)");
+    assert_eq!(status, 200);
+    assert_eq!(s.calls().len(), 1);
 }
 
 #[tokio::test]
@@ -81,7 +133,10 @@ async fn bad_requests_get_json_errors_naming_the_problem() {
     );
 
     let (status, body) = r.json(Method::POST, "/write", json!({"data": [row(1), row(150)]})).await;
-    assert_eq!((status, body["message"].as_str().unwrap()), (400, "<Error> data[1]: Stud_id 150 is in no shard"));
+    assert_eq!(
+        (status, body["message"].as_str().unwrap()),
+        (400, "<Error> data[1]: Stud_id 150 is in no shard; nothing was written")
+    );
     assert!(s.calls().is_empty(), "nothing reached a shard server: {:?}", s.calls());
 }
 
@@ -447,4 +502,38 @@ async fn a_delete_retried_after_an_ambiguous_failure_that_finds_the_key_gone_suc
     // Without an earlier ambiguous attempt, an absent key stays a 404.
     let (status, _) = r.json(Method::DELETE, "/del", json!({"Stud_id": 4})).await;
     assert_eq!(status, 404);
+}
+
+#[tokio::test]
+async fn a_body_that_never_arrives_is_answered_408_in_the_error_shape() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = healthy_stub().await;
+    let t = topology(1, &[("Server0", &s.url)], &[("sh1", 0, 100, "Server0", &[("Server0", READY)])]);
+    let limits = shard_server::serve::ServeLimits {
+        header_timeout: Duration::from_secs(5),
+        body_timeout: Duration::from_secs(1),
+        idle_timeout: Duration::from_secs(5),
+        max_connections: 8,
+    };
+    let r = common::Router::start_with_limits(Some(t), test_config(), limits).await;
+    let mut tcp = tokio::net::TcpStream::connect(r.url.trim_start_matches("http://")).await.unwrap();
+    tcp.write_all(b"POST /write HTTP/1.1\r\nHost: x\r\nContent-Length: 500\r\n\r\n{\"data\": [").await.unwrap();
+    let started = Instant::now();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut buf)).await {
+        if n == 0 {
+            break;
+        }
+        answer.extend_from_slice(&buf[..n]);
+        if answer.windows(4).any(|w| w == b"\r\n\r\n") && answer.ends_with(b"}") {
+            break;
+        }
+    }
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(started.elapsed() >= Duration::from_millis(900), "answered before the body timeout");
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    let body: serde_json::Value = serde_json::from_str(&answer[answer.find("\r\n\r\n").unwrap() + 4..]).unwrap();
+    assert_eq!(body["code"], "request_timeout");
+    assert!(s.calls().is_empty(), "nothing reached a shard server");
 }

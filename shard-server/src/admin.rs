@@ -8,6 +8,7 @@
 //! control plane answers with the final seed body (`{"message":..,"status":"success"}`, or an
 //! `ErrorBody` with a 4xx), which the router relays unchanged.
 
+use crate::limits::{MAX_SERVERS, MAX_SHARDS, bounded_vec, opt_placement, placement};
 use crate::schema::SchemaSpec;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -26,9 +27,11 @@ pub struct InitRequest {
     /// The number of servers.
     pub n: u32,
     pub schema: SchemaSpec,
+    #[serde(deserialize_with = "bounded_vec::<_, _, MAX_SHARDS>")]
     pub shards: Vec<ShardDecl>,
     /// Server name → the shards it holds; `None`: place copies automatically on `n` servers. A
     /// name like `Server[5]` asks for a generated name.
+    #[serde(default, deserialize_with = "opt_placement")]
     pub servers: Option<BTreeMap<String, Vec<String>>>,
 }
 
@@ -36,8 +39,10 @@ pub struct InitRequest {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AddRequest {
     pub n: u32,
+    #[serde(deserialize_with = "bounded_vec::<_, _, MAX_SHARDS>")]
     pub new_shards: Vec<ShardDecl>,
     /// New server name → the shards it holds. A name like `Server[5]` asks for a generated name.
+    #[serde(deserialize_with = "placement")]
     pub servers: BTreeMap<String, Vec<String>>,
 }
 
@@ -45,6 +50,7 @@ pub struct AddRequest {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RmRequest {
     pub n: u32,
+    #[serde(deserialize_with = "bounded_vec::<_, _, MAX_SERVERS>")]
     pub servers: Vec<String>,
 }
 

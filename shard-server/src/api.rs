@@ -2,6 +2,7 @@
 //! seed endpoints and our own under `/v1`), the error body every component speaks, and a typed
 //! client. Routers, the operator and tests all use these types; nothing re-declares them.
 
+use crate::limits::{MAX_READ_RANGES, MAX_ROWS, MAX_SHARDS, bounded_batches, bounded_vec};
 use crate::schema::{Row, SchemaSpec};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -59,6 +60,8 @@ pub enum ErrorCode {
     LogTruncated,
     /// The endpoint exists but is not available in this deployment (e.g. no control plane).
     NotImplemented,
+    /// The request's body did not arrive in full within the server's body timeout.
+    RequestTimeout,
     Internal,
 }
 
@@ -99,12 +102,14 @@ impl ErrorBody {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ConfigRequest {
     pub schema: SchemaSpec,
+    #[serde(deserialize_with = "bounded_vec::<_, _, MAX_SHARDS>")]
     pub shards: Vec<String>,
 }
 
 /// `GET /copy` (a JSON body on a GET, as the seed did).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct CopyRequest {
+    #[serde(deserialize_with = "bounded_vec::<_, _, MAX_SHARDS>")]
     pub shards: Vec<String>,
 }
 
@@ -136,6 +141,7 @@ pub struct SeedWriteResponse {
 /// router coalesces concurrent clients' reads of a shard). Served by whoever may serve `/read`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ReadRangesRequest {
+    #[serde(deserialize_with = "bounded_vec::<_, _, MAX_READ_RANGES>")]
     pub ranges: Vec<KeyRange>,
 }
 
@@ -164,6 +170,7 @@ pub struct WriteRequest {
     /// The sender's topology epoch; `None` for a client that does not take part in fencing.
     #[serde(default)]
     pub epoch: Option<u64>,
+    #[serde(deserialize_with = "bounded_vec::<_, _, MAX_ROWS>")]
     pub ops: Vec<Op>,
     /// Validate against the current data and answer as if written, without writing (routers use it
     /// to find conflicts in every part of a multi-shard batch before writing any part).
@@ -180,6 +187,8 @@ pub struct WriteBatchesRequest {
     /// As in [`WriteRequest`].
     #[serde(default)]
     pub epoch: Option<u64>,
+    /// At most [`MAX_BATCHES`](crate::limits::MAX_BATCHES) batches of at most [`MAX_ROWS`] operations in all.
+    #[serde(deserialize_with = "bounded_batches")]
     pub batches: Vec<Vec<Op>>,
     /// As in [`WriteRequest`].
     #[serde(default)]
@@ -255,6 +264,7 @@ pub struct ReplicateResponse {
 pub struct LeaseRequest {
     /// The asking replica's server name.
     pub replica: String,
+    #[serde(deserialize_with = "bounded_vec::<_, _, MAX_SHARDS>")]
     pub shards: Vec<String>,
 }
 
@@ -406,7 +416,9 @@ pub fn http_client(request_timeout: Duration) -> reqwest::Client {
 pub(crate) fn client_defaults() -> reqwest::ClientBuilder {
     reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(2))
-        .pool_idle_timeout(Duration::from_secs(60))
+        // Well below the servers' idle timeout (`serve`, 60 s by default), so a pooled connection
+        // is never reused just as its server closes it.
+        .pool_idle_timeout(Duration::from_secs(30))
         .pool_max_idle_per_host(256)
         .tcp_nodelay(true)
 }

@@ -30,6 +30,22 @@ pub enum DbError {
     },
 }
 
+impl DbError {
+    /// Postgres refused a value itself (a data exception, SQLSTATE class 22, or a program limit,
+    /// class 54), as opposed to failing: its message, which names the problem with the caller's
+    /// data. Our own guard (22012, see [`Db::apply`]) is not such a refusal.
+    pub fn refused_value(&self) -> Option<String> {
+        match self {
+            DbError::Sql(sqlx::Error::Database(e)) => {
+                let code = e.code()?;
+                let refused = (code.starts_with("22") && code != "22012") || code.starts_with("54");
+                refused.then(|| e.message().to_owned())
+            }
+            _ => None,
+        }
+    }
+}
+
 /// The connection pool to this server's Postgres database.
 #[derive(Clone, Debug)]
 pub struct Db {

@@ -16,6 +16,8 @@ pub enum ApiError {
     NotFound { message: String, keys: Vec<i64> },
     #[error("request body is larger than {limit} bytes")]
     PayloadTooLarge { limit: usize },
+    #[error("the request body did not arrive in full within {timeout:?}")]
+    BodyTimeout { timeout: std::time::Duration },
     #[error("method not allowed")]
     MethodNotAllowed,
     /// The caller showed no credential of this database's components.
@@ -88,6 +90,7 @@ impl ApiError {
             ApiError::Conflict { .. } => (StatusCode::CONFLICT, ErrorCode::Conflict),
             ApiError::NotFound { .. } => (StatusCode::NOT_FOUND, ErrorCode::NotFound),
             ApiError::PayloadTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, ErrorCode::PayloadTooLarge),
+            ApiError::BodyTimeout { .. } => (StatusCode::REQUEST_TIMEOUT, ErrorCode::RequestTimeout),
             ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, ErrorCode::MethodNotAllowed),
             ApiError::Unauthenticated(_) => (StatusCode::UNAUTHORIZED, ErrorCode::Unauthenticated),
             ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, ErrorCode::Forbidden),

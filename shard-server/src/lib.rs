@@ -8,12 +8,14 @@ pub mod auth;
 pub mod db;
 pub mod error;
 pub mod json;
+pub mod limits;
 pub mod metrics;
 pub mod node;
 pub mod replication;
 pub mod routes;
 pub mod rowcache;
 pub mod schema;
+pub mod serve;
 pub mod tls;
 pub mod topology;
 pub mod topology_source;
@@ -73,7 +75,7 @@ pub fn app(node: Arc<Node>) -> Router {
         .fallback(|| async { ApiError::NotFound { message: "no such endpoint".into(), keys: vec![] } })
         .layer(middleware::from_fn_with_state(Arc::clone(&node), observe))
         .layer(DefaultBodyLimit::max(limit))
-        .layer(axum::Extension(BodyLimit(limit)))
+        .layer(axum::Extension(BodyLimit { bytes: limit, timeout: node.config.body_timeout }))
         .with_state(node)
 }
 

@@ -1,10 +1,10 @@
 //! `sharddb-shard-server`: parses flags, connects to Postgres, follows the topology, serves HTTP.
 
-use axum::serve::ListenerExt as _;
 use clap::Parser;
 use shard_server::db::Db;
 use shard_server::node::{Node, NodeConfig};
-use shard_server::tls::{Component, CredentialArgs, Credentials, TlsListener, TlsPeer};
+use shard_server::serve::ServeArgs;
+use shard_server::tls::{Component, CredentialArgs, Credentials};
 use shard_server::{api, app, topology_source};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -53,6 +53,13 @@ struct Args {
     /// Postgres; a shard that does not fit is read from Postgres. 0 turns the cache off.
     #[arg(long, env = "SHARDDB_CACHE_ROWS", default_value_t = NodeConfig::DEFAULT_CACHE_ROWS)]
     cache_rows: usize,
+    /// Bytes (estimated: cell sizes plus a per-row overhead) the cached rows may take together;
+    /// a shard whose rows do not fit is read from Postgres.
+    #[arg(long, env = "SHARDDB_CACHE_BYTES", default_value_t = NodeConfig::DEFAULT_CACHE_BYTES)]
+    cache_bytes: usize,
+    /// Timeouts and the connection cap of the HTTP server.
+    #[command(flatten)]
+    serve: ServeArgs,
     /// Threads running requests. Default: one per CPU this process may use (its cgroup's quota
     /// included). Servers sharing a machine do better with fewer: local mode gives each its share.
     #[arg(long, env = "SHARDDB_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
@@ -108,6 +115,8 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         peer_timeout: Duration::from_millis(args.peer_timeout_ms),
         body_limit: args.body_limit,
         cache_rows: args.cache_rows,
+        cache_bytes: args.cache_bytes,
+        body_timeout: args.serve.body_timeout,
         lease: Duration::from_millis(args.lease_ms),
         lease_renew: Duration::from_millis(args.lease_renew_ms),
         credentials: credentials.clone(),
@@ -119,20 +128,13 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let node = Node::new(config, db, topology);
     node.start().await?;
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
-    tracing::info!(addr = %listener.local_addr()?, name = %args.name, scheme = credentials.scheme(), "shard server listening");
-    // Answers go out as soon as they are written, never held back waiting for an ACK (Nagle).
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-        }
-    });
+    let limits = args.serve.limits();
+    tracing::info!(addr = %listener.local_addr()?, name = %args.name, scheme = credentials.scheme(), ?limits, "shard server listening");
     match credentials {
         Credentials::Tls(source) => {
-            let listener = TlsListener::new(listener, source.server_config());
-            let service = app(node).into_make_service_with_connect_info::<TlsPeer>();
-            axum::serve(listener, service).with_graceful_shutdown(shutdown()).await?;
+            shard_server::serve::serve_tls(listener, app(node), limits, source.server_config(), shutdown()).await?
         }
-        Credentials::Token { .. } => axum::serve(listener, app(node)).with_graceful_shutdown(shutdown()).await?,
+        Credentials::Token { .. } => shard_server::serve::serve(listener, app(node), limits, shutdown()).await?,
     }
     Ok(())
 }

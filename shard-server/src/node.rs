@@ -32,6 +32,10 @@ pub struct NodeConfig {
     pub lease_renew: Duration,
     /// Rows this server keeps in memory across its shards (see [`crate::rowcache`]).
     pub cache_rows: usize,
+    /// Bytes (estimated) those rows may take together.
+    pub cache_bytes: usize,
+    /// How long a request body may take to arrive in full (see [`crate::serve`]).
+    pub body_timeout: Duration,
     /// Who this server is to its peers, and how it checks them (see [`crate::tls`]).
     pub credentials: Credentials,
 }
@@ -47,6 +51,10 @@ impl NodeConfig {
     /// restarted over 45,000 rows, all cached, rests at 22.4 MiB against 13.3 MiB empty, so about
     /// 200 bytes per row, map and allocator included). Shards that do not fit are read from Postgres.
     pub const DEFAULT_CACHE_ROWS: usize = 50_000;
+    /// Default byte budget of the row cache: 16 MiB as [`crate::rowcache::row_bytes`] estimates
+    /// it, about three times what 50,000 of the seed's rows take, so the row count is what limits
+    /// short rows and this limits long ones.
+    pub const DEFAULT_CACHE_BYTES: usize = 16 << 20;
 }
 
 /// What this server is for one shard, as of the topology it holds.
@@ -95,7 +103,7 @@ impl Node {
         let stream_http =
             config.credentials.client_builder().read_timeout(config.peer_timeout).build().expect("HTTP client builds");
         let gate = Gate::for_credentials(&config.credentials).unwrap_or_else(Gate::nobody);
-        let row_budget = crate::rowcache::Budget::new(config.cache_rows);
+        let row_budget = crate::rowcache::Budget::new(config.cache_rows, config.cache_bytes);
         Arc::new(Node {
             row_budget,
             config,

@@ -10,9 +10,11 @@
 //! shard's applied sequence number. A reader may see it just before or just after a commit,
 //! which is fine: nothing is acknowledged before the commit *and* the cache update.
 //!
-//! **Memory.** Rows count against one budget per server (`--cache-rows`): a shard whose rows do
-//! not fit when it is loaded, or that grows past what is left, turns its cache off for good (until
-//! it is loaded again after a snapshot install or a restart) and gives its rows back.
+//! **Memory.** Rows count against one budget per server, in rows (`--cache-rows`) and in bytes
+//! (`--cache-bytes`, as [`row_bytes`] estimates them), so a few large rows cannot take the memory
+//! many small ones were allowed: a shard whose rows do not fit when it is loaded, or that grows
+//! past what is left, turns its cache off for good (until it is loaded again after a snapshot
+//! install or a restart) and gives its rows back.
 
 use crate::api::Change;
 use crate::schema::{Row, Schema, Value};
@@ -21,40 +23,79 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, RwLock};
 
-/// Rows the caches of one server may hold together.
+/// What the caches of one server may hold together: rows, and bytes (as [`row_bytes`] estimates
+/// them), so that a few large rows cannot take what many small ones were allowed.
 #[derive(Debug)]
 pub struct Budget {
-    left: AtomicI64,
+    rows: AtomicI64,
+    bytes: AtomicI64,
+}
+
+/// Memory a cached row costs beyond its cells: its map node, key and vector (an estimate).
+const ROW_OVERHEAD: usize = 64;
+
+/// The memory estimate of one cached row.
+pub fn row_bytes(row: &Row) -> usize {
+    ROW_OVERHEAD
+        + row
+            .0
+            .iter()
+            .map(|v| match v {
+                Value::Int(_) => std::mem::size_of::<Value>(),
+                Value::Text(s) => std::mem::size_of::<Value>() + s.len(),
+            })
+            .sum::<usize>()
+}
+
+fn signed(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
 }
 
 impl Budget {
-    pub fn new(rows: usize) -> Arc<Budget> {
-        Arc::new(Budget { left: AtomicI64::new(i64::try_from(rows).unwrap_or(i64::MAX)) })
+    pub fn new(rows: usize, bytes: usize) -> Arc<Budget> {
+        Arc::new(Budget { rows: AtomicI64::new(signed(rows)), bytes: AtomicI64::new(signed(bytes)) })
     }
 
-    /// Takes `n` rows from the budget, or nothing when fewer are left.
-    fn take(&self, n: usize) -> bool {
-        let n = i64::try_from(n).unwrap_or(i64::MAX);
-        if self.left.fetch_sub(n, Ordering::AcqRel) >= n {
+    /// Takes `rows` rows and `bytes` bytes from the budget, or nothing when either is short.
+    fn take(&self, rows: usize, bytes: usize) -> bool {
+        let (rows, bytes) = (signed(rows), signed(bytes));
+        let rows_ok = self.rows.fetch_sub(rows, Ordering::AcqRel) >= rows;
+        let bytes_ok = self.bytes.fetch_sub(bytes, Ordering::AcqRel) >= bytes;
+        if rows_ok && bytes_ok {
             return true;
         }
-        self.left.fetch_add(n, Ordering::AcqRel);
+        self.rows.fetch_add(rows, Ordering::AcqRel);
+        self.bytes.fetch_add(bytes, Ordering::AcqRel);
         false
     }
 
-    fn give(&self, n: usize) {
-        self.left.fetch_add(i64::try_from(n).unwrap_or(i64::MAX), Ordering::AcqRel);
+    fn give(&self, rows: usize, bytes: usize) {
+        self.rows.fetch_add(signed(rows), Ordering::AcqRel);
+        self.bytes.fetch_add(signed(bytes), Ordering::AcqRel);
     }
 
+    /// Rows the budget still has room for.
     pub fn left(&self) -> i64 {
-        self.left.load(Ordering::Acquire)
+        self.rows.load(Ordering::Acquire)
     }
+
+    /// Bytes the budget still has room for.
+    pub fn bytes_left(&self) -> i64 {
+        self.bytes.load(Ordering::Acquire)
+    }
+}
+
+/// The rows a cache holds and their estimated bytes.
+#[derive(Debug, Default)]
+struct Held {
+    map: BTreeMap<i64, Row>,
+    bytes: usize,
 }
 
 /// The rows of one shard copy, or off.
 #[derive(Debug)]
 pub struct RowCache {
-    rows: RwLock<Option<BTreeMap<i64, Row>>>,
+    rows: RwLock<Option<Held>>,
     budget: Arc<Budget>,
     /// `"<column>":` for each column, JSON-escaped once.
     prefixes: Vec<String>,
@@ -85,17 +126,18 @@ impl RowCache {
     /// turns the cache off. The caller holds the shard's `applied` lock.
     pub fn load(&self, schema: &Schema, rows: Vec<Row>) {
         self.turn_off();
-        if !self.budget.take(rows.len()) {
+        let bytes = rows.iter().map(row_bytes).sum();
+        if !self.budget.take(rows.len(), bytes) {
             return;
         }
         let map = rows.into_iter().map(|r| (r.key(schema), r)).collect();
-        *self.rows.write().expect("lock") = Some(map);
+        *self.rows.write().expect("lock") = Some(Held { map, bytes });
     }
 
     /// Turns the cache off and gives its rows back to the budget.
     pub fn turn_off(&self) {
-        if let Some(map) = self.rows.write().expect("lock").take() {
-            self.budget.give(map.len());
+        if let Some(held) = self.rows.write().expect("lock").take() {
+            self.budget.give(held.map.len(), held.bytes);
         }
     }
 
@@ -103,31 +145,46 @@ impl RowCache {
     /// `applied` lock.
     pub fn apply(&self, changes: &[Change]) {
         let mut guard = self.rows.write().expect("lock");
-        let Some(map) = guard.as_mut() else { return };
-        let grows = changes.iter().filter(|c| c.row.is_some() && !map.contains_key(&c.key)).count();
-        if grows > 0 && !self.budget.take(grows) {
-            let held = map.len();
-            *guard = None;
-            self.budget.give(held);
-            tracing::info!(rows = held, "row cache over its budget; reading from Postgres from now on");
+        let Some(held) = guard.as_mut() else { return };
+        // What the entry adds and removes, in rows and bytes (a replaced row counts both ways).
+        let (mut added, mut removed) = ((0usize, 0usize), (0usize, 0usize));
+        for c in changes {
+            if let Some(old) = held.map.get(&c.key) {
+                removed = (removed.0 + 1, removed.1 + row_bytes(old));
+            }
+            if let Some(new) = &c.row {
+                added = (added.0 + 1, added.1 + row_bytes(new));
+            }
+        }
+        let grows = (added.0.saturating_sub(removed.0), added.1.saturating_sub(removed.1));
+        if (grows.0 > 0 || grows.1 > 0) && !self.budget.take(grows.0, grows.1) {
+            let held = guard.take().expect("the cache is on");
+            self.budget.give(held.map.len(), held.bytes);
+            tracing::info!(
+                rows = held.map.len(),
+                bytes = held.bytes,
+                "row cache over its budget; reading from Postgres from now on"
+            );
             return;
         }
-        let mut shrinks = 0;
         for c in changes {
             match &c.row {
                 Some(row) => {
-                    map.insert(c.key, row.clone());
+                    held.map.insert(c.key, row.clone());
                 }
-                None => shrinks += usize::from(map.remove(&c.key).is_some()),
+                None => {
+                    held.map.remove(&c.key);
+                }
             }
         }
-        self.budget.give(shrinks);
+        held.bytes = held.bytes + added.1 - removed.1;
+        self.budget.give(removed.0.saturating_sub(added.0), removed.1.saturating_sub(added.1));
     }
 
     /// The stored rows of `keys` (absent keys are missing from the map), or `None` when off.
     pub fn rows(&self, keys: &[i64]) -> Option<HashMap<i64, Row>> {
         let guard = self.rows.read().expect("lock");
-        let map = guard.as_ref()?;
+        let map = &guard.as_ref()?.map;
         Some(keys.iter().filter_map(|k| map.get(k).map(|r| (*k, r.clone()))).collect())
     }
 
@@ -135,7 +192,7 @@ impl RowCache {
     /// same JSON values Postgres's `json_agg` gives), or `None` when off.
     pub fn ranges_json(&self, ranges: &[(i64, i64)]) -> Option<Vec<String>> {
         let guard = self.rows.read().expect("lock");
-        let map = guard.as_ref()?;
+        let map = &guard.as_ref()?.map;
         Some(
             ranges
                 .iter()
@@ -194,7 +251,7 @@ mod tests {
 
     #[test]
     fn serves_what_was_applied_as_seed_json() {
-        let budget = Budget::new(100);
+        let budget = Budget::new(100, 1 << 20);
         let c = RowCache::off(&schema(), budget.clone());
         assert_eq!(c.rows(&[1]), None, "off until loaded");
         assert_eq!(c.ranges_json(&[(0, 9)]), None);
@@ -215,7 +272,7 @@ mod tests {
 
     #[test]
     fn a_shard_that_outgrows_the_budget_turns_off_and_gives_its_rows_back() {
-        let budget = Budget::new(3);
+        let budget = Budget::new(3, 1 << 20);
         let big = RowCache::off(&schema(), budget.clone());
         big.load(&schema(), (0..4).map(|k| row(k, "x")).collect());
         assert!(!big.is_on(), "4 rows do not fit 3");
@@ -233,5 +290,28 @@ mod tests {
         assert_eq!(budget.left(), 3, "all rows given back");
         c.apply(&[put(6, "f")]);
         assert_eq!(budget.left(), 3, "an off cache takes nothing");
+        assert_eq!(budget.bytes_left(), 1 << 20, "every byte given back");
+    }
+
+    #[test]
+    fn large_rows_count_against_the_byte_budget() {
+        let small = row_bytes(&row(1, "a"));
+        let budget = Budget::new(1000, 10 * small);
+        let c = RowCache::off(&schema(), budget.clone());
+        c.load(&schema(), (0..5).map(|k| row(k, "a")).collect());
+        assert!(c.is_on());
+        assert_eq!(budget.bytes_left() as usize, 5 * small);
+        // Replacing a row with a larger one takes only the difference.
+        c.apply(&[put(1, "abcd")]);
+        assert_eq!(budget.bytes_left() as usize, 5 * small - 3);
+        c.apply(&[put(1, "a")]);
+        assert_eq!(budget.bytes_left() as usize, 5 * small);
+        // One row as large as the rest of the budget does not fit: the cache turns off.
+        c.apply(&[put(9, &"x".repeat(5 * small))]);
+        assert!(!c.is_on(), "far fewer rows than allowed, but too many bytes");
+        assert_eq!((budget.left(), budget.bytes_left() as usize), (1000, 10 * small));
+        let big = RowCache::off(&schema(), budget.clone());
+        big.load(&schema(), vec![row(1, &"y".repeat(20 * small))]);
+        assert!(!big.is_on(), "a load over the byte budget stays off");
     }
 }

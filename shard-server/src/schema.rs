@@ -1,6 +1,7 @@
 //! The table schema (columns, dtypes, shard key) and typed rows: parsing seed-format JSON rows,
 //! validating identifiers. Pure; no I/O.
 
+use crate::limits::{MAX_COLUMNS, bounded_vec};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
@@ -29,7 +30,9 @@ impl DType {
 /// The schema as it travels on the wire (seed format plus an optional `key`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SchemaSpec {
+    #[serde(deserialize_with = "bounded_vec::<_, _, MAX_COLUMNS>")]
     pub columns: Vec<String>,
+    #[serde(deserialize_with = "bounded_vec::<_, _, MAX_COLUMNS>")]
     pub dtypes: Vec<DType>,
     /// The shard key column; the first column when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -48,6 +51,8 @@ pub struct Schema {
 pub enum SchemaError {
     #[error("schema has no columns")]
     NoColumns,
+    #[error("schema has {0} columns; at most {MAX_COLUMNS} are allowed")]
+    TooManyColumns(usize),
     #[error("schema has {columns} columns but {dtypes} dtypes")]
     LengthMismatch { columns: usize, dtypes: usize },
     #[error("{0}")]
@@ -99,6 +104,9 @@ impl Schema {
     pub fn new(columns: Vec<String>, dtypes: Vec<DType>, key: Option<&str>) -> Result<Self, SchemaError> {
         if columns.is_empty() {
             return Err(SchemaError::NoColumns);
+        }
+        if columns.len() > MAX_COLUMNS {
+            return Err(SchemaError::TooManyColumns(columns.len()));
         }
         if columns.len() != dtypes.len() {
             return Err(SchemaError::LengthMismatch { columns: columns.len(), dtypes: dtypes.len() });
@@ -197,6 +205,9 @@ impl Schema {
             if !ok {
                 return Err(RowError::WrongType { column: col.clone(), expected: *dtype });
             }
+            if matches!(v, Value::Text(t) if t.contains('\0')) {
+                return Err(RowError::Nul(col.clone()));
+            }
         }
         Ok(())
     }
@@ -207,6 +218,7 @@ fn parse_value(col: &str, dtype: DType, v: &serde_json::Value) -> Result<Value, 
     match dtype {
         DType::Number => v.as_i64().map(Value::Int).ok_or_else(wrong),
         DType::String => match v {
+            serde_json::Value::String(s) if s.contains('\0') => Err(RowError::Nul(col.to_owned())),
             serde_json::Value::String(s) => Ok(Value::Text(s.clone())),
             serde_json::Value::Number(n) => Ok(Value::Text(n.to_string())),
             _ => Err(wrong()),
@@ -288,6 +300,9 @@ pub enum RowError {
     WrongType { column: String, expected: DType },
     #[error("row has {got} values, expected {expected}")]
     Arity { expected: usize, got: usize },
+    /// Postgres stores no NUL character in text, so such a row could never be written.
+    #[error("column {0} contains a NUL character (\\u0000), which the database cannot store")]
+    Nul(String),
 }
 
 fn expected_text(d: DType) -> &'static str {
@@ -390,6 +405,26 @@ mod tests {
             "column x is not in the schema"
         );
         assert_eq!(err(json!([1, 2])), "row is not a JSON object");
+    }
+
+    #[test]
+    fn what_postgres_cannot_store_is_refused_naming_the_column() {
+        let s = students();
+        let e = s.parse_row(&json!({"Stud_id": 5, "Stud_name": "a\u{0}b", "Stud_marks": 7})).unwrap_err();
+        assert_eq!(e, RowError::Nul("Stud_name".into()));
+        assert_eq!(
+            e.to_string(),
+            "column Stud_name contains a NUL character (\\u0000), which the database cannot store"
+        );
+        // The positional rows of our own endpoints and of replication are checked the same way.
+        let row = Row(vec![Value::Int(5), Value::Text("\0".into()), Value::Int(7)]);
+        assert_eq!(s.check_positional(&row), Err(RowError::Nul("Stud_name".into())));
+        // Beyond 64 bits a key is refused as not a Number (BIGINT), never wrapped.
+        let e = s.parse_row(&json!({"Stud_id": 9223372036854775808u64, "Stud_name": "a", "Stud_marks": 7}));
+        assert_eq!(e, Err(RowError::WrongType { column: "Stud_id".into(), expected: DType::Number }));
+        let many: Vec<String> = (0..=MAX_COLUMNS).map(|i| format!("c{i}")).collect();
+        let dtypes = vec![DType::Number; many.len()];
+        assert_eq!(Schema::new(many, dtypes, None), Err(SchemaError::TooManyColumns(MAX_COLUMNS + 1)));
     }
 
     #[test]

@@ -22,6 +22,27 @@ pub struct Topology {
     pub servers: BTreeMap<String, ServerEntry>,
     /// Shards ordered by `low`.
     pub shards: Vec<ShardEntry>,
+    /// What a router does with a written row whose key is in no shard. Absent means `reject`.
+    #[serde(default, skip_serializing_if = "UnroutedKeys::is_reject")]
+    pub unrouted_keys: UnroutedKeys,
+}
+
+/// What a router does with a written row whose key lies in no shard.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UnroutedKeys {
+    /// The whole write is refused (400) and nothing is written.
+    #[default]
+    Reject,
+    /// The rows that belong to a shard are written; the others are skipped, and the answer says
+    /// how many and which keys. The seed's behaviour, which its clients depend on.
+    Skip,
+}
+
+impl UnroutedKeys {
+    pub fn is_reject(&self) -> bool {
+        *self == UnroutedKeys::Reject
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -218,6 +239,11 @@ pub(crate) mod tests {
         assert!(!t.to_json_pretty().contains("copies"), "an empty map is left out");
         assert_eq!(Topology::parse(t.to_json_pretty().as_bytes()).unwrap(), t);
         t.shards[0].copies.insert("Server0".into(), "c-0".into());
+        assert_eq!(Topology::parse(t.to_json_pretty().as_bytes()).unwrap(), t);
+        assert_eq!(t.unrouted_keys, UnroutedKeys::Reject, "absent means reject");
+        assert!(!t.to_json_pretty().contains("unrouted_keys"), "the default is left out");
+        t.unrouted_keys = UnroutedKeys::Skip;
+        assert!(t.to_json_pretty().contains(r#""unrouted_keys": "skip""#));
         assert_eq!(Topology::parse(t.to_json_pretty().as_bytes()).unwrap(), t);
     }
 

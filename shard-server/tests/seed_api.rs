@@ -59,6 +59,20 @@ async fn standalone_server_speaks_the_seed_api() {
     let (st, body) = c.send(Method::GET, 0, "/copy", r#"{"shards":["sa","sb"]}"#).await;
     assert_eq!(st, 200);
     assert_eq!(body, json!({"sa":[{"Stud_id":2255,"Stud_name":"GHI","Stud_marks":"28"}],"sb":[],"status":"success"}));
+
+    // A write carrying an epoch is addressed to a shard's primary in a topology. This server
+    // follows epoch 1, which does not make it the primary of sa: refused for good, not "retry".
+    let routed = |epoch: u64| json!({"epoch": epoch, "ops": [{"op": "insert", "row": [9, "Z", "1"]}]}).to_string();
+    let (st, body) = c.send(Method::POST, 0, "/v1/shards/sa/write", &routed(1)).await;
+    assert_eq!((st, body["code"].as_str()), (421, Some("not_primary")), "{body}");
+    let (st, body) =
+        c.send(Method::POST, 0, "/v1/shards/sa/write_batches", &json!({"epoch": 1, "batches": [[]]}).to_string()).await;
+    assert_eq!((st, body["code"].as_str()), (421, Some("not_primary")), "{body}");
+    // A sender ahead of us: a newer topology may yet give this server the shard.
+    let (st, body) = c.send(Method::POST, 0, "/v1/shards/sa/write", &routed(5)).await;
+    assert_eq!((st, body["code"].as_str()), (503, Some("epoch_ahead")), "{body}");
+    let (_, body) = c.send(Method::POST, 0, "/read", r#"{"shard":"sa","Stud_id":{"low":9,"high":9}}"#).await;
+    assert_eq!(body["data"], json!([]), "nothing was written");
 }
 
 #[tokio::test]
@@ -140,6 +154,29 @@ async fn bad_input_gets_a_clear_4xx_and_writes_nothing() {
         (Method::POST, "/config", r#"{"schema":{"columns":["a b"],"dtypes":["Number"]},"shards":["x"]}"#.into(), 400, "not a valid identifier"),
         (Method::POST, "/config", r#"{"schema":{"columns":["a"],"dtypes":["Number"]},"shards":["x;drop"]}"#.into(), 400, "not a valid identifier"),
         (Method::POST, "/config", r#"{"schema":{"columns":["a"],"dtypes":["Number"]},"shards":["sh1"]}"#.into(), 409, "another schema"),
+        (
+            Method::POST,
+            "/write",
+            r#"{"shard":"sh1","data":[{"Stud_id":2,"Stud_name":"a\u0000b","Stud_marks":1}]}"#.into(),
+            400,
+            "data[0]: column Stud_name contains a NUL character",
+        ),
+        (
+            Method::POST,
+            "/v1/shards/sh1/write",
+            r#"{"ops":[{"op":"insert","row":[2,"a\u0000b",1]}]}"#.into(),
+            400,
+            "column Stud_name contains a NUL character",
+        ),
+        (Method::GET, "/v1/shards/sh1/log?from=x&to=2", "".into(), 400, "query string: Failed to deserialize"),
+        (Method::GET, "/status?checksums=maybe", "".into(), 400, "query string: Failed to deserialize"),
+        (
+            Method::POST,
+            "/config",
+            format!(r#"{{"schema":{{"columns":["a"],"dtypes":["Number"]}},"shards":{:?}}}"#, vec!["s"; 1025]),
+            400,
+            "more than 1024 items in a list",
+        ),
     ];
     for (method, path, body, status, needle) in cases {
         let (st, got) = c.send(method.clone(), 0, path, body).await;

@@ -150,7 +150,10 @@ impl LocalCluster {
     fn launch_with(spec: Option<&Path>, args: &[&str]) -> Result<LocalCluster> {
         safety::no_earlier_violation()?;
         install_crypto_provider();
-        let dir = tempfile::Builder::new().prefix("sharddb-e2e-").tempdir()?;
+        // SHARDDB_KEEP_TEST_DIRS=1 keeps every cluster's directory (data, logs, events) to read
+        // after a failure.
+        let keep = std::env::var_os("SHARDDB_KEEP_TEST_DIRS").is_some();
+        let dir = tempfile::Builder::new().prefix("sharddb-e2e-").disable_cleanup(keep).tempdir()?;
         let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
         let (child, router) = spawn_operator(dir.path(), spec, &args)?;
         let mut cluster =
@@ -173,6 +176,11 @@ impl LocalCluster {
     /// Starts the seed's default configuration (`examples/students.yaml`).
     pub fn students() -> Result<LocalCluster> {
         LocalCluster::start(&repo_root().join("examples/students.yaml"))
+    }
+
+    /// The process id of the local mode itself (the operator).
+    pub fn operator_pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub fn cluster_file(&self) -> Result<ClusterFile> {

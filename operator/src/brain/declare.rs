@@ -5,6 +5,10 @@
 //! old ones) is [`super::moves`]' job, never this module's.
 //!
 //! Decisions where the seed was silent:
+//! - `/init`'s `N` is informational when `servers` is given (the seed never read it); without
+//!   `servers`, copies are placed on `N` servers.
+//! - A database declared through `/init` skips written keys in no shard (`unroutedKeys: Skip`), as
+//!   the seed's load balancer did.
 //! - `/add` and `/rm` turn a count layout (`servers: 6, replicas: 3`) into the explicit placement
 //!   it stands for, because they name particular servers. `replicas` is then dropped: shards may
 //!   differ in copy count from there on.
@@ -17,7 +21,7 @@
 
 use super::placement::place;
 use super::validate::{DEFAULT_REPLICAS, SpecError, natural_key, validate};
-use crate::crd::{ColumnType, ShardSpec, ShardedDatabaseSpec, TableSchema};
+use crate::crd::{ColumnType, ShardSpec, ShardedDatabaseSpec, TableSchema, UnroutedKeys};
 use shard_server::admin::{AddRequest, InitRequest, RmRequest, ShardDecl, generated_stem};
 use shard_server::schema::DType;
 use std::collections::{BTreeMap, BTreeSet};
@@ -29,8 +33,6 @@ pub enum AdminError {
     AlreadyConfigured,
     #[error("the database is not configured yet: POST /init first")]
     NotConfigured,
-    #[error("N ({n}) differs from the number of servers listed ({listed})")]
-    InitCount { n: u32, listed: usize },
     #[error("Number of new servers (n) is greater than newly added instances")]
     AddTooMany,
     #[error("n ({n}) is less than the number of new servers listed ({listed})")]
@@ -124,12 +126,12 @@ pub fn init(current: Option<&ShardedDatabaseSpec>, req: &InitRequest) -> Result<
     }
     let (servers, replicas, placement) = match &req.servers {
         None => (req.n, Some(DEFAULT_REPLICAS.min(req.n.max(1))), None),
+        // The seed's load balancer never read `N` when `servers` was given; its clients send
+        // values that differ from the map, so the map decides.
         Some(map) => {
-            if map.len() != req.n as usize {
-                return Err(AdminError::InitCount { n: req.n, listed: map.len() });
-            }
             let named = resolve_names(map, &BTreeSet::new())?;
-            (req.n, None, Some(named.into_iter().collect()))
+            let count = u32::try_from(named.len()).unwrap_or(u32::MAX);
+            (count, None, Some(named.into_iter().collect()))
         }
     };
     let spec = ShardedDatabaseSpec {
@@ -147,6 +149,8 @@ pub fn init(current: Option<&ShardedDatabaseSpec>, req: &InitRequest) -> Result<
         images: None,
         resources: None,
         tls: None,
+        // The seed's clients depend on a write with keys in no shard succeeding (SEED-API.md).
+        unrouted_keys: Some(UnroutedKeys::Skip),
     };
     validate(&spec).map_err(invalid)?;
     Ok(spec)
@@ -293,7 +297,8 @@ mod tests {
         let given = map(&[("Server0", &["sh1", "sh2"]), ("Server[7]", &["sh3", "sh4"]), ("Server1", &["sh1", "sh3"])]);
         let spec = init(None, &init_request(Some(given.clone()), 3)).unwrap();
         assert_eq!(spec.placement.as_ref().unwrap()["Server2"], ["sh3", "sh4"], "generated: first free number");
-        assert_eq!(init(None, &init_request(Some(given), 4)), Err(AdminError::InitCount { n: 4, listed: 3 }));
+        let informational = init(None, &init_request(Some(given), 4)).unwrap();
+        assert_eq!(informational.servers, 3, "N is informational when servers are listed");
 
         let unplaced = map(&[("Server0", &["sh1", "sh2"]), ("Server1", &["sh3"])]);
         let e = init(None, &init_request(Some(unplaced), 2)).unwrap_err().to_string();
@@ -306,6 +311,9 @@ mod tests {
         let e = init(None, &overlap).unwrap_err().to_string();
         assert_eq!(e, "shards[1] (sh2) overlaps sh1");
         assert_eq!(init(None, &init_request(None, 0)).unwrap_err().to_string(), "N must be at least 1");
+        let huge = init(None, &init_request(None, u32::MAX)).unwrap_err().to_string();
+        assert_eq!(huge, "N is 4294967295; at most 256 servers are allowed");
+        assert_eq!(spec.unrouted_keys, Some(UnroutedKeys::Skip), "the seed's clients rely on skipping");
     }
 
     #[test]

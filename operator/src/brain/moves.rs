@@ -20,6 +20,8 @@
 //!   later round. With no such candidate nothing happens: the shard waits.
 //! - A server no longer desired leaves the document once it holds no copy; the body then stops it
 //!   and deletes its data.
+//! - The declared handling of written keys in no shard (`unroutedKeys`) is copied into the
+//!   document when it differs; routers follow it with the next document.
 //! - Nothing else moves: a primary that is still desired stays primary (no needless handover),
 //!   shards the declared spec no longer lists are left alone, and so is a shard whose range in the
 //!   document differs from the declared one.
@@ -27,7 +29,7 @@
 use super::observe::Observations;
 use super::placement::Placement;
 use super::validate::ValidatedDb;
-use shard_server::topology::{ReplicaState, ServerEntry, ShardEntry, Topology};
+use shard_server::topology::{ReplicaState, ServerEntry, ShardEntry, Topology, UnroutedKeys};
 use std::collections::{BTreeMap, BTreeSet};
 
 /// One step of a placement change; each is a plain change of the topology document.
@@ -45,6 +47,8 @@ pub enum Move {
     RemoveReplica { shard: String, server: String },
     /// A server no longer desired, holding no copy, leaves the document.
     RemoveServer { server: String },
+    /// The declared handling of written keys in no shard (`spec.unroutedKeys`) changed.
+    SetUnroutedKeys { policy: UnroutedKeys },
 }
 
 /// The steps to take now toward `desired` (the placement of `db`). `urls` has the base URL of
@@ -57,6 +61,9 @@ pub fn plan_moves(
     seen: &Observations,
 ) -> Vec<Move> {
     let mut moves = Vec::new();
+    if topology.unrouted_keys != db.unrouted_keys {
+        moves.push(Move::SetUnroutedKeys { policy: db.unrouted_keys });
+    }
     let mut present: BTreeSet<&str> = topology.servers.keys().map(String::as_str).collect();
     for server in &desired.servers {
         if !present.contains(server.as_str())
@@ -208,6 +215,7 @@ fn apply_one(t: &mut Topology, m: &Move) -> bool {
             }
             t.servers.remove(server).is_some()
         }
+        Move::SetUnroutedKeys { policy } => std::mem::replace(&mut t.unrouted_keys, *policy) != *policy,
     }
 }
 
@@ -252,6 +260,7 @@ mod tests {
                     .map(|(n, _)| (n.to_string(), format!("{n}0")))
                     .collect(),
             }],
+            unrouted_keys: Default::default(),
         };
         t.validate().unwrap();
         t
@@ -477,6 +486,21 @@ mod tests {
         let overlapping =
             Move::AddShard { shard: "sh9".into(), low: 50, size: 10, primary: "A".into(), replicas: vec!["A".into()] };
         assert_eq!(apply(&next, &[overlapping]), None, "an overlapping range is never added");
+    }
+
+    #[test]
+    fn the_declared_handling_of_unrouted_keys_reaches_the_document() {
+        let mut db = db(&[("sh1", 0, 100)]);
+        let t = topology(&["A", "B"], &[("A", Ready), ("B", Ready)]);
+        let want = desired(&["A", "B"], &[("sh1", "A", &["A", "B"])]);
+        assert_eq!(plan_moves(&t, &db, &want, &urls(&["A", "B"]), &seen(&t, &[])), [], "both reject");
+        db.unrouted_keys = UnroutedKeys::Skip;
+        let moves = plan_moves(&t, &db, &want, &urls(&["A", "B"]), &seen(&t, &[]));
+        assert_eq!(moves, [Move::SetUnroutedKeys { policy: UnroutedKeys::Skip }]);
+        let next = apply(&t, &moves).unwrap();
+        assert_eq!((next.unrouted_keys, next.epoch), (UnroutedKeys::Skip, EPOCH + 1));
+        assert_eq!(apply(&next, &moves), None, "applied twice changes nothing");
+        assert_eq!(plan_moves(&next, &db, &want, &urls(&["A", "B"]), &seen(&next, &[])), []);
     }
 
     #[test]

@@ -262,6 +262,7 @@ mod tests {
                 .map(|(i, n)| (n.to_string(), ServerEntry { id: i as u32, url: format!("http://{n}") }))
                 .collect(),
             shards: vec![ShardEntry { id: "sh1".into(), low: 0, size: 100, primary: "A".into(), replicas, copies }],
+            unrouted_keys: Default::default(),
         };
         t.validate().unwrap();
         t

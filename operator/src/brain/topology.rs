@@ -54,6 +54,7 @@ pub fn fresh_topology(
         ring: RingSpec::default(),
         servers,
         shards,
+        unrouted_keys: db.unrouted_keys,
     })
 }
 

@@ -7,7 +7,9 @@
 use crate::crd::{
     DEFAULT_POSTGRES_IMAGE, DEFAULT_ROUTER_IMAGE, DEFAULT_SHARD_SERVER_IMAGE, ResourcesSpec, ShardedDatabaseSpec,
 };
+use shard_server::limits::{MAX_SERVERS, MAX_SHARDS};
 use shard_server::schema::{IdentError, Schema, SchemaError, SchemaSpec, check_ident};
+use shard_server::topology::UnroutedKeys;
 use std::collections::BTreeMap;
 
 /// Copies of each shard when the spec says nothing.
@@ -31,6 +33,8 @@ pub struct ValidatedDb {
     pub images: Images,
     /// Compute resources per container kind (quantities are checked by the API server).
     pub resources: ResourcesSpec,
+    /// What a router does with a written key in no shard.
+    pub unrouted_keys: UnroutedKeys,
     /// Where the database's CA comes from, and whether routers serve clients over TLS.
     pub tls: TlsSettings,
 }
@@ -112,6 +116,10 @@ pub enum SpecError {
     Overlap { index: usize, id: String, other: String },
     #[error("spec.servers must be at least 1")]
     NoServers,
+    #[error("spec.servers is {0}; at most {MAX_SERVERS} servers are allowed")]
+    TooManyServers(u64),
+    #[error("spec.shards lists {0} shards; at most {MAX_SHARDS} are allowed")]
+    TooManyShards(usize),
     #[error("spec.replicas must be at least 1")]
     NoReplicas,
     #[error("spec.replicas ({replicas}) exceeds spec.servers ({servers}): each copy of a shard needs its own server")]
@@ -181,12 +189,16 @@ pub fn validate_with_defaults(spec: &ShardedDatabaseSpec, default_images: &Image
             ca_secret: spec.tls.as_ref().and_then(|t| t.ca_secret_name.clone()),
             client_tls: spec.tls.as_ref().and_then(|t| t.client_tls).unwrap_or(false),
         },
+        unrouted_keys: spec.unrouted_keys.unwrap_or_default().into(),
     })
 }
 
 fn validate_shards(spec: &ShardedDatabaseSpec) -> Result<Vec<ShardRange>, SpecError> {
     if spec.shards.is_empty() {
         return Err(SpecError::NoShards);
+    }
+    if spec.shards.len() > MAX_SHARDS {
+        return Err(SpecError::TooManyShards(spec.shards.len()));
     }
     let mut seen: BTreeMap<&str, usize> = BTreeMap::new();
     for (index, s) in spec.shards.iter().enumerate() {
@@ -229,6 +241,9 @@ fn validate_shards(spec: &ShardedDatabaseSpec) -> Result<Vec<ShardRange>, SpecEr
 fn validate_servers(spec: &ShardedDatabaseSpec, shards: &[ShardRange]) -> Result<ServerLayout, SpecError> {
     if spec.servers == 0 {
         return Err(SpecError::NoServers);
+    }
+    if spec.servers as usize > MAX_SERVERS {
+        return Err(SpecError::TooManyServers(spec.servers.into()));
     }
     if spec.replicas == Some(0) {
         return Err(SpecError::NoReplicas);
@@ -320,6 +335,7 @@ pub(crate) mod tests {
             images: None,
             resources: None,
             tls: None,
+            unrouted_keys: None,
         }
     }
 
@@ -335,6 +351,7 @@ pub(crate) mod tests {
         assert_eq!(db.router_replicas, 2);
         assert_eq!(db.storage_size.as_deref(), Some("1Gi"));
         assert_eq!(db.schema.key_name(), "Stud_id");
+        assert_eq!(db.unrouted_keys, UnroutedKeys::Reject, "a declared database refuses keys in no shard");
     }
 
     #[test]
@@ -428,6 +445,16 @@ pub(crate) mod tests {
             ("overlap reported at the later shard", |s| s.shards[0].low = 4100, "spec.shards[1] (sh2) overlaps sh1"),
             ("same low", |s| s.shards[3].low = 8192, "spec.shards[3] (sh4) overlaps sh3"),
             ("no servers", |s| s.servers = 0, "spec.servers must be at least 1"),
+            (
+                "too many servers",
+                |s| s.servers = u32::MAX,
+                "spec.servers is 4294967295; at most 256 servers are allowed",
+            ),
+            (
+                "too many shards",
+                |s| s.shards = (0..1025).map(|i| ShardSpec { id: format!("s{i}"), low: i, size: 1 }).collect(),
+                "spec.shards lists 1025 shards; at most 1024 are allowed",
+            ),
             ("no replicas", |s| s.replicas = Some(0), "spec.replicas must be at least 1"),
             (
                 "too many replicas",

@@ -32,13 +32,13 @@
 
 use super::build::Owner;
 use super::topology;
-use crate::admin::{AdminRequest, Reply, error, internal, leaving, refused};
+use crate::admin::{AdminRequest, DatabasePath, JsonBody, Reply, error, internal, leaving, refused};
 use crate::brain::declare::{self, AdminError};
 use crate::brain::validate::{Images, validate_with_defaults};
 use crate::crd::ShardedDatabase;
 use axum::Json;
+use axum::extract::State;
 use axum::extract::connect_info::ConnectInfo;
-use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, post};
@@ -74,6 +74,8 @@ pub fn router(client: Client, images: Images) -> axum::Router {
         .route("/databases/{namespace}/{name}/add", post(add))
         .route("/databases/{namespace}/{name}/rm", delete(rm))
         .route_layer(axum::middleware::from_fn(only_its_routers))
+        .fallback(crate::admin::no_route)
+        .method_not_allowed_fallback(crate::admin::method_not_allowed)
         .with_state(AdminState { client, images: Arc::new(images) })
 }
 
@@ -113,24 +115,24 @@ async fn only_its_routers(req: axum::extract::Request, next: axum::middleware::N
 
 async fn init(
     State(state): State<AdminState>,
-    Path((namespace, name)): Path<(String, String)>,
-    Json(req): Json<InitRequest>,
+    DatabasePath(namespace, name): DatabasePath,
+    JsonBody(req): JsonBody<InitRequest>,
 ) -> Response {
     answer(decide(&state, &namespace, &name, AdminRequest::Init(req)).await)
 }
 
 async fn add(
     State(state): State<AdminState>,
-    Path((namespace, name)): Path<(String, String)>,
-    Json(req): Json<AddRequest>,
+    DatabasePath(namespace, name): DatabasePath,
+    JsonBody(req): JsonBody<AddRequest>,
 ) -> Response {
     answer(decide(&state, &namespace, &name, AdminRequest::Add(req)).await)
 }
 
 async fn rm(
     State(state): State<AdminState>,
-    Path((namespace, name)): Path<(String, String)>,
-    Json(req): Json<RmRequest>,
+    DatabasePath(namespace, name): DatabasePath,
+    JsonBody(req): JsonBody<RmRequest>,
 ) -> Response {
     answer(decide(&state, &namespace, &name, AdminRequest::Rm(req)).await)
 }

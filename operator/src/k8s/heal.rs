@@ -379,6 +379,10 @@ impl Healer {
             Move::RemoveServer { server } => {
                 ("ServerDrained", format!("{server} holds nothing and leaves the topology (epoch {epoch})"))
             }
+            Move::SetUnroutedKeys { policy } => (
+                "UnroutedKeysChanged",
+                format!("written keys in no shard are now handled as {policy:?} (epoch {epoch})"),
+            ),
         };
         tracing::info!(db = %db.metadata.name.as_deref().unwrap_or_default(), reason, "{note}");
         publish(&self.ctx, db, EventType::Normal, reason, "Move", note).await;

@@ -8,7 +8,7 @@
 use super::declared::{Declared, save_declared};
 use super::{DECLARED_FILE, LocalCluster, LocalError};
 pub use crate::admin::AdminRequest;
-use crate::admin::{Reply, leaving, refused};
+use crate::admin::{JsonBody, Reply, leaving, refused};
 use crate::brain::declare::{self, AdminError};
 use axum::Json;
 use axum::extract::State;
@@ -44,6 +44,8 @@ pub fn serve(
         .route("/add", post(add))
         .route("/rm", delete(rm))
         .route_layer(routers_only)
+        .fallback(crate::admin::no_route)
+        .method_not_allowed_fallback(crate::admin::method_not_allowed)
         .with_state(calls);
     let credentials = credentials.clone();
     tokio::spawn(async move {
@@ -75,15 +77,15 @@ async fn call(calls: &mpsc::Sender<AdminCall>, request: AdminRequest) -> Respons
     }
 }
 
-async fn init(State(calls): State<mpsc::Sender<AdminCall>>, Json(req): Json<InitRequest>) -> Response {
+async fn init(State(calls): State<mpsc::Sender<AdminCall>>, JsonBody(req): JsonBody<InitRequest>) -> Response {
     call(&calls, AdminRequest::Init(req)).await
 }
 
-async fn add(State(calls): State<mpsc::Sender<AdminCall>>, Json(req): Json<AddRequest>) -> Response {
+async fn add(State(calls): State<mpsc::Sender<AdminCall>>, JsonBody(req): JsonBody<AddRequest>) -> Response {
     call(&calls, AdminRequest::Add(req)).await
 }
 
-async fn rm(State(calls): State<mpsc::Sender<AdminCall>>, Json(req): Json<RmRequest>) -> Response {
+async fn rm(State(calls): State<mpsc::Sender<AdminCall>>, JsonBody(req): JsonBody<RmRequest>) -> Response {
     call(&calls, AdminRequest::Rm(req)).await
 }
 

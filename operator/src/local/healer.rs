@@ -229,6 +229,7 @@ impl Healer {
             }
             Move::RemoveReplica { shard, server } => self.event("remove_replica", shard, server, e, ""),
             Move::RemoveServer { server } => self.event("remove_server", "", server, e, ""),
+            Move::SetUnroutedKeys { policy } => self.event("unrouted_keys", "", "", e, &format!("{policy:?}")),
         }
     }
 

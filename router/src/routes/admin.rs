@@ -4,9 +4,9 @@
 //! `control`). Handlers do I/O through the control plane.
 
 use super::JsonBody;
+use crate::app_state::AppState;
 use crate::control::Verb;
 use crate::error::RouterError;
-use crate::state::AppState;
 use axum::Json;
 use axum::extract::{Request, State};
 use axum::middleware::Next;
@@ -14,6 +14,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 use shard_server::admin::{AddRequest, InitRequest, RmRequest, ShardDecl};
+use shard_server::limits::{MAX_SERVERS, MAX_SHARDS, bounded_vec, opt_placement, placement};
 use shard_server::schema::SchemaSpec;
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -24,30 +25,31 @@ const FIRST_TOPOLOGY_WAIT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawInit {
+pub struct RawInit {
     #[serde(rename = "N")]
     n: u32,
     schema: SchemaSpec,
+    #[serde(deserialize_with = "bounded_vec::<_, _, MAX_SHARDS>")]
     shards: Vec<Map<String, Value>>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "opt_placement")]
     servers: Option<BTreeMap<String, Vec<String>>>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawAdd {
+pub struct RawAdd {
     n: u32,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "bounded_vec::<_, _, MAX_SHARDS>")]
     new_shards: Vec<Map<String, Value>>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "placement")]
     servers: BTreeMap<String, Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawRm {
+pub struct RawRm {
     n: u32,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "bounded_vec::<_, _, MAX_SERVERS>")]
     servers: Vec<String>,
 }
 
@@ -87,7 +89,16 @@ fn key_of(schema: &SchemaSpec) -> Result<&str, RouterError> {
 }
 
 pub fn parse_init(body: Value) -> Result<InitRequest, RouterError> {
-    let raw: RawInit = from_value(body)?;
+    init_request(from_value(body)?)
+}
+
+/// The body is parsed straight into these shapes (never into a `Value` tree first), so a list
+/// past its limit is cut off before it costs memory.
+fn init_request(raw: RawInit) -> Result<InitRequest, RouterError> {
+    // `N` sizes the database only when `servers` is absent; otherwise it is informational.
+    if raw.servers.is_none() && raw.n as usize > MAX_SERVERS {
+        return Err(bad(format!("N is {}; at most {MAX_SERVERS} servers are allowed", raw.n)));
+    }
     let key = key_of(&raw.schema)?;
     let shards = raw
         .shards
@@ -100,7 +111,10 @@ pub fn parse_init(body: Value) -> Result<InitRequest, RouterError> {
 
 /// `key` is the current schema's key (new shards name their low field after it).
 pub fn parse_add(body: Value, key: &str) -> Result<AddRequest, RouterError> {
-    let raw: RawAdd = from_value(body)?;
+    add_request(from_value(body)?, key)
+}
+
+fn add_request(raw: RawAdd, key: &str) -> Result<AddRequest, RouterError> {
     if raw.n as usize > raw.servers.len() {
         return Err(bad("Number of new servers (n) is greater than newly added instances"));
     }
@@ -114,7 +128,13 @@ pub fn parse_add(body: Value, key: &str) -> Result<AddRequest, RouterError> {
 }
 
 pub fn parse_rm(body: Value) -> Result<RmRequest, RouterError> {
-    let raw: RawRm = from_value(body)?;
+    rm_request(from_value(body)?)
+}
+
+fn rm_request(raw: RawRm) -> Result<RmRequest, RouterError> {
+    if raw.n as usize > MAX_SERVERS {
+        return Err(bad(format!("n is {}; a database has at most {MAX_SERVERS} servers", raw.n)));
+    }
     if raw.servers.len() > raw.n as usize {
         return Err(bad("Length of server list is more than removable instances"));
     }
@@ -160,8 +180,8 @@ fn relay((status, body): (axum::http::StatusCode, Value)) -> Response {
 }
 
 #[tracing::instrument(skip_all)]
-pub async fn init(State(state): State<AppState>, JsonBody(body): JsonBody<Value>) -> Result<Response, RouterError> {
-    let request = parse_init(body)?;
+pub async fn init(State(state): State<AppState>, JsonBody(body): JsonBody<RawInit>) -> Result<Response, RouterError> {
+    let request = init_request(body)?;
     let (status, body) = state.control().submit(Verb::Init, &request).await?;
     if status.is_success() && state.table().current().is_none() {
         // The control plane answers once the topology is written; wait until we route with it.
@@ -173,18 +193,18 @@ pub async fn init(State(state): State<AppState>, JsonBody(body): JsonBody<Value>
 }
 
 #[tracing::instrument(skip_all)]
-pub async fn add(State(state): State<AppState>, JsonBody(body): JsonBody<Value>) -> Result<Response, RouterError> {
+pub async fn add(State(state): State<AppState>, JsonBody(body): JsonBody<RawAdd>) -> Result<Response, RouterError> {
     let routing = state.routing().map_err(|_| RouterError::Conflict {
         message: "the database is not configured yet: POST /init first".into(),
         keys: vec![],
     })?;
-    let request = parse_add(body, routing.schema.key_name())?;
+    let request = add_request(body, routing.schema.key_name())?;
     Ok(relay(state.control().submit(Verb::Add, &request).await?))
 }
 
 #[tracing::instrument(skip_all)]
-pub async fn rm(State(state): State<AppState>, JsonBody(body): JsonBody<Value>) -> Result<Response, RouterError> {
-    let request = parse_rm(body)?;
+pub async fn rm(State(state): State<AppState>, JsonBody(body): JsonBody<RawRm>) -> Result<Response, RouterError> {
+    let request = rm_request(body)?;
     Ok(relay(state.control().submit(Verb::Rm, &request).await?))
 }
 
@@ -261,6 +281,35 @@ mod tests {
             assert!(got.starts_with(want), "{got:?} should start with {want:?}");
         }
         parse_init(base()).unwrap();
+    }
+
+    #[test]
+    fn counts_beyond_the_limits_are_refused_while_parsing() {
+        let base = || {
+            json!({
+                "N": 1, "schema": {"columns": ["id"], "dtypes": ["Number"]},
+                "shards": [{"id_low": 0, "Shard_id": "a", "Shard_size": 10}]
+            })
+        };
+        let mut huge_n = base();
+        huge_n["N"] = json!(4294967295u32);
+        assert_eq!(
+            message(parse_init(huge_n.clone()).unwrap_err()),
+            "N is 4294967295; at most 256 servers are allowed"
+        );
+        huge_n["servers"] = json!({"S0": ["a"]});
+        assert_eq!(parse_init(huge_n).unwrap().n, 4294967295, "informational beside servers");
+        let mut many_shards = base();
+        many_shards["shards"] = Value::Array(vec![json!({}); MAX_SHARDS + 1]);
+        let e = message(parse_init(many_shards).unwrap_err());
+        assert!(e.contains("more than 1024 items in a list"), "{e}");
+        let mut many_servers = base();
+        let servers: Map<String, Value> = (0..=MAX_SERVERS).map(|i| (format!("S{i}"), json!(["a"]))).collect();
+        many_servers["servers"] = Value::Object(servers);
+        let e = message(parse_init(many_servers).unwrap_err());
+        assert!(e.contains("more than 256 entries in an object"), "{e}");
+        let e = message(parse_rm(json!({"n": 4294967295u32})).unwrap_err());
+        assert_eq!(e, "n is 4294967295; a database has at most 256 servers");
     }
 
     #[test]

@@ -6,8 +6,8 @@ pub mod read;
 pub mod status;
 pub mod write;
 
+use crate::app_state::AppState;
 use crate::error::RouterError;
-use crate::state::AppState;
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Request};
 use axum::http::{Method, StatusCode, Uri};
@@ -21,7 +21,11 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
     type Rejection = RouterError;
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, RouterError> {
-        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
+        let timeout = state.config().body_timeout;
+        let read = tokio::time::timeout(timeout, Bytes::from_request(req, state)).await.map_err(|_| {
+            RouterError::RequestTimeout(format!("the request body did not arrive in full within {timeout:?}"))
+        })?;
+        let bytes = read.map_err(|rejection| {
             if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
                 RouterError::PayloadTooLarge(format!(
                     "request body is larger than the limit of {} bytes",

@@ -2,9 +2,9 @@
 //! (through `scatter`); parsing the range is pure.
 
 use super::JsonBody;
+use crate::app_state::AppState;
 use crate::error::RouterError;
 use crate::scatter;
-use crate::state::AppState;
 use crate::upstream::UpstreamError;
 use axum::extract::State;
 use axum::http::header::CONTENT_TYPE;

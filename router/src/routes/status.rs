@@ -1,8 +1,8 @@
 //! `GET /status` (the seed's configuration view, plus epoch, primaries and replica states),
-//! `/healthz` and `/readyz`. Reads the routing table only; the body builder is pure.
+//! `/healthz`, `/readyz` and `/metrics`. Reads the routing table only; the body builder is pure.
 
+use crate::app_state::AppState;
 use crate::error::RouterError;
-use crate::state::AppState;
 use axum::Json;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
@@ -64,16 +64,26 @@ pub fn status_body<'a>(topology: &'a Topology, key_name: &str) -> StatusBody<'a>
     }
 }
 
+/// Before the first topology (a local mode waiting for `/init`), the seed's answer: an empty
+/// configuration, 200.
 #[tracing::instrument(skip_all)]
-pub async fn status(State(state): State<AppState>) -> Result<Response, RouterError> {
-    let routing = state.routing()?;
-    Ok(Json(status_body(&routing.topology, routing.schema.key_name())).into_response())
+pub async fn status(State(state): State<AppState>) -> Response {
+    match state.table().current() {
+        Some(routing) => Json(status_body(&routing.topology, routing.schema.key_name())).into_response(),
+        None => Json(json!({"N": 0, "schema": {"columns": [], "dtypes": []}, "shards": [], "servers": {}, "epoch": 0}))
+            .into_response(),
+    }
 }
 
 /// Liveness: the process serves HTTP. Also says which topology epoch it routes with.
 pub async fn healthz(State(state): State<AppState>) -> Json<serde_json::Value> {
     let epoch = state.table().current().map(|r| r.epoch());
     Json(json!({"status": "success", "epoch": epoch}))
+}
+
+/// `GET /metrics`: the Prometheus exposition.
+pub async fn metrics(State(state): State<AppState>) -> Response {
+    crate::metrics::response(state.metrics())
 }
 
 /// Readiness: a topology is loaded, so data endpoints can answer.

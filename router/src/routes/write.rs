@@ -2,21 +2,24 @@
 //! and sent to each shard's primary. Does I/O (through `upstream`).
 
 use super::JsonBody;
+use crate::app_state::AppState;
 use crate::batch::{self, Part};
 use crate::error::RouterError;
-use crate::state::{AppState, Routing};
-use crate::upstream::{self, UpstreamError};
+use crate::state::Routing;
+use crate::upstream::UpstreamError;
 use axum::Json;
 use axum::extract::State;
 use futures::future::join_all;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 use shard_server::api::{Message, Op, WriteResponse};
+use shard_server::limits::{MAX_ROWS, bounded_vec};
 use std::sync::Arc;
 
-/// `/write` body.
+/// `/write` body: at most [`MAX_ROWS`] rows.
 #[derive(Debug, Deserialize)]
 pub struct WriteBody {
+    #[serde(deserialize_with = "bounded_vec::<_, _, MAX_ROWS>")]
     pub data: Vec<Value>,
 }
 
@@ -26,9 +29,21 @@ pub async fn write(
     JsonBody(body): JsonBody<WriteBody>,
 ) -> Result<Json<Message>, RouterError> {
     let routing = state.routing()?;
-    let parts = batch::plan_inserts(&routing.schema, &routing.ranges, &body.data)?;
-    write_parts(&state, &routing, parts).await?;
-    Ok(Json(Message::success(format!("{} Data entries added", body.data.len()))))
+    let plan = batch::plan_inserts(&routing.schema, &routing.ranges, &body.data, routing.topology.unrouted_keys)?;
+    let added = plan.routed();
+    write_parts(&state, &routing, plan.parts).await?;
+    Ok(Json(Message::success(added_message(routing.schema.key_name(), added, &plan.skipped))))
+}
+
+/// `3 Data entries added`, and when keys in no shard were skipped, which:
+/// `2 Data entries added; 1 skipped (Stud_id 20000 is in no shard)`.
+pub fn added_message(key_name: &str, added: usize, skipped: &[i64]) -> String {
+    let mut message = format!("{added} Data entries added");
+    if !skipped.is_empty() {
+        let verb = if skipped.len() == 1 { "is" } else { "are" };
+        message.push_str(&format!("; {} skipped ({key_name} {} {verb} in no shard)", skipped.len(), join(skipped)));
+    }
+    message
 }
 
 #[tracing::instrument(level = "debug", skip_all)]
@@ -83,7 +98,7 @@ async fn send(
     dry_run: bool,
 ) -> Result<WriteResponse, UpstreamError> {
     let shard_id = &routing.shards[part.shard].id;
-    upstream::write(state, routing.clone(), shard_id, &part.keys, ops, dry_run).await
+    state.coalescer().write(routing.clone(), shard_id, &part.keys, ops, dry_run).await
 }
 
 /// Folds the parts' outcomes (aligned with `parts`) into one answer: every conflicting key from
@@ -147,4 +162,23 @@ fn part_error(key_name: &str, part: &Part, e: UpstreamError) -> RouterError {
 
 fn join(keys: &[i64]) -> String {
     keys.iter().map(i64::to_string).collect::<Vec<_>>().join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_answer_counts_what_was_stored_and_names_what_was_skipped() {
+        assert_eq!(added_message("Stud_id", 3, &[]), "3 Data entries added");
+        assert_eq!(added_message("Stud_id", 0, &[]), "0 Data entries added");
+        assert_eq!(
+            added_message("Stud_id", 2, &[20000]),
+            "2 Data entries added; 1 skipped (Stud_id 20000 is in no shard)"
+        );
+        assert_eq!(
+            added_message("id", 0, &[-1, 17000]),
+            "0 Data entries added; 2 skipped (id -1, 17000 are in no shard)"
+        );
+    }
 }

@@ -14,6 +14,7 @@ use shard_server::api::{
     BatchOutcome, ErrorBody, ErrorCode, ReadRangesRequest, WriteBatchesRequest, WriteBatchesResponse, WriteRequest,
     WriteResponse,
 };
+use shard_server::serve::{ServeLimits, serve};
 use shard_server::topology::Topology;
 use shard_server::topology_source::offer;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -242,6 +243,7 @@ pub fn topology(epoch: u64, servers: &[(&str, &str)], shards: &[ShardSpec]) -> T
 /// Retry timings short enough for tests, long enough to be meaningful.
 pub fn test_config() -> Config {
     Config {
+        body_timeout: Duration::from_secs(60),
         upstream_timeout: Duration::from_secs(5),
         body_limit: 4096,
         retry: RetryPolicy {
@@ -263,6 +265,18 @@ pub struct Router {
 
 impl Router {
     pub async fn start(initial: Option<Topology>, config: Config) -> Router {
+        let limits = ServeLimits {
+            header_timeout: ServeLimits::DEFAULT_HEADER_TIMEOUT,
+            body_timeout: config.body_timeout,
+            idle_timeout: ServeLimits::DEFAULT_IDLE_TIMEOUT,
+            max_connections: 1024,
+        };
+        Router::start_with_limits(initial, config, limits).await
+    }
+
+    /// The router served with `limits` (its config's body timeout is theirs).
+    pub async fn start_with_limits(initial: Option<Topology>, mut config: Config, limits: ServeLimits) -> Router {
+        config.body_timeout = limits.body_timeout;
         shard_server::api::install_crypto_provider();
         let (tx, rx) = watch::channel(None);
         if let Some(t) = initial {
@@ -271,7 +285,7 @@ impl Router {
         let state = AppState::new(config, rx);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
-        tokio::spawn(async move { axum::serve(listener, app(state)).await.unwrap() });
+        tokio::spawn(async move { serve(listener, app(state), limits, std::future::pending()).await.unwrap() });
         Router { url, topology: tx, http: shard_server::api::http_client(Duration::from_secs(20)) }
     }
 

@@ -115,7 +115,7 @@ mod tests {
     #[test]
     fn recent_entries_kept_in_memory_are_bounded_by_count_and_by_rows() {
         let shard =
-            Shard::spawn(ShardTable::new("sh1", schema()), 0, "copy".into(), false, crate::rowcache::Budget::new(0));
+            Shard::spawn(ShardTable::new("sh1", schema()), 0, "copy".into(), false, crate::rowcache::Budget::new(0, 0));
         let entry = |seq: u64, rows: i64| {
             Arc::new(Entry {
                 seq,

@@ -11,12 +11,17 @@
 //! still waits for every ready replica to reach the primary's sequence number, an acknowledgement
 //! always means "on every ready replica", even for a write first committed by an earlier attempt.
 //!
+//! **A failed group.** When the group's commit fails, its batches are committed again one at a
+//! time, each decided afresh: a batch that Postgres refuses (for whatever reason) fails alone, and
+//! every other batch of its group succeeds as if sent alone.
+//!
 //! Replicas that are not ready are fed too but hold up no acknowledgement, except while they may
 //! still hold a read lease (see `lease.rs`).
 
 use super::Shard;
 use super::lease::{lease_bound, wait_out_lease};
 use crate::api::{Change, Entry, Op, ReplicateRequest, WriteResponse};
+use crate::db::DbError;
 use crate::error::{ApiError, ReplicationError};
 use crate::node::{Node, ShardRole};
 use crate::topology::ReplicaState;
@@ -239,16 +244,7 @@ async fn process_group(node: &Arc<Node>, shard: &Arc<Shard>, group: Vec<Job>) {
         return;
     }
     let schema = &shard.table.schema;
-    let mut keys: Vec<i64> = jobs
-        .iter()
-        .flat_map(|j| j.ops.iter())
-        .map(|op| match op {
-            Op::Insert { row } => row.key(schema),
-            Op::Update { key, .. } | Op::Delete { key } => *key,
-        })
-        .collect();
-    keys.sort_unstable();
-    keys.dedup();
+    let keys = keys_of(jobs.iter().flat_map(|j| j.ops.iter()), schema);
 
     let mut applied = shard.applied.lock().await;
     if let Err(e) = shard.resync_if_needed(&node.db, &mut applied).await {
@@ -269,12 +265,12 @@ async fn process_group(node: &Arc<Node>, shard: &Arc<Shard>, group: Vec<Job>) {
         }
     };
     let mut changes: HashMap<i64, Option<crate::schema::Row>> = HashMap::new();
-    let mut accepted = Vec::with_capacity(jobs.len());
-    // Batches refused because of the stored rows (a key absent, a conflicting row). Those rows may
-    // come from an entry not yet confirmed by every ready replica (a retry after a timed-out
-    // attempt, typically), so the refusal is held back like an acknowledgement: a delete retried
-    // into 404 must mean "gone on every copy that serves reads", not "gone here".
-    let mut refused = Vec::new();
+    // The group's real batches in arrival order, each with its decision: accepted, or refused
+    // because of the stored rows (a key absent, a conflicting row). Those rows may come from an
+    // entry not yet confirmed by every ready replica (a retry after a timed-out attempt,
+    // typically), so a refusal is held back like an acknowledgement: a delete retried into 404
+    // must mean "gone on every copy that serves reads", not "gone here".
+    let mut decided = Vec::with_capacity(jobs.len());
     for job in jobs {
         match decide(&job, &stored, &changes, schema) {
             Ok(d) if job.dry_run => {
@@ -282,32 +278,47 @@ async fn process_group(node: &Arc<Node>, shard: &Arc<Shard>, group: Vec<Job>) {
             }
             Ok(d) => {
                 changes.extend(d.changes);
-                accepted.push((job, d.outcome));
+                decided.push((job, Ok(d.outcome)));
             }
-            Err(e @ (ApiError::NotFound { .. } | ApiError::Conflict { .. })) if !job.dry_run => refused.push((job, e)),
+            Err(e @ (ApiError::NotFound { .. } | ApiError::Conflict { .. })) if !job.dry_run => {
+                decided.push((job, Err(e)))
+            }
             Err(e) => {
                 let _ = job.reply.send(Err(e));
             }
         }
     }
-    if accepted.is_empty() && refused.is_empty() {
+    if decided.is_empty() {
         return;
     }
     if !changes.is_empty() {
         let mut list: Vec<Change> = changes.into_iter().map(|(key, row)| Change { key, row }).collect();
         list.sort_unstable_by_key(|c| c.key);
         let entry = Entry { seq: *applied + 1, epoch, changes: list };
-        if let Err(e) = node.db.apply(&shard.table, &entry).await {
-            shard.resync.store(true, Ordering::Release);
-            let e = Arc::new(e);
-            for job in accepted.into_iter().map(|(j, _)| j).chain(refused.into_iter().map(|(j, _)| j)) {
-                let _ = job.reply.send(Err(ApiError::Internal(format!("committing seq {}: {e}", entry.seq))));
+        match node.db.apply(&shard.table, &entry).await {
+            Ok(()) => {
+                *applied = entry.seq;
+                node.metrics.entries_applied.inc();
+                shard.after_apply(node, Arc::new(entry));
             }
-            return;
+            Err(e) => {
+                // One batch Postgres refuses must not fail the others it shared the group with.
+                shard.resync.store(true, Ordering::Release);
+                tracing::warn!(shard = shard.id(), seq = entry.seq, batches = decided.len(), error = %e,
+                    "a group commit failed; committing its batches one by one");
+                decided = commit_one_by_one(node, shard, &mut applied, epoch, decided).await;
+            }
         }
-        *applied = entry.seq;
-        node.metrics.entries_applied.inc();
-        shard.after_apply(node, Arc::new(entry));
+    }
+    let (mut accepted, mut refused) = (Vec::new(), Vec::new());
+    for (job, decision) in decided {
+        match decision {
+            Ok(outcome) => accepted.push((job, outcome)),
+            Err(e) => refused.push((job, e)),
+        }
+    }
+    if accepted.is_empty() && refused.is_empty() {
+        return;
     }
     let target = *applied;
     drop(applied);
@@ -394,6 +405,94 @@ async fn process_group(node: &Arc<Node>, shard: &Arc<Shard>, group: Vec<Job>) {
             }
         }
     }
+}
+
+/// The keys `ops` touch, sorted, each once.
+fn keys_of<'a>(ops: impl Iterator<Item = &'a Op>, schema: &crate::schema::Schema) -> Vec<i64> {
+    let mut keys: Vec<i64> = ops
+        .map(|op| match op {
+            Op::Insert { row } => row.key(schema),
+            Op::Update { key, .. } | Op::Delete { key } => *key,
+        })
+        .collect();
+    keys.sort_unstable();
+    keys.dedup();
+    keys
+}
+
+/// What a batch whose own commit failed is answered: a 400 when Postgres refused one of its values
+/// (the caller's data, which validation should have caught), else our failure.
+fn commit_error(e: &DbError, seq: u64) -> ApiError {
+    match e.refused_value() {
+        Some(why) => {
+            ApiError::bad_request(format!("the database refused a value of this batch ({why}); nothing was written"))
+        }
+        None => ApiError::Internal(format!("committing seq {seq}: {e}")),
+    }
+}
+
+type Decided = Vec<(Job, Result<WriteResponse, ApiError>)>;
+
+/// After a group's commit failed, commits its batches one at a time, each decided again against
+/// the stored rows (the group's decisions assumed the others' changes), so that a batch Postgres
+/// refuses fails alone and every other batch of the group still succeeds. Arrival order is kept:
+/// each batch gets the outcome it would have had had the failing one never been sent. Returns the
+/// batches to answer once the replicas confirmed (as the group would have); a batch whose own
+/// commit failed is answered here, having changed nothing. When the shard's state cannot even be
+/// read back, Postgres itself is failing, and every batch left is failed at once.
+async fn commit_one_by_one(
+    node: &Arc<Node>,
+    shard: &Arc<Shard>,
+    applied: &mut u64,
+    epoch: u64,
+    group: Decided,
+) -> Decided {
+    let schema = &shard.table.schema;
+    let mut out = Vec::with_capacity(group.len());
+    let mut jobs = group.into_iter().map(|(job, _)| job);
+    while let Some(job) = jobs.next() {
+        let state = match shard.resync_if_needed(&node.db, applied).await {
+            Ok(()) => shard.stored_rows(&node.db, &keys_of(job.ops.iter(), schema)).await,
+            Err(e) => Err(e),
+        };
+        let stored = match state {
+            Ok(stored) => stored,
+            Err(e) => {
+                let e = Arc::new(e);
+                for job in std::iter::once(job).chain(jobs) {
+                    let _ = job.reply.send(Err(ApiError::Internal(format!("reading the shard's state back: {e}"))));
+                }
+                break;
+            }
+        };
+        let d = match decide(&job, &stored, &HashMap::new(), schema) {
+            Ok(d) => d,
+            Err(e @ (ApiError::NotFound { .. } | ApiError::Conflict { .. })) => {
+                out.push((job, Err(e)));
+                continue;
+            }
+            Err(e) => {
+                let _ = job.reply.send(Err(e));
+                continue;
+            }
+        };
+        if !d.changes.is_empty() {
+            let mut list: Vec<Change> = d.changes.into_iter().map(|(key, row)| Change { key, row }).collect();
+            list.sort_unstable_by_key(|c| c.key);
+            let entry = Entry { seq: *applied + 1, epoch, changes: list };
+            if let Err(e) = node.db.apply(&shard.table, &entry).await {
+                shard.resync.store(true, Ordering::Release);
+                tracing::warn!(shard = shard.id(), seq = entry.seq, error = %e, "a batch failed to commit on its own");
+                let _ = job.reply.send(Err(commit_error(&e, entry.seq)));
+                continue;
+            }
+            *applied = entry.seq;
+            node.metrics.entries_applied.inc();
+            shard.after_apply(node, Arc::new(entry));
+        }
+        out.push((job, Ok(d.outcome)));
+    }
+    out
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@ pub mod v1;
 
 use crate::api::Op;
 use crate::error::ApiError;
-use crate::node::ShardRole;
+use crate::node::{Node, ShardRole};
 use crate::schema::Schema;
 use crate::topology::ReplicaState;
 use std::collections::HashSet;
@@ -72,4 +72,23 @@ pub(crate) fn check_ops(shard: &str, schema: &Schema, role: &ShardRole, ops: &[O
         }
     }
     Ok(())
+}
+
+/// A standalone shard (created by the seed's `/config`, outside any topology) takes writes without
+/// an epoch. One carrying an epoch comes from a router that believes this server is the shard's
+/// primary in some topology. When this server follows an older topology than the sender's, a newer
+/// one may yet give it the shard, so the sender should retry (503 `epoch_ahead`, as for any shard
+/// on a server that is behind); otherwise no topology it knows makes it the primary, and the write
+/// is refused for good (421 `not_primary`), never with a code that invites endless retries.
+pub(crate) fn check_routed_write(
+    node: &Node,
+    shard: &str,
+    role: &ShardRole,
+    epoch: Option<u64>,
+) -> Result<(), ApiError> {
+    let (ShardRole::Standalone, Some(got)) = (role, epoch) else { return Ok(()) };
+    match node.topology() {
+        Some(t) if t.epoch < got => Err(ApiError::EpochAhead { got, ours: t.epoch }),
+        _ => Err(ApiError::NotPrimary { server: node.name().to_owned(), shard: shard.to_owned() }),
+    }
 }

@@ -1,7 +1,7 @@
 //! Our own endpoints: writes through the primary, replication between servers, snapshots, status
 //! and metrics.
 
-use super::{check_ops, check_readable};
+use super::{check_ops, check_readable, check_routed_write};
 use crate::api::{
     BatchOutcome, LeaseRequest, LeaseResponse, ReadRangesRequest, WriteBatchesRequest, WriteBatchesResponse,
 };
@@ -11,13 +11,14 @@ use crate::api::{
 };
 use crate::auth::Caller;
 use crate::error::ApiError;
-use crate::json::JsonBody;
+use crate::json::{JsonBody, PathParam, Query};
+use crate::limits::MAX_READ_RANGES;
 use crate::node::{Node, ShardRole};
 use crate::tls::Component;
 use crate::topology::ReplicaState;
 use axum::Json;
 use axum::body::Body;
-use axum::extract::{Extension, Path, Query, State};
+use axum::extract::{Extension, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt as _;
@@ -29,10 +30,11 @@ use tokio_stream::wrappers::ReceiverStream;
 #[tracing::instrument(level = "debug", skip_all, fields(shard = %id))]
 pub async fn write(
     State(node): State<Arc<Node>>,
-    Path(id): Path<String>,
+    PathParam(id): PathParam<String>,
     JsonBody(req): JsonBody<WriteRequest>,
 ) -> Result<Json<WriteResponse>, ApiError> {
     let (shard, role) = node.shard(&id).await?;
+    check_routed_write(&node, &id, &role, req.epoch)?;
     check_ops(&id, &shard.table.schema, &role, &req.ops)?;
     Ok(Json(shard.submit(&node, req.ops, req.epoch, req.dry_run).await?))
 }
@@ -43,7 +45,7 @@ pub async fn write(
 #[tracing::instrument(level = "debug", skip_all, fields(shard = %id))]
 pub async fn write_batches(
     State(node): State<Arc<Node>>,
-    Path(id): Path<String>,
+    PathParam(id): PathParam<String>,
     JsonBody(req): JsonBody<WriteBatchesRequest>,
 ) -> Result<Json<WriteBatchesResponse>, ApiError> {
     let (shard, role) = node.shard(&id).await?;
@@ -51,6 +53,7 @@ pub async fn write_batches(
     if batches.is_empty() {
         return Err(ApiError::bad_request("no batches"));
     }
+    check_routed_write(&node, &id, &role, epoch)?;
     // Every batch is queued before any is awaited, so they all land in the same group commit.
     let outcomes = batches.into_iter().map(|ops| {
         let checked = check_ops(&id, &shard.table.schema, &role, &ops);
@@ -76,15 +79,12 @@ pub async fn write_batches(
     Ok(Json(WriteBatchesResponse { results }))
 }
 
-/// Most ranges one `read_ranges` request may carry.
-pub const MAX_READ_RANGES: usize = 4096;
-
 /// `POST /v1/shards/{shard}/read_ranges`: several ranges of one shard, one JSON array of rows per
 /// range, in the order asked. Served by the same copies as the seed `/read`.
 #[tracing::instrument(level = "debug", skip_all, fields(shard = %id))]
 pub async fn read_ranges(
     State(node): State<Arc<Node>>,
-    Path(id): Path<String>,
+    PathParam(id): PathParam<String>,
     JsonBody(req): JsonBody<ReadRangesRequest>,
 ) -> Result<Response, ApiError> {
     let (shard, role) = node.shard(&id).await?;
@@ -121,7 +121,7 @@ pub async fn read_ranges(
 pub async fn replicate(
     State(node): State<Arc<Node>>,
     Extension(Caller(caller)): Extension<Caller>,
-    Path(id): Path<String>,
+    PathParam(id): PathParam<String>,
     JsonBody(req): JsonBody<ReplicateRequest>,
 ) -> Result<Json<ReplicateResponse>, ApiError> {
     speaks_as(&caller, &req.primary, "primary")?;
@@ -168,7 +168,7 @@ pub async fn replicate(
 /// `GET /v1/shards/{shard}/snapshot`: the shard at one sequence number, streamed as
 /// newline-delimited JSON (header, positional rows, end marker).
 #[tracing::instrument(skip_all, fields(shard = %id))]
-pub async fn snapshot(State(node): State<Arc<Node>>, Path(id): Path<String>) -> Result<Response, ApiError> {
+pub async fn snapshot(State(node): State<Arc<Node>>, PathParam(id): PathParam<String>) -> Result<Response, ApiError> {
     let (shard, role) = node.shard(&id).await?;
     check_readable(&id, &role)?;
     let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(8);
@@ -183,7 +183,10 @@ pub async fn snapshot(State(node): State<Arc<Node>>, Path(id): Path<String>) -> 
 
 /// `GET /v1/shards/{shard}/stats`: row count and checksum at one sequence number.
 #[tracing::instrument(skip_all, fields(shard = %id))]
-pub async fn stats(State(node): State<Arc<Node>>, Path(id): Path<String>) -> Result<Json<ShardStats>, ApiError> {
+pub async fn stats(
+    State(node): State<Arc<Node>>,
+    PathParam(id): PathParam<String>,
+) -> Result<Json<ShardStats>, ApiError> {
     let (shard, _) = node.shard(&id).await?;
     Ok(Json(shard.stats_locked(&node).await?))
 }
@@ -198,7 +201,7 @@ pub struct LogQuery {
 #[tracing::instrument(skip_all, fields(shard = %id))]
 pub async fn log(
     State(node): State<Arc<Node>>,
-    Path(id): Path<String>,
+    PathParam(id): PathParam<String>,
     Query(q): Query<LogQuery>,
 ) -> Result<Json<LogResponse>, ApiError> {
     let (shard, _) = node.shard(&id).await?;
@@ -213,7 +216,7 @@ pub async fn log(
 #[tracing::instrument(skip_all, fields(shard = %id, primary = %req.primary))]
 pub async fn recover(
     State(node): State<Arc<Node>>,
-    Path(id): Path<String>,
+    PathParam(id): PathParam<String>,
     JsonBody(req): JsonBody<RecoverRequest>,
 ) -> Result<Json<RecoverResponse>, ApiError> {
     let (shard, role) = node.shard(&id).await?;

@@ -47,7 +47,9 @@ where
     }
 }
 
-async fn handshake<Io>(acceptor: TlsAcceptor, io: Io, addr: SocketAddr) -> Option<(TlsStream<Io>, TlsPeer)>
+/// Completes the TLS handshake on `io` (within [`HANDSHAKE_TIMEOUT`]); the stream and the peer's
+/// identity, or `None` (logged) when it failed.
+pub(crate) async fn handshake<Io>(acceptor: TlsAcceptor, io: Io, addr: SocketAddr) -> Option<(TlsStream<Io>, TlsPeer)>
 where
     Io: AsyncRead + AsyncWrite + Unpin,
 {

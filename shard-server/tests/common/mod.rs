@@ -11,8 +11,9 @@ use shard_server::api::{ShardClient, install_crypto_provider};
 use shard_server::db::Db;
 use shard_server::node::{Node, NodeConfig};
 use shard_server::schema::{DType, SchemaSpec};
+use shard_server::serve::{ServeLimits, serve_tls};
 use shard_server::tls::testing::TestPki;
-use shard_server::tls::{Component, Credentials, Identity, TlsListener, TlsPeer};
+use shard_server::tls::{Component, Credentials, Identity};
 use shard_server::topology::{ReplicaState, ServerEntry, ShardEntry, TOPOLOGY_VERSION, Topology};
 use shard_server::topology_source::{watch_file, write_atomic};
 use std::collections::BTreeMap;
@@ -22,6 +23,16 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
+/// The limits of the production defaults, with a connection cap fit for tests.
+pub fn test_limits() -> ServeLimits {
+    ServeLimits {
+        header_timeout: ServeLimits::DEFAULT_HEADER_TIMEOUT,
+        body_timeout: ServeLimits::DEFAULT_BODY_TIMEOUT,
+        idle_timeout: ServeLimits::DEFAULT_IDLE_TIMEOUT,
+        max_connections: 1024,
+    }
+}
+
 pub struct Cluster {
     pub pg: LocalPg,
     pub dir: tempfile::TempDir,
@@ -30,6 +41,8 @@ pub struct Cluster {
     pub lease: (Duration, Duration),
     /// Row cache budget of every server (restarts included).
     pub cache_rows: usize,
+    /// The HTTP limits every server is served with (restarts included).
+    pub serve_limits: ServeLimits,
     pub servers: Vec<Server>,
     /// The operator's client: accepted by every internal endpoint.
     pub http: reqwest::Client,
@@ -77,12 +90,29 @@ impl Cluster {
         Cluster::start_with(n, shards, NodeConfig::DEFAULT_LEASE, NodeConfig::DEFAULT_LEASE_RENEW, 0).await
     }
 
+    /// Servers served with `limits` (timeouts, connection cap).
+    pub async fn start_with_serve_limits(n: usize, shards: &[ShardDef<'_>], limits: ServeLimits) -> Cluster {
+        let (lease, renew) = (NodeConfig::DEFAULT_LEASE, NodeConfig::DEFAULT_LEASE_RENEW);
+        Cluster::start_full(n, shards, lease, renew, NodeConfig::DEFAULT_CACHE_ROWS, limits).await
+    }
+
     pub async fn start_with(
         n: usize,
         shards: &[ShardDef<'_>],
         lease: Duration,
         renew: Duration,
         cache_rows: usize,
+    ) -> Cluster {
+        Cluster::start_full(n, shards, lease, renew, cache_rows, test_limits()).await
+    }
+
+    async fn start_full(
+        n: usize,
+        shards: &[ShardDef<'_>],
+        lease: Duration,
+        renew: Duration,
+        cache_rows: usize,
+        serve_limits: ServeLimits,
     ) -> Cluster {
         install_crypto_provider();
         let _ = tracing_subscriber::fmt()
@@ -132,6 +162,7 @@ impl Cluster {
                     copies: BTreeMap::new(),
                 })
                 .collect(),
+            unrouted_keys: Default::default(),
         };
         topology.validate().unwrap();
         for s in &servers {
@@ -144,6 +175,7 @@ impl Cluster {
             topology,
             lease: (lease, renew),
             cache_rows,
+            serve_limits,
             servers,
             http: pki.credentials(Component::Operator, "operator").http_client(Duration::from_secs(30)),
             pki,
@@ -164,15 +196,18 @@ impl Cluster {
             lease: self.lease.0,
             lease_renew: self.lease.1,
             cache_rows: self.cache_rows,
+            cache_bytes: NodeConfig::DEFAULT_CACHE_BYTES,
+            body_timeout: self.serve_limits.body_timeout,
             credentials: self.pki.credentials(Component::Server, &s.name),
         };
         let Credentials::Tls(tls) = &config.credentials else { unreachable!("test servers use TLS") };
-        let listener = TlsListener::new(listener, tls.server_config());
+        let tls = tls.server_config();
         let node = Node::new(config, db, watch_file(s.topology_path.clone()));
         node.start().await.unwrap();
-        let app = shard_server::app(Arc::clone(&node)).into_make_service_with_connect_info::<TlsPeer>();
+        let app = shard_server::app(Arc::clone(&node));
+        let limits = self.serve_limits;
         s.task = Some(tokio::spawn(async move {
-            axum::serve(listener, app).await.unwrap();
+            serve_tls(listener, app, limits, tls, std::future::pending()).await.unwrap();
         }));
         s.node = Some(node);
     }

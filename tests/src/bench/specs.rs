@@ -105,6 +105,35 @@ impl Shape {
     }
 }
 
+impl Shape {
+    /// The seed's `/init` body for this shape, as its client sent it: the student table with
+    /// `Stud_marks` declared `String` (the client sends numbers for it), shards laid end to end
+    /// from key 0, and an explicit placement (copy `j` of shard `i` on server `(i × replicas + j)
+    /// mod servers`, so each shard's copies are on distinct servers and the load is spread).
+    pub fn init_body(&self) -> serde_json::Value {
+        let shards: Vec<serde_json::Value> = (0..self.shards)
+            .map(|i| {
+                serde_json::json!({"Stud_id_low": i as i64 * self.shard_size, "Shard_id": format!("sh{}", i + 1),
+                                   "Shard_size": self.shard_size})
+            })
+            .collect();
+        let mut servers: std::collections::BTreeMap<String, Vec<String>> =
+            (0..self.servers).map(|s| (format!("Server{s}"), Vec::new())).collect();
+        for i in 0..self.shards {
+            for j in 0..self.replicas {
+                let server = (i * self.replicas + j) % self.servers;
+                servers.get_mut(&format!("Server{server}")).expect("listed").push(format!("sh{}", i + 1));
+            }
+        }
+        serde_json::json!({
+            "N": self.servers,
+            "schema": {"columns": ["Stud_id", "Stud_name", "Stud_marks"], "dtypes": ["Number", "String", "String"]},
+            "shards": shards,
+            "servers": servers,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -119,6 +148,24 @@ mod tests {
         assert_eq!(Shape::a1().key_space(), 16384);
         assert_eq!(Shape::a1().describe(), "A-1: 4 shards × 3 replicas on 6 servers, shard size 4096");
         assert_eq!(Shape::copy(10).describe(), "copy: 1 shard × 2 replicas on 2 servers, shard size 4096");
+    }
+
+    #[test]
+    fn init_bodies_place_every_copy_on_a_distinct_server() {
+        for shape in [Shape::a1(), Shape::a2(), Shape::a3()] {
+            let body = shape.init_body();
+            assert_eq!(body["N"], shape.servers);
+            assert_eq!(body["shards"].as_array().unwrap().len(), shape.shards);
+            let servers = body["servers"].as_object().unwrap();
+            assert_eq!(servers.len(), shape.servers);
+            for i in 1..=shape.shards {
+                let id = format!("sh{i}");
+                let holders = servers.values().filter(|h| h.as_array().unwrap().iter().any(|s| *s == id.as_str()));
+                assert_eq!(holders.count(), shape.replicas, "{} {id}", shape.name);
+            }
+        }
+        let a1 = Shape::a1().init_body();
+        assert_eq!(a1["shards"][3], serde_json::json!({"Stud_id_low": 12288, "Shard_id": "sh4", "Shard_size": 4096}));
     }
 
     #[test]
