@@ -151,6 +151,13 @@ impl LocalCluster {
 
 /// The answer to an admin request we failed to carry out; the detail goes to the log.
 fn internal(e: &LocalError) -> (StatusCode, Value) {
-    tracing::error!(error = %e, "admin request failed");
+    // The whole chain: "failed to initialise postgres for Server1" alone does not say why.
+    let mut detail = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        detail.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    tracing::error!(error = %detail, "admin request failed");
     crate::admin::internal()
 }
