@@ -10,8 +10,10 @@ if ! command -v initdb >/dev/null 2>&1 && ! compgen -G "/usr/lib/postgresql/*/bi
   exit 1
 fi
 
-# End-to-end tests start the binaries, so build them first.
+# End-to-end tests start the binaries, so build them first, and the previous release's for the
+# upgrade test (from the git history; cached, so normally this does nothing).
 cargo build --workspace --bins --locked
+./scripts/build-previous-release.sh >/dev/null
 
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --locked --no-fail-fast

@@ -143,6 +143,8 @@ fn objects(
         (&Method::GET, false) => Verb::List,
         (&Method::GET, true) => Verb::Get,
         (&Method::POST, false) => Verb::Create,
+        // The one subresource created by name: a pod's eviction.
+        (&Method::POST, true) if target.subresource.as_deref() == Some("eviction") => Verb::Create,
         (&Method::PUT, true) => Verb::Update,
         (&Method::PATCH, true) => Verb::Patch,
         (&Method::DELETE, true) => Verb::Delete,
@@ -160,8 +162,12 @@ fn objects(
     if (target.namespace.is_some() && !rt.namespaced) || (all_namespaces && !matches!(verb, Verb::List | Verb::Watch)) {
         return Err(ApiError::no_route());
     }
+    let eviction = target.subresource.as_deref() == Some("eviction");
+    if eviction && (rt.plural != "pods" || verb != Verb::Create) {
+        return Err(ApiError::no_route());
+    }
     let sub = match target.subresource.as_deref() {
-        None => Sub::Main,
+        None | Some("eviction") => Sub::Main,
         Some("status") if rt.status => Sub::Status,
         Some("scale") if rt.scale.is_some() => Sub::Scale,
         Some(_) => return Err(ApiError::no_route()),
@@ -183,6 +189,15 @@ fn objects(
     let injected = state.audit.take_failure(verb, &rt.plural, target.subresource.as_deref(), target.name.as_deref());
     let outcome = match injected {
         Some(err) => Err(err),
+        // An eviction deletes the pod at once; PodDisruptionBudgets are not consulted.
+        None if eviction => {
+            let (namespace, name) =
+                (target.namespace.as_deref().unwrap_or_default(), target.name.as_deref().unwrap_or_default());
+            state.store.delete(&rt, namespace, name, &delete_options(&query, &Bytes::new())?).map(|_| {
+                let status = json!({"apiVersion": "v1", "kind": "Status", "status": "Success", "code": 201});
+                (StatusCode::CREATED, status, true)
+            })
+        }
         None if verb == Verb::Watch => {
             drop(state);
             return crate::watch::watch(shared, rt, target.namespace, &query, metadata_only(headers));
@@ -197,6 +212,7 @@ fn objects(
     let (code, doc, _) = outcome?;
     let doc = match (sub, verb) {
         (Sub::Scale, _) => doc,
+        _ if eviction => doc,
         (_, Verb::List | Verb::DeleteCollection) => present_list(&rt, doc, metadata_only(headers)),
         _ => present(&rt, &doc, metadata_only(headers)),
     };

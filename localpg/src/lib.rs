@@ -76,6 +76,8 @@ pub enum PgError {
     BadTemplate { template: PathBuf, why: &'static str },
     #[error("database name {0:?} is not a valid identifier")]
     BadDatabaseName(String),
+    #[error("server setting {0:?} is not a name=value of letters, digits, '_', '.', '-'")]
+    BadSetting(String),
 }
 
 /// How to create a cluster. `data_dir` is the only required field.
@@ -104,6 +106,11 @@ pub struct Options {
     /// their environment, never on a command line). A template must have been made with the same
     /// password. `None`: `trust`, for throwaway test clusters.
     pub password: Option<String>,
+    /// More server settings (`-c name=value`), after and so over the ones set here.
+    pub settings: Vec<(String, String)>,
+    /// Also listen on a Unix socket in the data directory ([`LocalPg::socket_url`]), for clients
+    /// that cannot reach 127.0.0.1 here: a process in another network namespace, for instance.
+    pub unix_socket: bool,
 }
 
 impl Options {
@@ -117,6 +124,8 @@ impl Options {
             no_sync: false,
             template: None,
             password: None,
+            settings: Vec::new(),
+            unix_socket: false,
         }
     }
 }
@@ -260,6 +269,8 @@ pub struct LocalPg {
     port: u16,
     max_connections: u32,
     no_sync: bool,
+    settings: Vec<(String, String)>,
+    unix_socket: bool,
     running: bool,
     /// The superuser's password (`scram-sha-256`), or `None` (`trust`).
     password: Option<String>,
@@ -286,6 +297,11 @@ impl LocalPg {
             Some(p) => p,
             None => free_port().map_err(PgError::NoFreePort)?,
         };
+        // pg_ctl hands its `-o` options to a shell: only plain words may get there.
+        let plain = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+        if let Some((name, value)) = opts.settings.iter().find(|(n, v)| !plain(n) || !plain(v)) {
+            return Err(PgError::BadSetting(format!("{name}={value}")));
+        }
         let pg = LocalPg {
             bins,
             run_as,
@@ -294,6 +310,8 @@ impl LocalPg {
             port,
             max_connections: opts.max_connections,
             no_sync: opts.no_sync,
+            settings: opts.settings,
+            unix_socket: opts.unix_socket,
             running: false,
             password: opts.password,
             temp: None,
@@ -357,6 +375,21 @@ impl LocalPg {
     /// The superuser's password, when the cluster authenticates with one.
     pub fn password(&self) -> Option<&str> {
         self.password.as_deref()
+    }
+
+    /// A connection URL for database `db` through the Unix socket in the data directory, when the
+    /// cluster was created with [`Options::unix_socket`].
+    pub fn socket_url(&self, db: &str) -> Option<String> {
+        let dir: String = self
+            .data_dir
+            .to_string_lossy()
+            .bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'/' | b'.' | b'_' | b'-' => char::from(b).to_string(),
+                other => format!("%{other:02X}"),
+            })
+            .collect();
+        self.unix_socket.then(|| format!("postgres://{SUPERUSER}@localhost:{}/{db}?host={dir}", self.port))
     }
 
     /// The postmaster's pid: the first line of `postmaster.pid`, when the server is up.
@@ -459,12 +492,31 @@ impl LocalPg {
             tracing::warn!(data_dir = %self.data_dir.display(), "stopping a postgres left running on this data directory");
             self.pg_ctl_stop()?;
         }
+        // The socket directory is quoted for the server's option parser; a data directory holding
+        // a quote or a backslash is refused rather than passed on.
+        let sockets = if self.unix_socket {
+            let dir = self.data_dir.to_string_lossy();
+            if dir.contains(['\'', '\\', ' ']) {
+                return Err(PgError::Start {
+                    data_dir: self.data_dir.clone(),
+                    log: self.log_file.clone(),
+                    log_tail: "a data directory with a Unix socket may not contain quotes, backslashes or spaces"
+                        .into(),
+                });
+            }
+            dir.into_owned()
+        } else {
+            String::new()
+        };
         let mut server_opts = format!(
-            "-p {} -c listen_addresses=127.0.0.1 -c unix_socket_directories='' -c max_connections={} -c shared_buffers=32MB",
+            "-p {} -c listen_addresses=127.0.0.1 -c unix_socket_directories='{sockets}' -c max_connections={} -c shared_buffers=32MB",
             self.port, self.max_connections
         );
         if self.no_sync {
             server_opts.push_str(" -c fsync=off -c synchronous_commit=off -c full_page_writes=off");
+        }
+        for (name, value) in &self.settings {
+            server_opts.push_str(&format!(" -c {name}={value}"));
         }
         let mut cmd = self.pg_ctl();
         cmd.arg("-w").arg("-t").arg("60").arg("-l").arg(&self.log_file).arg("-o").arg(server_opts).arg("start");

@@ -164,3 +164,42 @@ fn a_cluster_with_a_password_refuses_connections_without_it() {
     assert!(!ok && err.contains("password authentication failed"), "wrong password: {err}");
     assert!(psql(Some("s3cret-pw")).0, "the right password");
 }
+
+#[test]
+fn settings_reach_the_server_and_only_plain_words_are_accepted() {
+    let base = tempfile::Builder::new().permissions(std::fs::Permissions::from_mode(0o755)).tempdir().unwrap();
+    let mut opts = Options::new(base.path().join("pgdata"));
+    opts.settings = vec![("work_mem".into(), "8MB".into()), ("shared_buffers".into(), "48MB".into())];
+    let mut pg = LocalPg::new(opts).unwrap();
+    pg.start().unwrap();
+    assert_eq!(pg.psql("postgres", "show work_mem").unwrap(), "8MB");
+    assert_eq!(pg.psql("postgres", "show shared_buffers").unwrap(), "48MB", "over localpg's own 32MB");
+    pg.stop().unwrap();
+
+    for bad in [("work_mem", "8MB -c fsync=off"), ("work_mem", "'8MB'"), ("a;b", "1"), ("work_mem", "")] {
+        let mut opts = Options::new(base.path().join("other"));
+        opts.settings = vec![(bad.0.into(), bad.1.into())];
+        let err = LocalPg::new(opts).unwrap_err();
+        assert!(matches!(err, PgError::BadSetting(_)), "{bad:?}: {err}");
+    }
+}
+
+#[test]
+fn a_cluster_may_also_listen_on_a_unix_socket_in_its_data_directory() {
+    let base = tempfile::Builder::new().permissions(std::fs::Permissions::from_mode(0o755)).tempdir().unwrap();
+    let mut opts = Options::new(base.path().join("pgdata"));
+    opts.no_sync = true;
+    let plain = LocalPg::new(opts.clone()).unwrap();
+    assert_eq!(plain.socket_url("db"), None, "no socket unless asked for");
+    drop(plain);
+    opts.unix_socket = true;
+    let mut pg = LocalPg::new(opts).unwrap();
+    pg.start().unwrap();
+    let socket = pg.data_dir().join(format!(".s.PGSQL.{}", pg.port()));
+    assert!(std::os::unix::net::UnixStream::connect(&socket).is_ok(), "{} accepts connections", socket.display());
+    assert!(accepts_connections(pg.port()), "and 127.0.0.1 still does");
+    assert_eq!(
+        pg.socket_url("db").unwrap(),
+        format!("postgres://postgres@localhost:{}/db?host={}", pg.port(), pg.data_dir().display())
+    );
+}

@@ -36,9 +36,27 @@ pub const DEFAULT_POSTGRES_IMAGE: &str = "docker.io/library/postgres:17.6-bookwo
     status = "ShardedDatabaseStatus",
     doc = "A sharded, replicated, Postgres-backed table served over HTTP",
     scale(spec_replicas_path = ".spec.servers", status_replicas_path = ".status.readyServers"),
-    printcolumn(name = "Shards", type_ = "string", json_path = ".spec.shards[*].id"),
+    printcolumn(
+        name = "Shards",
+        type_ = "integer",
+        json_path = ".status.shardCount",
+        description = "Shards in the published topology"
+    ),
+    printcolumn(
+        name = "Copies",
+        type_ = "string",
+        json_path = ".status.copiesReady",
+        description = "Copies of shards that serve reads / every copy in the topology"
+    ),
     printcolumn(name = "Servers", type_ = "integer", json_path = ".spec.servers"),
     printcolumn(name = "Servers-Ready", type_ = "integer", json_path = ".status.readyServers"),
+    printcolumn(
+        name = "Servers-Updated",
+        type_ = "integer",
+        json_path = ".status.updatedServers",
+        priority = 1,
+        description = "Server pods running the current revision of their template"
+    ),
     printcolumn(name = "Epoch", type_ = "integer", json_path = ".status.topologyEpoch", priority = "1"),
     printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
@@ -50,6 +68,7 @@ pub const DEFAULT_POSTGRES_IMAGE: &str = "docker.io/library/postgres:17.6-bookwo
         .message("spec.placement must list exactly spec.servers servers"),
 )]
 #[serde(rename_all = "camelCase")]
+#[schemars(transform = kubernetes_formats)]
 pub struct ShardedDatabaseSpec {
     /// The table: column names and types. The first column is the shard key unless `key` names
     /// another one; the key must be a `Number` column. Immutable once created.
@@ -97,6 +116,13 @@ pub struct ShardedDatabaseSpec {
     /// always mutual TLS; this chooses the CA and whether clients reach the router over TLS.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsSpec>,
+    /// Tuning of every shard server: its row cache, its threads and its probes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard_server: Option<ShardServerSpec>,
+    /// The PostgreSQL run beside each shard server: an allow-listed set of its settings, and its
+    /// probes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postgres: Option<PostgresSpec>,
     /// What a write does with a row whose key is in no shard: `Reject` (the default) refuses the
     /// whole write with a 400 and writes nothing; `Skip` writes the rows that belong to a shard
     /// and says in its answer how many rows were skipped and which keys, as the seed's load
@@ -175,13 +201,94 @@ pub struct ShardSpec {
 }
 
 /// The router Deployment.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RouterSpec {
     /// Router pods (default 2). Local mode always runs one router.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub replicas: Option<u32>,
+    /// When a router pod counts as ready (`GET /readyz`: it has a routing table); defaults:
+    /// every 5 s, 2 s timeout, 3 failures. Kubernetes only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub readiness_probe: Option<ProbeSpec>,
+    /// When a router pod is restarted (`GET /healthz`); defaults: every 10 s, 2 s timeout, 6
+    /// failures. Kubernetes only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub liveness_probe: Option<ProbeSpec>,
+}
+
+/// Tuning of each shard server.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ShardServerSpec {
+    /// Rows each server keeps in memory across its shard copies (`--cache-rows`), so reads and
+    /// a primary's decisions skip Postgres; a copy that does not fit is read from Postgres. About
+    /// 200 bytes per row of the seed's table. 0 turns the cache off; default 50,000. At most
+    /// 100,000,000.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 100_000_000))]
+    pub cache_rows: Option<u64>,
+    /// Threads running requests (`--worker-threads`), 1 to 256. Default: one per CPU the
+    /// container may use (its CPU limit included); in local mode, each server's share of this
+    /// machine's CPUs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 256))]
+    pub worker_threads: Option<u32>,
+    /// When a server pod counts as ready (`GET /heartbeat`); defaults: every 5 s, 2 s timeout, 3
+    /// failures. Kubernetes only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub readiness_probe: Option<ProbeSpec>,
+    /// When the shard-server container is restarted (`GET /heartbeat`); defaults: every 10 s,
+    /// 2 s timeout, 6 failures. Kubernetes only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub liveness_probe: Option<ProbeSpec>,
+}
+
+/// The PostgreSQL beside each shard server.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PostgresSpec {
+    /// Server settings, name → value, passed as `-c name=value`, like CloudNativePG's
+    /// `postgresql.parameters`. Only an allow-list may be set (memory, checkpoints, planner costs,
+    /// autovacuum, logging); settings that would lose acknowledged writes (`fsync`,
+    /// `synchronous_commit`, ...), move Postgres away from where the shard server reaches it
+    /// (`port`, `listen_addresses`), cancel its statements (`statement_timeout`) or keep Postgres
+    /// from starting (`shared_preload_libraries`) are refused with the reason. Each value is
+    /// checked against the setting's kind (`64MB`, `5min`, `0.9`, `on`). The README lists them.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 64))]
+    pub parameters: BTreeMap<String, String>,
+    /// When the postgres container counts as ready (`pg_isready`); defaults: every 10 s, 5 s
+    /// timeout, 6 failures. Kubernetes only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub readiness_probe: Option<ProbeSpec>,
+    /// When the postgres container is restarted (`pg_isready`); defaults as for readiness.
+    /// Kubernetes only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub liveness_probe: Option<ProbeSpec>,
+}
+
+/// Timings of one probe; each field left out keeps its default.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ProbeSpec {
+    /// Seconds after the container starts before the first probe (default 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 3600))]
+    pub initial_delay_seconds: Option<i32>,
+    /// Seconds between probes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub period_seconds: Option<i32>,
+    /// Seconds a probe may take; at most `periodSeconds`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub timeout_seconds: Option<i32>,
+    /// Consecutive failures before the probe counts as failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100))]
+    pub failure_threshold: Option<i32>,
 }
 
 /// The database's certificates.
@@ -263,6 +370,7 @@ pub struct ContainerResources {
 /// What the operator last observed and did.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(transform = kubernetes_formats)]
 pub struct ShardedDatabaseStatus {
     /// The `metadata.generation` of the spec this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -273,12 +381,29 @@ pub struct ShardedDatabaseStatus {
     /// Server pods that are ready (the scale subresource's status replicas).
     #[serde(default)]
     pub ready_servers: u32,
+    /// Server pods running the current revision of their template; fewer than `readyServers`
+    /// while a rolling update restarts them one at a time.
+    #[serde(default)]
+    pub updated_servers: u32,
     /// Per shard: its primary and the servers whose copy serves reads.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub shards: Vec<ShardStatus>,
     /// The epoch of the topology document last published.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub topology_epoch: Option<u64>,
+    /// Shards in the published topology.
+    #[serde(default)]
+    pub shard_count: u32,
+    /// Copies of shards in the published topology, whatever their state.
+    #[serde(default)]
+    pub copies: u32,
+    /// Of `copies`, those that serve reads: ready in the topology, on a ready pod the operator
+    /// reaches.
+    #[serde(default)]
+    pub ready_copies: u32,
+    /// `readyCopies/copies`, for `kubectl get` (a column cannot compute it).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub copies_ready: String,
 }
 
 /// One condition of the resource.
@@ -331,6 +456,51 @@ pub struct ShardStatus {
     pub recovering_replicas: Vec<String>,
 }
 
+/// The `format`s the Kubernetes API server recognises in a CRD schema (`supportedVersionedFormats`
+/// of apiextensions-apiserver, compared with `-` removed as it does). Any other format draws an
+/// `unrecognized format` warning on `kubectl apply` from some Kubernetes versions, integer formats
+/// (`int32`, `int64`) included, and is never checked anyway: the API server stores every
+/// integer as 64 bits and validates ranges with `minimum`/`maximum`.
+pub const KUBERNETES_FORMATS: [&str; 24] = [
+    "bsonobjectid",
+    "uri",
+    "email",
+    "hostname",
+    "ipv4",
+    "ipv6",
+    "cidr",
+    "mac",
+    "uuid",
+    "uuid3",
+    "uuid4",
+    "uuid5",
+    "isbn",
+    "isbn10",
+    "isbn13",
+    "creditcard",
+    "ssn",
+    "hexcolor",
+    "rgbcolor",
+    "byte",
+    "password",
+    "date",
+    "duration",
+    "datetime",
+];
+
+/// Drops the `format` schemars gives numbers (`uint32`, `uint64`, `int64`, `double`, ...), which
+/// Kubernetes does not know (see [`KUBERNETES_FORMATS`]); ranges stay as `minimum`/`maximum`.
+fn kubernetes_formats(schema: &mut schemars::Schema) {
+    // An optional field's type is still `["integer", "null"]` here (made `nullable` later).
+    let numeric = |t: &serde_json::Value| matches!(t.as_str(), Some("integer" | "number"));
+    if let Some(object) = schema.as_object_mut()
+        && object.get("type").is_some_and(|t| numeric(t) || t.as_array().is_some_and(|a| a.iter().any(numeric)))
+    {
+        object.remove("format");
+    }
+    schemars::transform::transform_subschemas(&mut kubernetes_formats, schema);
+}
+
 /// Where the generated CRD is kept, relative to the repository root.
 pub const CRD_FILE: &str = "crds/shardeddatabases.sharddb.io.yaml";
 
@@ -363,9 +533,19 @@ mod tests {
         let crd = ShardedDatabase::crd();
         let schema = serde_json::to_value(&crd.spec.versions[0].schema).unwrap();
         let spec = &schema["openAPIV3Schema"]["properties"]["spec"];
-        for field in
-            ["schema", "shards", "replicas", "servers", "placement", "router", "storage", "images", "resources"]
-        {
+        for field in [
+            "schema",
+            "shards",
+            "replicas",
+            "servers",
+            "placement",
+            "router",
+            "storage",
+            "images",
+            "resources",
+            "shardServer",
+            "postgres",
+        ] {
             let desc = spec["properties"][field]["description"].as_str().unwrap_or("");
             assert!(!desc.is_empty(), "spec.{field} has a description");
         }
@@ -399,7 +579,16 @@ mod tests {
         assert_eq!(scale.status_replicas_path, ".status.readyServers");
         let columns: Vec<&str> =
             v.additional_printer_columns.as_ref().unwrap().iter().map(|c| c.name.as_str()).collect();
-        assert_eq!(columns, ["Shards", "Servers", "Servers-Ready", "Epoch", "Ready", "Age"]);
+        assert_eq!(
+            columns,
+            ["Shards", "Copies", "Servers", "Servers-Ready", "Servers-Updated", "Epoch", "Ready", "Age"]
+        );
+        let paths: Vec<&str> =
+            v.additional_printer_columns.as_ref().unwrap().iter().map(|c| c.json_path.as_str()).collect();
+        assert!(
+            !paths.iter().any(|p| p.contains("[*]")),
+            "kubectl prints only the first match of a wildcard: {paths:?}"
+        );
         let schema = serde_json::to_value(&v.schema).unwrap();
         let spec = &schema["openAPIV3Schema"]["properties"]["spec"];
         let rules = |v: &serde_json::Value| -> Vec<String> {
@@ -419,6 +608,44 @@ mod tests {
         for field in ["images", "resources"] {
             assert!(spec["properties"][field]["description"].as_str().is_some_and(|d| !d.is_empty()), "{field}");
         }
+    }
+
+    /// Every `format` in the schema, with the path where it occurs.
+    fn formats(value: &serde_json::Value, path: &str, out: &mut Vec<(String, String)>) {
+        match value {
+            serde_json::Value::Object(map) => {
+                if let Some(f) = map.get("format").and_then(|f| f.as_str()) {
+                    out.push((path.to_owned(), f.to_owned()));
+                }
+                for (k, v) in map {
+                    formats(v, &format!("{path}.{k}"), out);
+                }
+            }
+            serde_json::Value::Array(items) => {
+                for (i, v) in items.iter().enumerate() {
+                    formats(v, &format!("{path}[{i}]"), out);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    #[test]
+    fn the_schema_uses_only_formats_kubernetes_recognises() {
+        let crd = ShardedDatabase::crd();
+        let schema = serde_json::to_value(&crd.spec.versions[0].schema).unwrap();
+        let mut found = Vec::new();
+        formats(&schema, "schema", &mut found);
+        let unknown: Vec<_> =
+            found.iter().filter(|(_, f)| !KUBERNETES_FORMATS.contains(&f.replace('-', "").as_str())).collect();
+        assert!(unknown.is_empty(), "formats `kubectl apply` warns about: {unknown:?}");
+        // The check sees formats where they are: a number field keeps its range, not its format.
+        let epoch = &schema["openAPIV3Schema"]["properties"]["status"]["properties"]["topologyEpoch"];
+        assert_eq!(epoch["type"], "integer");
+        assert_eq!(epoch["minimum"], 0.0, "{epoch}");
+        let mut sample = Vec::new();
+        formats(&serde_json::json!({"a": [{"format": "uint64"}]}), "x", &mut sample);
+        assert_eq!(sample, [("x.a[0]".to_owned(), "uint64".to_owned())]);
     }
 
     #[test]

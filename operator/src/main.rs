@@ -28,7 +28,8 @@ enum Command {
         /// when absent. An existing directory's data is reused.
         #[arg(long)]
         data_dir: Option<PathBuf>,
-        /// The router's port on 127.0.0.1; 0 picks a free one.
+        /// The router's port on 127.0.0.1 (0 picks a free one), or on its own address with --netns
+        /// (0: 5000).
         #[arg(long, default_value_t = 5000)]
         port: u16,
         /// Directory holding sharddb-shard-server and sharddb-router; default: this program's own.
@@ -49,6 +50,12 @@ enum Command {
         /// clients call them without one, on 127.0.0.1.
         #[arg(long)]
         admin_token: bool,
+        /// Run the router and every shard server in a network namespace of its own, attached to a
+        /// private switch (namespaces `ID-net`, `ID-router`, `ID-<server>`), so that links between
+        /// them can be cut; `cluster.json` says where. ID: 1 to 10 lowercase letters and digits,
+        /// unique on this machine. Needs root; the namespaces are deleted on exit.
+        #[arg(long, value_name = "ID")]
+        netns: Option<String>,
     },
     /// Print the ShardedDatabase CustomResourceDefinition as YAML.
     Crd,
@@ -218,7 +225,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let runtime = tokio::runtime::Runtime::new().context("failed to start the async runtime")?;
             runtime.block_on(run_operator(args.metrics_addr, args.admin_addr, config, lease, ca_secret))
         }
-        Command::Local { spec, data_dir, port, bin_dir, pg_bin, internal_tls, admin_token } => {
+        Command::Local { spec, data_dir, port, bin_dir, pg_bin, netns, internal_tls, admin_token } => {
             let bin_dir = match bin_dir {
                 Some(d) => d,
                 None => std::env::current_exe()
@@ -227,7 +234,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     .context("this program has no directory; pass --bin-dir")?
                     .to_owned(),
             };
-            let opts = LocalOptions { spec, data_dir, port, bin_dir, pg_bin, internal_tls, admin_token };
+            let opts = LocalOptions { spec, data_dir, port, bin_dir, pg_bin, netns, internal_tls, admin_token };
             let runtime = tokio::runtime::Runtime::new().context("failed to start the async runtime")?;
             runtime.block_on(run_local(opts))?;
             Ok(())

@@ -12,397 +12,16 @@
 //! certificates of the database's CA (the one the operator made in `students-ca`), and the
 //! healer reaches them with its own certificate for the database, as in a cluster.
 
-use fake_apiserver::FakeApiServer;
-use kube::CustomResourceExt;
-use kube::api::{Api, PostParams};
-use localpg::LocalPg;
-use operator::brain::plan::Settings;
-use operator::brain::validate::Images;
-use operator::crd::ShardedDatabase;
-use operator::k8s::controller::{Config, Context, Metrics, run};
-use operator::k8s::heal::HealSettings;
-use operator::k8s::pki::OperatorPki;
-use operator::k8s::topology::ServerUrls;
+mod common;
+
+use common::{Harness, NS, WAIT, secret, state, students};
 use serde_json::{Value, json};
-use shard_server::api::{Op, ShardClient, WriteRequest, install_crypto_provider};
-use shard_server::db::Db;
-use shard_server::node::{Node, NodeConfig};
-use shard_server::schema::{Row, Value as Cell};
 use shard_server::tls::issue::{Ca, LeafRequest};
 use shard_server::tls::source::Pem;
-use shard_server::tls::{Component, Credentials, DatabaseId, Identity, TlsListener, TlsPeer, TlsSource};
+use shard_server::tls::{Credentials, DatabaseId, Identity, TlsSource};
 use shard_server::topology::Topology;
-use shard_server::topology_source::watch_configmap;
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
-
-/// Generous: it bounds a failure, not a success, and the machine may be busy.
-const WAIT: Duration = Duration::from_secs(60);
-const NS: &str = "default";
-const CONFIGMAP: &str = "students-topology";
-
-/// Servers at local addresses instead of DNS names.
-#[derive(Debug)]
-struct LocalUrls(BTreeMap<String, String>);
-
-impl ServerUrls for LocalUrls {
-    fn url(&self, _db: &str, _namespace: &str, server: &str) -> String {
-        self.0.get(server).cloned().unwrap_or_else(|| "https://127.0.0.1:9".into())
-    }
-}
-
-struct Server {
-    name: String,
-    addr: SocketAddr,
-    db_url: String,
-    task: Option<JoinHandle<()>>,
-}
-
-struct Harness {
-    api: FakeApiServer,
-    /// The operator's admin endpoint.
-    admin: SocketAddr,
-    pg: LocalPg,
-    servers: Vec<Server>,
-    /// Presents a certificate of the operator for the database: what the servers answer.
-    http: reqwest::Client,
-    /// The operator's CA, kept across operator restarts as its Secret would keep it.
-    pki: Arc<OperatorPki>,
-    /// The database's CA, as the operator made it in `students-ca`.
-    ca: Option<Ca>,
-    config: Option<Config>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    operator: Option<JoinHandle<()>>,
-}
-
-impl Drop for Harness {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        for s in &mut self.servers {
-            if let Some(t) = s.task.take() {
-                t.abort();
-            }
-        }
-    }
-}
-
-impl Harness {
-    /// Three servers, the controller and healer with short timeouts, and the database created.
-    async fn start() -> Harness {
-        Harness::start_with(3).await
-    }
-
-    /// As [`Harness::start`], with `servers` servers (`Server0`…) known by address, of which
-    /// only the spec's three are served: the others play pods yet to be created, started later
-    /// with [`Harness::restart`].
-    async fn start_with(servers: usize) -> Harness {
-        install_crypto_provider();
-        let _ = tracing_subscriber::fmt()
-            .with_test_writer()
-            .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-            .try_init();
-        let pg = tokio::task::spawn_blocking(LocalPg::temporary).await.unwrap().expect("throwaway postgres");
-        let api = FakeApiServer::start().await;
-        api.install_crd(&ShardedDatabase::crd()).unwrap();
-        let admin_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let admin = admin_listener.local_addr().unwrap();
-        let admin_url = format!("https://{admin}");
-        let pki = OperatorPki::ephemeral(Some(&admin_url));
-        let endpoint = operator::k8s::admin::router(api.client(), Images::default())
-            .into_make_service_with_connect_info::<TlsPeer>();
-        let admin_listener = TlsListener::new(admin_listener, pki.admin_tls().server_config());
-        tokio::spawn(async move { axum::serve(admin_listener, endpoint).await.unwrap() });
-        let mut h = Harness {
-            api,
-            admin,
-            pg,
-            servers: Vec::new(),
-            http: shard_server::api::http_client(Duration::from_secs(30)),
-            pki,
-            ca: None,
-            config: None,
-            stop: None,
-            operator: None,
-        };
-        let mut listeners = Vec::new();
-        for i in 0..servers {
-            let db = format!("server{i}");
-            h.pg.create_database(&db).unwrap();
-            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let addr = listener.local_addr().unwrap();
-            h.servers.push(Server { name: format!("Server{i}"), addr, db_url: h.pg.url(&db), task: None });
-            listeners.push(listener);
-        }
-        let urls = h.servers.iter().map(|s| (s.name.clone(), format!("https://{}", s.addr))).collect();
-        // Shorter than the defaults (3 s) to keep the test quick, long enough that a probe slowed
-        // down by a busy machine is not mistaken for an outage.
-        let settings = Settings { failover_after: Duration::from_secs(2), demote_after: Duration::from_secs(2) };
-        let config = Config {
-            server_urls: Arc::new(LocalUrls(urls)),
-            healing: Some(HealSettings { plan: settings, round: Duration::from_millis(200) }),
-            admin_url: Some(admin_url),
-            ..Config::default()
-        };
-        h.config = Some(config);
-        h.start_operator();
-
-        let db: ShardedDatabase = serde_json::from_value(json!({
-            "apiVersion": "sharddb.io/v1alpha1",
-            "kind": "ShardedDatabase",
-            "metadata": { "name": "students", "namespace": NS },
-            "spec": {
-                "schema": { "columns": ["Stud_id", "Stud_name", "Stud_marks"], "dtypes": ["Number", "String", "Number"] },
-                "shards": [
-                    { "id": "sh1", "low": 0, "size": 4096 },
-                    { "id": "sh2", "low": 4096, "size": 4096 }
-                ],
-                "replicas": 2,
-                "servers": 3
-            }
-        }))
-        .unwrap();
-        Api::<ShardedDatabase>::namespaced(h.api.client(), NS).create(&PostParams::default(), &db).await.unwrap();
-
-        // The servers' pods start once their certificates exist, as a pod waits for its Secret.
-        assert!(h.api.wait_for(WAIT, |api| secret(api, "students-ca", "ca.key").is_some()).await, "the CA is made");
-        let ca_pem = secret(&h.api, "students-ca", "ca.crt").unwrap();
-        let ca = Ca::from_pem(&ca_pem, &secret(&h.api, "students-ca", "ca.key").unwrap()).unwrap();
-        h.http = credentials(&ca, Identity::operator(students()).unwrap()).http_client(Duration::from_secs(30));
-        h.ca = Some(ca);
-        for (i, l) in listeners.into_iter().enumerate().take(3) {
-            h.serve(i, l).await;
-        }
-        h
-    }
-
-    /// A client presenting the routers' certificate, from the Secret the operator made for them,
-    /// and checking the admin endpoint against the operator's CA given there: what a router does.
-    fn router_http(&self) -> reqwest::Client {
-        let key = |k: &str| secret(&self.api, "students-router-tls", k).expect("the routers' Secret");
-        let pem = Pem { cert: key("tls.crt"), key: key("tls.key"), ca: key("operator-ca.crt") };
-        Credentials::Tls(TlsSource::from_pem(pem).unwrap()).http_client(Duration::from_secs(30))
-    }
-
-    /// Starts the controller and its healer: a fresh operator process, with nothing in memory.
-    fn start_operator(&mut self) {
-        let mut registry = prometheus_client::registry::Registry::default();
-        let config = self.config.clone().expect("configured");
-        let ctx = Context::with_pki(self.api.client(), config, Metrics::new(&mut registry), self.pki.clone());
-        let (stop, stopped) = tokio::sync::oneshot::channel();
-        self.operator = Some(tokio::spawn(run(ctx, async move {
-            let _ = stopped.await;
-        })));
-        self.stop = Some(stop);
-    }
-
-    /// Stops the operator gracefully and waits until it has.
-    async fn stop_operator(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(task) = self.operator.take() {
-            task.await.unwrap();
-        }
-    }
-
-    /// Serves server `i` over its current database, following the topology ConfigMap.
-    async fn serve(&mut self, i: usize, listener: TcpListener) {
-        let s = &mut self.servers[i];
-        let db = Db::connect_patiently(&s.db_url, 8, Duration::from_secs(60)).await.unwrap();
-        let config = NodeConfig {
-            name: s.name.clone(),
-            peer_timeout: Duration::from_secs(10),
-            body_limit: 1 << 20,
-            lease: NodeConfig::DEFAULT_LEASE,
-            lease_renew: NodeConfig::DEFAULT_LEASE_RENEW,
-            cache_rows: NodeConfig::DEFAULT_CACHE_ROWS,
-            cache_bytes: NodeConfig::DEFAULT_CACHE_BYTES,
-            body_timeout: Duration::from_secs(60),
-            credentials: credentials(
-                self.ca.as_ref().expect("the database's CA"),
-                Identity::new(students(), Component::Server, &s.name).unwrap(),
-            ),
-        };
-        let Credentials::Tls(tls) = &config.credentials else { unreachable!() };
-        let listener = TlsListener::new(listener, tls.server_config());
-        let node = Node::new(config, db, watch_configmap(self.api.client(), NS, CONFIGMAP));
-        node.start().await.unwrap();
-        let app = shard_server::app(node).into_make_service_with_connect_info::<TlsPeer>();
-        s.task = Some(tokio::spawn(async move {
-            axum::serve(listener, app).await.unwrap();
-        }));
-    }
-
-    /// Stops server `i`: its port stops answering, its database stays.
-    async fn kill(&mut self, i: usize) {
-        if let Some(t) = self.servers[i].task.take() {
-            t.abort();
-            let _ = t.await;
-        }
-    }
-
-    /// Starts server `i` again on the same port, over a brand-new empty database when
-    /// `lose_volume` (a pod rescheduled without its volume).
-    async fn restart(&mut self, i: usize, lose_volume: bool) {
-        if lose_volume {
-            let db = format!("server{i}_new");
-            self.pg.create_database(&db).unwrap();
-            self.servers[i].db_url = self.pg.url(&db);
-        }
-        let listener = TcpListener::bind(self.servers[i].addr).await.unwrap();
-        self.serve(i, listener).await;
-    }
-
-    /// Sends an admin verb to the operator's endpoint for `students`, at the control URL the
-    /// operator gave the router Deployment: (status, body).
-    async fn admin(&self, method: reqwest::Method, verb: &str, body: Value) -> (u16, Value) {
-        let router = self.api.get("deployments", NS, "students-router").expect("the router Deployment");
-        let args = router["spec"]["template"]["spec"]["containers"][0]["args"].as_array().unwrap().clone();
-        let at = args.iter().position(|a| a == "--control-url").expect("the router has a control URL");
-        let control = args[at + 1].as_str().unwrap();
-        assert_eq!(control, format!("https://{}/databases/{NS}/students", self.admin));
-        self.admin_at(method, &format!("{control}/{verb}"), body).await
-    }
-
-    async fn admin_at(&self, method: reqwest::Method, url: &str, body: Value) -> (u16, Value) {
-        let response = self.router_http().request(method, url).json(&body).send().await.unwrap();
-        (response.status().as_u16(), response.json().await.unwrap())
-    }
-
-    /// The resource's spec and generation (which moves with every spec write; the status is
-    /// written meanwhile, so the resourceVersion may move on its own).
-    fn resource(&self) -> (Value, Value) {
-        let db = self.api.get("shardeddatabases", NS, "students").unwrap();
-        (db["spec"].clone(), db["metadata"]["generation"].clone())
-    }
-
-    /// Asserts every ready copy of every shard holds the same rows (count and checksum), and
-    /// returns the row count of each shard.
-    async fn assert_ready_copies_equal(&self) -> BTreeMap<String, i64> {
-        let t = self.topology().unwrap();
-        let mut rows = BTreeMap::new();
-        for shard in &t.shards {
-            let primary = self.index(&shard.primary);
-            let want = self.contents(primary, &shard.id).await;
-            for ready in shard.ready_replicas() {
-                let got = self.contents(self.index(ready), &shard.id).await;
-                assert_eq!(got, want, "{} on {ready} equals the primary {}", shard.id, shard.primary);
-            }
-            rows.insert(shard.id.clone(), want.0);
-        }
-        rows
-    }
-
-    fn index(&self, server: &str) -> usize {
-        self.servers.iter().position(|s| s.name == server).unwrap()
-    }
-
-    fn client(&self, i: usize) -> ShardClient {
-        ShardClient::new(self.http.clone(), format!("https://{}", self.servers[i].addr))
-    }
-
-    fn topology(&self) -> Option<Topology> {
-        let cm = self.api.get("configmaps", NS, CONFIGMAP)?;
-        Topology::parse(cm["data"]["topology.json"].as_str()?.as_bytes()).ok()
-    }
-
-    fn status(&self) -> Value {
-        self.api.get("shardeddatabases", NS, "students").map(|d| d["status"].clone()).unwrap_or(Value::Null)
-    }
-
-    fn condition(&self, type_: &str) -> Option<(String, String)> {
-        let status = self.status();
-        let c = status["conditions"].as_array()?.iter().find(|c| c["type"] == type_)?.clone();
-        Some((c["status"].as_str()?.to_owned(), c["reason"].as_str()?.to_owned()))
-    }
-
-    fn shard_status(&self, shard: &str) -> Value {
-        let status = self.status();
-        status["shards"].as_array().and_then(|a| a.iter().find(|s| s["id"] == shard).cloned()).unwrap_or(Value::Null)
-    }
-
-    fn events(&self, reason: &str) -> Vec<String> {
-        self.api
-            .list("events.events.k8s.io", NS)
-            .iter()
-            .filter(|e| e["reason"] == reason && e["regarding"]["name"] == "students")
-            .filter_map(|e| e["note"].as_str().map(str::to_owned))
-            .collect()
-    }
-
-    /// Plays the kubelet and the workload controllers: every StatefulSet and Deployment is ready.
-    fn mark_workloads_ready(&self) {
-        for kind in ["statefulsets", "deployments"] {
-            for mut o in self.api.list(kind, NS) {
-                let replicas = o["spec"]["replicas"].clone();
-                o["status"] = json!({ "replicas": replicas, "readyReplicas": replicas });
-                self.api.upsert(o).unwrap();
-            }
-        }
-    }
-
-    /// Waits for the first rollout: every copy's identity recorded and the database Ready.
-    async fn wait_ready(&self) {
-        let started = Instant::now();
-        assert!(self.api.wait_for(WAIT, |_| self.topology().is_some()).await, "topology published");
-        let built =
-            |api: &FakeApiServer| api.list("statefulsets", NS).len() == 3 && api.list("deployments", NS).len() == 1;
-        assert!(self.api.wait_for(WAIT, built).await, "workloads built");
-        self.mark_workloads_ready();
-        let recorded = |t: &Topology| t.shards.iter().all(|s| s.copies.len() == s.replicas.len());
-        assert!(self.api.wait_for(WAIT, |_| self.topology().is_some_and(|t| recorded(&t))).await, "copies recorded");
-        assert!(
-            self.api.wait_for(WAIT, |_| self.condition("Ready") == Some(("True".into(), "AllReady".into()))).await,
-            "ready: {}",
-            self.status()
-        );
-        println!("rollout: ready after {:?}", started.elapsed());
-    }
-
-    /// Writes rows `keys` through the shard's primary server `i`.
-    async fn write(&self, i: usize, shard: &str, keys: std::ops::Range<i64>) {
-        let ops = keys
-            .map(|k| Op::Insert { row: Row(vec![Cell::Int(k), Cell::Text(format!("n{k}")), Cell::Int(k % 100)]) })
-            .collect();
-        self.client(i).write(shard, &WriteRequest { epoch: None, ops, dry_run: false }).await.unwrap();
-    }
-
-    /// (rows, checksum) of `shard` on server `i`.
-    async fn contents(&self, i: usize, shard: &str) -> (i64, Option<String>) {
-        let s = &self.client(i).status(true).await.unwrap().shards[shard];
-        (s.rows, s.checksum.clone())
-    }
-}
-
-fn students() -> DatabaseId {
-    DatabaseId::new(NS, "students")
-}
-
-/// A Secret's key, decoded.
-fn secret(api: &FakeApiServer, name: &str, key: &str) -> Option<String> {
-    let o = api.get("secrets", NS, name)?;
-    let bytes: k8s_openapi::ByteString = serde_json::from_value(o["data"][key].clone()).ok()?;
-    String::from_utf8(bytes.0).ok()
-}
-
-/// Credentials of `identity` from the database's CA, serving on the loopback address (the test's
-/// servers are reached at 127.0.0.1 rather than their pods' DNS names).
-fn credentials(ca: &Ca, identity: Identity) -> Credentials {
-    let issued = ca.issue(&LeafRequest::new(identity).on_loopback(), std::time::SystemTime::now()).unwrap();
-    let pem = Pem { cert: issued.cert_pem, key: issued.key_pem, ca: ca.cert_pem().to_owned() };
-    Credentials::Tls(TlsSource::from_pem(pem).unwrap())
-}
-
-fn state(t: &Topology, shard: &str, server: &str) -> Option<String> {
-    let state = t.shard(shard)?.replicas.get(server)?;
-    Some(serde_json::to_value(state).ok()?.as_str()?.to_owned())
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_that_lost_its_volume_heals_back_to_ready_and_a_quiet_cluster_is_left_alone() {
@@ -731,4 +350,34 @@ async fn the_admin_endpoint_answers_only_the_routers_of_the_database_in_its_path
     // The routers' own certificate is answered.
     assert_eq!(attempt(h.router_http()).await.map(|a| a.0), Some(200));
     assert_eq!(h.resource().0["servers"], 4);
+}
+
+/// A replica's rows changed behind its server's back (straight in its Postgres) keep its sequence
+/// number and history hash: only the rows' checksum differs from the primary's. The healer
+/// compares the copies' checksums at equal sequence numbers, demotes the replica with a `Diverged`
+/// Event, counts it in `sharddb_operator_copies_diverged`, and copies it afresh from the primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_that_differs_from_its_primary_is_demoted_with_an_event_and_a_metric_and_copied_afresh() {
+    let h = Harness::start().await;
+    h.wait_ready().await;
+    h.write(0, "sh1", 0..50).await;
+    let before = h.topology().unwrap();
+    assert!(h.metrics().contains("sharddb_operator_copies_diverged_total 0"), "{}", h.metrics());
+
+    h.pg.psql("server1", r#"UPDATE "shard_sh1" SET "Stud_marks" = 1000 WHERE "Stud_id" = 7"#).unwrap();
+    let diverged = |h: &Harness| h.events("Diverged").iter().any(|n| n.contains("sh1 on Server1"));
+    assert!(h.api.wait_for(WAIT, |_| diverged(&h)).await, "Diverged: {:?}", h.events("Diverged"));
+    assert!(h.metrics().contains("sharddb_operator_copies_diverged_total 1"), "{}", h.metrics());
+    // Demoted (one epoch), then ready again (another).
+    let recopied = |t: &Topology| state(t, "sh1", "Server1").as_deref() == Some("ready") && t.epoch >= before.epoch + 2;
+    assert!(
+        h.api.wait_for(WAIT, |_| h.topology().is_some_and(|t| recopied(&t))).await,
+        "Server1's copy of sh1 copied afresh and ready: {:?}",
+        h.topology()
+    );
+    assert_eq!(h.assert_ready_copies_equal().await["sh1"], 50);
+    assert!(h.events("Diverged").iter().all(|n| n.contains("sh1 on Server1")), "{:?}", h.events("Diverged"));
+    // Copied afresh, the copy is the primary's again: nothing differs, nothing more is counted.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(h.metrics().contains("sharddb_operator_copies_diverged_total 1"), "{}", h.metrics());
 }

@@ -1,6 +1,7 @@
 //! Local mode end to end: the real operator binary runs examples/students.yaml with the real shard
 //! server and router binaries (build them first: `cargo build --workspace`) and real Postgres; a
-//! shard server killed with SIGKILL comes back, and SIGTERM leaves nothing running.
+//! shard server killed with SIGKILL comes back, SIGTERM leaves nothing running, and the cluster
+//! resumed on its directory waits out its predecessor's read leases before acknowledging.
 
 use operator::local::ClusterInfo;
 use shard_server::tls::{Credentials, TlsFiles, TlsSource};
@@ -121,35 +122,7 @@ fn runs_the_students_example_restarts_a_killed_server_and_stops_cleanly() {
         .permissions(std::fs::Permissions::from_mode(0o755))
         .tempdir()
         .unwrap();
-    let spec = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/students.yaml");
-    let mut child = Command::new(OPERATOR)
-        .arg("local")
-        .arg(&spec)
-        .arg("--data-dir")
-        .arg(data.path())
-        .args(["--port", "0", "--bin-dir"])
-        .arg(bin_dir())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let mut operator = Running(child);
-
-    // The URL line on stdout means the whole cluster is up.
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let router_url = loop {
-        let line = rx.recv_timeout(Duration::from_secs(180)).expect("the router URL line within 3 minutes");
-        if let Some(url) = line.strip_prefix("sharddb router listening on ") {
-            break url.to_owned();
-        }
-    };
-    assert!(router_url.starts_with("http://127.0.0.1:"), "{router_url}");
+    let (mut operator, router_url) = start_operator(data.path(), &[]);
 
     let cluster = read_cluster(data.path());
     assert_eq!(cluster.router.url, router_url);
@@ -164,6 +137,8 @@ fn runs_the_students_example_restarts_a_killed_server_and_stops_cleanly() {
         assert!(https_ok(&cluster, &s.url, "/heartbeat"), "{} answers its heartbeat", s.name);
         assert!(s.postgres.data_dir.starts_with(data.path().join("servers").join(&s.name)));
         assert!(s.postgres.url.ends_with("/sharddb"));
+        // A new cluster's servers are the first processes of their names: no lease wait at start.
+        assert!(cmdline(pid).contains(" --no-predecessor"), "{}: {}", s.name, cmdline(pid));
         pids.extend([pid, pg_pid]);
     }
     assert!(alive(cluster.router.pid.unwrap()));
@@ -221,6 +196,7 @@ fn runs_the_students_example_restarts_a_killed_server_and_stops_cleanly() {
         read_cluster(data.path()).servers[2].pid.filter(|&p| p != old)
     });
     assert!(alive(new));
+    assert!(!cmdline(new).contains("--no-predecessor"), "a restart had a predecessor: {}", cmdline(new));
     eventually("the restarted Server2's heartbeat", Duration::from_secs(60), || {
         https_ok(&cluster, &victim.url, "/heartbeat").then_some(())
     });
@@ -235,6 +211,108 @@ fn runs_the_students_example_restarts_a_killed_server_and_stops_cleanly() {
     });
     let log = std::fs::read_to_string(data.path().join("logs/Server2.log")).unwrap();
     assert!(log.contains("exited (signal: 9 (SIGKILL)); restarting"), "{log}");
+
+    // The same directory started again: its servers have predecessors (the processes just
+    // stopped), whose replicas could still hold read leases had they not exited. So no server skips
+    // the start-up wait, and no write is acknowledged before one lease after its primary started.
+    // The lease is longer than the cluster takes to start, so a skipped wait shows; a slow
+    // machine only makes the acknowledgements later.
+    let lease = Duration::from_secs(8);
+    let (mut operator, router_url) = start_operator(data.path(), &[("SHARDDB_LEASE_MS", "8000")]);
+    let cluster = read_cluster(data.path());
+    let mut started = Vec::new();
+    for s in &cluster.servers {
+        let pid = s.pid.unwrap();
+        assert!(!cmdline(pid).contains("--no-predecessor"), "a resumed cluster's {}: {}", s.name, cmdline(pid));
+        started.push(process_age(pid));
+    }
+    // Ages are measured now; a server's age at an acknowledgement is its age now plus the time
+    // since. The youngest bounds every primary from below.
+    let measured = Instant::now();
+    let youngest = started.into_iter().min().unwrap();
+    for key in 1..=20 {
+        let body = format!(r#"{{"data":[{{"Stud_id":{key},"Stud_name":"resumed","Stud_marks":1}}]}}"#);
+        if http_post_ok(&router_url, "/write", &body) {
+            let age = youngest + measured.elapsed();
+            // Every server started before the youngest, so each was at least this old.
+            assert!(age >= lease, "a write was acknowledged {age:?} after the servers started, within a lease");
+            break;
+        }
+        assert!(key < 20, "no write acknowledged after 20 attempts");
+    }
+    signal(operator.0.id(), nix::sys::signal::Signal::SIGTERM);
+    let status = eventually("the resumed operator to exit", Duration::from_secs(60), || operator.0.try_wait().unwrap());
+    assert!(status.success(), "{status}");
+}
+
+/// Starts `sharddb-operator local examples/students.yaml` on `dir` (resuming it if it holds a
+/// cluster) with extra environment variables, and waits for the router URL line, which means the
+/// whole cluster is up.
+fn start_operator(dir: &Path, env: &[(&str, &str)]) -> (Running, String) {
+    let spec = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/students.yaml");
+    let mut child = Command::new(OPERATOR)
+        .arg("local")
+        .arg(&spec)
+        .arg("--data-dir")
+        .arg(dir)
+        .args(["--port", "0", "--bin-dir"])
+        .arg(bin_dir())
+        .envs(env.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let operator = Running(child);
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let router_url = loop {
+        let line = rx.recv_timeout(Duration::from_secs(180)).expect("the router URL line within 3 minutes");
+        if let Some(url) = line.strip_prefix("sharddb router listening on ") {
+            break url.to_owned();
+        }
+    };
+    assert!(router_url.starts_with("http://127.0.0.1:"), "{router_url}");
+    (operator, router_url)
+}
+
+/// How long ago process `pid` started, from `/proc` (clock ticks since boot).
+fn process_age(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // The command name (field 2) may hold spaces; the fields after its closing parenthesis start
+    // at field 3, so the start time (field 22) is the 20th of them.
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    let ticks: u64 = after.split_whitespace().nth(19).unwrap().parse().unwrap();
+    let hz = Command::new("getconf").arg("CLK_TCK").output().unwrap().stdout;
+    let hz: f64 = String::from_utf8(hz).unwrap().trim().parse().unwrap();
+    let uptime: f64 =
+        std::fs::read_to_string("/proc/uptime").unwrap().split_whitespace().next().unwrap().parse().unwrap();
+    Duration::from_secs_f64((uptime - ticks as f64 / hz).max(0.0))
+}
+
+/// `POST path` with a JSON body over plain HTTP/1.1; true on a 2xx. Waits up to 30 s.
+fn http_post_ok(base: &str, path: &str, body: &str) -> bool {
+    let addr = base.trim_start_matches("http://");
+    let Ok(mut s) = TcpStream::connect(addr) else { return false };
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let request = format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    if s.write_all(request.as_bytes()).is_err() {
+        return false;
+    }
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).is_ok() && head.starts_with(b"HTTP/1.1 2")
+}
+
+/// A process's command line, arguments separated by spaces.
+fn cmdline(pid: u32) -> String {
+    String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default()).replace('\0', " ")
 }
 
 /// Processes whose command line mentions `dir` (Postgres servers name their data directory).

@@ -152,6 +152,8 @@ async fn first_reconcile_creates_every_child_then_reports_ready_and_a_second_wri
     let db = s.get("shardeddatabases", NS, "students").unwrap();
     assert_eq!(db["status"]["readyServers"], 3);
     assert_eq!(db["status"]["shards"][0]["readyReplicas"].as_array().unwrap().len(), 2);
+    // What `kubectl get sdb` shows in its SHARDS and COPIES columns.
+    assert_eq!((db["status"]["shardCount"].clone(), db["status"]["copiesReady"].clone()), (json!(2), json!("4/4")));
     assert_eq!(condition(s, "Degraded"), Some(("False".into(), "AllReady".into())));
 
     // Let the reconciles triggered by our own writes settle, then force one more: it writes nothing.

@@ -21,14 +21,19 @@ pub struct Args {
     #[arg(
         long,
         env = "SHARDDB_TOPOLOGY_FILE",
-        required_unless_present = "topology_configmap",
-        conflicts_with = "topology_configmap"
+        required_unless_present_any = ["topology_configmap", "topology_url"],
+        conflicts_with_all = ["topology_configmap", "topology_url"]
     )]
     pub topology_file: Option<PathBuf>,
 
     /// Topology ConfigMap to follow through the Kubernetes API, as NAMESPACE/NAME.
-    #[arg(long, env = "SHARDDB_TOPOLOGY_CONFIGMAP", value_parser = shard_server::topology_source::parse_configmap_ref)]
+    #[arg(long, env = "SHARDDB_TOPOLOGY_CONFIGMAP", value_parser = shard_server::topology_source::parse_configmap_ref, conflicts_with = "topology_url")]
     pub topology_configmap: Option<(String, String)>,
+
+    /// Topology document served over HTTP by the local mode's operator (`GET URL?after=EPOCH`,
+    /// long-polled), for a router in a network namespace of its own.
+    #[arg(long, env = "SHARDDB_TOPOLOGY_URL")]
+    pub topology_url: Option<String>,
 
     /// Limit on every call to a shard server, e.g. `10s` or `500ms`.
     #[arg(long, env = "SHARDDB_UPSTREAM_TIMEOUT", default_value = "10s", value_parser = parse_duration)]

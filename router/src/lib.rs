@@ -51,5 +51,6 @@ pub fn app(state: AppState) -> Router {
         // Failures are logged once, with their cause, by `RouterError`; the trace layer only adds
         // request spans.
         .layer(TraceLayer::new_for_http().on_failure(DefaultOnFailure::new().level(Level::DEBUG)))
+        .layer(middleware::from_fn(shard_server::protocol::versioned))
         .with_state(state)
 }

@@ -8,7 +8,7 @@ use router::{AppState, app};
 use shard_server::api::install_crypto_provider;
 use shard_server::serve::{serve, serve_tls};
 use shard_server::tls::{Component, Credentials, TlsFiles, TlsSource, source::RELOAD_EVERY};
-use shard_server::topology_source::{watch_configmap, watch_file};
+use shard_server::topology_source::{watch_configmap, watch_file, watch_url};
 use std::io::IsTerminal;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
@@ -38,15 +38,21 @@ async fn main() -> anyhow::Result<()> {
         config.control_credentials = Some(Credentials::Tls(source));
     }
     config.credentials = Some(credentials.clone());
-    tracing::info!(topology_file = ?args.topology_file, topology_configmap = ?args.topology_configmap, control_url = ?config.control_url, upstream_timeout = ?config.upstream_timeout, body_limit = config.body_limit, "starting");
+    tracing::info!(topology_file = ?args.topology_file, topology_configmap = ?args.topology_configmap, topology_url = ?args.topology_url, control_url = ?config.control_url, upstream_timeout = ?config.upstream_timeout, body_limit = config.body_limit, "starting");
 
-    let topology = match (&args.topology_file, &args.topology_configmap) {
-        (Some(path), _) => watch_file(path.clone()),
-        (None, Some((namespace, name))) => {
+    let topology = match (&args.topology_file, &args.topology_configmap, &args.topology_url) {
+        (Some(path), _, _) => watch_file(path.clone()),
+        (None, Some((namespace, name)), _) => {
             let client = kube::Client::try_default().await.context("no Kubernetes configuration found")?;
             watch_configmap(client, namespace, name)
         }
-        (None, None) => anyhow::bail!("one of --topology-file and --topology-configmap is required"),
+        (None, None, Some(url)) => {
+            let control = config.control_credentials.as_ref().unwrap_or(&credentials);
+            watch_url(url.clone(), control.http_client(shard_server::topology_source::URL_POLL_TIMEOUT))
+        }
+        (None, None, None) => {
+            anyhow::bail!("one of --topology-file, --topology-configmap and --topology-url is required")
+        }
     };
     let state = AppState::new(config, topology);
     let listener = TcpListener::bind(args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?;

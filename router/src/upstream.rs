@@ -12,6 +12,9 @@
 //!   happened), then 503.
 //! - `conflict`, `not_found`, `bad_request`: final; the caller's request was the problem.
 //! - anything else (`internal`, an unreadable answer): final 500.
+//! - a code this build does not know (a newer shard server's, during an upgrade) is handled as
+//!   the code its HTTP status stands for (`ClientError::code`): a 503 is retried, a 421 rerouted,
+//!   another 4xx is final.
 //!
 //! Writes are safe to repeat: inserting an identical row is a no-op on the primary and an update
 //! sets the same final value. A delete whose earlier attempt may have been applied (its answer was
@@ -91,7 +94,7 @@ fn classify(shard: &str, err: &ClientError) -> Next {
     match err {
         // A connect error means the request never left; anything later may have been applied.
         ClientError::Transport { source, .. } => retry("transport", !source.is_connect()),
-        ClientError::Api { body, .. } => match body.code {
+        ClientError::Api { body, .. } => match err.code().unwrap_or(body.code) {
             ErrorCode::Conflict => Next::Stop(UpstreamError::Conflict { keys: body.keys.clone() }),
             // Without keys, the shard (not a row) is missing there: that server no longer or not
             // yet holds it, so our topology is out of date.
@@ -102,8 +105,8 @@ fn classify(shard: &str, err: &ClientError) -> Next {
             ErrorCode::StaleEpoch | ErrorCode::NotPrimary => Next::Reroute(err.to_string()),
             ErrorCode::EpochAhead | ErrorCode::NotReady => retry("unavailable", false),
             ErrorCode::Unavailable => retry("unavailable", true),
-            // `internal`, codes that belong to replication (`seq_gap`, ...) and codes added later:
-            // nothing the router can fix by retrying, so a 500 with the detail in the log.
+            // `internal` and codes that belong to replication (`seq_gap`, ...): nothing the router
+            // can fix by retrying, so a 500 with the detail in the log.
             _ => Next::Stop(UpstreamError::Internal(format!("shard {shard}: {err}"))),
         },
         // A proxy or a crashing server answering without our error body.
@@ -351,5 +354,36 @@ pub async fn read_ranges(
         if let Some(current) = up.table.current() {
             routing = current;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shard_server::api::ErrorBody;
+
+    /// An answer of a newer shard server, whose code this build does not know.
+    fn newer(status: u16) -> ClientError {
+        let body = r#"{"message":"<Error> something new","status":"failure","code":"brand_new_code"}"#;
+        let body: ErrorBody = serde_json::from_str(body).unwrap();
+        assert_eq!(body.code, ErrorCode::Unknown);
+        ClientError::Api { url: "http://s".into(), status, body }
+    }
+
+    #[test]
+    fn an_unknown_code_is_handled_as_its_status_says() {
+        assert!(matches!(classify("sh1", &newer(503)), Next::Retry { maybe_applied: true, .. }), "503: retried");
+        assert!(matches!(classify("sh1", &newer(421)), Next::Reroute(_)), "421: routed again");
+        assert!(
+            matches!(classify("sh1", &newer(422)), Next::Stop(UpstreamError::BadRequest { ref message }) if message == "something new"),
+            "another 4xx: final, with the server's message"
+        );
+        assert!(matches!(classify("sh1", &newer(500)), Next::Stop(UpstreamError::Internal(_))), "500: final");
+        // A known code is taken as it is, whatever the status.
+        let mut known = newer(503);
+        if let ClientError::Api { body, .. } = &mut known {
+            body.code = ErrorCode::Conflict;
+        }
+        assert!(matches!(classify("sh1", &known), Next::Stop(UpstreamError::Conflict { .. })));
     }
 }

@@ -537,3 +537,78 @@ async fn a_body_that_never_arrives_is_answered_408_in_the_error_shape() {
     assert_eq!(body["code"], "request_timeout");
     assert!(s.calls().is_empty(), "nothing reached a shard server");
 }
+
+/// A newer shard server's error code this router does not know: handled by the HTTP status it
+/// came with. A 421 waits for a newer topology as `not_primary` does; a 503 is retried as
+/// `unavailable` is.
+#[tokio::test]
+async fn a_newer_servers_unknown_codes_are_handled_by_their_status() {
+    let unknown = |status: StatusCode| {
+        let (s, mut body) = error(status, ErrorCode::Internal, vec![]);
+        body["code"] = json!("handed_over_for_an_upgrade");
+        (s, body)
+    };
+    let old = spawn_stub(move |c| match c {
+        Call::Write { .. } => unknown(StatusCode::MISDIRECTED_REQUEST),
+        other => ok(other),
+    })
+    .await;
+    let new = healthy_stub().await;
+    let servers = [("Server0", old.url.as_str()), ("Server1", new.url.as_str())];
+    let both = [("Server0", READY), ("Server1", READY)];
+    let r = Router::start(Some(topology(4, &servers, &[("sh1", 0, 100, "Server0", &both)])), test_config()).await;
+    let tx = r.topology.clone();
+    let next = topology(5, &servers, &[("sh1", 0, 100, "Server1", &both)]);
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        offer(&tx, next);
+    });
+    let (status, body) = r.json(Method::PUT, "/update", json!({"Stud_id": 7, "data": row(7)})).await;
+    assert_eq!(status, 200, "421 with an unknown code: routed again, {body}");
+    assert_eq!(new.write_requests(), 1);
+
+    let failures = Arc::new(AtomicUsize::new(0));
+    let seen = failures.clone();
+    let flaky = spawn_stub(move |c| match c {
+        Call::Write { .. } if seen.fetch_add(1, Ordering::SeqCst) < 2 => unknown(StatusCode::SERVICE_UNAVAILABLE),
+        other => ok(other),
+    })
+    .await;
+    let t = topology(1, &[("Server0", &flaky.url)], &[("sh1", 0, 100, "Server0", &[("Server0", READY)])]);
+    let r = Router::start(Some(t), test_config()).await;
+    let (status, body) = r.json(Method::PUT, "/update", json!({"Stud_id": 7, "data": row(7)})).await;
+    assert_eq!(status, 200, "503 with an unknown code: retried, {body}");
+    assert_eq!(failures.load(Ordering::SeqCst), 3, "two failures, then the write");
+
+    let refusing = spawn_stub(move |c| match c {
+        Call::Write { .. } => unknown(StatusCode::UNPROCESSABLE_ENTITY),
+        other => ok(other),
+    })
+    .await;
+    let t = topology(1, &[("Server0", &refusing.url)], &[("sh1", 0, 100, "Server0", &[("Server0", READY)])]);
+    let r = Router::start(Some(t), test_config()).await;
+    let (status, body) = r.json(Method::PUT, "/update", json!({"Stud_id": 7, "data": row(7)})).await;
+    assert_eq!((status, body["code"].clone()), (400, json!("bad_request")), "another 4xx is final: {body}");
+    assert_eq!(refusing.write_requests(), 1, "and not retried");
+}
+
+/// Every answer says the router's protocol version; a sender declaring one older than the
+/// router works with is refused, and a seed client (no header) is served.
+#[tokio::test]
+async fn answers_carry_the_protocol_version_and_too_old_senders_are_refused() {
+    use shard_server::api::{OLDEST_PROTOCOL_VERSION, PROTOCOL_HEADER, PROTOCOL_VERSION};
+    let r = Router::start(None, test_config()).await;
+    let plain = reqwest::Client::new();
+    let answer = plain.get(format!("{}/healthz", r.url)).send().await.unwrap();
+    assert_eq!(answer.status(), 200);
+    assert_eq!(answer.headers()[PROTOCOL_HEADER], PROTOCOL_VERSION.to_string().as_str());
+    let answer = plain
+        .get(format!("{}/healthz", r.url))
+        .header(PROTOCOL_HEADER, (OLDEST_PROTOCOL_VERSION - 1).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 400);
+    let body: serde_json::Value = answer.json().await.unwrap();
+    assert_eq!(body["code"], "unsupported_protocol", "{body}");
+}

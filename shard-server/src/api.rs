@@ -1,6 +1,25 @@
 //! Wire contracts between sharddb processes: request and response bodies of the shard server (the
 //! seed endpoints and our own under `/v1`), the error body every component speaks, and a typed
 //! client. Routers, the operator and tests all use these types; nothing re-declares them.
+//!
+//! # Versions
+//! The contract is versioned ([`PROTOCOL_VERSION`]) so that release N and N−1 of the router, the
+//! shard server and the operator work together in any mix, in both directions, as they must for
+//! minutes of every rolling upgrade. The rules every change follows:
+//! - A field added to a body is optional (`#[serde(default)]`) and means, when absent, what the
+//!   previous release did; readers ignore fields they do not know (no `deny_unknown_fields` on
+//!   any body two sharddb processes exchange).
+//! - A new error code is understood by its HTTP status until every peer knows it: a code this
+//!   build does not know parses as [`ErrorCode::Unknown`], and [`ClientError::code`] answers the
+//!   code its status stands for ([`ErrorCode::for_status`]). So a new code must come with the
+//!   status whose class its handling falls in (retry on 503, reroute on 421, final on 4xx).
+//! - A new endpoint is used only once the peer advertises a protocol that has it, or with a
+//!   fallback to what the previous release offers.
+//! - Every response carries the responder's version in the [`PROTOCOL_HEADER`] header, every
+//!   request of [`http_client`] the sender's, and `/status` says it in [`ServerStatus::protocol`].
+//!   A peer declaring a version older than [`OLDEST_PROTOCOL_VERSION`] is refused
+//!   (`unsupported_protocol`, 400); one declaring none is a client of the seed API, or a release
+//!   from before the header (version 1), and is served.
 
 use crate::limits::{MAX_READ_RANGES, MAX_ROWS, MAX_SHARDS, bounded_batches, bounded_vec};
 use crate::schema::{Row, SchemaSpec};
@@ -8,6 +27,31 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use std::collections::BTreeMap;
 use std::time::Duration;
+
+// ---------------------------------------------------------------------------------------------
+// Versions
+
+/// The wire protocol this build speaks. Version 1 is the release before versions were
+/// advertised; each release whose contract changes adds one.
+pub const PROTOCOL_VERSION: u32 = 2;
+/// The oldest protocol this build still works with: the previous release's (N−1).
+pub const OLDEST_PROTOCOL_VERSION: u32 = 1;
+/// The header carrying a process's protocol version, on requests and responses alike.
+pub const PROTOCOL_HEADER: &str = "sharddb-protocol";
+
+/// What a peer's [`PROTOCOL_HEADER`] says: absent (a seed client, or a release from before
+/// versions were advertised), a version, or something that is not one.
+pub fn peer_protocol(value: Option<&str>) -> Result<Option<u32>, String> {
+    match value {
+        None => Ok(None),
+        Some(v) => v.trim().parse().map(Some).map_err(|_| format!("{PROTOCOL_HEADER} {v:?} is not a version number")),
+    }
+}
+
+/// `/status` of a release from before versions were advertised says no protocol: version 1.
+fn protocol_v1() -> u32 {
+    1
+}
 
 // ---------------------------------------------------------------------------------------------
 // Bodies shared by every endpoint
@@ -63,6 +107,32 @@ pub enum ErrorCode {
     /// The request's body did not arrive in full within the server's body timeout.
     RequestTimeout,
     Internal,
+    /// The sender declared a protocol version older than [`OLDEST_PROTOCOL_VERSION`].
+    UnsupportedProtocol,
+    /// A code this build does not know (a newer peer's): read it by its HTTP status, see
+    /// [`ErrorCode::for_status`]. Never sent.
+    #[serde(other)]
+    Unknown,
+}
+
+impl ErrorCode {
+    /// The code an answer's HTTP status stands for: how a failure whose own code is
+    /// [`ErrorCode::Unknown`] is handled. 503 (and the other statuses of a failure worth
+    /// retrying) is `unavailable`, 421 `not_primary` (route again), 409 `conflict`, 404
+    /// `not_found`, 413 `payload_too_large`, another 4xx `bad_request`, any other 5xx `internal`.
+    pub fn for_status(status: u16) -> ErrorCode {
+        match status {
+            404 => ErrorCode::NotFound,
+            405 => ErrorCode::MethodNotAllowed,
+            409 => ErrorCode::Conflict,
+            413 => ErrorCode::PayloadTooLarge,
+            421 => ErrorCode::NotPrimary,
+            429 | 502 | 503 | 504 => ErrorCode::Unavailable,
+            501 => ErrorCode::NotImplemented,
+            400..=499 => ErrorCode::BadRequest,
+            _ => ErrorCode::Internal,
+        }
+    }
 }
 
 /// `{"message": "<Error> ...", "status": "failure", ...}`: every failure has this body.
@@ -235,6 +305,11 @@ pub struct Entry {
     /// The epoch of the primary that created it.
     pub epoch: u64,
     pub changes: Vec<Change>,
+    /// The running hash of the shard's history up to and including this entry (hex), which a
+    /// replica checks against its own (see `replication::divergence`); absent from a primary that
+    /// predates it or does not know its history's hash.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash: Option<String>,
 }
 
 /// `POST /v1/shards/{shard}/replicate`: consecutive entries from the primary. Empty `entries`
@@ -250,6 +325,22 @@ pub struct ReplicateRequest {
     /// [`crate::replication`], divergence).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prev_epoch: Option<u64>,
+    /// The primary's last confirmed entry (see [`Confirmed`]); absent from senders that predate it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub confirmed: Option<Confirmed>,
+}
+
+/// An entry a primary vouches for: every copy it waits for holds it (and every entry before it),
+/// so it survives any failover. A replica shows readers the effects of its entries up to it once
+/// its own entry there is the same one (see `replication::visibility`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Confirmed {
+    pub seq: u64,
+    /// The epoch of the primary that created the entry: with `seq`, it names the entry.
+    pub epoch: u64,
+    /// The entry's history hash, when known: it names the whole history up to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -273,15 +364,62 @@ pub struct LeaseResponse {
     /// The shards this server is the primary of and lists the replica as ready for: the replica may
     /// serve reads of them for the lease duration, measured from before it sent the request.
     pub granted: Vec<String>,
+    /// For each granted shard, how long the lease may run at most (in ms, measured the same way):
+    /// no longer than the primary's own lease from the operator. Absent: the full lease (an older
+    /// primary).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub valid_ms: BTreeMap<String, u64>,
+    /// The primary's last confirmed entry of each granted shard, so that a replica shows what
+    /// was confirmed even when no write follows to carry it; absent from older primaries.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub confirmed: BTreeMap<String, Confirmed>,
 }
 
 /// `GET /status`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ServerStatus {
     pub server: String,
+    /// The protocol this server speaks ([`PROTOCOL_VERSION`]); 1 when absent (a release from
+    /// before versions were advertised).
+    #[serde(default = "protocol_v1")]
+    pub protocol: u32,
     /// The epoch of the topology this server follows (0: none).
     pub epoch: u64,
     pub shards: BTreeMap<String, ShardStatus>,
+    /// A moment of this server's clock just before it answered, for the operator to grant primary
+    /// leases measured from it (see [`PrimaryLeaseRequest`]); absent from older servers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_token: Option<LeaseToken>,
+}
+
+/// A moment on one server process's monotonic clock: the process (`boot`, random per start) and
+/// the microseconds since it started. Only that process can turn it back into a time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseToken {
+    pub boot: u64,
+    pub at_us: u64,
+}
+
+/// `POST /v1/primary_lease`: the operator lets a primary serve reads of the listed shards (those
+/// it is the primary of in the operator's topology of `epoch`) until `lease_ms` after the moment
+/// `token` names, which the server handed out before the operator decided: so the server's lease
+/// always ends before the operator stops counting on it, however late this request arrives.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PrimaryLeaseRequest {
+    pub token: LeaseToken,
+    pub epoch: u64,
+    #[serde(deserialize_with = "bounded_vec::<_, _, MAX_SHARDS>")]
+    pub shards: Vec<String>,
+    pub lease_ms: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrimaryLeaseResponse {
+    /// The shards this server took the lease for: it is their primary in a topology at least as
+    /// new as `epoch`.
+    pub granted: Vec<String>,
+    /// A fresh token, for the next grant (so the operator need not probe `/status` for one).
+    pub next_token: LeaseToken,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -300,6 +438,16 @@ pub struct ShardStatus {
     /// Whether this copy's rows are held in memory (reads and decisions skip Postgres).
     #[serde(default)]
     pub cached: bool,
+    /// A ready replica: whether it caught up with its primary as of the topology that made it
+    /// ready (only then does it hold every acknowledged write, so only then may it be promoted).
+    /// Absent from primaries, other copies and older servers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub caught_up: Option<bool>,
+    /// The running hash of this copy's history at `applied_seq` (see `replication::divergence`),
+    /// when known: two copies at one sequence number with different hashes hold different
+    /// histories. Absent from older servers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -309,6 +457,10 @@ pub enum Role {
     Replica,
     /// Configured with `/config` outside any topology: its own sole primary.
     Standalone,
+    /// A role this build does not know (a newer server's); the copy's position and identity,
+    /// which the operator reads, mean the same whatever its role.
+    #[serde(other)]
+    Unknown,
 }
 
 /// First line of a snapshot stream (`GET /v1/shards/{shard}/snapshot`, newline-delimited JSON):
@@ -319,6 +471,9 @@ pub struct SnapshotHeader {
     /// The sequence number the snapshot reflects.
     pub seq: u64,
     pub schema: SchemaSpec,
+    /// The source's history hash at `seq`, when known: the installed copy carries it on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash: Option<String>,
 }
 
 /// Last line of a snapshot stream; its absence means the stream was cut.
@@ -326,6 +481,17 @@ pub struct SnapshotHeader {
 pub struct SnapshotEnd {
     pub end: bool,
     pub rows: u64,
+    /// A digest of the rows streamed, from the same database snapshot as the rows: the bitwise XOR
+    /// of `hashtextextended(row::text, 0)` over every row (the row as the record of the table's
+    /// columns in order), as decimal text. A replica computes the same over the table it installed
+    /// and commits only if both agree (see `replication::replica`). Absent from releases before it;
+    /// a replica then verifies against the source's [`ShardStats`] instead.
+    ///
+    /// It is not [`ShardStats::checksum`]: that md5 sum costs about five times as much per row, and
+    /// the primary pauses its writer while computing it. Postgres's hash functions give the same
+    /// value for the same text on every platform of one byte order (all that sharddb runs on).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
 }
 
 /// `POST /v1/shards/{shard}/recover` on a recovering replica: replace this copy with a snapshot
@@ -348,7 +514,38 @@ pub struct RecoverResponse {
     /// The sequence number at which the copy was verified equal to the source.
     pub verified_seq: u64,
     pub rows: i64,
+    /// The source's checksum or, for a snapshot that carried a digest, that digest (both at
+    /// `verified_seq`).
     pub checksum: String,
+    /// Where the time went; absent from releases before it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timings: Option<RecoverTimings>,
+}
+
+/// Where a recover's time went, in microseconds. Streaming the snapshot and copying it into
+/// Postgres overlap: `copy_us` runs from the first row to the copy's end, and `stream_wait_us`
+/// (waiting for the source), `parse_us` (parsing, checking and encoding rows) and `copy_wait_us`
+/// (waiting for Postgres to take them) split the reading side's share of it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecoverTimings {
+    /// Opening the snapshot and emptying the table (its primary key index dropped).
+    pub prepare_us: u64,
+    pub copy_us: u64,
+    pub stream_wait_us: u64,
+    pub parse_us: u64,
+    pub copy_wait_us: u64,
+    /// Building the primary key index once every row is in.
+    pub index_us: u64,
+    /// Counting and digesting the installed rows, compared with the snapshot's end line.
+    pub verify_us: u64,
+    pub commit_us: u64,
+    /// Applying the entries the source committed meanwhile (from a source that sends no digest,
+    /// this includes the verification against its checksum).
+    pub catch_up_us: u64,
+    /// Loading the row cache from the new table.
+    pub cache_us: u64,
+    /// From the request to the answer.
+    pub total_us: u64,
 }
 
 /// `GET /v1/shards/{shard}/log?from=&to=`: entries still kept in the log, in order.
@@ -391,8 +588,15 @@ impl ClientError {
             _ => None,
         }
     }
+    /// The failure's code; a code this build does not know is the one its status stands for
+    /// (see the module documentation, versions).
     pub fn code(&self) -> Option<ErrorCode> {
-        self.body().map(|b| b.code)
+        match self {
+            ClientError::Api { body, status, .. } if body.code == ErrorCode::Unknown => {
+                Some(ErrorCode::for_status(*status))
+            }
+            _ => self.body().map(|b| b.code),
+        }
     }
 }
 
@@ -403,18 +607,22 @@ pub struct ShardClient {
     base: String,
 }
 
-/// The HTTP client every sharddb process uses to call another: bounded connect and request times.
-/// Installs the TLS provider first, so no caller (a test, a tool) can forget it. It carries no
-/// credential: internal endpoints need [`crate::tls::Credentials::http_client`].
+/// The HTTP client every sharddb process uses to call another: bounded connect and request times,
+/// and this build's protocol version on every request. Installs the TLS provider first, so no
+/// caller (a test, a tool) can forget it. It carries no credential: internal endpoints need
+/// [`crate::tls::Credentials::http_client`].
 pub fn http_client(request_timeout: Duration) -> reqwest::Client {
     install_crypto_provider();
     client_defaults().timeout(request_timeout).build().expect("HTTP client builds")
 }
 
-/// The settings every sharddb HTTP client shares: a bounded connect, a reused connection pool and
-/// no Nagle delay.
+/// The settings every sharddb HTTP client shares: this build's protocol version, a bounded
+/// connect, a reused connection pool and no Nagle delay.
 pub(crate) fn client_defaults() -> reqwest::ClientBuilder {
+    install_crypto_provider();
+    let version = reqwest::header::HeaderValue::from(PROTOCOL_VERSION);
     reqwest::Client::builder()
+        .default_headers([(reqwest::header::HeaderName::from_static(PROTOCOL_HEADER), version)].into_iter().collect())
         .connect_timeout(Duration::from_secs(2))
         // Well below the servers' idle timeout (`serve`, 60 s by default), so a pooled connection
         // is never reused just as its server closes it.
@@ -489,6 +697,12 @@ impl ShardClient {
     /// Forwards replication entries to a replica.
     pub async fn replicate(&self, shard: &str, req: &ReplicateRequest) -> Result<ReplicateResponse, ClientError> {
         let url = format!("{}/v1/shards/{shard}/replicate", self.base);
+        self.call(self.http.post(&url).json(req), url).await
+    }
+
+    /// `POST /v1/primary_lease`: the operator's lease for this server as a primary.
+    pub async fn primary_lease(&self, req: &PrimaryLeaseRequest) -> Result<PrimaryLeaseResponse, ClientError> {
+        let url = format!("{}/v1/primary_lease", self.base);
         self.call(self.http.post(&url).json(req), url).await
     }
 

@@ -28,6 +28,8 @@ pub enum DbError {
         #[source]
         source: serde_json::Error,
     },
+    #[error("{0}")]
+    Unexpected(String),
 }
 
 impl DbError {
@@ -61,11 +63,15 @@ pub struct ShardTable {
     create: SqlStr,
     select_keys: SqlStr,
     all_rows: SqlStr,
-    upsert: SqlStr,
+    /// `COPY ... FROM STDIN` in the binary format (see [`crate::pgcopy`]), for installs.
+    copy_in: String,
+    /// Row count and [`crate::api::SnapshotEnd::digest`] of the table.
+    digest: SqlStr,
     /// One replication entry as one statement: see [`Db::apply`].
     apply: SqlStr,
     read_ranges: SqlStr,
-    /// Applied seq, copy id and row count in one statement (one snapshot, one round trip).
+    /// Applied seq, copy id, history hash and row count in one statement (one snapshot, one round
+    /// trip).
     position: SqlStr,
     truncate: SqlStr,
     stats: SqlStr,
@@ -123,29 +129,33 @@ impl ShardTable {
             create: trusted(format!("CREATE TABLE IF NOT EXISTS {table} ({})", defs.join(", "))),
             select_keys: trusted(format!("SELECT {col_list} FROM {table} WHERE {key} = ANY($1)")),
             all_rows: trusted(format!("SELECT {col_list} FROM {table} LIMIT $1")),
-            upsert: trusted(format!(
-                "INSERT INTO {table} ({col_list}) SELECT * FROM UNNEST({}) {on_conflict}",
-                unnest(1)
+            copy_in: format!("COPY {table} ({col_list}) FROM STDIN (FORMAT binary)"),
+            digest: trusted(format!(
+                "SELECT count(*), coalesce(bit_xor(hashtextextended(t::text, 0)), 0) \
+                 FROM (SELECT {col_list} FROM {table}) t"
             )),
             // $1: keys to delete; $2..=$n+1: one array per column of the rows to write; then the
-            // shard, the entry's seq, its epoch and its changes as JSON. Sub-statements of one
-            // statement run on one snapshot and commit together; the last line turns a failed
-            // sequence guard (no row updated) into a division by zero, which aborts all of them.
+            // shard, the entry's seq, its epoch, its changes as JSON and its history hash (or
+            // NULL). Sub-statements of one statement run on one snapshot and commit together; the
+            // last line turns a failed sequence guard (no row updated) into a division by zero,
+            // which aborts all of them.
             apply: trusted(format!(
                 "WITH del AS (DELETE FROM {table} WHERE {key} = ANY($1::BIGINT[])), \
                  ups AS (INSERT INTO {table} ({col_list}) SELECT * FROM UNNEST({unnest_shifted}) {on_conflict}), \
-                 seq AS (UPDATE sharddb_shards SET applied_seq = ${s} \
+                 seq AS (UPDATE sharddb_shards SET applied_seq = ${s}, applied_hash = ${h} \
                          WHERE shard = ${sh} AND applied_seq = ${s} - 1 RETURNING 1), \
-                 log AS (INSERT INTO sharddb_log (shard, seq, epoch, changes) VALUES (${sh}, ${s}, ${e}, ${c}::jsonb)) \
+                 log AS (INSERT INTO sharddb_log (shard, seq, epoch, changes, hash) \
+                         VALUES (${sh}, ${s}, ${e}, ${c}::jsonb, ${h})) \
                  SELECT 1 / (SELECT count(*)::INT FROM seq)",
                 unnest_shifted = unnest(2),
                 sh = n + 2,
                 s = n + 3,
                 e = n + 4,
                 c = n + 5,
+                h = n + 6,
             )),
             position: trusted(format!(
-                "SELECT s.applied_seq, s.copy_id, (SELECT count(*) FROM {table}) \
+                "SELECT s.applied_seq, s.copy_id, s.applied_hash, (SELECT count(*) FROM {table}) \
                  FROM sharddb_shards s WHERE s.shard = $1"
             )),
             truncate: trusted(format!("TRUNCATE {table}")),
@@ -160,7 +170,11 @@ impl ShardTable {
                 "SELECT count(*), coalesce(sum(('x' || substr(md5(row_to_json(t)::text), 1, 15))::bit(60)::bigint), 0)::text \
                  FROM (SELECT {col_list} FROM {table}) t"
             )),
-            snapshot: trusted(format!("SELECT json_build_array({col_list})::text FROM {table} ORDER BY {key}")),
+            // Each row with its share of the digest (the same expression as `digest`).
+            snapshot: trusted(format!(
+                "SELECT json_build_array({col_list})::text, hashtextextended(t::text, 0) \
+                 FROM (SELECT {col_list} FROM {table}) t ORDER BY {key}"
+            )),
             objects: trusted(format!(
                 "SELECT row_to_json(t)::text FROM (SELECT {col_list} FROM {table} ORDER BY {key}) t"
             )),
@@ -193,6 +207,9 @@ pub struct StoredShard {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ShardStats {
     pub applied_seq: u64,
+    /// The running hash of the copy's history at `applied_seq`, when known (see
+    /// `replication::divergence`).
+    pub hash: Option<String>,
     pub rows: i64,
     pub checksum: Option<String>,
     /// Identity of this copy: new whenever the copy starts empty (a fresh table, a lost volume,
@@ -247,6 +264,13 @@ impl Db {
         Ok(db)
     }
 
+    /// A pool that never connects until used, for unit tests of code that must not reach it.
+    #[cfg(test)]
+    pub fn unconnected() -> Db {
+        let opts = PgConnectOptions::new().host("127.0.0.1").port(1);
+        Db { pool: PgPoolOptions::new().acquire_timeout(Duration::from_millis(100)).connect_lazy_with(opts) }
+    }
+
     /// [`Db::connect`], retrying with backoff until `patience` runs out: in a pod the database
     /// container may start after the server, and a loaded machine may be slow to accept.
     pub async fn connect_patiently(url: &str, max_connections: u32, patience: Duration) -> Result<Db, DbError> {
@@ -285,6 +309,9 @@ impl Db {
         )
         .execute(&mut *tx)
         .await?;
+        // Databases created before histories were hashed: the hash is unknown (NULL) until a
+        // snapshot brings one.
+        sqlx::query("ALTER TABLE sharddb_shards ADD COLUMN IF NOT EXISTS applied_hash TEXT").execute(&mut *tx).await?;
         sqlx::query(
             "CREATE TABLE IF NOT EXISTS sharddb_log (
                 shard TEXT NOT NULL,
@@ -295,6 +322,7 @@ impl Db {
         )
         .execute(&mut *tx)
         .await?;
+        sqlx::query("ALTER TABLE sharddb_log ADD COLUMN IF NOT EXISTS hash TEXT").execute(&mut *tx).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -319,7 +347,11 @@ impl Db {
     /// Creates the shard's table and bookkeeping row if missing; returns its applied seq. A shard that
     /// exists with another schema is an error, never silently altered.
     /// Returns the applied seq and the copy's identity.
-    pub async fn ensure_shard(&self, t: &ShardTable, standalone: bool) -> Result<(u64, String), DbError> {
+    pub async fn ensure_shard(
+        &self,
+        t: &ShardTable,
+        standalone: bool,
+    ) -> Result<(u64, String, Option<String>), DbError> {
         let spec = serde_json::to_string(&t.schema.to_spec()).expect("schema serialises");
         let mut tx = self.pool.begin().await?;
         sqlx::query("SELECT pg_advisory_xact_lock(726354)").execute(&mut *tx).await?;
@@ -333,10 +365,11 @@ impl Db {
         .bind(standalone)
         .execute(&mut *tx)
         .await?;
-        let r = sqlx::query("SELECT applied_seq, schema::text, copy_id FROM sharddb_shards WHERE shard = $1")
-            .bind(&t.shard)
-            .fetch_one(&mut *tx)
-            .await?;
+        let r =
+            sqlx::query("SELECT applied_seq, schema::text, copy_id, applied_hash FROM sharddb_shards WHERE shard = $1")
+                .bind(&t.shard)
+                .fetch_one(&mut *tx)
+                .await?;
         let existing: String = r.try_get(1)?;
         let existing_spec: SchemaSpec =
             serde_json::from_str(&existing).map_err(|source| DbError::BadLog { shard: t.shard.clone(), source })?;
@@ -351,8 +384,9 @@ impl Db {
         }
         let applied = seq_from_sql(r.try_get(0)?);
         let copy_id: String = r.try_get(2)?;
+        let hash: Option<String> = r.try_get(3)?;
         tx.commit().await?;
-        Ok((applied, copy_id))
+        Ok((applied, copy_id, hash))
     }
 
     /// The stored rows for `keys` (absent keys are simply missing from the map).
@@ -378,7 +412,8 @@ impl Db {
             .bind(&t.shard)
             .bind(seq_to_sql(entry.seq))
             .bind(seq_to_sql(entry.epoch))
-            .bind(changes);
+            .bind(changes)
+            .bind(entry.hash.as_deref());
         match q.execute(&self.pool).await {
             Ok(_) => Ok(()),
             // The guard: another writer moved the shard's seq (division by zero), or already
@@ -405,7 +440,7 @@ impl Db {
     /// Log entries `from..=to` that are still kept, in order.
     pub async fn log_entries(&self, shard: &str, from: u64, to: u64) -> Result<Vec<Entry>, DbError> {
         let rows = sqlx::query(
-            "SELECT seq, epoch, changes::text FROM sharddb_log WHERE shard = $1 AND seq BETWEEN $2 AND $3 ORDER BY seq",
+            "SELECT seq, epoch, changes::text, hash FROM sharddb_log WHERE shard = $1 AND seq BETWEEN $2 AND $3 ORDER BY seq",
         )
         .bind(shard)
         .bind(seq_to_sql(from))
@@ -420,19 +455,21 @@ impl Db {
                     epoch: seq_from_sql(r.try_get(1)?),
                     changes: serde_json::from_str(&changes)
                         .map_err(|source| DbError::BadLog { shard: shard.to_owned(), source })?,
+                    hash: r.try_get(3)?,
                 })
             })
             .collect()
     }
 
-    /// The epoch of log entry `seq`, if it is still kept.
-    pub async fn log_epoch(&self, shard: &str, seq: u64) -> Result<Option<u64>, DbError> {
-        let epoch: Option<i64> = sqlx::query_scalar("SELECT epoch FROM sharddb_log WHERE shard = $1 AND seq = $2")
-            .bind(shard)
-            .bind(seq_to_sql(seq))
-            .fetch_optional(&self.pool)
-            .await?;
-        Ok(epoch.map(seq_from_sql))
+    /// The epoch and history hash (when recorded) of log entry `seq`, if it is still kept.
+    pub async fn log_identity(&self, shard: &str, seq: u64) -> Result<Option<(u64, Option<String>)>, DbError> {
+        let row: Option<(i64, Option<String>)> =
+            sqlx::query_as("SELECT epoch, hash FROM sharddb_log WHERE shard = $1 AND seq = $2")
+                .bind(shard)
+                .bind(seq_to_sql(seq))
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(row.map(|(epoch, hash)| (seq_from_sql(epoch), hash)))
     }
 
     /// Gives the shard's copy a new identity, so that the operator, which recorded the old one,
@@ -456,13 +493,31 @@ impl Db {
         Ok(r.rows_affected())
     }
 
-    /// Starts replacing a shard's rows: empties the table and forgets its log, in a transaction
-    /// that [`Installer::finish`] commits.
+    /// Starts replacing a shard's rows: empties the table, drops its primary key index (rebuilt by
+    /// [`Installer::restore_key`] once every row is in: one sort instead of an index insertion per
+    /// row) and forgets its log, in a transaction that [`Installer::finish`] commits.
     pub async fn begin_install(&self, t: &ShardTable) -> Result<Installer, DbError> {
         let mut tx = self.pool.begin().await?;
         sqlx::query(t.truncate.clone()).execute(&mut *tx).await?;
         sqlx::query("DELETE FROM sharddb_log WHERE shard = $1").bind(&t.shard).execute(&mut *tx).await?;
-        Ok(Installer { tx })
+        let table = quote(&format!("shard_{}", t.shard));
+        // The constraint's name is Postgres's choice (`shard_<id>_pkey` unless that was taken), so
+        // it is read from the catalog, checked like any identifier, and the key is rebuilt under it.
+        let key: Option<String> = sqlx::query_scalar(
+            "SELECT conname::text FROM pg_constraint WHERE conrelid = $1::regclass AND contype = 'p'",
+        )
+        .bind(&table)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(name) = &key {
+            if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+                return Err(DbError::Unexpected(format!("primary key of {table} is named {name:?}")));
+            }
+            sqlx::query(trusted(format!("ALTER TABLE {table} DROP CONSTRAINT {}", quote(name))))
+                .execute(&mut *tx)
+                .await?;
+        }
+        Ok(Installer { tx, table, key })
     }
 
     /// The rows of each range as one JSON array text per range (sorted by key), in the order
@@ -477,21 +532,21 @@ impl Db {
         if !checksum {
             // The operator probes every server's `/status` each second, also under heavy write
             // load: one statement (one snapshot) and one round trip, not a transaction of five.
-            let (applied, copy_id, rows): (i64, String, i64) =
+            let (applied, copy_id, hash, rows): (i64, String, Option<String>, i64) =
                 sqlx::query_as(t.position.clone()).bind(&t.shard).fetch_one(&self.pool).await?;
-            return Ok(ShardStats { applied_seq: seq_from_sql(applied), rows, checksum: None, copy_id });
+            return Ok(ShardStats { applied_seq: seq_from_sql(applied), hash, rows, checksum: None, copy_id });
         }
         let mut tx = self.pool.begin().await?;
         sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY").execute(&mut *tx).await?;
-        let (applied, copy_id): (i64, String) =
-            sqlx::query_as("SELECT applied_seq, copy_id FROM sharddb_shards WHERE shard = $1")
+        let (applied, copy_id, hash): (i64, String, Option<String>) =
+            sqlx::query_as("SELECT applied_seq, copy_id, applied_hash FROM sharddb_shards WHERE shard = $1")
                 .bind(&t.shard)
                 .fetch_one(&mut *tx)
                 .await?;
         let r = sqlx::query(t.stats.clone()).fetch_one(&mut *tx).await?;
         let (rows, sum) = (r.try_get::<i64, _>(0)?, r.try_get::<String, _>(1)?);
         tx.commit().await?;
-        Ok(ShardStats { applied_seq: seq_from_sql(applied), rows, checksum: Some(sum), copy_id })
+        Ok(ShardStats { applied_seq: seq_from_sql(applied), hash, rows, checksum: Some(sum), copy_id })
     }
 
     /// Streams a consistent snapshot of the shard as newline-delimited JSON into `out`: a
@@ -500,31 +555,35 @@ impl Db {
     pub async fn snapshot(&self, t: &ShardTable, out: tokio::sync::mpsc::Sender<bytes::Bytes>) -> Result<(), DbError> {
         let mut tx = self.pool.begin().await?;
         sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY").execute(&mut *tx).await?;
-        let applied: i64 = sqlx::query_scalar("SELECT applied_seq FROM sharddb_shards WHERE shard = $1")
-            .bind(&t.shard)
-            .fetch_one(&mut *tx)
-            .await?;
-        let header = SnapshotHeader { shard: t.shard.clone(), seq: seq_from_sql(applied), schema: t.schema.to_spec() };
+        let (applied, hash): (i64, Option<String>) =
+            sqlx::query_as("SELECT applied_seq, applied_hash FROM sharddb_shards WHERE shard = $1")
+                .bind(&t.shard)
+                .fetch_one(&mut *tx)
+                .await?;
+        let header =
+            SnapshotHeader { shard: t.shard.clone(), seq: seq_from_sql(applied), schema: t.schema.to_spec(), hash };
         let mut line = serde_json::to_vec(&header).expect("header serialises");
         line.push(b'\n');
         if out.send(line.into()).await.is_err() {
             return Ok(());
         }
         let mut count = 0u64;
+        let mut digest = 0i64;
         let mut buf = Vec::with_capacity(64 * 1024);
         {
-            let mut rows = sqlx::query_scalar::<_, String>(t.snapshot.clone()).fetch(&mut *tx);
-            while let Some(row) = rows.try_next().await? {
+            let mut rows = sqlx::query_as::<_, (String, i64)>(t.snapshot.clone()).fetch(&mut *tx);
+            while let Some((row, hash)) = rows.try_next().await? {
                 buf.extend_from_slice(row.as_bytes());
                 buf.push(b'\n');
                 count += 1;
+                digest ^= hash;
                 if buf.len() >= 60 * 1024 && out.send(std::mem::take(&mut buf).into()).await.is_err() {
                     return Ok(()); // the reader went away
                 }
             }
         }
         tx.commit().await?;
-        let end = SnapshotEnd { end: true, rows: count };
+        let end = SnapshotEnd { end: true, rows: count, digest: Some(digest.to_string()) };
         buf.extend_from_slice(&serde_json::to_vec(&end).expect("end serialises"));
         buf.push(b'\n');
         let _ = out.send(buf.into()).await;
@@ -584,35 +643,76 @@ fn bind_columns<'q>(
     q
 }
 
-/// Inserts or replaces rows with one statement (one array parameter per column).
-async fn upsert_rows(tx: &mut Transaction<'_, Postgres>, t: &ShardTable, rows: &[&Row]) -> Result<(), DbError> {
-    if rows.is_empty() {
-        return Ok(());
-    }
-    bind_columns(sqlx::query(t.upsert.clone()), t, rows).execute(&mut **tx).await?;
-    Ok(())
-}
-
 /// A snapshot being installed: the shard emptied and refilled inside one transaction, so a failure
-/// half-way leaves the previous copy as it was.
+/// half-way leaves the previous copy as it was. Steps, in order: [`Installer::copy_rows`],
+/// [`Installer::restore_key`], [`Installer::digest`] (optional), [`Installer::finish`].
 pub struct Installer {
     tx: Transaction<'static, Postgres>,
+    /// The table, quoted.
+    table: String,
+    /// The name of the primary key constraint dropped by [`Db::begin_install`].
+    key: Option<String>,
+}
+
+/// What [`Installer::copy_rows`] did.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Copied {
+    pub rows: u64,
+    /// Time spent waiting for Postgres to take the data.
+    pub wait: Duration,
 }
 
 impl Installer {
-    pub async fn insert(&mut self, t: &ShardTable, rows: &[Row]) -> Result<(), DbError> {
-        let refs: Vec<&Row> = rows.iter().collect();
-        upsert_rows(&mut self.tx, t, &refs).await
+    /// Copies rows into the table with one `COPY ... FROM STDIN (FORMAT binary)`: `chunks` carries
+    /// tuples encoded by [`crate::pgcopy::encode_row`], and the copy ends when its sender is
+    /// dropped. A copy that ends early (the sender gave up) is still a valid copy of fewer rows;
+    /// the caller compares the count with what it expected before finishing.
+    pub async fn copy_rows(
+        &mut self,
+        t: &ShardTable,
+        mut chunks: tokio::sync::mpsc::Receiver<bytes::Bytes>,
+    ) -> Result<Copied, DbError> {
+        let mut copy = self.tx.copy_in_raw(&t.copy_in).await?;
+        let mut wait = Duration::ZERO;
+        copy.send(crate::pgcopy::HEADER).await?;
+        while let Some(chunk) = chunks.recv().await {
+            let sent = std::time::Instant::now();
+            copy.send(chunk).await?;
+            wait += sent.elapsed();
+        }
+        copy.send(crate::pgcopy::TRAILER).await?;
+        let sent = std::time::Instant::now();
+        let rows = copy.finish().await?;
+        Ok(Copied { rows, wait: wait + sent.elapsed() })
+    }
+
+    /// Rebuilds the primary key dropped by [`Db::begin_install`]; fails if two rows share a key.
+    pub async fn restore_key(&mut self, t: &ShardTable) -> Result<(), DbError> {
+        let key = quote(t.schema.key_name());
+        let named = self.key.as_deref().map_or_else(String::new, |n| format!("CONSTRAINT {} ", quote(n)));
+        let table = &self.table;
+        sqlx::query(trusted(format!("ALTER TABLE {table} ADD {named}PRIMARY KEY ({key})")))
+            .execute(&mut *self.tx)
+            .await?;
+        Ok(())
+    }
+
+    /// Row count and digest of the rows installed so far (see [`crate::api::SnapshotEnd::digest`]).
+    pub async fn digest(&mut self, t: &ShardTable) -> Result<(i64, String), DbError> {
+        let (rows, digest): (i64, i64) = sqlx::query_as(t.digest.clone()).fetch_one(&mut *self.tx).await?;
+        Ok((rows, digest.to_string()))
     }
 
     /// Records the snapshot's sequence number and commits.
     /// Records the snapshot's sequence number, gives the copy a new identity and commits; returns it.
-    pub async fn finish(mut self, t: &ShardTable, seq: u64) -> Result<String, DbError> {
+    pub async fn finish(mut self, t: &ShardTable, seq: u64, hash: Option<&str>) -> Result<String, DbError> {
         let copy_id: String = sqlx::query_scalar(
-            "UPDATE sharddb_shards SET applied_seq = $2, copy_id = gen_random_uuid()::text WHERE shard = $1 RETURNING copy_id",
+            "UPDATE sharddb_shards SET applied_seq = $2, applied_hash = $3, copy_id = gen_random_uuid()::text \
+             WHERE shard = $1 RETURNING copy_id",
         )
         .bind(&t.shard)
         .bind(seq_to_sql(seq))
+        .bind(hash)
         .fetch_one(&mut *self.tx)
         .await?;
         self.tx.commit().await?;

@@ -35,10 +35,10 @@ pub enum ApiError {
     #[error("entries start at {first} but this replica applied up to {applied}")]
     SeqGap { first: u64, applied: u64 },
     #[error(
-        "this copy of shard {shard} holds entry {seq} of epoch {ours}, the primary's is of epoch {theirs}: it \
-         gave up its copy and must be copied afresh"
+        "this copy of shard {shard} differs from its primary's history at entry {seq} ({detail}): it gave up its \
+         copy and must be copied afresh"
     )]
-    Diverged { shard: String, seq: u64, ours: u64, theirs: u64 },
+    Diverged { shard: String, seq: u64, detail: String },
     #[error("{0}")]
     NotReady(String),
     #[error("database error")]

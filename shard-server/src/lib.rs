@@ -11,6 +11,8 @@ pub mod json;
 pub mod limits;
 pub mod metrics;
 pub mod node;
+pub mod pgcopy;
+pub mod protocol;
 pub mod replication;
 pub mod routes;
 pub mod rowcache;
@@ -69,6 +71,8 @@ pub fn app(node: Arc<Node>) -> Router {
         .route("/v1/shards/{shard}/log", get(routes::v1::log).route_layer(only(SERVERS)))
         .route("/v1/shards/{shard}/recover", post(routes::v1::recover).route_layer(only(OPERATOR)))
         .route("/v1/lease", post(routes::v1::lease).route_layer(only(SERVERS)))
+        // Primary leases are the operator's to grant (see `replication::lease`).
+        .route("/v1/primary_lease", post(routes::v1::primary_lease).route_layer(only(OPERATOR)))
         .route("/status", get(routes::v1::status).route_layer(only(COMPONENTS)))
         .route("/metrics", get(routes::v1::metrics))
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
@@ -76,6 +80,7 @@ pub fn app(node: Arc<Node>) -> Router {
         .layer(middleware::from_fn_with_state(Arc::clone(&node), observe))
         .layer(DefaultBodyLimit::max(limit))
         .layer(axum::Extension(BodyLimit { bytes: limit, timeout: node.config.body_timeout }))
+        .layer(middleware::from_fn(protocol::versioned))
         .with_state(node)
 }
 

@@ -26,6 +26,8 @@ pub const MAX_ROWS: usize = 100_000;
 pub const MAX_BATCHES: usize = 4096;
 /// Key ranges in one `read_ranges` request.
 pub const MAX_READ_RANGES: usize = 4096;
+/// Longest primary lease the operator may grant at once (`/v1/primary_lease`'s `lease_ms`).
+pub const MAX_PRIMARY_LEASE_MS: u64 = 60_000;
 
 /// A `Vec<T>` of at most `MAX` elements; parsing stops at the first one beyond (use with
 /// `#[serde(deserialize_with = "bounded_vec::<_, _, MAX>")]`).

@@ -31,8 +31,12 @@ struct Args {
     #[arg(long, env = "SHARDDB_TOPOLOGY_FILE", conflicts_with = "topology_configmap")]
     topology_file: Option<PathBuf>,
     /// Topology ConfigMap to follow through the Kubernetes API, as NAMESPACE/NAME.
-    #[arg(long, env = "SHARDDB_TOPOLOGY_CONFIGMAP", value_parser = topology_source::parse_configmap_ref)]
+    #[arg(long, env = "SHARDDB_TOPOLOGY_CONFIGMAP", value_parser = topology_source::parse_configmap_ref, conflicts_with = "topology_url")]
     topology_configmap: Option<(String, String)>,
+    /// Topology document served over HTTP by the local mode's operator (`GET URL?after=EPOCH`,
+    /// long-polled), for a server in a network namespace of its own.
+    #[arg(long, env = "SHARDDB_TOPOLOGY_URL", conflicts_with = "topology_file")]
+    topology_url: Option<String>,
     /// Postgres connections in the pool.
     #[arg(long, env = "SHARDDB_DB_CONNECTIONS", default_value_t = 16)]
     db_connections: u32,
@@ -69,6 +73,12 @@ struct Args {
     /// endpoint but /heartbeat and /metrics answers only the database's own components.
     #[command(flatten)]
     credentials: CredentialArgs,
+    /// No earlier process ever ran under this server's name in this database: acknowledge writes
+    /// at once instead of waiting one read lease for leases a predecessor may have granted. Only
+    /// for whoever starts the process and knows it is the first of its name (the local mode, for
+    /// a cluster it creates); never on a restart, so no environment variable.
+    #[arg(long)]
+    no_predecessor: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -102,13 +112,16 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         None => args.database_url.clone(),
     };
     let db = Db::connect_patiently(&database_url, args.db_connections, Duration::from_secs(60)).await?;
-    let topology = match (&args.topology_file, &args.topology_configmap) {
-        (Some(p), _) => topology_source::watch_file(p.clone()),
-        (None, Some((namespace, name))) => {
+    let topology = match (&args.topology_file, &args.topology_configmap, &args.topology_url) {
+        (Some(p), _, _) => topology_source::watch_file(p.clone()),
+        (None, Some((namespace, name)), _) => {
             let client = kube::Client::try_default().await?;
             topology_source::watch_configmap(client, namespace, name)
         }
-        (None, None) => topology_source::fixed(None),
+        (None, None, Some(url)) => {
+            topology_source::watch_url(url.clone(), credentials.http_client(topology_source::URL_POLL_TIMEOUT))
+        }
+        (None, None, None) => topology_source::fixed(None),
     };
     let config = NodeConfig {
         name: args.name.clone(),
@@ -126,6 +139,9 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         "--lease-renew-ms must be positive and below --lease-ms"
     );
     let node = Node::new(config, db, topology);
+    if args.no_predecessor {
+        node.declare_no_predecessor();
+    }
     node.start().await?;
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     let limits = args.serve.limits();

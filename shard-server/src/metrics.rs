@@ -21,6 +21,9 @@ pub struct Metrics {
     pub replication_failures: Counter,
     /// Batches committed together per group.
     pub group_size: Histogram,
+    /// Times a copy here found its history differs from its primary's and gave it up (see
+    /// `replication::divergence`).
+    pub copies_diverged: Counter,
     registry: Registry,
 }
 
@@ -33,13 +36,19 @@ impl Default for Metrics {
         let entries_applied = Counter::default();
         let replication_failures = Counter::default();
         let group_size = Histogram::new(exponential_buckets(1.0, 2.0, 12));
+        let copies_diverged = Counter::default();
         let mut registry = Registry::with_prefix("sharddb_shard");
         registry.register("http_requests", "HTTP requests by route and status", requests.clone());
         registry.register("http_request_seconds", "HTTP request latency", latency.clone());
         registry.register("entries_applied", "replication entries committed", entries_applied.clone());
         registry.register("replication_failures", "write groups failed by a replica", replication_failures.clone());
         registry.register("group_batches", "batches per group commit", group_size.clone());
-        Metrics { requests, latency, entries_applied, replication_failures, group_size, registry }
+        registry.register(
+            "copies_diverged",
+            "copies that found their history differs from their primary's and gave it up",
+            copies_diverged.clone(),
+        );
+        Metrics { requests, latency, entries_applied, replication_failures, group_size, copies_diverged, registry }
     }
 }
 

@@ -2,7 +2,7 @@
 //! shards it holds with each one's role. Decides "may I serve/accept this?"; does I/O only to
 //! create a shard's table on first use.
 
-use crate::api::{LeaseRequest, ShardClient};
+use crate::api::{LeaseRequest, LeaseToken, ShardClient};
 use crate::auth::Gate;
 use crate::db::{Db, ShardTable};
 use crate::error::ApiError;
@@ -13,6 +13,7 @@ use crate::tls::Credentials;
 use crate::topology::{ReplicaState, ShardEntry, Topology};
 use crate::topology_source::TopologyRx;
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -64,7 +65,8 @@ pub enum ShardRole {
     /// it lost its data since the operator last looked (e.g. restarted on an empty volume). Such a
     /// copy must neither accept writes as primary (it would number them from scratch, and replicas
     /// would take them for replays) nor serve reads, until the operator heals it.
-    Primary { epoch: u64, entry: ShardEntry, stale_copy: bool },
+    /// `leased`: holds an unexpired lease from the operator (see `replication::lease`).
+    Primary { epoch: u64, entry: ShardEntry, stale_copy: bool, leased: bool },
     Replica {
         epoch: u64,
         state: ReplicaState,
@@ -93,6 +95,10 @@ pub struct Node {
     /// When this process started: leases granted by an earlier incarnation of this server are
     /// unknown, so acknowledgements wait until they have surely run out.
     pub started: Instant,
+    /// No earlier process ever ran under this server's name (see [`Node::declare_no_predecessor`]).
+    no_predecessor: AtomicBool,
+    /// Names this process in the lease tokens it hands out (random per start).
+    boot: u64,
     /// What the row caches of this server's shards may hold together.
     row_budget: Arc<crate::rowcache::Budget>,
 }
@@ -116,7 +122,22 @@ impl Node {
             shards: RwLock::new(HashMap::new()),
             creating: tokio::sync::Mutex::new(()),
             started: Instant::now(),
+            no_predecessor: AtomicBool::new(false),
+            boot: boot_id(),
         })
+    }
+
+    /// Declares that no earlier process ever ran under this server's name in its database, so no
+    /// read lease can have been granted in its name before this process started, and the wait for
+    /// a predecessor's leases is skipped (the argument is in `replication::lease`). Only whoever
+    /// starts the process can know this: the local mode says so (`--no-predecessor`) for the
+    /// servers of a cluster it has just created, on their first start only.
+    pub fn declare_no_predecessor(&self) {
+        self.no_predecessor.store(true, Ordering::Release);
+    }
+
+    pub fn has_no_predecessor(&self) -> bool {
+        self.no_predecessor.load(Ordering::Acquire)
     }
 
     pub fn name(&self) -> &str {
@@ -126,6 +147,18 @@ impl Node {
     /// The check of callers of the internal endpoints.
     pub fn gate(&self) -> &Gate {
         &self.gate
+    }
+
+    /// This moment of this process's clock, for the operator to grant a primary lease from.
+    pub fn lease_token(&self) -> LeaseToken {
+        LeaseToken { boot: self.boot, at_us: u64::try_from(self.started.elapsed().as_micros()).unwrap_or(u64::MAX) }
+    }
+
+    /// The moment a token of this process names; `None` for another process's token (a server
+    /// restarted since the operator probed it) or one from the future.
+    pub fn token_instant(&self, token: LeaseToken) -> Option<Instant> {
+        let at = self.started.checked_add(Duration::from_micros(token.at_us))?;
+        (token.boot == self.boot && at <= Instant::now()).then_some(at)
     }
 
     pub fn topology(&self) -> Option<Arc<Topology>> {
@@ -207,10 +240,17 @@ impl Node {
         // An answer arriving after the lease it would grant has run out grants nothing.
         match tokio::time::timeout(self.config.lease, self.peer(url).lease(&req)).await {
             Ok(Ok(r)) => {
-                let shards = self.shards.read().expect("lock");
-                for id in r.granted {
-                    if let Some(s) = shards.get(&id) {
-                        s.extend_lease(primary, asked + self.config.lease);
+                let granted: Vec<Arc<Shard>> = {
+                    let shards = self.shards.read().expect("lock");
+                    r.granted.iter().filter_map(|id| shards.get(id).cloned()).collect()
+                };
+                for s in granted {
+                    // Never longer than the primary's own lease (see `replication::lease`).
+                    let valid = r.valid_ms.get(s.id()).map_or(self.config.lease, |ms| Duration::from_millis(*ms));
+                    s.extend_lease(primary, asked + valid.min(self.config.lease));
+                    // What the primary confirmed, for readers waiting on pending entries here.
+                    if let Some(c) = r.confirmed.get(s.id()) {
+                        s.confirm_from_primary(self, c.clone()).await;
                     }
                 }
             }
@@ -265,14 +305,14 @@ impl Node {
             return Ok(Arc::clone(s));
         }
         let table = ShardTable::new(id, schema);
-        let (applied, copy_id) = self.db.ensure_shard(&table, standalone).await.map_err(|e| match e {
+        let (applied, copy_id, hash) = self.db.ensure_shard(&table, standalone).await.map_err(|e| match e {
             crate::db::DbError::SchemaMismatch { shard, .. } => ApiError::Conflict {
                 message: format!("shard {shard} already exists with another schema"),
                 keys: vec![],
             },
             other => ApiError::Db(other),
         })?;
-        let shard = Shard::spawn(table, applied, copy_id, standalone, Arc::clone(&self.row_budget));
+        let shard = Shard::spawn(table, applied, hash.as_deref(), copy_id, standalone, Arc::clone(&self.row_budget));
         shard.load_rows(&self.db).await;
         self.shards.write().expect("lock").insert(id.to_owned(), Arc::clone(&shard));
         tracing::info!(shard = id, applied, standalone, "shard opened");
@@ -298,7 +338,8 @@ impl Node {
             let shard = self.open_shard(id, schema, false).await?;
             let stale_copy = entry.copies.get(self.name()).is_some_and(|recorded| *recorded != shard.copy_id());
             let role = if entry.primary == self.name() {
-                ShardRole::Primary { epoch: t.epoch, entry: entry.clone(), stale_copy }
+                let leased = shard.holds_primary_lease();
+                ShardRole::Primary { epoch: t.epoch, entry: entry.clone(), stale_copy, leased }
             } else {
                 ShardRole::Replica {
                     epoch: t.epoch,
@@ -323,4 +364,14 @@ impl Node {
     pub async fn schema_of(&self, id: &str) -> Result<Schema, ApiError> {
         Ok(self.shard(id).await?.0.table.schema.clone())
     }
+}
+
+/// A number telling this process from every other start of it: the clock's nanoseconds and the
+/// pid, mixed.
+fn boot_id() -> u64 {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    let mut z = nanos ^ (u64::from(std::process::id()) << 32);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }

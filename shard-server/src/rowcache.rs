@@ -1,14 +1,13 @@
 //! A shard copy's rows in memory, so reads and a primary's decisions need no Postgres round trip.
 //! Pure (no I/O): [`crate::replication`] fills and updates it.
 //!
-//! **Coherence.** The cache is all or nothing: it holds every row of the table (so a key missing
-//! from it is absent from the table too) or it is off and everything goes to Postgres. Only the
-//! code that changes the table changes the cache, right after its Postgres commit and under the
-//! shard's `applied` lock, the same lock every table change takes: applying an entry (primary or
-//! replica) updates it with the entry's final row states; installing a snapshot turns it off
-//! first and loads it again from the table after. So the cache always equals the table at the
-//! shard's applied sequence number. A reader may see it just before or just after a commit,
-//! which is fine: nothing is acknowledged before the commit *and* the cache update.
+//! **Coherence.** The cache is all or nothing: it holds every row of the table as of one sequence
+//! number (so a key missing from it is absent there too) or it is off and everything goes to
+//! Postgres. That number is the copy's *visible* one (see `replication::visibility`): entries
+//! applied to the table after it are pending, kept beside the cache until confirmed, and a
+//! confirmation applies them to the cache in order. A snapshot install or a reload turns it off and
+//! loads it again from the table, together with the visibility bookkeeping. A reader may see it
+//! just before or just after a confirmation, which is fine: both states are confirmed.
 //!
 //! **Memory.** Rows count against one budget per server, in rows (`--cache-rows`) and in bytes
 //! (`--cache-bytes`, as [`row_bytes`] estimates them), so a few large rows cannot take the memory
@@ -123,7 +122,7 @@ impl RowCache {
     }
 
     /// Replaces the contents with `rows` (every row of the table) if they fit the budget, else
-    /// turns the cache off. The caller holds the shard's `applied` lock.
+    /// turns the cache off. The caller holds the shard's `applied` lock and its visibility lock.
     pub fn load(&self, schema: &Schema, rows: Vec<Row>) {
         self.turn_off();
         let bytes = rows.iter().map(row_bytes).sum();
@@ -141,8 +140,8 @@ impl RowCache {
         }
     }
 
-    /// Applies an entry's final row states, after they committed. The caller holds the shard's
-    /// `applied` lock.
+    /// Applies an entry's final row states, once confirmed (see `replication::visibility`, whose
+    /// lock the caller holds).
     pub fn apply(&self, changes: &[Change]) {
         let mut guard = self.rows.write().expect("lock");
         let Some(held) = guard.as_mut() else { return };

@@ -3,6 +3,14 @@
 //!
 //! Contract: `version` names the document format; `epoch` increases on every change and fences
 //! deposed primaries. Readers ignore a document whose epoch is not newer than the one they hold.
+//!
+//! Versions (see [`crate::api`], versions, for the rules of the whole contract): routers and
+//! servers of release N−1 read what an operator of release N writes, and the reverse. A field
+//! added to the document is optional with a default meaning what the previous release did, and
+//! readers ignore fields they do not know, so `version` stays 1 through such changes. It moves
+//! only for a change an older reader must not follow (it then keeps the document it has, and
+//! says why); an operator writes such a document only once no reader of the previous version
+//! is left.
 
 use crate::schema::{Schema, SchemaError, SchemaSpec, check_ident};
 use serde::{Deserialize, Serialize};
@@ -245,6 +253,16 @@ pub(crate) mod tests {
         t.unrouted_keys = UnroutedKeys::Skip;
         assert!(t.to_json_pretty().contains(r#""unrouted_keys": "skip""#));
         assert_eq!(Topology::parse(t.to_json_pretty().as_bytes()).unwrap(), t);
+    }
+
+    #[test]
+    fn a_newer_operators_additions_are_ignored() {
+        let mut doc: serde_json::Value = serde_json::from_str(&sample().to_json_pretty()).unwrap();
+        doc["rollout"] = serde_json::json!({"server": "Server1"});
+        doc["servers"]["Server0"]["zone"] = "a".into();
+        doc["shards"][0]["weight"] = 2.into();
+        let t = Topology::parse(doc.to_string().as_bytes()).unwrap();
+        assert_eq!(t, sample(), "the same document to this build");
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! Where a process gets its topology from, and how it follows changes. The file source (local mode)
 //! watches the file's directory and re-reads on change, with a slow poll as a safety net; the
 //! ConfigMap source (Kubernetes) watches one ConfigMap through the API, since a mounted ConfigMap
-//! lags by up to a minute. Does I/O.
+//! lags by up to a minute; the URL source (local mode with every process in a network namespace of
+//! its own) long-polls the operator's `GET /topology?after=EPOCH`, so that a process cut off from
+//! the operator stops learning changes, as it would in a cluster. Does I/O.
 //!
 //! Readers see the document through a `watch` channel: swapping is atomic, a document that fails to
 //! parse is logged and ignored, and a document whose epoch is not newer than the current one is
@@ -103,6 +105,51 @@ fn reload(path: &Path, tx: &watch::Sender<Option<Arc<Topology>>>) {
         Ok(t) => offer(tx, t),
         Err(e) => tracing::warn!(path = %path.display(), error = %e, "ignoring invalid topology"),
     }
+}
+
+/// How long the URL source waits for one answer: the server holds a poll for about 10 s.
+pub const URL_POLL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Pause after a failed poll before the next.
+const URL_RETRY: Duration = Duration::from_millis(250);
+
+/// Follows the document served at `url` (`GET url?after=EPOCH`: the document once one newer than
+/// `EPOCH` exists, or 204 after a while), asking with `http` (which presents this process's
+/// credentials: the endpoint answers the database's components alone, and should time out after
+/// [`URL_POLL_TIMEOUT`]). Until the first answer there is no topology.
+pub fn watch_url(url: String, http: reqwest::Client) -> TopologyRx {
+    let (tx, rx) = watch::channel::<Option<Arc<Topology>>>(None);
+    tokio::spawn(async move {
+        loop {
+            let after = tx.borrow().as_ref().map(|t| t.epoch);
+            let req = match after {
+                Some(epoch) => http.get(format!("{url}?after={epoch}")),
+                None => http.get(&url),
+            };
+            let outcome = async {
+                let resp = req.send().await?.error_for_status()?;
+                if resp.status() == reqwest::StatusCode::NO_CONTENT {
+                    return Ok(None);
+                }
+                resp.bytes().await.map(Some)
+            }
+            .await;
+            match outcome {
+                Ok(Some(body)) => match Topology::parse(&body) {
+                    Ok(t) => offer(&tx, t),
+                    Err(e) => {
+                        tracing::warn!(%url, error = %e, "ignoring invalid topology");
+                        tokio::time::sleep(URL_RETRY).await;
+                    }
+                },
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::debug!(%url, error = %e, "topology poll failed; retrying");
+                    tokio::time::sleep(URL_RETRY).await;
+                }
+            }
+        }
+    });
+    rx
 }
 
 /// The ConfigMap key holding the document (the operator writes it).
@@ -214,6 +261,48 @@ mod tests {
         .await
         .unwrap();
         assert_eq!(rx.borrow().as_ref().unwrap().epoch, 4);
+    }
+
+    /// A tiny stand-in for the operator's endpoint: serves `doc` once its epoch is past `after`,
+    /// else answers 204 at once.
+    async fn serve_topology(doc: Arc<std::sync::Mutex<Topology>>) -> String {
+        use axum::extract::{Query, State};
+        use axum::response::IntoResponse;
+        #[derive(serde::Deserialize)]
+        struct Q {
+            after: Option<u64>,
+        }
+        async fn get(
+            State(doc): State<Arc<std::sync::Mutex<Topology>>>,
+            Query(q): Query<Q>,
+        ) -> axum::response::Response {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let t = doc.lock().unwrap().clone();
+            if q.after.is_some_and(|a| t.epoch <= a) {
+                return axum::http::StatusCode::NO_CONTENT.into_response();
+            }
+            t.to_json_pretty().into_response()
+        }
+        let app = axum::Router::new().route("/topology", axum::routing::get(get)).with_state(doc);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/topology", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        url
+    }
+
+    #[tokio::test]
+    async fn follows_a_url() {
+        crate::api::install_crypto_provider();
+        let doc = Arc::new(std::sync::Mutex::new(sample()));
+        let url = serve_topology(doc.clone()).await;
+        let mut rx = watch_url(url, crate::api::http_client(URL_POLL_TIMEOUT));
+        tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|t| t.is_some())).await.unwrap().unwrap();
+        assert_eq!(rx.borrow().as_ref().unwrap().epoch, 3);
+        doc.lock().unwrap().epoch = 9;
+        tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|t| t.as_ref().is_some_and(|t| t.epoch == 9)))
+            .await
+            .unwrap()
+            .unwrap();
     }
 
     #[test]

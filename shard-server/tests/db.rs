@@ -15,6 +15,7 @@ fn entry(seq: u64, changes: Vec<(i64, Option<&str>)>) -> Entry {
         seq,
         epoch: 7,
         changes: changes.into_iter().map(|(key, name)| Change { key, row: name.map(|n| row(key, n)) }).collect(),
+        hash: None,
     }
 }
 

@@ -7,8 +7,8 @@ mod common;
 use common::Cluster;
 use futures::StreamExt;
 use shard_server::api::{
-    BatchOutcome, Change, Entry, ErrorCode, Op, ReplicateRequest, SnapshotEnd, SnapshotHeader, WriteBatchesRequest,
-    WriteRequest,
+    BatchOutcome, Change, Confirmed, Entry, ErrorCode, Op, ReplicateRequest, SnapshotEnd, SnapshotHeader,
+    WriteBatchesRequest, WriteRequest,
 };
 use shard_server::node::NodeConfig;
 use shard_server::schema::{Row, Value};
@@ -186,8 +186,9 @@ async fn epochs_fence_stale_senders() {
     let stale = ReplicateRequest {
         epoch: 1,
         primary: "Server0".into(),
-        entries: vec![Entry { seq: 1, epoch: 1, changes: vec![Change { key: 1, row: Some(row(1, "x")) }] }],
+        entries: vec![Entry { seq: 1, epoch: 1, changes: vec![Change { key: 1, row: Some(row(1, "x")) }], hash: None }],
         prev_epoch: None,
+        confirmed: None,
     };
     let e = c.client(1).replicate("sh1", &stale).await.unwrap_err();
     assert_eq!(e.code(), Some(ErrorCode::StaleEpoch));
@@ -200,8 +201,14 @@ async fn epochs_fence_stale_senders() {
 #[tokio::test]
 async fn replicas_refuse_gaps_and_skip_replays() {
     let c = Cluster::start(2, &[("sh1", 0, 1000, 0, &[0, 1])]).await;
-    let entry = |seq: u64, k: i64| Entry { seq, epoch: 1, changes: vec![Change { key: k, row: Some(row(k, "r")) }] };
-    let req = |entries| ReplicateRequest { epoch: 1, primary: "Server0".into(), entries, prev_epoch: None };
+    let entry = |seq: u64, k: i64| Entry {
+        seq,
+        epoch: 1,
+        changes: vec![Change { key: k, row: Some(row(k, "r")) }],
+        hash: None,
+    };
+    let req =
+        |entries| ReplicateRequest { epoch: 1, primary: "Server0".into(), entries, prev_epoch: None, confirmed: None };
     let e = c.client(1).replicate("sh1", &req(vec![entry(2, 2)])).await.unwrap_err();
     assert_eq!(e.code(), Some(ErrorCode::SeqGap));
     assert_eq!(e.body().unwrap().applied, Some(0));
@@ -214,7 +221,8 @@ async fn replicas_refuse_gaps_and_skip_replays() {
     let st = c.client(1).status(true).await.unwrap();
     assert_eq!((st.shards["sh1"].applied_seq, st.shards["sh1"].rows), (3, 3));
     // A malformed row is refused, not half-applied.
-    let bad = Entry { seq: 4, epoch: 1, changes: vec![Change { key: 9, row: Some(Row(vec![Value::Int(9)])) }] };
+    let bad =
+        Entry { seq: 4, epoch: 1, changes: vec![Change { key: 9, row: Some(Row(vec![Value::Int(9)])) }], hash: None };
     let e = c.client(1).replicate("sh1", &req(vec![bad])).await.unwrap_err();
     assert_eq!(e.code(), Some(ErrorCode::BadRequest));
     assert_eq!(c.client(1).status(false).await.unwrap().shards["sh1"].applied_seq, 3);
@@ -229,8 +237,15 @@ async fn a_replica_holding_an_entry_its_primary_lacks_gives_up_its_copy() {
         seq,
         epoch,
         changes: vec![Change { key: k, row: Some(row(k, name)) }],
+        hash: None,
     };
-    let req = |entries, prev_epoch| ReplicateRequest { epoch: 1, primary: "Server0".into(), entries, prev_epoch };
+    let req = |entries, prev_epoch| ReplicateRequest {
+        epoch: 1,
+        primary: "Server0".into(),
+        entries,
+        prev_epoch,
+        confirmed: None,
+    };
     let all = shard_server::api::KeyRange { low: 0, high: 999 };
     for i in [1, 2] {
         c.client(i).replicate("sh1", &req(vec![entry(1, 1, 1, "a")], None)).await.unwrap();
@@ -240,6 +255,9 @@ async fn a_replica_holding_an_entry_its_primary_lacks_gives_up_its_copy() {
     assert_eq!(c.client(2).replicate("sh1", &req(vec![entry(2, 2, 2, "new")], Some(1))).await.unwrap().applied, 2);
     // Replays with the same epochs are fine.
     assert_eq!(c.client(2).replicate("sh1", &req(vec![entry(2, 2, 2, "new")], Some(1))).await.unwrap().applied, 2);
+    // Once the sender confirms its entry 2 (the old one, to replica 1), replica 1 shows it.
+    let confirm = ReplicateRequest { confirmed: Some(Confirmed { seq: 2, epoch: 1, hash: None }), ..req(vec![], None) };
+    c.client(1).replicate("sh1", &confirm).await.unwrap();
     assert!(c.client(1).read("sh1", "Stud_id", all).await.unwrap().get().contains("old"));
     let before = c.client(1).status(false).await.unwrap().shards["sh1"].copy_id.clone();
 
@@ -270,8 +288,15 @@ async fn a_replica_appends_entries_that_continue_its_own() {
         seq,
         epoch,
         changes: vec![Change { key: seq as i64, row: Some(row(seq as i64, "r")) }],
+        hash: None,
     };
-    let req = |entries, prev_epoch| ReplicateRequest { epoch: 1, primary: "Server0".into(), entries, prev_epoch };
+    let req = |entries, prev_epoch| ReplicateRequest {
+        epoch: 1,
+        primary: "Server0".into(),
+        entries,
+        prev_epoch,
+        confirmed: None,
+    };
     assert_eq!(c.client(1).replicate("sh1", &req(vec![entry(1, 1)], None)).await.unwrap().applied, 1);
     // A new primary's first entry after an old primary's: same seq chain, matching prev epoch.
     assert_eq!(c.client(1).replicate("sh1", &req(vec![entry(2, 3)], Some(1))).await.unwrap().applied, 2);
@@ -328,7 +353,8 @@ async fn snapshots_stream_a_consistent_copy() {
     assert_eq!((header.shard.as_str(), header.seq), ("sh1", 10));
     let all: Vec<&str> = lines.collect();
     let end: SnapshotEnd = serde_json::from_str(all.last().unwrap()).unwrap();
-    assert_eq!(end, SnapshotEnd { end: true, rows: 20_000 });
+    assert_eq!((end.end, end.rows), (true, 20_000));
+    assert!(end.digest.is_some(), "{end:?}");
     let rows: Vec<Row> = all[..all.len() - 1].iter().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(rows.len(), 20_000);
     assert_eq!(rows[0], row(0, "n"));
@@ -408,6 +434,8 @@ async fn a_copy_that_lost_its_data_reports_a_new_identity() {
     c.kill(1).await;
     c.restart(1).await;
     assert_eq!(c.client(1).status(false).await.unwrap().shards["sh1"].copy_id, before);
+    // The primary is down too, so the empty copy cannot catch up from its log meanwhile.
+    c.kill(0).await;
     c.kill(1).await;
     c.restart_with_empty_database(1, 1).await;
     let after = c.client(1).status(false).await.unwrap().shards["sh1"].clone();
@@ -728,7 +756,8 @@ async fn a_commit_whose_answer_was_lost_is_read_back_from_the_table() {
     let db = shard_server::db::Db::connect(&c.servers[0].db_url, 1).await.unwrap();
     let schema = shard_server::schema::Schema::try_from(common::students()).unwrap();
     let table = shard_server::db::ShardTable::new("sh1", schema);
-    let lost = Entry { seq: 2, epoch: 1, changes: vec![Change { key: 100, row: Some(row(100, "lost answer")) }] };
+    let lost =
+        Entry { seq: 2, epoch: 1, changes: vec![Change { key: 100, row: Some(row(100, "lost answer")) }], hash: None };
     db.apply(&table, &lost).await.unwrap();
     // The primary's next commit fails (the table is past what it knows); the writer then commits
     // the group's batches one by one, taking the table's state back first: the write lands after

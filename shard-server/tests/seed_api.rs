@@ -24,6 +24,11 @@ async fn standalone_server_speaks_the_seed_api() {
 
     let (st, _) = c.send(Method::GET, 0, "/heartbeat", "").await;
     assert_eq!(st, 200);
+    // Every answer says the server's protocol version, and /status does too.
+    use shard_server::api::{PROTOCOL_HEADER, PROTOCOL_VERSION};
+    let answer = c.http.get(c.url(0, "/heartbeat")).send().await.unwrap();
+    assert_eq!(answer.headers()[PROTOCOL_HEADER], PROTOCOL_VERSION.to_string().as_str());
+    assert_eq!(c.client(0).status(false).await.unwrap().protocol, PROTOCOL_VERSION);
 
     let (st, body) = c
         .send(

@@ -134,6 +134,11 @@ async fn an_idle_keep_alive_connection_is_closed_at_the_idle_timeout() {
 #[tokio::test]
 async fn past_the_connection_cap_a_client_waits_until_a_connection_ends() {
     let c = Cluster::start_with_serve_limits(1, &[SH1], limits()).await;
+    // The harness's lease granter keeps a pooled connection: stop it and let the idle timeout (1 s)
+    // close that connection, so the four below are the only ones (each waits for its TLS
+    // handshake, so one left over would hold the fourth back until the first three time out).
+    c.granting.store(false, std::sync::atomic::Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     // Four connections (the cap) each in the middle of a request whose body never comes: they are
     // busy, so only the body timeout (2 s) ends them.
     let mut held = Vec::new();

@@ -14,11 +14,27 @@ use shard_server::tls::{Credentials, DatabaseId, Identity, TlsFiles, TlsSource};
 /// The benchmark program's library (its binary is `src/bin/bench.rs`).
 pub mod bench;
 
-/// The fault-injection suite's recording load generator and its checker.
+/// What the local-mode suites check and wait for: topology, events, readiness, the checker.
+pub mod checks;
+
+/// The fault-injection suites' fixtures: process faults, waits on events, the report and the
+/// windows of unavailability per fault.
+pub mod fault;
+
+/// The fault-injection suite's recording load generator and its checkers.
 pub mod load;
+
+/// Network namespaces of a test run and the links cut between them.
+pub mod partition;
+
+/// The previous release's binaries, built from the git history, for the upgrade test.
+pub mod previous;
 
 /// Keeps nextest's retries of the fault-injection tests from hiding a safety finding.
 pub mod safety;
+
+/// The linearizability checker for one register that [`load::History::linearizability`] runs per key.
+pub mod linearizable;
 
 /// `cluster.json`, as the local mode writes it.
 #[derive(Clone, Debug, Deserialize)]
@@ -27,11 +43,16 @@ pub struct ClusterFile {
     pub topology: PathBuf,
     pub servers: Vec<ServerProcess>,
     pub control_url: String,
+    /// Absent in a cluster of a release from before internal authentication.
+    #[serde(default)]
     pub internal: Internal,
+    /// The switch, when every process runs in a network namespace of its own.
+    #[serde(default)]
+    pub network: Option<NetworkInfo>,
 }
 
 /// How the cluster's processes authenticate each other (`cluster.json`'s `internal`).
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize)]
 pub struct Internal {
     pub tls: bool,
     pub ca: Option<PathBuf>,
@@ -55,6 +76,15 @@ impl ClusterFile {
             (None, None) => bail!("cluster.json names no credentials"),
         }
     }
+
+    /// A client presenting the operator's credentials, or a plain one when the cluster names
+    /// none (a release from before internal authentication).
+    pub fn operator_http(&self, timeout: Duration) -> Result<reqwest::Client> {
+        if self.internal.operator_tls_dir.is_none() && self.internal.token_file.is_none() {
+            return Ok(shard_server::api::http_client(timeout));
+        }
+        Ok(self.operator_credentials()?.http_client(timeout))
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -62,6 +92,8 @@ pub struct Process {
     pub url: String,
     /// `None` while the process is down (between a crash and its restart).
     pub pid: Option<u32>,
+    #[serde(default)]
+    pub netns: Option<String>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -71,6 +103,18 @@ pub struct ServerProcess {
     /// `None` while the process is down (between a crash and its restart).
     pub pid: Option<u32>,
     pub postgres: PostgresProcess,
+    #[serde(default)]
+    pub netns: Option<String>,
+}
+
+/// The local mode's switch (`--netns`): where links are cut.
+#[derive(Clone, Debug, Deserialize)]
+pub struct NetworkInfo {
+    pub id: String,
+    pub subnet: String,
+    /// The operator's (and this test process's) address on the switch.
+    pub gateway: std::net::Ipv4Addr,
+    pub switch_namespace: String,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -111,6 +155,26 @@ pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
 }
 
+/// Which programs a local cluster runs, and the router's port.
+#[derive(Clone, Debug)]
+pub struct Launch {
+    /// The `sharddb-operator` binary.
+    pub operator: PathBuf,
+    /// Where it finds `sharddb-router` and `sharddb-shard-server` (`--bin-dir`).
+    pub bin_dir: PathBuf,
+    /// The router's port; 0 picks a free one.
+    pub port: u16,
+    /// Flags given to `sharddb-operator local` beyond the spec, data directory and ports.
+    pub args: Vec<String>,
+}
+
+impl Default for Launch {
+    /// This workspace's binaries, any free port.
+    fn default() -> Self {
+        Launch { operator: bin_dir().join("sharddb-operator"), bin_dir: bin_dir(), port: 0, args: Vec::new() }
+    }
+}
+
 /// A running local cluster; stopped (SIGTERM, then SIGKILL) on drop.
 pub struct LocalCluster {
     child: Child,
@@ -120,12 +184,20 @@ pub struct LocalCluster {
     pub http: reqwest::Client,
     /// Flags given to `sharddb-operator local` beyond the spec, data directory and ports.
     args: Vec<String>,
+    /// With `--netns`: deletes what the run left of its namespaces, after the stop above.
+    namespaces: Option<partition::Namespaces>,
 }
 
 impl LocalCluster {
     /// Starts `sharddb-operator local` on a spec file, with the router on a free port.
     pub fn start(spec: &Path) -> Result<LocalCluster> {
         LocalCluster::launch(Some(spec))
+    }
+
+    /// Starts `sharddb-operator local` on a spec file with extra flags.
+    pub fn start_with<S: AsRef<str>>(spec: &Path, args: &[S]) -> Result<LocalCluster> {
+        let args = args.iter().map(|a| a.as_ref().to_owned()).collect();
+        LocalCluster::start_as(Some(spec), &Launch { args, ..Launch::default() })
     }
 
     /// Starts `sharddb-operator local` with no spec: only the router, waiting for `POST /init`.
@@ -135,41 +207,70 @@ impl LocalCluster {
 
     /// Starts `sharddb-operator local` with no spec and extra flags (e.g. `--admin-token`).
     pub fn empty_with(args: &[&str]) -> Result<LocalCluster> {
-        LocalCluster::launch_with(None, args)
+        let args = args.iter().map(|a| (*a).to_owned()).collect();
+        LocalCluster::start_as(None, &Launch { args, ..Launch::default() })
     }
 
-    /// Starts `sharddb-operator local` on a spec file with extra flags (e.g. `--internal-tls=false`).
-    pub fn start_with(spec: &Path, args: &[&str]) -> Result<LocalCluster> {
-        LocalCluster::launch_with(Some(spec), args)
+    /// Starts `sharddb-operator local --netns` on a spec file: the router and every server in a
+    /// network namespace of its own, named uniquely for this run (see [`partition`]).
+    pub fn start_in_namespaces(spec: &Path) -> Result<LocalCluster> {
+        let namespaces = partition::Namespaces::new()?;
+        let id = namespaces.id().to_owned();
+        let c = LocalCluster::launch_with(Some(spec), &Launch::default(), Some(namespaces))?;
+        let network = c.cluster_file()?.network;
+        ensure!(network.as_ref().is_some_and(|n| n.id == id), "cluster.json describes no network {id}: {network:?}");
+        Ok(c)
     }
 
     fn launch(spec: Option<&Path>) -> Result<LocalCluster> {
-        LocalCluster::launch_with(spec, &[])
+        LocalCluster::start_as(spec, &Launch::default())
     }
 
-    fn launch_with(spec: Option<&Path>, args: &[&str]) -> Result<LocalCluster> {
+    /// Starts `launch.operator local` on a spec file (or none), with `launch`'s binaries and port.
+    pub fn start_as(spec: Option<&Path>, launch: &Launch) -> Result<LocalCluster> {
+        LocalCluster::launch_with(spec, launch, None)
+    }
+
+    fn launch_with(
+        spec: Option<&Path>,
+        launch: &Launch,
+        namespaces: Option<partition::Namespaces>,
+    ) -> Result<LocalCluster> {
         safety::no_earlier_violation()?;
         install_crypto_provider();
         // SHARDDB_KEEP_TEST_DIRS=1 keeps every cluster's directory (data, logs, events) to read
         // after a failure.
         let keep = std::env::var_os("SHARDDB_KEEP_TEST_DIRS").is_some();
         let dir = tempfile::Builder::new().prefix("sharddb-e2e-").disable_cleanup(keep).tempdir()?;
-        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-        let (child, router) = spawn_operator(dir.path(), spec, &args)?;
-        let mut cluster =
-            LocalCluster { child, dir, router, http: shard_server::api::http_client(Duration::from_secs(30)), args };
-        cluster.http = cluster.cluster_file()?.operator_credentials()?.http_client(Duration::from_secs(30));
+        let netns = namespaces.as_ref().map(|n| n.id().to_owned());
+        let (child, router) = spawn_operator(dir.path(), spec, launch, netns.as_deref())?;
+        let http = shard_server::api::http_client(Duration::from_secs(30));
+        let mut cluster = LocalCluster { child, dir, router, http, args: launch.args.clone(), namespaces };
+        cluster.http = cluster.cluster_file()?.operator_http(Duration::from_secs(30))?;
         Ok(cluster)
+    }
+
+    /// The switch of a cluster started in namespaces, for cutting links.
+    pub fn switch(&self) -> Result<partition::Switch> {
+        partition::Switch::of(&self.cluster_file()?)
     }
 
     /// Stops the local mode (SIGTERM) and starts it again on the same data directory with no spec
     /// file, so it resumes from what it left there (`declared.json`, `topology.json`, the data).
     /// The router gets a new port.
     pub fn restart(&mut self) -> Result<()> {
+        self.restart_as(&Launch { args: self.args.clone(), ..Launch::default() })
+    }
+
+    /// [`LocalCluster::restart`] with `launch`'s binaries and port (e.g. another release's
+    /// operator, on the port the router had).
+    pub fn restart_as(&mut self, launch: &Launch) -> Result<()> {
         ensure!(self.stop()?, "the local mode did not exit cleanly");
-        let (child, router) = spawn_operator(self.dir.path(), None, &self.args)?;
+        let netns = self.namespaces.as_ref().map(|n| n.id().to_owned());
+        let (child, router) = spawn_operator(self.dir.path(), None, launch, netns.as_deref())?;
         self.child = child;
         self.router = router;
+        self.http = self.cluster_file()?.operator_http(Duration::from_secs(30))?;
         Ok(())
     }
 
@@ -236,24 +337,25 @@ impl Drop for LocalCluster {
     }
 }
 
-/// Starts `sharddb-operator local` on `dir` and waits for its router URL line.
-fn spawn_operator(dir: &Path, spec: Option<&Path>, args: &[String]) -> Result<(Child, String)> {
-    let bin = bin_dir();
-    let operator = bin.join("sharddb-operator");
+/// Starts `launch.operator local` on `dir` (with `--netns ID` when given) and waits for its
+/// router URL line.
+fn spawn_operator(dir: &Path, spec: Option<&Path>, launch: &Launch, netns: Option<&str>) -> Result<(Child, String)> {
+    let operator = &launch.operator;
     if !operator.exists() {
         bail!("{} is missing: run `cargo build --workspace --bins` first", operator.display());
     }
     let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("operator.log"))?;
-    let mut child = Command::new(&operator)
+    let mut child = Command::new(operator)
         .arg("local")
         .args(spec)
         .arg("--data-dir")
         .arg(dir)
         .arg("--port")
-        .arg("0")
+        .arg(launch.port.to_string())
         .arg("--bin-dir")
-        .arg(&bin)
-        .args(args)
+        .arg(&launch.bin_dir)
+        .args(&launch.args)
+        .args(netns.map(|id| format!("--netns={id}")))
         .stdout(Stdio::piped())
         .stderr(Stdio::from(log))
         .spawn()

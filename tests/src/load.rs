@@ -1,29 +1,32 @@
-//! A recording load generator and the checker of what it recorded, for the fault-injection suite.
+//! A recording load generator and the checkers of what it recorded, for the fault-injection suite.
 //!
 //! Writers each own a disjoint set of keys and insert, update and delete them, one operation at a
 //! time; readers (separate clients, on their own connections) read single keys and small ranges
 //! of every writer's keys. Every operation is recorded with its start and end (microseconds on
 //! one monotonic clock shared by all tasks of the test process) and its outcome.
 //!
-//! Because each key has exactly one writer issuing one operation at a time, the writes of a key
-//! are totally ordered, and every value written is unique (`Stud_marks` encodes writer and
-//! version). That makes the read check exact rather than heuristic: a read that started after
-//! write `L` of its key was acknowledged must return the state left by `L` or by a later write of
-//! that key which had started before the read ended (see [`History::check_reads`]).
-//!
 //! Writers retry an operation after a 5xx or transport error (every operation here is safe to
 //! retry) until it gets a definite answer or [`LoadConfig::op_deadline`] passes; the recorded
 //! interval spans every attempt. An operation given up on is *unknown*: it may take effect at any
-//! later time, so its writer never touches that key again, and the checker accepts either state.
+//! later time, so its writer never touches that key again, and the checkers accept either state.
 //!
-//! [`History::non_monotonic_reads`] looks for a stronger anomaly, a read returning an older write
-//! than a read that ended before it started. The system does not promise its absence: a primary
-//! serves reads of an entry it committed before its replicas confirmed it, so a write that then
-//! fails (and is lost with its primary) can be seen by one reader and not by the next. The suite
-//! prints how many it saw rather than asserting none.
+//! The checkers, each asserted by the suite:
+//! - [`History::linearizability`]: each key's history, as a register (reads of a range count as
+//!   one read of each key in it), is linearizable, decided by the search of [`crate::linearizable`].
+//!   This is the claim the database makes for single-key operations; the checks below are weaker
+//!   and stay because their messages name a violation more plainly.
+//! - [`History::check_reads`]: no read returned a state older than the last write of its key
+//!   acknowledged before it started, nor a value never written. Because each key has exactly one
+//!   writer issuing one operation at a time, the writes of a key are totally ordered, and every
+//!   value written is unique (`Stud_marks` encodes writer and version), so this check is exact.
+//! - [`History::non_monotonic_reads`]: no read returned an older write than a read that ended
+//!   before it started (a value seen by one client and then not by the next, as a read of a
+//!   primary's unconfirmed state would show).
+//! - [`History::rejected_writes`]: no write was refused in a way that contradicts the history.
 //!
 //! Pure bookkeeping apart from the HTTP calls in [`Load`].
 
+use crate::linearizable::{self, Action, Operation, Verdict};
 use anyhow::{Context, Result};
 use reqwest::Method;
 use serde_json::{Value, json};
@@ -213,6 +216,7 @@ impl History {
     /// [`History::check_reads`]: it also catches a write seen before it was acknowledged and then
     /// not seen again (a value read from a primary before its replicas confirmed it). Only reads
     /// that returned a row are compared: a value names exactly one write, an absence does not.
+    /// [`History::linearizability`] catches these too; this names them more plainly.
     pub fn non_monotonic_reads(&self) -> Vec<String> {
         let by_key = self.writes_by_key();
         let mut seen: BTreeMap<i64, Vec<(Micros, Micros, usize)>> = BTreeMap::new();
@@ -240,6 +244,187 @@ impl History {
             }
         }
         violations
+    }
+}
+
+/// Configurations the linearizability search may explore per key before it gives up (undecided,
+/// which fails the check). The bound of [`crate::linearizable`] for a key with `n` operations and
+/// the suite's three readers is `n · 32 · 6`: this covers about 50,000 operations on one key,
+/// far more than a run makes, and caps the memory of one search at about 100 MiB.
+pub const CONFIGURATIONS_PER_KEY: usize = 2_000_000;
+
+/// What [`History::linearizability`] found.
+#[derive(Clone, Debug, Default)]
+pub struct Linearizability {
+    pub keys: usize,
+    pub operations: usize,
+    /// Configurations explored, over all keys and at most for one key.
+    pub explored: usize,
+    pub explored_max: usize,
+    /// The most operations of one key overlapping at one instant (`c` of the cost bound).
+    pub overlap_max: usize,
+    /// One description per key whose history is not linearizable, or could not be decided.
+    pub violations: Vec<String>,
+    /// Each violation's key and when the operation that could not take effect was called (for an
+    /// undecided key, its first operation): which fault it happened under.
+    pub violated_at: Vec<(i64, Micros)>,
+    pub elapsed: Duration,
+}
+
+impl std::fmt::Display for Linearizability {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} keys, {} operations: {} configurations explored (at most {} for one key; at most {} operations \
+             of one key overlapping) in {} ms; {}",
+            self.keys,
+            self.operations,
+            self.explored,
+            self.explored_max,
+            self.overlap_max,
+            self.elapsed.as_millis(),
+            if self.violations.is_empty() {
+                "linearizable".to_owned()
+            } else {
+                format!("{} keys NOT linearizable", self.violations.len())
+            }
+        )
+    }
+}
+
+impl History {
+    /// Each key's operations as a register history: writes (an acknowledged one ends when it was
+    /// acknowledged; one given up on, or refused against the history, has no end: it may take
+    /// effect at any later time), and for every successful read covering the key, a read of the
+    /// key's row (`None` when the read returned none). Failed reads are left out: they observed
+    /// nothing. Keys nobody wrote are left out too ([`History::check_reads`] flags rows for them).
+    pub fn register_histories(&self) -> BTreeMap<i64, Vec<Operation>> {
+        let mut by_key: BTreeMap<i64, Vec<Operation>> = self.keys.iter().map(|k| (*k, Vec::new())).collect();
+        for w in &self.writes {
+            let ret = (w.outcome == Outcome::Acked).then_some(w.end);
+            by_key.entry(w.key).or_default().push(Operation {
+                action: Action::Write(w.change.state()),
+                call: w.start,
+                ret,
+            });
+        }
+        for read in &self.reads {
+            let Some(rows) = &read.rows else { continue };
+            for (key, ops) in by_key.range_mut(read.low..=read.high) {
+                ops.push(Operation {
+                    action: Action::Read(rows.get(key).copied()),
+                    call: read.start,
+                    ret: Some(read.end),
+                });
+            }
+        }
+        by_key
+    }
+
+    /// Checks every key's register history for linearizability (see [`crate::linearizable`]);
+    /// every key starts absent.
+    pub fn linearizability(&self) -> Linearizability {
+        self.linearizability_of(self.register_histories().into_iter().map(|(k, ops)| (k, None, ops)))
+    }
+
+    /// [`History::linearizability`] of what happened from `since` on: each key's operations that
+    /// did not end before `since`, from the state its last write before then left. A key whose
+    /// writes before `since` did not all end acknowledged (one may still take effect) has no
+    /// known state there and is left out ([`Linearizability::keys`] says how many were checked).
+    /// Reads are taken only when they started at or after `since`.
+    pub fn linearizability_since(&self, since: Micros) -> Linearizability {
+        let mut keys = Vec::new();
+        for (key, writes) in self.writes_by_key() {
+            let (before, after): (Vec<&WriteOp>, Vec<&WriteOp>) = writes.into_iter().partition(|w| w.end < since);
+            if before.iter().any(|w| w.outcome != Outcome::Acked) {
+                continue;
+            }
+            let initial = before.last().and_then(|w| w.change.state());
+            let mut ops: Vec<Operation> = after
+                .iter()
+                .map(|w| Operation {
+                    action: Action::Write(w.change.state()),
+                    call: w.start.max(since),
+                    ret: (w.outcome == Outcome::Acked).then_some(w.end),
+                })
+                .collect();
+            for read in self.reads.iter().filter(|r| r.start >= since && (r.low..=r.high).contains(&key)) {
+                let Some(rows) = &read.rows else { continue };
+                ops.push(Operation {
+                    action: Action::Read(rows.get(&key).copied()),
+                    call: read.start,
+                    ret: Some(read.end),
+                });
+            }
+            keys.push((key, initial, ops));
+        }
+        self.linearizability_of(keys.into_iter())
+    }
+
+    fn linearizability_of(&self, keys: impl Iterator<Item = (i64, Option<i64>, Vec<Operation>)>) -> Linearizability {
+        let started = Instant::now();
+        let mut report = Linearizability::default();
+        for (key, initial, ops) in keys {
+            report.keys += 1;
+            report.operations += ops.len();
+            report.overlap_max = report.overlap_max.max(linearizable::max_overlap(&ops));
+            let verdict = linearizable::check(initial, &ops, CONFIGURATIONS_PER_KEY);
+            let explored = match &verdict {
+                Verdict::Linearizable { explored }
+                | Verdict::Violation { explored, .. }
+                | Verdict::Undecided { explored } => *explored,
+            };
+            report.explored += explored;
+            report.explored_max = report.explored_max.max(explored);
+            match verdict {
+                Verdict::Linearizable { .. } => {}
+                Verdict::Violation { placed, stuck, value, .. } => {
+                    let op = &ops[stuck];
+                    report.violated_at.push((key, op.call));
+                    let end = op.ret.map_or("no end".to_owned(), |r| format!("{r} µs"));
+                    report.violations.push(format!(
+                        "key {key}: not linearizable. At most {placed} of its {} operations can be linearized; \
+                         then {:?} during [{} µs, {end}] cannot take effect in time (the key holds {value:?} there)",
+                        ops.len(),
+                        op.action,
+                        op.call,
+                    ));
+                }
+                Verdict::Undecided { explored } => {
+                    report.violated_at.push((key, ops.iter().map(|o| o.call).min().unwrap_or(0)));
+                    report.violations.push(format!(
+                        "key {key}: undecided after exploring {explored} configurations of its {} operations",
+                        ops.len()
+                    ))
+                }
+            }
+        }
+        report.elapsed = started.elapsed();
+        report
+    }
+}
+
+impl History {
+    /// The longest stretch of `[from, to]` in which no write of a key in `[low, high)` was
+    /// acknowledged, and the longest in which no read covering such a key succeeded: how long that
+    /// key range was unavailable to clients, as they saw it (in µs; a stretch is measured between
+    /// the ends of successive successful operations, and from `from` and to `to`).
+    pub fn longest_gaps(&self, low: i64, high: i64, from: Micros, to: Micros) -> (Micros, Micros) {
+        fn gap(mut ends: Vec<Micros>, from: Micros, to: Micros) -> Micros {
+            ends.retain(|e| (from..=to).contains(e));
+            ends.extend([from, to]);
+            ends.sort_unstable();
+            ends.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0)
+        }
+        let writes = self
+            .writes
+            .iter()
+            .filter(|w| w.outcome == Outcome::Acked && (low..high).contains(&w.key))
+            .map(|w| w.end)
+            .collect();
+        let reads =
+            self.reads.iter().filter(|r| r.rows.is_some() && r.low < high && r.high >= low).map(|r| r.end).collect();
+        (gap(writes, from, to), gap(reads, from, to))
     }
 }
 
@@ -609,6 +794,73 @@ mod tests {
         let h = history(writes, back);
         assert_eq!(h.check_reads(), Vec::<String>::new(), "not stale: put 20 was not acknowledged yet");
         assert_eq!(h.non_monotonic_reads().len(), 1);
+    }
+
+    #[test]
+    fn the_linearizability_check_splits_ranges_per_key_and_leaves_unknown_writes_open() {
+        let mut writes = three_writes();
+        writes.push(write(2, Change::Put(7), 0, 10, Outcome::Acked));
+        writes.push(write(2, Change::Put(8), 20, 21, Outcome::Unknown));
+        let range = |start, end, rows: &[(i64, i64)]| ReadOp {
+            low: 0,
+            high: 5,
+            start,
+            end,
+            rows: Some(rows.iter().copied().collect()),
+        };
+        // Key 2's unknown write is not seen, then seen; key 1 follows its writes.
+        let good = vec![range(11, 15, &[(1, 10), (2, 7)]), range(31, 35, &[(1, 20), (2, 7)]), range(60, 61, &[(2, 8)])];
+        let h = history(writes.clone(), good);
+        let report = h.linearizability();
+        assert_eq!(report.violations, Vec::<String>::new());
+        assert_eq!((report.keys, report.operations), (2, 11), "5 writes, 3 range reads of 2 keys");
+        assert_eq!(h.register_histories()[&2][1].ret, None, "the unknown write has no end");
+
+        // Key 2's unknown write seen, then not: only key 2 is reported.
+        let bad = vec![range(31, 35, &[(1, 20), (2, 8)]), range(60, 61, &[(2, 7)])];
+        let report = history(writes, bad).linearizability();
+        assert_eq!(report.violations.len(), 1, "{:?}", report.violations);
+        assert!(report.violations[0].starts_with("key 2: not linearizable"), "{}", report.violations[0]);
+    }
+
+    #[test]
+    fn a_read_going_back_in_time_is_not_linearizable() {
+        let mut writes = three_writes();
+        writes[1].end = 100;
+        let back = vec![read(1, 21, 25, Some(20)), read(1, 26, 28, Some(10))];
+        assert_eq!(history(writes.clone(), back).linearizability().violations.len(), 1);
+        let ok = vec![read(1, 21, 25, Some(10)), read(1, 26, 28, Some(20)), read(1, 29, 31, Some(20))];
+        assert!(history(writes, ok).linearizability().violations.is_empty());
+    }
+
+    #[test]
+    fn failed_reads_and_stale_reads() {
+        let mut reads = vec![ReadOp { low: 1, high: 1, start: 31, end: 35, rows: None }];
+        assert!(
+            history(three_writes(), reads.clone()).linearizability().violations.is_empty(),
+            "a failed read saw nothing"
+        );
+        reads.push(read(1, 51, 55, Some(20)));
+        assert_eq!(history(three_writes(), reads).linearizability().violations.len(), 1, "stale after the delete");
+    }
+
+    #[test]
+    fn gaps_are_measured_between_successes_of_the_range() {
+        let mut writes = three_writes();
+        writes.push(write(1, Change::Put(99), 60, 70, Outcome::Unknown));
+        writes.push(write(9, Change::Put(5), 60, 65, Outcome::Acked));
+        let reads = vec![
+            read(1, 0, 12, Some(10)),
+            ReadOp { low: 1, high: 1, start: 20, end: 25, rows: None },
+            read(2, 0, 90, None),
+        ];
+        let h = history(writes, reads);
+        // Acked writes of key 1 end at 10, 30, 50; the window is [0, 100]. Reads in the range end at
+        // 12 and 90 (the failed one does not count).
+        assert_eq!(h.longest_gaps(0, 5, 0, 100), (50, 78));
+        // Key 9 is outside the range; inside [20, 40] the only acknowledgement is at 30.
+        assert_eq!(h.longest_gaps(0, 5, 20, 40), (10, 20));
+        assert_eq!(h.longest_gaps(9, 10, 0, 100), (65, 100));
     }
 
     #[test]

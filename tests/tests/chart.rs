@@ -239,8 +239,12 @@ fn the_cluster_role_covers_every_kind_the_operator_owns() {
     // The topology ConfigMap is written with a resourceVersion precondition (a replace), so the
     // reconcile and the healer never undo each other's writes.
     assert!(allows("", "configmaps", "update"));
-    // Least privilege: the operator never reads or deletes pods or volumes itself.
-    assert!(!allows("", "pods", "get") && !allows("", "persistentvolumeclaims", "delete"));
+    // A rolling update lists the server pods and evicts them one at a time (the eviction API,
+    // so PodDisruptionBudgets hold); it never deletes a pod or a volume itself.
+    assert!(allows("", "pods", "watch"));
+    assert!(allows("", "pods", "list"));
+    assert!(allows("", "pods/eviction", "create"));
+    assert!(!allows("", "pods", "delete") && !allows("", "persistentvolumeclaims", "delete"));
     assert!(allows("events.k8s.io", "events", "create"));
     let binding = one(&docs, "ClusterRoleBinding");
     assert_eq!(binding["subjects"][0]["name"], one(&docs, "ServiceAccount")["metadata"]["name"]);

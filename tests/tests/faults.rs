@@ -1,285 +1,26 @@
 //! Fault injection under load, in local mode: real processes, real Postgres. A recording load
 //! (`tests::load`: writers that own their keys, readers that are separate clients) runs while
 //! faults are injected repeatedly, through signals and the local mode's `control/` requests. The
-//! checker then asserts that no read was stale or invented, that every acknowledged write (and
+//! checker then asserts that every key's history is linearizable (and, more plainly worded, that
+//! no read was stale, invented or older than an earlier read), that every acknowledged write (and
 //! delete) is on every ready replica, and that the copies of each shard are identical.
 //!
 //! Heal and failover times and client-visible errors are printed as a table (run with
 //! `--no-capture` to see it), never asserted. Every wait is on an event (`events.log`,
 //! `cluster.json`, `/status`, the load's progress), bounded by a generous limit.
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use reqwest::Method;
 use serde_json::json;
 use shard_server::api::ShardClient;
-use shard_server::topology::{ReplicaState, Topology};
+use shard_server::topology::ReplicaState;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 use tests::LocalCluster;
+use tests::checks::*;
+use tests::fault::*;
 use tests::load::{History, Load, LoadConfig, parse_rows};
-
-/// Bounds on waits; generous, since a shared 2-core machine can be slow. Never timing assertions.
-const EVENT_LIMIT: Duration = Duration::from_secs(45);
-const HEAL_LIMIT: Duration = Duration::from_secs(90);
-/// Acknowledged writes that prove the cluster serves writes again after a fault.
-const PROGRESS: usize = 10;
-
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64
-}
-
-fn topology(c: &LocalCluster) -> Result<Topology> {
-    let file = c.cluster_file()?;
-    Ok(Topology::parse(&std::fs::read(&file.topology)?)?)
-}
-
-/// Asks the local mode for a fault (or its repair) and waits until it is carried out.
-async fn control(c: &LocalCluster, verb: &str, server: &str) -> Result<()> {
-    let path = c.dir.path().join("control").join(format!("{verb}.{server}"));
-    std::fs::write(&path, b"")?;
-    LocalCluster::eventually(&format!("control {verb} {server}"), EVENT_LIMIT, || {
-        let gone = !path.exists();
-        async move { gone }
-    })
-    .await
-}
-
-#[derive(Debug, serde::Deserialize)]
-struct Event {
-    at_ms: u64,
-    event: String,
-    shard: String,
-    server: String,
-    #[serde(default)]
-    detail: String,
-}
-
-fn events(dir: &Path) -> Vec<Event> {
-    std::fs::read_to_string(dir.join("events.log"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
-}
-
-/// The first event since `since` (unix ms) that `matches`.
-fn first_event(c: &LocalCluster, since: u64, matches: impl Fn(&Event) -> bool) -> Option<Event> {
-    events(c.dir.path()).into_iter().find(|e| e.at_ms >= since && matches(e))
-}
-
-/// Waits for the first event since `since` that `matches`; returns it.
-async fn wait_event(c: &LocalCluster, what: &str, since: u64, matches: impl Fn(&Event) -> bool) -> Result<Event> {
-    let start = Instant::now();
-    while start.elapsed() < EVENT_LIMIT {
-        if let Some(e) = first_event(c, since, &matches) {
-            return Ok(e);
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    bail!("{what}: no such event within {EVENT_LIMIT:?}; events.log:\n{}", events_text(c))
-}
-
-fn events_text(c: &LocalCluster) -> String {
-    std::fs::read_to_string(c.dir.path().join("events.log")).unwrap_or_default()
-}
-
-/// Waits until every copy of every shard is `ready` and every server follows that topology.
-async fn all_ready(c: &LocalCluster) -> Result<()> {
-    let start = Instant::now();
-    while start.elapsed() < HEAL_LIMIT {
-        let t = topology(c)?;
-        if t.shards.iter().all(|s| s.replicas.values().all(|r| *r == ReplicaState::Ready)) {
-            let mut current = true;
-            for s in t.servers.values() {
-                let st = ShardClient::new(c.http.clone(), s.url.clone()).status(false).await;
-                current &= st.is_ok_and(|st| st.epoch >= t.epoch);
-            }
-            if current {
-                return Ok(());
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    bail!("not every copy ready within {HEAL_LIMIT:?}; events.log:\n{}", events_text(c))
-}
-
-fn pid_of(c: &LocalCluster, name: &str) -> Result<Option<u32>> {
-    let file = c.cluster_file()?;
-    if name == "router" {
-        return Ok(file.router.pid);
-    }
-    Ok(file.servers.iter().find(|s| s.name == name).context("no such server")?.pid)
-}
-
-fn signal(pid: u32, signal: nix::sys::signal::Signal) -> Result<()> {
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal)?;
-    Ok(())
-}
-
-fn sigkill(pid: u32) -> Result<()> {
-    signal(pid, nix::sys::signal::Signal::SIGKILL)
-}
-
-/// SIGKILLs a process the supervisor keeps running and waits until its replacement answers its
-/// health check; returns how long that took.
-async fn kill_and_wait_restart(c: &LocalCluster, name: &str) -> Result<u64> {
-    let old = pid_of(c, name)?.context("process not running")?;
-    let url = if name == "router" {
-        c.url("/healthz")
-    } else {
-        let t = topology(c)?;
-        format!("{}/heartbeat", t.servers[name].url)
-    };
-    let t0 = now_ms();
-    sigkill(old)?;
-    let start = Instant::now();
-    while start.elapsed() < EVENT_LIMIT {
-        if let Some(pid) = pid_of(c, name)?
-            && pid != old
-            && c.http.get(&url).send().await.is_ok_and(|r| r.status().is_success())
-        {
-            return Ok(now_ms() - t0);
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    bail!("{name} was not restarted within {EVENT_LIMIT:?}")
-}
-
-/// The `n`-th shard's first non-primary copy, and its primary.
-fn replica_and_primary(t: &Topology, n: usize) -> (String, String) {
-    let sh = &t.shards[n % t.shards.len()];
-    let replica = sh.replicas.keys().find(|r| **r != sh.primary).expect("a shard with two copies").clone();
-    (replica, sh.primary.clone())
-}
-
-/// One line of the report.
-struct Measured {
-    fault: String,
-    what: &'static str,
-    ms: Option<u64>,
-    errors: usize,
-}
-
-#[derive(Default)]
-struct Report(Vec<Measured>);
-
-impl Report {
-    fn add(&mut self, fault: impl Into<String>, what: &'static str, ms: Option<u64>, errors: usize) {
-        self.0.push(Measured { fault: fault.into(), what, ms, errors });
-    }
-
-    fn print(&self, title: &str) {
-        println!("\n{title}");
-        println!("{:<44} {:<40} {:>10} {:>14}", "fault", "measured", "ms", "client errors");
-        for m in &self.0 {
-            let ms = m.ms.map_or("-".to_owned(), |ms| ms.to_string());
-            println!("{:<44} {:<40} {:>10} {:>14}", m.fault, m.what, ms, m.errors);
-        }
-        println!("(targets: failover under 10000 ms; heal of a 100,000-row shard under 30000 ms)\n");
-    }
-}
-
-/// The checker.
-/// - No read was stale or invented, and no write was answered in a way that contradicts the
-///   history (see [`History::check_reads`]).
-/// - Every copy of every shard (all are expected `ready` by now) holds exactly the acknowledged
-///   state of every key: `base` (rows loaded before the load ran, untouched by it) and the last
-///   acknowledged write of each key the load wrote (or a later write of unknown outcome).
-/// - The copies of a shard are identical, and `/status` reports equal row counts, checksums and
-///   sequence numbers for them.
-///
-/// Every failure here counts as a safety finding, which a retry of the test cannot clear
-/// (see `tests::safety`).
-async fn check(c: &LocalCluster, h: &History, base: &BTreeMap<i64, i64>) -> Result<()> {
-    check_history_and_copies(c, h, base).await.map_err(tests::safety::violation)
-}
-
-async fn check_history_and_copies(c: &LocalCluster, h: &History, base: &BTreeMap<i64, i64>) -> Result<()> {
-    let mut violations = h.rejected_writes();
-    violations.extend(h.check_reads());
-    if !violations.is_empty() {
-        let shown: Vec<&String> = violations.iter().take(20).collect();
-        bail!("{} violations in the history, the first ones:\n{shown:#?}", violations.len());
-    }
-    // Reported, not asserted: the system does not promise it (see the documentation of `tests::load`).
-    let back = h.non_monotonic_reads();
-    println!("reads that went back in time relative to an earlier read: {}", back.len());
-    for v in back.iter().take(5) {
-        println!("  {v}");
-    }
-    let finals = h.final_states();
-    let t = topology(c)?;
-    for shard in &t.shards {
-        ensure!(
-            shard.replicas.values().all(|s| *s == ReplicaState::Ready),
-            "{} is not fully ready: {:?}",
-            shard.id,
-            shard.replicas
-        );
-        let mut copies: BTreeMap<&str, BTreeMap<i64, i64>> = BTreeMap::new();
-        let mut stats = BTreeMap::new();
-        for server in shard.ready_replicas() {
-            let url = &t.servers[server].url;
-            let req = json!({"shard": shard.id, "Stud_id": {"low": shard.low, "high": shard.high_exclusive() - 1}});
-            // A copy that has just become ready serves reads once its first read lease arrives.
-            let started = Instant::now();
-            let (st, body) = loop {
-                let (st, body) = tests::send(&c.http, Method::POST, &format!("{url}/read"), &req.to_string()).await?;
-                if st != 503 || body["code"] != "not_ready" || started.elapsed() > EVENT_LIMIT {
-                    break (st, body);
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            };
-            ensure!(st == 200, "{server} {}: {st} {body}", shard.id);
-            let got = parse_rows(&body)?;
-            for (key, states) in finals.range(shard.low..shard.high_exclusive()) {
-                let has = got.get(key).copied();
-                ensure!(
-                    states.contains(&has),
-                    "{server}'s copy of {}: key {key} is {has:?}, but the acknowledged state is one of {states:?}",
-                    shard.id
-                );
-            }
-            for (key, v) in base.range(shard.low..shard.high_exclusive()) {
-                ensure!(got.get(key) == Some(v), "{server}'s copy of {}: loaded row {key} is missing", shard.id);
-            }
-            let strays: Vec<&i64> = got.keys().filter(|k| !finals.contains_key(k) && !base.contains_key(k)).collect();
-            ensure!(strays.is_empty(), "{server}'s copy of {} holds keys nobody wrote: {strays:?}", shard.id);
-            let status = ShardClient::new(c.http.clone(), url.clone()).status(true).await?;
-            let s = status.shards.get(&shard.id).context("shard in status")?;
-            stats.insert(server, (s.applied_seq, s.rows, s.checksum.clone()));
-            copies.insert(server, got);
-        }
-        let distinct: BTreeSet<_> = copies.values().collect();
-        ensure!(distinct.len() == 1, "the copies of {} differ", shard.id);
-        let distinct: BTreeSet<_> = stats.values().collect();
-        ensure!(distinct.len() == 1, "the copies of {} report different states: {stats:?}", shard.id);
-    }
-    println!(
-        "checked: {} acknowledged writes, {} successful reads, {} client-visible errors; no stale read, \
-         no lost write, every copy identical",
-        h.acked_writes(),
-        h.successful_reads(),
-        h.errors.len()
-    );
-    Ok(())
-}
-
-/// Stops the load, checks it made progress, and runs the checker.
-async fn finish(c: &LocalCluster, load: Load, base: &BTreeMap<i64, i64>) -> Result<()> {
-    all_ready(c).await?;
-    let h = load.finish().await?;
-    ensure!(h.acked_writes() > 50, "the load made too little progress ({} writes) to prove anything", h.acked_writes());
-    ensure!(h.successful_reads() > 50, "too few successful reads ({}) to prove anything", h.successful_reads());
-    check(c, &h, base).await
-}
-
-/// Waits until the load has made progress again (writes acknowledged) after a fault.
-async fn progress(load: &Load) -> Result<()> {
-    ensure!(load.progress(PROGRESS, HEAL_LIMIT).await, "no write acknowledged within {HEAL_LIMIT:?} after a fault");
-    Ok(())
-}
 
 /// Replica faults, each injected twice (on different servers): SIGKILL (the supervisor restarts
 /// it), its Postgres stopped (demoted past the timeout, recovered when Postgres is back), its data
@@ -289,19 +30,25 @@ async fn replica_faults_heal_under_load() -> Result<()> {
     let c = LocalCluster::students()?;
     let load = Load::start(&c.router, LoadConfig::default());
     let mut report = Report::default();
+    let mut windows = Vec::new();
     progress(&load).await?;
     for round in 0..2 {
-        let (replica, _) = replica_and_primary(&topology(&c)?, round);
+        let t = topology(&c)?;
+        let (replica, _) = replica_and_primary(&t, round);
+        let shard = nth_shard(&t, round);
         let fault = |f: &str| format!("{f} ({replica})");
 
         let e0 = load.errors();
+        let w = open_window(&load, fault("SIGKILL replica"), &shard);
         let ms = kill_and_wait_restart(&c, &replica).await?;
         progress(&load).await?;
         all_ready(&c).await?;
+        windows.push(w.close(&load));
         report.add(fault("SIGKILL replica"), "restarted by the supervisor in", Some(ms), load.errors() - e0);
 
         let e0 = load.errors();
         let t0 = now_ms();
+        let w = open_window(&load, fault("stop replica's Postgres"), &shard);
         control(&c, "stop-postgres", &replica).await?;
         let demoted = wait_event(&c, "demotion", t0, |e| e.event == "demote" && e.server == replica).await?;
         report.add(fault("stop replica's Postgres"), "demoted after", Some(demoted.at_ms - t0), load.errors() - e0);
@@ -310,6 +57,7 @@ async fn replica_faults_heal_under_load() -> Result<()> {
         let t1 = now_ms();
         control(&c, "start-postgres", &replica).await?;
         all_ready(&c).await?;
+        windows.push(w.close(&load));
         report.add(
             fault("stop replica's Postgres"),
             "Postgres back → every copy ready",
@@ -319,6 +67,7 @@ async fn replica_faults_heal_under_load() -> Result<()> {
 
         let e0 = load.errors();
         let t0 = now_ms();
+        let w = open_window(&load, fault("wipe replica"), &shard);
         control(&c, "wipe", &replica).await?;
         // The healer carries out control requests in its own loop, so it observes nothing while
         // the server stops and its data is replaced: time the demotion from when that is done.
@@ -335,17 +84,20 @@ async fn replica_faults_heal_under_load() -> Result<()> {
         let t1 = now_ms();
         control(&c, "start", &replica).await?;
         all_ready(&c).await?;
+        windows.push(w.close(&load));
         report.add(fault("wipe replica"), "restart → every copy ready", Some(now_ms() - t1), load.errors() - e0);
     }
     // Frozen (SIGSTOP): alive but answering nothing, as a hung process or a partition would be.
     // Writes wait for it until it is demoted; once thawed it is behind, and must be healed before
     // it serves reads again.
     for round in 0..2 {
-        let (replica, _) = replica_and_primary(&topology(&c)?, round + 2);
+        let t = topology(&c)?;
+        let (replica, _) = replica_and_primary(&t, round + 2);
         let pid = pid_of(&c, &replica)?.context("replica pid")?;
         let fault = format!("SIGSTOP replica ({replica})");
         let e0 = load.errors();
         let t0 = now_ms();
+        let w = open_window(&load, fault.clone(), &nth_shard(&t, round + 2));
         signal(pid, nix::sys::signal::Signal::SIGSTOP)?;
         let demoted = wait_event(&c, "demotion", t0, |e| e.event == "demote" && e.server == replica).await;
         signal(pid, nix::sys::signal::Signal::SIGCONT)?;
@@ -354,10 +106,11 @@ async fn replica_faults_heal_under_load() -> Result<()> {
         let e0 = load.errors();
         let t1 = now_ms();
         all_ready(&c).await?;
+        windows.push(w.close(&load));
         report.add(fault, "SIGCONT → every copy ready", Some(now_ms() - t1), load.errors() - e0);
     }
     report.print("replica faults");
-    finish(&c, load, &BTreeMap::new()).await
+    finish_with_windows(&c, load, &BTreeMap::new(), "replica faults", &windows).await
 }
 
 /// Primary faults, each injected twice (on different shards' primaries), and the router killed
@@ -368,6 +121,7 @@ async fn primary_faults_fail_over_under_load() -> Result<()> {
     let c = LocalCluster::students()?;
     let load = Load::start(&c.router, LoadConfig::default());
     let mut report = Report::default();
+    let mut windows = Vec::new();
     progress(&load).await?;
     for round in 0..2 {
         // Killed and kept down: the ready copy with the highest sequence number takes over.
@@ -377,6 +131,7 @@ async fn primary_faults_fail_over_under_load() -> Result<()> {
         let fault = |f: &str| format!("{f} ({primary}, {shard})");
         let e0 = load.errors();
         let t0 = now_ms();
+        let w = open_window(&load, fault("SIGKILL primary, kept down"), &nth_shard(&t, round));
         control(&c, "kill", &primary).await?;
         let promoted = wait_event(&c, "failover", t0, |e| e.event == "promote" && e.shard == shard).await?;
         progress(&load).await?;
@@ -390,6 +145,7 @@ async fn primary_faults_fail_over_under_load() -> Result<()> {
         let t1 = now_ms();
         control(&c, "start", &primary).await?;
         all_ready(&c).await?;
+        windows.push(w.close(&load));
         report.add(
             fault("SIGKILL primary, kept down"),
             "restart → every copy ready",
@@ -404,6 +160,7 @@ async fn primary_faults_fail_over_under_load() -> Result<()> {
         let fault = |f: &str| format!("{f} ({primary}, {shard})");
         let e0 = load.errors();
         let t0 = now_ms();
+        let w = open_window(&load, fault("stop primary's Postgres"), &nth_shard(&t, round + 2));
         control(&c, "stop-postgres", &primary).await?;
         let promoted = wait_event(&c, "failover", t0, |e| e.event == "promote" && e.shard == shard).await?;
         progress(&load).await?;
@@ -417,6 +174,7 @@ async fn primary_faults_fail_over_under_load() -> Result<()> {
         let t1 = now_ms();
         control(&c, "start-postgres", &primary).await?;
         all_ready(&c).await?;
+        windows.push(w.close(&load));
         report.add(
             fault("stop primary's Postgres"),
             "Postgres back → every copy ready",
@@ -428,9 +186,11 @@ async fn primary_faults_fail_over_under_load() -> Result<()> {
         let t = topology(&c)?;
         let (_, primary) = replica_and_primary(&t, round + 1);
         let e0 = load.errors();
+        let w = open_window(&load, format!("SIGKILL primary, restarted ({primary})"), &nth_shard(&t, round + 1));
         let ms = kill_and_wait_restart(&c, &primary).await?;
         progress(&load).await?;
         all_ready(&c).await?;
+        windows.push(w.close(&load));
         report.add(
             format!("SIGKILL primary ({primary})"),
             "restarted by the supervisor in",
@@ -440,12 +200,14 @@ async fn primary_faults_fail_over_under_load() -> Result<()> {
 
         // The router dies: the supervisor restarts it on the same port; clients see errors meanwhile.
         let e0 = load.errors();
+        let w = open_window(&load, "SIGKILL router", &nth_shard(&t, round));
         let ms = kill_and_wait_restart(&c, "router").await?;
         progress(&load).await?;
+        windows.push(w.close(&load));
         report.add("SIGKILL router", "restarted by the supervisor in", Some(ms), load.errors() - e0);
     }
     report.print("primary and router faults");
-    finish(&c, load, &BTreeMap::new()).await
+    finish_with_windows(&c, load, &BTreeMap::new(), "primary and router faults", &windows).await
 }
 
 /// A primary whose data is wiped (its volume lost) comes back empty: it must not serve its shards
@@ -455,6 +217,7 @@ async fn a_wiped_primary_fails_over_under_load() -> Result<()> {
     let c = LocalCluster::students()?;
     let load = Load::start(&c.router, LoadConfig::default());
     let mut report = Report::default();
+    let mut windows = Vec::new();
     progress(&load).await?;
     for round in 0..2 {
         let t = topology(&c)?;
@@ -463,6 +226,7 @@ async fn a_wiped_primary_fails_over_under_load() -> Result<()> {
         let fault = format!("wipe primary ({primary}, {shard})");
         let e0 = load.errors();
         let t0 = now_ms();
+        let w = open_window(&load, fault.clone(), &nth_shard(&t, round));
         control(&c, "wipe", &primary).await?;
         let wiped = now_ms();
         let promoted = wait_event(&c, "failover", t0, |e| e.event == "promote" && e.shard == shard).await?;
@@ -478,10 +242,11 @@ async fn a_wiped_primary_fails_over_under_load() -> Result<()> {
         let t1 = now_ms();
         control(&c, "start", &primary).await?;
         all_ready(&c).await?;
+        windows.push(w.close(&load));
         report.add(fault, "restart → every copy ready", Some(now_ms() - t1), load.errors() - e0);
     }
     report.print("wiped primaries");
-    finish(&c, load, &BTreeMap::new()).await
+    finish_with_windows(&c, load, &BTreeMap::new(), "wiped primaries", &windows).await
 }
 
 /// The seed's own fault test: a server is killed; it comes back with its shards copied from the
@@ -637,18 +402,6 @@ async fn a_delete_is_acknowledged_only_once_every_ready_replica_has_it() -> Resu
     check(&c, &h, &BTreeMap::new()).await
 }
 
-/// Waits until the topology satisfies `done` and every copy is ready and followed.
-async fn settled(c: &LocalCluster, what: &str, done: impl Fn(&Topology) -> bool) -> Result<()> {
-    let start = Instant::now();
-    while start.elapsed() < HEAL_LIMIT {
-        if topology(c).is_ok_and(|t| done(&t)) {
-            return all_ready(c).await;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    bail!("{what}: not within {HEAL_LIMIT:?}; events.log:\n{}", events_text(c))
-}
-
 /// Placement changes under the recording load, each twice: `/add` of a server that takes copies
 /// of two shards (filled from their replicas), then `/rm` of a shard's primary (it hands over and
 /// drains before it stops). The checker then holds the whole history to the same standard as the
@@ -658,10 +411,12 @@ async fn add_and_rm_under_load_lose_nothing() -> Result<()> {
     let c = LocalCluster::students()?;
     let load = Load::start(&c.router, LoadConfig::default());
     let mut report = Report::default();
+    let mut windows = Vec::new();
     progress(&load).await?;
     for (round, new) in ["Server6", "Server7"].into_iter().enumerate() {
         let e0 = load.errors();
         let t0 = now_ms();
+        let w = open_window(&load, format!("/add {new} (copies of sh1, sh2)"), &nth_shard(&topology(&c)?, 0));
         let body = json!({"n": 1, "new_shards": [], "servers": {new: ["sh1", "sh2"]}});
         let (st, resp) = c.send(Method::POST, "/add", &body.to_string()).await?;
         ensure!(st == 200, "/add {new}: {st} {resp}");
@@ -673,10 +428,17 @@ async fn add_and_rm_under_load_lose_nothing() -> Result<()> {
         .await?;
         report.add(format!("/add {new}"), "→ filled, every copy ready", Some(now_ms() - t0), load.errors() - e0);
         progress(&load).await?;
+        windows.push(w.close(&load));
 
-        let victim = topology(&c)?.shards[round].primary.clone();
+        let t = topology(&c)?;
+        let victim = t.shards[round].primary.clone();
         let e0 = load.errors();
         let t0 = now_ms();
+        let w = open_window(
+            &load,
+            format!("/rm primary {victim} (hand-over of {})", t.shards[round].id),
+            &nth_shard(&t, round),
+        );
         let (st, resp) = c.send(Method::DELETE, "/rm", &json!({"n": 1, "servers": [victim]}).to_string()).await?;
         ensure!(st == 200, "/rm {victim}: {st} {resp}");
         settled(&c, "the primary drained", |t| !t.servers.contains_key(&victim)).await?;
@@ -691,9 +453,44 @@ async fn add_and_rm_under_load_lose_nothing() -> Result<()> {
             load.errors() - e0,
         );
         progress(&load).await?;
+        windows.push(w.close(&load));
     }
     report.print("placement changes");
-    finish(&c, load, &BTreeMap::new()).await
+    finish_with_windows(&c, load, &BTreeMap::new(), "placement changes", &windows).await
+}
+
+/// A replica's rows changed behind its server's back (here: straight in its Postgres) leave its
+/// history hash as it was: only the rows' checksum shows it. The healer compares the copies'
+/// checksums at equal sequence numbers, demotes the one that differs from its primary and copies
+/// it afresh; afterwards every copy is identical again.
+#[tokio::test]
+async fn a_copy_whose_rows_differ_from_its_primary_is_found_and_copied_afresh() -> Result<()> {
+    use sqlx::Connection;
+    let c = LocalCluster::students()?;
+    let mut base = BTreeMap::new();
+    let rows: Vec<_> = (0..4096)
+        .step_by(128)
+        .map(|k| {
+            base.insert(k, k % 97);
+            json!({"Stud_id": k, "Stud_name": format!("n{k}"), "Stud_marks": k % 97})
+        })
+        .collect();
+    let (st, resp) = c.send(Method::POST, "/write", &json!({"data": rows}).to_string()).await?;
+    ensure!(st == 200, "{resp}");
+    let (replica, _) = replica_and_primary(&topology(&c)?, 0);
+    let pg = c.cluster_file()?.servers.iter().find(|s| s.name == replica).context("replica")?.postgres.connect_url()?;
+    let mut conn = sqlx::PgConnection::connect(&pg).await?;
+    sqlx::query(r#"UPDATE "shard_sh1" SET "Stud_marks" = 1000 WHERE "Stud_id" = 128"#).execute(&mut conn).await?;
+
+    let t0 = now_ms();
+    let found = wait_event(&c, "divergence found", t0, |e| {
+        e.event == "demote" && e.server == replica && e.shard == "sh1" && e.detail.contains("differs")
+    })
+    .await?;
+    println!("{replica}'s forged copy of sh1 demoted after {} ms: {}", found.at_ms - t0, found.detail);
+    wait_event(&c, "copied afresh", t0, |e| e.event == "ready" && e.server == replica && e.shard == "sh1").await?;
+    all_ready(&c).await?;
+    check(&c, &History::default(), &base).await
 }
 
 /// The certificate a TLS server at `url` presents to a fresh connection (no pooled one), as DER.

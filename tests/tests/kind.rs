@@ -184,6 +184,10 @@ impl Suite {
                 shard["id"]
             );
         }
+        // What `kubectl get sdb` shows in its SHARDS and COPIES columns.
+        let copies = shards.len() * REPLICAS;
+        ensure!(status["shardCount"].as_u64() == Some(shards.len() as u64), "shardCount is {}", status["shardCount"]);
+        ensure!(status["copiesReady"] == format!("{copies}/{copies}"), "copiesReady is {}", status["copiesReady"]);
         Ok(())
     }
 

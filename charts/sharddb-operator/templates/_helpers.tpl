@@ -96,8 +96,16 @@ the default) or in each namespace of rbac.namespaces (a Role there).
 - apiGroups: [networking.k8s.io]
   resources: [networkpolicies]
   verbs: [get, list, watch, create, update, patch, delete]
-# Nothing on pods or volumes: the operator reaches servers over HTTP, and leaves volumes
-# (persistentVolumeClaimRetentionPolicy: Retain) for people to delete.
+# Server pods: listed to see which run an older revision of their StatefulSet, and evicted one
+# at a time by the rolling restart (the eviction API, so PodDisruptionBudgets hold). Nothing on
+# volumes: the operator leaves them (persistentVolumeClaimRetentionPolicy: Retain) for people to
+# delete.
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [get, list, watch]
+- apiGroups: [""]
+  resources: [pods/eviction]
+  verbs: [create]
 # Events on the ShardedDatabase (Ready, Demoted, Promoted, ReplicaReady, ...).
 - apiGroups: [""]
   resources: [events]

@@ -369,3 +369,34 @@ async fn discovery_and_version() -> anyhow::Result<()> {
     assert_eq!(subresources, ["status", "scale"]);
     Ok(())
 }
+
+#[tokio::test]
+async fn an_eviction_deletes_the_pod_and_is_recorded() -> anyhow::Result<()> {
+    use k8s_openapi::api::core::v1::Pod;
+    let server = FakeApiServer::start().await;
+    let api: Api<Pod> = Api::default_namespaced(server.client());
+    let pod: Pod = from_json(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": { "name": "db-0" },
+        "spec": { "containers": [{ "name": "c", "image": "i" }] },
+    }));
+    api.create(&PostParams::default(), &pod).await?;
+    server.clear_writes();
+    api.evict("db-0", &kube::api::EvictParams::default()).await?;
+    assert!(api.get_opt("db-0").await?.is_none(), "evicted");
+    let writes = server.writes();
+    assert_eq!(writes.len(), 1);
+    assert_eq!(
+        (writes[0].verb, writes[0].subresource.as_deref(), writes[0].code),
+        (Verb::Create, Some("eviction"), 201)
+    );
+    assert_eq!(writes[0].name.as_deref(), Some("db-0"));
+    let err = api.evict("db-0", &kube::api::EvictParams::default()).await.unwrap_err();
+    assert_eq!(api_error(&err).0, 404, "no such pod");
+    let cms: Api<ConfigMap> = Api::default_namespaced(server.client());
+    cms.create(&PostParams::default(), &configmap("x", "a", json!({}))).await?;
+    let client = server.client();
+    let request = axum::http::Request::post("/api/v1/namespaces/default/configmaps/x/eviction").body(b"{}".to_vec())?;
+    assert!(client.request::<serde_json::Value>(request).await.is_err(), "only pods are evicted");
+    Ok(())
+}

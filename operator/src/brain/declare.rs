@@ -151,6 +151,8 @@ pub fn init(current: Option<&ShardedDatabaseSpec>, req: &InitRequest) -> Result<
         tls: None,
         // The seed's clients depend on a write with keys in no shard succeeding (SEED-API.md).
         unrouted_keys: Some(UnroutedKeys::Skip),
+        shard_server: None,
+        postgres: None,
     };
     validate(&spec).map_err(invalid)?;
     Ok(spec)

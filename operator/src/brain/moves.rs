@@ -289,7 +289,9 @@ mod tests {
         let mut o = Observations::new();
         for name in t.servers.keys() {
             let seq = seqs.iter().find(|(n, _)| n == name).map_or(9, |(_, s)| *s);
-            let copies = [("sh1".to_owned(), CopySeen { applied_seq: seq, copy_id: format!("{name}0") })].into();
+            let copies =
+                [("sh1".to_owned(), CopySeen { applied_seq: seq, copy_id: format!("{name}0"), caught_up: true })]
+                    .into();
             o.set(name, Health::Up { epoch: t.epoch, copies });
         }
         o
@@ -451,7 +453,7 @@ mod tests {
         assert_eq!(plan_moves(&t, &db, &want, &urls(&["A", "B", "C"]), &o), [], "nothing known: no handover");
         let copy = |seq, id: &str| Health::Up {
             epoch: EPOCH,
-            copies: [("sh1".to_owned(), CopySeen { applied_seq: seq, copy_id: id.into() })].into(),
+            copies: [("sh1".to_owned(), CopySeen { applied_seq: seq, copy_id: id.into(), caught_up: true })].into(),
         };
         o.set("B", copy(90, "B-new"));
         o.set("C", copy(3, "C0"));

@@ -1,16 +1,31 @@
 //! What the operator last saw of each server: reachable (with each copy's position and identity),
-//! unreachable since a given moment, or not yet known. Pure: a body probes the servers and feeds
-//! the outcomes in; the planner reads them.
+//! unreachable since a given moment, or not yet known; and, per copy, the last few (sequence
+//! number, history hash, checksum) it reported, to compare copies at equal sequence numbers. Pure:
+//! a body probes the servers and feeds the outcomes in; the planner reads them.
 
 use shard_server::api::ServerStatus;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::time::Instant;
+
+/// Samples kept per copy for [`Observations::differs`].
+const SAMPLES: usize = 16;
+
+/// What one copy reported at one sequence number.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Sample {
+    seq: u64,
+    hash: Option<String>,
+    checksum: Option<String>,
+}
 
 /// One copy of a shard as its server reported it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CopySeen {
     pub applied_seq: u64,
     pub copy_id: String,
+    /// A ready replica that has not caught up with its primary since it became ready (it may miss
+    /// acknowledged writes, so it must not be promoted) says `false`; everything else `true`.
+    pub caught_up: bool,
 }
 
 /// The last known state of one server.
@@ -50,10 +65,14 @@ pub enum Probe {
 #[derive(Clone, Debug, Default)]
 pub struct Observations {
     servers: BTreeMap<String, Health>,
+    /// The protocol each server said it speaks when it last answered.
+    protocols: BTreeMap<String, u32>,
     /// The round (its `now`) of each server's latest answer.
     answered_in: BTreeMap<String, Instant>,
     /// Per shard, the highest sequence number any copy reported.
     positions: BTreeMap<String, Position>,
+    /// (server, shard) → the copy's identity and its last samples, newest last.
+    samples: BTreeMap<(String, String), (String, VecDeque<Sample>)>,
 }
 
 /// The highest sequence number reported for a shard, split by round.
@@ -74,15 +93,27 @@ impl Observations {
     /// Folds in one probe made at `now`.
     pub fn record(&mut self, server: &str, probe: Probe, now: Instant) {
         if let Probe::Answered(status) = &probe {
+            self.protocols.insert(server.to_owned(), status.protocol);
             self.answered_in.insert(server.to_owned(), now);
-            for (shard, copy) in &status.shards {
+            for (shard, s) in &status.shards {
                 let p = self.positions.entry(shard.clone()).or_default();
                 if p.round != Some(now) {
                     p.before = p.before.max(p.in_round);
                     p.round = Some(now);
                     p.in_round = 0;
                 }
-                p.in_round = p.in_round.max(copy.applied_seq);
+                p.in_round = p.in_round.max(s.applied_seq);
+                let key = (server.to_owned(), shard.clone());
+                let (copy, samples) = self.samples.entry(key).or_insert_with(|| (s.copy_id.clone(), VecDeque::new()));
+                if *copy != s.copy_id {
+                    // Another copy now: what the old one reported says nothing about it.
+                    *copy = s.copy_id.clone();
+                    samples.clear();
+                }
+                samples.push_back(Sample { seq: s.applied_seq, hash: s.hash.clone(), checksum: s.checksum.clone() });
+                if samples.len() > SAMPLES {
+                    samples.pop_front();
+                }
             }
         }
         let next = match probe {
@@ -91,7 +122,10 @@ impl Observations {
                 copies: status
                     .shards
                     .into_iter()
-                    .map(|(id, s)| (id, CopySeen { applied_seq: s.applied_seq, copy_id: s.copy_id }))
+                    .map(|(id, s)| {
+                        let caught_up = s.caught_up != Some(false);
+                        (id, CopySeen { applied_seq: s.applied_seq, copy_id: s.copy_id, caught_up })
+                    })
                     .collect(),
             },
             Probe::Failed => match self.servers.get(server) {
@@ -129,6 +163,27 @@ impl Observations {
         self.servers.get(server).unwrap_or(&UNKNOWN)
     }
 
+    /// The wire protocol `server` said it speaks when it last answered (1: a release from before
+    /// versions were advertised); `None` if it never answered.
+    pub fn protocol(&self, server: &str) -> Option<u32> {
+        self.protocols.get(server).copied()
+    }
+
+    /// A sequence number at which the copies of `shard` on `a` and `b` both reported their history
+    /// hash or their rows' checksum, and these differ: the copies hold different histories or
+    /// different rows where they should be equal. `None` when no sample tells them apart.
+    pub fn differs(&self, a: &str, b: &str, shard: &str) -> Option<u64> {
+        let (_, ours) = self.samples.get(&(a.to_owned(), shard.to_owned()))?;
+        let (_, theirs) = self.samples.get(&(b.to_owned(), shard.to_owned()))?;
+        let differ = |x: &Option<String>, y: &Option<String>| matches!((x, y), (Some(x), Some(y)) if x != y);
+        ours.iter().find_map(|o| {
+            theirs
+                .iter()
+                .any(|t| t.seq == o.seq && (differ(&t.hash, &o.hash) || differ(&t.checksum, &o.checksum)))
+                .then_some(o.seq)
+        })
+    }
+
     /// The copy of `shard` on `server`, if the server is up and reported it.
     pub fn copy(&self, server: &str, shard: &str) -> Option<&CopySeen> {
         match self.health(server) {
@@ -152,8 +207,16 @@ mod tests {
             checksum: None,
             copy_id: copy.into(),
             cached: false,
+            caught_up: None,
+            hash: None,
         };
-        ServerStatus { server: "S".into(), epoch: 4, shards: [("sh1".to_owned(), shard)].into() }
+        ServerStatus {
+            server: "S".into(),
+            protocol: 2,
+            epoch: 4,
+            shards: [("sh1".to_owned(), shard)].into(),
+            lease_token: None,
+        }
     }
 
     #[test]
@@ -166,8 +229,9 @@ mod tests {
         assert_eq!(o.health("S"), &Health::Down { since: t0 });
         assert_eq!(o.copy("S", "sh1"), None);
         o.record("S", Probe::Answered(status(7, "c1")), t0 + Duration::from_secs(2));
-        assert_eq!(o.copy("S", "sh1"), Some(&CopySeen { applied_seq: 7, copy_id: "c1".into() }));
+        assert_eq!(o.copy("S", "sh1"), Some(&CopySeen { applied_seq: 7, copy_id: "c1".into(), caught_up: true }));
         assert!(matches!(o.health("S"), Health::Up { epoch: 4, .. }));
+        assert_eq!(o.protocol("S"), Some(2));
         let t3 = t0 + Duration::from_secs(3);
         o.record("S", Probe::Failed, t3);
         assert_eq!(o.health("S"), &Health::Down { since: t3 });
@@ -200,5 +264,32 @@ mod tests {
         o.set("T", Health::Unknown);
         assert_eq!(o.reached_before("sh1", "T"), 0);
         assert_eq!(o.reached_before("sh2", "T"), 0);
+    }
+
+    fn sampled(seq: u64, copy: &str, hash: Option<&str>, checksum: Option<&str>) -> Probe {
+        let Probe::Answered(mut st) = Probe::Answered(status(seq, copy)) else { unreachable!() };
+        let s = st.shards.get_mut("sh1").unwrap();
+        s.hash = hash.map(str::to_owned);
+        s.checksum = checksum.map(str::to_owned);
+        Probe::Answered(st)
+    }
+
+    #[test]
+    fn copies_differ_only_where_both_reported_at_one_sequence_number() {
+        let now = Instant::now();
+        let mut o = Observations::new();
+        o.record("P", sampled(5, "p", Some("h5"), None), now);
+        o.record("R", sampled(4, "r", Some("x4"), None), now);
+        assert_eq!(o.differs("R", "P", "sh1"), None, "no common sequence number");
+        o.record("R", sampled(5, "r", Some("h5"), None), now);
+        assert_eq!(o.differs("R", "P", "sh1"), None, "same history");
+        o.record("P", sampled(7, "p", Some("h7"), Some("c7")), now);
+        o.record("R", sampled(7, "r", Some("h7"), Some("forged")), now);
+        assert_eq!(o.differs("R", "P", "sh1"), Some(7), "same history, other rows");
+        o.record("R", sampled(8, "r2", None, None), now);
+        assert_eq!(o.differs("R", "P", "sh1"), None, "a new copy forgets the old one's samples");
+        o.record("R", sampled(5, "r2", Some("other"), None), now);
+        assert_eq!(o.differs("R", "P", "sh1"), Some(5));
+        assert_eq!(o.differs("R", "Q", "sh1"), None, "nothing known of Q");
     }
 }

@@ -5,11 +5,15 @@
 //! Rules, per shard:
 //! - A primary unreachable past `failover_after`, or answering with a copy that is not the one
 //!   recorded (it lost its data), is replaced by the `ready` replica with the highest applied
-//!   sequence number among those answering with their recorded copy. Its own copy becomes
+//!   sequence number among those answering with their recorded copy and caught up with their
+//!   primary since they became ready. The body publishes it only once the old primary's lease
+//!   has run out (`brain::lease`). Its own copy becomes
 //!   `recovering`: it may hold entries nobody acknowledged, so it must start over from a snapshot.
 //!   With no such candidate nothing happens: the shard waits (writes fail) rather than lose data.
 //! - A `ready` replica unreachable past `demote_after`, or answering with another copy, becomes
-//!   `recovering`, so writes stop waiting for it and reads stop using it.
+//!   `recovering`, so writes stop waiting for it and reads stop using it; so does one that, at a
+//!   sequence number where it and its primary both reported, had another history hash or rows
+//!   checksum (a scrub: the copy differs where it should equal the primary's, and is copied afresh).
 //! - A `recovering` replica is recovered from the primary once both answer and follow the current
 //!   epoch (the replica refuses a recover until its topology says `recovering`). A server that
 //!   comes back with its data intact is recovered too: simpler than proving its copy a prefix of
@@ -44,6 +48,9 @@ pub enum Reason {
     Unreachable,
     /// Its server answers with a copy other than the recorded one: it started over empty.
     LostData,
+    /// At a sequence number where it and its primary both reported, its history hash or its rows'
+    /// checksum differed from the primary's.
+    Diverged,
 }
 
 impl std::fmt::Display for Reason {
@@ -51,6 +58,7 @@ impl std::fmt::Display for Reason {
         f.write_str(match self {
             Reason::Unreachable => "unreachable",
             Reason::LostData => "lost its data",
+            Reason::Diverged => "differs from its primary at an equal sequence number",
         })
     }
 }
@@ -123,10 +131,12 @@ pub fn plan(topology: &Topology, seen: &Observations, now: Instant, settings: &S
         };
         let mut new_primary = None;
         if let Some(reason) = primary_failed {
+            // A ready replica that has not caught up since it became ready may miss writes its
+            // primary acknowledged before it followed that topology: never a candidate.
             let candidate = shard
                 .ready_replicas()
-                .filter(|r| *r != primary && !lost_data(shard, r))
-                .filter_map(|r| seen.copy(r, &shard.id).map(|c| (r, c.applied_seq)))
+                .filter(|r| *r != primary && !lost_data(shard, r) && seen.differs(r, primary, &shard.id).is_none())
+                .filter_map(|r| seen.copy(r, &shard.id).filter(|c| c.caught_up).map(|c| (r, c.applied_seq)))
                 // Highest sequence number; among equals the first name, so the choice is stable.
                 .max_by(|a, b| a.1.cmp(&b.1).then(b.0.cmp(a.0)));
             if let Some((to, _)) = candidate {
@@ -143,6 +153,9 @@ pub fn plan(topology: &Topology, seen: &Observations, now: Instant, settings: &S
                         Some(Reason::LostData)
                     } else if down_past(server, settings.demote_after) {
                         Some(Reason::Unreachable)
+                    } else if primary_failed.is_none() && seen.differs(server, primary, &shard.id).is_some() {
+                        // The primary is the reference: its entries define the history.
+                        Some(Reason::Diverged)
                     } else {
                         None
                     };
@@ -275,7 +288,10 @@ mod tests {
     }
 
     fn up_at(epoch: u64, seq: u64, copy: &str) -> Health {
-        Health::Up { epoch, copies: [("sh1".to_owned(), CopySeen { applied_seq: seq, copy_id: copy.into() })].into() }
+        Health::Up {
+            epoch,
+            copies: [("sh1".to_owned(), CopySeen { applied_seq: seq, copy_id: copy.into(), caught_up: true })].into(),
+        }
     }
 
     struct Case {
@@ -293,6 +309,8 @@ mod tests {
         Down(u64),
         /// Answers, but reports no copy of the shard.
         UpEmpty,
+        /// Answers as a ready replica that has not caught up with its primary yet.
+        Behind(u64, &'static str),
     }
 
     fn rec(server: &str, reason: Reason) -> Action {
@@ -310,7 +328,7 @@ mod tests {
     #[test]
     fn plans_heals_and_failovers() {
         use Reason::{LostData, Unreachable};
-        use Seen::{Down, Unknown, Up, UpAt, UpEmpty};
+        use Seen::{Behind, Down, Unknown, Up, UpAt, UpEmpty};
         let all_ready = [Ready, Ready, Ready];
         let cases = vec![
             Case { name: "all well", states: all_ready, seen: [Up(9, "A0"), Up(9, "B0"), Up(9, "C0")], expect: vec![] },
@@ -394,6 +412,18 @@ mod tests {
                 expect: vec![],
             },
             Case {
+                name: "a replica that has not caught up since it became ready is no candidate",
+                states: all_ready,
+                seen: [Down(5), Behind(20, "B0"), Up(9, "C0")],
+                expect: vec![promote("A", "C", Unreachable)],
+            },
+            Case {
+                name: "nor when it is the only one",
+                states: all_ready,
+                seen: [Down(5), Behind(20, "B0"), Down(5)],
+                expect: vec![rec("C", Unreachable)],
+            },
+            Case {
                 name: "no candidate known: no promotion",
                 states: all_ready,
                 seen: [Down(5), Unknown, UpEmpty],
@@ -429,6 +459,14 @@ mod tests {
                     Seen::UpAt(e, seq, c) => up_at(e, seq, c),
                     Seen::Down(secs) => Health::Down { since: now - Duration::from_secs(secs) },
                     Seen::UpEmpty => Health::Up { epoch: EPOCH, copies: BTreeMap::new() },
+                    Seen::Behind(seq, c) => Health::Up {
+                        epoch: EPOCH,
+                        copies: [(
+                            "sh1".to_owned(),
+                            CopySeen { applied_seq: seq, copy_id: c.into(), caught_up: false },
+                        )]
+                        .into(),
+                    },
                 };
                 seen.set(name, h);
             }
@@ -440,6 +478,43 @@ mod tests {
                 assert_eq!(next.epoch, EPOCH + 1, "case: {}", case.name);
             }
         }
+    }
+
+    #[test]
+    fn a_replica_whose_history_or_rows_differ_from_the_primary_at_one_number_is_copied_afresh() {
+        use crate::brain::observe::Probe;
+        use shard_server::api::{Role, ServerStatus, ShardStatus};
+        let t = topology([Ready, Ready, Ready]);
+        let probe = |copy: &str, seq: u64, hash: &str| {
+            let shard = ShardStatus {
+                role: Role::Replica,
+                applied_seq: seq,
+                rows: 1,
+                checksum: None,
+                copy_id: copy.into(),
+                cached: true,
+                caught_up: Some(true),
+                hash: Some(hash.into()),
+            };
+            Probe::Answered(ServerStatus {
+                server: copy.into(),
+                protocol: shard_server::api::PROTOCOL_VERSION,
+                epoch: EPOCH,
+                shards: [("sh1".to_owned(), shard)].into(),
+                lease_token: None,
+            })
+        };
+        let now = Instant::now();
+        let mut seen = Observations::new();
+        seen.record("A", probe("A0", 9, "h9"), now);
+        seen.record("B", probe("B0", 9, "forged"), now);
+        seen.record("C", probe("C0", 9, "h9"), now);
+        assert_eq!(plan(&t, &seen, now, &Settings::default()), [rec("B", Reason::Diverged)]);
+        // A failed primary is replaced by a copy that agrees with it, not by the one that differs
+        // (first in name order among equals otherwise).
+        let mut failing = seen.clone();
+        failing.set("A", Health::Down { since: now - Duration::from_secs(5) });
+        assert_eq!(plan(&t, &failing, now, &Settings::default()), [promote("A", "C", Reason::Unreachable)]);
     }
 
     #[test]
@@ -481,11 +556,19 @@ mod tests {
                         checksum: None,
                         copy_id: c.copy_id,
                         cached: false,
+                        caught_up: None,
+                        hash: None,
                     };
                     (id, s)
                 })
                 .collect();
-            Probe::Answered(shard_server::api::ServerStatus { server: String::new(), epoch, shards })
+            Probe::Answered(shard_server::api::ServerStatus {
+                server: String::new(),
+                protocol: shard_server::api::PROTOCOL_VERSION,
+                epoch,
+                shards,
+                lease_token: None,
+            })
         };
         let probe = |seen: &mut Observations, i: u64, copies: [(&str, u64); 3]| {
             for (server, seq) in copies {

@@ -4,6 +4,7 @@
 //! spec. Error messages name the offending field by its path in the resource (`spec.shards[1]`),
 //! because they end up in a `Ready=False, reason=InvalidSpec` condition or on a terminal.
 
+use super::tuning::{Tuning, TuningError, validate_tuning};
 use crate::crd::{
     DEFAULT_POSTGRES_IMAGE, DEFAULT_ROUTER_IMAGE, DEFAULT_SHARD_SERVER_IMAGE, ResourcesSpec, ShardedDatabaseSpec,
 };
@@ -31,12 +32,14 @@ pub struct ValidatedDb {
     pub storage_class: Option<String>,
     /// Container images, defaults filled in.
     pub images: Images,
-    /// Compute resources per container kind (quantities are checked by the API server).
+    /// Compute resources per container kind (names and quantities checked).
     pub resources: ResourcesSpec,
     /// What a router does with a written key in no shard.
     pub unrouted_keys: UnroutedKeys,
     /// Where the database's CA comes from, and whether routers serve clients over TLS.
     pub tls: TlsSettings,
+    /// Row cache, threads, probe timings and Postgres settings.
+    pub tuning: Tuning,
 }
 
 /// The database's certificates, defaults applied.
@@ -142,6 +145,8 @@ pub enum SpecError {
     NoRouters,
     #[error("spec.storage.size {0:?} is not a quantity like 1Gi or 500Mi")]
     StorageSize(String),
+    #[error(transparent)]
+    Tuning(#[from] TuningError),
 }
 
 /// Checks a spec and returns the form the rest of the operator reads; images the spec leaves out
@@ -170,6 +175,7 @@ pub fn validate_with_defaults(spec: &ShardedDatabaseSpec, default_images: &Image
         Some(s) => return Err(SpecError::StorageSize(s.size.clone())),
         None => None,
     };
+    let tuning = validate_tuning(spec)?;
     let images = spec.images.clone().unwrap_or_default();
     let images = Images {
         shard_server: images.shard_server.unwrap_or_else(|| default_images.shard_server.clone()),
@@ -190,6 +196,7 @@ pub fn validate_with_defaults(spec: &ShardedDatabaseSpec, default_images: &Image
             client_tls: spec.tls.as_ref().and_then(|t| t.client_tls).unwrap_or(false),
         },
         unrouted_keys: spec.unrouted_keys.unwrap_or_default().into(),
+        tuning,
     })
 }
 
@@ -330,12 +337,14 @@ pub(crate) mod tests {
             replicas: Some(3),
             servers: 6,
             placement: None,
-            router: Some(RouterSpec { replicas: Some(2) }),
+            router: Some(RouterSpec { replicas: Some(2), ..RouterSpec::default() }),
             storage: Some(StorageSpec { size: "1Gi".into(), storage_class_name: None }),
             images: None,
             resources: None,
             tls: None,
             unrouted_keys: None,
+            shard_server: None,
+            postgres: None,
         }
     }
 
@@ -471,7 +480,7 @@ pub(crate) mod tests {
             ),
             (
                 "router",
-                |s| s.router = Some(RouterSpec { replicas: Some(0) }),
+                |s| s.router = Some(RouterSpec { replicas: Some(0), ..RouterSpec::default() }),
                 "spec.router.replicas must be at least 1",
             ),
             (

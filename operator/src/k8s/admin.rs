@@ -76,6 +76,7 @@ pub fn router(client: Client, images: Images) -> axum::Router {
         .route_layer(axum::middleware::from_fn(only_its_routers))
         .fallback(crate::admin::no_route)
         .method_not_allowed_fallback(crate::admin::method_not_allowed)
+        .layer(axum::middleware::from_fn(shard_server::protocol::versioned))
         .with_state(AdminState { client, images: Arc::new(images) })
 }
 

@@ -95,6 +95,9 @@ pub struct Metrics {
     reconciles: Counter,
     errors: Family<ErrorLabels, Counter>,
     duration: Histogram,
+    /// Copies the healer found differing from their primary at an equal sequence number and
+    /// demoted to be copied afresh.
+    pub copies_diverged: Counter,
 }
 
 impl Metrics {
@@ -103,11 +106,17 @@ impl Metrics {
             reconciles: Counter::default(),
             errors: Family::default(),
             duration: Histogram::new(exponential_buckets(0.005, 2.0, 14)),
+            copies_diverged: Counter::default(),
         };
         let sub = registry.sub_registry_with_prefix("sharddb_operator");
         sub.register("reconciles", "Reconciles started", m.reconciles.clone());
         sub.register("reconcile_errors", "Reconciles that failed, by error kind", m.errors.clone());
         sub.register("reconcile_duration_seconds", "Time spent in one reconcile", m.duration.clone());
+        sub.register(
+            "copies_diverged",
+            "Copies found differing from their primary at an equal sequence number, demoted and copied afresh",
+            m.copies_diverged.clone(),
+        );
         m
     }
 }
@@ -170,6 +179,8 @@ pub struct Context {
     failures: Mutex<HashMap<ObjectRef<ShardedDatabase>, u32>>,
     /// Per database, the servers the healer could not reach at its last probe.
     unreachable: Mutex<HashMap<ObjectRef<ShardedDatabase>, BTreeSet<String>>>,
+    /// Per database, the servers a rolling update restarted whose copies are not all ready yet.
+    restarting: Mutex<HashMap<ObjectRef<ShardedDatabase>, BTreeSet<String>>>,
 }
 
 impl Context {
@@ -191,6 +202,7 @@ impl Context {
             metrics,
             failures: Mutex::default(),
             unreachable: Mutex::default(),
+            restarting: Mutex::default(),
         })
     }
 
@@ -205,6 +217,17 @@ impl Context {
         map.insert(db.clone(), servers.clone()) != Some(servers)
     }
 
+    /// The servers of `db` a rolling update restarted whose copies are not all ready yet.
+    pub fn restarting(&self, db: &ObjectRef<ShardedDatabase>) -> BTreeSet<String> {
+        self.restarting.lock().unwrap_or_else(|e| e.into_inner()).get(db).cloned().unwrap_or_default()
+    }
+
+    /// Records what the rollout is restarting; whether that changed.
+    pub(super) fn set_restarting(&self, db: &ObjectRef<ShardedDatabase>, servers: BTreeSet<String>) -> bool {
+        let mut map = self.restarting.lock().unwrap_or_else(|e| e.into_inner());
+        map.insert(db.clone(), servers.clone()).unwrap_or_default() != servers
+    }
+
     /// Forgets databases of `scope` (a namespace, or every one) that are gone.
     pub(super) fn forget_unreachable_except(
         &self,
@@ -213,6 +236,7 @@ impl Context {
     ) {
         let in_scope = |k: &ObjectRef<ShardedDatabase>| scope.is_none_or(|ns| k.namespace.as_deref() == Some(ns));
         self.unreachable.lock().unwrap_or_else(|e| e.into_inner()).retain(|k, _| !in_scope(k) || keep.contains(k));
+        self.restarting.lock().unwrap_or_else(|e| e.into_inner()).retain(|k, _| !in_scope(k) || keep.contains(k));
     }
 }
 
@@ -413,11 +437,17 @@ async fn reconcile_inner(db: &ShardedDatabase, ctx: &Context) -> Result<Action, 
         ready_routers: routers.status.as_ref().and_then(|s| s.ready_replicas).map_or(0, |r| r.max(0) as u32),
         topology,
         unreachable: ctx.unreachable(&ObjectRef::from_obj(db)),
+        updated_servers: server_sets.iter().filter(|(_, sts)| updated(sts)).map(|(server, _)| server.clone()).collect(),
+        // Until the last restarted server's copies are ready again, even once every pod runs the
+        // current revision.
+        rolling: server_sets.iter().any(|(_, sts)| outdated(sts))
+            || !ctx.restarting(&ObjectRef::from_obj(db)).is_empty(),
     };
     let status = status::healthy_or_converging(generation, &placement, &observed, previous, &now);
     let was_ready = previous.and_then(|p| status::condition(p, READY)).map(|c| c.status);
     let is_ready = status::condition(&status, READY).map(|c| c.status);
-    if was_ready != is_ready {
+    // A rolling update takes each server out of service in turn; its own Events say so.
+    if was_ready != is_ready && !observed.rolling {
         let (type_, reason) = match is_ready {
             Some(ConditionStatus::True) => (EventType::Normal, "Ready"),
             _ => (EventType::Warning, "NotReady"),
@@ -427,6 +457,22 @@ async fn reconcile_inner(db: &ShardedDatabase, ctx: &Context) -> Result<Action, 
     }
     write_status(ctx, db, &owner, status).await?;
     Ok(Action::requeue(RESYNC))
+}
+
+/// Whether a server's pod runs its StatefulSet's current revision, as its controller reports.
+fn updated(sts: &StatefulSet) -> bool {
+    let observed = sts.status.as_ref().and_then(|s| s.observed_generation) >= sts.metadata.generation;
+    let status = sts.status.as_ref();
+    observed
+        && status.and_then(|s| s.update_revision.as_ref()).is_some()
+        && status.and_then(|s| s.current_revision.as_ref()) == status.and_then(|s| s.update_revision.as_ref())
+}
+
+/// Whether a server's pod runs an older revision than its StatefulSet's current one (known only
+/// once its controller observed the current spec).
+fn outdated(sts: &StatefulSet) -> bool {
+    let status = sts.status.as_ref();
+    status.and_then(|s| s.update_revision.as_ref()).is_some() && !updated(sts)
 }
 
 /// Transient errors: retry with exponential backoff and ±50% jitter, so many failing objects do
@@ -498,7 +544,22 @@ pub(super) async fn publish(
     action: &str,
     note: String,
 ) {
-    let event = Event { type_, reason: reason.into(), note: Some(note), action: action.into(), secondary: None };
+    publish_related(ctx, db, type_, reason, action, note, None).await
+}
+
+/// [`publish`], naming another object the event concerns. The recorder folds an event into an
+/// earlier one of the same reason, action and objects (counting it in a series, keeping the first
+/// note), so events about different servers name each server's pod to stay apart.
+pub(super) async fn publish_related(
+    ctx: &Context,
+    db: &ShardedDatabase,
+    type_: EventType,
+    reason: &str,
+    action: &str,
+    note: String,
+    secondary: Option<k8s_openapi::api::core::v1::ObjectReference>,
+) {
+    let event = Event { type_, reason: reason.into(), note: Some(note), action: action.into(), secondary };
     if let Err(error) = ctx.recorder.publish(&event, &db.object_ref(&())).await {
         tracing::warn!(%error, reason, "failed to record an event");
     }

@@ -33,28 +33,43 @@
 //!   answers (its pod is up: the headless Service publishes not-ready addresses), so copies are
 //!   not given to a pod still pulling its image, and recovers do not fail meanwhile. An invalid
 //!   spec moves nothing.
+//! - **Rolling restarts** (`brain::rollout`, `k8s::rollout`) come last, in rounds where neither
+//!   heals nor moves change anything: a server whose pod runs an older revision of its
+//!   StatefulSet's template (`OnDelete`: a changed template restarts nothing by itself) is
+//!   drained (its primaries handed over, its copies `recovering`), its pod evicted once every
+//!   other server follows that document, and the next one waits until it is back and its copies
+//!   are recovered. The server about to restart is not recovered meanwhile. Each step is an Event
+//!   (`ServerDraining`, `ServerRestarting`, `ServerUpdated`).
 //! - Databases are handled one after the other in a round; the probes of one database run
 //!   concurrently and time out after a second, so a round takes about a second per database whose
 //!   servers hang, and a few milliseconds otherwise.
+//! - **Primary leases** (`brain::lease`) are granted by a task of their own every half second, so
+//!   a slow round never lets them lapse; the rounds keep each database's book on the topology they
+//!   read, and publish a change of primary (a failover, a handover) only once the old primary's
+//!   lease has surely run out. The book is in memory: a new leader waits a lease before it changes
+//!   any primary.
 
 use super::build::Owner;
-use super::controller::{Context, publish};
+use super::controller::{Context, publish, publish_related};
+use super::rollout::{self as pods, Evicted, Revisions};
 use super::topology::{self, Published, WriteError};
+use crate::brain::lease::{DEFAULT_PRIMARY_LEASE, LeaseBook};
 use crate::brain::moves::{self, Move};
 use crate::brain::observe::{Health, Observations};
 use crate::brain::placement::{Placement, place};
-use crate::brain::plan::{self, Action, Settings};
+use crate::brain::plan::{self, Action, Reason, Settings};
+use crate::brain::rollout::{self, Change, Step};
 use crate::brain::validate::{ValidatedDb, validate_with_defaults};
 use crate::crd::ShardedDatabase;
 use crate::exec::{self, PROBE_TIMEOUT, RECOVER_TIMEOUT, RecoveredCopy};
 use futures::channel::mpsc::UnboundedSender;
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::{ObjectRef, Store};
-use shard_server::api::ClientError;
-use shard_server::topology::Topology;
+use shard_server::api::{ClientError, LeaseToken};
+use shard_server::topology::{ReplicaState, Topology};
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::task::JoinSet;
 
@@ -77,16 +92,54 @@ impl Default for HealSettings {
 const READY_ATTEMPTS: usize = 5;
 
 /// What the healer keeps per database between rounds.
-#[derive(Default)]
 struct DbState {
     seen: Observations,
     /// (shard, server) pairs with a recover running.
     running: BTreeSet<(String, String)>,
+    /// Servers whose pod the rollout evicted and whose copies are not all ready again yet.
+    restarted: BTreeSet<String>,
+    /// Why the rollout last waited, so that a wait is logged once rather than every round.
+    waiting: Option<String>,
+    leases: Arc<DbLeases>,
     /// Clients presenting the operator's certificate for this database (probe, recover); made
     /// once the reconcile has registered the database's CA. A renewed certificate is used by
     /// them without rebuilding them.
     http: Option<(reqwest::Client, reqwest::Client)>,
 }
+
+/// One database's primary leases: the book, the tokens its servers last handed out, and where its
+/// servers are; shared with the task that grants them.
+struct DbLeases {
+    book: Mutex<LeaseBook>,
+    tokens: Mutex<HashMap<String, LeaseToken>>,
+    name: String,
+    namespace: String,
+    /// The client the grants go out with (the operator's certificate for this database); unset
+    /// until the reconcile has made the database's CA, and no grant goes out meanwhile.
+    http: std::sync::OnceLock<reqwest::Client>,
+}
+
+impl DbState {
+    fn new(owner: &Owner) -> DbState {
+        DbState {
+            seen: Observations::new(),
+            running: BTreeSet::new(),
+            restarted: BTreeSet::new(),
+            waiting: None,
+            http: None,
+            leases: Arc::new(DbLeases {
+                book: Mutex::new(LeaseBook::new(DEFAULT_PRIMARY_LEASE, Instant::now())),
+                tokens: Mutex::default(),
+                name: owner.name.clone(),
+                namespace: owner.namespace.clone(),
+                http: std::sync::OnceLock::new(),
+            }),
+        }
+    }
+}
+
+/// The books of every database the healer looks after, for the grant task.
+type Books = Arc<Mutex<HashMap<ObjectRef<ShardedDatabase>, Arc<DbLeases>>>>;
 
 /// The outcome of one recover task.
 struct Finished {
@@ -106,6 +159,9 @@ struct Healer {
     recovers: JoinSet<Finished>,
     /// Asks the controller to reconcile (so the status shows a change in reachability).
     reconcile: UnboundedSender<()>,
+    books: Books,
+    /// Rounds of database probes so far (every [`exec::CHECKSUM_EVERY`]th asks for checksums).
+    rounds: u64,
 }
 
 /// Runs the healer over every database in `dbs` (the controller's cache of `scope`, a namespace
@@ -118,7 +174,17 @@ pub async fn run(
     reconcile: UnboundedSender<()>,
     shutdown: impl Future<Output = ()>,
 ) {
-    let mut healer = Healer { ctx, settings, dbs: HashMap::new(), recovers: JoinSet::new(), reconcile };
+    let mut healer = Healer {
+        ctx,
+        settings,
+        dbs: HashMap::new(),
+        recovers: JoinSet::new(),
+        reconcile,
+        books: Books::default(),
+        rounds: 0,
+    };
+    let grants = tokio::spawn(grant_leases(Arc::clone(&healer.ctx), Arc::clone(&healer.books)));
+    let _stop_grants = AbortOnDrop(grants);
     let mut ticks = tokio::time::interval(settings.round);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
@@ -136,6 +202,7 @@ pub async fn run(
         let current = dbs.state();
         let keys: HashSet<_> = current.iter().map(|db| ObjectRef::from_obj(db.as_ref())).collect();
         healer.dbs.retain(|k, _| keys.contains(k));
+        healer.books.lock().expect("books lock").retain(|k, _| keys.contains(k));
         healer.ctx.forget_unreachable_except(scope.as_deref(), &keys);
         let ids =
             current.iter().filter_map(|db| Owner::of(db)).map(|o| crate::k8s::build::tls::database_id(&o)).collect();
@@ -155,9 +222,10 @@ impl Healer {
         owner: &Owner,
         key: &ObjectRef<ShardedDatabase>,
     ) -> Option<(reqwest::Client, reqwest::Client)> {
-        let state = self.dbs.entry(key.clone()).or_default();
+        let state = self.dbs.entry(key.clone()).or_insert_with(|| DbState::new(owner));
         if state.http.is_none() {
             let credentials = self.ctx.pki.credentials(&crate::k8s::build::tls::database_id(owner))?;
+            let _ = state.leases.http.set(credentials.http_client(PROBE_TIMEOUT));
             state.http = Some((credentials.http_client(PROBE_TIMEOUT), credentials.http_client(RECOVER_TIMEOUT)));
         }
         state.http.clone()
@@ -187,6 +255,7 @@ impl Healer {
         });
         let mut probed: BTreeSet<&String> = topology.servers.keys().collect();
         probed.extend(desired.iter().flat_map(|(_, p)| &p.servers));
+        let named: BTreeSet<String> = probed.iter().map(|s| (*s).clone()).collect();
         let servers: Vec<(String, String)> = probed
             .into_iter()
             .map(|s| (s.clone(), self.ctx.config.server_urls.url(&owner.name, &owner.namespace, s)))
@@ -195,10 +264,28 @@ impl Healer {
             // The reconcile has not made the database's certificates yet: nothing can be asked.
             return;
         };
+        self.rounds += 1;
+        let checksums = self.rounds.is_multiple_of(exec::CHECKSUM_EVERY);
         // One `now` for the round, taken before any probe leaves (see `Observations`).
         let now = Instant::now();
-        let probes = exec::probe_servers(&probe_http, servers).await;
-        let state = self.dbs.entry(key.clone()).or_default();
+        let probes = exec::probe_servers(&probe_http, servers, checksums).await;
+        // `None` when they cannot be read: no rollout step this round.
+        let revisions = match pods::observe(&self.ctx.client, &owner, &named).await {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::warn!(db = %owner.name, error = %e, "cannot read the server pods' revisions");
+                None
+            }
+        };
+        let outdated = revisions.as_ref().map(|r| r.outdated.clone()).unwrap_or_default();
+        let state = self.dbs.entry(key.clone()).or_insert_with(|| DbState::new(&owner));
+        self.books.lock().expect("books lock").insert(key.clone(), Arc::clone(&state.leases));
+        {
+            let mut book = state.leases.book.lock().expect("lease book lock");
+            book.begin_round();
+            book.follow(&topology);
+        }
+        let leases = Arc::clone(&state.leases);
         for (server, probe) in probes {
             state.seen.record(&server, probe, now);
         }
@@ -208,9 +295,16 @@ impl Healer {
             let _ = self.reconcile.unbounded_send(());
         }
 
-        let actions = plan::plan(&topology, &state.seen, now, &self.settings.plan);
-        let (changes, recovers): (Vec<_>, Vec<_>) = actions.into_iter().partition(Action::changes_topology);
-        if let Some(next) = plan::apply(&topology, &changes) {
+        let mut actions = plan::plan(&topology, &state.seen, now, &self.settings.plan);
+        rollout::hold_recovers(&mut actions, rollout::next_restart(&topology, &outdated).as_deref());
+        let (mut changes, recovers): (Vec<_>, Vec<_>) = actions.into_iter().partition(Action::changes_topology);
+        let mut next = plan::apply(&topology, &changes);
+        if next.as_ref().is_some_and(|n| !fence(&leases, &topology, n)) {
+            // Everything else goes ahead; the promotions wait for a later round.
+            changes.retain(|a| !matches!(a, Action::Promote { .. }));
+            next = plan::apply(&topology, &changes).filter(|n| fence(&leases, &topology, n));
+        }
+        if let Some(next) = next {
             match topology::write(&self.ctx.client, &owner, &next, Some(&published.resource_version)).await {
                 Ok(_) => {
                     tracing::info!(db = %owner.name, epoch = next.epoch, "topology written");
@@ -220,8 +314,9 @@ impl Healer {
                 }
                 Err(e) => return self.not_written(&owner, e),
             }
-        } else if let Some((next, steps)) =
-            desired.and_then(|(valid, placement)| self.moves(&owner, &topology, &valid, &placement, &key))
+        } else if let Some((next, steps)) = desired
+            .and_then(|(valid, placement)| self.moves(&owner, &topology, &valid, &placement, &key))
+            .filter(|(n, _)| fence(&leases, &topology, n))
         {
             match topology::write(&self.ctx.client, &owner, &next, Some(&published.resource_version)).await {
                 Ok(_) => {
@@ -231,6 +326,16 @@ impl Healer {
                 }
                 Err(e) => return self.not_written(&owner, e),
             }
+        } else if let Some(revisions) = &revisions {
+            self.roll(&db, &owner, &key, &published.resource_version, &topology, revisions).await;
+        }
+        if let Some(revisions) = &revisions {
+            self.note_updated(&db, &owner, &key, &topology, revisions).await;
+        }
+        // The status shows a rollout until its last server is back (see `status`).
+        let restarting = self.dbs.get(&key).map(|s| s.restarted.clone()).unwrap_or_default();
+        if self.ctx.set_restarting(&key, restarting) {
+            let _ = self.reconcile.unbounded_send(());
         }
         for action in recovers {
             self.start_recover(&db, &owner, action);
@@ -260,6 +365,121 @@ impl Healer {
         Some((next, steps))
     }
 
+    /// One step of the rolling restart of `db`'s outdated servers.
+    async fn roll(
+        &mut self,
+        db: &Arc<ShardedDatabase>,
+        owner: &Owner,
+        key: &ObjectRef<ShardedDatabase>,
+        read_at: &str,
+        topology: &Topology,
+        revisions: &Revisions,
+    ) {
+        let Some(state) = self.dbs.get_mut(key) else { return };
+        let step = if revisions.unknown.is_empty() {
+            rollout::plan_rollout(topology, &revisions.outdated, &state.seen)
+        } else {
+            let unknown: Vec<&str> = revisions.unknown.iter().map(String::as_str).collect();
+            Step::Wait(format!("the current revision of {} is not known yet", unknown.join(", ")))
+        };
+        match step {
+            Step::Done => state.waiting = None,
+            Step::Wait(why) => {
+                if !revisions.outdated.is_empty() && state.waiting.as_ref() != Some(&why) {
+                    tracing::info!(db = %owner.name, %why, "rollout waits");
+                }
+                state.waiting = Some(why);
+            }
+            Step::Drain { server, changes } => {
+                state.waiting = None;
+                let Some(next) = rollout::apply(topology, &changes) else { return };
+                if let Err(e) = topology::write(&self.ctx.client, owner, &next, Some(read_at)).await {
+                    return self.not_written(owner, e);
+                }
+                let what: Vec<String> = changes
+                    .iter()
+                    .map(|c| match c {
+                        Change::Demote { shard, .. } => format!("{shard} stops serving there"),
+                        Change::HandOver { shard, to, .. } => format!("{shard} is handed over to {to}"),
+                    })
+                    .collect();
+                let revision = revisions.current.get(&server).map_or("?", String::as_str);
+                let note = format!(
+                    "{server} is drained before its restart to revision {revision}: {} (epoch {})",
+                    what.join(", "),
+                    next.epoch
+                );
+                tracing::info!(db = %owner.name, "{note}");
+                let pod = Some(pods::pod_reference(owner, &server));
+                publish_related(&self.ctx, db, EventType::Normal, "ServerDraining", "Rollout", note, pod).await;
+            }
+            Step::Restart { server } => {
+                state.waiting = None;
+                match pods::evict(&self.ctx.client, owner, &server).await {
+                    Ok(Evicted::Done) => {
+                        state.restarted.insert(server.clone());
+                        let revision = revisions.current.get(&server).map_or("?", String::as_str);
+                        let note = format!(
+                            "{server}'s pod is evicted to run revision {revision}; its copies are recovered once it is back"
+                        );
+                        tracing::info!(db = %owner.name, "{note}");
+                        let pod = Some(pods::pod_reference(owner, &server));
+                        publish_related(&self.ctx, db, EventType::Normal, "ServerRestarting", "Rollout", note, pod)
+                            .await;
+                    }
+                    Ok(Evicted::NotNow(why)) => {
+                        tracing::info!(db = %owner.name, %server, %why, "eviction refused; retrying next round")
+                    }
+                    Err(e) => tracing::warn!(db = %owner.name, %server, error = %e, "cannot evict a server pod"),
+                }
+            }
+        }
+    }
+
+    /// A `ServerUpdated` Event for each restarted server that runs its current revision, answers
+    /// at the current epoch and whose copies are all ready again. Which servers were restarted is
+    /// kept in memory; an operator that starts during a rollout (a new leader, an upgrade of the
+    /// operator itself) takes a server that runs its current revision with copies not ready yet,
+    /// while others still wait for theirs, for one the rollout restarted.
+    async fn note_updated(
+        &mut self,
+        db: &ShardedDatabase,
+        owner: &Owner,
+        key: &ObjectRef<ShardedDatabase>,
+        topology: &Topology,
+        revisions: &Revisions,
+    ) {
+        let Some(state) = self.dbs.get_mut(key) else { return };
+        if !revisions.outdated.is_empty() {
+            let recovering = revisions.current.keys().filter(|s| {
+                !revisions.outdated.contains(*s)
+                    && !revisions.replacing.contains(*s)
+                    && topology.shards_of(s).any(|(_, st)| st != ReplicaState::Ready)
+            });
+            state.restarted.extend(recovering.cloned());
+        }
+        let back: Vec<String> = state
+            .restarted
+            .iter()
+            .filter(|s| !revisions.outdated.contains(*s) && !revisions.replacing.contains(*s))
+            .filter(|s| matches!(state.seen.health(s), Health::Up { epoch, .. } if *epoch >= topology.epoch))
+            .filter(|s| topology.shards_of(s).all(|(_, st)| st == ReplicaState::Ready))
+            .cloned()
+            .collect();
+        let total = revisions.current.len();
+        let updated = total.saturating_sub(revisions.outdated.len() + revisions.replacing.len());
+        for server in back {
+            state.restarted.remove(&server);
+            let revision = revisions.current.get(&server).map_or("?", String::as_str);
+            let note = format!(
+                "{server} runs revision {revision} and its copies are ready again ({updated}/{total} servers updated)"
+            );
+            tracing::info!(db = %db.metadata.name.as_deref().unwrap_or_default(), "{note}");
+            let pod = Some(pods::pod_reference(owner, &server));
+            publish_related(&self.ctx, db, EventType::Normal, "ServerUpdated", "Rollout", note, pod).await;
+        }
+    }
+
     /// Logs a write that did not happen; the next round plans again from a fresh read.
     fn not_written(&self, owner: &Owner, error: WriteError) {
         match error {
@@ -272,14 +492,16 @@ impl Healer {
 
     fn start_recover(&mut self, db: &Arc<ShardedDatabase>, owner: &Owner, action: Action) {
         let Action::Recover { shard, server, primary } = action else { return };
-        let state = self.dbs.entry(ObjectRef::from_obj(db.as_ref())).or_default();
+        let state = self.dbs.entry(ObjectRef::from_obj(db.as_ref())).or_insert_with(|| DbState::new(owner));
         if !state.running.insert((shard.clone(), server.clone())) {
             return;
         }
         tracing::info!(db = %owner.name, %shard, %server, %primary, "recovering a copy");
         let url = self.ctx.config.server_urls.url(&owner.name, &owner.namespace, &server);
         let Some((probe_http, recover_http)) = self.clients(owner, &ObjectRef::from_obj(db.as_ref())) else {
-            self.dbs.entry(ObjectRef::from_obj(db.as_ref())).or_default().running.remove(&(shard, server));
+            if let Some(state) = self.dbs.get_mut(&ObjectRef::from_obj(db.as_ref())) {
+                state.running.remove(&(shard, server));
+            }
             return;
         };
         let db = Arc::clone(db);
@@ -331,6 +553,12 @@ impl Healer {
                 copy_id: copy.copy_id.clone(),
             };
             let Some(next) = plan::apply(&current, &[ready]) else { return };
+            // Marking a copy ready changes no primary: the book only follows.
+            if let Some(state) = self.dbs.get(&ObjectRef::from_obj(done.db.as_ref()))
+                && !fence(&state.leases, &current, &next)
+            {
+                return;
+            }
             match topology::write(&self.ctx.client, &owner, &next, Some(&version)).await {
                 Ok(_) => {
                     let r = &copy.response;
@@ -395,6 +623,14 @@ impl Healer {
                 tracing::info!(%shard, %server, %copy_id, epoch, "copy identity recorded");
                 return;
             }
+            Action::MarkRecovering { shard, server, reason: reason @ Reason::Diverged } => {
+                self.ctx.metrics.copies_diverged.inc();
+                (
+                    EventType::Warning,
+                    "Diverged",
+                    format!("{shard} on {server} {reason}: recovering, to be copied afresh (epoch {epoch})"),
+                )
+            }
             Action::MarkRecovering { shard, server, reason } => (
                 EventType::Warning,
                 "Demoted",
@@ -412,5 +648,48 @@ impl Healer {
         };
         tracing::info!(db = %db.metadata.name.as_deref().unwrap_or_default(), reason, "{note}");
         publish(&self.ctx, db, type_, reason, "Heal", note).await;
+    }
+}
+
+/// Whether `next` may replace `current` now: a change of primary waits until the old primary's
+/// lease has surely run out (see `brain::lease`), and it is granted nothing more meanwhile.
+fn fence(leases: &DbLeases, current: &Topology, next: &Topology) -> bool {
+    match leases.book.lock().expect("lease book lock").fence(current, next, Instant::now()) {
+        Ok(()) => true,
+        Err(until) => {
+            let ms = until.saturating_duration_since(Instant::now()).as_millis();
+            tracing::info!(db = %leases.name, epoch = next.epoch, wait_ms = ms, "a new primary waits until the old one's lease has run out");
+            false
+        }
+    }
+}
+
+/// Grants the primaries of every database their leases, every [`exec::GRANT_EVERY`]; each
+/// database's grants run on their own, so one whose servers hang holds up no other.
+async fn grant_leases(ctx: Arc<Context>, books: Books) {
+    let mut ticks = tokio::time::interval(exec::GRANT_EVERY);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut running = JoinSet::new();
+    loop {
+        ticks.tick().await;
+        while running.try_join_next().is_some() {}
+        let all: Vec<Arc<DbLeases>> = books.lock().expect("books lock").values().cloned().collect();
+        for db in all {
+            let Some(http) = db.http.get().cloned() else { continue };
+            let ctx = Arc::clone(&ctx);
+            running.spawn(async move {
+                let url = |server: &str, _: &str| ctx.config.server_urls.url(&db.name, &db.namespace, server);
+                exec::grant_primary_leases(&http, &db.book, &db.tokens, &url).await;
+            });
+        }
+    }
+}
+
+/// Aborts a task when dropped (the healer's grant task stops with the healer).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

@@ -9,5 +9,6 @@ pub mod heal;
 pub mod identities;
 pub mod leader;
 pub mod pki;
+pub mod rollout;
 pub mod status;
 pub mod topology;

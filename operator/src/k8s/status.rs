@@ -10,6 +10,13 @@
 //! Per shard, the primary and the state of each copy come from the published topology (which the
 //! healer maintains); a ready copy counts as ready here only while its pod is ready and the healer
 //! reaches its server.
+//!
+//! During a rolling update (a server's pod runs an older revision of its StatefulSet's template),
+//! `Progressing` is `True` with reason `RollingUpdate` and says how many servers are updated. The
+//! rollout takes one server at a time out of service, so one server short (down, or its copies
+//! recovering) is the rollout at work: `Degraded` stays `False` (reason `RollingUpdate`) and
+//! `Ready` is `False` with that reason until the server is back. Two or more servers short is a
+//! fault, reported as outside a rollout.
 
 use crate::brain::placement::Placement;
 use crate::crd::{Condition, ConditionStatus, ShardStatus, ShardedDatabaseStatus};
@@ -31,6 +38,10 @@ pub struct Observed {
     pub topology: Topology,
     /// Servers that did not answer the healer's last probe (none while healing is off).
     pub unreachable: BTreeSet<String>,
+    /// Servers whose pod runs their StatefulSet's current revision.
+    pub updated_servers: BTreeSet<String>,
+    /// Whether some server's pod runs an older revision (a rolling update is under way).
+    pub rolling: bool,
 }
 
 /// The status of a database whose spec validated and whose children were applied.
@@ -80,7 +91,30 @@ pub fn healthy_or_converging(
     if !settled {
         summary.push_str("; moving copies to the declared placement");
     }
-    let conditions = if all_ready {
+    let updated = placement.servers.iter().filter(|s| observed.updated_servers.contains(*s)).count();
+    // Servers out of service: not serving, or holding a copy that is not ready.
+    let short: BTreeSet<&str> = placement
+        .servers
+        .iter()
+        .map(String::as_str)
+        .filter(|s| !serving(s))
+        .chain(shards.iter().flat_map(|sh| sh.recovering_replicas.iter().map(String::as_str)))
+        .collect();
+    let conditions = if observed.rolling {
+        summary.push_str(&format!("; rolling update: {updated}/{total} servers updated"));
+        let degraded = if short.len() <= 1 {
+            (DEGRADED, ConditionStatus::False, "RollingUpdate", summary.clone())
+        } else {
+            (DEGRADED, ConditionStatus::True, "ServersUnavailable", summary.clone())
+        };
+        let ready =
+            if all_ready { (ConditionStatus::True, "AllReady") } else { (ConditionStatus::False, "RollingUpdate") };
+        vec![
+            (READY, ready.0, ready.1, summary.clone()),
+            (PROGRESSING, ConditionStatus::True, "RollingUpdate", summary),
+            degraded,
+        ]
+    } else if all_ready {
         vec![
             (READY, ConditionStatus::True, "AllReady", summary.clone()),
             (PROGRESSING, ConditionStatus::False, "UpToDate", summary.clone()),
@@ -107,10 +141,18 @@ pub fn healthy_or_converging(
             degraded,
         ]
     };
+    let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+    let copies = count(observed.topology.shards.iter().map(|s| s.replicas.len()).sum());
+    let ready_copies = count(shards.iter().map(|s| s.ready_replicas.len()).sum());
     ShardedDatabaseStatus {
         observed_generation: generation,
         conditions: build_conditions(conditions, generation, previous, now),
-        ready_servers: u32::try_from(ready_servers).unwrap_or(u32::MAX),
+        ready_servers: count(ready_servers),
+        updated_servers: count(updated),
+        shard_count: count(shards.len()),
+        copies,
+        ready_copies,
+        copies_ready: format!("{ready_copies}/{copies}"),
         shards,
         topology_epoch: Some(observed.topology.epoch),
     }
@@ -203,6 +245,8 @@ mod tests {
             ready_routers: routers,
             topology: topology(),
             unreachable: BTreeSet::new(),
+            updated_servers: ready.iter().map(|s| s.to_string()).collect(),
+            rolling: false,
         }
     }
 
@@ -223,6 +267,9 @@ mod tests {
         assert!(s.conditions.iter().all(|c| c.observed_generation == Some(1) && c.last_transition_time == "t0"));
         assert_eq!(s.shards[0].ready_replicas, ["Server0"]);
         assert_eq!(s.topology_epoch, Some(4));
+        // Four shards of three copies; Server0 holds two of them (sh1 and sh3 in count placement).
+        assert_eq!((s.shard_count, s.copies, s.ready_copies), (4, 12, 2));
+        assert_eq!(s.copies_ready, "2/12");
     }
 
     #[test]
@@ -296,7 +343,39 @@ mod tests {
         assert_eq!(s.shards[1].primary.as_deref(), Some("Server4"));
         assert_eq!(s.shards[1].ready_replicas, ["Server4", "Server5"]);
         assert_eq!(s.shards[1].recovering_replicas, ["Server3"]);
+        assert_eq!(s.copies_ready, "11/12", "a recovering copy is a copy, not a ready one");
         assert!(condition(&s, DEGRADED).unwrap().message.contains("recovering: sh2 on Server3"));
+    }
+
+    #[test]
+    fn a_rolling_update_is_progress_and_one_server_short_is_not_degraded() {
+        let p = place(&db());
+        let all: Vec<&str> = p.servers.iter().map(String::as_str).collect();
+        let ready = healthy_or_converging(Some(1), &p, &observed(&all, 2), None, "t0");
+        // Server2 was drained (its copies of sh1 and sh3 recover) and is restarting.
+        let mut o = observed(&all, 2);
+        o.rolling = true;
+        o.updated_servers = ["Server5".to_owned()].into();
+        o.ready_servers.remove("Server2");
+        for shard in [0, 2] {
+            o.topology.shards[shard].replicas.insert("Server2".into(), ReplicaState::Recovering);
+        }
+        let s = healthy_or_converging(Some(2), &p, &o, Some(&ready), "t1");
+        assert_eq!(status_of(&s, PROGRESSING), (ConditionStatus::True, "RollingUpdate".into()));
+        assert_eq!(status_of(&s, READY), (ConditionStatus::False, "RollingUpdate".into()));
+        assert_eq!(status_of(&s, DEGRADED), (ConditionStatus::False, "RollingUpdate".into()));
+        assert!(condition(&s, PROGRESSING).unwrap().message.contains("rolling update: 1/6 servers updated"));
+        assert_eq!(s.updated_servers, 1);
+        // A second server short during the rollout is a fault.
+        o.unreachable.insert("Server4".into());
+        let s = healthy_or_converging(Some(2), &p, &o, Some(&ready), "t2");
+        assert_eq!(status_of(&s, DEGRADED), (ConditionStatus::True, "ServersUnavailable".into()));
+        // Between two servers everything is ready: Ready, and still progressing.
+        let mut o = observed(&all, 2);
+        o.rolling = true;
+        let s = healthy_or_converging(Some(2), &p, &o, Some(&ready), "t3");
+        assert_eq!(status_of(&s, READY), (ConditionStatus::True, "AllReady".into()));
+        assert_eq!(status_of(&s, PROGRESSING), (ConditionStatus::True, "RollingUpdate".into()));
     }
 
     #[test]

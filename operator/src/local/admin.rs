@@ -1,9 +1,14 @@
 //! The local control plane's admin endpoint: `POST /init`, `POST /add`, `DELETE /rm` with the
-//! typed bodies of `shard_server::admin`, served on 127.0.0.1 for the router (`--control-url`).
+//! typed bodies of `shard_server::admin`, served on 127.0.0.1 for the router (`--control-url`),
+//! or on the switch's gateway address when processes run in network namespaces (see `hosts`).
 //! Each request is handed to the operator's main loop, which owns the declared configuration, and
 //! the loop's answer (the seed body and status) goes back; [`LocalCluster::admin`] decides it
 //! with `brain::declare`, saves the result and, for `/init`, starts the servers. Only the cluster's
 //! router may call it (mutual TLS, see `pki`). Does I/O (HTTP).
+//!
+//! It also serves the topology document to processes that cannot follow the file (`GET
+//! /topology?after=EPOCH`, a long poll: the document once its epoch is past `after`, or 204 after
+//! [`TOPOLOGY_HOLD`]); the cluster's routers and servers alone may read it.
 
 use super::declared::{Declared, save_declared};
 use super::{DECLARED_FILE, LocalCluster, LocalError};
@@ -11,16 +16,28 @@ pub use crate::admin::AdminRequest;
 use crate::admin::{JsonBody, Reply, leaving, refused};
 use crate::brain::declare::{self, AdminError};
 use axum::Json;
-use axum::extract::State;
-use axum::http::StatusCode;
+use axum::extract::{Query, State};
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, post};
+use axum::routing::{delete, get, post};
 use serde_json::Value;
 use shard_server::admin::{AddRequest, InitRequest, RmRequest};
 use shard_server::api::{ErrorBody, ErrorCode};
 use shard_server::auth::{self, Gate};
 use shard_server::tls::{Component, Credentials, TlsListener, TlsPeer};
+use shard_server::topology_source::TopologyRx;
+use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
+
+/// Longest a `GET /topology?after=N` waits for a newer document before answering 204 (its caller
+/// asks again at once); well below any client's timeout.
+pub const TOPOLOGY_HOLD: Duration = Duration::from_secs(10);
+
+#[derive(Clone)]
+struct AdminState {
+    calls: mpsc::Sender<AdminCall>,
+    topology: TopologyRx,
+}
 
 /// One admin request and where its answer goes.
 #[derive(Debug)]
@@ -31,22 +48,28 @@ pub struct AdminCall {
 
 /// Serves the endpoint on `listener` until the loop's receiver is gone: over TLS with the
 /// operator's certificate (or, with TLS off, checking the per-cluster secret), answering the
-/// cluster's router alone; anyone else is refused (401/403) before the request is read.
+/// cluster's router alone (and, for `GET /topology`, its servers too); anyone else is refused
+/// (401/403) before the request is read. `topology` follows the topology file.
 pub fn serve(
     listener: tokio::net::TcpListener,
     credentials: &Credentials,
     calls: mpsc::Sender<AdminCall>,
+    topology: TopologyRx,
 ) -> tokio::task::JoinHandle<()> {
     let gate = Gate::for_credentials(credentials).unwrap_or_else(Gate::nobody);
     let routers_only = axum::middleware::from_fn_with_state(gate.allow(&[Component::Router]), auth::require);
+    let members =
+        axum::middleware::from_fn_with_state(gate.allow(&[Component::Router, Component::Server]), auth::require);
     let app = axum::Router::new()
         .route("/init", post(init))
         .route("/add", post(add))
         .route("/rm", delete(rm))
         .route_layer(routers_only)
+        .route("/topology", get(topology_document).route_layer(members))
         .fallback(crate::admin::no_route)
         .method_not_allowed_fallback(crate::admin::method_not_allowed)
-        .with_state(calls);
+        .layer(axum::middleware::from_fn(shard_server::protocol::versioned))
+        .with_state(AdminState { calls, topology });
     let credentials = credentials.clone();
     tokio::spawn(async move {
         let served = match credentials {
@@ -77,16 +100,39 @@ async fn call(calls: &mpsc::Sender<AdminCall>, request: AdminRequest) -> Respons
     }
 }
 
-async fn init(State(calls): State<mpsc::Sender<AdminCall>>, JsonBody(req): JsonBody<InitRequest>) -> Response {
-    call(&calls, AdminRequest::Init(req)).await
+async fn init(State(s): State<AdminState>, JsonBody(req): JsonBody<InitRequest>) -> Response {
+    call(&s.calls, AdminRequest::Init(req)).await
 }
 
-async fn add(State(calls): State<mpsc::Sender<AdminCall>>, JsonBody(req): JsonBody<AddRequest>) -> Response {
-    call(&calls, AdminRequest::Add(req)).await
+async fn add(State(s): State<AdminState>, JsonBody(req): JsonBody<AddRequest>) -> Response {
+    call(&s.calls, AdminRequest::Add(req)).await
 }
 
-async fn rm(State(calls): State<mpsc::Sender<AdminCall>>, JsonBody(req): JsonBody<RmRequest>) -> Response {
-    call(&calls, AdminRequest::Rm(req)).await
+async fn rm(State(s): State<AdminState>, JsonBody(req): JsonBody<RmRequest>) -> Response {
+    call(&s.calls, AdminRequest::Rm(req)).await
+}
+
+#[derive(serde::Deserialize)]
+struct TopologyQuery {
+    /// Answer only with a document of a later epoch (waiting up to [`TOPOLOGY_HOLD`] for one).
+    after: Option<u64>,
+}
+
+/// `GET /topology[?after=EPOCH]`: the current document, once it is newer than `after`; 204 when
+/// none is within [`TOPOLOGY_HOLD`] (or there is no topology yet).
+async fn topology_document(State(s): State<AdminState>, Query(q): Query<TopologyQuery>) -> Response {
+    let mut rx = s.topology.clone();
+    let newer = |t: &Option<std::sync::Arc<shard_server::topology::Topology>>| {
+        t.as_ref().is_some_and(|t| q.after.is_none_or(|after| t.epoch > after))
+    };
+    let document = match tokio::time::timeout(TOPOLOGY_HOLD, rx.wait_for(newer)).await {
+        Ok(Ok(t)) => t.as_ref().map(|t| t.to_json_pretty()),
+        _ => None,
+    };
+    match document {
+        Some(json) => ([(header::CONTENT_TYPE, "application/json")], json).into_response(),
+        None => StatusCode::NO_CONTENT.into_response(),
+    }
 }
 
 impl LocalCluster {
@@ -129,6 +175,8 @@ impl LocalCluster {
                     if let Err(e) = self.write_cluster_file() {
                         tracing::error!(error = %e, "cannot update cluster.json");
                     }
+                    // The client reads next: its primaries need their leases (see `leases`).
+                    self.leases.grant_now(self.read_topology().as_ref()).await;
                     Reply::Init.answer(servers)
                 }
                 Err(e) => {

@@ -7,10 +7,26 @@
 //! The topology file is the only state that matters: the healer reads it at every round, so after
 //! an operator restart a heal or failover in progress simply continues.
 //!
+//! When neither heals nor placement moves have anything to do, servers running an outdated binary
+//! are restarted one at a time (`brain::rollout`): drained, restarted, and recovered before the
+//! next. A server about to restart is not recovered meanwhile.
+//!
+//! A topology that gives a shard another primary (a failover, a handover) is written only once the
+//! old primary's read lease has surely run out (`leases`, `brain::lease`); until then the rest of
+//! the round's changes go ahead without it. Every [`crate::exec::CHECKSUM_EVERY`]th round the
+//! probes ask for the rows' checksums too, so that copies are compared at equal sequence numbers
+//! (history hashes every round): a replica that differs from its primary is demoted (`demote`,
+//! with the reason in `detail`) and copied afresh.
+//!
 //! `DIR/events.log` has one JSON object per line: `{"at_ms": <unix ms>, "event": "...", "shard",
 //! "server", "epoch", "detail"}` with events `demote`, `promote`, `record_copy`, `recover_start`,
-//! `ready`, `recover_failed`, `control`, and for placement changes `add_server`, `add_shard`,
-//! `add_replica`, `hand_over`, `remove_replica`, `remove_server`.
+//! `ready`, `recover_failed`, `control`, for placement changes `add_server`, `add_shard`,
+//! `add_replica`, `hand_over`, `remove_replica`, `remove_server`, and for upgrades `upgrade` (new
+//! binaries taken), `drain_demote`, `drain_hand_over` (a copy taken out of service before its
+//! server restarts), `restart` (the server restarts on the new binary) and `updated` (its copies
+//! are ready again; the detail says how many servers run the new binary). A `ready` that ends a
+//! recover also has `recover`: `{"took_ms": <the healer's time>, "response": <the server's answer,
+//! with where the time went>}`.
 //!
 //! `DIR/control/<verb>.<server>` (any content) asks for a fault or its repair; the file is removed
 //! once done. Verbs: `kill` (SIGKILL the shard server and keep it down), `stop` (stop it and keep it
@@ -19,18 +35,25 @@
 //! certificate of the cluster again now, as renewal does once one is due). A crashed process is otherwise restarted by
 //! the supervisor within about a second, too soon for any timeout to matter, and a stopped
 //! Postgres is never restarted by itself: these verbs are how a test keeps a server down.
+//!
+//! `DIR/control/upgrade` (no server) takes new binaries: those of the directory the file names,
+//! or, when it is empty, the bin directory's again (rebuilt in place). The router restarts on its
+//! new binary at once; the servers follow one at a time.
 
 use super::{LocalCluster, LocalError};
+use crate::brain::lease::LeaseBook;
 use crate::brain::moves::{self, Move};
-use crate::brain::observe::Observations;
+use crate::brain::observe::{Health, Observations};
 use crate::brain::plan::{self, Action, Settings};
+use crate::brain::rollout::{self, Change, Step};
 use crate::exec::{self, PROBE_TIMEOUT, RECOVER_TIMEOUT};
 use shard_server::api::{ClientError, RecoverRequest, RecoverResponse, ShardClient};
 use shard_server::tls::Credentials;
-use shard_server::topology::Topology;
+use shard_server::topology::{ReplicaState, Topology};
 use std::collections::BTreeSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
@@ -57,8 +80,16 @@ pub struct Healer {
     recover_http: reqwest::Client,
     /// (shard, server) pairs with a recover running.
     running: BTreeSet<(String, String)>,
+    /// Servers restarted by the rollout whose copies are not all ready again yet.
+    restarted: BTreeSet<String>,
+    /// Why the rollout waits, when it last said (so a wait is logged once, not every round).
+    waiting: Option<String>,
     done_tx: mpsc::UnboundedSender<Recovered>,
     done_rx: mpsc::UnboundedReceiver<Recovered>,
+    /// The primaries' leases, shared with the task that grants them (see `leases`).
+    leases: Arc<Mutex<LeaseBook>>,
+    /// Rounds of probes so far (every [`crate::exec::CHECKSUM_EVERY`]th asks for checksums).
+    rounds: u64,
 }
 
 impl Healer {
@@ -68,6 +99,7 @@ impl Healer {
         topology: PathBuf,
         credentials: &Credentials,
         settings: Settings,
+        leases: Arc<Mutex<LeaseBook>>,
     ) -> Result<Healer, LocalError> {
         let control = dir.join("control");
         super::make_dir(&control)?;
@@ -81,13 +113,34 @@ impl Healer {
             probe_http: credentials.http_client(PROBE_TIMEOUT),
             recover_http: credentials.http_client(RECOVER_TIMEOUT),
             running: BTreeSet::new(),
+            restarted: BTreeSet::new(),
+            waiting: None,
             done_tx,
             done_rx,
+            leases,
+            rounds: 0,
         })
     }
 
+    /// Whether `next` may replace `current` now: a change of primary waits until the old primary's
+    /// lease has surely run out (see `brain::lease`), and it is granted nothing more meanwhile.
+    fn fence(&self, current: &Topology, next: &Topology) -> bool {
+        match self.leases.lock().expect("lease book lock").fence(current, next, Instant::now()) {
+            Ok(()) => true,
+            Err(until) => {
+                let ms = until.saturating_duration_since(Instant::now()).as_millis();
+                tracing::info!(
+                    epoch = next.epoch,
+                    wait_ms = ms,
+                    "a new primary waits until the old one's lease has run out"
+                );
+                false
+            }
+        }
+    }
+
     /// One round: fault requests, finished recovers, then observe → plan → act.
-    pub async fn round(&mut self, cluster: &LocalCluster) {
+    pub async fn round(&mut self, cluster: &mut LocalCluster) {
         self.control_requests(cluster).await;
         while let Ok(done) = self.done_rx.try_recv() {
             self.finish_recover(done);
@@ -103,10 +156,23 @@ impl Healer {
                 return;
             }
         };
+        {
+            let mut book = self.leases.lock().expect("lease book lock");
+            book.begin_round();
+            book.follow(&topology);
+        }
         self.observe(&topology).await;
-        let actions = plan::plan(&topology, &self.seen, Instant::now(), &self.settings);
-        let (changes, recovers): (Vec<_>, Vec<_>) = actions.into_iter().partition(Action::changes_topology);
-        if let Some(next) = plan::apply(&topology, &changes) {
+        let outdated = cluster.outdated_servers();
+        let mut actions = plan::plan(&topology, &self.seen, Instant::now(), &self.settings);
+        rollout::hold_recovers(&mut actions, rollout::next_restart(&topology, &outdated).as_deref());
+        let (mut changes, recovers): (Vec<_>, Vec<_>) = actions.into_iter().partition(Action::changes_topology);
+        let mut next = plan::apply(&topology, &changes);
+        if next.as_ref().is_some_and(|n| !self.fence(&topology, n)) {
+            // Everything else goes ahead; the promotions wait for a later round.
+            changes.retain(|a| !matches!(a, Action::Promote { .. }));
+            next = plan::apply(&topology, &changes).filter(|n| self.fence(&topology, n));
+        }
+        if let Some(next) = next {
             if let Err(e) = self.write_topology(&next) {
                 tracing::error!(error = %e, "cannot write the topology");
                 return;
@@ -116,7 +182,7 @@ impl Healer {
             }
         } else if let Some(declared) = cluster.declared() {
             let steps = moves::plan_moves(&topology, &declared.db, &declared.placement, &cluster.urls(), &self.seen);
-            if let Some(next) = moves::apply(&topology, &steps) {
+            if let Some(next) = moves::apply(&topology, &steps).filter(|n| self.fence(&topology, n)) {
                 if let Err(e) = self.write_topology(&next) {
                     tracing::error!(error = %e, "cannot write the topology");
                     return;
@@ -124,18 +190,91 @@ impl Healer {
                 for m in &steps {
                     self.log_move(m, next.epoch);
                 }
+            } else {
+                self.roll(cluster, &topology, &outdated).await;
             }
         }
+        self.note_updated(cluster, &topology, &outdated);
         for a in recovers {
             self.start_recover(a, topology.epoch);
         }
     }
 
+    /// One step of the rolling restart of outdated servers.
+    async fn roll(&mut self, cluster: &LocalCluster, topology: &Topology, outdated: &BTreeSet<String>) {
+        match rollout::plan_rollout(topology, outdated, &self.seen) {
+            Step::Done => {}
+            Step::Wait(why) => {
+                if self.waiting.as_ref() != Some(&why) {
+                    tracing::info!(%why, "rollout waits");
+                    self.waiting = Some(why);
+                }
+            }
+            Step::Drain { server, changes } => {
+                self.waiting = None;
+                let Some(next) = rollout::apply(topology, &changes) else { return };
+                if let Err(e) = self.write_topology(&next) {
+                    tracing::error!(error = %e, "cannot write the topology");
+                    return;
+                }
+                for change in &changes {
+                    match change {
+                        Change::Demote { shard, server } => {
+                            self.event("drain_demote", shard, server, Some(next.epoch), "before its restart")
+                        }
+                        Change::HandOver { shard, from, to } => self.event(
+                            "drain_hand_over",
+                            shard,
+                            to,
+                            Some(next.epoch),
+                            &format!("takes over from {from}, which restarts"),
+                        ),
+                    }
+                }
+                tracing::info!(%server, "drained before its restart");
+            }
+            Step::Restart { server } => {
+                self.waiting = None;
+                let binary = cluster.bins.shard_server.display().to_string();
+                match cluster.restart_server(&server).await {
+                    Ok(()) => {
+                        self.restarted.insert(server.clone());
+                        self.event("restart", "", &server, Some(topology.epoch), &binary);
+                    }
+                    Err(e) => tracing::error!(%server, error = %e, "cannot restart a server; retrying next round"),
+                }
+            }
+        }
+    }
+
+    /// An `updated` event for each restarted server that is up to date and whose copies are all
+    /// ready again.
+    fn note_updated(&mut self, cluster: &LocalCluster, topology: &Topology, outdated: &BTreeSet<String>) {
+        let done: Vec<String> = self
+            .restarted
+            .iter()
+            .filter(|s| {
+                !outdated.contains(*s)
+                    && matches!(self.seen.health(s), Health::Up { epoch, .. } if *epoch >= topology.epoch)
+            })
+            .filter(|s| topology.shards_of(s).all(|(_, state)| state == ReplicaState::Ready))
+            .cloned()
+            .collect();
+        for server in done {
+            self.restarted.remove(&server);
+            let total = cluster.servers.len();
+            let updated = total - outdated.len();
+            self.event("updated", "", &server, Some(topology.epoch), &format!("{updated}/{total} servers updated"));
+        }
+    }
+
     async fn observe(&mut self, topology: &Topology) {
+        self.rounds += 1;
+        let checksums = self.rounds.is_multiple_of(crate::exec::CHECKSUM_EVERY);
         // One `now` for the round, taken before any probe leaves (see `Observations`).
         let now = Instant::now();
         let servers = topology.servers.iter().map(|(name, s)| (name.clone(), s.url.clone())).collect();
-        for (name, probe) in exec::probe_servers(&self.probe_http, servers).await {
+        for (name, probe) in exec::probe_servers(&self.probe_http, servers, checksums).await {
             self.seen.record(&name, probe, now);
         }
     }
@@ -186,14 +325,19 @@ impl Healer {
             return;
         }
         let ready = Action::MarkReady { shard: done.shard.clone(), server: done.server.clone(), copy_id };
-        if let Some(next) = plan::apply(&topology, &[ready]) {
+        if let Some(next) = plan::apply(&topology, &[ready]).filter(|n| self.fence(&topology, n)) {
             match self.write_topology(&next) {
                 Ok(()) => {
                     let detail = format!(
-                        "recovered in {took} ms: snapshot of {} rows at seq {}, verified {} rows at seq {}",
-                        response.snapshot_rows, response.snapshot_seq, response.rows, response.verified_seq
+                        "recovered in {took} ms ({:.0} rows/s): snapshot of {} rows at seq {}, verified {} rows at seq {}",
+                        response.snapshot_rows as f64 / (took.max(1) as f64 / 1000.0),
+                        response.snapshot_rows,
+                        response.snapshot_seq,
+                        response.rows,
+                        response.verified_seq
                     );
-                    self.event("ready", &done.shard, &done.server, Some(next.epoch), &detail);
+                    let recovered = serde_json::json!({"took_ms": took as u64, "response": response});
+                    self.event_with("ready", &done.shard, &done.server, Some(next.epoch), &detail, Some(recovered));
                 }
                 Err(e) => tracing::error!(error = %e, "cannot write the topology"),
             }
@@ -235,11 +379,27 @@ impl Healer {
 
     /// Logs a transition and appends it to `events.log`.
     fn event(&self, event: &str, shard: &str, server: &str, epoch: Option<u64>, detail: &str) {
+        self.event_with(event, shard, server, epoch, detail, None);
+    }
+
+    /// An event with a structured `recover` field: the healer's time and the server's answer.
+    fn event_with(
+        &self,
+        event: &str,
+        shard: &str,
+        server: &str,
+        epoch: Option<u64>,
+        detail: &str,
+        recover: Option<serde_json::Value>,
+    ) {
         tracing::info!(event, shard, server, epoch, detail, "healer");
         let at_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
-        let line = serde_json::json!({
+        let mut line = serde_json::json!({
             "at_ms": at_ms as u64, "event": event, "shard": shard, "server": server, "epoch": epoch, "detail": detail,
         });
+        if let Some(r) = recover {
+            line["recover"] = r;
+        }
         let appended = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -270,12 +430,16 @@ impl Healer {
     }
 
     /// Carries out the requests in `DIR/control/`, oldest name first.
-    async fn control_requests(&mut self, cluster: &LocalCluster) {
+    async fn control_requests(&mut self, cluster: &mut LocalCluster) {
         let Ok(entries) = std::fs::read_dir(&self.control) else { return };
         let mut files: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
         files.sort();
         for path in files {
             let Some(name) = path.file_name().and_then(|n| n.to_str()).map(str::to_owned) else { continue };
+            if name == "upgrade" {
+                self.upgrade(cluster, &path).await;
+                continue;
+            }
             let Some((verb, server)) = name.split_once('.') else { continue };
             let outcome = control(cluster, verb, server).await;
             let detail = match &outcome {
@@ -285,6 +449,24 @@ impl Healer {
             self.event("control", "", server, None, &detail);
             let _ = std::fs::remove_file(&path);
         }
+    }
+}
+
+impl Healer {
+    /// `DIR/control/upgrade`: new binaries (see the module documentation).
+    async fn upgrade(&mut self, cluster: &mut LocalCluster, request: &Path) {
+        let named = std::fs::read_to_string(request).unwrap_or_default();
+        let dir = Some(named.trim()).filter(|d| !d.is_empty()).map(PathBuf::from);
+        let detail = match cluster.upgrade(dir.as_deref()).await {
+            Ok(router) => {
+                let outdated = cluster.outdated_servers().len();
+                let router = if router { "router restarted" } else { "router up to date" };
+                format!("{}: {router}; {outdated} servers to restart", cluster.bins.dir.display())
+            }
+            Err(e) => format!("upgrade failed: {e}"),
+        };
+        self.event("upgrade", "", "", None, &detail);
+        let _ = std::fs::remove_file(request);
     }
 }
 

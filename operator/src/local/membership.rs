@@ -1,7 +1,7 @@
 //! Which servers run: starting the servers the declared configuration adds and removing those that
 //! left the topology (after the healer drained them). Does I/O (processes, Postgres, files).
 
-use super::postgres::ServerPostgres;
+use super::postgres::{ServerPostgres, Serving};
 use super::{LocalCluster, LocalError, LocalServer, PortReservations, make_dir, wait_ready};
 
 impl LocalCluster {
@@ -11,7 +11,7 @@ impl LocalCluster {
         // Each port stays held until just before its user binds it, so that nothing else (an
         // outgoing connection, another process) takes it meanwhile.
         let (mut server_port, mut pg_port) = (PortReservations::default(), PortReservations::default());
-        let (port, pg) = (server_port.any()?, pg_port.any()?);
+        let (port, pg) = (self.hosts.port(|| server_port.any())?, pg_port.any()?);
         let dir = self.dir.join("servers").join(name);
         let in_topology = self.read_topology().is_some_and(|t| t.servers.contains_key(name));
         if dir.exists() && !in_topology {
@@ -25,14 +25,13 @@ impl LocalCluster {
         make_dir(&dir)?;
         let log = self.logs_dir().join(format!("{name}.postgres.log"));
         drop(pg_port);
-        let postgres = ServerPostgres::open(name, &dir.join("pgdata"), &log, pg, &self.pg, None).await?;
-        let server = LocalServer {
-            name: name.to_owned(),
-            port,
-            log: self.logs_dir().join(format!("{name}.log")),
-            postgres,
-            scheme: self.pki.scheme(),
-        };
+        let settings = self.declared.as_ref().map(|d| d.db.tuning.postgres_parameters.clone()).unwrap_or_default();
+        let serving = Serving { settings: &settings, unix_socket: self.hosts.namespaced() };
+        let postgres = ServerPostgres::open(name, &dir.join("pgdata"), &log, pg, &self.pg, None, serving).await?;
+        let place = self.hosts.place(name).await?;
+        let log = self.logs_dir().join(format!("{name}.log"));
+        let server = LocalServer { name: name.to_owned(), place, port, log, postgres, scheme: self.pki.scheme() };
+        self.pki.set_address(shard_server::tls::Component::Server, name, server.place.address.into());
         self.pki.ensure(shard_server::tls::Component::Server, name, false)?;
         drop(server_port);
         self.supervisor.spawn(self.server_process(&server))?;
@@ -63,6 +62,7 @@ impl LocalCluster {
             }
             self.pki.remove_server(name);
         }
+        self.hosts.remove(name).await;
         self.supervisor.announce();
         tracing::info!(server = name, "server removed");
     }

@@ -21,7 +21,7 @@
 //! ```
 //! Internal traffic (router → servers, server → server, operator → servers, router → operator)
 //! is mutual TLS under the cluster's CA by default (`pki`); the router's client port stays plain
-//! HTTP on 127.0.0.1, as the seed's clients expect.
+//! HTTP, as the seed's clients expect.
 //! Reusing a data directory keeps every server's data; the new topology is the one left behind
 //! (primaries, copy states and identities, moves half done) with the servers' new URLs and a
 //! higher epoch, so nothing that remembers the old epoch rejects it and healing and moves resume.
@@ -37,29 +37,36 @@
 pub mod admin;
 pub mod declared;
 pub mod healer;
+pub mod hosts;
+pub mod leases;
 mod membership;
+pub mod netns;
 pub mod pki;
 pub mod postgres;
 pub mod spec;
 pub mod supervisor;
+mod upgrade;
 
 use crate::brain::placement::Placement;
 use crate::brain::topology::{TopologyBuildError, fresh_topology};
 use crate::brain::validate::{SpecError, ValidatedDb, natural_key};
 pub use declared::Declared;
 use declared::initial_declaration;
+use hosts::{Hosts, NetworkInfo, Place};
+use netns::NetnsError;
 use pki::{LocalPki, PkiError};
-use postgres::{PgSettings, PostgresError, PostgresInfo, ServerPostgres};
+use postgres::{PgSettings, PostgresError, PostgresInfo, ServerPostgres, Serving};
 use serde::{Deserialize, Serialize};
 use shard_server::tls::{Component, Credentials};
 use shard_server::topology::Topology;
+use shard_server::topology_source;
 use spec::SpecFileError;
 use std::collections::BTreeMap;
 use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use supervisor::{ProcessSpec, Supervisor, SupervisorError};
+use supervisor::{BinaryId, ProcessSpec, Supervisor, SupervisorError};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::mpsc;
 
@@ -92,6 +99,9 @@ pub struct LocalOptions {
     pub bin_dir: PathBuf,
     /// Where the PostgreSQL binaries are; found automatically when absent.
     pub pg_bin: Option<PathBuf>,
+    /// Run every process in a network namespace of its own, on a switch named by this id (see
+    /// `hosts` and `netns`); `None`: everything on 127.0.0.1.
+    pub netns: Option<String>,
     /// Mutual TLS between the cluster's processes (default); off, a per-cluster secret
     /// authenticates them without encryption (to measure what TLS costs).
     pub internal_tls: bool,
@@ -122,6 +132,8 @@ pub enum LocalError {
     NoFreePort(#[source] std::io::Error),
     #[error(transparent)]
     Postgres(#[from] PostgresError),
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
     #[error("failed to build the topology")]
     Topology(#[from] TopologyBuildError),
     #[error(transparent)]
@@ -165,6 +177,9 @@ pub struct ClusterInfo {
     pub topology: PathBuf,
     /// In server id order.
     pub servers: Vec<ServerInfo>,
+    /// The switch, when every process runs in a network namespace of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetworkInfo>,
     /// How the processes authenticate each other (where the credentials are; never a secret).
     pub internal: InternalInfo,
 }
@@ -202,6 +217,9 @@ pub struct RouterInfo {
     /// `null` while the process is down (e.g. between a crash and its restart).
     pub pid: Option<u32>,
     pub log: PathBuf,
+    /// Its network namespace, if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -212,6 +230,9 @@ pub struct ServerInfo {
     pub pid: Option<u32>,
     pub log: PathBuf,
     pub postgres: PostgresInfo,
+    /// Its network namespace, if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<String>,
 }
 
 /// Runs a local cluster until SIGINT or SIGTERM, then stops everything and returns.
@@ -225,17 +246,33 @@ pub async fn run_local(opts: LocalOptions) -> Result<(), LocalError> {
     println!("sharddb data directory: {}", dir.display());
     tracing::info!(dir = %dir.display(), configured = declared.is_some(), internal_tls = opts.internal_tls, "starting local cluster");
     let pki = LocalPki::open(&dir, opts.internal_tls)?;
-    let credentials = pki.operator_credentials()?;
     let admin_token = if opts.admin_token { Some(pki::kept_secret(&dir, ADMIN_TOKEN_FILE)?.0) } else { None };
     let (pg_password_file, pg_password) = pki::kept_secret(&dir, POSTGRES_PASSWORD_FILE)?;
     let pg = PgSettings { bin: opts.pg_bin.clone(), password: Some((pg_password, pg_password_file)) };
 
-    let admin_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(LocalError::NoFreePort)?;
+    let mut hosts = Hosts::new(opts.netns.as_deref()).await?;
+    // The control endpoint serves on the switch's gateway in namespaces: its certificate names it.
+    pki.set_address(Component::Operator, "operator", hosts.control_address().into());
+    let credentials = match pki.operator_credentials() {
+        Ok(c) => c,
+        Err(e) => {
+            hosts.teardown().await;
+            return Err(e.into());
+        }
+    };
+    let admin_listener = match tokio::net::TcpListener::bind((hosts.control_address(), 0)).await {
+        Ok(l) => l,
+        Err(e) => {
+            hosts.teardown().await;
+            return Err(LocalError::NoFreePort(e));
+        }
+    };
     let control_url = format!("{}://{}", pki.scheme(), admin_listener.local_addr().map_err(LocalError::NoFreePort)?);
     let (admin_tx, mut admin_rx) = mpsc::channel(16);
-    let admin_task = admin::serve(admin_listener, &credentials, admin_tx);
+    let topology_path = dir.join("topology.json");
+    let admin_task = admin::serve(admin_listener, &credentials, admin_tx, topology_source::watch_file(topology_path));
 
-    let mut cluster = LocalCluster::new(dir, bins, pg, control_url, pki, credentials);
+    let mut cluster = LocalCluster::new(dir, bins, pg, control_url, hosts, pki, credentials);
     cluster.admin_token = admin_token;
     cluster.declared = declared;
     // A signal while starting is a request to stop like any other: undo what started, exit 0.
@@ -257,19 +294,26 @@ pub async fn run_local(opts: LocalOptions) -> Result<(), LocalError> {
             return Err(e);
         }
     }
+    // Primaries serve reads only with a lease: grant the first ones before anyone is told where to
+    // send reads, then every half second.
+    cluster.leases.grant_now(cluster.read_topology().as_ref()).await;
+    let grant_task = cluster.leases.spawn();
     println!("sharddb router listening on {}", cluster.router_url());
     use std::io::Write;
     let _ = std::io::stdout().flush();
 
-    let mut healer =
-        match healer::Healer::new(&cluster.dir, cluster.topology_path(), &cluster.credentials, Default::default()) {
-            Ok(h) => h,
-            Err(e) => {
-                admin_task.abort();
-                cluster.shutdown().await;
-                return Err(e);
-            }
-        };
+    let book = std::sync::Arc::clone(cluster.leases.book());
+    let healer =
+        healer::Healer::new(&cluster.dir, cluster.topology_path(), &cluster.credentials, Default::default(), book);
+    let mut healer = match healer {
+        Ok(h) => h,
+        Err(e) => {
+            grant_task.abort();
+            admin_task.abort();
+            cluster.shutdown().await;
+            return Err(e);
+        }
+    };
     let mut rounds = tokio::time::interval(healer::ROUND);
     rounds.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut renewals = tokio::time::interval(RENEW_CHECK);
@@ -286,7 +330,7 @@ pub async fn run_local(opts: LocalOptions) -> Result<(), LocalError> {
             Some(call) = admin_rx.recv() => cluster.admin(call).await,
             _ = rounds.tick() => {
                 cluster.reconcile().await;
-                healer.round(&cluster).await;
+                healer.round(&mut cluster).await;
             }
             _ = renewals.tick() => {
                 if let Err(e) = cluster.renew_certificates(false) {
@@ -301,6 +345,7 @@ pub async fn run_local(opts: LocalOptions) -> Result<(), LocalError> {
         }
     };
     tracing::info!(signal, "shutting down");
+    grant_task.abort();
     admin_task.abort();
     cluster.shutdown().await;
     Ok(())
@@ -325,11 +370,15 @@ impl Signals {
     }
 }
 
-/// The programs local mode runs.
+/// The programs local mode runs, as the files were when located: a process started from
+/// another file (an earlier build) is outdated, and the healer restarts it (`upgrade`).
 #[derive(Clone, Debug)]
 pub struct Binaries {
+    pub dir: PathBuf,
     pub shard_server: PathBuf,
     pub router: PathBuf,
+    pub shard_server_id: BinaryId,
+    pub router_id: BinaryId,
 }
 
 impl Binaries {
@@ -338,7 +387,14 @@ impl Binaries {
             let p = dir.join(name);
             if p.is_file() { Ok(p) } else { Err(LocalError::MissingBinary { name, dir: dir.to_owned() }) }
         };
-        Ok(Binaries { shard_server: find(SHARD_SERVER_BIN)?, router: find(ROUTER_BIN)? })
+        let (shard_server, router) = (find(SHARD_SERVER_BIN)?, find(ROUTER_BIN)?);
+        Ok(Binaries {
+            dir: dir.to_owned(),
+            shard_server_id: BinaryId::of(&shard_server),
+            router_id: BinaryId::of(&router),
+            shard_server,
+            router,
+        })
     }
 }
 
@@ -399,6 +455,7 @@ impl PortReservations {
 #[derive(Clone, Debug)]
 pub struct LocalServer {
     pub name: String,
+    pub place: Place,
     pub port: u16,
     pub log: PathBuf,
     pub postgres: ServerPostgres,
@@ -408,7 +465,7 @@ pub struct LocalServer {
 
 impl LocalServer {
     pub fn url(&self) -> String {
-        format!("{}://127.0.0.1:{}", self.scheme, self.port)
+        format!("{}://{}:{}", self.scheme, self.place.address, self.port)
     }
 }
 
@@ -423,10 +480,18 @@ pub struct LocalCluster {
     /// In server id order.
     servers: Vec<LocalServer>,
     router_port: u16,
+    router_place: Place,
+    /// Where processes listen (see `hosts`).
+    hosts: Hosts,
     /// The admin endpoint the router is started with.
     control_url: String,
     /// `None` until `/init` (or a spec file) configures the database.
     declared: Option<Declared>,
+    /// No shard server ever ran in this directory, so none can have granted a read lease in
+    /// these names (see [`LocalCluster::start`]). Cleared when the first servers start.
+    no_predecessor: bool,
+    /// The primaries' leases (see `leases`).
+    leases: leases::Leases,
     /// The cluster's CA and certificates (or its secret, with TLS off).
     pki: LocalPki,
     /// The operator's own credentials, which every call to a server presents.
@@ -442,6 +507,7 @@ impl LocalCluster {
         bins: Binaries,
         pg: PgSettings,
         control_url: String,
+        hosts: Hosts,
         pki: LocalPki,
         credentials: Credentials,
     ) -> Self {
@@ -452,8 +518,12 @@ impl LocalCluster {
             supervisor: Supervisor::new(),
             servers: Vec::new(),
             router_port: 0,
+            router_place: Place::loopback(),
+            hosts,
             control_url,
             declared: None,
+            no_predecessor: false,
+            leases: leases::Leases::new(&credentials),
             pki,
             http: credentials.http_client(Duration::from_secs(2)),
             credentials,
@@ -479,16 +549,26 @@ impl LocalCluster {
         self.dir.join("topology.json")
     }
 
+    /// Where each shard server's directory (its Postgres cluster) lives.
+    pub fn servers_dir(&self) -> PathBuf {
+        self.dir.join("servers")
+    }
+
     pub fn cluster_file(&self) -> PathBuf {
         self.dir.join("cluster.json")
     }
 
     pub fn router_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.router_port)
+        format!("http://{}:{}", self.router_place.address, self.router_port)
     }
 
     pub fn supervisor(&self) -> &Supervisor {
         &self.supervisor
+    }
+
+    /// The primaries' leases, which the healer consults before it changes a primary.
+    pub fn leases(&self) -> &leases::Leases {
+        &self.leases
     }
 
     pub fn server(&self, name: &str) -> Option<&LocalServer> {
@@ -512,31 +592,32 @@ impl LocalCluster {
     /// Starts the servers of the declared configuration, if there is one, then the router, waits
     /// for it, and writes `cluster.json`.
     async fn start(&mut self, router_port: u16) -> Result<(), LocalError> {
-        for d in [self.logs_dir(), self.dir.join("servers")] {
+        // A cluster with no predecessor: neither a topology nor the servers' directory exists
+        // before this run makes it (a server's Postgres and process start only once it exists,
+        // and nothing but removing the whole data directory deletes it). So no shard server ever
+        // ran here and no replica anywhere holds a read lease granted in these names; the servers
+        // this run starts first may acknowledge at once. Anything else (a resumed cluster, a
+        // directory of unknown history) waits one lease at start. The argument is beside
+        // `predecessor_grants_end` in the shard server's `replication::lease`.
+        self.no_predecessor = !self.topology_path().exists() && !self.servers_dir().exists();
+        for d in [self.logs_dir(), self.servers_dir()] {
             make_dir(&d)?;
         }
         let mut ports = PortReservations::default();
-        self.router_port = ports.exact(router_port)?;
+        self.router_port = match (&self.hosts, router_port) {
+            (Hosts::Namespaces(_), 0) => hosts::NAMESPACED_PORT,
+            (Hosts::Namespaces(_), port) => port,
+            (Hosts::Loopback, port) => ports.exact(port)?,
+        };
+        self.router_place = self.hosts.place(ROUTER).await?;
+        self.pki.ensure(Component::Router, ROUTER, false)?;
         if let Some(d) = self.declared.clone() {
             self.start_servers(&d.db, &d.placement).await?;
         }
         drop(ports);
-        let router_log = self.logs_dir().join(format!("{ROUTER}.log"));
-        self.pki.ensure(Component::Router, ROUTER, false)?;
-        let mut args = vec![
-            "--listen".into(),
-            format!("127.0.0.1:{}", self.router_port),
-            "--topology-file".into(),
-            self.topology_path().display().to_string(),
-            "--control-url".into(),
-            self.control_url.clone(),
-        ];
-        args.extend(self.pki.process_args(Component::Router, ROUTER));
-        if let Some(token) = &self.admin_token {
-            args.extend(["--admin-token-file".into(), token.display().to_string()]);
-        }
-        self.supervisor.spawn(ProcessSpec::new(ROUTER, &self.bins.router, args, &router_log))?;
-        wait_ready(&self.http, ROUTER, format!("{}/healthz", self.router_url()), &router_log).await?;
+        let router = self.router_process();
+        self.supervisor.spawn(router.clone())?;
+        wait_ready(&self.http, ROUTER, format!("{}/healthz", self.router_url()), &router.log).await?;
         self.write_cluster_file()?;
         Ok(())
     }
@@ -545,6 +626,10 @@ impl LocalCluster {
     /// for their heartbeats. The servers are those of `placement` and those of a topology left by
     /// an earlier run (a server being drained still holds copies that are needed).
     pub(super) async fn start_servers(&mut self, db: &ValidatedDb, placement: &Placement) -> Result<(), LocalError> {
+        // Only the first servers of a directory without a predecessor skip the start-up wait
+        // (see `start`); once any has been started, even by an `/init` that then failed and is
+        // retried, every later start waits.
+        let new_cluster = std::mem::take(&mut self.no_predecessor);
         let previous = self.read_topology();
         let mut names = placement.servers.clone();
         let mut leftover: Vec<String> =
@@ -554,13 +639,18 @@ impl LocalCluster {
         let mut ports = PortReservations::default();
         let mut planned = Vec::new();
         for name in &names {
-            planned.push((name.clone(), ports.any()?, ports.any()?));
+            let port = self.hosts.port(|| ports.any())?;
+            planned.push((name.clone(), port, ports.any()?));
+        }
+        let mut places = Vec::new();
+        for name in &names {
+            places.push(self.hosts.place(name).await?);
         }
         drop(ports);
 
-        let pgdata = |name: &str| self.dir.join("servers").join(name).join("pgdata");
+        let pgdata = |name: &str| self.servers_dir().join(name).join("pgdata");
         for (name, _, _) in &planned {
-            let d = self.dir.join("servers").join(name);
+            let d = self.servers_dir().join(name);
             make_dir(&d)?;
         }
         // initdb is the slow part of starting (seconds, with fsync); run it once and copy the
@@ -569,7 +659,7 @@ impl LocalCluster {
             planned.iter().map(|(n, _, _)| n.as_str()).filter(|n| !pgdata(n).join("PG_VERSION").is_file()).collect();
         // The template is a cluster of its own: a server's cluster cannot be copied while it starts.
         let template = if fresh.len() > 1 {
-            let t = self.dir.join("servers").join(".template");
+            let t = self.servers_dir().join(".template");
             if t.exists() {
                 // Left by a run interrupted while starting; it may be half made.
                 std::fs::remove_dir_all(&t).map_err(|source| LocalError::Io {
@@ -584,18 +674,23 @@ impl LocalCluster {
         } else {
             None
         };
+        let serving = Serving { settings: &db.tuning.postgres_parameters, unix_socket: self.hosts.namespaced() };
         let opening = planned.iter().map(|(name, _, pg_port)| {
             let log = self.logs_dir().join(format!("{name}.postgres.log"));
             let template = template.as_ref().map(|t| t.join("pgdata"));
             let (data_dir, settings) = (pgdata(name), &self.pg);
-            async move { ServerPostgres::open(name, &data_dir, &log, *pg_port, settings, template.as_deref()).await }
+            async move {
+                ServerPostgres::open(name, &data_dir, &log, *pg_port, settings, template.as_deref(), serving).await
+            }
         });
         // Keep every cluster that did start, so a failure elsewhere still stops it on shutdown.
         let mut first_error = None;
-        for ((name, port, _), opened) in planned.iter().zip(futures::future::join_all(opening).await) {
+        let opened = futures::future::join_all(opening).await;
+        for (((name, port, _), opened), place) in planned.iter().zip(opened).zip(places) {
             match opened.map_err(LocalError::from) {
                 Ok(postgres) => self.servers.push(LocalServer {
                     name: name.clone(),
+                    place,
                     port: *port,
                     log: self.logs_dir().join(format!("{name}.log")),
                     postgres,
@@ -620,8 +715,14 @@ impl LocalCluster {
 
         self.write_topology(db, placement, previous)?;
         for s in &self.servers {
+            self.pki.set_address(Component::Server, &s.name, s.place.address.into());
             self.pki.ensure(Component::Server, &s.name, false)?;
-            self.supervisor.spawn(self.server_process(s))?;
+            let mut process = self.server_process(s);
+            if new_cluster {
+                // No read lease was ever granted in these names: see `--no-predecessor`.
+                process.first_start_args.push("--no-predecessor".into());
+            }
+            self.supervisor.spawn(process)?;
         }
         let http = &self.http;
         let waits = self.servers.iter().map(|s| wait_ready(http, &s.name, format!("{}/heartbeat", s.url()), &s.log));
@@ -634,25 +735,43 @@ impl LocalCluster {
         std::fs::read(self.topology_path()).ok().and_then(|b| Topology::parse(&b).ok())
     }
 
-    /// The process of server `s`; its certificate must have been issued ([`LocalPki::ensure`]).
+    /// The shard-server process of `s`, with the declared configuration's knobs (probes and
+    /// resources have no meaning here); its certificate must have been issued
+    /// ([`LocalPki::ensure`]).
     pub(super) fn server_process(&self, s: &LocalServer) -> ProcessSpec {
+        let tuning = self.declared.as_ref().map(|d| &d.db.tuning);
+        let threads =
+            tuning.and_then(|t| t.worker_threads).map_or_else(|| self.server_worker_threads(), |t| t as usize);
         let mut args = vec![
             "--listen".into(),
-            format!("127.0.0.1:{}", s.port),
+            format!("{}:{}", s.place.address, s.port),
             "--name".into(),
             s.name.clone(),
             "--database-url".into(),
             s.postgres.database_url(),
-            "--topology-file".into(),
-            self.topology_path().display().to_string(),
-            "--worker-threads".into(),
-            self.server_worker_threads().to_string(),
         ];
         if let Some(file) = s.postgres.password_file() {
             args.extend(["--database-password-file".into(), file.display().to_string()]);
         }
         args.extend(self.pki.process_args(Component::Server, &s.name));
-        ProcessSpec::new(&s.name, &self.bins.shard_server, args, &s.log)
+        args.extend(self.topology_args());
+        args.extend(["--worker-threads".into(), threads.to_string()]);
+        if let Some(rows) = tuning.and_then(|t| t.cache_rows) {
+            args.extend(["--cache-rows".into(), rows.to_string()]);
+        }
+        let mut spec = ProcessSpec::new(&s.name, &self.bins.shard_server, args, &s.log);
+        spec.netns = s.place.netns_path();
+        spec
+    }
+
+    /// Where a process follows the topology from: the file, or, in a network namespace of its
+    /// own, this operator's endpoint (see `hosts`).
+    pub(super) fn topology_args(&self) -> [String; 2] {
+        if self.hosts.namespaced() {
+            ["--topology-url".into(), format!("{}/topology", self.control_url)]
+        } else {
+            ["--topology-file".into(), self.topology_path().display().to_string()]
+        }
     }
 
     /// Every shard server of local mode shares this machine, so each gets its share of the CPUs
@@ -707,6 +826,7 @@ impl LocalCluster {
                 url: self.router_url(),
                 pid: self.supervisor.pid(ROUTER),
                 log: self.logs_dir().join(format!("{ROUTER}.log")),
+                netns: self.router_place.namespace(),
             },
             control_url: self.control_url.clone(),
             topology: self.topology_path(),
@@ -719,8 +839,10 @@ impl LocalCluster {
                     pid: self.supervisor.pid(&s.name),
                     log: s.log.clone(),
                     postgres: s.postgres.info(),
+                    netns: s.place.namespace(),
                 })
                 .collect(),
+            network: self.hosts.info(),
             internal: InternalInfo {
                 tls: self.pki.tls(),
                 ca: self.pki.ca_file(),
@@ -807,6 +929,7 @@ impl LocalCluster {
             }
         });
         futures::future::join_all(stops).await;
+        self.hosts.teardown().await;
         tracing::info!("local cluster stopped");
     }
 }

@@ -24,6 +24,7 @@ use shard_server::tls::issue::{self, Ca, LeafRequest};
 use shard_server::tls::source::{CA_FILE, RELOAD_EVERY};
 use shard_server::tls::{Component, Credentials, DatabaseId, Identity, TlsFiles, TlsSource};
 use std::io::Write as _;
+use std::net::IpAddr;
 use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -75,7 +76,14 @@ pub struct LocalPki {
     dir: PathBuf,
     database: DatabaseId,
     mode: Mode,
+    /// The address each component serves on besides the loopback one (a network namespace's, see
+    /// `hosts`), by its certificate directory: its certificate names it too.
+    addresses: std::sync::Mutex<std::collections::HashMap<PathBuf, IpAddr>>,
 }
+
+/// The file beside a certificate naming the extra address it was issued for, so that a component
+/// placed at another address (a later run on a new switch) gets a new certificate.
+const ADDRESS_FILE: &str = "address";
 
 fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> PkiError + 'a {
     move |source| PkiError::Io { action, path: path.to_owned(), source }
@@ -145,7 +153,7 @@ impl LocalPki {
         } else {
             Mode::Token(kept_secret(&dir, TOKEN_FILE)?.1.into())
         };
-        Ok(LocalPki { dir, database, mode })
+        Ok(LocalPki { dir, database, mode, addresses: Default::default() })
     }
 
     pub fn tls(&self) -> bool {
@@ -180,6 +188,18 @@ impl LocalPki {
         }
     }
 
+    /// Records that `component` `name` also serves on `address`; its next [`LocalPki::ensure`]
+    /// issues a certificate naming that address if its current one does not.
+    pub fn set_address(&self, component: Component, name: &str, address: IpAddr) {
+        let dir = self.component_dir(component, name);
+        let mut addresses = self.addresses.lock().unwrap_or_else(|e| e.into_inner());
+        if address.is_loopback() {
+            addresses.remove(&dir);
+        } else {
+            addresses.insert(dir, address);
+        }
+    }
+
     fn identity(&self, component: Component, name: &str) -> Result<Identity, PkiError> {
         Ok(Identity::new(self.database.clone(), component, name)?)
     }
@@ -193,7 +213,10 @@ impl LocalPki {
         let files = TlsFiles::in_dir(&dir);
         let current = std::fs::read_to_string(&files.cert).ok();
         let now = SystemTime::now();
-        let due = current.is_none_or(|c| issue::needs_renewal(&c, ca.cert_pem(), Some(&identity), now));
+        let address = self.addresses.lock().unwrap_or_else(|e| e.into_inner()).get(&dir).copied();
+        let issued_for = std::fs::read_to_string(dir.join(ADDRESS_FILE)).ok().and_then(|a| a.trim().parse().ok());
+        let due = current.is_none_or(|c| issue::needs_renewal(&c, ca.cert_pem(), Some(&identity), now))
+            || issued_for != address;
         if !due && !force && files.key.is_file() && files.ca.is_file() {
             return Ok(false);
         }
@@ -204,6 +227,7 @@ impl LocalPki {
             // port is plain HTTP in local mode.
             request = request.on_loopback();
         }
+        request.ips.extend(address);
         let issued =
             ca.issue(&request, now).map_err(|source| PkiError::Issue { what: identity.to_string(), source })?;
         write_private(&files.ca, ca.cert_pem())?;
@@ -212,6 +236,12 @@ impl LocalPki {
         // window ends with the file it checks first.
         write_private(&files.key, &issued.key_pem)?;
         write_private(&files.cert, &issued.cert_pem)?;
+        match address {
+            Some(a) => write_private(&dir.join(ADDRESS_FILE), &a.to_string())?,
+            None => {
+                let _ = std::fs::remove_file(dir.join(ADDRESS_FILE));
+            }
+        }
         tracing::info!(identity = %identity, "certificate issued");
         Ok(true)
     }

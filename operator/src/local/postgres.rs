@@ -5,6 +5,7 @@
 
 use localpg::{LocalPg, Options, PgError};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -56,9 +57,20 @@ pub struct PgSettings {
     pub password: Option<(String, PathBuf)>,
 }
 
+/// How a server's Postgres runs, beyond where.
+#[derive(Clone, Copy, Debug)]
+pub struct Serving<'a> {
+    /// The spec's allow-listed `postgres.parameters`.
+    pub settings: &'a BTreeMap<String, String>,
+    /// The shard server connects through a socket in the data directory (it runs in a network
+    /// namespace of its own and cannot reach this machine's 127.0.0.1).
+    pub unix_socket: bool,
+}
+
 impl ServerPostgres {
     /// Creates the cluster if `data_dir` holds none (as a copy of `template` when given, keeping an
-    /// existing one and its data), starts it on `port` and makes sure the `sharddb` database exists.
+    /// existing one and its data), starts it on `port` as `serving` says and makes sure the
+    /// `sharddb` database exists.
     pub async fn open(
         server: &str,
         data_dir: &Path,
@@ -66,6 +78,7 @@ impl ServerPostgres {
         port: u16,
         settings: &PgSettings,
         template: Option<&Path>,
+        serving: Serving<'_>,
     ) -> Result<Self, PostgresError> {
         let mut opts = Options::new(data_dir);
         opts.log_file = Some(log.to_owned());
@@ -73,6 +86,8 @@ impl ServerPostgres {
         opts.bin_dir = settings.bin.clone();
         opts.template = template.map(Path::to_owned);
         opts.password = settings.password.as_ref().map(|(p, _)| p.clone());
+        opts.settings = serving.settings.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        opts.unix_socket = serving.unix_socket;
         let name = server.to_owned();
         let pg = tokio::task::spawn_blocking(move || -> Result<LocalPg, (&'static str, PgError)> {
             let mut pg = LocalPg::new(opts).map_err(|e| ("initialise", e))?;
@@ -105,9 +120,11 @@ impl ServerPostgres {
         &self.server
     }
 
-    /// The URL the shard server connects to (without the password).
+    /// The URL the shard server connects to (without the password): through the Unix socket
+    /// when there is one.
     pub fn database_url(&self) -> String {
-        self.lock().url(DATABASE)
+        let pg = self.lock();
+        pg.socket_url(DATABASE).unwrap_or_else(|| pg.url(DATABASE))
     }
 
     /// The file holding the password the shard server adds to [`ServerPostgres::database_url`].

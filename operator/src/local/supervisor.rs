@@ -15,10 +15,10 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -35,10 +35,16 @@ pub struct ProcessSpec {
     pub name: String,
     pub program: PathBuf,
     pub args: Vec<String>,
+    /// Flags added on the first start only, never on a restart (e.g. a shard server's
+    /// `--no-predecessor`).
+    pub first_start_args: Vec<String>,
     /// Receives the process's stdout and stderr (appended, across restarts).
     pub log: PathBuf,
     /// Time between SIGTERM and SIGKILL when stopping it.
     pub stop_grace: Duration,
+    /// A network namespace (its file, e.g. `/run/netns/NAME`) the process runs in; it joins it
+    /// between fork and exec, so it never has a socket outside it.
+    pub netns: Option<PathBuf>,
 }
 
 impl ProcessSpec {
@@ -48,7 +54,36 @@ impl ProcessSpec {
         args: Vec<String>,
         log: impl Into<PathBuf>,
     ) -> Self {
-        ProcessSpec { name: name.into(), program: program.into(), args, log: log.into(), stop_grace: STOP_GRACE }
+        ProcessSpec {
+            name: name.into(),
+            program: program.into(),
+            args,
+            first_start_args: Vec::new(),
+            log: log.into(),
+            stop_grace: STOP_GRACE,
+            netns: None,
+        }
+    }
+}
+
+/// Which program file a process was started from: its path, and the file's size and
+/// modification time then, so that a file replaced in place (a rebuild) is another binary.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BinaryId {
+    pub path: PathBuf,
+    len: Option<u64>,
+    modified: Option<SystemTime>,
+}
+
+impl BinaryId {
+    /// The file at `path` now (size and time unknown if it cannot be read).
+    pub fn of(path: &Path) -> BinaryId {
+        let meta = std::fs::metadata(path).ok();
+        BinaryId {
+            path: path.to_owned(),
+            len: meta.as_ref().map(std::fs::Metadata::len),
+            modified: meta.and_then(|m| m.modified().ok()),
+        }
     }
 }
 
@@ -64,6 +99,10 @@ struct Managed {
     desired: watch::Sender<Desired>,
     pid: watch::Receiver<Option<u32>>,
     task: JoinHandle<()>,
+    /// The program file as it was when supervision began. A crashed process is restarted from
+    /// the same path, whatever file is there then; a deliberate change of binary goes through
+    /// `remove` and `spawn`, which records the new one.
+    binary: BinaryId,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -110,9 +149,15 @@ impl Supervisor {
         let (desired_tx, desired_rx) = watch::channel(Desired::Running);
         let (pid_tx, pid_rx) = watch::channel(None);
         let name = spec.name.clone();
+        let binary = BinaryId::of(&spec.program);
         let task = tokio::spawn(supervise(spec, desired_rx, pid_tx, self.changes.clone()));
-        procs.insert(name, Managed { desired: desired_tx, pid: pid_rx, task });
+        procs.insert(name, Managed { desired: desired_tx, pid: pid_rx, task, binary });
         Ok(())
+    }
+
+    /// The program file `name` was started from.
+    pub fn binary(&self, name: &str) -> Option<BinaryId> {
+        self.procs.lock().expect("supervisor lock").get(name).map(|m| m.binary.clone())
     }
 
     pub fn names(&self) -> Vec<String> {
@@ -180,13 +225,14 @@ async fn supervise(
     };
     let mut backoff = BACKOFF_MIN;
     let mut restarts = 0u32;
+    let mut first = true;
     loop {
         match desired.wait_for(|d| *d != Desired::Stopped).await.map(|d| *d) {
             // A closed channel means the supervisor is gone: never start anything again.
             Ok(Desired::Running) if desired.has_changed().is_ok() => {}
             _ => return,
         }
-        let mut child = match spawn_child(&spec) {
+        let mut child = match spawn_child(&spec, std::mem::take(&mut first)) {
             Ok(c) => c,
             Err(e) => {
                 tracing::error!(name = %spec.name, program = %spec.program.display(), error = %e, "cannot start process");
@@ -239,14 +285,25 @@ async fn wait_or_change(desired: &mut watch::Receiver<Desired>, delay: Duration)
     }
 }
 
-fn spawn_child(spec: &ProcessSpec) -> std::io::Result<tokio::process::Child> {
+/// Starts the process; `first` adds its first-start flags (a failed attempt counts as the first
+/// start too: it may have run before failing).
+fn spawn_child(spec: &ProcessSpec, first: bool) -> std::io::Result<tokio::process::Child> {
     let log = std::fs::OpenOptions::new().create(true).append(true).open(&spec.log)?;
     let mut cmd = tokio::process::Command::new(&spec.program);
-    cmd.args(&spec.args).stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log).process_group(0).kill_on_drop(true);
-    // SAFETY: the closure only makes the prctl system call, which is async-signal-safe.
+    cmd.args(&spec.args);
+    if first {
+        cmd.args(&spec.first_start_args);
+    }
+    cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log).process_group(0).kill_on_drop(true);
+    let netns = spec.netns.as_ref().map(std::fs::File::open).transpose()?;
+    // SAFETY: the closure only makes the prctl and setns system calls, which are async-signal-safe.
     unsafe {
-        cmd.pre_exec(|| {
-            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM).map_err(std::io::Error::from)
+        cmd.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM).map_err(std::io::Error::from)?;
+            if let Some(ns) = &netns {
+                nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)?;
+            }
+            Ok(())
         });
     }
     let child = cmd.spawn()?;
@@ -352,6 +409,52 @@ mod tests {
         assert!(log.contains("out\nerr\n"), "{log}");
         assert!(log.contains("exited (exit status: 3); restarting in 200 ms"), "{log}");
         assert_eq!(sup.stop("crashy").await, Err(SupervisorError::Unknown("crashy".into())));
+    }
+
+    #[tokio::test]
+    async fn first_start_flags_are_given_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let sup = Supervisor::new();
+        // `sh -c SCRIPT NAME ARGS...`: the script prints its arguments, then exits to be restarted.
+        let mut s = spec(dir.path(), "once", "echo \"args:$*\"; exit 1");
+        s.args.push("once".into());
+        s.args.push("--always".into());
+        s.first_start_args.push("--first".into());
+        sup.spawn(s).unwrap();
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        sup.remove("once").await.unwrap();
+        let log = std::fs::read_to_string(dir.path().join("once.log")).unwrap();
+        let runs: Vec<&str> = log.lines().filter(|l| l.starts_with("args:")).collect();
+        assert!(runs.len() >= 2, "{log}");
+        assert_eq!(runs[0], "args:--always --first");
+        assert!(runs[1..].iter().all(|r| *r == "args:--always"), "{log}");
+    }
+
+    #[tokio::test]
+    async fn a_process_runs_in_its_network_namespace() {
+        use std::os::unix::fs::MetadataExt;
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("not root: network namespaces cannot be made, nothing to check");
+            return;
+        }
+        let name = format!("sdbsup{}", std::process::id());
+        let made = std::process::Command::new("ip").args(["netns", "add", &name]).status().unwrap();
+        assert!(made.success(), "ip netns add {name}");
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("ns");
+        let mut spec =
+            spec(dir.path(), "inside", &format!("readlink /proc/$$/ns/net > {}; exec sleep 600", out.display()));
+        spec.netns = Some(PathBuf::from("/run/netns").join(&name));
+        let sup = Supervisor::new();
+        sup.spawn(spec).unwrap();
+        wait_pid(&sup, "inside", |p| p.is_some()).await;
+        while std::fs::read_to_string(&out).map_or(true, |s| !s.ends_with('\n')) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        sup.shutdown().await;
+        let inode = std::fs::metadata(PathBuf::from("/run/netns").join(&name)).unwrap().ino();
+        let _ = std::process::Command::new("ip").args(["netns", "delete", &name]).status();
+        assert_eq!(std::fs::read_to_string(&out).unwrap().trim(), format!("net:[{inode}]"));
     }
 
     #[tokio::test]

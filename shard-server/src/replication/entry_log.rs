@@ -70,7 +70,7 @@ impl Shard {
 
     /// Right after an entry committed, under `applied`.
     pub(super) fn after_apply(&self, node: &Node, entry: Arc<Entry>) {
-        self.rows.apply(&entry.changes);
+        self.entry_applied(Arc::clone(&entry));
         let seq = entry.seq;
         self.remember(entry);
         if seq.is_multiple_of(1024) && seq > LOG_ENTRIES {
@@ -114,12 +114,19 @@ mod tests {
 
     #[test]
     fn recent_entries_kept_in_memory_are_bounded_by_count_and_by_rows() {
-        let shard =
-            Shard::spawn(ShardTable::new("sh1", schema()), 0, "copy".into(), false, crate::rowcache::Budget::new(0, 0));
+        let shard = Shard::spawn(
+            ShardTable::new("sh1", schema()),
+            0,
+            None,
+            "copy".into(),
+            false,
+            crate::rowcache::Budget::new(0, 0),
+        );
         let entry = |seq: u64, rows: i64| {
             Arc::new(Entry {
                 seq,
                 epoch: 1,
+                hash: None,
                 changes: (0..rows).map(|k| Change { key: k, row: Some(row(k, "v")) }).collect(),
             })
         };

@@ -15,15 +15,19 @@
 //!   reads that miss acknowledged writes.
 //! - `entry_log.rs`: the recent entries kept in memory and the durable log that replicas catch up
 //!   from.
+//! - `visibility.rs`: what readers may see: only confirmed entries, never a pending one, and no
+//!   key while a change of it is pending (the argument that reads are linearizable).
 //!
 //! Together: a write is acknowledged only once every copy that may serve reads holds it (the
-//! writer waits for ready replicas, leases cover those it stopped waiting for), and a copy only
-//! ever holds entries that continue its primary's (sequence checks and divergence detection).
+//! writer waits for ready replicas, leases cover those it stopped waiting for), a copy shows an
+//! entry only once it is confirmed (held by all of those), and a copy only ever holds entries that
+//! continue its primary's (sequence checks and divergence detection).
 
-mod divergence;
+pub mod divergence;
 mod entry_log;
 mod lease;
 mod replica;
+mod visibility;
 mod writer;
 
 pub use writer::Job;
@@ -41,11 +45,19 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use tokio::sync::mpsc;
+pub use visibility::READ_WAIT;
+use visibility::Visibility;
+
+/// A peer's last known applied sequence number, and the primary epoch it was learnt in.
+type PeerPosition = tokio::sync::Mutex<(u64, Option<u64>)>;
 
 pub struct Shard {
     pub table: ShardTable,
     /// Last applied sequence number; held while applying, which serialises appliers.
     applied: tokio::sync::Mutex<u64>,
+    /// The running hash of this copy's history at `applied`, when known (see `divergence.rs`);
+    /// changed only under `applied`.
+    hash: Mutex<Option<u128>>,
     jobs: mpsc::Sender<Job>,
     job_rx: Mutex<Option<mpsc::Receiver<Job>>>,
     standalone: AtomicBool,
@@ -56,15 +68,21 @@ pub struct Shard {
     gate: Mutex<GateState>,
     /// Recent entries, ascending and consecutive.
     cache: Mutex<Recent>,
-    /// What each peer is known to have applied (`None`: unknown, ask).
-    peers: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<u64>>>>>,
+    /// What each peer is known to have applied (`None`: unknown, ask), and in which primary's
+    /// epoch that was learnt: a position from an earlier term of this server as primary may be
+    /// long stale (the peer was copied afresh since), so it is asked anew.
+    peers: Mutex<HashMap<String, Arc<PeerPosition>>>,
     /// Replica side: the read lease this copy holds, from which primary and until when.
     lease: Mutex<Option<(String, Instant)>>,
     /// Primary side: when a read lease was last granted to each replica. Only changed under this
     /// lock after checking the topology under it too (see [`Shard::grant_lease`]).
     grants: Mutex<HashMap<String, Instant>>,
-    /// The table's rows in memory, changed only under `applied` (see [`crate::rowcache`]).
+    /// Primary side: until when the operator lets this copy serve reads as the primary.
+    primary_lease: Mutex<Option<Instant>>,
+    /// The table's rows at the visible sequence number, in memory (see [`crate::rowcache`]).
     rows: RowCache,
+    /// Which applied entries readers may see (see `visibility.rs`).
+    visibility: Visibility,
     /// An apply failed: its commit may still have happened (the answer was lost), so `applied`
     /// and `rows` may be behind the table. The next holder of `applied` reads both back from
     /// Postgres before doing anything else.
@@ -75,10 +93,12 @@ pub struct Shard {
 }
 
 impl Shard {
-    /// A shard whose row cache is off; [`Shard::load_rows`] fills it.
+    /// A shard whose row cache is off; [`Shard::load_rows`] fills it. `hash` is the history hash
+    /// stored with `applied` (see `divergence.rs`).
     pub fn spawn(
         table: ShardTable,
         applied: u64,
+        hash: Option<&str>,
         copy_id: String,
         standalone: bool,
         budget: Arc<Budget>,
@@ -88,6 +108,7 @@ impl Shard {
         Arc::new(Shard {
             table,
             applied: tokio::sync::Mutex::new(applied),
+            hash: Mutex::new(divergence::stored_hash(applied, hash)),
             jobs: tx,
             job_rx: Mutex::new(Some(rx)),
             standalone: AtomicBool::new(standalone),
@@ -97,7 +118,9 @@ impl Shard {
             peers: Mutex::new(HashMap::new()),
             lease: Mutex::new(None),
             grants: Mutex::new(HashMap::new()),
+            primary_lease: Mutex::new(None),
             rows,
+            visibility: Visibility::new(applied),
             resync: AtomicBool::new(false),
             diverged: AtomicBool::new(false),
         })
@@ -110,6 +133,7 @@ impl Shard {
             return Ok(());
         }
         let stored = db.stats(&self.table, false).await?;
+        self.set_history_hash(divergence::stored_hash(stored.applied_seq, stored.hash.as_deref()));
         if stored.applied_seq != *applied {
             tracing::warn!(
                 shard = self.id(),
@@ -120,7 +144,7 @@ impl Shard {
             *applied = stored.applied_seq;
             self.cache.lock().expect("lock").clear();
         }
-        self.load_rows_locked(db).await;
+        self.load_rows_locked(db, *applied, false).await;
         self.resync.store(false, Ordering::Release);
         Ok(())
     }
@@ -128,21 +152,33 @@ impl Shard {
     /// Loads the row cache from the table (it stays off if the rows do not fit the server's budget
     /// or Postgres fails).
     pub async fn load_rows(&self, db: &Db) {
-        let _applied = self.applied.lock().await;
-        self.load_rows_locked(db).await;
+        let applied = self.applied.lock().await;
+        self.load_rows_locked(db, *applied, false).await;
     }
 
-    /// [`Shard::load_rows`] for a caller holding `applied`.
-    pub(super) async fn load_rows_locked(&self, db: &Db) {
+    /// [`Shard::load_rows`] for a caller holding `applied` (at `applied`). The table's state
+    /// becomes the visible one, shown once confirmed (see `visibility.rs`); `new_copy`: the table
+    /// holds another copy than before, so earlier confirmations no longer count.
+    pub(super) async fn load_rows_locked(&self, db: &Db, applied: u64, new_copy: bool) {
         self.rows.turn_off();
         let room = usize::try_from(self.rows.budget_left()).unwrap_or(0);
-        match db.all_rows(&self.table, room).await {
-            Ok(Some(rows)) => self.rows.load(&self.table.schema, rows),
+        let loaded = match db.all_rows(&self.table, room).await {
+            Ok(Some(rows)) => Some(rows),
             Ok(None) => {
-                tracing::info!(shard = self.id(), room, "shard too large for the row cache; reads go to Postgres")
+                tracing::info!(shard = self.id(), room, "shard too large for the row cache; reads go to Postgres");
+                None
             }
-            Err(e) => tracing::warn!(shard = self.id(), error = %e, "cannot load the row cache; reads go to Postgres"),
+            Err(e) => {
+                tracing::warn!(shard = self.id(), error = %e, "cannot load the row cache; reads go to Postgres");
+                None
+            }
+        };
+        // The cache and the visible state change together, so no confirmation lands in between.
+        let mut vis = self.visibility_write();
+        if let Some(rows) = loaded {
+            self.rows.load(&self.table.schema, rows);
         }
+        Shard::reset_visible(&mut vis, applied, new_copy);
     }
 
     /// Whether reads and decisions are served from memory.
@@ -150,18 +186,10 @@ impl Shard {
         self.rows.is_on()
     }
 
-    /// The rows of each inclusive range as a JSON array text, sorted by key: from the row cache,
-    /// or from Postgres when it is off.
-    pub async fn read_ranges_json(&self, db: &Db, ranges: &[(i64, i64)]) -> Result<Vec<String>, DbError> {
-        match self.rows.ranges_json(ranges) {
-            Some(parts) => Ok(parts),
-            None => db.read_ranges_json(&self.table, ranges).await,
-        }
-    }
-
-    /// The stored rows of `keys`: from the row cache, or from Postgres when it is off.
+    /// The latest stored rows of `keys` (pending entries included), for the writer's decisions:
+    /// from the row cache, or from Postgres when it is off.
     pub(super) async fn stored_rows(&self, db: &Db, keys: &[i64]) -> Result<HashMap<i64, Row>, DbError> {
-        match self.rows.rows(keys) {
+        match self.latest_cached(keys) {
             Some(rows) => Ok(rows),
             None => db.fetch_rows(&self.table, keys).await,
         }

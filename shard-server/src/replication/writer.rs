@@ -17,9 +17,17 @@
 //!
 //! Replicas that are not ready are fed too but hold up no acknowledgement, except while they may
 //! still hold a read lease (see `lease.rs`).
+//!
+//! **Confirmation.** The moment a group is acknowledged its entry is confirmed: the primary shows
+//! it to its readers (before it answers anyone) and tells the replicas, with the entries it sends
+//! next or, when no group follows at once, with a message of its own (see `visibility.rs`). An
+//! entry committed by a group that failed stays pending, hidden from readers, until a later group
+//! confirms it; an idle writer with pending entries (a failed group, or a copy that just became
+//! the primary with entries from its predecessor) runs an empty group now and then, which brings
+//! every ready replica up to the primary's last entry and so confirms everything it holds.
 
-use super::Shard;
-use super::lease::{lease_bound, wait_out_lease};
+use super::lease::{predecessor_grants_end, wait_out_lease};
+use super::{Shard, divergence};
 use crate::api::{Change, Entry, Op, ReplicateRequest, WriteResponse};
 use crate::db::DbError;
 use crate::error::{ApiError, ReplicationError};
@@ -28,11 +36,13 @@ use crate::topology::ReplicaState;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
 /// Most operations one group commits together.
 const MAX_GROUP_OPS: usize = 4096;
+/// How often an idle writer with unconfirmed entries tries to confirm them with an empty group.
+const BARRIER_RETRY: Duration = Duration::from_millis(200);
 
 /// One batch waiting for the writer.
 pub struct Job {
@@ -62,7 +72,18 @@ impl Shard {
         wait.await.map_err(|_| ApiError::Internal("shard writer dropped a request".into()))?
     }
 
-    fn peer_state(&self, peer: &str) -> Arc<tokio::sync::Mutex<Option<u64>>> {
+    /// Asks the writer (started if need be) for an empty group, which confirms every entry this
+    /// primary holds once every ready replica has it: readers waiting for pending entries of a
+    /// primary that is not writing need it. Does nothing when the queue is full (a group runs).
+    pub fn request_barrier(self: &Arc<Self>, node: &Arc<Node>) {
+        if let Some(rx) = self.job_rx.lock().expect("lock").take() {
+            tokio::spawn(writer(Arc::clone(node), Arc::clone(self), rx));
+        }
+        let (reply, _) = oneshot::channel();
+        let _ = self.jobs.try_send(Job { ops: Vec::new(), epoch: None, dry_run: false, reply });
+    }
+
+    fn peer_state(&self, peer: &str) -> Arc<super::PeerPosition> {
         Arc::clone(self.peers.lock().expect("lock").entry(peer.to_owned()).or_default())
     }
 
@@ -79,7 +100,7 @@ impl Shard {
         wait: bool,
     ) -> Result<(), ReplicationError> {
         let state = self.peer_state(peer);
-        let mut known = if wait {
+        let mut guard = if wait {
             state.lock().await
         } else {
             match state.try_lock() {
@@ -87,6 +108,10 @@ impl Shard {
                 Err(_) => return Ok(()),
             }
         };
+        let (learnt_in, known) = &mut *guard;
+        if *learnt_in != epoch {
+            (*learnt_in, *known) = (epoch, None);
+        }
         let client = node.peer(url);
         for _ in 0..64 {
             match *known {
@@ -96,7 +121,18 @@ impl Shard {
             }
             // Unknown position: send the newest entry (the common case) and learn from the answer.
             let from = known.map_or(target, |a| a + 1);
-            let entries = if target == 0 { Vec::new() } else { self.entries(node, from, target).await? };
+            let entries = if target == 0 {
+                Vec::new()
+            } else {
+                match self.entries(node, from, target).await {
+                    Ok(entries) => entries,
+                    Err(e) => {
+                        // Ask the peer's position anew next time, from the newest entry.
+                        *known = None;
+                        return Err(e);
+                    }
+                }
+            };
             let prev_epoch = match entries.first() {
                 Some(first) => self.epoch_at(node, first.seq - 1).await?,
                 None => None,
@@ -106,6 +142,7 @@ impl Shard {
                 primary: node.name().to_owned(),
                 entries: entries.iter().map(|e| Entry::clone(e)).collect(),
                 prev_epoch,
+                confirmed: self.confirmed(node).await,
             };
             let before = *known;
             match client.replicate(self.id(), &req).await {
@@ -126,9 +163,26 @@ impl Shard {
     }
 }
 
-/// The writer task of one shard: drains queued jobs into groups.
+/// The writer task of one shard: drains queued jobs into groups. While an entry it holds is
+/// unconfirmed and nothing is queued, it runs an empty group every [`BARRIER_RETRY`].
 async fn writer(node: Arc<Node>, shard: Arc<Shard>, mut rx: mpsc::Receiver<Job>) {
-    while let Some(first) = rx.recv().await {
+    loop {
+        let first = if shard.unconfirmed() {
+            match tokio::time::timeout(BARRIER_RETRY, rx.recv()).await {
+                Ok(Some(job)) => Some(job),
+                Ok(None) => return,
+                Err(_) => None,
+            }
+        } else {
+            match rx.recv().await {
+                Some(job) => Some(job),
+                None => return,
+            }
+        };
+        let Some(first) = first else {
+            process_group(&node, &shard, Vec::new()).await;
+            continue;
+        };
         let mut ops = first.ops.len();
         let mut group = vec![first];
         while ops < MAX_GROUP_OPS {
@@ -205,7 +259,11 @@ fn decide(
     Ok(d)
 }
 
+/// Decides, commits and replicates one group, then acknowledges it (see the module
+/// documentation). An empty group (or one of empty jobs, see [`Shard::request_barrier`]) commits
+/// nothing and only brings every ready replica up to this primary's last entry, confirming it.
 async fn process_group(node: &Arc<Node>, shard: &Arc<Shard>, group: Vec<Job>) {
+    let barrier = group.iter().all(|j| j.ops.is_empty());
     let role = node.shard(shard.id()).await.map(|(_, r)| r);
     let (epoch, replicas) = match &role {
         Ok(ShardRole::Primary { stale_copy: true, .. }) => {
@@ -240,7 +298,7 @@ async fn process_group(node: &Arc<Node>, shard: &Arc<Shard>, group: Vec<Job>) {
             _ => jobs.push(job),
         }
     }
-    if jobs.is_empty() {
+    if jobs.is_empty() && !barrier {
         return;
     }
     let schema = &shard.table.schema;
@@ -288,16 +346,17 @@ async fn process_group(node: &Arc<Node>, shard: &Arc<Shard>, group: Vec<Job>) {
             }
         }
     }
-    if decided.is_empty() {
+    if decided.is_empty() && !barrier {
         return;
     }
     if !changes.is_empty() {
         let mut list: Vec<Change> = changes.into_iter().map(|(key, row)| Change { key, row }).collect();
         list.sort_unstable_by_key(|c| c.key);
-        let entry = Entry { seq: *applied + 1, epoch, changes: list };
+        let (entry, hash) = next_entry(shard, *applied + 1, epoch, list);
         match node.db.apply(&shard.table, &entry).await {
             Ok(()) => {
                 *applied = entry.seq;
+                shard.set_history_hash(hash);
                 node.metrics.entries_applied.inc();
                 shard.after_apply(node, Arc::new(entry));
             }
@@ -317,7 +376,7 @@ async fn process_group(node: &Arc<Node>, shard: &Arc<Shard>, group: Vec<Job>) {
             Err(e) => refused.push((job, e)),
         }
     }
-    if accepted.is_empty() && refused.is_empty() {
+    if accepted.is_empty() && refused.is_empty() && !barrier {
         return;
     }
     let target = *applied;
@@ -375,7 +434,7 @@ async fn process_group(node: &Arc<Node>, shard: &Arc<Shard>, group: Vec<Job>) {
     // Leases granted by an earlier run of this server are unknown: wait them out once. A
     // standalone shard has no replicas and never granted any.
     let standalone = matches!(role, Ok(ShardRole::Standalone));
-    let restart_bound = if standalone { Instant::now() } else { node.started + lease_bound(lease) };
+    let restart_bound = if standalone { Instant::now() } else { predecessor_grants_end(node) };
     let (results, _, _) = futures::join!(
         futures::future::join_all(must),
         futures::future::join_all(lease_waits),
@@ -384,6 +443,12 @@ async fn process_group(node: &Arc<Node>, shard: &Arc<Shard>, group: Vec<Job>) {
     let failed = results.into_iter().find_map(|(peer, r)| r.err().map(|e| (peer, e)));
     match failed {
         None => {
+            // Shown to this primary's readers before anyone hears of it (see `visibility.rs`).
+            shard.confirm_own(target);
+            if shard.jobs.capacity() == shard.jobs.max_capacity() {
+                // No group follows at once to carry the confirmation to the replicas.
+                push_confirmation(node, shard, epoch, &replicas);
+            }
             for (job, mut outcome) in accepted {
                 outcome.seq = target;
                 let _ = job.reply.send(Ok(outcome));
@@ -429,6 +494,16 @@ fn commit_error(e: &DbError, seq: u64) -> ApiError {
         }
         None => ApiError::Internal(format!("committing seq {seq}: {e}")),
     }
+}
+
+/// The entry `seq` carrying `changes`, with the running hash of the shard's history it ends
+/// (`None` while that history's hash is unknown, see `divergence`). The hash is the shard's only
+/// once the entry committed: the caller sets it then.
+fn next_entry(shard: &Shard, seq: u64, epoch: u64, changes: Vec<Change>) -> (Entry, Option<u128>) {
+    let mut entry = Entry { seq, epoch, changes, hash: None };
+    let hash = shard.history_hash().map(|prev| divergence::entry_hash(prev, &entry));
+    entry.hash = hash.map(divergence::to_hex);
+    (entry, hash)
 }
 
 type Decided = Vec<(Job, Result<WriteResponse, ApiError>)>;
@@ -479,7 +554,7 @@ async fn commit_one_by_one(
         if !d.changes.is_empty() {
             let mut list: Vec<Change> = d.changes.into_iter().map(|(key, row)| Change { key, row }).collect();
             list.sort_unstable_by_key(|c| c.key);
-            let entry = Entry { seq: *applied + 1, epoch, changes: list };
+            let (entry, hash) = next_entry(shard, *applied + 1, epoch, list);
             if let Err(e) = node.db.apply(&shard.table, &entry).await {
                 shard.resync.store(true, Ordering::Release);
                 tracing::warn!(shard = shard.id(), seq = entry.seq, error = %e, "a batch failed to commit on its own");
@@ -487,12 +562,39 @@ async fn commit_one_by_one(
                 continue;
             }
             *applied = entry.seq;
+            shard.set_history_hash(hash);
             node.metrics.entries_applied.inc();
             shard.after_apply(node, Arc::new(entry));
         }
         out.push((job, Ok(d.outcome)));
     }
     out
+}
+
+/// Tells every ready replica what this primary confirmed, in an otherwise empty replication
+/// request (sent in the background; a lost one is made good by the next entries or lease answer).
+fn push_confirmation(node: &Arc<Node>, shard: &Arc<Shard>, epoch: u64, replicas: &BTreeMap<String, ReplicaState>) {
+    let topo = node.topology();
+    for (peer, state) in replicas {
+        if peer == node.name() || *state != ReplicaState::Ready {
+            continue;
+        }
+        let Some(url) = topo.as_ref().and_then(|t| t.servers.get(peer)).map(|s| s.url.clone()) else { continue };
+        let (node, shard) = (Arc::clone(node), Arc::clone(shard));
+        tokio::spawn(async move {
+            let Some(confirmed) = shard.confirmed(&node).await else { return };
+            let req = ReplicateRequest {
+                epoch,
+                primary: node.name().to_owned(),
+                entries: Vec::new(),
+                prev_epoch: None,
+                confirmed: Some(confirmed),
+            };
+            if let Err(e) = node.peer(&url).replicate(shard.id(), &req).await {
+                tracing::debug!(shard = shard.id(), replica = %url, error = %e, "telling a replica what is confirmed");
+            }
+        });
+    }
 }
 
 #[cfg(test)]

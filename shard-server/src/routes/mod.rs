@@ -7,12 +7,14 @@ pub mod v1;
 use crate::api::Op;
 use crate::error::ApiError;
 use crate::node::{Node, ShardRole};
+use crate::replication::Shard;
 use crate::schema::Schema;
 use crate::topology::ReplicaState;
 use std::collections::HashSet;
+use std::sync::Arc;
 
-/// Reads are served by the primary, a ready replica holding a read lease from its primary (see
-/// [`crate::replication`]), or a standalone shard.
+/// Reads are served by the primary holding a lease from the operator, a ready replica holding a
+/// read lease from its primary (see [`crate::replication`]), or a standalone shard.
 pub(crate) fn check_readable(shard: &str, role: &ShardRole) -> Result<(), ApiError> {
     match role {
         ShardRole::Primary { stale_copy: true, .. } | ShardRole::Replica { stale_copy: true, .. } => {
@@ -21,6 +23,10 @@ pub(crate) fn check_readable(shard: &str, role: &ShardRole) -> Result<(), ApiErr
                  no reads until healed"
             )))
         }
+        ShardRole::Primary { leased: false, .. } => Err(ApiError::NotReady(format!(
+            "this primary of shard {shard} holds no lease from the operator (cut off from it, or just started) \
+             and serves no reads"
+        ))),
         ShardRole::Replica { state, .. } if *state != ReplicaState::Ready => {
             Err(ApiError::NotReady(format!("this copy of shard {shard} is {state:?} and serves no reads")))
         }
@@ -30,6 +36,21 @@ pub(crate) fn check_readable(shard: &str, role: &ShardRole) -> Result<(), ApiErr
         ))),
         _ => Ok(()),
     }
+}
+
+/// Reads ranges of a shard as of a confirmed state (see `replication::visibility`). A primary (or
+/// standalone shard) holding unconfirmed entries is asked to confirm them, so a read waiting for
+/// them does not depend on a write coming along.
+pub(crate) async fn read_confirmed(
+    node: &Arc<Node>,
+    shard: &Arc<Shard>,
+    role: &ShardRole,
+    ranges: &[(i64, i64)],
+) -> Result<Vec<String>, ApiError> {
+    if matches!(role, ShardRole::Primary { .. } | ShardRole::Standalone) && shard.unconfirmed() {
+        shard.request_barrier(node);
+    }
+    shard.read_ranges_json(&node.db, ranges).await
 }
 
 /// Checks a batch before it is queued: rows have the schema's shape, an update keeps its key, no

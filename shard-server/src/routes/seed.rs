@@ -107,8 +107,7 @@ pub async fn read(State(node): State<Arc<Node>>, JsonBody(body): JsonBody<Obj>) 
     if range.low > range.high {
         return Err(ApiError::bad_request(format!("{key_name} low {} is greater than high {}", range.low, range.high)));
     }
-    let rows = shard
-        .read_ranges_json(&node.db, &[(range.low, range.high)])
+    let rows = super::read_confirmed(&node, &shard, &role, &[(range.low, range.high)])
         .await?
         .pop()
         .ok_or_else(|| ApiError::Internal("no rows part for the one range read".into()))?;

@@ -3,7 +3,8 @@
 
 use super::{check_ops, check_readable, check_routed_write};
 use crate::api::{
-    BatchOutcome, LeaseRequest, LeaseResponse, ReadRangesRequest, WriteBatchesRequest, WriteBatchesResponse,
+    BatchOutcome, LeaseRequest, LeaseResponse, PrimaryLeaseRequest, PrimaryLeaseResponse, ReadRangesRequest,
+    WriteBatchesRequest, WriteBatchesResponse,
 };
 use crate::api::{
     LogResponse, RecoverRequest, RecoverResponse, ReplicateRequest, ReplicateResponse, Role, ServerStatus, ShardStats,
@@ -12,7 +13,7 @@ use crate::api::{
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::json::{JsonBody, PathParam, Query};
-use crate::limits::MAX_READ_RANGES;
+use crate::limits::{MAX_PRIMARY_LEASE_MS, MAX_READ_RANGES};
 use crate::node::{Node, ShardRole};
 use crate::tls::Component;
 use crate::topology::ReplicaState;
@@ -99,7 +100,7 @@ pub async fn read_ranges(
         return Err(ApiError::bad_request(format!("range {i}: low {} is greater than high {}", r.low, r.high)));
     }
     let ranges: Vec<(i64, i64)> = req.ranges.iter().map(|r| (r.low, r.high)).collect();
-    let parts = shard.read_ranges_json(&node.db, &ranges).await?;
+    let parts = super::read_confirmed(&node, &shard, &role, &ranges).await?;
     // Postgres wrote each part as a JSON array; they are passed through as they are.
     let mut body = String::with_capacity(parts.iter().map(|p| p.len() + 1).sum::<usize>() + 16);
     body.push_str("{\"data\":[");
@@ -288,10 +289,13 @@ pub async fn status(
     }
     let mut shards = BTreeMap::new();
     for shard in node.shards() {
-        let role = match node.shard(shard.id()).await {
-            Ok((_, ShardRole::Primary { .. })) => Role::Primary,
-            Ok((_, ShardRole::Replica { .. })) => Role::Replica,
-            Ok((_, ShardRole::Standalone)) => Role::Standalone,
+        let (role, caught_up) = match node.shard(shard.id()).await {
+            Ok((_, ShardRole::Primary { .. })) => (Role::Primary, None),
+            Ok((_, ShardRole::Replica { state: ReplicaState::Ready, .. })) => {
+                (Role::Replica, Some(!shard.read_gate_closed()))
+            }
+            Ok((_, ShardRole::Replica { .. })) => (Role::Replica, None),
+            Ok((_, ShardRole::Standalone)) => (Role::Standalone, None),
             Err(_) => continue, // no longer ours
         };
         let stats = node.db.stats(&shard.table, q.checksums).await?;
@@ -304,10 +308,14 @@ pub async fn status(
                 checksum: stats.checksum,
                 copy_id: stats.copy_id,
                 cached: shard.rows_cached(),
+                caught_up,
+                hash: stats.hash,
             },
         );
     }
-    Ok(Json(ServerStatus { server: node.name().to_owned(), epoch: node.epoch(), shards }))
+    let protocol = crate::api::PROTOCOL_VERSION;
+    let lease_token = Some(node.lease_token());
+    Ok(Json(ServerStatus { server: node.name().to_owned(), protocol, epoch: node.epoch(), shards, lease_token }))
 }
 
 /// `POST /v1/lease`: grants read leases to a ready replica, for the shards this server is the
@@ -323,14 +331,57 @@ pub async fn lease(
     }
     speaks_as(&caller, &req.replica, "replica")?;
     let mut granted = Vec::new();
+    let mut confirmed = BTreeMap::new();
+    let mut valid_ms = BTreeMap::new();
     for id in req.shards {
         // A shard we do not hold is simply not granted: the replica may follow a newer topology.
         let Ok((shard, _)) = node.shard(&id).await else { continue };
-        if shard.grant_lease(&node, &req.replica) {
+        if let Some(valid) = shard.grant_lease(&node, &req.replica) {
+            valid_ms.insert(id.clone(), u64::try_from(valid.as_millis()).unwrap_or(u64::MAX));
+            // A replica waiting for confirmations of what this primary holds gets them even
+            // when nothing is written.
+            if shard.unconfirmed() {
+                shard.request_barrier(&node);
+            }
+            if let Some(c) = shard.confirmed(&node).await {
+                confirmed.insert(id.clone(), c);
+            }
             granted.push(id);
         }
     }
-    Ok(Json(LeaseResponse { granted }))
+    Ok(Json(LeaseResponse { granted, confirmed, valid_ms }))
+}
+
+/// `POST /v1/primary_lease`: the operator lets this server serve reads as the primary of the
+/// listed shards until the token's moment plus the lease (see `replication::lease`).
+#[tracing::instrument(level = "debug", skip_all, fields(epoch = req.epoch))]
+pub async fn primary_lease(
+    State(node): State<Arc<Node>>,
+    JsonBody(req): JsonBody<PrimaryLeaseRequest>,
+) -> Result<Json<PrimaryLeaseResponse>, ApiError> {
+    if req.lease_ms == 0 || req.lease_ms > MAX_PRIMARY_LEASE_MS {
+        return Err(ApiError::bad_request(format!(
+            "lease_ms must be 1 to {MAX_PRIMARY_LEASE_MS}, not {}",
+            req.lease_ms
+        )));
+    }
+    let Some(from) = node.token_instant(req.token) else {
+        return Err(ApiError::Conflict {
+            message: "the token names another start of this server, or a moment still to come; probe again".into(),
+            keys: vec![],
+        });
+    };
+    let mut granted = Vec::new();
+    if node.epoch() >= req.epoch {
+        let until = from + std::time::Duration::from_millis(req.lease_ms);
+        for id in req.shards {
+            if let Ok((shard, ShardRole::Primary { stale_copy: false, .. })) = node.shard(&id).await {
+                shard.extend_primary_lease(until);
+                granted.push(id);
+            }
+        }
+    }
+    Ok(Json(PrimaryLeaseResponse { granted, next_token: node.lease_token() }))
 }
 
 /// `GET /metrics`: Prometheus text format.

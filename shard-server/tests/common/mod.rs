@@ -7,7 +7,7 @@
 #![allow(dead_code)]
 
 use localpg::LocalPg;
-use shard_server::api::{ShardClient, install_crypto_provider};
+use shard_server::api::{PrimaryLeaseRequest, ShardClient, install_crypto_provider};
 use shard_server::db::Db;
 use shard_server::node::{Node, NodeConfig};
 use shard_server::schema::{DType, SchemaSpec};
@@ -48,6 +48,8 @@ pub struct Cluster {
     pub http: reqwest::Client,
     /// The database's CA.
     pub pki: TestPki,
+    /// Whether the harness keeps granting primary leases (a test of their running out turns it off).
+    pub granting: Arc<std::sync::atomic::AtomicBool>,
 }
 
 pub struct Server {
@@ -179,11 +181,53 @@ impl Cluster {
             servers,
             http: pki.credentials(Component::Operator, "operator").http_client(Duration::from_secs(30)),
             pki,
+            granting: Arc::new(std::sync::atomic::AtomicBool::new(true)),
         };
         for (i, l) in listeners.into_iter().enumerate() {
             c.serve(i, l).await;
         }
+        c.keep_granting_primary_leases().await;
         c
+    }
+
+    /// The harness's stand-in for the operator's primary leases (see [`Granter`]).
+    fn granter(&self) -> Granter {
+        Granter {
+            http: self.http.clone(),
+            servers: self.servers.iter().map(|s| s.url()).collect(),
+            on: Arc::clone(&self.granting),
+        }
+    }
+
+    /// Grants every primary its lease now, and every 300 ms in the background; returns once every
+    /// ready replica holds a read lease from its primary (which it can only get once its primary
+    /// has a lease of its own), so a test may read from any copy at once.
+    async fn keep_granting_primary_leases(&self) {
+        let granter = self.granter();
+        granter.round().await;
+        tokio::spawn({
+            let granter = granter.clone();
+            async move {
+                loop {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    granter.round().await;
+                }
+            }
+        });
+        let leased = |node: &Node| {
+            self.topology.shards_of(node.name()).all(|(entry, state)| {
+                state != ReplicaState::Ready
+                    || entry.primary == node.name()
+                    || node.shards().iter().any(|s| s.id() == entry.id && s.holds_lease(&entry.primary))
+            })
+        };
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while !self.servers.iter().filter_map(|s| s.node.as_deref()).all(leased) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("every ready replica gets a read lease");
     }
 
     async fn serve(&mut self, i: usize, listener: TcpListener) {
@@ -222,10 +266,12 @@ impl Cluster {
         s.node = None;
     }
 
-    /// Starts server `i` again on the same port and database.
+    /// Starts server `i` again on the same port and database (and grants it its primary leases).
     pub async fn restart(&mut self, i: usize) {
         let listener = TcpListener::bind(self.servers[i].addr).await.unwrap();
         self.serve(i, listener).await;
+        // Its leases come from the background granter within 300 ms: a test of a restarted server
+        // waits for what it needs.
     }
 
     /// Starts server `i` again on the same port over a brand-new empty database, as a pod
@@ -302,5 +348,36 @@ impl Cluster {
             serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"))
         };
         (status, json)
+    }
+}
+
+/// Plays the operator's part in primary leases (see the server's `replication::lease`): each
+/// server gets a lease for the shards it is the primary of in its own topology, measured from a
+/// token it just handed out.
+#[derive(Clone)]
+struct Granter {
+    http: reqwest::Client,
+    servers: Vec<String>,
+    on: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Granter {
+    async fn round(&self) {
+        if !self.on.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
+        for url in &self.servers {
+            let client = ShardClient::new(self.http.clone(), url.clone());
+            let Ok(status) = client.status(false).await else { continue };
+            let Some(token) = status.lease_token else { continue };
+            let shards: Vec<String> = status
+                .shards
+                .iter()
+                .filter(|(_, s)| s.role == shard_server::api::Role::Primary)
+                .map(|(id, _)| id.clone())
+                .collect();
+            let req = PrimaryLeaseRequest { token, epoch: 0, shards, lease_ms: 2000 };
+            let _ = client.primary_lease(&req).await;
+        }
     }
 }

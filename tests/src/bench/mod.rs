@@ -1,13 +1,19 @@
 //! The benchmark program's library: runs the workloads (the seed's, batch writes, range
-//! reads, a mixed load and the shard copy stream) against the router and against the same SQL sent
-//! straight to Postgres, and writes a JSON report plus its Markdown and SVG rendering. Does I/O.
+//! reads, a mixed load, the shard copy stream, the heal of a wiped copy and the cold start) against
+//! the router, beside one plain Postgres doing the same work (`pgbench`) and the same SQL sent
+//! straight to the servers' Postgres one transaction per request, and writes a JSON report plus its
+//! Markdown and SVG rendering. Does I/O.
 //!
 //! Module map: `specs` (cluster shapes, pure), `layout` (where shards live), `client` (router and
-//! snapshot requests, checked), `baseline` (the direct-SQL side), `load` (the load generator),
-//! `procstat` (CPU and memory from `/proc`), `target` (the system under test), `workloads` (each workload's steps), `report` (the JSON
-//! document and the targets, pure), `render` (Markdown and SVG, pure).
+//! snapshot requests, checked), `anchor` (plain Postgres and `pgbench`), `baseline` (the same SQL,
+//! one transaction per request), `load` (the load generator), `procstat` (CPU and memory from
+//! `/proc`), `target` (the system under test), `workloads` (each workload's steps; `startup` the
+//! cold start and the heal), `report` (the JSON document and the targets, pure), `render`
+//! (Markdown, pure), `chart` (SVG, pure).
 
+pub mod anchor;
 pub mod baseline;
+pub mod chart;
 pub mod client;
 pub mod http1;
 pub mod layout;
@@ -16,6 +22,7 @@ pub mod procstat;
 pub mod render;
 pub mod report;
 pub mod specs;
+pub mod startup;
 pub mod target;
 pub mod workloads;
 
@@ -34,11 +41,22 @@ pub enum Workload {
     Range,
     Mixed,
     Copy,
+    Heal,
+    Cold,
 }
 
 impl Workload {
-    pub const ALL: [Workload; 7] =
-        [Workload::A1, Workload::A2, Workload::A3, Workload::Batch, Workload::Range, Workload::Mixed, Workload::Copy];
+    pub const ALL: [Workload; 9] = [
+        Workload::A1,
+        Workload::A2,
+        Workload::A3,
+        Workload::Batch,
+        Workload::Range,
+        Workload::Mixed,
+        Workload::Copy,
+        Workload::Heal,
+        Workload::Cold,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -49,6 +67,8 @@ impl Workload {
             Workload::Range => "range",
             Workload::Mixed => "mixed",
             Workload::Copy => "copy",
+            Workload::Heal => "heal",
+            Workload::Cold => "cold",
         }
     }
 }
@@ -77,8 +97,41 @@ pub struct Options {
     /// With `router`: the Postgres databases for the baseline (server i uses `[i % len]`).
     pub baseline_dbs: Vec<String>,
     pub quick: bool,
-    /// Whether local clusters use mutual TLS between their processes (their default).
-    pub internal_tls: bool,
+    /// Untimed operations before each timed phase, on every side.
+    pub warmup: usize,
+    /// Measure plain Postgres (`pgbench`) beside sharddb.
+    pub anchor: bool,
+    /// Rows of each copy the heal workload wipes and heals.
+    pub heal_rows: Vec<usize>,
+    /// Flags given to every local cluster (`sharddb-operator local ... FLAGS`).
+    pub local_args: Vec<String>,
+    /// Variants: A-1 again on clusters started with these extra flags, reported beside the default.
+    pub variants: Vec<Variant>,
+}
+
+/// A1 run again with extra flags for the local mode (e.g. internal TLS off), so what a feature
+/// costs shows up as a number in the report.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Variant {
+    pub name: String,
+    pub args: Vec<String>,
+}
+
+impl FromStr for Variant {
+    type Err = String;
+    /// `NAME=FLAGS`, flags separated by spaces: `tls-off=--internal-tls=false`.
+    fn from_str(s: &str) -> Result<Variant, String> {
+        let (name, flags) = s.split_once('=').ok_or_else(|| format!("variant {s:?} is not NAME=FLAGS"))?;
+        let name = name.trim();
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+            return Err(format!("variant name {name:?}: letters, digits, - and _ only"));
+        }
+        let args: Vec<String> = flags.split_whitespace().map(str::to_owned).collect();
+        if args.is_empty() {
+            return Err(format!("variant {name} has no flags"));
+        }
+        Ok(Variant { name: name.to_owned(), args })
+    }
 }
 
 impl Options {
@@ -91,7 +144,11 @@ impl Options {
             router: None,
             baseline_dbs: Vec::new(),
             quick: false,
-            internal_tls: true,
+            warmup: 1_000,
+            anchor: true,
+            heal_rows: vec![100_000, 1_000_000],
+            local_args: Vec::new(),
+            variants: Vec::new(),
         }
     }
 }
@@ -114,6 +171,11 @@ pub async fn run(opts: &Options) -> Result<Report> {
             quick: opts.quick,
             binaries: if opts.router.is_some() { "unknown".into() } else { binaries_profile() },
             baseline: opts.router.is_none() || !opts.baseline_dbs.is_empty(),
+            anchor: opts.anchor,
+            warmup: opts.warmup,
+            heal_rows: if opts.workloads.contains(&Workload::Heal) { opts.heal_rows.clone() } else { Vec::new() },
+            local_args: opts.local_args.clone(),
+            variants: opts.variants.iter().map(|v| (v.name.clone(), v.args.clone())).collect(),
         },
         ..Report::default()
     };
@@ -135,14 +197,24 @@ pub async fn run(opts: &Options) -> Result<Report> {
             }
         }
     }
+    for v in &opts.variants {
+        eprintln!("bench: variant {}", v.name);
+        if let Err(e) = ctx.variant(v, &mut report).await {
+            eprintln!("bench: variant {} failed: {e:#}", v.name);
+            report.failed_workloads.push(Failure { workload: format!("a1@{}", v.name), error: format!("{e:#}") });
+        }
+    }
+    ctx.close_anchor();
     if report.machine.postgres.is_none() {
         report.machine.postgres = ctx.postgres_version.take();
     }
     if opts.router.is_some() && opts.baseline_dbs.is_empty() {
         report.notes.push("No `--baseline-db` was given: the baseline was skipped.".into());
     }
-    report.errors_total = report.results.iter().map(|r| r.errors + r.baseline_errors).sum();
-    report.targets = report::evaluate_targets(&report.results, &report.memory);
+    report.errors_total = report.results.iter().map(|r| r.errors + r.baseline_errors + r.anchor_errors).sum::<u64>()
+        + report.cold_start.as_ref().map_or(0, |c| c.errors);
+    report.targets = report::evaluate_targets(&report.results, &report.memory, &report.heals);
+    report.machine.loadavg_at_end = loadavg();
     Ok(report)
 }
 
@@ -154,7 +226,7 @@ pub fn write_outputs(report: &Report, dir: &Path) -> Result<Vec<PathBuf>> {
     let svg = dir.join("benchmarks.svg");
     let md = dir.join("benchmarks.md");
     std::fs::write(&json, serde_json::to_string_pretty(report)? + "\n")?;
-    std::fs::write(&svg, render::svg(report))?;
+    std::fs::write(&svg, chart::svg(report))?;
     let kept = std::fs::read_to_string(&md).ok().and_then(|old| render::kept_analysis(&old));
     std::fs::write(&md, render::markdown(report, "benchmarks.svg", kept.as_deref()))?;
     Ok(vec![json, svg, md])
@@ -183,10 +255,14 @@ fn machine() -> Machine {
             .map_or(0.0, |kib| (kib / 1024.0 / 1024.0 * 10.0).round() / 10.0),
         kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_owned(),
         postgres: None,
-        loadavg_at_start: std::fs::read_to_string("/proc/loadavg")
-            .ok()
-            .and_then(|l| l.split_whitespace().next().and_then(|v| v.parse().ok())),
+        loadavg_at_start: loadavg(),
+        loadavg_at_end: None,
     }
+}
+
+/// The 1-minute load average.
+fn loadavg() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg").ok().and_then(|l| l.split_whitespace().next().and_then(|v| v.parse().ok()))
 }
 
 fn git_commit() -> Option<String> {
@@ -227,7 +303,16 @@ mod tests {
     fn workloads_parse() {
         assert_eq!("a1".parse::<Workload>(), Ok(Workload::A1));
         assert_eq!(" Copy".parse::<Workload>(), Ok(Workload::Copy));
-        assert!("a4".parse::<Workload>().unwrap_err().contains("a1,a2,a3,batch,range,mixed,copy"));
+        assert!("a4".parse::<Workload>().unwrap_err().contains("a1,a2,a3,batch,range,mixed,copy,heal,cold"));
+    }
+
+    #[test]
+    fn variants_parse() {
+        let v: Variant = "tls-off=--internal-tls=false --x".parse().unwrap();
+        assert_eq!((v.name.as_str(), v.args), ("tls-off", vec!["--internal-tls=false".to_owned(), "--x".to_owned()]));
+        assert!("tls off=--x".parse::<Variant>().is_err());
+        assert!("tls-off=".parse::<Variant>().is_err());
+        assert!("--x".parse::<Variant>().is_err());
     }
 
     #[test]

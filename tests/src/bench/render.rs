@@ -1,7 +1,7 @@
-//! Renders a report as Markdown (`docs/benchmarks.md`) and as an SVG bar chart written by hand (no
-//! plotting crate). The Markdown keeps a hand-written analysis section across re-renders. Pure.
+//! Renders a report as Markdown (`docs/benchmarks.md`); the chart beside it is `chart`'s. The
+//! Markdown keeps a hand-written analysis section across re-renders. Pure.
 
-use crate::bench::report::{Report, ResultRow, TargetCheck, fmt_int, fmt_num};
+use crate::bench::report::{ColdStart, HealResult, Report, ResultRow, TargetCheck, fmt_int, fmt_num};
 use std::fmt::Write as _;
 
 const ANALYSIS_START: &str = "<!-- analysis:start (hand-written; kept when the report is regenerated) -->";
@@ -79,6 +79,12 @@ pub fn markdown(r: &Report, svg_name: &str, analysis: Option<&str>) -> String {
     if p.quick {
         let _ = writeln!(m, "> **Quick run** (`--quick`): too small to be representative.\n");
     }
+    if let Some(busy) = busy_machine(&r.machine) {
+        let _ = writeln!(
+            m,
+            "> **Busy machine**: {busy}; other work competed for the cores, so these numbers are not representative.\n"
+        );
+    }
     if r.errors_total > 0 {
         let _ = writeln!(
             m,
@@ -102,16 +108,22 @@ pub fn markdown(r: &Report, svg_name: &str, analysis: Option<&str>) -> String {
         let _ = writeln!(m, "| {} | {} | {} | {} | {} |", t.name, t.goal, measured, verdict(t), t.detail);
     }
 
+    anchored(&mut m, r);
+
     let _ = writeln!(m, "\n## Results\n");
     let _ = writeln!(
         m,
-        "Latencies in ms (p50 / p99 / p999). CPU is router + shard servers + their Postgres, in CPU seconds \
-         per 1,000 operations; the baseline's is its Postgres work.\n"
+        "Every workload through sharddb beside *the same SQL, one transaction per request*: the shard servers' \
+         statements sent straight to the same Postgres servers, each request its own transaction on every copy, \
+         without the group commit sharddb (and Postgres itself, see above) does. Latencies in ms (p50 / p99 / \
+         p999), warm: after {} untimed operations on each side. CPU is router + shard servers + their Postgres, \
+         in CPU seconds per 1,000 operations; the per-request side's is its Postgres work.\n",
+        fmt_int(p.warmup as u64)
     );
     let _ = writeln!(
         m,
-        "| workload | ops | errors | router ops/s | baseline ops/s | router / baseline | router latency | \
-         baseline latency | CPU s / 1k ops (router / baseline) |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "| workload | ops | errors | sharddb ops/s | same SQL, 1 tx/request ops/s | sharddb / same SQL | sharddb \
+         latency | same SQL latency | CPU s / 1k ops (sharddb / same SQL) |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     for x in &r.results {
         let ratio = x.ratio.map_or_else(|| "–".into(), |v| format!("{v:.2} {}", if v >= 0.5 { "✓" } else { "✗" }));
@@ -135,7 +147,7 @@ pub fn markdown(r: &Report, svg_name: &str, analysis: Option<&str>) -> String {
             x.baseline_cpu_s_per_1k_ops.map_or_else(|| "–".into(), |v| format!("{v:.3}")),
         );
     }
-    let _ = writeln!(m, "\n![Router and baseline throughput per workload]({svg_name})\n");
+    let _ = writeln!(m, "\n![Throughput per workload: sharddb beside plain Postgres]({svg_name})\n");
     let noted: Vec<&ResultRow> = r.results.iter().filter(|x| !x.notes.is_empty()).collect();
     for x in noted {
         let _ = writeln!(m, "- **{}** ({}): {}.", x.title, x.cluster, x.notes.join("; "));
@@ -164,6 +176,10 @@ pub fn markdown(r: &Report, svg_name: &str, analysis: Option<&str>) -> String {
         );
     }
 
+    cold(&mut m, r.cold_start.as_ref());
+    heals(&mut m, &r.heals);
+    variants(&mut m, r);
+
     let _ = writeln!(m, "\n## Where the time goes\n");
     let _ = writeln!(
         m,
@@ -178,7 +194,9 @@ pub fn markdown(r: &Report, svg_name: &str, analysis: Option<&str>) -> String {
     );
     for x in &r.results {
         let sides = std::iter::once((x.title.clone(), &x.cpu, x.ops)).chain(
-            x.baseline_cpu.as_ref().map(|c| (format!("{} — baseline", x.title), c, x.baseline_ops.unwrap_or(x.ops))),
+            x.baseline_cpu
+                .as_ref()
+                .map(|c| (format!("{} — same SQL, 1 tx/request", x.title), c, x.baseline_ops.unwrap_or(x.ops))),
         );
         for (name, c, ops) in sides {
             let _ = writeln!(
@@ -245,6 +263,168 @@ pub fn markdown(r: &Report, svg_name: &str, analysis: Option<&str>) -> String {
     m
 }
 
+/// sharddb against plain Postgres, per workload that has a `pgbench` equivalent.
+fn anchored(m: &mut String, r: &Report) {
+    let rows: Vec<&ResultRow> = r.results.iter().filter(|x| x.anchor_ops_per_s.is_some()).collect();
+    if rows.is_empty() {
+        return;
+    }
+    let _ = writeln!(m, "\n## Against plain Postgres\n");
+    let _ = writeln!(
+        m,
+        "The same operations on one plain Postgres of this machine (fsync on, as the shard servers' are), \
+         driven by `pgbench` at the same concurrency ({} clients) after a warm-up, on distinct keys: what one \
+         would run instead of sharddb. sharddb commits every write on each of a shard's copies and serves \
+         everything through a router over HTTP; the ratio is what that costs (or, for reads spread over copies, \
+         gains). Latencies in ms (p50 / p99 / p999).\n",
+        r.params.concurrency
+    );
+    let _ = writeln!(
+        m,
+        "| workload | sharddb ops/s | plain Postgres ops/s | sharddb / plain Postgres | sharddb latency | plain \
+         Postgres latency | CPU s / 1k ops (sharddb / plain Postgres) | pgbench ran |\n|---|---:|---:|---:|---:|---:|---:|---|"
+    );
+    for x in rows {
+        let errors = if x.anchor_errors > 0 { format!(" ({} failed)", x.anchor_errors) } else { String::new() };
+        let _ = writeln!(
+            m,
+            "| {} | {} | {}{errors} | {} | {} | {} | {} / {} | {} |",
+            x.title,
+            fmt_num(x.ops_per_s),
+            opt(x.anchor_ops_per_s),
+            x.anchor_ratio.map_or_else(|| "–".into(), |v| format!("{v:.2}×")),
+            lat(x.p50_ms, x.p99_ms, x.p999_ms),
+            lat(x.anchor_p50_ms, x.anchor_p99_ms, x.anchor_p999_ms),
+            x.cpu_s_per_1k_ops.map_or_else(|| "–".into(), |v| format!("{v:.3}")),
+            x.anchor_cpu_s_per_1k_ops.map_or_else(|| "–".into(), |v| format!("{v:.3}")),
+            x.anchor_script.as_deref().unwrap_or("–"),
+        );
+    }
+}
+
+fn cold(m: &mut String, c: Option<&ColdStart>) {
+    let Some(c) = c else { return };
+    let _ = writeln!(m, "\n## Cold start\n");
+    let skipped = match c.lease_wait_skipped {
+        Some(true) => "The servers were started with `--no-predecessor` (a new cluster): no start-up lease wait.",
+        Some(false) => "The servers waited one read lease after their start before acknowledging anything.",
+        None => "Whether the servers waited a read lease at start is unknown.",
+    };
+    let _ = writeln!(
+        m,
+        "A fresh {} started ({:.1} s from launching the local mode to its router answering, every process \
+         healthy), then single-row writes sent at once, at full concurrency, for {:.1} s. {skipped}\n",
+        c.cluster, c.start_s, c.window_s
+    );
+    let _ = writeln!(
+        m,
+        "| writes | failed | first acknowledged | p50 / p99 / max (ms) | first second: writes, p50 / p99 (ms) |\n\
+         |---:|---:|---:|---:|---:|"
+    );
+    let _ = writeln!(
+        m,
+        "| {} | {} | {} | {} / {} / {} | {}, {} / {} |",
+        fmt_int(c.ops),
+        c.errors,
+        c.first_ack_ms.map_or_else(|| "–".into(), |v| format!("{v:.0} ms after ready")),
+        ms(c.p50_ms),
+        ms(c.p99_ms),
+        ms(c.max_ms),
+        fmt_int(c.first_second_ops),
+        ms(c.first_second_p50_ms),
+        ms(c.first_second_p99_ms)
+    );
+    for e in c.error_samples.iter().take(3) {
+        let _ = writeln!(m, "- error, e.g.: `{}`", e.replace('`', "'"));
+    }
+}
+
+fn heals(m: &mut String, heals: &[HealResult]) {
+    if heals.is_empty() {
+        return;
+    }
+    let _ = writeln!(m, "\n## Heals\n");
+    let _ = writeln!(
+        m,
+        "A copy of the rows below, one shard with two copies on two servers, is wiped (its Postgres data replaced \
+         by an empty cluster) and its server started again; the operator notices, marks it recovering and \
+         recovers it from the primary. *Heal* is the recover as the healer times it: snapshot streamed and \
+         installed, verified, caught up. *Stream* is one snapshot stream read to its end by the benchmark. \
+         Where the time goes comes from the server's answer, in seconds; the copy overlaps streaming, parsing \
+         and Postgres taking the rows (the reading side's waits are shown).\n"
+    );
+    let _ = writeln!(
+        m,
+        "| rows | stream rows/s | heal rows/s | heal s | restart → ready s | prepare | copy (waiting for stream / \
+         parsing / waiting for Postgres) | index | verify | commit | catch-up | row cache | server total |\n\
+         |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
+    let s = |us: u64| format!("{:.2}", us as f64 / 1e6);
+    for h in heals {
+        let phases = match &h.timings {
+            Some(t) => format!(
+                "{} | {} ({} / {} / {}) | {} | {} | {} | {} | {} | {}",
+                s(t.prepare_us),
+                s(t.copy_us),
+                s(t.stream_wait_us),
+                s(t.parse_us),
+                s(t.copy_wait_us),
+                s(t.index_us),
+                s(t.verify_us),
+                s(t.commit_us),
+                s(t.catch_up_us),
+                s(t.cache_us),
+                s(t.total_us)
+            ),
+            None => "– | – | – | – | – | – | – | –".into(),
+        };
+        let _ = writeln!(
+            m,
+            "| {} | {} | {} | {} | {} | {phases} |",
+            fmt_int(h.rows),
+            opt(h.stream_rows_per_s),
+            opt(h.heal_rows_per_s),
+            h.recover_s.map_or_else(|| "–".into(), |v| format!("{v:.2}")),
+            h.restart_to_ready_s.map_or_else(|| "–".into(), |v| format!("{v:.1}")),
+        );
+    }
+    for h in heals.iter().filter(|h| h.error.is_some()) {
+        let _ =
+            writeln!(m, "- The heal of {} rows failed: {}", fmt_int(h.rows), h.error.as_deref().unwrap_or_default());
+    }
+}
+
+/// Rows run under a variant (`--variant`) beside the same workload's default run.
+fn variants(m: &mut String, r: &Report) {
+    if r.params.variants.is_empty() {
+        return;
+    }
+    let _ = writeln!(m, "\n## Variants\n");
+    let _ = writeln!(
+        m,
+        "The same workloads on clusters started with extra flags, to track what a feature costs. Ratios are to \
+         the default run of this report.\n"
+    );
+    for (name, flags) in &r.params.variants {
+        let _ = writeln!(m, "- **{name}**: `sharddb-operator local {}`", flags.join(" "));
+    }
+    let _ = writeln!(m, "\n| variant | workload | ops/s | vs default | latency (ms) |\n|---|---|---:|---:|---:|");
+    for x in r.results.iter().filter(|x| x.variant.is_some()) {
+        let base_id = x.workload.split('@').next().unwrap_or_default();
+        let base = r.results.iter().find(|b| b.variant.is_none() && b.workload == base_id);
+        let _ = writeln!(
+            m,
+            "| {} | {} | {} | {} | {} |",
+            x.variant.as_deref().unwrap_or_default(),
+            x.title,
+            fmt_num(x.ops_per_s),
+            base.filter(|b| b.ops_per_s > 0.0)
+                .map_or_else(|| "–".into(), |b| format!("{:.2}×", x.ops_per_s / b.ops_per_s)),
+            lat(x.p50_ms, x.p99_ms, x.p999_ms)
+        );
+    }
+}
+
 const METHOD: &[&str] = &[
     "**Load generator**: tokio tasks (as many as the concurrency) sharing one HTTP client pull pre-generated \
      requests from a common counter; every answer is checked (HTTP status, `\"status\":\"success\"`, and for \
@@ -261,8 +441,22 @@ const METHOD: &[&str] = &[
      loaded one.",
     "**Copy**: one shard loaded with `--copy-rows` rows through the router, then `GET \
      /v1/shards/{shard}/snapshot` read to its end line from the primary three times; the median is reported.",
-    "**Baseline**: the shard servers' SQL sent straight to the same Postgres servers from one sqlx pool per \
-     database (up to min(concurrency, 80) connections), at the same concurrency. It writes into its own \
+    "**Plain Postgres (the anchor)**: one Postgres started by the benchmark, configured as the shard \
+     servers' are (fsync on, 32 MB shared buffers), table `rows` with the students' columns and a sequence \
+     for new keys; `pgbench -M prepared` at the workloads' concurrency (`-c`, `-j` = cores), the same number \
+     of transactions after a warm-up, latencies from its per-transaction log. Single-row writes are \
+     `INSERT`s of new keys, reads `SELECT`s of one key among at least 50,000, batches one `INSERT` of 100 \
+     new keys, ranges `SELECT ... BETWEEN` of the same width, the mix 80/20. Measured once per kind and \
+     shared by the workloads of that kind.",
+    "**Warm-up**: before each timed phase, `--warmup` operations of the same kind run untimed on each side \
+     (fresh keys for writes), so connections, caches and leases are warm; the cold start is measured on its \
+     own.",
+    "**Cold start**: a fresh A-1 cluster; from the moment the local mode prints its router line, writes of \
+     new keys at full concurrency for a few seconds, each timed from when it was sent.",
+    "**Heal**: see that section; the rows are loaded through the router in batches of 5,000.",
+    "**Same SQL, one transaction per request** (the JSON's `baseline_*`): the shard servers' SQL sent \
+     straight to the same Postgres servers from one sqlx pool per database (up to min(concurrency, 80) \
+     connections), at the same concurrency. It writes into its own \
      tables `bench_baseline_<server>_<shard>` plus `bench_baseline_shards` and `bench_baseline_log`, so it \
      never touches the system's rows. A write commits the row upsert, the sequence update and the log insert \
      in one transaction on the primary's database, then the same transaction on every other replica's \
@@ -273,132 +467,15 @@ const METHOD: &[&str] = &[
      the results counts router, shard servers and Postgres.",
 ];
 
-/// A horizontal bar chart: router and baseline throughput per workload, log scale, with the
-/// targets marked.
-pub fn svg(r: &Report) -> String {
-    let rows: Vec<&ResultRow> = r.results.iter().collect();
-    let (label_w, plot_w, right_w) = (230.0, 600.0, 110.0);
-    let (bar_h, group_gap, top, bottom) = (13.0, 12.0, 56.0, 44.0);
-    let group_h = 2.0 * bar_h + group_gap;
-    let height = top + bottom + group_h * rows.len().max(1) as f64;
-    let width = label_w + plot_w + right_w;
-    let values: Vec<f64> = rows
-        .iter()
-        .flat_map(|x| [Some(x.ops_per_s), x.baseline_ops_per_s])
-        .flatten()
-        .chain(target_of("a1-write").into_iter().chain(target_of("a1-read")))
-        .filter(|v| *v > 0.0 && v.is_finite())
-        .collect();
-    let lo = values.iter().copied().fold(f64::INFINITY, f64::min).max(1.0).log10().floor();
-    let hi = values.iter().copied().fold(1.0, f64::max).log10().ceil().max(lo + 1.0);
-    let x_of = |v: f64| label_w + (v.max(1.0).log10() - lo) / (hi - lo) * plot_w;
-
-    let mut s = String::new();
-    let _ = writeln!(
-        s,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">"#
-    );
-    let _ = writeln!(s, r##"<rect width="100%" height="100%" fill="#ffffff"/>"##);
-    let _ = writeln!(
-        s,
-        r##"<text x="{label_w}" y="20" font-size="14" font-weight="bold">Operations per second (log scale): router vs the same SQL straight to Postgres</text>"##
-    );
-    let legend = [("#3366aa", "router"), ("#bbbbbb", "baseline")];
-    for (i, (color, name)) in legend.iter().enumerate() {
-        let x = label_w + i as f64 * 110.0;
-        let _ = writeln!(s, r#"<rect x="{x}" y="30" width="12" height="12" fill="{color}"/>"#);
-        let _ = writeln!(s, r#"<text x="{}" y="40">{name}</text>"#, x + 16.0);
-    }
-    let _ = writeln!(
-        s,
-        r##"<line x1="{x}" y1="36" x2="{x2}" y2="36" stroke="#cc2222" stroke-width="2" stroke-dasharray="4 2"/><text x="{tx}" y="40">target</text>"##,
-        x = label_w + 220.0,
-        x2 = label_w + 240.0,
-        tx = label_w + 246.0
-    );
-    let mut e = hi as i64;
-    while e >= lo as i64 {
-        let x = x_of(10f64.powi(e as i32));
-        let _ = writeln!(
-            s,
-            r##"<line x1="{x:.1}" y1="{top}" x2="{x:.1}" y2="{y2}" stroke="#dddddd"/><text x="{x:.1}" y="{ty}" text-anchor="middle" fill="#555555">{label}</text>"##,
-            y2 = height - bottom,
-            ty = height - bottom + 16.0,
-            label = fmt_num(10f64.powi(e as i32))
-        );
-        e -= 1;
-    }
-    for (i, x) in rows.iter().enumerate() {
-        let y = top + i as f64 * group_h;
-        let _ = writeln!(
-            s,
-            r#"<text x="{}" y="{:.1}" text-anchor="end">{}</text>"#,
-            label_w - 8.0,
-            y + bar_h + 4.0,
-            escape(&x.title)
-        );
-        let bars =
-            [(Some(x.ops_per_s), "#3366aa", x.errors > 0), (x.baseline_ops_per_s, "#bbbbbb", x.baseline_errors > 0)];
-        for (j, (v, color, had_errors)) in bars.iter().enumerate() {
-            let by = y + j as f64 * bar_h;
-            match v {
-                Some(v) if *v > 0.0 => {
-                    let w = (x_of(*v) - label_w).max(1.0);
-                    let _ = writeln!(
-                        s,
-                        r#"<rect x="{label_w}" y="{by:.1}" width="{w:.1}" height="{:.1}" fill="{color}"/>"#,
-                        bar_h - 2.0
-                    );
-                    let _ = writeln!(
-                        s,
-                        r#"<text x="{:.1}" y="{:.1}" font-size="11">{}{}</text>"#,
-                        label_w + w + 4.0,
-                        by + bar_h - 3.0,
-                        fmt_num(*v),
-                        if *had_errors { " (errors)" } else { "" }
-                    );
-                }
-                _ => {
-                    let _ = writeln!(
-                        s,
-                        r##"<text x="{:.1}" y="{:.1}" font-size="11" fill="#777777">not measured</text>"##,
-                        label_w + 4.0,
-                        by + bar_h - 3.0
-                    );
-                }
-            }
-        }
-        if let Some(t) = target_of(&x.workload) {
-            let tx = x_of(t);
-            let _ = writeln!(
-                s,
-                r##"<line x1="{tx:.1}" y1="{:.1}" x2="{tx:.1}" y2="{:.1}" stroke="#cc2222" stroke-width="2" stroke-dasharray="4 2"/>"##,
-                y - 2.0,
-                y + 2.0 * bar_h
-            );
-        }
-    }
-    let _ = writeln!(
-        s,
-        r##"<text x="{label_w}" y="{:.1}" fill="#555555">operations per second (rows per second for the copy)</text>"##,
-        height - 8.0
-    );
-    s.push_str("</svg>\n");
-    s
-}
-
-/// The issue's throughput targets by workload id.
-fn target_of(workload: &str) -> Option<f64> {
-    match workload {
-        "a1-write" => Some(5470.0),
-        "a1-read" => Some(14170.0),
-        "copy" => Some(100_000.0),
-        _ => None,
-    }
-}
-
-fn escape(t: &str) -> String {
-    t.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+/// Why the machine was too busy for a representative run, if it was: a 1-minute load average at
+/// the start above the cores' count (another program's builds and tests took CPU the run needed),
+/// as the run's own processes are not yet running then.
+fn busy_machine(machine: &crate::bench::report::Machine) -> Option<String> {
+    let start = machine.loadavg_at_start?;
+    (start > machine.cores.max(1) as f64).then(|| {
+        let end = machine.loadavg_at_end.map_or_else(String::new, |l| format!(", {l:.2} at the end"));
+        format!("load average {start:.2} at the start{end} on {} cores", machine.cores)
+    })
 }
 
 #[cfg(test)]
@@ -423,6 +500,12 @@ mod tests {
                 p50_ms: Some(12.5),
                 p99_ms: Some(40.0),
                 p999_ms: Some(80.0),
+                anchor_script: Some("INSERT of one row with a new key".into()),
+                anchor_ops_per_s: Some(17_075.0),
+                anchor_ratio: Some(6000.0 / 17_075.0),
+                anchor_p50_ms: Some(3.2),
+                anchor_p99_ms: Some(9.1),
+                anchor_p999_ms: Some(20.0),
                 ..ResultRow::default()
             },
             ResultRow {
@@ -436,7 +519,24 @@ mod tests {
         ];
         r.memory =
             vec![ClusterMemory { workload: "a1".into(), shard_server_rest_mib: Some(12.0), ..Default::default() }];
-        r.targets = evaluate_targets(&r.results, &r.memory);
+        r.cold_start = Some(ColdStart { ops: 1234, first_ack_ms: Some(40.0), ..ColdStart::default() });
+        r.heals = vec![HealResult {
+            rows: 100_000,
+            stream_rows_per_s: Some(583_476.0),
+            heal_rows_per_s: Some(250_000.0),
+            recover_s: Some(0.4),
+            restart_to_ready_s: Some(2.5),
+            timings: Some(shard_server::api::RecoverTimings {
+                prepare_us: 10_000,
+                copy_us: 300_000,
+                stream_wait_us: 50_000,
+                parse_us: 100_000,
+                copy_wait_us: 100_000,
+                ..Default::default()
+            }),
+            ..HealResult::default()
+        }];
+        r.targets = evaluate_targets(&r.results, &r.memory, &r.heals);
         r.errors_total = 2;
         r
     }
@@ -448,27 +548,46 @@ mod tests {
         assert!(
             md.contains("| A-1 single-row writes | 10,000 | 0 / 0 | 6,000 | 3,000 | 2.00 ✓ | 12.5 / 40.0 / 80.0 |")
         );
+        assert!(md.contains("## Against plain Postgres"), "{md}");
+        assert!(
+            md.contains("| A-1 single-row writes | 6,000 | 17,075 | 0.35× | 12.5 / 40.0 / 80.0 | 3.20 / 9.10 / 20.0 |"),
+            "{md}"
+        );
+        assert!(md.contains("| 100,000 | 583,476 | 250,000 | 0.40 | 2.5 | 0.01 | 0.30 (0.05 / 0.10 / 0.10) |"), "{md}");
+        assert!(md.contains("| 1,234 | 0 | 40 ms after ready |"), "{md}");
         assert!(md.contains("This run had 2 failed operations"));
-        assert!(md.contains("![Router and baseline throughput per workload](benchmarks.svg)"));
+        assert!(md.contains("![Throughput per workload: sharddb beside plain Postgres](benchmarks.svg)"));
         assert_eq!(kept_analysis(&md).as_deref(), Some("Most time is in Postgres."));
         let fresh = markdown(&sample(), "benchmarks.svg", None);
         assert_eq!(kept_analysis(&fresh).as_deref(), Some("_No analysis written for this run yet._"));
     }
 
     #[test]
-    fn svg_is_one_document_with_escaped_labels() {
-        let s = svg(&sample());
-        assert!(s.starts_with("<svg ") && s.trim_end().ends_with("</svg>"));
+    fn the_chart_escapes_labels() {
+        let s = crate::bench::chart::svg(&sample());
         assert!(s.contains("Copy &lt;stream&gt; &amp; more"));
         assert!(s.contains("150,000 (errors)"));
-        assert!(s.contains("not measured"));
-        assert_eq!(s.matches("<svg").count(), 1);
+    }
+
+    #[test]
+    fn a_run_on_a_busy_machine_says_so() {
+        let mut r = sample();
+        r.machine.cores = 2;
+        r.machine.loadavg_at_start = Some(1.5);
+        assert!(!markdown(&r, "x.svg", None).contains("Busy machine"));
+        r.machine.loadavg_at_start = Some(18.49);
+        r.machine.loadavg_at_end = Some(17.13);
+        let md = markdown(&r, "x.svg", None);
+        assert!(
+            md.contains("> **Busy machine**: load average 18.49 at the start, 17.13 at the end on 2 cores"),
+            "{md}"
+        );
     }
 
     #[test]
     fn an_empty_report_still_renders() {
         let r = Report::default();
-        assert!(svg(&r).contains("</svg>"));
-        assert!(markdown(&r, "x.svg", None).contains("## Targets"));
+        let md = markdown(&r, "x.svg", None);
+        assert!(md.contains("## Targets") && !md.contains("## Heals") && !md.contains("## Against plain Postgres"));
     }
 }

@@ -1,10 +1,13 @@
-//! The benchmark report: one JSON document (machine, parameters, one row per measured phase with the
-//! router and the baseline side by side, memory per cluster) and the targets checked against it.
-//! Types and pure functions only.
+//! The benchmark report: one JSON document (machine, parameters, one row per measured phase with
+//! sharddb, plain Postgres (the anchor) and the same SQL one transaction per request (the
+//! baseline) side by side, the cold start, heals, memory per cluster) and the targets checked
+//! against it. Types and pure functions only.
 
+use crate::bench::anchor::Measured;
 use crate::bench::load::LoadOutcome;
 use crate::bench::procstat::CpuUsage;
 use serde::{Deserialize, Serialize};
+use shard_server::api::RecoverTimings;
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Report {
@@ -15,6 +18,12 @@ pub struct Report {
     pub machine: Machine,
     pub params: Params,
     pub results: Vec<ResultRow>,
+    /// The first seconds of a cluster that was just started (`cold` workload).
+    #[serde(default)]
+    pub cold_start: Option<ColdStart>,
+    /// Heals of a wiped copy, one per size (`heal` workload).
+    #[serde(default)]
+    pub heals: Vec<HealResult>,
     pub memory: Vec<ClusterMemory>,
     pub targets: Vec<TargetCheck>,
     /// Failed operations over every phase, router and baseline.
@@ -35,6 +44,9 @@ pub struct Machine {
     pub postgres: Option<String>,
     /// The 1-minute load average when the run started (other work on the machine skews results).
     pub loadavg_at_start: Option<f64>,
+    /// The 1-minute load average when the run ended (it includes the run's own load).
+    #[serde(default)]
+    pub loadavg_at_end: Option<f64>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -49,6 +61,21 @@ pub struct Params {
     /// The build profile of the binaries under test (`release`, `debug`), when known.
     pub binaries: String,
     pub baseline: bool,
+    /// Whether plain Postgres was measured beside sharddb (`--no-anchor` turns it off).
+    #[serde(default)]
+    pub anchor: bool,
+    /// Untimed operations before each timed phase, on every side.
+    #[serde(default)]
+    pub warmup: usize,
+    /// Rows of the copies the heal workload wipes and heals.
+    #[serde(default)]
+    pub heal_rows: Vec<usize>,
+    /// Flags given to every local cluster (`--local-arg`).
+    #[serde(default)]
+    pub local_args: Vec<String>,
+    /// Variants run beside the default (`--variant NAME=FLAGS`): name and flags.
+    #[serde(default)]
+    pub variants: Vec<(String, Vec<String>)>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -67,8 +94,10 @@ pub struct LogWarnings {
     pub samples: Vec<String>,
 }
 
-/// One measured phase: the router and the baseline doing the same operations.
+/// One measured phase: sharddb (through the router), plain Postgres (`anchor_*`) and the same SQL
+/// one transaction per request (`baseline_*`) doing the same operations.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct ResultRow {
     /// Short id, e.g. `a1-write`.
     pub workload: String,
@@ -96,6 +125,22 @@ pub struct ResultRow {
     pub baseline_p999_ms: Option<f64>,
     /// `ops_per_s / baseline_ops_per_s`.
     pub ratio: Option<f64>,
+    /// What `pgbench` ran on plain Postgres for this workload (see `anchor`), when measured.
+    pub anchor_script: Option<String>,
+    pub anchor_ops: Option<u64>,
+    pub anchor_errors: u64,
+    pub anchor_ops_per_s: Option<f64>,
+    pub anchor_p50_ms: Option<f64>,
+    pub anchor_p99_ms: Option<f64>,
+    pub anchor_p999_ms: Option<f64>,
+    /// `ops_per_s / anchor_ops_per_s`: sharddb against one plain Postgres.
+    pub anchor_ratio: Option<f64>,
+    /// CPU seconds of the plain Postgres per 1,000 transactions.
+    pub anchor_cpu_s_per_1k_ops: Option<f64>,
+    /// Untimed operations run before the timed phase, on each side.
+    pub warmup_ops: u64,
+    /// The variant this row ran under (`--variant`), if not the default.
+    pub variant: Option<String>,
     /// CPU seconds of router + shard servers + their Postgres per 1,000 operations.
     pub cpu_s_per_1k_ops: Option<f64>,
     /// The same for the baseline (its Postgres work; router and servers idle).
@@ -120,6 +165,8 @@ pub struct Side {
     pub p99_ms: Option<f64>,
     pub p999_ms: Option<f64>,
     pub cpu: CpuUsage,
+    /// Untimed operations run before the timed ones.
+    pub warmup: u64,
 }
 
 impl Side {
@@ -134,6 +181,7 @@ impl Side {
             p99_ms: out.quantile_ms(0.99),
             p999_ms: out.quantile_ms(0.999),
             cpu,
+            warmup: 0,
         }
     }
     pub fn ops_per_s(&self) -> f64 {
@@ -185,11 +233,72 @@ impl ResultRow {
                 .map(|b| per_1k(b.cpu.system_s(), b.ops)),
             machine_cpu_s_per_1k_ops: per_1k(router.cpu.machine_s, router.ops),
             baseline_machine_cpu_s_per_1k_ops: baseline.as_ref().map(|b| per_1k(b.cpu.machine_s, b.ops)),
+            warmup_ops: router.warmup,
             cpu: router.cpu,
             baseline_cpu: baseline.map(|b| b.cpu),
             notes: Vec::new(),
+            ..ResultRow::default()
         }
     }
+
+    /// Adds plain Postgres's figures for the same workload.
+    pub fn with_anchor(mut self, m: &Measured) -> ResultRow {
+        self.anchor_script = Some(m.script.clone());
+        self.anchor_ops = Some(m.ops);
+        self.anchor_errors = m.errors;
+        self.anchor_ops_per_s = Some(m.ops_per_s);
+        self.anchor_p50_ms = m.p50_ms;
+        self.anchor_p99_ms = m.p99_ms;
+        self.anchor_p999_ms = m.p999_ms;
+        self.anchor_ratio = (m.ops_per_s > 0.0).then(|| self.ops_per_s / m.ops_per_s);
+        self.anchor_cpu_s_per_1k_ops = m.cpu_s_per_1k_ops;
+        self
+    }
+}
+
+/// The first seconds of a freshly started cluster: writes sent from the moment the local mode
+/// reports every process healthy, each timed from when it was sent.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ColdStart {
+    pub cluster: String,
+    /// From launching the local mode to its router line (every process healthy).
+    pub start_s: f64,
+    /// How long writes were sent for.
+    pub window_s: f64,
+    pub ops: u64,
+    pub errors: u64,
+    pub error_samples: Vec<String>,
+    /// From the router line to the first acknowledged write.
+    pub first_ack_ms: Option<f64>,
+    pub p50_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+    pub max_ms: Option<f64>,
+    /// The writes sent in the first second only.
+    pub first_second_ops: u64,
+    pub first_second_p50_ms: Option<f64>,
+    pub first_second_p99_ms: Option<f64>,
+    /// Whether the servers were started with `--no-predecessor` (no start-up lease wait).
+    pub lease_wait_skipped: Option<bool>,
+}
+
+/// One heal: a copy of `rows` rows wiped and restarted, healed by the operator.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct HealResult {
+    pub rows: u64,
+    pub cluster: String,
+    /// One full snapshot stream from the primary, read and checked by the benchmark.
+    pub stream_rows_per_s: Option<f64>,
+    /// The recover as the healer timed it (request to verified answer).
+    pub recover_s: Option<f64>,
+    /// `rows / recover_s`: the heal's throughput end to end.
+    pub heal_rows_per_s: Option<f64>,
+    /// From the restarted (empty) server's start to the copy marked ready.
+    pub restart_to_ready_s: Option<f64>,
+    /// Where the server says the recover's time went.
+    pub timings: Option<RecoverTimings>,
+    pub error: Option<String>,
 }
 
 /// Memory of one cluster's processes (MiB).
@@ -232,7 +341,7 @@ pub const SEED_READS_PER_S: f64 = 1417.0;
 
 /// Checks the targets against the measured rows and memory. Never asserts: a target with
 /// nothing measured is `pass: None`, and a phase that had errors does not pass.
-pub fn evaluate_targets(results: &[ResultRow], memory: &[ClusterMemory]) -> Vec<TargetCheck> {
+pub fn evaluate_targets(results: &[ResultRow], memory: &[ClusterMemory], heals: &[HealResult]) -> Vec<TargetCheck> {
     let row = |w: &str| results.iter().find(|r| r.workload == w);
     let at_least = |name: &str, w: &str, target: f64, unit: &str, seed: Option<f64>| {
         let r = row(w);
@@ -262,7 +371,7 @@ pub fn evaluate_targets(results: &[ResultRow], memory: &[ClusterMemory]) -> Vec<
     ];
     let worst = results.iter().filter_map(|r| r.ratio.map(|x| (x, r))).min_by(|a, b| a.0.total_cmp(&b.0));
     out.push(TargetCheck {
-        name: "Router vs baseline (worst workload)".into(),
+        name: "sharddb vs the same SQL one transaction per request (worst workload)".into(),
         goal: "≥ 0.50".into(),
         target: 0.5,
         measured: worst.map(|w| w.0),
@@ -294,8 +403,26 @@ pub fn evaluate_targets(results: &[ResultRow], memory: &[ClusterMemory]) -> Vec<
             "the snapshot stream alone; a whole heal (install, catch-up, verify) is timed by the fault suite".into();
     }
     out.push(copy);
+    for h in heals {
+        out.push(TargetCheck {
+            name: format!("Heal of a wiped {}-row copy (recover, end to end)", fmt_int(h.rows)),
+            goal: format!("≥ {} rows/s", fmt_num(HEAL_ROWS_PER_S)),
+            target: HEAL_ROWS_PER_S,
+            measured: h.heal_rows_per_s,
+            unit: "rows/s".into(),
+            pass: h.heal_rows_per_s.map(|v| v >= HEAL_ROWS_PER_S),
+            detail: match (&h.error, h.stream_rows_per_s) {
+                (Some(e), _) => format!("failed: {e}"),
+                (None, Some(s)) => format!("the snapshot stream alone: {} rows/s", fmt_num(s)),
+                (None, None) => String::new(),
+            },
+        });
+    }
     out
 }
+
+/// The heal throughput the benchmark checks, end to end (stream, install, verify, catch-up).
+pub const HEAL_ROWS_PER_S: f64 = 200_000.0;
 
 /// `12345` → `12,345`.
 pub fn fmt_int(v: u64) -> String {
@@ -337,7 +464,8 @@ mod tests {
     fn targets_pass_miss_and_unmeasured() {
         let results = [row("a1-write", 6000.0, Some(1.2), 0), row("a1-read", 9000.0, Some(0.4), 0)];
         let mem = [ClusterMemory { shard_server_rest_mib: Some(20.0), ..ClusterMemory::default() }];
-        let t = evaluate_targets(&results, &mem);
+        let heals = [HealResult { rows: 100_000, heal_rows_per_s: Some(150_000.0), ..HealResult::default() }];
+        let t = evaluate_targets(&results, &mem, &heals);
         assert_eq!(t[0].pass, Some(true));
         assert!(t[0].detail.contains("11.0× the seed's 547"), "{}", t[0].detail);
         assert_eq!(t[1].pass, Some(false));
@@ -345,11 +473,15 @@ mod tests {
         assert!(t[2].detail.contains("`a1-read`"));
         assert_eq!(t[3].pass, Some(true));
         assert_eq!(t[4].pass, None);
+        assert_eq!(
+            (t[5].name.as_str(), t[5].pass),
+            ("Heal of a wiped 100,000-row copy (recover, end to end)", Some(false))
+        );
     }
 
     #[test]
     fn a_phase_with_errors_does_not_pass() {
-        let t = evaluate_targets(&[row("a1-write", 60_000.0, None, 3)], &[]);
+        let t = evaluate_targets(&[row("a1-write", 60_000.0, None, 3)], &[], &[]);
         assert_eq!(t[0].pass, Some(false));
         assert!(t[0].detail.starts_with("3 errors"));
     }

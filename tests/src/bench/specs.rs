@@ -43,6 +43,11 @@ impl Shape {
         Shape::new("copy", 1, 2, 2).with_capacity(rows)
     }
 
+    /// One shard with 2 replicas on 2 servers, one of which is wiped and healed.
+    pub fn heal(rows: usize) -> Shape {
+        Shape::new("heal", 1, 2, 2).with_capacity(rows)
+    }
+
     /// Grows the shard size (never below the seed's) so that the shards hold `keys` keys.
     pub fn with_capacity(mut self, keys: usize) -> Shape {
         let per_shard = keys.div_ceil(self.shards.max(1)) as i64;

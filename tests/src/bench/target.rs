@@ -38,9 +38,21 @@ impl Target {
         self.cluster.as_ref().map(|c| &c.http)
     }
 
-    /// Starts a local cluster of `shape` (or reaches `opts.router`), waits until it serves, takes
-    /// its memory and idle CPU at rest, and prepares the baseline over its databases.
-    pub async fn open(opts: &Options, http: &reqwest::Client, workload: &str, shape: Option<Shape>) -> Result<Target> {
+    /// The local cluster's data directory (its `control/`, `events.log`), if the target is local.
+    pub fn cluster_dir(&self) -> Option<&Path> {
+        self.cluster.as_ref().map(|c| c.dir.path())
+    }
+
+    /// Starts a local cluster of `shape` with `args` for the local mode (or reaches
+    /// `opts.router`), waits until it serves, takes its memory and idle CPU at rest, and prepares
+    /// the baseline over its databases.
+    pub async fn open(
+        opts: &Options,
+        args: &[String],
+        http: &reqwest::Client,
+        workload: &str,
+        shape: Option<Shape>,
+    ) -> Result<Target> {
         let local = opts.router.is_none();
         let (router_url, cluster, layout, cluster_name, spec_dir) = match (&opts.router, shape) {
             (Some(url), _) => {
@@ -52,8 +64,8 @@ impl Target {
                 let dir = tempfile::Builder::new().prefix("sharddb-bench-spec-").tempdir()?;
                 let spec = dir.path().join(format!("{workload}.yaml"));
                 std::fs::write(&spec, shape.yaml())?;
-                let args: &[&str] = if opts.internal_tls { &[] } else { &["--internal-tls=false"] };
-                let cluster = tokio::task::spawn_blocking(move || LocalCluster::start_with(&spec, args))
+                let args = args.to_vec();
+                let cluster = tokio::task::spawn_blocking(move || LocalCluster::start_with(&spec, &args))
                     .await
                     .context("starting the local cluster")??;
                 let layout = Layout::from_cluster(&cluster.cluster_file()?)?;

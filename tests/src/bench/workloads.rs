@@ -1,7 +1,9 @@
 //! Each workload's steps: start (or reach) the system, prepare keys and request bodies, run the
-//! router phase and then the baseline phase under the same load, and record the rows.
-//! Does I/O.
+//! router phase and then the baseline phase under the same load (each after an untimed warm-up),
+//! measure plain Postgres doing the same (`anchor`), and record the rows. The cold start and the
+//! heal are in `startup`. Does I/O.
 
+use crate::bench::anchor::{self, Anchor};
 use crate::bench::baseline::Baseline;
 use crate::bench::client;
 use crate::bench::client::Expect;
@@ -11,7 +13,7 @@ use crate::bench::procstat::CpuUsage;
 use crate::bench::report::{Report, ResultRow, Side};
 use crate::bench::specs::Shape;
 use crate::bench::target::Target;
-use crate::bench::{Options, Workload};
+use crate::bench::{Options, Variant, Workload};
 use anyhow::{Context, Result, bail, ensure};
 use bytes::Bytes;
 use rand::rngs::StdRng;
@@ -35,37 +37,130 @@ const LOAD_CONCURRENCY: usize = 4;
 const COPY_RUNS: usize = 3;
 
 pub struct Ctx {
-    opts: Options,
-    http: reqwest::Client,
+    pub(super) opts: Options,
+    pub(super) http: reqwest::Client,
     pub postgres_version: Option<String>,
+    /// Plain Postgres, started when a workload first needs it (`None` once closed or failed).
+    anchor: Option<Anchor>,
+    /// Why the anchor could not be measured, once it failed: later workloads go without.
+    anchor_failed: Option<String>,
+    /// The variant the workloads now run under (`--variant`), if any.
+    variant: Option<Variant>,
 }
 
 impl Ctx {
     pub fn new(opts: Options) -> Ctx {
-        Ctx { opts, http: shard_server::api::http_client(Duration::from_secs(120)), postgres_version: None }
+        Ctx {
+            opts,
+            http: shard_server::api::http_client(Duration::from_secs(120)),
+            postgres_version: None,
+            anchor: None,
+            anchor_failed: None,
+            variant: None,
+        }
     }
 
-    fn local(&self) -> bool {
+    pub(super) fn local(&self) -> bool {
         self.opts.router.is_none()
+    }
+
+    /// Flags for the local clusters: `--local-arg`s, then the current variant's.
+    pub(super) fn local_args(&self) -> Vec<String> {
+        let mut args = self.opts.local_args.clone();
+        args.extend(self.variant.iter().flat_map(|v| v.args.iter().cloned()));
+        args
+    }
+
+    /// Runs A-1 again under `v` and tags its rows with the variant's name.
+    pub async fn variant(&mut self, v: &Variant, report: &mut Report) -> Result<()> {
+        let (rows, memory) = (report.results.len(), report.memory.len());
+        self.variant = Some(v.clone());
+        let shape = Shape::a1().with_capacity(self.opts.ops + self.opts.warmup);
+        let done = self.seed(Some(shape), "a1", report).await;
+        self.variant = None;
+        for row in &mut report.results[rows..] {
+            row.workload = format!("{}@{}", row.workload, v.name);
+            row.title = format!("{} [{}]", row.title, v.name);
+            row.variant = Some(v.name.clone());
+        }
+        for m in &mut report.memory[memory..] {
+            m.workload = format!("{}@{}", m.workload, v.name);
+        }
+        done
+    }
+
+    /// Plain Postgres's figures for `kind` (measured once per kind, at the workloads'
+    /// concurrency), added to `row`; a failure is noted once and later rows go without.
+    pub(super) async fn anchored(
+        &mut self,
+        row: ResultRow,
+        kind: anchor::Kind,
+        (warmup, ops): (usize, usize),
+        notes: &mut Vec<String>,
+    ) -> ResultRow {
+        if !self.opts.anchor || self.anchor_failed.is_some() {
+            return row;
+        }
+        let concurrency = self.opts.concurrency;
+        let anchor = self.anchor.take();
+        let measured = tokio::task::spawn_blocking(move || {
+            let mut anchor = match anchor {
+                Some(a) => a,
+                None => Anchor::start(concurrency)?,
+            };
+            let m = anchor.measure(kind, ops, warmup);
+            anyhow::Ok((anchor, m))
+        })
+        .await
+        .map_err(anyhow::Error::from)
+        .and_then(|r| r);
+        match measured {
+            Ok((anchor, Ok(m))) => {
+                if self.postgres_version.is_none() {
+                    self.postgres_version = anchor.postgres_version.clone();
+                }
+                self.anchor = Some(anchor);
+                row.with_anchor(&m)
+            }
+            Ok((anchor, Err(e))) => {
+                self.anchor = Some(anchor);
+                self.anchor_failed = Some(format!("{e:#}"));
+                notes.push(format!("plain Postgres ({}) could not be measured: {e:#}", kind.describe()));
+                row
+            }
+            Err(e) => {
+                self.anchor_failed = Some(format!("{e:#}"));
+                notes.push(format!("plain Postgres could not be started: {e:#}"));
+                row
+            }
+        }
+    }
+
+    /// Stops the plain Postgres.
+    pub fn close_anchor(&mut self) {
+        self.anchor = None;
     }
 
     pub async fn run(&mut self, w: Workload, report: &mut Report) -> Result<()> {
         let o = self.opts.clone();
+        let keys = o.ops + o.warmup;
         match w {
             Workload::A1 | Workload::A2 | Workload::A3 if !self.local() => self.seed(None, "seed", report).await,
-            Workload::A1 => self.seed(Some(Shape::a1().with_capacity(o.ops)), "a1", report).await,
-            Workload::A2 => self.seed(Some(Shape::a2().with_capacity(o.ops)), "a2", report).await,
-            Workload::A3 => self.seed(Some(Shape::a3().with_capacity(o.ops)), "a3", report).await,
+            Workload::A1 => self.seed(Some(Shape::a1().with_capacity(keys)), "a1", report).await,
+            Workload::A2 => self.seed(Some(Shape::a2().with_capacity(keys)), "a2", report).await,
+            Workload::A3 => self.seed(Some(Shape::a3().with_capacity(keys)), "a3", report).await,
             Workload::Batch => self.batch(report).await,
             Workload::Range => self.range(report).await,
             Workload::Mixed => self.mixed(report).await,
             Workload::Copy => self.copy(report).await,
+            Workload::Heal => self.heal(report).await,
+            Workload::Cold => self.cold(report).await,
         }
     }
 
     /// Starts a local cluster of `shape` (or reaches the given router) and the baseline over it.
-    async fn open(&mut self, workload: &str, shape: Option<Shape>) -> Result<Target> {
-        let t = Target::open(&self.opts, &self.http, workload, shape).await?;
+    pub(super) async fn open(&mut self, workload: &str, shape: Option<Shape>) -> Result<Target> {
+        let t = Target::open(&self.opts, &self.local_args(), &self.http, workload, shape).await?;
         if self.postgres_version.is_none()
             && let Some(b) = &t.baseline
         {
@@ -74,12 +169,13 @@ impl Ctx {
         Ok(t)
     }
 
-    /// Runs `op` on the router side and then `base` on the baseline side, `n` operations each,
-    /// with CPU accounted per side.
+    /// Runs `op` on the router side and then `base` on the baseline side, with CPU accounted per
+    /// side. Operations `0..warm` are the warm-up (untimed, each retried until it succeeds), then
+    /// `warm..warm + n` are timed; the sides' failed indexes count from the first timed one.
     async fn phases<R, RF, B, BF>(
         &self,
         t: &Target,
-        n: usize,
+        (warm, n): (usize, usize),
         concurrency: usize,
         op: R,
         base: B,
@@ -90,27 +186,39 @@ impl Ctx {
         B: Fn(Arc<Baseline>, usize) -> BF + Send + Sync + 'static,
         BF: Future<Output = Result<()>> + Send + 'static,
     {
-        let router = measure(&t.layout, drive(n, concurrency, op)).await;
+        let op = Arc::new(op);
+        let warm_op = op.clone();
+        warm_up(warm, concurrency, move |i| warm_op(i)).await.context("warming up")?;
+        let router = measure(&t.layout, drive(n, concurrency, move |i| op(warm + i))).await;
         let baseline = match &t.baseline {
             Some(b) => {
                 b.warm(concurrency).await?;
-                let b = b.clone();
                 let base = Arc::new(base);
-                Some(measure(&t.layout, drive(n, concurrency, move |i| base(b.clone(), i))).await)
+                let (b1, base1) = (b.clone(), base.clone());
+                warm_up(warm, concurrency, move |i| base1(b1.clone(), i)).await.context("warming up the baseline")?;
+                let b = b.clone();
+                Some(measure(&t.layout, drive(n, concurrency, move |i| base(b.clone(), warm + i))).await)
             }
             None => None,
         };
-        Ok((Side::from_load(&router.0, router.1), baseline.map(|(o, c)| Side::from_load(&o, c))))
+        let (mut router, mut baseline) =
+            (Side::from_load(&router.0, router.1), baseline.map(|(o, c)| Side::from_load(&o, c)));
+        router.warmup = warm as u64;
+        if let Some(b) = &mut baseline {
+            b.warmup = warm as u64;
+        }
+        Ok((router, baseline))
     }
 
-    /// The seed's benchmark: `ops` single-row writes, then `ops` single-key reads of those keys.
-    async fn seed(&mut self, shape: Option<Shape>, id: &str, report: &mut Report) -> Result<()> {
+    /// The seed's benchmark: `ops` single-row writes, then `ops` single-key reads of those keys,
+    /// each phase after `warmup` untimed operations of its kind (writes of other new keys).
+    pub(super) async fn seed(&mut self, shape: Option<Shape>, id: &str, report: &mut Report) -> Result<()> {
         let label = shape.as_ref().map_or_else(|| "Seed".to_owned(), |s| s.name.clone());
         let t = self.open(id, shape).await?;
+        let (n, warm) = (self.opts.ops, self.opts.warmup);
         let result = async {
-            let n = self.opts.ops;
             let mut rng = StdRng::seed_from_u64(1);
-            let keys = Arc::new(spread_keys(&t.layout, n, &mut rng)?);
+            let keys = Arc::new(spread_keys(&t.layout, warm + n, &mut rng)?);
             let shard_of: Arc<Vec<usize>> = Arc::new(keys.iter().map(|k| t.layout.shard_of(*k).unwrap_or(0)).collect());
 
             let bodies: Arc<Vec<Bytes>> = Arc::new(keys.iter().map(|k| client::write_body(&[*k])).collect());
@@ -119,7 +227,7 @@ impl Ctx {
             let (router, baseline) = self
                 .phases(
                     &t,
-                    n,
+                    (warm, n),
                     self.opts.concurrency,
                     move |i| {
                         let (r, b) = (r.clone(), bodies[i].clone());
@@ -131,8 +239,9 @@ impl Ctx {
                     },
                 )
                 .await?;
-            let repaired =
-                self.repair(&t, &keys, &shard_of, &router.failed, baseline.as_ref().map(|b| &b.failed)).await?;
+            let repaired = self
+                .repair(&t, &keys[warm..], &shard_of[warm..], &router.failed, baseline.as_ref().map(|b| &b.failed))
+                .await?;
             let mut write = ResultRow::new(
                 &format!("{id}-write"),
                 &format!("{label} single-row writes"),
@@ -154,7 +263,7 @@ impl Ctx {
             let (router, baseline) = self
                 .phases(
                     &t,
-                    n,
+                    (warm, n),
                     self.opts.concurrency,
                     move |i| {
                         let (r, b, k) = (r.clone(), bodies[i].clone(), o1[i]);
@@ -178,7 +287,7 @@ impl Ctx {
             // The floor under every router workload: the same load generator and concurrency
             // against an endpoint the router answers from memory. No shard server, no Postgres:
             // what HTTP alone costs on this machine, so the other rows can be read against it.
-            if id == "a1" {
+            if id == "a1" && self.variant.is_none() {
                 let r = t.router.clone();
                 let floor = measure(
                     &t.layout,
@@ -206,6 +315,17 @@ impl Ctx {
             anyhow::Ok(rows)
         }
         .await;
+        let result = match result {
+            Ok(mut rows) if rows.len() >= 2 => {
+                let read = rows.remove(1);
+                let write = rows.remove(0);
+                let write = self.anchored(write, anchor::Kind::Insert, (warm, n), &mut report.notes).await;
+                let read = self.anchored(read, anchor::Kind::Select, (warm, n), &mut report.notes).await;
+                rows.splice(0..0, [write, read]);
+                Ok(rows)
+            }
+            other => other,
+        };
         self.finish(t, result, report).await
     }
 
@@ -233,20 +353,21 @@ impl Ctx {
 
     /// Batches of 100 consecutive keys, each batch inside one shard, shards taken in turn.
     async fn batch(&mut self, report: &mut Report) -> Result<()> {
-        let batches = (self.opts.ops / 10).max(1);
+        let (warm, batches) = (self.opts.warmup / 10, (self.opts.ops / 10).max(1));
+        let total = warm + batches;
         let shape = Shape::a1();
-        let per_shard = batches.div_ceil(shape.shards) as i64;
+        let per_shard = total.div_ceil(shape.shards) as i64;
         let shape = shape.with_min_shard_size(per_shard * BATCH_ROWS as i64);
         let t = self.open("batch", self.local().then_some(shape)).await?;
         let result = async {
             let shards = &t.layout.shards;
-            let mut plan = Vec::with_capacity(batches);
-            for i in 0..batches {
+            let mut plan = Vec::with_capacity(total);
+            for i in 0..total {
                 let (s, j) = (i % shards.len(), (i / shards.len()) as i64);
                 let low = shards[s].low + j * BATCH_ROWS as i64;
                 ensure!(
                     low + BATCH_ROWS as i64 <= shards[s].high_exclusive(),
-                    "shard {} is too small for {batches} batches of {BATCH_ROWS}",
+                    "shard {} is too small for {total} batches of {BATCH_ROWS}",
                     shards[s].id
                 );
                 plan.push((s, (low..low + BATCH_ROWS as i64).collect::<Vec<i64>>()));
@@ -258,7 +379,7 @@ impl Ctx {
             let (router, baseline) = self
                 .phases(
                     &t,
-                    batches,
+                    (warm, batches),
                     self.opts.concurrency,
                     move |i| {
                         let (r, b) = (r.clone(), bodies[i].clone());
@@ -279,9 +400,13 @@ impl Ctx {
                 baseline,
             );
             row.notes.push(format!("{batches} requests of {BATCH_ROWS} consecutive keys; ops are requests"));
-            anyhow::Ok(vec![row])
+            anyhow::Ok(row)
         }
         .await;
+        let result = match result {
+            Ok(row) => Ok(vec![self.anchored(row, anchor::Kind::Insert100, (warm, batches), &mut report.notes).await]),
+            Err(e) => Err(e),
+        };
         self.finish(t, result, report).await
     }
 
@@ -297,19 +422,21 @@ impl Ctx {
             let mut rng = StdRng::seed_from_u64(2);
             let mut rows = Vec::new();
 
-            let n1 = self.opts.ops;
-            let ranges: Vec<(i64, i64)> = (0..n1)
+            let (warm1, n1) = (self.opts.warmup, self.opts.ops);
+            let ranges: Vec<(i64, i64)> = (0..warm1 + n1)
                 .map(|i| {
                     let sh = &shards[i % shards.len()];
                     let low = sh.low + rng.random_range(0..=(sh.size - 100).max(0));
                     (low, (low + 99).min(sh.high_exclusive() - 1))
                 })
                 .collect();
-            rows.push(self.range_phase(&t, "range-1-shard", "Range reads, 1 shard (100 keys)", ranges).await?);
+            rows.push(
+                self.range_phase(&t, "range-1-shard", "Range reads, 1 shard (100 keys)", (warm1, n1), ranges).await?,
+            );
 
             if shards.len() >= 3 {
-                let n3 = (self.opts.ops / 20).max(10);
-                let ranges: Vec<(i64, i64)> = (0..n3)
+                let (warm3, n3) = (self.opts.warmup / 20, (self.opts.ops / 20).max(10));
+                let ranges: Vec<(i64, i64)> = (0..warm3 + n3)
                     .map(|i| {
                         let j = i % (shards.len() - 2);
                         let low = shards[j].high_exclusive() - rng.random_range(1..=100.min(shards[j].size));
@@ -317,21 +444,40 @@ impl Ctx {
                         (low, high)
                     })
                     .collect();
-                rows.push(
-                    self.range_phase(&t, "range-3-shards", "Range reads across 3 shards (~4,200 keys)", ranges).await?,
-                );
+                let title = "Range reads across 3 shards (~4,200 keys)";
+                rows.push(self.range_phase(&t, "range-3-shards", title, (warm3, n3), ranges).await?);
             } else {
                 report.notes.push("range-3-shards skipped: fewer than 3 shards".into());
             }
             anyhow::Ok(rows)
         }
         .await;
+        let result = match result {
+            Ok(rows) => {
+                let mut anchored = Vec::new();
+                for row in rows {
+                    let span = row.rows_per_op.round().max(1.0) as i64;
+                    let (warm, n) = (row.warmup_ops as usize, row.ops as usize);
+                    let kind = anchor::Kind::Range { span };
+                    anchored.push(self.anchored(row, kind, (warm, n), &mut report.notes).await);
+                }
+                Ok(anchored)
+            }
+            Err(e) => Err(e),
+        };
         self.finish(t, result, report).await
     }
 
-    async fn range_phase(&self, t: &Target, id: &str, title: &str, ranges: Vec<(i64, i64)>) -> Result<ResultRow> {
-        let n = ranges.len();
-        let mean_rows = ranges.iter().map(|(l, h)| (h - l + 1) as f64).sum::<f64>() / n.max(1) as f64;
+    /// `ranges` holds the warm-up's ranges first, then the `n` timed ones.
+    async fn range_phase(
+        &self,
+        t: &Target,
+        id: &str,
+        title: &str,
+        (warm, n): (usize, usize),
+        ranges: Vec<(i64, i64)>,
+    ) -> Result<ResultRow> {
+        let mean_rows = ranges[warm..].iter().map(|(l, h)| (h - l + 1) as f64).sum::<f64>() / n.max(1) as f64;
         let ranges = Arc::new(ranges);
         let bodies: Arc<Vec<Bytes>> = Arc::new(ranges.iter().map(|(l, h)| client::read_body(*l, *h)).collect());
         let r = t.router.clone();
@@ -339,7 +485,7 @@ impl Ctx {
         let (router, baseline) = self
             .phases(
                 t,
-                n,
+                (warm, n),
                 self.opts.concurrency,
                 move |i| {
                     let (r, b, (l, h)) = (r.clone(), bodies[i].clone(), r1[i]);
@@ -358,8 +504,8 @@ impl Ctx {
 
     /// 80% single-key reads of loaded keys, 20% single-row writes of new keys, interleaved.
     async fn mixed(&mut self, report: &mut Report) -> Result<()> {
-        let n = self.opts.ops;
-        let writes = n.div_ceil(5);
+        let (warm, n) = (self.opts.warmup, self.opts.ops);
+        let writes = (warm + n).div_ceil(5);
         let shape = Shape::a1().with_capacity(n + writes);
         let t = self.open("mixed", self.local().then_some(shape)).await?;
         let result = async {
@@ -368,7 +514,7 @@ impl Ctx {
             let (loaded, fresh) = keys.split_at(n);
             self.load(&t, loaded, true, "mixed", &mut report.notes).await?;
             // Every fifth operation writes: an even 80/20 mix over time.
-            let ops: Vec<(bool, i64, usize)> = (0..n)
+            let ops: Vec<(bool, i64, usize)> = (0..warm + n)
                 .map(|i| {
                     if i % 5 == 4 {
                         let k = fresh[i / 5];
@@ -388,7 +534,7 @@ impl Ctx {
             let (router, baseline) = self
                 .phases(
                     &t,
-                    n,
+                    (warm, n),
                     self.opts.concurrency,
                     move |i| {
                         let (r, b, (w, k, _)) = (r.clone(), bodies[i].clone(), o1[i]);
@@ -401,10 +547,14 @@ impl Ctx {
                 )
                 .await?;
             let mut row = ResultRow::new("mixed-80-20", "Mixed 80% reads / 20% writes", &t.cluster_name, 1.0, router, baseline);
-            row.notes.push(format!("{n} operations ({writes} writes) over {n} loaded keys"));
-            anyhow::Ok(vec![row])
+            row.notes.push(format!("{n} operations (one in five a write) over {n} loaded keys"));
+            anyhow::Ok(row)
         }
         .await;
+        let result = match result {
+            Ok(row) => Ok(vec![self.anchored(row, anchor::Kind::Mixed, (warm, n), &mut report.notes).await]),
+            Err(e) => Err(e),
+        };
         self.finish(t, result, report).await
     }
 
@@ -447,6 +597,7 @@ impl Ctx {
                 p99_ms: None,
                 p999_ms: None,
                 cpu: scale_cpu(cpu, rows as f64 / streamed as f64),
+                warmup: 0,
             };
 
             let baseline = match &t.baseline {
@@ -474,6 +625,7 @@ impl Ctx {
                         p99_ms: None,
                         p999_ms: None,
                         cpu: scale_cpu(cpu, 1.0 / n_runs),
+                        warmup: 0,
                     })
                 }
                 None => None,
@@ -515,6 +667,19 @@ impl Ctx {
         workload: &str,
         notes: &mut Vec<String>,
     ) -> Result<LoadOutcome> {
+        self.load_in(t, keys, LOAD_ROWS, baseline, workload, notes).await
+    }
+
+    /// [`Ctx::load`] in batches of `batch` rows.
+    pub(super) async fn load_in(
+        &self,
+        t: &Target,
+        keys: &[i64],
+        batch: usize,
+        baseline: bool,
+        workload: &str,
+        notes: &mut Vec<String>,
+    ) -> Result<LoadOutcome> {
         let mut by_shard: BTreeMap<usize, Vec<i64>> = BTreeMap::new();
         for k in keys {
             by_shard
@@ -523,7 +688,7 @@ impl Ctx {
                 .push(*k);
         }
         let bodies: Arc<Vec<Bytes>> =
-            Arc::new(by_shard.values().flat_map(|ks| ks.chunks(LOAD_ROWS).map(client::write_body)).collect());
+            Arc::new(by_shard.values().flat_map(|ks| ks.chunks(batch.max(1)).map(client::write_body)).collect());
         let r = t.router.clone();
         let n = bodies.len();
         let retries = Arc::new(AtomicU64::new(0));
@@ -579,8 +744,28 @@ impl Ctx {
     }
 }
 
+/// Runs `op(0)`..`op(n-1)` untimed at `concurrency`, each retried until it succeeds
+/// (`LOAD_ATTEMPTS` at most): a warm-up that must leave its writes in place.
+async fn warm_up<F, Fut>(n: usize, concurrency: usize, op: F) -> Result<()>
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<()>> + Send + 'static,
+{
+    if n == 0 {
+        return Ok(());
+    }
+    let op = Arc::new(op);
+    let out = drive(n, concurrency, move |i| {
+        let op = op.clone();
+        async move { retried(|| op(i)).await }
+    })
+    .await;
+    ensure!(out.errors == 0, "{} of {n} warm-up operations failed: {:?}", out.errors, out.error_samples);
+    Ok(())
+}
+
 /// Runs `op` until it succeeds, `LOAD_ATTEMPTS` times at most, with a growing pause.
-async fn retried<F, Fut>(op: F) -> Result<()>
+pub(super) async fn retried<F, Fut>(op: F) -> Result<()>
 where
     F: Fn() -> Fut,
     Fut: Future<Output = Result<()>>,
@@ -597,7 +782,7 @@ where
     }
 }
 
-async fn measure(layout: &Layout, load: impl Future<Output = LoadOutcome>) -> (LoadOutcome, CpuUsage) {
+pub(super) async fn measure(layout: &Layout, load: impl Future<Output = LoadOutcome>) -> (LoadOutcome, CpuUsage) {
     let w = layout.watched();
     let before = w.sample();
     let out = load.await;

@@ -1,13 +1,15 @@
 //! `bench`: the benchmark program. Starts a local cluster per workload (or targets `--router`),
-//! measures the router and the same SQL sent straight to Postgres side by side, and writes
-//! `benchmarks.json`, `benchmarks.svg` and `benchmarks.md`. Reports; never asserts a timing.
+//! measures sharddb beside one plain Postgres doing the same work (`pgbench`) and beside the same
+//! SQL sent straight to the servers' Postgres one transaction per request, times the cold start and
+//! the heal of a wiped copy, and writes `benchmarks.json`, `benchmarks.svg` and `benchmarks.md`.
+//! Reports; never asserts a timing.
 
 use anyhow::{Result, bail};
 use clap::Parser;
 use std::path::PathBuf;
 use tests::bench::{self, Options, Workload};
 
-/// sharddb benchmark: the seed's workloads and more, router vs the same SQL straight to Postgres.
+/// sharddb benchmark: the seed's workloads and more, beside plain Postgres and the same SQL.
 ///
 /// Local mode (the default) needs the release binaries: run `cargo build --release --bins` first
 /// (or point SHARDDB_BIN_DIR at a directory holding sharddb-operator, sharddb-router and
@@ -17,8 +19,9 @@ use tests::bench::{self, Options, Workload};
 struct Args {
     /// Workloads to run, comma-separated: a1, a2, a3 (the seed's 4×3 on 6, 4×7 on 7, 6×8 on 10
     /// servers), batch (100-row writes), range (1- and 3-shard range reads), mixed (80/20
-    /// reads/writes), copy (full shard snapshot stream).
-    #[arg(long, value_delimiter = ',', default_value = "a1,a2,a3,batch,range,mixed,copy")]
+    /// reads/writes), copy (full shard snapshot stream), heal (a wiped copy healed, per
+    /// --heal-rows), cold (writes from the moment a new cluster answers).
+    #[arg(long, value_delimiter = ',', default_value = "a1,a2,a3,batch,range,mixed,copy,heal,cold")]
     workloads: Vec<Workload>,
     /// Operations per phase [default: 10000; 500 with --quick].
     #[arg(long)]
@@ -29,6 +32,23 @@ struct Args {
     /// Rows loaded into the shard that the copy workload streams [default: 200000; 20000 with --quick].
     #[arg(long)]
     copy_rows: Option<usize>,
+    /// Untimed operations before each timed phase, on every side [default: 1000; 50 with --quick].
+    #[arg(long)]
+    warmup: Option<usize>,
+    /// Sizes of the copies the heal workload wipes and heals, comma-separated [default:
+    /// 100000,1000000; 20000 with --quick].
+    #[arg(long, value_delimiter = ',')]
+    heal_rows: Vec<usize>,
+    /// Skip plain Postgres (pgbench) beside sharddb.
+    #[arg(long)]
+    no_anchor: bool,
+    /// A flag for every local cluster (`sharddb-operator local ... FLAG`); repeat for more.
+    #[arg(long = "local-arg", allow_hyphen_values = true)]
+    local_args: Vec<String>,
+    /// Also run A-1 on clusters started with extra flags, reported beside the default run:
+    /// `NAME=FLAGS`, e.g. `--variant 'tls-off=--internal-tls=false'`; repeatable.
+    #[arg(long = "variant", allow_hyphen_values = true)]
+    variants: Vec<bench::Variant>,
     /// Where to write benchmarks.{json,svg,md} [default: docs/ of this repository; a temporary
     /// directory with --quick].
     #[arg(long)]
@@ -44,10 +64,6 @@ struct Args {
     /// i mod count). Without them the baseline is skipped.
     #[arg(long = "baseline-db", num_args = 1.., value_delimiter = ',')]
     baseline_db: Vec<String>,
-    /// Local clusters speak mutual TLS between their processes (the default); `--internal-tls=false`
-    /// starts them without, to measure what TLS costs (same workloads, compare the ratios).
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
-    internal_tls: bool,
 }
 
 #[tokio::main]
@@ -70,7 +86,15 @@ async fn main() -> Result<()> {
     opts.copy_rows = args.copy_rows.unwrap_or(if args.quick { 20_000 } else { 200_000 }).max(1);
     opts.router = args.router.clone();
     opts.baseline_dbs = args.baseline_db.clone();
-    opts.internal_tls = args.internal_tls;
+    opts.warmup = args.warmup.unwrap_or(if args.quick { 50 } else { 1_000 });
+    opts.anchor = !args.no_anchor;
+    if !args.heal_rows.is_empty() {
+        opts.heal_rows = args.heal_rows.iter().map(|r| (*r).max(1)).collect();
+    } else if args.quick {
+        opts.heal_rows = vec![20_000];
+    }
+    opts.local_args = args.local_args.clone();
+    opts.variants = args.variants.clone();
 
     if opts.router.is_none() {
         let dir = tests::bin_dir();

@@ -1,12 +1,26 @@
 //! The router Deployment: stateless pods following the topology ConfigMap. Pure.
+//!
+//! Routers roll as a Deployment does, but never below the wanted count: a new pod is started and
+//! ready (it has a routing table) before an old one stops (`maxSurge: 1`, `maxUnavailable: 0`),
+//! and a stopping pod keeps serving for a few seconds after it is taken out of its Service's
+//! endpoints (a `preStop` sleep), since proxies and clients learn of that with a delay; its
+//! requests in flight then finish before it exits. The PodDisruptionBudget (`pdb`) covers
+//! evictions.
 
 use super::statefulset::{http_port, http_probe, read_only_mount, restricted, secret_volume};
 use super::{Owner, names, resources};
 use crate::brain::validate::ValidatedDb;
-use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
-use k8s_openapi::api::core::v1::{Container, PodSecurityContext, PodSpec, PodTemplateSpec, SeccompProfile};
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment};
+use k8s_openapi::api::core::v1::{
+    Container, Lifecycle, LifecycleHandler, PodSecurityContext, PodSpec, PodTemplateSpec, SeccompProfile, SleepAction,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use std::collections::BTreeMap;
+
+/// How long a stopping router keeps serving before it is signalled: longer than Service
+/// endpoints take to stop sending it connections. Within the default 30 s grace period.
+const DRAIN_SECONDS: i64 = 5;
 
 /// `control_url` is where the router forwards the admin verbs (the operator's admin endpoint for
 /// this database); without one they answer 501. With `admin_token` the verbs need the bearer
@@ -54,10 +68,17 @@ pub fn router_deployment(db: &ValidatedDb, owner: &Owner, control_url: Option<&s
         args: Some(args),
         ports: http_port(),
         volume_mounts: Some(mounts),
-        readiness_probe: Some(http_probe("/readyz", 5, 3, tls)),
-        liveness_probe: Some(http_probe("/healthz", 10, 6, tls)),
+        readiness_probe: Some(http_probe("/readyz", db.tuning.probes.router_readiness, tls)),
+        liveness_probe: Some(http_probe("/healthz", db.tuning.probes.router_liveness, tls)),
         resources: resources(db.resources.router.as_ref()),
         security_context: Some(restricted()),
+        lifecycle: Some(Lifecycle {
+            pre_stop: Some(LifecycleHandler {
+                sleep: Some(SleepAction { seconds: DRAIN_SECONDS }),
+                ..LifecycleHandler::default()
+            }),
+            ..Lifecycle::default()
+        }),
         ..Container::default()
     };
     Deployment {
@@ -65,6 +86,13 @@ pub fn router_deployment(db: &ValidatedDb, owner: &Owner, control_url: Option<&s
         spec: Some(DeploymentSpec {
             replicas: Some(i32::try_from(db.router_replicas).unwrap_or(i32::MAX)),
             selector: LabelSelector { match_labels: Some(selector), ..LabelSelector::default() },
+            strategy: Some(DeploymentStrategy {
+                type_: Some("RollingUpdate".into()),
+                rolling_update: Some(RollingUpdateDeployment {
+                    max_surge: Some(IntOrString::Int(1)),
+                    max_unavailable: Some(IntOrString::Int(0)),
+                }),
+            }),
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta { labels: Some(pod_labels), ..ObjectMeta::default() }),
                 spec: Some(PodSpec {
@@ -115,6 +143,23 @@ mod tests {
     }
 
     #[test]
+    fn routers_roll_one_new_pod_at_a_time_and_keep_serving_while_they_leave_the_service() {
+        let spec = router_deployment(&db(), &owner(), None, true).spec.unwrap();
+        let strategy = spec.strategy.unwrap();
+        assert_eq!(strategy.type_.as_deref(), Some("RollingUpdate"));
+        let rolling = strategy.rolling_update.unwrap();
+        assert_eq!(
+            (rolling.max_surge, rolling.max_unavailable),
+            (Some(IntOrString::Int(1)), Some(IntOrString::Int(0))),
+            "never fewer routers than asked for"
+        );
+        let pod = spec.template.spec.unwrap();
+        let pre_stop = pod.containers[0].lifecycle.clone().unwrap().pre_stop.unwrap();
+        assert_eq!(pre_stop.sleep.unwrap().seconds, DRAIN_SECONDS);
+        assert!(pod.termination_grace_period_seconds.is_none_or(|g| g > DRAIN_SECONDS), "the default 30 s");
+    }
+
+    #[test]
     fn the_admin_verbs_go_to_the_control_url_when_there_is_one() {
         let args = |url| {
             router_deployment(&db(), &owner(), url, true).spec.unwrap().template.spec.unwrap().containers[0]
@@ -162,6 +207,36 @@ mod tests {
         assert!(c.args.clone().unwrap().contains(&"--serve-tls".to_owned()));
         let probe = c.readiness_probe.as_ref().unwrap().http_get.as_ref().unwrap();
         assert_eq!(probe.scheme.as_deref(), Some("HTTPS"));
+    }
+
+    #[test]
+    fn probe_timings_come_from_the_spec_and_default_to_earlier_releases() {
+        use crate::brain::validate::{tests::students, validate};
+        use crate::crd::{ProbeSpec, RouterSpec};
+        let probes = |db: &ValidatedDb| {
+            let c =
+                router_deployment(db, &owner(), None, true).spec.unwrap().template.spec.unwrap().containers.remove(0);
+            let t = |p: Option<k8s_openapi::api::core::v1::Probe>| {
+                let p = p.unwrap();
+                (p.initial_delay_seconds, p.period_seconds, p.timeout_seconds, p.failure_threshold)
+            };
+            (t(c.readiness_probe), t(c.liveness_probe))
+        };
+        assert_eq!(probes(&db()), ((None, Some(5), Some(2), Some(3)), (None, Some(10), Some(2), Some(6))));
+        let mut spec = students();
+        spec.router = Some(RouterSpec {
+            replicas: Some(3),
+            readiness_probe: Some(ProbeSpec {
+                period_seconds: Some(1),
+                timeout_seconds: Some(1),
+                ..Default::default()
+            }),
+            liveness_probe: Some(ProbeSpec { initial_delay_seconds: Some(2), ..Default::default() }),
+        });
+        assert_eq!(
+            probes(&validate(&spec).unwrap()),
+            ((None, Some(1), Some(1), Some(3)), (Some(2), Some(10), Some(2), Some(6)))
+        );
     }
 
     #[test]

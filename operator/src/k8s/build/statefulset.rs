@@ -2,6 +2,11 @@
 //! `/rm` names servers. Its pod runs the shard server and the upstream Postgres image; the shard
 //! server reaches Postgres on the pod's loopback. Pure.
 //!
+//! Pods restart when the operator says: the update strategy is `OnDelete`, so a changed template
+//! (an image, a knob) restarts nothing by itself, and the healer restarts the servers one at a
+//! time, each drained first (`brain::rollout`, `k8s::rollout`). With the default `RollingUpdate`,
+//! the StatefulSet controller would restart every server at once (each is its own StatefulSet).
+//!
 //! Volumes are kept: the `persistentVolumeClaimRetentionPolicy` is `Retain` both when the
 //! StatefulSet is deleted (a server removed from the spec, or the whole database deleted) and
 //! when it is scaled, as CloudNativePG keeps data by default. Deleting data is the one mistake
@@ -10,8 +15,11 @@
 //! by the database's labels, which every claim carries.
 
 use super::{Owner, names, resources};
+use crate::brain::tuning::ProbeTiming;
 use crate::brain::validate::ValidatedDb;
-use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetPersistentVolumeClaimRetentionPolicy, StatefulSetSpec};
+use k8s_openapi::api::apps::v1::{
+    StatefulSet, StatefulSetPersistentVolumeClaimRetentionPolicy, StatefulSetSpec, StatefulSetUpdateStrategy,
+};
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, ExecAction, HTTPGetAction,
     PersistentVolumeClaim, PersistentVolumeClaimSpec, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
@@ -72,6 +80,7 @@ pub fn server_statefulset(db: &ValidatedDb, owner: &Owner, server: &str) -> Stat
             service_name: Some(names::headless_service(&owner.name)),
             selector: LabelSelector { match_labels: Some(selector), ..LabelSelector::default() },
             pod_management_policy: Some("Parallel".into()),
+            update_strategy: Some(StatefulSetUpdateStrategy { type_: Some("OnDelete".into()), rolling_update: None }),
             persistent_volume_claim_retention_policy: Some(StatefulSetPersistentVolumeClaimRetentionPolicy {
                 when_deleted: Some("Retain".into()),
                 when_scaled: Some("Retain".into()),
@@ -131,7 +140,7 @@ pub(super) fn read_only_mount(name: &str, path: &str) -> VolumeMount {
 
 /// An HTTP GET probe; `tls` for a port serving HTTPS (the kubelet then does not check the
 /// certificate, and presents none: the probed paths answer without one).
-pub(super) fn http_probe(path: &str, period: i32, failures: i32, tls: bool) -> Probe {
+pub(super) fn http_probe(path: &str, timing: ProbeTiming, tls: bool) -> Probe {
     Probe {
         http_get: Some(HTTPGetAction {
             path: Some(path.into()),
@@ -139,9 +148,17 @@ pub(super) fn http_probe(path: &str, period: i32, failures: i32, tls: bool) -> P
             scheme: Some(if tls { "HTTPS" } else { "HTTP" }.into()),
             ..HTTPGetAction::default()
         }),
-        period_seconds: Some(period),
-        failure_threshold: Some(failures),
-        timeout_seconds: Some(2),
+        ..timed(timing)
+    }
+}
+
+/// A probe with `timing` and no action yet.
+fn timed(timing: ProbeTiming) -> Probe {
+    Probe {
+        initial_delay_seconds: timing.initial_delay_seconds,
+        period_seconds: Some(timing.period_seconds),
+        failure_threshold: Some(timing.failure_threshold),
+        timeout_seconds: Some(timing.timeout_seconds),
         ..Probe::default()
     }
 }
@@ -181,17 +198,27 @@ fn shard_server_container(db: &ValidatedDb, owner: &Owner, server: &str) -> Cont
         names::POSTGRES_PORT,
         names::POSTGRES_DB
     );
+    let mut args = vec![
+        "--name".into(),
+        server.into(),
+        "--topology-configmap".into(),
+        format!("{}/{}", owner.namespace, names::topology_configmap(&owner.name)),
+        "--tls-dir".into(),
+        names::TLS_MOUNT.into(),
+    ];
+    // Only when set: the server's own defaults apply otherwise, and the pod template stays what
+    // earlier releases built (no needless restart on an operator upgrade).
+    if let Some(rows) = db.tuning.cache_rows {
+        args.extend(["--cache-rows".into(), rows.to_string()]);
+    }
+    if let Some(threads) = db.tuning.worker_threads {
+        args.extend(["--worker-threads".into(), threads.to_string()]);
+    }
+    let probes = &db.tuning.probes;
     Container {
         name: "shard-server".into(),
         image: Some(db.images.shard_server.clone()),
-        args: Some(vec![
-            "--name".into(),
-            server.into(),
-            "--topology-configmap".into(),
-            format!("{}/{}", owner.namespace, names::topology_configmap(&owner.name)),
-            "--tls-dir".into(),
-            names::TLS_MOUNT.into(),
-        ]),
+        args: Some(args),
         env: Some(vec![
             env("SHARDDB_LISTEN", &format!("0.0.0.0:{}", names::HTTP_PORT)),
             secret_env(owner, "POSTGRES_USER", names::SECRET_USER_KEY),
@@ -200,8 +227,8 @@ fn shard_server_container(db: &ValidatedDb, owner: &Owner, server: &str) -> Cont
         ]),
         ports: http_port(),
         volume_mounts: Some(vec![read_only_mount(names::TLS_VOLUME, names::TLS_MOUNT)]),
-        readiness_probe: Some(http_probe("/heartbeat", 5, 3, true)),
-        liveness_probe: Some(http_probe("/heartbeat", 10, 6, true)),
+        readiness_probe: Some(http_probe("/heartbeat", probes.shard_server_readiness, true)),
+        liveness_probe: Some(http_probe("/heartbeat", probes.shard_server_liveness, true)),
         resources: resources(db.resources.shard_server.as_ref()),
         security_context: Some(restricted()),
         ..Container::default()
@@ -211,7 +238,7 @@ fn shard_server_container(db: &ValidatedDb, owner: &Owner, server: &str) -> Cont
 fn postgres_container(db: &ValidatedDb, owner: &Owner) -> Container {
     let mount =
         |name: &str, path: &str| VolumeMount { name: name.into(), mount_path: path.into(), ..Default::default() };
-    let pg_isready = Probe {
+    let pg_isready = |timing| Probe {
         exec: Some(ExecAction {
             command: Some(vec![
                 "sh".into(),
@@ -223,16 +250,18 @@ fn postgres_container(db: &ValidatedDb, owner: &Owner) -> Container {
                 ),
             ]),
         }),
-        period_seconds: Some(10),
-        timeout_seconds: Some(5),
-        failure_threshold: Some(6),
-        ..Probe::default()
+        ..timed(timing)
     };
+    // Loopback only: nothing but the shard server beside it should reach the database. The
+    // allow-listed settings follow (`brain::tuning`), in name order.
+    let mut args = vec!["-c".to_owned(), "listen_addresses=127.0.0.1".to_owned()];
+    for (name, value) in &db.tuning.postgres_parameters {
+        args.extend(["-c".to_owned(), format!("{name}={value}")]);
+    }
     Container {
         name: "postgres".into(),
         image: Some(db.images.postgres.clone()),
-        // Loopback only: nothing but the shard server beside it should reach the database.
-        args: Some(vec!["-c".into(), "listen_addresses=127.0.0.1".into()]),
+        args: Some(args),
         env: Some(vec![
             secret_env(owner, "POSTGRES_USER", names::SECRET_USER_KEY),
             secret_env(owner, "POSTGRES_PASSWORD", names::SECRET_PASSWORD_KEY),
@@ -244,8 +273,8 @@ fn postgres_container(db: &ValidatedDb, owner: &Owner) -> Container {
             mount(RUN_VOLUME, "/var/run/postgresql"),
             mount(TMP_VOLUME, "/tmp"),
         ]),
-        readiness_probe: Some(pg_isready.clone()),
-        liveness_probe: Some(pg_isready),
+        readiness_probe: Some(pg_isready(db.tuning.probes.postgres_readiness)),
+        liveness_probe: Some(pg_isready(db.tuning.probes.postgres_liveness)),
         resources: resources(db.resources.postgres.as_ref()),
         security_context: Some(restricted()),
         ..Container::default()
@@ -276,6 +305,8 @@ mod tests {
             assert_eq!(pod_labels.get(k), Some(v), "the pod matches the selector on {k}");
         }
         assert_eq!(pod(&sts).service_account_name.as_deref(), Some("students-server"));
+        let strategy = spec.update_strategy.as_ref().unwrap();
+        assert_eq!(strategy.type_.as_deref(), Some("OnDelete"), "the operator decides when a pod restarts");
     }
 
     #[test]
@@ -382,6 +413,78 @@ mod tests {
             p.containers[1].resources.as_ref().unwrap().requests.as_ref().unwrap()["memory"],
             Quantity("1Gi".into())
         );
+    }
+
+    #[test]
+    fn knobs_left_unset_build_what_earlier_releases_built() {
+        let sts = server_statefulset(&db(), &owner(), "Server0");
+        let p = pod(&sts);
+        let server = &p.containers[0];
+        let args = server.args.as_deref().unwrap();
+        assert_eq!(args.len(), 6, "no --cache-rows or --worker-threads: {args:?}");
+        assert_eq!(args[4..], ["--tls-dir", names::TLS_MOUNT]);
+        let ready = server.readiness_probe.as_ref().unwrap();
+        assert_eq!(
+            (ready.initial_delay_seconds, ready.period_seconds, ready.timeout_seconds, ready.failure_threshold),
+            (None, Some(5), Some(2), Some(3))
+        );
+        let alive = server.liveness_probe.as_ref().unwrap();
+        assert_eq!(
+            (alive.period_seconds, alive.timeout_seconds, alive.failure_threshold),
+            (Some(10), Some(2), Some(6))
+        );
+        let pg = &p.containers[1];
+        assert_eq!(pg.args.as_deref().unwrap(), ["-c", "listen_addresses=127.0.0.1"]);
+        let pg_ready = pg.readiness_probe.as_ref().unwrap();
+        assert_eq!(
+            (pg_ready.period_seconds, pg_ready.timeout_seconds, pg_ready.failure_threshold),
+            (Some(10), Some(5), Some(6))
+        );
+        assert_eq!(pg.liveness_probe, pg.readiness_probe);
+    }
+
+    #[test]
+    fn knobs_reach_the_containers() {
+        use crate::brain::validate::{tests::students, validate};
+        use crate::crd::{PostgresSpec, ProbeSpec, ShardServerSpec};
+        let mut spec = students();
+        spec.shard_server = Some(ShardServerSpec {
+            cache_rows: Some(200_000),
+            worker_threads: Some(3),
+            liveness_probe: Some(ProbeSpec {
+                initial_delay_seconds: Some(15),
+                failure_threshold: Some(10),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        spec.postgres = Some(PostgresSpec {
+            parameters: [("work_mem".into(), "8MB".into()), ("shared_buffers".into(), "256MB".into())].into(),
+            readiness_probe: Some(ProbeSpec {
+                period_seconds: Some(3),
+                timeout_seconds: Some(3),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        let sts = server_statefulset(&validate(&spec).unwrap(), &owner(), "Server0");
+        let p = pod(&sts);
+        let args = p.containers[0].args.as_deref().unwrap();
+        assert_eq!(&args[6..], ["--cache-rows", "200000", "--worker-threads", "3"]);
+        let alive = p.containers[0].liveness_probe.as_ref().unwrap();
+        assert_eq!(
+            (alive.initial_delay_seconds, alive.period_seconds, alive.failure_threshold),
+            (Some(15), Some(10), Some(10))
+        );
+        assert_eq!(
+            p.containers[1].args.as_deref().unwrap(),
+            ["-c", "listen_addresses=127.0.0.1", "-c", "shared_buffers=256MB", "-c", "work_mem=8MB"],
+            "loopback first, then the settings in name order"
+        );
+        let pg_ready = p.containers[1].readiness_probe.as_ref().unwrap();
+        assert_eq!((pg_ready.period_seconds, pg_ready.timeout_seconds), (Some(3), Some(3)));
+        assert!(pg_ready.exec.is_some());
+        assert_eq!(p.containers[1].liveness_probe.as_ref().unwrap().period_seconds, Some(10));
     }
 
     #[test]

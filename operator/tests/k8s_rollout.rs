@@ -1,0 +1,269 @@
+//! A rolling update of the Kubernetes body against the in-memory API: the real `Controller` and
+//! healer, real shard servers over a throwaway Postgres (see `common`), and this test playing the
+//! StatefulSet controller and the kubelet — a pod is built from its StatefulSet's template and
+//! labelled with that template's revision, an evicted pod's server restarts on the same database
+//! (its volume) and comes back as a new pod of the current revision.
+//!
+//! Database `students`: sh1 (primary Server0, copy on Server1) and sh2 (primary Server2, copy on
+//! Server0). Changing `spec.images.shardServer` under a write load must restart the servers one
+//! at a time, Server1 (the primary of nothing) first, each evicted only once it serves nothing
+//! (its primaries handed over, its copies recovering) while every other copy is ready, and lose
+//! no acknowledged write. The status shows the rollout and each server gets its Events. The
+//! operator itself is replaced halfway (a fresh one, nothing in memory), as `helm upgrade` does
+//! while a rollout runs: the new one carries on from what the cluster shows.
+
+mod common;
+
+use common::{CONFIGMAP, Harness, NS, WAIT, credentials, students};
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::Api;
+use operator::k8s::build::names;
+use operator::k8s::rollout::REVISION_LABEL;
+use serde_json::{Value, json};
+use shard_server::api::{Op, ShardClient, WriteRequest};
+use shard_server::schema::{Row, Value as Cell};
+use shard_server::tls::Identity;
+use shard_server::topology::{ReplicaState, Topology};
+use std::collections::{BTreeMap, BTreeSet};
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+/// The StatefulSet controller and the kubelet, one pass at a time.
+#[derive(Default)]
+struct Kubelet {
+    /// Pods created so far: one that disappears was evicted.
+    created: BTreeSet<String>,
+    /// Each eviction noticed: the server and the topology at that moment.
+    evicted: Vec<(String, Topology)>,
+}
+
+/// A template's revision: a hash of it, as the StatefulSet controller names its revisions.
+fn revision(sts: &str, template: &Value) -> String {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    template.to_string().hash(&mut hasher);
+    format!("{sts}-{:010x}", hasher.finish() & 0xff_ffff_ffff)
+}
+
+impl Kubelet {
+    async fn step(&mut self, h: &mut Harness) {
+        for mut sts in h.api.list("statefulsets", NS) {
+            let name = sts["metadata"]["name"].as_str().unwrap().to_owned();
+            let Some(i) = h.servers.iter().position(|s| names::server_statefulset("students", &s.name) == name) else {
+                continue;
+            };
+            let template = sts["spec"]["template"].clone();
+            let update = revision(&name, &template);
+            let pod_name = format!("{name}-0");
+            let pod_revision = match h.api.get("pods", NS, &pod_name) {
+                Some(pod) => pod["metadata"]["labels"][REVISION_LABEL].as_str().unwrap().to_owned(),
+                None => {
+                    if self.created.contains(&pod_name) {
+                        // Evicted: the server restarts, on its volume, from the current template.
+                        let server = h.servers[i].name.clone();
+                        self.evicted.push((server, h.topology().unwrap()));
+                        h.kill(i).await;
+                        h.restart(i, false).await;
+                    }
+                    let mut labels = template["metadata"]["labels"].clone();
+                    labels[REVISION_LABEL] = json!(update);
+                    let pod = json!({
+                        "apiVersion": "v1", "kind": "Pod",
+                        "metadata": { "name": pod_name, "namespace": NS, "labels": labels },
+                        "spec": template["spec"],
+                        "status": { "phase": "Running", "conditions": [{ "type": "Ready", "status": "True" }] },
+                    });
+                    h.api.upsert(pod).unwrap();
+                    self.created.insert(pod_name);
+                    update.clone()
+                }
+            };
+            let status = json!({
+                "observedGeneration": sts["metadata"]["generation"],
+                "replicas": 1, "readyReplicas": 1, "currentReplicas": 1,
+                "updatedReplicas": i32::from(pod_revision == update),
+                "currentRevision": pod_revision, "updateRevision": update,
+            });
+            if sts["status"] != status {
+                sts["status"] = status;
+                h.api.upsert(sts).unwrap();
+            }
+        }
+        for mut d in h.api.list("deployments", NS) {
+            let replicas = d["spec"]["replicas"].clone();
+            let status = json!({ "observedGeneration": d["metadata"]["generation"], "replicas": replicas,
+                                 "readyReplicas": replicas, "updatedReplicas": replicas });
+            if d["status"] != status {
+                d["status"] = status;
+                h.api.upsert(d).unwrap();
+            }
+        }
+    }
+}
+
+/// A client writing one new row at a time to the primary the published topology names, retrying
+/// a row until it is acknowledged, presenting the routers' certificate (`http`). Returns the
+/// acknowledged keys and the failed attempts.
+fn start_writer(
+    client: kube::Client,
+    http: reqwest::Client,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<(Vec<i64>, usize)> {
+    tokio::spawn(async move {
+        let configmaps: Api<ConfigMap> = Api::namespaced(client, NS);
+        let (mut acked, mut failed) = (Vec::new(), 0);
+        let mut key = 100i64;
+        while !stop.load(Ordering::Relaxed) {
+            // Alternate between sh1 [0, 4096) and sh2 [4096, 8192).
+            let k = if key % 2 == 0 { key } else { 4096 + key };
+            let Ok(cm) = configmaps.get(CONFIGMAP).await else { break };
+            let t = Topology::parse(cm.data.unwrap()["topology.json"].as_bytes()).unwrap();
+            let shard = t.shard_for_key(k).unwrap();
+            let primary = ShardClient::new(http.clone(), t.servers[&shard.primary].url.clone());
+            let row = Row(vec![Cell::Int(k), Cell::Text(format!("w{k}")), Cell::Int(k % 100)]);
+            let req = WriteRequest { epoch: Some(t.epoch), ops: vec![Op::Insert { row }], dry_run: false };
+            match primary.write(&shard.id, &req).await {
+                Ok(_) => {
+                    acked.push(k);
+                    key += 1;
+                }
+                Err(_) => {
+                    failed += 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+        (acked, failed)
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_change_restarts_servers_one_at_a_time_replicas_first_and_loses_nothing() {
+    let mut h = Harness::start().await;
+    h.wait_ready().await;
+    let mut kubelet = Kubelet::default();
+    for _ in 0..3 {
+        kubelet.step(&mut h).await;
+    }
+    h.write(0, "sh1", 0..40).await;
+    h.write(2, "sh2", 4096..4126).await;
+    // Pods built, revisions current: nothing restarts on its own.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    kubelet.step(&mut h).await;
+    assert!(kubelet.evicted.is_empty() && h.events("ServerDraining").is_empty(), "no rollout without a change");
+    let before = h.topology().unwrap();
+    assert_eq!(
+        (before.shard("sh1").unwrap().primary.as_str(), before.shard("sh2").unwrap().primary.as_str()),
+        ("Server0", "Server2")
+    );
+
+    let not_ready_before = not_ready_events(&h);
+    let stop = Arc::new(AtomicBool::new(false));
+    let router = credentials(h.ca.as_ref().unwrap(), Identity::router(students()).unwrap());
+    let writer = start_writer(h.api.client(), router.http_client(Duration::from_secs(10)), stop.clone());
+    let mut db = h.api.get("shardeddatabases", NS, "students").unwrap();
+    db["spec"]["images"] = json!({ "shardServer": "example.com/sharddb-shard-server:next" });
+    h.api.upsert(db).unwrap();
+    let changed = Instant::now();
+
+    // Drive the controllers until every server runs the new template and the database is Ready
+    // again, watching the status on the way.
+    let mut progressing = BTreeSet::new();
+    let mut operator_replaced = false;
+    let done = |h: &Harness, kubelet: &Kubelet| {
+        let all_updated = h.api.list("statefulsets", NS).iter().all(|s| {
+            s["status"]["currentRevision"] == s["status"]["updateRevision"]
+                && s["spec"]["template"]["spec"]["containers"][0]["image"] == "example.com/sharddb-shard-server:next"
+        });
+        all_updated
+            && kubelet.evicted.len() == 3
+            && h.condition("Ready") == Some(("True".into(), "AllReady".into()))
+            && h.condition("Progressing").is_some_and(|(s, _)| s == "False")
+            && h.events("ServerUpdated").len() == 3
+    };
+    while !done(&h, &kubelet) {
+        assert!(
+            changed.elapsed() < 3 * WAIT,
+            "the rollout did not finish: evicted {:?}; status {}",
+            kubelet.evicted.iter().map(|e| &e.0).collect::<Vec<_>>(),
+            h.status()
+        );
+        kubelet.step(&mut h).await;
+        if kubelet.evicted.len() == 1 && !operator_replaced {
+            h.stop_operator().await;
+            h.start_operator();
+            operator_replaced = true;
+        }
+        if let Some(c) = h.condition("Progressing") {
+            progressing.insert(c.1);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!("rollout of 3 servers: {:?}", changed.elapsed());
+    stop.store(true, Ordering::Relaxed);
+    let (acked, failed) = writer.await.unwrap();
+    println!("writer: {} rows acknowledged, {failed} attempts failed and were retried", acked.len());
+    assert!(acked.len() > 20, "the writer made progress through the rollout: {}", acked.len());
+
+    // Replicas first: Server1 held a copy and was the primary of nothing.
+    let order: Vec<&str> = kubelet.evicted.iter().map(|(s, _)| s.as_str()).collect();
+    assert_eq!(order[0], "Server1", "{order:?}");
+    assert_eq!(order.iter().collect::<BTreeSet<_>>().len(), 3, "each server once: {order:?}");
+    // Through the eviction API, in that order.
+    let evictions: Vec<String> = h
+        .api
+        .writes()
+        .into_iter()
+        .filter(|w| w.subresource.as_deref() == Some("eviction") && w.code == 201)
+        .map(|w| w.name.unwrap())
+        .collect();
+    let pods: Vec<String> = order.iter().map(|s| names::server_pod("students", s)).collect();
+    assert_eq!(evictions, pods);
+    for (server, t) in &kubelet.evicted {
+        // Drained: the primary of nothing, none of its copies serving; every other copy ready
+        // (the server before it is back and caught up).
+        assert!(t.shards.iter().all(|s| s.primary != *server), "{server} was still a primary: {t:?}");
+        for shard in &t.shards {
+            for (holder, state) in &shard.replicas {
+                let want = if holder == server { ReplicaState::Recovering } else { ReplicaState::Ready };
+                assert_eq!(*state, want, "{} on {holder} when {server} was evicted (epoch {})", shard.id, t.epoch);
+            }
+        }
+    }
+
+    // Nothing acknowledged was lost, and every copy holds the same rows.
+    let rows = h.assert_ready_copies_equal().await;
+    let per_shard = |low: i64, high: i64| acked.iter().filter(|k| (low..high).contains(*k)).count() as i64;
+    assert_eq!(
+        rows,
+        BTreeMap::from([("sh1".to_owned(), 40 + per_shard(0, 4096)), ("sh2".to_owned(), 30 + per_shard(4096, 8192))])
+    );
+
+    // The status and the Events told the story.
+    assert!(progressing.contains("RollingUpdate"), "{progressing:?}");
+    assert_eq!(h.status()["updatedServers"], 3);
+    assert_eq!(h.events("ServerRestarting").len(), 3, "{:?}", h.events("ServerRestarting"));
+    let drained = h.events("ServerDraining");
+    assert!(
+        drained.iter().any(|n| n.starts_with("Server1 is drained") && n.contains("sh1 stops serving there")),
+        "{drained:?}"
+    );
+    assert!(drained.iter().any(|n| n.contains("is handed over to")), "a primary was handed over: {drained:?}");
+    assert!(
+        h.events("ServerUpdated").iter().any(|n| n.contains("(3/3 servers updated)")),
+        "{:?}",
+        h.events("ServerUpdated")
+    );
+    assert_eq!(not_ready_events(&h), not_ready_before, "the rollout's own Events, not NotReady");
+}
+
+/// `NotReady` Events recorded so far, counting each repetition the recorder folded into a series.
+fn not_ready_events(h: &Harness) -> i64 {
+    h.api
+        .list("events.events.k8s.io", NS)
+        .iter()
+        .filter(|e| e["reason"] == "NotReady")
+        .map(|e| e["series"]["count"].as_i64().unwrap_or(1))
+        .sum()
+}
