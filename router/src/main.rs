@@ -38,6 +38,10 @@ async fn main() -> anyhow::Result<()> {
         config.control_credentials = Some(Credentials::Tls(source));
     }
     config.credentials = Some(credentials.clone());
+    let mode = args.credentials.internal_auth;
+    if let Some(open) = mode.weakness() {
+        tracing::warn!(internal_auth = %mode, "{open}");
+    }
     tracing::info!(topology_file = ?args.topology_file, topology_configmap = ?args.topology_configmap, topology_url = ?args.topology_url, control_url = ?config.control_url, upstream_timeout = ?config.upstream_timeout, body_limit = config.body_limit, "starting");
 
     let topology = match (&args.topology_file, &args.topology_configmap, &args.topology_url) {

@@ -390,6 +390,10 @@ pub struct ServerStatus {
     /// leases measured from it (see [`PrimaryLeaseRequest`]); absent from older servers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease_token: Option<LeaseToken>,
+    /// How this server authenticates internal callers (`none`, `migrate`, `strict`); absent from
+    /// releases from before internal authentication, which took anyone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub internal_auth: Option<crate::tls::InternalAuth>,
 }
 
 /// A moment on one server process's monotonic clock: the process (`boot`, random per start) and

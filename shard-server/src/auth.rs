@@ -9,6 +9,10 @@
 //! - a component of another database: **403** (`forbidden`), whatever its role;
 //! - a component of this database whose role the endpoint does not accept: **403**.
 //!
+//! With `--internal-auth=none` or `migrate` ([`crate::tls::InternalAuth`]) a request that came over
+//! plain HTTP (no TLS connection at all) is served as the previous release served everyone: as
+//! if the operator had sent it, and counted. A TLS connection is checked as above in every mode.
+//!
 //! The operator is accepted wherever any component is: it holds the CA and could issue itself any
 //! certificate, so refusing it would protect nothing. The accepted roles per endpoint are listed
 //! where the routes are declared (`crate::app`).
@@ -31,6 +35,8 @@ pub struct Caller(pub Arc<Identity>);
 pub struct Gate {
     database: DatabaseId,
     token: Option<Arc<str>>,
+    /// Plain-HTTP callers are served (and counted here): `--internal-auth` `none` or `migrate`.
+    plain: Option<prometheus_client::metrics::counter::Counter>,
 }
 
 /// Why a caller is refused (status 401 or 403 and a message naming the reason).
@@ -60,16 +66,35 @@ impl Gate {
     pub fn for_credentials(credentials: &Credentials) -> Option<Gate> {
         let database = credentials.identity()?.database;
         let token = match credentials {
-            Credentials::Tls(_) => None,
+            Credentials::Tls(_) | Credentials::Plain => None,
             Credentials::Token { secret, .. } => Some(secret.clone()),
         };
-        Some(Gate { database, token })
+        Some(Gate { database, token, plain: None })
     }
 
     /// A gate no caller passes (credentials that name no database cannot tell ours apart).
     pub fn nobody() -> Gate {
         // No identity has an empty namespace, so nothing matches this database.
-        Gate { database: DatabaseId::new("", ""), token: None }
+        Gate { database: DatabaseId::new("", ""), token: None, plain: None }
+    }
+
+    /// This gate, also serving callers that came over plain HTTP, each counted in `counter`
+    /// (`--internal-auth` `none` or `migrate`).
+    pub fn accepting_plain(mut self, counter: prometheus_client::metrics::counter::Counter) -> Gate {
+        self.plain = Some(counter);
+        self
+    }
+
+    /// A request that came over plain HTTP and this gate serves such requests: it is counted,
+    /// and its caller is taken to be the operator, as the previous release took everyone.
+    fn plain_caller(&self, req: &Request) -> Option<Identity> {
+        let counter = self.plain.as_ref()?;
+        // Over TLS, or carrying the per-cluster secret: checked as in `strict`, never waved through.
+        if req.extensions().get::<ConnectInfo<TlsPeer>>().is_some() || req.headers().contains_key(TOKEN_HEADER) {
+            return None;
+        }
+        counter.inc();
+        Some(Identity { database: self.database.clone(), component: Component::Operator, name: "operator".into() })
     }
 
     pub fn database(&self) -> &DatabaseId {
@@ -128,7 +153,12 @@ pub struct Policy {
 pub async fn require(State(policy): State<Policy>, mut req: Request, next: Next) -> Response {
     let what =
         req.extensions().get::<MatchedPath>().map_or_else(|| req.uri().path().to_owned(), |p| p.as_str().to_owned());
-    match policy.gate.check(&req, policy.allowed, &what) {
+    let checked = policy.gate.check(&req, policy.allowed, &what);
+    let checked = match checked {
+        Err(refusal) => policy.gate.plain_caller(&req).ok_or(refusal),
+        ok => ok,
+    };
+    match checked {
         Ok(caller) => {
             req.extensions_mut().insert(Caller(Arc::new(caller)));
             next.run(req).await
@@ -158,7 +188,7 @@ mod tests {
 
     #[test]
     fn tls_callers_are_checked_by_database_and_role() {
-        let gate = Gate { database: db("students"), token: None };
+        let gate = Gate { database: db("students"), token: None, plain: None };
         let router = Identity::router(db("students")).unwrap();
         let server = Identity::server(db("students"), "Server1").unwrap();
         let operator = Identity::operator(db("students")).unwrap();
@@ -183,7 +213,7 @@ mod tests {
 
     #[test]
     fn without_tls_the_secret_and_a_claimed_identity_are_needed() {
-        let gate = Gate { database: db("students"), token: Some("s3cret".into()) };
+        let gate = Gate { database: db("students"), token: Some("s3cret".into()), plain: None };
         let router = Identity::router(db("students")).unwrap();
         let with = |token: Option<&str>, id: Option<&Identity>| {
             let mut req = Request::new(axum::body::Body::empty());
@@ -204,5 +234,35 @@ mod tests {
         req.headers_mut().insert(TOKEN_HEADER, "s3cret".parse().unwrap());
         req.headers_mut().insert(IDENTITY_HEADER, router.uri().parse().unwrap());
         assert!(matches!(gate.check(&req, &[Component::Router], "x"), Err(Refusal::Unauthenticated(_))));
+    }
+
+    #[tokio::test]
+    async fn plain_callers_pass_only_a_gate_that_accepts_them_and_are_counted() {
+        use axum::routing::get;
+        use tower::ServiceExt;
+        let counter = prometheus_client::metrics::counter::Counter::default();
+        let strict = Gate { database: db("students"), token: None, plain: None };
+        let migrate = strict.clone().accepting_plain(counter.clone());
+        let call = |gate: Gate, tls: Option<Option<Identity>>| {
+            let app = axum::Router::new()
+                .route("/x", get(|axum::Extension(Caller(c)): axum::Extension<Caller>| async move { c.to_string() }))
+                .route_layer(axum::middleware::from_fn_with_state(gate.allow(&[Component::Server]), require));
+            let mut req = Request::builder().uri("/x").body(axum::body::Body::empty()).unwrap();
+            if let Some(identity) = tls {
+                let peer = TlsPeer { addr: SocketAddr::from(([127, 0, 0, 1], 1)), identity: identity.map(Arc::new) };
+                req.extensions_mut().insert(ConnectInfo(peer));
+            }
+            async move { app.oneshot(req).await.unwrap().status().as_u16() }
+        };
+        assert_eq!(call(strict.clone(), None).await, 401, "strict: plain HTTP is refused");
+        assert_eq!(call(migrate.clone(), None).await, 200, "migrate: plain HTTP is served");
+        assert_eq!(counter.get(), 1, "and counted");
+        // Over TLS the role is checked in every mode, and nothing is counted.
+        let router = Identity::router(db("students")).unwrap();
+        assert_eq!(call(migrate.clone(), Some(Some(router))).await, 403);
+        assert_eq!(call(migrate.clone(), Some(None)).await, 401, "TLS without a certificate");
+        let server = Identity::server(db("students"), "Server1").unwrap();
+        assert_eq!(call(migrate, Some(Some(server))).await, 200);
+        assert_eq!(counter.get(), 1);
     }
 }

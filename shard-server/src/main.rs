@@ -4,7 +4,7 @@ use clap::Parser;
 use shard_server::db::Db;
 use shard_server::node::{Node, NodeConfig};
 use shard_server::serve::ServeArgs;
-use shard_server::tls::{Component, CredentialArgs, Credentials};
+use shard_server::tls::{Component, CredentialArgs, Credentials, InternalAuth};
 use shard_server::{api, app, topology_source};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -133,6 +133,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         lease: Duration::from_millis(args.lease_ms),
         lease_renew: Duration::from_millis(args.lease_renew_ms),
         credentials: credentials.clone(),
+        internal_auth: args.credentials.internal_auth,
     };
     anyhow::ensure!(
         args.lease_renew_ms > 0 && args.lease_renew_ms < args.lease_ms,
@@ -145,12 +146,22 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     node.start().await?;
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     let limits = args.serve.limits();
-    tracing::info!(addr = %listener.local_addr()?, name = %args.name, scheme = credentials.scheme(), ?limits, "shard server listening");
+    let mode = args.credentials.internal_auth;
+    tracing::info!(addr = %listener.local_addr()?, name = %args.name, scheme = credentials.scheme(), internal_auth = %mode, ?limits, "shard server listening");
+    let warn = mode.weakness().map(|open| tokio::spawn(warn_every_minute(mode, open)));
     match credentials {
+        Credentials::Tls(source) if mode == InternalAuth::Migrate => {
+            shard_server::serve::serve_migrate(listener, app(node), limits, source.server_config(), shutdown()).await?
+        }
         Credentials::Tls(source) => {
             shard_server::serve::serve_tls(listener, app(node), limits, source.server_config(), shutdown()).await?
         }
-        Credentials::Token { .. } => shard_server::serve::serve(listener, app(node), limits, shutdown()).await?,
+        Credentials::Token { .. } | Credentials::Plain => {
+            shard_server::serve::serve(listener, app(node), limits, shutdown()).await?
+        }
+    }
+    if let Some(w) = warn {
+        w.abort();
     }
     Ok(())
 }
@@ -160,6 +171,16 @@ fn with_password(url: &str, password: &str) -> anyhow::Result<String> {
     let mut url = url::Url::parse(url).map_err(|e| anyhow::anyhow!("--database-url is not a URL: {e}"))?;
     url.set_password(Some(password)).map_err(|()| anyhow::anyhow!("--database-url cannot hold a password"))?;
     Ok(url.into())
+}
+
+/// Says what `--internal-auth` leaves open, at start and every minute after, so it is not
+/// forgotten in a log scrolled past.
+async fn warn_every_minute(mode: InternalAuth, open: &'static str) {
+    let mut every = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        every.tick().await;
+        tracing::warn!(internal_auth = %mode, "{open}");
+    }
 }
 
 async fn shutdown() {

@@ -39,6 +39,8 @@ pub struct NodeConfig {
     pub body_timeout: Duration,
     /// Who this server is to its peers, and how it checks them (see [`crate::tls`]).
     pub credentials: Credentials,
+    /// Whether callers over plain HTTP are served too (see [`crate::tls::InternalAuth`]).
+    pub internal_auth: crate::tls::InternalAuth,
 }
 
 impl NodeConfig {
@@ -108,13 +110,17 @@ impl Node {
         let http = config.credentials.http_client(config.peer_timeout);
         let stream_http =
             config.credentials.client_builder().read_timeout(config.peer_timeout).build().expect("HTTP client builds");
-        let gate = Gate::for_credentials(&config.credentials).unwrap_or_else(Gate::nobody);
+        let metrics = Metrics::default();
+        let mut gate = Gate::for_credentials(&config.credentials).unwrap_or_else(Gate::nobody);
+        if config.internal_auth.accepts_plain() {
+            gate = gate.accepting_plain(metrics.plain_internal_requests.clone());
+        }
         let row_budget = crate::rowcache::Budget::new(config.cache_rows, config.cache_bytes);
         Arc::new(Node {
             row_budget,
             config,
             db,
-            metrics: Metrics::default(),
+            metrics,
             topology,
             gate,
             http,

@@ -124,14 +124,42 @@ pub async fn serve_tls(
     config: Arc<rustls::ServerConfig>,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
-    serve_with(listener, app, limits, Some(TlsAcceptor::from(config)), shutdown).await
+    serve_with(listener, app, limits, Some((TlsAcceptor::from(config), false)), shutdown).await
 }
 
+/// As [`serve_tls`], and plain HTTP on the same port (`--internal-auth=migrate`): the first byte
+/// of each connection decides, `0x16` (a TLS handshake record) for TLS. A plain connection's
+/// requests carry no [`TlsPeer`], which is how `crate::auth` tells them apart. The wait for that
+/// byte is bounded by the header timeout, as a request's headers are.
+pub async fn serve_migrate(
+    listener: TcpListener,
+    app: Router,
+    limits: ServeLimits,
+    config: Arc<rustls::ServerConfig>,
+    shutdown: impl Future<Output = ()>,
+) -> io::Result<()> {
+    serve_with(listener, app, limits, Some((TlsAcceptor::from(config), true)), shutdown).await
+}
+
+/// The first byte of every TLS connection: the record type of a handshake.
+const TLS_HANDSHAKE: u8 = 0x16;
+
+/// Whether the connection starts with a TLS handshake; `None` when no byte came within `wait`
+/// (or the peer went away).
+async fn starts_with_tls(tcp: &TcpStream, wait: Duration) -> Option<bool> {
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(wait, tcp.peek(&mut first)).await {
+        Ok(Ok(1)) => Some(first[0] == TLS_HANDSHAKE),
+        _ => None,
+    }
+}
+
+/// `tls`: the acceptor, and whether plain HTTP is served beside it.
 async fn serve_with(
     listener: TcpListener,
     app: Router,
     limits: ServeLimits,
-    tls: Option<TlsAcceptor>,
+    tls: Option<(TlsAcceptor, bool)>,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
@@ -163,6 +191,15 @@ async fn serve_with(
         tokio::spawn(async move {
             let _permit = permit;
             let busy = Arc::new(AtomicUsize::new(0));
+            let tls = match tls {
+                Some((acceptor, true)) => match starts_with_tls(&tcp, limits.header_timeout).await {
+                    Some(true) => Some(acceptor),
+                    Some(false) => None,
+                    None => return,
+                },
+                Some((acceptor, false)) => Some(acceptor),
+                None => None,
+            };
             let io = IdleTimeout::new(tcp, limits.idle_timeout, Arc::clone(&busy));
             match tls {
                 None => connection(io, app, None, busy, limits, stop).await,

@@ -291,3 +291,72 @@ async fn a_recover_copies_only_from_the_primary_its_topology_names() {
     let after = state(&c).await;
     assert_ne!(after[2].0["sh1"].4, before[2].0["sh1"].4, "a recovered copy has a new identity");
 }
+
+/// `--internal-auth=migrate`, the rung between a release without internal authentication and
+/// `strict`: the same port answers plain HTTP callers (as that release did; each counted in
+/// `sharddb_plain_internal_requests_total`) and TLS callers, who are still checked by role. Back
+/// in `strict`, a plain caller gets no answer at all and every forgery is refused again.
+#[tokio::test]
+async fn migrate_serves_plain_callers_counted_and_still_checks_tls_callers_by_role() {
+    let mut c = Cluster::start(2, &[("sh1", 0, 1000, 0, &[0, 1])]).await;
+    c.client(0).write("sh1", &write((0..5).map(|k| Op::Insert { row: row(k, "n") }).collect())).await.unwrap();
+    let timeout = Duration::from_secs(10);
+    let plain = shard_server::api::http_client(timeout);
+    let plain_url = |c: &Cluster, i: usize, path: &str| c.url(i, path).replacen("https://", "http://", 1);
+    let plain_count = |metrics: &str| {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("sharddb_plain_internal_requests_total "))
+            .map(|v| v.trim().parse::<u64>().unwrap())
+    };
+    let metrics = |c: &Cluster, i: usize| {
+        let (http, url) = (c.http.clone(), c.url(i, "/metrics"));
+        async move { http.get(url).send().await.unwrap().text().await.unwrap() }
+    };
+    assert_eq!(plain_count(&metrics(&c, 0).await), Some(0), "strict counts nothing");
+    let (method, server, path, body) = forgery(5, "/v1/shards/sh1/stats");
+    assert_eq!(
+        attempt(&plain, method, plain_url(&c, server, path), &body).await,
+        Outcome::NoAnswer,
+        "strict: no plain"
+    );
+    assert_eq!(c.client(0).status(false).await.unwrap().internal_auth, Some(shard_server::tls::InternalAuth::Strict));
+
+    c.internal_auth = shard_server::tls::InternalAuth::Migrate;
+    for i in 0..2 {
+        c.kill(i).await;
+        c.restart(i).await;
+    }
+    assert_eq!(c.client(0).status(false).await.unwrap().internal_auth, Some(shard_server::tls::InternalAuth::Migrate));
+    // Plain callers are served, as the previous release served them, and counted.
+    let (method, server, path, body) = forgery(5, "/v1/shards/sh1/stats");
+    assert!(matches!(attempt(&plain, method, plain_url(&c, server, path), &body).await, Outcome::Answered(200, _)));
+    let st: Value = plain.get(plain_url(&c, 1, "/status")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(st["internal_auth"], "migrate");
+    assert_eq!(plain_count(&metrics(&c, 0).await), Some(1));
+    assert_eq!(plain_count(&metrics(&c, 1).await), Some(1));
+    // TLS callers are checked as in strict: no certificate, or the wrong role, is refused.
+    let anonymous = c.pki.anonymous_http(timeout);
+    let router = c.pki.credentials(Component::Router, "router").http_client(timeout);
+    let before = state(&c).await;
+    for (method, server, path, body) in forgeries(5) {
+        let outcome = attempt(&anonymous, method, c.url(server, path), &body).await;
+        assert_eq!(outcome, Outcome::Answered(401, Some("unauthenticated".into())), "{path} without a certificate");
+    }
+    let (method, server, path, body) = forgery(5, "/v1/shards/sh1/replicate");
+    let outcome = attempt(&router, method, c.url(server, path), &body).await;
+    assert_eq!(outcome, Outcome::Answered(403, Some("forbidden".into())), "a router may not replicate");
+    assert_eq!(state(&c).await, before, "nothing changed");
+    assert_eq!(plain_count(&metrics(&c, 0).await), Some(1), "TLS callers are not counted as plain");
+    // Replication between the servers (TLS) goes on.
+    c.client(0).write("sh1", &write(vec![Op::Insert { row: row(7, "m") }])).await.unwrap();
+
+    // Back to strict: plain callers get nothing.
+    c.internal_auth = shard_server::tls::InternalAuth::Strict;
+    for i in 0..2 {
+        c.kill(i).await;
+        c.restart(i).await;
+    }
+    let (method, server, path, body) = forgery(5, "/v1/shards/sh1/stats");
+    assert_eq!(attempt(&plain, method, plain_url(&c, server, path), &body).await, Outcome::NoAnswer);
+}

@@ -502,6 +502,7 @@ mod tests {
                 epoch: EPOCH,
                 shards: [("sh1".to_owned(), shard)].into(),
                 lease_token: None,
+                internal_auth: None,
             })
         };
         let now = Instant::now();
@@ -568,6 +569,7 @@ mod tests {
                 epoch,
                 shards,
                 lease_token: None,
+                internal_auth: None,
             })
         };
         let probe = |seen: &mut Observations, i: u64, copies: [(&str, u64); 3]| {

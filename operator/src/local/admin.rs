@@ -56,7 +56,11 @@ pub fn serve(
     calls: mpsc::Sender<AdminCall>,
     topology: TopologyRx,
 ) -> tokio::task::JoinHandle<()> {
-    let gate = Gate::for_credentials(credentials).unwrap_or_else(Gate::nobody);
+    let mut gate = Gate::for_credentials(credentials).unwrap_or_else(Gate::nobody);
+    if matches!(credentials, Credentials::Plain) {
+        // `--internal-auth=none`: the previous release's routers call without credentials.
+        gate = gate.accepting_plain(prometheus_client::metrics::counter::Counter::default());
+    }
     let routers_only = axum::middleware::from_fn_with_state(gate.allow(&[Component::Router]), auth::require);
     let members =
         axum::middleware::from_fn_with_state(gate.allow(&[Component::Router, Component::Server]), auth::require);
@@ -77,7 +81,7 @@ pub fn serve(
                 let listener = TlsListener::new(listener, source.server_config());
                 axum::serve(listener, app.into_make_service_with_connect_info::<TlsPeer>()).await
             }
-            Credentials::Token { .. } => axum::serve(listener, app).await,
+            Credentials::Token { .. } | Credentials::Plain => axum::serve(listener, app).await,
         };
         if let Err(e) = served {
             tracing::error!(error = %e, "the admin endpoint stopped");

@@ -238,6 +238,7 @@ impl Harness {
                 self.ca.as_ref().expect("the database's CA"),
                 Identity::new(students(), Component::Server, &s.name).unwrap(),
             ),
+            internal_auth: shard_server::tls::InternalAuth::Strict,
         };
         let Credentials::Tls(tls) = &config.credentials else { unreachable!() };
         let listener = TlsListener::new(listener, tls.server_config());

@@ -315,7 +315,15 @@ pub async fn status(
     }
     let protocol = crate::api::PROTOCOL_VERSION;
     let lease_token = Some(node.lease_token());
-    Ok(Json(ServerStatus { server: node.name().to_owned(), protocol, epoch: node.epoch(), shards, lease_token }))
+    let internal_auth = Some(node.config.internal_auth);
+    Ok(Json(ServerStatus {
+        server: node.name().to_owned(),
+        protocol,
+        epoch: node.epoch(),
+        shards,
+        lease_token,
+        internal_auth,
+    }))
 }
 
 /// `POST /v1/lease`: grants read leases to a ready replica, for the shards this server is the

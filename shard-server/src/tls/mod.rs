@@ -23,6 +23,11 @@
 //! - **TLS off** (local mode's `--internal-tls=false`, to measure what TLS costs): a per-cluster
 //!   secret in a header authenticates the cluster's components instead, without encryption, and
 //!   the component's role is taken from the caller's word. Never the default.
+//! - **Running beside a release from before this layer** ([`InternalAuth`]): `none` serves and
+//!   dials plain HTTP and accepts anyone, as that release did; `migrate` serves TLS and plain HTTP
+//!   on one port, dials TLS, checks TLS callers by role and accepts plain ones as `none` does,
+//!   counting them; `strict` (the default) is the trust model above. A rolling restart climbs
+//!   from one rung to the next.
 
 pub mod identity;
 pub mod issue;
@@ -43,6 +48,58 @@ pub const TOKEN_HEADER: &str = "x-sharddb-token";
 /// The header naming the caller (an identity URI) when TLS is off.
 pub const IDENTITY_HEADER: &str = "x-sharddb-identity";
 
+/// How strictly a process authenticates internal traffic: the rungs a database climbs, one
+/// rolling restart each, when it moves from a release without internal authentication to this one.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InternalAuth {
+    /// Plain HTTP both ways, anyone accepted: what the previous release did.
+    None,
+    /// TLS and plain HTTP served on one port, TLS dialled; TLS callers checked by role, plain ones
+    /// accepted and counted (`sharddb_plain_internal_requests_total`).
+    Migrate,
+    /// Mutual TLS (or the per-cluster secret with TLS off) only.
+    #[default]
+    Strict,
+}
+
+impl InternalAuth {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InternalAuth::None => "none",
+            InternalAuth::Migrate => "migrate",
+            InternalAuth::Strict => "strict",
+        }
+    }
+
+    /// Whether callers without credentials are served.
+    pub fn accepts_plain(self) -> bool {
+        self != InternalAuth::Strict
+    }
+
+    /// What this mode leaves open, for the warning a process logs at start; `None` for `strict`.
+    pub fn weakness(self) -> Option<&'static str> {
+        match self {
+            InternalAuth::None => Some(
+                "internal endpoints are served over plain HTTP to anyone who can reach them: any client \
+                 can replicate into, reconfigure or recover this database's data",
+            ),
+            InternalAuth::Migrate => Some(
+                "internal endpoints also answer plain HTTP callers without any check (counted in \
+                 sharddb_plain_internal_requests_total): roll every process to --internal-auth=strict \
+                 once that count stays at zero",
+            ),
+            InternalAuth::Strict => None,
+        }
+    }
+}
+
+impl std::fmt::Display for InternalAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// How a component proves who it is to the others of its database, and checks them.
 #[derive(Clone, Debug)]
 pub enum Credentials {
@@ -50,6 +107,9 @@ pub enum Credentials {
     Tls(Arc<TlsSource>),
     /// No encryption; a per-cluster secret in every internal request (local mode only).
     Token { secret: Arc<str>, identity: Identity },
+    /// None at all: plain HTTP, as a release from before internal authentication spoke
+    /// ([`InternalAuth::None`]).
+    Plain,
 }
 
 impl Credentials {
@@ -58,6 +118,7 @@ impl Credentials {
         match self {
             Credentials::Tls(source) => source.identity(),
             Credentials::Token { identity, .. } => Some(identity.clone()),
+            Credentials::Plain => None,
         }
     }
 
@@ -65,7 +126,7 @@ impl Credentials {
     pub fn scheme(&self) -> &'static str {
         match self {
             Credentials::Tls(_) => "https",
-            Credentials::Token { .. } => "http",
+            Credentials::Token { .. } | Credentials::Plain => "http",
         }
     }
 
@@ -81,6 +142,7 @@ impl Credentials {
         let builder = crate::api::client_defaults();
         match self {
             Credentials::Tls(source) => builder.tls_backend_preconfigured(source.client_config()),
+            Credentials::Plain => builder,
             Credentials::Token { secret, identity } => {
                 let mut headers = reqwest::header::HeaderMap::new();
                 let mut token = reqwest::header::HeaderValue::from_str(secret).expect("the secret is a header value");
@@ -112,6 +174,12 @@ pub struct CredentialArgs {
     /// (a certificate names its database itself).
     #[arg(long, env = "SHARDDB_DATABASE")]
     pub database: Option<String>,
+    /// `strict` (default): only the database's components, by certificate. `none`: plain HTTP
+    /// both ways and anyone accepted, to run beside a release from before internal
+    /// authentication. `migrate`: TLS and plain HTTP on one port, TLS dialled, plain callers
+    /// accepted and counted; the rung between the two. See the README's upgrade plan.
+    #[arg(long, env = "SHARDDB_INTERNAL_AUTH", value_enum, default_value_t = InternalAuth::Strict)]
+    pub internal_auth: InternalAuth,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -134,6 +202,8 @@ pub enum CredentialError {
     NoIdentity(PathBuf),
     #[error("the certificate in {dir} names the {found}, but this process runs as the {expected}")]
     WrongIdentity { dir: String, found: Box<Identity>, expected: String },
+    #[error("--internal-auth=migrate needs --tls-dir: it dials TLS and serves it beside plain HTTP")]
+    MigrateWithoutTls,
 }
 
 impl CredentialArgs {
@@ -141,6 +211,12 @@ impl CredentialArgs {
     /// `None` when neither flag is given. A certificate must name that component; its file is
     /// re-read every [`source::RELOAD_EVERY`] from then on (the caller runs in a Tokio runtime).
     pub fn load(&self, component: Component, name: &str) -> Result<Option<Credentials>, CredentialError> {
+        match self.internal_auth {
+            // Nothing to present or check, whatever else is given.
+            InternalAuth::None => return Ok(Some(Credentials::Plain)),
+            InternalAuth::Migrate if self.tls_dir.is_none() => return Err(CredentialError::MigrateWithoutTls),
+            InternalAuth::Migrate | InternalAuth::Strict => {}
+        }
         if let Some(dir) = &self.tls_dir {
             let source = TlsSource::open(TlsFiles::in_dir(dir))?;
             let identity = source.identity().ok_or_else(|| CredentialError::NoIdentity(dir.clone()))?;

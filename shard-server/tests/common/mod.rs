@@ -11,9 +11,9 @@ use shard_server::api::{PrimaryLeaseRequest, ShardClient, install_crypto_provide
 use shard_server::db::Db;
 use shard_server::node::{Node, NodeConfig};
 use shard_server::schema::{DType, SchemaSpec};
-use shard_server::serve::{ServeLimits, serve_tls};
+use shard_server::serve::{ServeLimits, serve_migrate, serve_tls};
 use shard_server::tls::testing::TestPki;
-use shard_server::tls::{Component, Credentials, Identity};
+use shard_server::tls::{Component, Credentials, Identity, InternalAuth};
 use shard_server::topology::{ReplicaState, ServerEntry, ShardEntry, TOPOLOGY_VERSION, Topology};
 use shard_server::topology_source::{watch_file, write_atomic};
 use std::collections::BTreeMap;
@@ -43,6 +43,8 @@ pub struct Cluster {
     pub cache_rows: usize,
     /// The HTTP limits every server is served with (restarts included).
     pub serve_limits: ServeLimits,
+    /// How servers (re)started from now on authenticate internal callers (default `strict`).
+    pub internal_auth: InternalAuth,
     pub servers: Vec<Server>,
     /// The operator's client: accepted by every internal endpoint.
     pub http: reqwest::Client,
@@ -178,6 +180,7 @@ impl Cluster {
             lease: (lease, renew),
             cache_rows,
             serve_limits,
+            internal_auth: InternalAuth::Strict,
             servers,
             http: pki.credentials(Component::Operator, "operator").http_client(Duration::from_secs(30)),
             pki,
@@ -243,6 +246,7 @@ impl Cluster {
             cache_bytes: NodeConfig::DEFAULT_CACHE_BYTES,
             body_timeout: self.serve_limits.body_timeout,
             credentials: self.pki.credentials(Component::Server, &s.name),
+            internal_auth: self.internal_auth,
         };
         let Credentials::Tls(tls) = &config.credentials else { unreachable!("test servers use TLS") };
         let tls = tls.server_config();
@@ -250,8 +254,13 @@ impl Cluster {
         node.start().await.unwrap();
         let app = shard_server::app(Arc::clone(&node));
         let limits = self.serve_limits;
+        let migrate = self.internal_auth == InternalAuth::Migrate;
         s.task = Some(tokio::spawn(async move {
-            serve_tls(listener, app, limits, tls, std::future::pending()).await.unwrap();
+            if migrate {
+                serve_migrate(listener, app, limits, tls, std::future::pending()).await.unwrap();
+            } else {
+                serve_tls(listener, app, limits, tls, std::future::pending()).await.unwrap();
+            }
         }));
         s.node = Some(node);
     }
