@@ -50,6 +50,13 @@ enum Command {
         /// clients call them without one, on 127.0.0.1.
         #[arg(long)]
         admin_token: bool,
+        /// How every process authenticates internal traffic: `strict` (mutual TLS), `migrate`
+        /// (TLS, and plain HTTP accepted and counted) or `none` (plain HTTP, anyone accepted).
+        /// Default: `none` for a data directory a release from before internal authentication
+        /// made (it has no `tls/`), so its processes still running can be replaced one at a
+        /// time, else `strict`. See the README's upgrade plan.
+        #[arg(long, env = "SHARDDB_INTERNAL_AUTH", value_enum)]
+        internal_auth: Option<shard_server::tls::InternalAuth>,
         /// Run the router and every shard server in a network namespace of its own, attached to a
         /// private switch (namespaces `ID-net`, `ID-router`, `ID-<server>`), so that links between
         /// them can be cut; `cluster.json` says where. ID: 1 to 10 lowercase letters and digits,
@@ -225,7 +232,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let runtime = tokio::runtime::Runtime::new().context("failed to start the async runtime")?;
             runtime.block_on(run_operator(args.metrics_addr, args.admin_addr, config, lease, ca_secret))
         }
-        Command::Local { spec, data_dir, port, bin_dir, pg_bin, netns, internal_tls, admin_token } => {
+        Command::Local { spec, data_dir, port, bin_dir, pg_bin, netns, internal_tls, admin_token, internal_auth } => {
+            if internal_auth == Some(shard_server::tls::InternalAuth::Migrate) && !internal_tls {
+                anyhow::bail!("--internal-auth=migrate needs internal TLS (it serves TLS beside plain HTTP)");
+            }
             let bin_dir = match bin_dir {
                 Some(d) => d,
                 None => std::env::current_exe()
@@ -234,7 +244,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     .context("this program has no directory; pass --bin-dir")?
                     .to_owned(),
             };
-            let opts = LocalOptions { spec, data_dir, port, bin_dir, pg_bin, netns, internal_tls, admin_token };
+            let opts =
+                LocalOptions { spec, data_dir, port, bin_dir, pg_bin, netns, internal_tls, admin_token, internal_auth };
             let runtime = tokio::runtime::Runtime::new().context("failed to start the async runtime")?;
             runtime.block_on(run_local(opts))?;
             Ok(())

@@ -55,6 +55,9 @@ pub struct ClusterFile {
 #[derive(Clone, Debug, Default, Deserialize)]
 pub struct Internal {
     pub tls: bool,
+    /// `none`, `migrate` or `strict` (`--internal-auth`); empty before internal authentication.
+    #[serde(default)]
+    pub mode: String,
     pub ca: Option<PathBuf>,
     pub operator_tls_dir: Option<PathBuf>,
     pub token_file: Option<PathBuf>,
@@ -166,12 +169,20 @@ pub struct Launch {
     pub port: u16,
     /// Flags given to `sharddb-operator local` beyond the spec, data directory and ports.
     pub args: Vec<String>,
+    /// Environment variables set for it (and so for the processes it starts).
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for Launch {
     /// This workspace's binaries, any free port.
     fn default() -> Self {
-        Launch { operator: bin_dir().join("sharddb-operator"), bin_dir: bin_dir(), port: 0, args: Vec::new() }
+        Launch {
+            operator: bin_dir().join("sharddb-operator"),
+            bin_dir: bin_dir(),
+            port: 0,
+            args: Vec::new(),
+            env: Vec::new(),
+        }
     }
 }
 
@@ -356,6 +367,7 @@ fn spawn_operator(dir: &Path, spec: Option<&Path>, launch: &Launch, netns: Optio
         .arg(&launch.bin_dir)
         .args(&launch.args)
         .args(netns.map(|id| format!("--netns={id}")))
+        .envs(launch.env.iter().map(|(k, v)| (k, v)))
         .stdout(Stdio::piped())
         .stderr(Stdio::from(log))
         .spawn()

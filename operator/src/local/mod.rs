@@ -57,7 +57,7 @@ use netns::NetnsError;
 use pki::{LocalPki, PkiError};
 use postgres::{PgSettings, PostgresError, PostgresInfo, ServerPostgres, Serving};
 use serde::{Deserialize, Serialize};
-use shard_server::tls::{Component, Credentials};
+use shard_server::tls::{Component, Credentials, InternalAuth};
 use shard_server::topology::Topology;
 use shard_server::topology_source;
 use spec::SpecFileError;
@@ -107,6 +107,23 @@ pub struct LocalOptions {
     pub internal_tls: bool,
     /// The router's `/init`, `/add` and `/rm` need `Authorization: Bearer <DIR/admin-token>`.
     pub admin_token: bool,
+    /// How every process authenticates internal traffic; when absent, `none` for a data directory
+    /// a release from before internal authentication made (see [`internal_auth_for`]), else
+    /// `strict`.
+    pub internal_auth: Option<InternalAuth>,
+}
+
+/// The mode a data directory is run in when none is given: a directory holding a cluster but no
+/// `tls/` was made by a release from before internal authentication, whose processes may still
+/// be running beside ours (a rolling upgrade), so ours must speak to them as they do: `none`.
+/// Anything else (a new directory, or one of this release) is `strict`.
+pub fn internal_auth_for(dir: &Path, given: Option<InternalAuth>) -> InternalAuth {
+    let had_a_cluster = ["topology.json", DECLARED_FILE, "servers"].iter().any(|f| dir.join(f).exists());
+    match given {
+        Some(mode) => mode,
+        None if had_a_cluster && !dir.join(pki::TLS_DIR).exists() => InternalAuth::None,
+        None => InternalAuth::Strict,
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -187,8 +204,12 @@ pub struct ClusterInfo {
 /// `cluster.json`'s description of internal authentication.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InternalInfo {
-    /// Mutual TLS under the cluster's CA; false: a per-cluster secret, unencrypted.
+    /// Mutual TLS under the cluster's CA; false: a per-cluster secret, unencrypted (or nothing,
+    /// in `none`).
     pub tls: bool,
+    /// The mode every process runs in (`--internal-auth`).
+    #[serde(default)]
+    pub mode: InternalAuth,
     /// The CA certificate servers are checked against (with TLS).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca: Option<PathBuf>,
@@ -245,7 +266,11 @@ pub async fn run_local(opts: LocalOptions) -> Result<(), LocalError> {
     // Printed for people and scripts: this and the URL line are the command's output.
     println!("sharddb data directory: {}", dir.display());
     tracing::info!(dir = %dir.display(), configured = declared.is_some(), internal_tls = opts.internal_tls, "starting local cluster");
-    let pki = LocalPki::open(&dir, opts.internal_tls)?;
+    let auth = internal_auth_for(&dir, opts.internal_auth);
+    if let Some(open) = auth.weakness() {
+        tracing::warn!(internal_auth = %auth, "{open}");
+    }
+    let pki = LocalPki::open(&dir, opts.internal_tls, auth)?;
     let admin_token = if opts.admin_token { Some(pki::kept_secret(&dir, ADMIN_TOKEN_FILE)?.0) } else { None };
     let (pg_password_file, pg_password) = pki::kept_secret(&dir, POSTGRES_PASSWORD_FILE)?;
     let pg = PgSettings { bin: opts.pg_bin.clone(), password: Some((pg_password, pg_password_file)) };
@@ -750,9 +775,6 @@ impl LocalCluster {
             "--database-url".into(),
             s.postgres.database_url(),
         ];
-        if let Some(file) = s.postgres.password_file() {
-            args.extend(["--database-password-file".into(), file.display().to_string()]);
-        }
         args.extend(self.pki.process_args(Component::Server, &s.name));
         args.extend(self.topology_args());
         args.extend(["--worker-threads".into(), threads.to_string()]);
@@ -761,6 +783,12 @@ impl LocalCluster {
         }
         let mut spec = ProcessSpec::new(&s.name, &self.bins.shard_server, args, &s.log);
         spec.netns = s.place.netns_path();
+        spec.env = self.pki.process_env();
+        // The password file is named in the environment too: a previous release's server, which
+        // knows no such flag and whose Postgres trusts local connections, starts all the same.
+        if let Some(file) = s.postgres.password_file() {
+            spec.env.push(("SHARDDB_DATABASE_PASSWORD_FILE".into(), file.display().to_string()));
+        }
         spec
     }
 
@@ -845,6 +873,7 @@ impl LocalCluster {
             network: self.hosts.info(),
             internal: InternalInfo {
                 tls: self.pki.tls(),
+                mode: self.pki.internal_auth(),
                 ca: self.pki.ca_file(),
                 operator_tls_dir: self.pki.tls().then(|| self.pki.component_dir(Component::Operator, "operator")),
                 token_file: self.pki.token_file(),

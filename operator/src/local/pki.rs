@@ -22,7 +22,7 @@
 
 use shard_server::tls::issue::{self, Ca, LeafRequest};
 use shard_server::tls::source::{CA_FILE, RELOAD_EVERY};
-use shard_server::tls::{Component, Credentials, DatabaseId, Identity, TlsFiles, TlsSource};
+use shard_server::tls::{Component, Credentials, DatabaseId, Identity, InternalAuth, TlsFiles, TlsSource};
 use std::io::Write as _;
 use std::net::IpAddr;
 use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
@@ -69,6 +69,9 @@ pub enum PkiError {
 enum Mode {
     Tls(Box<Ca>),
     Token(Arc<str>),
+    /// Not at all (`--internal-auth=none`): plain HTTP, as a release from before internal
+    /// authentication; nothing is issued or kept.
+    Plain,
 }
 
 /// The cluster's credentials, kept in the data directory.
@@ -76,6 +79,8 @@ pub struct LocalPki {
     dir: PathBuf,
     database: DatabaseId,
     mode: Mode,
+    /// The mode every process is started with (`--internal-auth`).
+    auth: InternalAuth,
     /// The address each component serves on besides the loopback one (a network namespace's, see
     /// `hosts`), by its certificate directory: its certificate names it too.
     addresses: std::sync::Mutex<std::collections::HashMap<PathBuf, IpAddr>>,
@@ -129,12 +134,16 @@ pub fn kept_secret(dir: &Path, file: &str) -> Result<(PathBuf, String), PkiError
 }
 
 impl LocalPki {
-    /// Opens (or creates) the credentials of the data directory `data_dir`.
-    pub fn open(data_dir: &Path, tls: bool) -> Result<LocalPki, PkiError> {
+    /// Opens (or creates) the credentials of the data directory `data_dir` for processes run in
+    /// `auth` (with `none`, there are none and nothing is created).
+    pub fn open(data_dir: &Path, tls: bool, auth: InternalAuth) -> Result<LocalPki, PkiError> {
         let dir = data_dir.join(TLS_DIR);
+        let database = DatabaseId::new(LOCAL_NAMESPACE, LOCAL_DATABASE);
+        if auth == InternalAuth::None {
+            return Ok(LocalPki { dir, database, mode: Mode::Plain, auth, addresses: Default::default() });
+        }
         private_dir(&dir)?;
         private_dir(&dir.join("servers"))?;
-        let database = DatabaseId::new(LOCAL_NAMESPACE, LOCAL_DATABASE);
         let mode = if tls {
             let (cert, key) = (dir.join(CA_FILE), dir.join("ca.key"));
             let ca = if cert.is_file() && key.is_file() {
@@ -153,7 +162,7 @@ impl LocalPki {
         } else {
             Mode::Token(kept_secret(&dir, TOKEN_FILE)?.1.into())
         };
-        Ok(LocalPki { dir, database, mode, addresses: Default::default() })
+        Ok(LocalPki { dir, database, mode, auth, addresses: Default::default() })
     }
 
     pub fn tls(&self) -> bool {
@@ -176,7 +185,12 @@ impl LocalPki {
 
     /// The per-cluster secret's file (TLS off only).
     pub fn token_file(&self) -> Option<PathBuf> {
-        (!self.tls()).then(|| self.dir.join(TOKEN_FILE))
+        matches!(self.mode, Mode::Token(_)).then(|| self.dir.join(TOKEN_FILE))
+    }
+
+    /// The mode every process is started with.
+    pub fn internal_auth(&self) -> InternalAuth {
+        self.auth
     }
 
     /// Where a component's certificate is kept.
@@ -274,6 +288,7 @@ impl LocalPki {
     }
 
     /// The flags a process of `component` `name` is started with to find its credentials.
+    /// The mode goes in [`LocalPki::process_env`].
     pub fn process_args(&self, component: Component, name: &str) -> Vec<String> {
         match &self.mode {
             Mode::Tls(_) => vec!["--tls-dir".into(), self.component_dir(component, name).display().to_string()],
@@ -283,7 +298,16 @@ impl LocalPki {
                 "--database".into(),
                 self.database.to_string(),
             ],
+            Mode::Plain => Vec::new(),
         }
+    }
+
+    /// The environment every process is started with: its `--internal-auth` mode, always (so a
+    /// mode in the operator's own environment never reaches it instead), and in the environment
+    /// rather than as a flag so that a previous release's program, still run beside ours in
+    /// `none`, starts too (it ignores the variable).
+    pub fn process_env(&self) -> Vec<(String, String)> {
+        vec![("SHARDDB_INTERNAL_AUTH".into(), self.auth.to_string())]
     }
 
     /// The operator's own credentials (its certificate is issued first if need be); with TLS the
@@ -300,6 +324,7 @@ impl LocalPki {
                 secret: secret.clone(),
                 identity: self.identity(Component::Operator, "operator")?,
             }),
+            Mode::Plain => Ok(Credentials::Plain),
         }
     }
 }
@@ -317,7 +342,7 @@ mod tests {
     #[test]
     fn certificates_are_private_kept_and_renewed_on_request() {
         let data = tempfile::tempdir().unwrap();
-        let pki = LocalPki::open(data.path(), true).unwrap();
+        let pki = LocalPki::open(data.path(), true, InternalAuth::Strict).unwrap();
         assert!(pki.ensure(Component::Server, "Server0", false).unwrap(), "issued when missing");
         assert!(!pki.ensure(Component::Server, "Server0", false).unwrap(), "kept while valid");
         let dir = pki.component_dir(Component::Server, "Server0");
@@ -336,7 +361,7 @@ mod tests {
         assert!(source.reload().unwrap(), "a process sees the renewed certificate");
 
         // Opened again, the same CA signs: the old certificates still verify against it.
-        let again = LocalPki::open(data.path(), true).unwrap();
+        let again = LocalPki::open(data.path(), true, InternalAuth::Strict).unwrap();
         assert!(!again.ensure(Component::Server, "Server0", false).unwrap());
         pki.remove_server("Server0");
         assert!(!dir.exists());
@@ -345,13 +370,16 @@ mod tests {
     #[test]
     fn without_tls_one_private_secret_is_kept() {
         let data = tempfile::tempdir().unwrap();
-        let pki = LocalPki::open(data.path(), false).unwrap();
+        let pki = LocalPki::open(data.path(), false, InternalAuth::Strict).unwrap();
         let file = pki.token_file().unwrap();
         let secret = std::fs::read_to_string(&file).unwrap();
         assert_eq!(secret.len(), 32);
         assert_eq!(std::fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o600);
         assert_eq!(
-            std::fs::read_to_string(LocalPki::open(data.path(), false).unwrap().token_file().unwrap()).unwrap(),
+            std::fs::read_to_string(
+                LocalPki::open(data.path(), false, InternalAuth::Strict).unwrap().token_file().unwrap()
+            )
+            .unwrap(),
             secret
         );
         let args = pki.process_args(Component::Router, "router");

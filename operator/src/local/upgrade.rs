@@ -26,6 +26,7 @@ impl LocalCluster {
         let mut router =
             ProcessSpec::new(ROUTER, &self.bins.router, args, self.logs_dir().join(format!("{ROUTER}.log")));
         router.netns = self.router_place.netns_path();
+        router.env = self.pki.process_env();
         router
     }
 
