@@ -53,6 +53,10 @@ impl Operator {
             .env_remove("KUBERNETES_SERVICE_HOST")
             .env_remove("SHARDDB_ADMIN_URL")
             .env("RUST_LOG", "info")
+            // Where this build keeps its own CA and looks for its pods' NetworkPolicy labels (the
+            // chart sets it from the downward API); the previous release ignores it.
+            .env("POD_NAMESPACE", NS)
+            .env("SHARDDB_OPERATOR_POD_LABELS", "app.kubernetes.io/name=sharddb-operator")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
