@@ -15,15 +15,28 @@
 # target/previous-release/<commit>/, which is the cache: when it exists nothing is built.
 # Concurrent runs wait for each other (flock).
 #
+# With --release it builds optimized binaries instead (into target/previous-release/<commit>-release,
+# starting from this checkout's target/release), for the benchmark's before/after variant:
+#   bench --variant "previous=--bin-dir=$(scripts/build-previous-release.sh --release)"
+#
 # Needs the pinned commit in the local history: CI checks out with `fetch-depth: 0`, and a shallow
 # clone is deepened from its origin first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+PROFILE=debug
+CARGO_PROFILE=()
+SUFFIX=
+case "${1:-}" in
+  "") ;;
+  --release) PROFILE=release; CARGO_PROFILE=(--release); SUFFIX=-release ;;
+  *) echo "usage: $0 [--release]" >&2; exit 2 ;;
+esac
+
 COMMIT=$(tr -d '[:space:]' < tests/previous-release)
 TARGET=${CARGO_TARGET_DIR:-$PWD/target}
 BASE=$TARGET/previous-release
-OUT=$BASE/$COMMIT
+OUT=$BASE/$COMMIT$SUFFIX
 BINS=(sharddb-operator sharddb-router sharddb-shard-server)
 
 built() {
@@ -52,19 +65,19 @@ mkdir -p "$SRC"
 git archive --format=tar "$COMMIT" | tar -x -C "$SRC"
 
 PREV_TARGET=$BASE/target
-if [[ ! -d $PREV_TARGET/debug/deps && -d $TARGET/debug/deps ]]; then
-  mkdir -p "$PREV_TARGET/debug"
-  cp -al "$TARGET/debug/deps" "$PREV_TARGET/debug/deps" 2>/dev/null || cp -a "$TARGET/debug/deps" "$PREV_TARGET/debug/deps"
+if [[ ! -d $PREV_TARGET/$PROFILE/deps && -d $TARGET/$PROFILE/deps ]]; then
+  mkdir -p "$PREV_TARGET/$PROFILE"
+  cp -al "$TARGET/$PROFILE/deps" "$PREV_TARGET/$PROFILE/deps" 2>/dev/null || cp -a "$TARGET/$PROFILE/deps" "$PREV_TARGET/$PROFILE/deps"
   for d in build .fingerprint; do
-    if [[ -d $TARGET/debug/$d ]]; then cp -a "$TARGET/debug/$d" "$PREV_TARGET/debug/$d"; fi
+    if [[ -d $TARGET/$PROFILE/$d ]]; then cp -a "$TARGET/$PROFILE/$d" "$PREV_TARGET/$PROFILE/$d"; fi
   done
 fi
 
 echo "build-previous-release: building $COMMIT into $PREV_TARGET (once; cached in $OUT)" >&2
-(cd "$SRC" && CARGO_TARGET_DIR=$PREV_TARGET CARGO_INCREMENTAL=0 cargo build --workspace --bins --locked >&2)
+(cd "$SRC" && CARGO_TARGET_DIR=$PREV_TARGET CARGO_INCREMENTAL=0 cargo build "${CARGO_PROFILE[@]}" --workspace --bins --locked >&2)
 
 mkdir -p "$OUT.partial"
-for b in "${BINS[@]}"; do cp "$PREV_TARGET/debug/$b" "$OUT.partial/$b"; done
+for b in "${BINS[@]}"; do cp "$PREV_TARGET/$PROFILE/$b" "$OUT.partial/$b"; done
 rm -rf "$OUT"
 mv "$OUT.partial" "$OUT"
 rm -rf "$SRC"

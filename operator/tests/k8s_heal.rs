@@ -14,7 +14,7 @@
 
 mod common;
 
-use common::{Harness, NS, WAIT, secret, state, students};
+use common::{Harness, NS, WAIT, secret, state, students_id};
 use serde_json::{Value, json};
 use shard_server::tls::issue::{Ca, LeafRequest};
 use shard_server::tls::source::Pem;
@@ -332,7 +332,7 @@ async fn the_admin_endpoint_answers_only_the_routers_of_the_database_in_its_path
     };
     assert_eq!(attempt(anonymous).await, Some((401, Some("unauthenticated".into()))));
     let forbidden = Some((403, Some("forbidden".into())));
-    let server = Identity::server(students(), "Server0").unwrap();
+    let server = Identity::server(students_id(), "Server0").unwrap();
     assert_eq!(attempt(client(ca, server)).await, forbidden, "a server of the database");
     let teachers = Identity::router(DatabaseId::new(NS, "teachers")).unwrap();
     assert_eq!(attempt(client(ca, teachers)).await, forbidden, "another database's router, same CA");
@@ -341,7 +341,7 @@ async fn the_admin_endpoint_answers_only_the_routers_of_the_database_in_its_path
     let stranger =
         Ca::generate("stranger", std::time::SystemTime::now(), shard_server::tls::issue::CA_VALIDITY).unwrap();
     assert_eq!(
-        attempt(client(&stranger, Identity::router(students()).unwrap())).await,
+        attempt(client(&stranger, Identity::router(students_id()).unwrap())).await,
         None,
         "another CA's certificate gets no handshake"
     );

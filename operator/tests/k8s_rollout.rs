@@ -14,7 +14,7 @@
 
 mod common;
 
-use common::{CONFIGMAP, Harness, NS, WAIT, credentials, students};
+use common::{CONFIGMAP, Harness, NS, WAIT, credentials, students_id};
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::Api;
 use operator::k8s::build::names;
@@ -160,7 +160,7 @@ async fn an_image_change_restarts_servers_one_at_a_time_replicas_first_and_loses
 
     let not_ready_before = not_ready_events(&h);
     let stop = Arc::new(AtomicBool::new(false));
-    let router = credentials(h.ca.as_ref().unwrap(), Identity::router(students()).unwrap());
+    let router = credentials(h.ca.as_ref().unwrap(), Identity::router(students_id()).unwrap());
     let writer = start_writer(h.api.client(), router.http_client(Duration::from_secs(10)), stop.clone());
     let mut db = h.api.get("shardeddatabases", NS, "students").unwrap();
     db["spec"]["images"] = json!({ "shardServer": "example.com/sharddb-shard-server:next" });

@@ -1,6 +1,9 @@
 //! The real `Controller` against the in-process fake API server: children created, a quiet second
 //! reconcile, scaling, adding a shard, an invalid spec, a deleted child recreated, conditions.
 
+mod common;
+
+use common::{NS, students};
 use fake_apiserver::FakeApiServer;
 use kube::CustomResourceExt;
 use kube::api::{Api, Patch, PatchParams, PostParams};
@@ -11,7 +14,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(15);
-const NS: &str = "default";
 
 struct Harness {
     server: FakeApiServer,
@@ -40,24 +42,6 @@ async fn start() -> Harness {
         let _ = stopped.await;
     }));
     Harness { server, ctx, stop: Some(stop) }
-}
-
-fn students(servers: u32) -> Value {
-    json!({
-        "apiVersion": "sharddb.io/v1alpha1",
-        "kind": "ShardedDatabase",
-        "metadata": { "name": "students", "namespace": NS },
-        "spec": {
-            "schema": { "columns": ["Stud_id", "Stud_name", "Stud_marks"], "dtypes": ["Number", "String", "Number"] },
-            "shards": [
-                { "id": "sh1", "low": 0, "size": 4096 },
-                { "id": "sh2", "low": 4096, "size": 4096 }
-            ],
-            "replicas": 2,
-            "servers": servers,
-            "storage": { "size": "1Gi" }
-        }
-    })
 }
 
 fn api(h: &Harness) -> Api<ShardedDatabase> {

@@ -147,6 +147,8 @@ pub struct RetryPolicy {
     /// First pause between retries; doubles up to `backoff_max`.
     pub backoff_min: Duration,
     pub backoff_max: Duration,
+    /// Longest a read waits for one copy while another is still untried (see `upstream`).
+    pub read_attempt: Duration,
 }
 
 impl Default for RetryPolicy {
@@ -156,6 +158,7 @@ impl Default for RetryPolicy {
             topology_wait: Duration::from_secs(3),
             backoff_min: Duration::from_millis(25),
             backoff_max: Duration::from_millis(500),
+            read_attempt: Duration::from_secs(2),
         }
     }
 }

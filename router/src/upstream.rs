@@ -16,6 +16,15 @@
 //!   the code its HTTP status stands for (`ClientError::code`): a 503 is retried, a 421 rerouted,
 //!   another 4xx is final.
 //!
+//! Reads move on quickly from a copy that does not answer: while another ready copy of the shard
+//! is still untried in this pass, an attempt may take only `read_attempt` (a server answers a read
+//! within its own wait for pending confirmations, one second, unless it is unreachable or stalled);
+//! the last copy of the pass gets the whole upstream timeout, so a merely slow shard is still read.
+//! A copy that timed out or could not be reached is *suspect* for [`SUSPECT_FOR`]: later reads try
+//! it last, so one cut-off copy (a router partitioned from a primary) costs one short wait, not
+//! the upstream timeout on every read of its shard. Writes have one destination, the primary, and
+//! get no such treatment.
+//!
 //! Writes are safe to repeat: inserting an identical row is a no-op on the primary and an update
 //! sets the same final value. A delete whose earlier attempt may have been applied (its answer was
 //! lost) and whose retry finds the key gone counts as done.
@@ -25,8 +34,12 @@ use crate::metrics::Metrics;
 use crate::state::{Routing, RoutingTable};
 use serde_json::value::RawValue;
 use shard_server::api::{BatchOutcome, ClientError, ErrorCode, KeyRange, Op, WriteBatchesRequest, WriteResponse};
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+/// How long a copy that timed out or could not be reached is tried last for reads.
+pub const SUSPECT_FOR: Duration = Duration::from_secs(5);
 
 /// What calls to shard servers need: the current routing table (re-read after a failure), the
 /// retry policy and the metrics they record. Cheap to clone.
@@ -35,11 +48,25 @@ pub struct Upstream {
     table: Arc<RoutingTable>,
     retry: RetryPolicy,
     metrics: Arc<Metrics>,
+    /// Servers whose last read attempt timed out or failed in transport, with until when they
+    /// are tried last. At most one entry per server name the topology gave.
+    suspects: Arc<Mutex<HashMap<String, Instant>>>,
 }
 
 impl Upstream {
     pub fn new(table: Arc<RoutingTable>, retry: RetryPolicy, metrics: Arc<Metrics>) -> Upstream {
-        Upstream { table, retry, metrics }
+        Upstream { table, retry, metrics, suspects: Arc::default() }
+    }
+
+    fn suspect(&self, server: &str) {
+        let now = Instant::now();
+        let mut s = self.suspects.lock().expect("suspects lock");
+        s.retain(|_, until| *until > now);
+        s.insert(server.to_owned(), now + SUSPECT_FOR);
+    }
+
+    fn is_suspect(&self, server: &str, now: Instant) -> bool {
+        self.suspects.lock().expect("suspects lock").get(server).is_some_and(|until| *until > now)
     }
 
     pub fn table(&self) -> &RoutingTable {
@@ -322,12 +349,33 @@ pub async fn read_ranges(
             UpstreamError::Unavailable(format!("shard {shard_id} left topology epoch {}", routing.epoch()))
         })?;
         let mut last = None;
-        for server in routing.read_candidates(shard, request) {
+        let now = Instant::now();
+        let mut candidates: Vec<_> = routing.read_candidates(shard, request).collect();
+        // Suspects last; otherwise the ring's order (a stable sort keeps it).
+        candidates.sort_by_key(|s| up.is_suspect(&s.name, now));
+        let count = candidates.len();
+        for (i, server) in candidates.into_iter().enumerate() {
             if attempts > 0 {
                 up.metrics.retry("read", "replica_failed");
             }
             attempts += 1;
-            match server.client.read_ranges(shard_id, ranges).await {
+            let read = server.client.read_ranges(shard_id, ranges);
+            let answer = if i + 1 < count {
+                match tokio::time::timeout(up.retry.read_attempt, read).await {
+                    Ok(answer) => answer,
+                    Err(_) => {
+                        tracing::warn!(shard = shard_id, replica = %server.name, "replica read timed out; trying another");
+                        up.suspect(&server.name);
+                        continue;
+                    }
+                }
+            } else {
+                read.await
+            };
+            if matches!(answer, Err(ClientError::Transport { .. })) {
+                up.suspect(&server.name);
+            }
+            match answer {
                 Ok(parts) if parts.len() == ranges.len() => return Ok(parts),
                 Ok(parts) => {
                     return Err(UpstreamError::Internal(format!(

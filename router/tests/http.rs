@@ -172,6 +172,36 @@ async fn seed_clients_sending_form_content_type_are_understood() {
     assert_eq!(writes[2].2, [Op::Delete { key: 2 }]);
 }
 
+/// A copy that takes the connection but never answers (a router cut from it by a partition
+/// that drops packets) costs a read one short attempt, and later reads try it last: no read of
+/// the shard waits for the upstream timeout.
+#[tokio::test]
+async fn a_replica_that_never_answers_is_left_quickly_and_then_tried_last() {
+    let silent = spawn_slow_stub(ok, Duration::from_secs(120)).await;
+    let healthy = healthy_stub().await;
+    let t = topology(
+        1,
+        &[("Server0", &silent.url), ("Server1", &healthy.url)],
+        &[("sh1", 0, 100, "Server1", &[("Server0", READY), ("Server1", READY)])],
+    );
+    let mut config = test_config();
+    config.upstream_timeout = Duration::from_secs(60);
+    let r = Router::start(Some(t), config).await;
+    // Bounds a failure: without the short attempt, a read sent to the silent copy first would
+    // wait the whole 60 s upstream timeout.
+    tokio::time::timeout(Duration::from_secs(30), async {
+        for i in 0..12 {
+            let (status, body) = r.json(Method::POST, "/read", json!({"Stud_id": {"low": i, "high": i}})).await;
+            assert_eq!(status, 200, "read {i}: {body}");
+            assert_eq!(body["status"], "success");
+        }
+    })
+    .await
+    .expect("12 reads within 30 s although the upstream timeout is 60 s");
+    assert_eq!(healthy.calls().len(), 12, "every read ended on the copy that answers");
+    assert_eq!(silent.read_requests(), 1, "the silent copy was tried once, then last");
+}
+
 #[tokio::test]
 async fn reads_fail_over_to_another_ready_replica_and_merge_in_key_order() {
     // sh1: Server0 refuses connections, Server1 is healthy, Server2 is recovering (never read).

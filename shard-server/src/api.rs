@@ -452,6 +452,11 @@ pub struct ShardStatus {
     /// histories. Absent from older servers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hash: Option<String>,
+    /// The highest sequence number this copy knows confirmed (acknowledged by its primary once
+    /// every ready replica held it; see `replication::visibility`); 0 when it knows none. Absent
+    /// from older servers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub confirmed_seq: Option<u64>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

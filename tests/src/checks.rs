@@ -66,6 +66,38 @@ pub async fn all_ready(c: &LocalCluster) -> Result<()> {
     bail!("not every copy ready within {HEAL_LIMIT:?}; events.log:\n{}", events_text(c))
 }
 
+/// Writes one row per key (`Stud_marks` = key mod 97) through the router in one batch, and
+/// returns the rows as the checker's base (key → marks).
+pub async fn write_rows(c: &LocalCluster, keys: impl IntoIterator<Item = i64>) -> Result<BTreeMap<i64, i64>> {
+    let mut base = BTreeMap::new();
+    let rows: Vec<_> = keys
+        .into_iter()
+        .map(|k| {
+            base.insert(k, k % 97);
+            json!({"Stud_id": k, "Stud_name": format!("n{k}"), "Stud_marks": k % 97})
+        })
+        .collect();
+    let (st, resp) = c.send(Method::POST, "/write", &json!({ "data": rows }).to_string()).await?;
+    ensure!(st == 200, "writing {} rows: {st} {resp}", base.len());
+    Ok(base)
+}
+
+/// Waits until the operator has recorded the identity of every copy of every shard. A copy wiped
+/// before its identity was recorded cannot be told from a fresh one: the healer does not demote
+/// it, and it refills itself from its primary's log instead of being recovered (which is correct,
+/// but not the path a wipe test means to exercise). Wipe tests wait for this first.
+pub async fn all_recorded(c: &LocalCluster) -> Result<()> {
+    let start = Instant::now();
+    while start.elapsed() < HEAL_LIMIT {
+        let t = topology(c)?;
+        if t.shards.iter().all(|s| s.replicas.keys().all(|server| s.copies.contains_key(server))) {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!("not every copy recorded within {HEAL_LIMIT:?}; events.log:\n{}", events_text(c))
+}
+
 /// The checker.
 /// - Every key's history is linearizable ([`History::linearizability`]); no read was stale or
 ///   invented, none went back in time relative to an earlier read, and no write was answered in a

@@ -68,6 +68,7 @@ async fn replica_faults_heal_under_load() -> Result<()> {
         let e0 = load.errors();
         let t0 = now_ms();
         let w = open_window(&load, fault("wipe replica"), &shard);
+        all_recorded(&c).await?;
         control(&c, "wipe", &replica).await?;
         // The healer carries out control requests in its own loop, so it observes nothing while
         // the server stops and its data is replaced: time the demotion from when that is done.
@@ -227,6 +228,7 @@ async fn a_wiped_primary_fails_over_under_load() -> Result<()> {
         let e0 = load.errors();
         let t0 = now_ms();
         let w = open_window(&load, fault.clone(), &nth_shard(&t, round));
+        all_recorded(&c).await?;
         control(&c, "wipe", &primary).await?;
         let wiped = now_ms();
         let promoted = wait_event(&c, "failover", t0, |e| e.event == "promote" && e.shard == shard).await?;
@@ -256,16 +258,8 @@ async fn a_killed_server_comes_back_with_its_shards() -> Result<()> {
     let c = LocalCluster::students()?;
     let (_, n_before) = c.send(Method::GET, "/status", "").await?;
     let victim = "Server2";
-    let mut base = BTreeMap::new();
-    let rows: Vec<_> = (0..16384)
-        .step_by(64)
-        .map(|k| {
-            base.insert(k, k % 97);
-            json!({"Stud_id": k, "Stud_name": format!("n{k}"), "Stud_marks": k % 97})
-        })
-        .collect();
-    let (st, resp) = c.send(Method::POST, "/write", &json!({"data": rows}).to_string()).await?;
-    ensure!(st == 200, "{resp}");
+    let base = write_rows(&c, (0..16384).step_by(64)).await?;
+    all_recorded(&c).await?;
     let t0 = now_ms();
     control(&c, "wipe", victim).await?;
     control(&c, "start", victim).await?;
@@ -319,6 +313,7 @@ async fn a_wiped_replica_of_a_100k_row_shard_heals() -> Result<()> {
     let load = Load::start(&c.router, config);
     progress(&load).await?;
     let (replica, _) = replica_and_primary(&topology(&c)?, 0);
+    all_recorded(&c).await?;
     let t0 = now_ms();
     control(&c, "wipe", &replica).await?;
     wait_event(&c, "demotion", t0, |e| e.event == "demote" && e.server == replica).await?;
@@ -467,16 +462,7 @@ async fn add_and_rm_under_load_lose_nothing() -> Result<()> {
 async fn a_copy_whose_rows_differ_from_its_primary_is_found_and_copied_afresh() -> Result<()> {
     use sqlx::Connection;
     let c = LocalCluster::students()?;
-    let mut base = BTreeMap::new();
-    let rows: Vec<_> = (0..4096)
-        .step_by(128)
-        .map(|k| {
-            base.insert(k, k % 97);
-            json!({"Stud_id": k, "Stud_name": format!("n{k}"), "Stud_marks": k % 97})
-        })
-        .collect();
-    let (st, resp) = c.send(Method::POST, "/write", &json!({"data": rows}).to_string()).await?;
-    ensure!(st == 200, "{resp}");
+    let base = write_rows(&c, (0..4096).step_by(128)).await?;
     let (replica, _) = replica_and_primary(&topology(&c)?, 0);
     let pg = c.cluster_file()?.servers.iter().find(|s| s.name == replica).context("replica")?.postgres.connect_url()?;
     let mut conn = sqlx::PgConnection::connect(&pg).await?;

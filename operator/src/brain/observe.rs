@@ -75,7 +75,8 @@ pub struct Observations {
     samples: BTreeMap<(String, String), (String, VecDeque<Sample>)>,
 }
 
-/// The highest sequence number reported for a shard, split by round.
+/// The highest sequence number reported for a shard, and the highest reported confirmed, split
+/// by round.
 #[derive(Clone, Copy, Debug, Default)]
 struct Position {
     /// The highest reported in any round before `round`.
@@ -83,6 +84,11 @@ struct Position {
     /// The latest round with a report, and the highest reported in it.
     round: Option<Instant>,
     in_round: u64,
+    /// As `before` and `in_round`, for the confirmed sequence numbers copies reported.
+    confirmed_before: u64,
+    confirmed_in_round: u64,
+    /// Whether any copy ever reported its confirmed sequence number (older servers do not).
+    confirmed_known: bool,
 }
 
 impl Observations {
@@ -99,10 +105,16 @@ impl Observations {
                 let p = self.positions.entry(shard.clone()).or_default();
                 if p.round != Some(now) {
                     p.before = p.before.max(p.in_round);
+                    p.confirmed_before = p.confirmed_before.max(p.confirmed_in_round);
                     p.round = Some(now);
                     p.in_round = 0;
+                    p.confirmed_in_round = 0;
                 }
                 p.in_round = p.in_round.max(s.applied_seq);
+                if let Some(confirmed) = s.confirmed_seq {
+                    p.confirmed_known = true;
+                    p.confirmed_in_round = p.confirmed_in_round.max(confirmed);
+                }
                 let key = (server.to_owned(), shard.clone());
                 let (copy, samples) = self.samples.entry(key).or_insert_with(|| (s.copy_id.clone(), VecDeque::new()));
                 if *copy != s.copy_id {
@@ -158,6 +170,19 @@ impl Observations {
         }
     }
 
+    /// As [`Observations::reached_before`], for confirmed sequence numbers: the highest any copy
+    /// of `shard` reported confirmed in a round before the one of `server`'s latest answer. An
+    /// entry is confirmed only once every ready replica of its primary held it, so a copy that
+    /// has been ready since the shard was created and lost nothing holds at least this much.
+    /// `None` when no copy of the shard ever reported a confirmed number (older servers).
+    pub fn confirmed_before(&self, shard: &str, server: &str) -> Option<u64> {
+        let p = self.positions.get(shard).filter(|p| p.confirmed_known)?;
+        Some(match self.answered_in.get(server) {
+            Some(asked) if p.round == Some(*asked) => p.confirmed_before,
+            _ => 0,
+        })
+    }
+
     pub fn health(&self, server: &str) -> &Health {
         static UNKNOWN: Health = Health::Unknown;
         self.servers.get(server).unwrap_or(&UNKNOWN)
@@ -209,6 +234,7 @@ mod tests {
             cached: false,
             caught_up: None,
             hash: None,
+            confirmed_seq: None,
         };
         ServerStatus {
             server: "S".into(),
@@ -265,6 +291,29 @@ mod tests {
         o.set("T", Health::Unknown);
         assert_eq!(o.reached_before("sh1", "T"), 0);
         assert_eq!(o.reached_before("sh2", "T"), 0);
+    }
+
+    fn confirmed(server: &str, seq: u64, confirmed: u64) -> Probe {
+        let Probe::Answered(mut st) = of(server, seq) else { unreachable!() };
+        st.shards.get_mut("sh1").unwrap().confirmed_seq = Some(confirmed);
+        Probe::Answered(st)
+    }
+
+    #[test]
+    fn only_confirmations_reported_in_an_earlier_round_count_as_confirmed_before() {
+        let t0 = Instant::now();
+        let (t1, t2) = (t0 + Duration::from_secs(1), t0 + Duration::from_secs(2));
+        let mut o = Observations::new();
+        o.record("P", of("P", 5), t0);
+        assert_eq!(o.confirmed_before("sh1", "P"), None, "no copy reported a confirmed number");
+        o.record("P", confirmed("P", 5, 3), t1);
+        o.record("R", confirmed("R", 0, 0), t1);
+        assert_eq!(o.confirmed_before("sh1", "R"), Some(0), "P's 3 may have come after R answered");
+        o.record("P", confirmed("P", 6, 6), t2);
+        o.record("R", confirmed("R", 0, 0), t2);
+        assert_eq!(o.confirmed_before("sh1", "R"), Some(3));
+        assert_eq!(o.confirmed_before("sh1", "P"), Some(3));
+        assert_eq!(o.highest("sh1"), 6);
     }
 
     fn sampled(seq: u64, copy: &str, hash: Option<&str>, checksum: Option<&str>) -> Probe {

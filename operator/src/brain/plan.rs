@@ -101,22 +101,28 @@ pub fn plan(topology: &Topology, seen: &Observations, now: Instant, settings: &S
     let mut actions = Vec::new();
     let down_past = |server: &str, limit: Duration| matches!(seen.health(server), Health::Down { since } if now.saturating_duration_since(*since) >= limit);
     // Whether `server`'s copy is known to have lost data: it answers with a copy other than the
-    // recorded one, or, never recorded (it was wiped before its first round was recorded), it
-    // answers at sequence 0 although a copy of the shard had reported more in an earlier round of
-    // probes, so before this server was asked. Nothing else produces the latter: a fresh shard
-    // has every copy at 0, and a copy that merely lags is only ever behind by the group in flight
-    // (a replica whose very first entry is still in flight a round later may be sent to a
-    // recover it did not need; that is safe). Answers of the same round prove nothing: on a
-    // loaded machine a primary asked at the start of a fresh cluster's first writes answers 0
-    // while its replicas, answering a moment later, already hold entries. Recording a wiped copy
-    // would make an empty primary's next entries look like replays to its replicas, or let an
-    // empty replica stand for a full one.
+    // recorded one, or, never recorded (so ready since its shard was created: a copy made ready
+    // later is recorded then), it answers below a sequence number some copy of the shard had
+    // reported confirmed in an earlier round of probes, so before this server was asked. A
+    // confirmed entry was held by every ready replica of its primary before it was confirmed, so
+    // an intact copy that was ready all along holds it; one that lags holds at least that much
+    // and is only behind by entries in flight, which are not confirmed yet. Answers of the same
+    // round prove nothing: they are unordered, so a confirmation reported in one may have come
+    // after another server answered. From servers that report no confirmed number (an older
+    // release) the rule is coarser: a copy at 0 although some copy reported more in an earlier
+    // round (a replica whose very first entry is still in flight a round later may then be sent
+    // to a recover it did not need; that is safe). Recording a wiped copy would make an empty
+    // primary's next entries look like replays to its replicas, or let an empty replica stand
+    // for a full one.
     let lost_data = |shard: &shard_server::topology::ShardEntry, server: &str| match (
         shard.copies.get(server),
         seen.copy(server, &shard.id),
     ) {
         (Some(recorded), Some(copy)) => *recorded != copy.copy_id,
-        (None, Some(copy)) => copy.applied_seq == 0 && seen.reached_before(&shard.id, server) > 0,
+        (None, Some(copy)) => match seen.confirmed_before(&shard.id, server) {
+            Some(confirmed) => copy.applied_seq < confirmed,
+            None => copy.applied_seq == 0 && seen.reached_before(&shard.id, server) > 0,
+        },
         _ => false,
     };
     for shard in &topology.shards {
@@ -495,6 +501,7 @@ mod tests {
                 cached: true,
                 caught_up: Some(true),
                 hash: Some(hash.into()),
+                confirmed_seq: None,
             };
             Probe::Answered(ServerStatus {
                 server: copy.into(),
@@ -559,6 +566,7 @@ mod tests {
                         cached: false,
                         caught_up: None,
                         hash: None,
+                        confirmed_seq: None,
                     };
                     (id, s)
                 })
@@ -607,6 +615,61 @@ mod tests {
         probe(&mut fresh, 2, [("A", 5), ("B", 2), ("C", 0)]);
         probe(&mut fresh, 3, [("A", 6), ("B", 3), ("C", 1)]);
         assert_eq!(plan(&t, &fresh, round(3), &Settings::default()).len(), 3, "all recorded");
+    }
+
+    #[test]
+    fn an_unrecorded_copy_is_judged_by_what_was_confirmed_before_it_answered() {
+        use shard_server::api::{Role, ServerStatus, ShardStatus};
+        let mut t = topology([Ready, Ready, Ready]);
+        t.shards[0].copies.clear();
+        let record = |s: &str, c: &str| Action::RecordCopy { shard: "sh1".into(), server: s.into(), copy_id: c.into() };
+        let t0 = Instant::now();
+        let round = |i: u64| t0 + Duration::from_secs(i);
+        // (server, applied, confirmed) per copy, answered in round `i`.
+        let probe = |seen: &mut Observations, i: u64, copies: [(&str, u64, u64); 3]| {
+            for (server, applied_seq, confirmed) in copies {
+                let shard = ShardStatus {
+                    role: if server == "A" { Role::Primary } else { Role::Replica },
+                    applied_seq,
+                    rows: 0,
+                    checksum: None,
+                    copy_id: server.to_lowercase(),
+                    cached: false,
+                    caught_up: None,
+                    hash: None,
+                    confirmed_seq: Some(confirmed),
+                };
+                let status = ServerStatus {
+                    server: server.into(),
+                    protocol: shard_server::api::PROTOCOL_VERSION,
+                    epoch: EPOCH,
+                    shards: [("sh1".to_owned(), shard)].into(),
+                    lease_token: None,
+                    internal_auth: None,
+                };
+                seen.record(server, Probe::Answered(status), round(i));
+            }
+        };
+        // Right after a fresh cluster's first writes, B's first entries are still in flight for
+        // a whole round: A applied 4, but confirmed nothing, since it waits for B. B merely
+        // lags; it is neither demoted nor recorded while it is at 0.
+        let mut seen = Observations::new();
+        probe(&mut seen, 0, [("A", 4, 0), ("B", 0, 0), ("C", 4, 0)]);
+        probe(&mut seen, 1, [("A", 4, 0), ("B", 0, 0), ("C", 4, 0)]);
+        assert_eq!(plan(&t, &seen, round(1), &Settings::default()), [record("A", "a"), record("C", "c")]);
+        // Once A confirmed 4, B held it; B back at 0 (or anywhere below) a round later lost it.
+        probe(&mut seen, 2, [("A", 4, 4), ("B", 4, 4), ("C", 4, 4)]);
+        probe(&mut seen, 3, [("A", 4, 4), ("B", 2, 0), ("C", 4, 4)]);
+        assert_eq!(
+            plan(&t, &seen, round(3), &Settings::default()),
+            [record("A", "a"), rec("B", Reason::LostData), record("C", "c")]
+        );
+        // A primary back below what it had confirmed: the replicas hold it; one takes over.
+        probe(&mut seen, 4, [("A", 0, 0), ("B", 4, 4), ("C", 4, 4)]);
+        assert_eq!(
+            plan(&t, &seen, round(4), &Settings::default()),
+            [promote("A", "B", Reason::LostData), record("B", "b"), record("C", "c")]
+        );
     }
 
     #[test]

@@ -191,6 +191,15 @@ pub async fn run(
     loop {
         tokio::select! {
             _ = ticks.tick() => {}
+            // A finished recover is marked ready at once, not a round later: every moment it
+            // waits is a moment the shard has one copy less.
+            Some(done) = healer.recovers.join_next(), if !healer.recovers.is_empty() => {
+                match done {
+                    Ok(done) => healer.finish_recover(done).await,
+                    Err(e) => tracing::error!(error = %e, "a recover task failed"),
+                }
+                continue;
+            }
             () = &mut shutdown => return,
         }
         while let Some(done) = healer.recovers.try_join_next() {

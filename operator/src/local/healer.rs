@@ -61,7 +61,7 @@ use tokio::sync::mpsc;
 pub const ROUND: Duration = Duration::from_millis(500);
 
 /// The outcome of one recover task.
-struct Recovered {
+pub struct Recovered {
     shard: String,
     server: String,
     /// The primary it copied from: the copy only becomes ready if that is still the primary.
@@ -306,7 +306,14 @@ impl Healer {
         });
     }
 
-    fn finish_recover(&mut self, done: Recovered) {
+    /// The next recover to finish (pending while none runs).
+    pub async fn next_recovered(&mut self) -> Option<Recovered> {
+        self.done_rx.recv().await
+    }
+
+    /// Marks a finished recover's copy ready (if it still may be) with an event saying how long
+    /// it took and where the time went.
+    pub fn finish_recover(&mut self, done: Recovered) {
         self.running.remove(&(done.shard.clone(), done.server.clone()));
         let took = done.started.elapsed().as_millis();
         let (response, copy_id) = match done.result {

@@ -362,6 +362,8 @@ pub async fn run_local(opts: LocalOptions) -> Result<(), LocalError> {
                     tracing::error!(error = %e, "cannot renew certificates; trying again in a minute");
                 }
             }
+            // A finished recover is marked ready at once, not a round later.
+            Some(done) = healer.next_recovered() => healer.finish_recover(done),
             _ = changes.changed() => {
                 if let Err(e) = cluster.write_cluster_file() {
                     tracing::error!(error = %e, "cannot update cluster.json");

@@ -153,28 +153,14 @@ impl Harness {
         h.config = Some(config);
         h.start_operator();
 
-        let db: ShardedDatabase = serde_json::from_value(json!({
-            "apiVersion": "sharddb.io/v1alpha1",
-            "kind": "ShardedDatabase",
-            "metadata": { "name": "students", "namespace": NS },
-            "spec": {
-                "schema": { "columns": ["Stud_id", "Stud_name", "Stud_marks"], "dtypes": ["Number", "String", "Number"] },
-                "shards": [
-                    { "id": "sh1", "low": 0, "size": 4096 },
-                    { "id": "sh2", "low": 4096, "size": 4096 }
-                ],
-                "replicas": 2,
-                "servers": 3
-            }
-        }))
-        .unwrap();
+        let db: ShardedDatabase = serde_json::from_value(students(3)).unwrap();
         Api::<ShardedDatabase>::namespaced(h.api.client(), NS).create(&PostParams::default(), &db).await.unwrap();
 
         // The servers' pods start once their certificates exist, as a pod waits for its Secret.
         assert!(h.api.wait_for(WAIT, |api| secret(api, "students-ca", "ca.key").is_some()).await, "the CA is made");
         let ca_pem = secret(&h.api, "students-ca", "ca.crt").unwrap();
         let ca = Ca::from_pem(&ca_pem, &secret(&h.api, "students-ca", "ca.key").unwrap()).unwrap();
-        h.http = credentials(&ca, Identity::operator(students()).unwrap()).http_client(Duration::from_secs(30));
+        h.http = credentials(&ca, Identity::operator(students_id()).unwrap()).http_client(Duration::from_secs(30));
         h.ca = Some(ca);
         for (i, l) in listeners.into_iter().enumerate().take(3) {
             h.serve(i, l).await;
@@ -236,7 +222,7 @@ impl Harness {
             body_timeout: Duration::from_secs(60),
             credentials: credentials(
                 self.ca.as_ref().expect("the database's CA"),
-                Identity::new(students(), Component::Server, &s.name).unwrap(),
+                Identity::new(students_id(), Component::Server, &s.name).unwrap(),
             ),
             internal_auth: shard_server::tls::InternalAuth::Strict,
         };
@@ -391,7 +377,8 @@ impl Harness {
     }
 }
 
-pub fn students() -> DatabaseId {
+/// The identity of the `students` database.
+pub fn students_id() -> DatabaseId {
     DatabaseId::new(NS, "students")
 }
 
@@ -408,6 +395,25 @@ pub fn credentials(ca: &Ca, identity: Identity) -> Credentials {
     let issued = ca.issue(&LeafRequest::new(identity).on_loopback(), std::time::SystemTime::now()).unwrap();
     let pem = Pem { cert: issued.cert_pem, key: issued.key_pem, ca: ca.cert_pem().to_owned() };
     Credentials::Tls(TlsSource::from_pem(pem).unwrap())
+}
+
+/// The `students` database of the seed's schema: two shards of 4096 keys, two copies each, on
+/// `servers` servers.
+pub fn students(servers: u32) -> Value {
+    json!({
+        "apiVersion": "sharddb.io/v1alpha1",
+        "kind": "ShardedDatabase",
+        "metadata": { "name": "students", "namespace": NS },
+        "spec": {
+            "schema": { "columns": ["Stud_id", "Stud_name", "Stud_marks"], "dtypes": ["Number", "String", "Number"] },
+            "shards": [
+                { "id": "sh1", "low": 0, "size": 4096 },
+                { "id": "sh2", "low": 4096, "size": 4096 }
+            ],
+            "replicas": 2,
+            "servers": servers
+        }
+    })
 }
 
 pub fn state(t: &Topology, shard: &str, server: &str) -> Option<String> {

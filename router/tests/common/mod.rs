@@ -251,6 +251,7 @@ pub fn test_config() -> Config {
             topology_wait: Duration::from_secs(3),
             backoff_min: Duration::from_millis(10),
             backoff_max: Duration::from_millis(100),
+            read_attempt: Duration::from_millis(300),
         },
         ..Config::default()
     }

@@ -217,6 +217,11 @@ impl Shard {
         }
     }
 
+    /// The highest sequence number known confirmed here (0: none yet).
+    pub fn confirmed_seq(&self) -> u64 {
+        self.visibility.state.read().expect("lock").confirmed
+    }
+
     /// Whether some applied entry is not confirmed yet.
     pub fn unconfirmed(&self) -> bool {
         let st = self.visibility.state.read().expect("lock");

@@ -310,6 +310,7 @@ pub async fn status(
                 cached: shard.rows_cached(),
                 caught_up,
                 hash: stats.hash,
+                confirmed_seq: Some(shard.confirmed_seq()),
             },
         );
     }

@@ -109,8 +109,9 @@ pub struct Options {
     pub variants: Vec<Variant>,
 }
 
-/// A1 run again with extra flags for the local mode (e.g. internal TLS off), so what a feature
-/// costs shows up as a number in the report.
+/// A1 run again with extra flags for the local mode (e.g. internal TLS off), or on another
+/// release's binaries (`--bin-dir=DIR`, see [`target::launch_for`]), so what a feature costs
+/// shows up as a number in the report.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Variant {
     pub name: String,

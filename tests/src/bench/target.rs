@@ -2,7 +2,6 @@
 //! given router), where its data lives, the baseline over the same databases, and the cluster's
 //! memory and idle CPU. Does I/O.
 
-use crate::LocalCluster;
 use crate::bench::Options;
 use crate::bench::baseline::Baseline;
 use crate::bench::client::Router;
@@ -10,6 +9,7 @@ use crate::bench::layout::Layout;
 use crate::bench::procstat;
 use crate::bench::report::{ClusterMemory, LogWarnings};
 use crate::bench::specs::Shape;
+use crate::{Launch, LocalCluster};
 use anyhow::{Context, Result, bail};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -64,8 +64,8 @@ impl Target {
                 let dir = tempfile::Builder::new().prefix("sharddb-bench-spec-").tempdir()?;
                 let spec = dir.path().join(format!("{workload}.yaml"));
                 std::fs::write(&spec, shape.yaml())?;
-                let args = args.to_vec();
-                let cluster = tokio::task::spawn_blocking(move || LocalCluster::start_with(&spec, &args))
+                let launch = launch_for(args);
+                let cluster = tokio::task::spawn_blocking(move || LocalCluster::start_as(Some(&spec), &launch))
                     .await
                     .context("starting the local cluster")??;
                 let layout = Layout::from_cluster(&cluster.cluster_file()?)?;
@@ -194,9 +194,39 @@ fn max_mem(layout: &Layout, pids: impl Fn(&Layout) -> Vec<u32>, pick: impl Fn(pr
     pids(layout).into_iter().filter_map(procstat::memory).map(pick).max_by(f64::total_cmp)
 }
 
+/// How to start a local cluster with `args`: this build's binaries, or those of the directory a
+/// `--bin-dir=DIR` among them names (another release's `sharddb-operator`, `sharddb-router` and
+/// `sharddb-shard-server`, e.g. from `scripts/build-previous-release.sh --release`), which the
+/// operator is then also taken from.
+pub fn launch_for(args: &[String]) -> Launch {
+    let mut launch = Launch::default();
+    for a in args {
+        match a.strip_prefix("--bin-dir=") {
+            Some(dir) => {
+                launch.bin_dir = PathBuf::from(dir);
+                launch.operator = launch.bin_dir.join("sharddb-operator");
+            }
+            None => launch.args.push(a.clone()),
+        }
+    }
+    launch
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bin_dir_among_the_flags_picks_every_binary_and_is_not_passed_on() {
+        let args: Vec<String> = ["--x", "--bin-dir=/opt/prev", "--y=1"].map(String::from).to_vec();
+        let l = launch_for(&args);
+        assert_eq!(l.bin_dir, PathBuf::from("/opt/prev"));
+        assert_eq!(l.operator, PathBuf::from("/opt/prev/sharddb-operator"));
+        assert_eq!(l.args, ["--x", "--y=1"]);
+        let plain = launch_for(&args[..1]);
+        assert_eq!(plain.bin_dir, Launch::default().bin_dir);
+        assert_eq!(plain.args, ["--x"]);
+    }
 
     #[test]
     fn warnings_are_read_from_process_logs_only() {

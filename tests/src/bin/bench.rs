@@ -46,7 +46,9 @@ struct Args {
     #[arg(long = "local-arg", allow_hyphen_values = true)]
     local_args: Vec<String>,
     /// Also run A-1 on clusters started with extra flags, reported beside the default run:
-    /// `NAME=FLAGS`, e.g. `--variant 'tls-off=--internal-tls=false'`; repeatable.
+    /// `NAME=FLAGS`, e.g. `--variant 'tls-off=--internal-tls=false'`; repeatable. A flag
+    /// `--bin-dir=DIR` runs that variant on the binaries in DIR instead (the previous release's:
+    /// `--variant "previous=--bin-dir=$(scripts/build-previous-release.sh --release)"`).
     #[arg(long = "variant", allow_hyphen_values = true)]
     variants: Vec<bench::Variant>,
     /// Where to write benchmarks.{json,svg,md} [default: docs/ of this repository; a temporary
