@@ -96,6 +96,13 @@ fn forgeries(applied: u64) -> Vec<(Method, usize, &'static str, Value)> {
             ]}),
         ),
         (Method::POST, 0, "/v1/lease", json!({"replica": "Server1", "shards": ["sh1"]})),
+        // Had it been answered, a primary cut off from the operator could keep serving reads.
+        (
+            Method::POST,
+            0,
+            "/v1/primary_lease",
+            json!({"token": {"boot": 1, "at_us": 0}, "epoch": 0, "shards": ["sh1"], "lease_ms": 60000}),
+        ),
         (Method::POST, 1, "/v1/shards/sh1/recover", json!({"primary": "Server0"})),
         (Method::GET, 0, "/v1/shards/sh1/snapshot", Value::Null),
         (Method::GET, 0, "/v1/shards/sh1/log?from=1&to=1", Value::Null),
@@ -207,6 +214,7 @@ async fn each_component_may_only_do_its_own_part() {
     for path in [
         "/v1/shards/sh1/replicate",
         "/v1/lease",
+        "/v1/primary_lease",
         "/v1/shards/sh1/recover",
         "/v1/shards/sh1/snapshot",
         "/v1/shards/sh1/log?from=1&to=1",
@@ -224,6 +232,7 @@ async fn each_component_may_only_do_its_own_part() {
         "/v1/shards/sh1/write_batches",
         "/config",
         "/v1/shards/sh1/recover",
+        "/v1/primary_lease",
     ] {
         let (method, server, path, body) = by_path(path);
         assert_eq!(attempt(&server1, method, c.url(server, path), &body).await, forbidden, "server: {path}");

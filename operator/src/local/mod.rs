@@ -262,11 +262,12 @@ pub async fn run_local(opts: LocalOptions) -> Result<(), LocalError> {
     let mut signals = Signals::new();
     let bins = Binaries::locate(&opts.bin_dir)?;
     let dir = data_dir(opts.data_dir.as_deref())?;
+    // Before anything is written to the directory: what it held decides (see `internal_auth_for`).
+    let auth = internal_auth_for(&dir, opts.internal_auth);
     let declared = initial_declaration(&dir, opts.spec.as_deref())?;
     // Printed for people and scripts: this and the URL line are the command's output.
     println!("sharddb data directory: {}", dir.display());
     tracing::info!(dir = %dir.display(), configured = declared.is_some(), internal_tls = opts.internal_tls, "starting local cluster");
-    let auth = internal_auth_for(&dir, opts.internal_auth);
     if let Some(open) = auth.weakness() {
         tracing::warn!(internal_auth = %auth, "{open}");
     }
@@ -1009,6 +1010,18 @@ mod tests {
             let mode = std::fs::metadata(base.path()).unwrap().permissions().mode();
             assert_eq!(mode & 0o777, 0o711, "a data directory of ours becomes traversable: {mode:o}");
         }
+    }
+
+    #[test]
+    fn only_a_cluster_made_before_internal_authentication_runs_in_none_by_default() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        assert_eq!(internal_auth_for(d, None), InternalAuth::Strict, "a new directory");
+        std::fs::write(d.join(DECLARED_FILE), "{}").unwrap();
+        assert_eq!(internal_auth_for(d, None), InternalAuth::None, "a cluster without tls/");
+        assert_eq!(internal_auth_for(d, Some(InternalAuth::Strict)), InternalAuth::Strict, "unless told");
+        std::fs::create_dir(d.join(pki::TLS_DIR)).unwrap();
+        assert_eq!(internal_auth_for(d, None), InternalAuth::Strict, "a cluster of this release");
     }
 
     #[test]
