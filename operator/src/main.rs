@@ -292,7 +292,7 @@ async fn run_operator(
             operator::k8s::pki::OperatorPki::ephemeral(config.admin_url.as_deref())
         }
     };
-    let admin = operator::k8s::admin::router(client.clone(), config.default_images.clone());
+    let admin = operator::k8s::admin::router(client.clone(), config.default_images.clone(), pki.clone());
     let admin_tls = pki.admin_tls();
     let (trust_pki, trust_scope) = (pki.clone(), config.namespaces.clone());
     let mut registry = prometheus_client::registry::Registry::default();
@@ -348,15 +348,20 @@ async fn run_operator(
         tokio::net::TcpListener::bind(admin_addr).await.with_context(|| format!("cannot listen on {admin_addr}"))?;
     tracing::info!(%admin_addr, "serving the admin endpoint");
     let mut admin_stop = stop_rx.clone();
-    // TLS with the operator's certificate; only a database's routers get past `k8s::admin`.
-    let admin_listener = shard_server::tls::TlsListener::new(admin_listener, admin_tls.server_config());
-    let admin = admin.into_make_service_with_connect_info::<shard_server::tls::TlsPeer>();
+    // TLS with the operator's certificate, and plain HTTP for the routers of databases in
+    // internal-auth `none`; only a database's routers get past `k8s::admin`.
     let admin = tokio::spawn(async move {
-        axum::serve(admin_listener, admin)
-            .with_graceful_shutdown(async move {
-                let _ = admin_stop.wait_for(|s| *s).await;
-            })
-            .await
+        let stop = async move {
+            let _ = admin_stop.wait_for(|s| *s).await;
+        };
+        // Bounded as the servers' ports are; only a few routers per database ever call it.
+        let limits = shard_server::serve::ServeLimits {
+            header_timeout: std::time::Duration::from_secs(10),
+            body_timeout: shard_server::serve::ServeLimits::DEFAULT_BODY_TIMEOUT,
+            idle_timeout: shard_server::serve::ServeLimits::DEFAULT_IDLE_TIMEOUT,
+            max_connections: 256,
+        };
+        shard_server::serve::serve_migrate(admin_listener, admin, limits, admin_tls.server_config(), stop).await
     });
 
     // Every replica checks routers against the databases' CAs, leading or not.

@@ -29,8 +29,14 @@
 //!   component or database: 403; a certificate of an unknown CA does not complete the handshake.
 //!   Nothing of a refused request is read. The chart's NetworkPolicy admits only router pods to
 //!   the port as well, where the CNI enforces it.
+//! - **A database in internal-auth `none`** (taken over from a release before internal
+//!   authentication, or so set) has routers with no certificate. The port serves plain HTTP
+//!   beside TLS (the first byte decides, as a shard server in `migrate` does), and a plain
+//!   request is answered only when the database its path names is in `none` (as the operator's
+//!   [`OperatorPki`] knows it); for any other database it is a 401.
 
 use super::build::Owner;
+use super::pki::OperatorPki;
 use super::topology;
 use crate::admin::{AdminRequest, DatabasePath, JsonBody, Reply, error, internal, leaving, refused};
 use crate::brain::declare::{self, AdminError};
@@ -47,7 +53,7 @@ use kube::api::{Api, PostParams};
 use serde_json::Value;
 use shard_server::admin::{AddRequest, InitRequest, RmRequest};
 use shard_server::api::ErrorCode;
-use shard_server::tls::{Component, TlsPeer};
+use shard_server::tls::{Component, DatabaseId, TlsPeer};
 use std::sync::Arc;
 
 /// How many times a request is decided again when the resource changed meanwhile.
@@ -57,6 +63,8 @@ const ATTEMPTS: usize = 5;
 #[derive(Clone)]
 pub struct AdminState {
     client: Client,
+    /// Which databases are in internal-auth `none`.
+    pki: Arc<OperatorPki>,
     /// The operator's default images, so a change is validated as the reconcile will.
     images: Arc<Images>,
 }
@@ -66,40 +74,55 @@ pub fn database_path(namespace: &str, name: &str) -> String {
     format!("/databases/{namespace}/{name}")
 }
 
-/// The endpoint's routes. Serve them over TLS with connection info ([`TlsPeer`]), as
-/// `sharddb-operator run` does; without it every request is refused.
-pub fn router(client: Client, images: Images) -> axum::Router {
+/// The endpoint's routes. Serve them with `shard_server::serve::serve_migrate` and the TLS
+/// configuration of `pki`, as `sharddb-operator run` does: a request over TLS carries its
+/// [`TlsPeer`]; one over plain HTTP carries none and is answered for databases in `none` only.
+pub fn router(client: Client, images: Images, pki: Arc<OperatorPki>) -> axum::Router {
+    let state = AdminState { client, images: Arc::new(images), pki };
     axum::Router::new()
         .route("/databases/{namespace}/{name}/init", post(init))
         .route("/databases/{namespace}/{name}/add", post(add))
         .route("/databases/{namespace}/{name}/rm", delete(rm))
-        .route_layer(axum::middleware::from_fn(only_its_routers))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), only_its_routers))
         .fallback(crate::admin::no_route)
         .method_not_allowed_fallback(crate::admin::method_not_allowed)
         .layer(axum::middleware::from_fn(shard_server::protocol::versioned))
-        .with_state(AdminState { client, images: Arc::new(images) })
+        .with_state(state)
 }
 
 /// Admits a request only from the router of the database its path names.
-async fn only_its_routers(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+async fn only_its_routers(
+    State(state): State<AdminState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
     let path: Vec<&str> = req.uri().path().trim_start_matches('/').split('/').collect();
     let (namespace, name) = match path[..] {
         ["databases", namespace, name, _] => (namespace.to_owned(), name.to_owned()),
         _ => return answer(error(StatusCode::NOT_FOUND, ErrorCode::NotFound, "no such endpoint")),
     };
-    let caller = req.extensions().get::<ConnectInfo<TlsPeer>>().and_then(|c| c.0.identity.clone());
-    let refusal = match caller {
+    let over_tls = req.extensions().get::<ConnectInfo<TlsPeer>>().map(|c| c.0.identity.clone());
+    let refusal = match over_tls {
+        // Plain HTTP: the routers of a database in `none` present nothing, and nothing is asked.
+        None if state.pki.is_plain(&DatabaseId::new(namespace.as_str(), name.as_str())) => None,
         None => Some((
+            StatusCode::UNAUTHORIZED,
+            ErrorCode::Unauthenticated,
+            format!(
+                "only the routers of {namespace}/{name} may change it: call over TLS with their client certificate"
+            ),
+        )),
+        Some(None) => Some((
             StatusCode::UNAUTHORIZED,
             ErrorCode::Unauthenticated,
             format!("only the routers of {namespace}/{name} may change it: present their client certificate"),
         )),
-        Some(id)
+        Some(Some(id))
             if id.component == Component::Router && id.database.namespace == namespace && id.database.name == name =>
         {
             None
         }
-        Some(id) => Some((
+        Some(Some(id)) => Some((
             StatusCode::FORBIDDEN,
             ErrorCode::Forbidden,
             format!("only the routers of {namespace}/{name} may change it, not the {id}"),

@@ -23,9 +23,11 @@ use super::apply::{self, ApplyError};
 use super::build::configmap::first_topology;
 use super::build::netpol::{self, OperatorPods};
 use super::build::secret::{generate_password, postgres_secret, stored_password};
+use super::build::tls::database_id;
 use super::build::{Owner, names, pdb, rbac, router, service, statefulset};
 use super::heal::{self, HealSettings};
 use super::identities::ensure_identities;
+use super::internal_auth;
 use super::pki::{OperatorPki, PkiError};
 use super::status::{self, Observed, READY};
 use super::topology::{self, HeadlessService, ServerUrls, WriteError};
@@ -52,6 +54,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use shard_server::tls::InternalAuth;
 use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -325,21 +328,27 @@ async fn reconcile_inner(db: &ShardedDatabase, ctx: &Context) -> Result<Action, 
 
     let valid = match validate_with_defaults(&db.spec, &ctx.config.default_images) {
         Ok(valid) => valid,
-        Err(error) => {
-            let message = error.to_string();
-            tracing::info!(%message, "invalid spec");
-            let status = status::invalid_spec(generation, &message, previous, &now);
-            let newly_invalid = previous
-                .and_then(|p| status::condition(p, READY))
-                .is_none_or(|c| c.reason != status::REASON_INVALID_SPEC || c.message != message);
-            if newly_invalid {
-                publish(ctx, db, EventType::Warning, status::REASON_INVALID_SPEC, "Validate", message).await;
-            }
-            write_status(ctx, db, &owner, status).await?;
-            return Ok(Action::await_change());
-        }
+        Err(error) => return refuse_spec(ctx, db, &owner, error.to_string(), &now).await,
     };
     let placement = place(&valid);
+
+    // The internal-auth mode, before anything that depends on it is written (see
+    // `k8s::internal_auth`): whether the CA exists is read before `ensure_identities` makes it.
+    let has_ca = valid.tls.ca_secret.is_some()
+        || apply::get::<Secret>(client, ns, &names::ca_secret(&owner.name)).await?.is_some();
+    let selector = names::selector_string(&names::servers_selector(&owner.name));
+    let has_servers = apply::list::<StatefulSet>(client, ns, &selector)
+        .await?
+        .iter()
+        .any(|sts| sts.owner_references().iter().any(|r| r.uid == owner.reference.uid));
+    let mode =
+        internal_auth::decide(valid.tls.internal_auth, internal_auth::Found { ca: has_ca, servers: has_servers });
+    if mode == InternalAuth::None && valid.tls.client_tls {
+        let message = "spec.tls.clientTls needs the database's certificates, and this database runs in internal-auth \
+                       none (taken over from a release before internal authentication): set spec.tls.internalAuth \
+                       to strict (or migrate) as well";
+        return refuse_spec(ctx, db, &owner, message.into(), &now).await;
+    }
 
     // Inputs the builders need from the cluster: the stored password and the published topology.
     let secret_name = names::postgres_secret(&owner.name);
@@ -367,12 +376,20 @@ async fn reconcile_inner(db: &ShardedDatabase, ctx: &Context) -> Result<Action, 
     if let Some(t) = &current {
         running.extend(t.servers.keys().cloned());
     }
-    if let Err(e) = ensure_identities(ctx, &owner, &valid, &running).await {
-        if let ReconcileError::Pki(PkiError::BadCa { .. }) = &e {
-            let note = error_chain(&e);
-            publish(ctx, db, EventType::Warning, "CertificateAuthority", "Reconcile", note).await;
+    let database = database_id(&owner);
+    if mode == InternalAuth::None {
+        // No CA, no certificates, no admin token: the operator dials the servers plain and
+        // answers the routers over plain HTTP.
+        ctx.pki.register_plain(&database);
+    } else {
+        if let Err(e) = ensure_identities(ctx, &owner, &valid, &running).await {
+            if let ReconcileError::Pki(PkiError::BadCa { .. }) = &e {
+                let note = error_chain(&e);
+                publish(ctx, db, EventType::Warning, "CertificateAuthority", "Reconcile", note).await;
+            }
+            return Err(e);
         }
-        return Err(e);
+        ctx.pki.unregister_plain(&database);
     }
     match &ctx.config.network_policy {
         Some(operator) => {
@@ -391,7 +408,7 @@ async fn reconcile_inner(db: &ShardedDatabase, ctx: &Context) -> Result<Action, 
     running.extend(topology.servers.keys().cloned());
     let mut server_sets = Vec::with_capacity(running.len());
     for server in &running {
-        let sts = apply::apply(client, ns, &statefulset::server_statefulset(&valid, &owner, server)).await?;
+        let sts = apply::apply(client, ns, &statefulset::server_statefulset(&valid, &owner, server, mode)).await?;
         server_sets.push((server.clone(), sts));
     }
     let control_url = ctx
@@ -402,7 +419,7 @@ async fn reconcile_inner(db: &ShardedDatabase, ctx: &Context) -> Result<Action, 
     let routers = apply::apply(
         client,
         ns,
-        &router::router_deployment(&valid, &owner, control_url.as_deref(), ctx.config.require_admin_token),
+        &router::router_deployment(&valid, &owner, control_url.as_deref(), ctx.config.require_admin_token, mode),
     )
     .await?;
     apply::apply(client, ns, &service::router_service(&owner)).await?;
@@ -413,7 +430,6 @@ async fn reconcile_inner(db: &ShardedDatabase, ctx: &Context) -> Result<Action, 
     // volumes stay (a StatefulSet's claims are not garbage-collected), so re-adding a server
     // finds its data (which the healer does not trust: a re-added holder is filled again).
     let wanted: BTreeSet<String> = running.iter().map(|s| names::server_statefulset(&owner.name, s)).collect();
-    let selector = names::selector_string(&names::servers_selector(&owner.name));
     for sts in apply::list::<StatefulSet>(client, ns, &selector).await? {
         let name = sts.name_any();
         let ours = sts.owner_references().iter().any(|r| r.uid == owner.reference.uid);
@@ -444,6 +460,20 @@ async fn reconcile_inner(db: &ShardedDatabase, ctx: &Context) -> Result<Action, 
             || !ctx.restarting(&ObjectRef::from_obj(db)).is_empty(),
     };
     let status = status::healthy_or_converging(generation, &placement, &observed, previous, &now);
+    let (auth_status, auth_reason, auth_message) = internal_auth::condition(mode, valid.tls.internal_auth.is_some());
+    let auth_changed = previous
+        .and_then(|p| status::condition(p, internal_auth::INTERNAL_AUTH))
+        .is_none_or(|c| c.reason != auth_reason);
+    if auth_changed {
+        let type_ = if mode == InternalAuth::Strict { EventType::Normal } else { EventType::Warning };
+        publish(ctx, db, type_, internal_auth::INTERNAL_AUTH, "Reconcile", auth_message.clone()).await;
+    }
+    let status = status::with_condition(
+        status,
+        (internal_auth::INTERNAL_AUTH, auth_status, auth_reason, auth_message),
+        previous,
+        &now,
+    );
     let was_ready = previous.and_then(|p| status::condition(p, READY)).map(|c| c.status);
     let is_ready = status::condition(&status, READY).map(|c| c.status);
     // A rolling update takes each server out of service in turn; its own Events say so.
@@ -457,6 +487,28 @@ async fn reconcile_inner(db: &ShardedDatabase, ctx: &Context) -> Result<Action, 
     }
     write_status(ctx, db, &owner, status).await?;
     Ok(Action::requeue(RESYNC))
+}
+
+/// Reports an invalid spec (`Ready=False, reason=InvalidSpec`, and an Event when the message is
+/// new) and waits for the next change: the user's to fix, nothing is retried.
+async fn refuse_spec(
+    ctx: &Context,
+    db: &ShardedDatabase,
+    owner: &Owner,
+    message: String,
+    now: &str,
+) -> Result<Action, ReconcileError> {
+    tracing::info!(%message, "invalid spec");
+    let previous = db.status.as_ref();
+    let status = status::invalid_spec(db.meta().generation, &message, previous, now);
+    let newly_invalid = previous
+        .and_then(|p| status::condition(p, READY))
+        .is_none_or(|c| c.reason != status::REASON_INVALID_SPEC || c.message != message);
+    if newly_invalid {
+        publish(ctx, db, EventType::Warning, status::REASON_INVALID_SPEC, "Validate", message).await;
+    }
+    write_status(ctx, db, owner, status).await?;
+    Ok(Action::await_change())
 }
 
 /// Whether a server's pod runs its StatefulSet's current revision, as its controller reports.

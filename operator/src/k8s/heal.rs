@@ -103,8 +103,9 @@ struct DbState {
     leases: Arc<DbLeases>,
     /// Clients presenting the operator's certificate for this database (probe, recover); made
     /// once the reconcile has registered the database's CA. A renewed certificate is used by
-    /// them without rebuilding them.
-    http: Option<(reqwest::Client, reqwest::Client)>,
+    /// them without rebuilding them. The flag: whether they are plain (internal-auth `none`);
+    /// they are made again when the database leaves or enters `none`.
+    http: Option<(bool, reqwest::Client, reqwest::Client)>,
 }
 
 /// One database's primary leases: the book, the tokens its servers last handed out, and where its
@@ -114,9 +115,10 @@ struct DbLeases {
     tokens: Mutex<HashMap<String, LeaseToken>>,
     name: String,
     namespace: String,
-    /// The client the grants go out with (the operator's certificate for this database); unset
-    /// until the reconcile has made the database's CA, and no grant goes out meanwhile.
-    http: std::sync::OnceLock<reqwest::Client>,
+    /// The client the grants go out with (the operator's certificate for this database, or plain
+    /// HTTP in internal-auth `none`); unset until the reconcile has decided, and no grant goes out
+    /// meanwhile.
+    http: Mutex<Option<reqwest::Client>>,
 }
 
 impl DbState {
@@ -132,7 +134,7 @@ impl DbState {
                 tokens: Mutex::default(),
                 name: owner.name.clone(),
                 namespace: owner.namespace.clone(),
-                http: std::sync::OnceLock::new(),
+                http: Mutex::new(None),
             }),
         }
     }
@@ -232,12 +234,14 @@ impl Healer {
         key: &ObjectRef<ShardedDatabase>,
     ) -> Option<(reqwest::Client, reqwest::Client)> {
         let state = self.dbs.entry(key.clone()).or_insert_with(|| DbState::new(owner));
-        if state.http.is_none() {
-            let credentials = self.ctx.pki.credentials(&crate::k8s::build::tls::database_id(owner))?;
-            let _ = state.leases.http.set(credentials.http_client(PROBE_TIMEOUT));
-            state.http = Some((credentials.http_client(PROBE_TIMEOUT), credentials.http_client(RECOVER_TIMEOUT)));
+        let credentials = self.ctx.pki.credentials(&crate::k8s::build::tls::database_id(owner))?;
+        let plain = matches!(credentials, shard_server::tls::Credentials::Plain);
+        if state.http.as_ref().is_none_or(|(was_plain, _, _)| *was_plain != plain) {
+            *state.leases.http.lock().expect("lease client lock") = Some(credentials.http_client(PROBE_TIMEOUT));
+            state.http =
+                Some((plain, credentials.http_client(PROBE_TIMEOUT), credentials.http_client(RECOVER_TIMEOUT)));
         }
-        state.http.clone()
+        state.http.as_ref().map(|(_, probe, recover)| (probe.clone(), recover.clone()))
     }
 
     /// One round for one database: observe → plan → write → start recovers.
@@ -684,7 +688,7 @@ async fn grant_leases(ctx: Arc<Context>, books: Books) {
         while running.try_join_next().is_some() {}
         let all: Vec<Arc<DbLeases>> = books.lock().expect("books lock").values().cloned().collect();
         for db in all {
-            let Some(http) = db.http.get().cloned() else { continue };
+            let Some(http) = db.http.lock().expect("lease client lock").clone() else { continue };
             let ctx = Arc::clone(&ctx);
             running.spawn(async move {
                 let url = |server: &str, _: &str| ctx.config.server_urls.url(&db.name, &db.namespace, server);

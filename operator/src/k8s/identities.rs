@@ -141,6 +141,18 @@ pub async fn trust_databases(
                 };
                 let id = tls_build::database_id(&owner);
                 known.insert(id.clone());
+                // The leader's decision, as its status reports it: a database in `none` has its
+                // routers answered over plain HTTP by every replica.
+                let plain = db
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.conditions.iter().find(|c| c.type_ == super::internal_auth::INTERNAL_AUTH))
+                    .is_some_and(|c| c.reason == super::internal_auth::REASON_NONE);
+                if plain {
+                    pki.register_plain(&id);
+                } else {
+                    pki.unregister_plain(&id);
+                }
                 let stored = match apply::get::<Secret>(&client, &owner.namespace, &name).await {
                     Ok(secret) => secret.as_ref().and_then(tls_build::stored_ca),
                     Err(e) => {

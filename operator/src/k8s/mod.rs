@@ -7,6 +7,7 @@ pub mod build;
 pub mod controller;
 pub mod heal;
 pub mod identities;
+pub mod internal_auth;
 pub mod leader;
 pub mod pki;
 pub mod rollout;

@@ -13,6 +13,10 @@
 //!   their own. The admin endpoint checks clients against every registered database's CA and
 //!   then against the database named in the request path (`k8s::admin`).
 //!
+//! - **A database in internal-auth `none`** ([`OperatorPki::register_plain`]) has no CA: the
+//!   operator dials its servers over plain HTTP with no credential, and the admin endpoint
+//!   answers its routers over plain HTTP (`k8s::admin`).
+//!
 //! Renewals need no restart anywhere: pods re-read their mounted files, and the in-memory
 //! certificates are swapped under the live TLS configurations ([`TlsSource::replace`]).
 
@@ -63,6 +67,8 @@ pub struct OperatorPki {
     /// The admin endpoint's certificate, and every registered database's CA to check routers.
     admin: Arc<TlsSource>,
     databases: Mutex<BTreeMap<DatabaseId, Database>>,
+    /// Databases in internal-auth `none`: dialled plain, their routers answered over plain HTTP.
+    plain: Mutex<HashSet<DatabaseId>>,
 }
 
 impl std::fmt::Debug for OperatorPki {
@@ -102,7 +108,13 @@ impl OperatorPki {
             .map_err(|source| PkiError::Issue { what: "the admin endpoint".into(), source })?;
         let admin =
             TlsSource::from_pem(Pem { cert: issued.cert_pem, key: issued.key_pem, ca: ca.cert_pem().to_owned() })?;
-        Ok(Arc::new(OperatorPki { ca, admin_host, admin, databases: Mutex::new(BTreeMap::new()) }))
+        Ok(Arc::new(OperatorPki {
+            ca,
+            admin_host,
+            admin,
+            databases: Mutex::new(BTreeMap::new()),
+            plain: Mutex::new(HashSet::new()),
+        }))
     }
 
     /// A CA held in memory only: for an operator outside a cluster, and for tests. Routers built
@@ -173,8 +185,29 @@ impl OperatorPki {
 
     /// The operator's credentials for calling `db`'s servers, once the database is registered.
     pub fn credentials(&self, db: &DatabaseId) -> Option<Credentials> {
+        if self.is_plain(db) {
+            return Some(Credentials::Plain);
+        }
         let dbs = self.databases.lock().unwrap_or_else(|e| e.into_inner());
         dbs.get(db).map(|d| Credentials::Tls(Arc::clone(&d.operator)))
+    }
+
+    /// Records that `db` runs in internal-auth `none`: the operator dials it plain, and its
+    /// routers may call the admin endpoint over plain HTTP. Undone by [`OperatorPki::unregister_plain`].
+    pub fn register_plain(&self, db: &DatabaseId) {
+        self.plain.lock().unwrap_or_else(|e| e.into_inner()).insert(db.clone());
+    }
+
+    /// Records that `db` runs in internal-auth `migrate` or `strict` (its CA is [`register`]ed).
+    ///
+    /// [`register`]: OperatorPki::register
+    pub fn unregister_plain(&self, db: &DatabaseId) {
+        self.plain.lock().unwrap_or_else(|e| e.into_inner()).remove(db);
+    }
+
+    /// Whether `db` runs in internal-auth `none`.
+    pub fn is_plain(&self, db: &DatabaseId) -> bool {
+        self.plain.lock().unwrap_or_else(|e| e.into_inner()).contains(db)
     }
 
     /// Records `db`'s CA: the operator's client certificate for it is issued (or renewed, when
@@ -221,6 +254,8 @@ impl OperatorPki {
     /// Forgets the databases of `scope` (a namespace, or every one) that are gone: their routers
     /// are no longer trusted.
     pub fn forget_except(&self, scope: Option<&str>, keep: &HashSet<DatabaseId>) -> Result<(), PkiError> {
+        let gone = |k: &DatabaseId| scope.is_none_or(|ns| k.namespace == ns) && !keep.contains(k);
+        self.plain.lock().unwrap_or_else(|e| e.into_inner()).retain(|k| !gone(k));
         let mut dbs = self.databases.lock().unwrap_or_else(|e| e.into_inner());
         let before = dbs.len();
         dbs.retain(|k, _| scope.is_some_and(|ns| k.namespace != ns) || keep.contains(k));
@@ -293,6 +328,15 @@ mod tests {
         assert!(pki.credentials(&db).is_some(), "another namespace's healer forgets only its own");
         pki.forget_except(None, &HashSet::new()).unwrap();
         assert!(pki.credentials(&db).is_none());
+        pki.register_plain(&db);
+        assert!(matches!(pki.credentials(&db), Some(Credentials::Plain)), "a database in none is dialled plain");
+        pki.register(&db, &ca).unwrap();
+        assert!(matches!(pki.credentials(&db), Some(Credentials::Plain)), "none holds even with a CA kept");
+        pki.unregister_plain(&db);
+        assert!(matches!(pki.credentials(&db), Some(Credentials::Tls(_))), "out of none, dialled with TLS");
+        pki.register_plain(&db);
+        pki.forget_except(None, &HashSet::new()).unwrap();
+        assert!(!pki.is_plain(&db), "forgotten once gone");
         assert!(!pki.admin.pem().ca.contains(other.cert_pem()));
     }
 }

@@ -114,10 +114,19 @@ impl Harness {
         let admin = admin_listener.local_addr().unwrap();
         let admin_url = format!("https://{admin}");
         let pki = OperatorPki::ephemeral(Some(&admin_url));
-        let endpoint = operator::k8s::admin::router(api.client(), Images::default())
-            .into_make_service_with_connect_info::<TlsPeer>();
-        let admin_listener = TlsListener::new(admin_listener, pki.admin_tls().server_config());
-        tokio::spawn(async move { axum::serve(admin_listener, endpoint).await.unwrap() });
+        let endpoint = operator::k8s::admin::router(api.client(), Images::default(), pki.clone());
+        let limits = shard_server::serve::ServeLimits {
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(10),
+            max_connections: 64,
+        };
+        let tls = pki.admin_tls().server_config();
+        tokio::spawn(async move {
+            shard_server::serve::serve_migrate(admin_listener, endpoint, limits, tls, std::future::pending())
+                .await
+                .unwrap()
+        });
         let mut h = Harness {
             api,
             admin,
