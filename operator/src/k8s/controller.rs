@@ -341,8 +341,11 @@ async fn reconcile_inner(db: &ShardedDatabase, ctx: &Context) -> Result<Action, 
         .await?
         .iter()
         .any(|sts| sts.owner_references().iter().any(|r| r.uid == owner.reference.uid));
-    let mode =
-        internal_auth::decide(valid.tls.internal_auth, internal_auth::Found { ca: has_ca, servers: has_servers });
+    let was_tls = previous
+        .and_then(|p| status::condition(p, internal_auth::INTERNAL_AUTH))
+        .is_some_and(|c| internal_auth::reason_is_tls(&c.reason));
+    let found = internal_auth::Found { ca: has_ca, servers: has_servers, was_tls };
+    let mode = internal_auth::decide(valid.tls.internal_auth, found);
     if mode == InternalAuth::None && valid.tls.client_tls {
         let message = "spec.tls.clientTls needs the database's certificates, and this database runs in internal-auth \
                        none (taken over from a release before internal authentication): set spec.tls.internalAuth \

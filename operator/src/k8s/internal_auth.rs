@@ -8,8 +8,11 @@
 //! mix of TLS and plain pods that cannot. Every other database is `strict`.
 //!
 //! The decision is sticky by construction: `none` never makes the CA, so the next reconcile finds
-//! the same inputs; and once `strict` has made the CA, the CA stays. Climbing from `none` is the
-//! user's act (setting the field), never the operator's.
+//! the same inputs; and once `strict` has made the CA, the CA stays. A database whose status
+//! already reports TLS (`strict` or `migrate`) never falls back to `none` when its CA Secret is
+//! deleted (the documented way to replace the CA): the CA is made again instead, so deleting a
+//! Secret can never turn authentication off. Climbing from `none` is the user's act (setting the
+//! field), never the operator's.
 
 use crate::crd::ConditionStatus;
 use shard_server::tls::InternalAuth;
@@ -18,6 +21,8 @@ use shard_server::tls::InternalAuth;
 pub const INTERNAL_AUTH: &str = "InternalAuth";
 /// The condition's reason in `none` (every replica's admin endpoint reads it).
 pub const REASON_NONE: &str = "None";
+const REASON_MIGRATE: &str = "Migrate";
+const REASON_STRICT: &str = "Strict";
 
 /// What the reconcile found of the database before deciding.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -26,13 +31,20 @@ pub struct Found {
     pub ca: bool,
     /// Some server StatefulSet of it exists.
     pub servers: bool,
+    /// Its status already reports a mode with TLS (`strict` or `migrate`).
+    pub was_tls: bool,
+}
+
+/// Whether `reason` (of the `InternalAuth` condition) names a mode with TLS.
+pub fn reason_is_tls(reason: &str) -> bool {
+    [REASON_STRICT, REASON_MIGRATE].contains(&reason)
 }
 
 /// The mode the database runs in (see the module's doc).
 pub fn decide(spec: Option<InternalAuth>, found: Found) -> InternalAuth {
     match spec {
         Some(mode) => mode,
-        None if found.servers && !found.ca => InternalAuth::None,
+        None if found.servers && !found.ca && !found.was_tls => InternalAuth::None,
         None => InternalAuth::Strict,
     }
 }
@@ -47,12 +59,12 @@ pub fn condition(mode: InternalAuth, set: bool) -> (ConditionStatus, &'static st
     match mode {
         InternalAuth::Strict => (
             ConditionStatus::True,
-            "Strict",
+            REASON_STRICT,
             "mutual TLS between the database's components; nothing else is accepted".into(),
         ),
         InternalAuth::Migrate => (
             ConditionStatus::False,
-            "Migrate",
+            REASON_MIGRATE,
             format!(
                 "servers also accept plain HTTP from anyone ({why}); set spec.tls.internalAuth: strict once \
                  sharddb_plain_internal_requests_total stays at zero"
@@ -73,13 +85,13 @@ pub fn condition(mode: InternalAuth, set: bool) -> (ConditionStatus, &'static st
 mod tests {
     use super::*;
 
-    const NEW: Found = Found { ca: false, servers: false };
-    const PREVIOUS_RELEASE: Found = Found { ca: false, servers: true };
-    const THIS_RELEASE: Found = Found { ca: true, servers: true };
+    const NEW: Found = Found { ca: false, servers: false, was_tls: false };
+    const PREVIOUS_RELEASE: Found = Found { ca: false, servers: true, was_tls: false };
+    const THIS_RELEASE: Found = Found { ca: true, servers: true, was_tls: true };
 
     #[test]
     fn the_spec_wins_whatever_exists() {
-        for found in [NEW, PREVIOUS_RELEASE, THIS_RELEASE, Found { ca: true, servers: false }] {
+        for found in [NEW, PREVIOUS_RELEASE, THIS_RELEASE, Found { ca: true, servers: false, was_tls: false }] {
             for mode in [InternalAuth::None, InternalAuth::Migrate, InternalAuth::Strict] {
                 assert_eq!(decide(Some(mode), found), mode, "{found:?}");
             }
@@ -93,7 +105,13 @@ mod tests {
         assert_eq!(decide(None, THIS_RELEASE), InternalAuth::Strict);
         // The CA is made before the first StatefulSet: a reconcile interrupted between the two
         // leaves a CA and no servers, which is this release's database.
-        assert_eq!(decide(None, Found { ca: true, servers: false }), InternalAuth::Strict);
+        assert_eq!(decide(None, Found { ca: true, servers: false, was_tls: false }), InternalAuth::Strict);
+    }
+
+    #[test]
+    fn deleting_the_ca_of_a_tls_database_never_turns_authentication_off() {
+        let ca_deleted = Found { ca: false, ..THIS_RELEASE };
+        assert_eq!(decide(None, ca_deleted), InternalAuth::Strict, "the CA is made again");
     }
 
     #[test]
