@@ -209,6 +209,13 @@ impl Context {
         })
     }
 
+    /// Where the operator reaches `server` of database `namespace/db`: over `http://` while the
+    /// database is in internal-auth `none`.
+    pub(super) fn server_url(&self, db: &str, namespace: &str, server: &str) -> String {
+        let plain = self.pki.is_plain(&shard_server::tls::DatabaseId::new(namespace, db));
+        topology::in_scheme(&self.config.server_urls.url(db, namespace, server), plain)
+    }
+
     /// The servers of `db` the healer could not reach at its last probe.
     pub fn unreachable(&self, db: &ObjectRef<ShardedDatabase>) -> BTreeSet<String> {
         self.unreachable.lock().unwrap_or_else(|e| e.into_inner()).get(db).cloned().unwrap_or_default()
@@ -362,7 +369,9 @@ async fn reconcile_inner(db: &ShardedDatabase, ctx: &Context) -> Result<Action, 
         .unwrap_or_else(generate_password);
     let published = topology::read(client, &owner).await?;
     let current = published.as_ref().and_then(|p| p.topology.clone());
-    let url = |server: &str| ctx.config.server_urls.url(&owner.name, ns, server);
+    let url = |server: &str| {
+        topology::in_scheme(&ctx.config.server_urls.url(&owner.name, ns, server), mode == InternalAuth::None)
+    };
     let (topology, first) = match current.clone() {
         Some(t) => (t, false),
         None => (first_topology(&valid, &placement, url)?, true),

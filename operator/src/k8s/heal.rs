@@ -269,14 +269,25 @@ impl Healer {
         let mut probed: BTreeSet<&String> = topology.servers.keys().collect();
         probed.extend(desired.iter().flat_map(|(_, p)| &p.servers));
         let named: BTreeSet<String> = probed.iter().map(|s| (*s).clone()).collect();
-        let servers: Vec<(String, String)> = probed
-            .into_iter()
-            .map(|s| (s.clone(), self.ctx.config.server_urls.url(&owner.name, &owner.namespace, s)))
-            .collect();
+        let servers: Vec<(String, String)> =
+            probed.into_iter().map(|s| (s.clone(), self.ctx.server_url(&owner.name, &owner.namespace, s))).collect();
         let Some((probe_http, _)) = self.clients(&owner, &key) else {
             // The reconcile has not made the database's certificates yet: nothing can be asked.
             return;
         };
+        // The document lists servers with the scheme of the database's mode before anything else
+        // is planned on it (a database leaving `none` lists `http://` URLs its servers no longer
+        // serve, and the reverse).
+        let plain = self.ctx.pki.is_plain(&crate::k8s::build::tls::database_id(&owner));
+        if let Some(next) = topology::with_scheme(&topology, plain) {
+            match topology::write(&self.ctx.client, &owner, &next, Some(&published.resource_version)).await {
+                Ok(_) => {
+                    tracing::info!(db = %owner.name, epoch = next.epoch, plain, "server URLs follow the internal-auth mode")
+                }
+                Err(e) => self.not_written(&owner, e),
+            }
+            return;
+        }
         self.rounds += 1;
         let checksums = self.rounds.is_multiple_of(exec::CHECKSUM_EVERY);
         // One `now` for the round, taken before any probe leaves (see `Observations`).
@@ -371,7 +382,7 @@ impl Healer {
             .servers
             .iter()
             .filter(|s| topology.servers.contains_key(*s) || matches!(seen.health(s), Health::Up { .. }))
-            .map(|s| (s.clone(), self.ctx.config.server_urls.url(&owner.name, &owner.namespace, s)))
+            .map(|s| (s.clone(), self.ctx.server_url(&owner.name, &owner.namespace, s)))
             .collect();
         let steps = moves::plan_moves(topology, valid, placement, &urls, seen);
         let next = moves::apply(topology, &steps)?;
@@ -510,7 +521,7 @@ impl Healer {
             return;
         }
         tracing::info!(db = %owner.name, %shard, %server, %primary, "recovering a copy");
-        let url = self.ctx.config.server_urls.url(&owner.name, &owner.namespace, &server);
+        let url = self.ctx.server_url(&owner.name, &owner.namespace, &server);
         let Some((probe_http, recover_http)) = self.clients(owner, &ObjectRef::from_obj(db.as_ref())) else {
             if let Some(state) = self.dbs.get_mut(&ObjectRef::from_obj(db.as_ref())) {
                 state.running.remove(&(shard, server));
@@ -691,7 +702,7 @@ async fn grant_leases(ctx: Arc<Context>, books: Books) {
             let Some(http) = db.http.lock().expect("lease client lock").clone() else { continue };
             let ctx = Arc::clone(&ctx);
             running.spawn(async move {
-                let url = |server: &str, _: &str| ctx.config.server_urls.url(&db.name, &db.namespace, server);
+                let url = |server: &str, _: &str| ctx.server_url(&db.name, &db.namespace, server);
                 exec::grant_primary_leases(&http, &db.book, &db.tokens, &url).await;
             });
         }
