@@ -10,7 +10,8 @@
 //! as in `sharddb-operator run`, with the router certificate the operator put in the routers'
 //! Secret; the spec changes they make are carried out by the healer's moves. Servers present
 //! certificates of the database's CA (the one the operator made in `students-ca`), and the
-//! healer reaches them with its own certificate for the database, as in a cluster.
+//! healer reaches them with its own certificate for the database, as in a cluster; but for a
+//! database in internal-auth `none`, whose servers and routers speak plain HTTP.
 
 mod common;
 
@@ -380,4 +381,42 @@ async fn a_copy_that_differs_from_its_primary_is_demoted_with_an_event_and_a_met
     // Copied afresh, the copy is the primary's again: nothing differs, nothing more is counted.
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(h.metrics().contains("sharddb_operator_copies_diverged_total 1"), "{}", h.metrics());
+}
+
+/// A database in internal-auth `none` (as one taken over from a release before internal
+/// authentication runs): plain servers and no CA. The healer reaches them over plain HTTP (the
+/// database turns Ready, and a primary that is gone fails over), the document lists them at
+/// `http://` URLs, and the admin endpoint answers this database's routers over plain HTTP at
+/// the control URL they are given, but no plain caller for a database not in `none`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_none_the_operator_heals_plain_servers_and_answers_plain_routers() {
+    let mut h = Harness::start_in(3, Some("none")).await;
+    h.wait_ready().await;
+    assert_eq!(h.condition("InternalAuth"), Some(("False".into(), "None".into())));
+    assert!(secret(&h.api, "students-ca", "ca.crt").is_none(), "no CA in none");
+    let t = h.topology().unwrap();
+    assert!(t.servers.values().all(|s| s.url.starts_with("http://")), "{:?}", t.servers);
+
+    h.write(2, "sh2", 4096..4146).await;
+    h.kill(2).await;
+    let failed_over = |t: &Topology| t.shard("sh2").is_some_and(|s| s.primary == "Server0");
+    assert!(h.api.wait_for(WAIT, |_| h.topology().is_some_and(|t| failed_over(&t))).await, "Server0 promoted");
+    assert_eq!(h.contents(0, "sh2").await.0, 50, "the new primary has every acknowledged row");
+
+    let router = h.api.get("deployments", NS, "students-router").unwrap();
+    let args = router["spec"]["template"]["spec"]["containers"][0]["args"].as_array().unwrap().clone();
+    let at = args.iter().position(|a| a == "--control-url").expect("a control URL");
+    let control = args[at + 1].as_str().unwrap().to_owned();
+    assert_eq!(control, format!("http://{}/databases/{NS}/students", h.admin), "plain, for a router in none");
+    let plain = shard_server::api::http_client(Duration::from_secs(30));
+    // Past the gate: the endpoint's own answer to `/init` (the resource holds the configuration).
+    let init = json!({ "n": 1, "schema": { "columns": ["a"], "dtypes": ["Number"] }, "shards": [], "servers": null });
+    let answer = plain.post(format!("{control}/init")).json(&init).send().await.unwrap();
+    assert_eq!(answer.status().as_u16(), 409, "{}", answer.text().await.unwrap());
+    let other = format!("http://{}/databases/{NS}/other/init", h.admin);
+    let answer = plain.post(other).json(&init).send().await.unwrap();
+    assert_eq!(answer.status().as_u16(), 401, "a database not in none needs its routers' certificate");
+    let body: Value = answer.json().await.unwrap();
+    assert_eq!(body["code"], "unauthenticated", "{body}");
+    assert!(body["message"].as_str().unwrap().contains("over TLS"), "{body}");
 }

@@ -102,6 +102,12 @@ impl Harness {
     /// only the spec's three are served: the others play pods yet to be created, started later
     /// with [`Harness::restart`].
     pub async fn start_with(servers: usize) -> Harness {
+        Harness::start_in(servers, None).await
+    }
+
+    /// As [`Harness::start_with`], the database created with `spec.tls.internalAuth: mode` when
+    /// given. In `none` the servers serve plain HTTP with no credential, and no CA is awaited.
+    pub async fn start_in(servers: usize, mode: Option<&str>) -> Harness {
         install_crypto_provider();
         let _ = tracing_subscriber::fmt()
             .with_test_writer()
@@ -162,8 +168,18 @@ impl Harness {
         h.config = Some(config);
         h.start_operator();
 
-        let db: ShardedDatabase = serde_json::from_value(students(3)).unwrap();
+        let mut db = students(3);
+        if let Some(mode) = mode {
+            db["spec"]["tls"] = json!({ "internalAuth": mode });
+        }
+        let db: ShardedDatabase = serde_json::from_value(db).unwrap();
         Api::<ShardedDatabase>::namespaced(h.api.client(), NS).create(&PostParams::default(), &db).await.unwrap();
+        if mode == Some("none") {
+            for (i, l) in listeners.into_iter().enumerate().take(3) {
+                h.serve(i, l).await;
+            }
+            return h;
+        }
 
         // The servers' pods start once their certificates exist, as a pod waits for its Secret.
         assert!(h.api.wait_for(WAIT, |api| secret(api, "students-ca", "ca.key").is_some()).await, "the CA is made");
@@ -229,12 +245,31 @@ impl Harness {
             cache_rows: NodeConfig::DEFAULT_CACHE_ROWS,
             cache_bytes: NodeConfig::DEFAULT_CACHE_BYTES,
             body_timeout: Duration::from_secs(60),
-            credentials: credentials(
-                self.ca.as_ref().expect("the database's CA"),
-                Identity::new(students_id(), Component::Server, &s.name).unwrap(),
-            ),
-            internal_auth: shard_server::tls::InternalAuth::Strict,
+            credentials: match &self.ca {
+                Some(ca) => credentials(ca, Identity::new(students_id(), Component::Server, &s.name).unwrap()),
+                // Internal-auth `none`: plain HTTP, anyone accepted.
+                None => Credentials::Plain,
+            },
+            internal_auth: match &self.ca {
+                Some(_) => shard_server::tls::InternalAuth::Strict,
+                None => shard_server::tls::InternalAuth::None,
+            },
         };
+        if matches!(config.credentials, Credentials::Plain) {
+            let node = Node::new(config, db, watch_configmap(self.api.client(), NS, CONFIGMAP));
+            node.start().await.unwrap();
+            let limits = shard_server::serve::ServeLimits {
+                header_timeout: Duration::from_secs(10),
+                body_timeout: Duration::from_secs(10),
+                idle_timeout: Duration::from_secs(10),
+                max_connections: 64,
+            };
+            let app = shard_server::app(node);
+            s.task = Some(tokio::spawn(async move {
+                shard_server::serve::serve(listener, app, limits, std::future::pending()).await.unwrap();
+            }));
+            return;
+        }
         let Credentials::Tls(tls) = &config.credentials else { unreachable!() };
         let listener = TlsListener::new(listener, tls.server_config());
         let node = Node::new(config, db, watch_configmap(self.api.client(), NS, CONFIGMAP));
@@ -310,7 +345,8 @@ impl Harness {
     }
 
     pub fn client(&self, i: usize) -> ShardClient {
-        ShardClient::new(self.http.clone(), format!("https://{}", self.servers[i].addr))
+        let scheme = if self.ca.is_some() { "https" } else { "http" };
+        ShardClient::new(self.http.clone(), format!("{scheme}://{}", self.servers[i].addr))
     }
 
     pub fn topology(&self) -> Option<Topology> {
