@@ -420,3 +420,43 @@ async fn in_none_the_operator_heals_plain_servers_and_answers_plain_routers() {
     assert_eq!(body["code"], "unauthenticated", "{body}");
     assert!(body["message"].as_str().unwrap().contains("over TLS"), "{body}");
 }
+
+/// Leaving `none`, as the README describes it: the user sets `spec.tls.internalAuth: strict`;
+/// the operator makes the CA and the certificates, lists the servers at `https://` URLs (at a
+/// newer epoch), and once the servers run with their certificates (here all restarted at once,
+/// playing the pods' roll) the database is Ready again with every row it had.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn setting_strict_on_a_database_in_none_makes_its_certificates_and_lists_its_servers_over_tls() {
+    let mut h = Harness::start_in(3, Some("none")).await;
+    h.wait_ready().await;
+    h.write(0, "sh1", 0..30).await;
+    let before = h.topology().unwrap();
+
+    let api: kube::Api<operator::crd::ShardedDatabase> = kube::Api::namespaced(h.api.client(), NS);
+    let patch = json!({ "spec": { "tls": { "internalAuth": "strict" } } });
+    api.patch("students", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch)).await.unwrap();
+    assert!(h.api.wait_for(WAIT, |api| secret(api, "students-ca", "ca.key").is_some()).await, "the CA is made");
+    let over_tls = |t: &Topology| t.servers.values().all(|s| s.url.starts_with("https://"));
+    assert!(h.api.wait_for(WAIT, |_| h.topology().is_some_and(|t| over_tls(&t))).await, "servers listed over TLS");
+    assert!(h.topology().unwrap().epoch > before.epoch, "at a newer epoch, which servers and routers take");
+    assert_eq!(h.condition("InternalAuth"), Some(("True".into(), "Strict".into())));
+
+    // The cost: until its pod rolls, a plain server is out of the operator's reach.
+    let ready = |h: &Harness| h.condition("Ready") == Some(("True".into(), "AllReady".into()));
+    assert!(h.api.wait_for(WAIT, |_| !ready(&h)).await, "plain servers cannot be reached over TLS");
+
+    // The pods roll: every server comes back with its certificate, over its data.
+    let ca_pem = secret(&h.api, "students-ca", "ca.crt").unwrap();
+    let ca = Ca::from_pem(&ca_pem, &secret(&h.api, "students-ca", "ca.key").unwrap()).unwrap();
+    h.http = common::credentials(&ca, Identity::operator(students_id()).unwrap()).http_client(WAIT);
+    h.ca = Some(ca);
+    for i in 0..3 {
+        h.kill(i).await;
+        h.restart(i, false).await;
+    }
+    assert!(h.api.wait_for(WAIT, |_| ready(&h)).await, "ready over TLS: {}", h.status());
+    let t = h.topology().unwrap();
+    let primary = h.index(&t.shard("sh1").unwrap().primary);
+    assert_eq!(h.contents(primary, "sh1").await.0, 30, "every row kept");
+    h.assert_ready_copies_equal().await;
+}
