@@ -439,7 +439,8 @@ async fn setting_strict_on_a_database_in_none_makes_its_certificates_and_lists_i
     let over_tls = |t: &Topology| t.servers.values().all(|s| s.url.starts_with("https://"));
     assert!(h.api.wait_for(WAIT, |_| h.topology().is_some_and(|t| over_tls(&t))).await, "servers listed over TLS");
     assert!(h.topology().unwrap().epoch > before.epoch, "at a newer epoch, which servers and routers take");
-    assert_eq!(h.condition("InternalAuth"), Some(("True".into(), "Strict".into())));
+    let strict = |h: &Harness| h.condition("InternalAuth") == Some(("True".into(), "Strict".into()));
+    assert!(h.api.wait_for(WAIT, |_| strict(&h)).await, "the status says so: {}", h.status());
 
     // The cost: until its pod rolls, a plain server is out of the operator's reach.
     let ready = |h: &Harness| h.condition("Ready") == Some(("True".into(), "AllReady".into()));
