@@ -141,13 +141,18 @@ pub async fn trust_databases(
                 };
                 let id = tls_build::database_id(&owner);
                 known.insert(id.clone());
-                // The leader's decision, as its status reports it: a database in `none` has its
-                // routers answered over plain HTTP by every replica.
-                let plain = db
-                    .status
-                    .as_ref()
-                    .and_then(|s| s.conditions.iter().find(|c| c.type_ == super::internal_auth::INTERNAL_AUTH))
-                    .is_some_and(|c| c.reason == super::internal_auth::REASON_NONE);
+                // A database in `none` has its routers answered over plain HTTP by every replica:
+                // the spec's mode when set (as the leader's reconcile decides it), else the
+                // leader's decision as the status reports it (sticky, see `k8s::internal_auth`).
+                let set = db.spec.tls.as_ref().and_then(|t| t.internal_auth);
+                let plain = match set {
+                    Some(mode) => mode == crate::crd::InternalAuthMode::None,
+                    None => db
+                        .status
+                        .as_ref()
+                        .and_then(|s| s.conditions.iter().find(|c| c.type_ == super::internal_auth::INTERNAL_AUTH))
+                        .is_some_and(|c| c.reason == super::internal_auth::REASON_NONE),
+                };
                 if plain {
                     pki.register_plain(&id);
                 } else {
