@@ -1,7 +1,7 @@
 //! The reconcile driver: a kube-runtime `Controller` on `ShardedDatabase` owning every child kind.
 //! Each reconcile runs validate → internal-auth mode ([`super::internal_auth`]) → build → apply →
-//! observe → status. Beside it runs the healer
-//! ([`super::heal`]), which keeps the topology in step with the servers. Does I/O.
+//! observe → status. Beside it runs the healer ([`super::heal`]), which keeps the topology in
+//! step with the servers. Does I/O.
 //!
 //! The topology ConfigMap is shared with the healer: the reconcile only creates it when missing;
 //! every later change (failovers, heals, and the placement moves that carry out a spec change) is
