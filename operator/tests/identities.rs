@@ -127,7 +127,9 @@ async fn every_component_gets_a_certificate_of_the_database_ca_and_mounts_it() {
     }
     assert_eq!(data(s, "students-router-tls", "operator-ca.crt").as_deref(), Some(h.ctx.pki.operator_ca_pem()));
     assert_eq!(data(s, "students-admin-token", "token").unwrap().len(), 32);
-    // The operator holds its own certificate for this database, in memory only.
+    // The operator holds its own certificate for this database, in memory only. It is issued
+    // after the Secrets are written, so it may come a moment after the last of them.
+    assert!(s.wait_for(WAIT, |_| h.ctx.pki.credentials(&students()).is_some()).await, "registered");
     let credentials = h.ctx.pki.credentials(&students()).expect("registered");
     assert_eq!(credentials.identity().unwrap(), Identity::operator(students()).unwrap());
 
