@@ -65,6 +65,11 @@ step "helm template (every option on) | kubernetes-validate"
   --set serviceAccount.name=custom --set leaderElection.leaseName=lease \
   --show-only templates/deployment.yaml --show-only templates/rbac.yaml >"$out/options.yaml"
 "$VENV/bin/kubernetes-validate" --quiet -k "$K8S_VERSION" --strict "$out/options.yaml"
+# Namespaced RBAC (Roles per listed namespace) and the admin port's NetworkPolicy restricted to them.
+"$HELM" lint --strict "$CHART" --set 'rbac.namespaces={team-a,team-b}'
+"$HELM" template sharddb "$CHART" --namespace ops --set 'rbac.namespaces={team-a,team-b}' \
+  --show-only templates/rbac.yaml --show-only templates/networkpolicy.yaml >"$out/namespaced.yaml"
+"$VENV/bin/kubernetes-validate" --quiet -k "$K8S_VERSION" --strict "$out/namespaced.yaml"
 "$HELM" template sharddb "$CHART" --set serviceMonitor.enabled=true \
   --show-only templates/servicemonitor.yaml | grep -q '^kind: ServiceMonitor$'
 

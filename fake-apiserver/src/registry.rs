@@ -151,6 +151,7 @@ impl Registry {
             t("apps", "v1", "statefulsets", "StatefulSet", true).with_status().with_scale(workload_scale()),
             t("apps", "v1", "deployments", "Deployment", true).with_status().with_scale(workload_scale()),
             t("policy", "v1", "poddisruptionbudgets", "PodDisruptionBudget", true).with_status(),
+            t("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy", true),
             t("rbac.authorization.k8s.io", "v1", "roles", "Role", true),
             t("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding", true),
             t("rbac.authorization.k8s.io", "v1", "clusterroles", "ClusterRole", false),

@@ -101,6 +101,11 @@ pub struct Options {
     /// fraction of initdb's time, which matters when many clusters start together). Only used when
     /// `data_dir` holds no cluster yet.
     pub template: Option<PathBuf>,
+    /// The superuser's password: a new cluster then authenticates every connection with
+    /// `scram-sha-256` instead of trusting it, and our own client programs send the password (in
+    /// their environment, never on a command line). A template must have been made with the same
+    /// password. `None`: `trust`, for throwaway test clusters.
+    pub password: Option<String>,
     /// More server settings (`-c name=value`), after and so over the ones set here.
     pub settings: Vec<(String, String)>,
     /// Also listen on a Unix socket in the data directory ([`LocalPg::socket_url`]), for clients
@@ -118,6 +123,7 @@ impl Options {
             max_connections: 100,
             no_sync: false,
             template: None,
+            password: None,
             settings: Vec::new(),
             unix_socket: false,
         }
@@ -266,6 +272,8 @@ pub struct LocalPg {
     settings: Vec<(String, String)>,
     unix_socket: bool,
     running: bool,
+    /// The superuser's password (`scram-sha-256`), or `None` (`trust`).
+    password: Option<String>,
     /// Set by [`LocalPg::temporary`]: the directory removed when this value drops (after the stop).
     temp: Option<tempfile::TempDir>,
 }
@@ -305,6 +313,7 @@ impl LocalPg {
             settings: opts.settings,
             unix_socket: opts.unix_socket,
             running: false,
+            password: opts.password,
             temp: None,
         };
         if !pg.is_initialized() {
@@ -357,9 +366,15 @@ impl LocalPg {
         self.running
     }
 
-    /// A connection URL for database `db` (trust authentication, superuser).
+    /// A connection URL for database `db` as the superuser. It never holds the password (see
+    /// [`LocalPg::password`]), so it may be shown and logged.
     pub fn url(&self, db: &str) -> String {
         format!("postgres://{SUPERUSER}@127.0.0.1:{}/{db}", self.port)
+    }
+
+    /// The superuser's password, when the cluster authenticates with one.
+    pub fn password(&self) -> Option<&str> {
+        self.password.as_deref()
     }
 
     /// A connection URL for database `db` through the Unix socket in the data directory, when the
@@ -417,12 +432,36 @@ impl LocalPg {
             self.create_data_dir()?;
         }
         let mut cmd = self.run_as.command(&self.bins.program("initdb"));
-        cmd.arg("-D").arg(&self.data_dir).args(["-A", "trust", "-U", SUPERUSER, "--encoding=UTF8", "--locale=C"]);
+        let auth = if self.password.is_some() { "scram-sha-256" } else { "trust" };
+        cmd.arg("-D").arg(&self.data_dir).args(["-A", auth, "-U", SUPERUSER, "--encoding=UTF8", "--locale=C"]);
         if self.no_sync {
             cmd.arg("-N");
         }
-        run("initdb", cmd)?;
-        Ok(())
+        // initdb reads the password from a file (or a terminal): one readable by the PostgreSQL
+        // user alone, beside the data directory (initdb wants the directory itself empty), and
+        // removed whether initdb succeeded or not.
+        let pwfile = self.password.as_ref().map(|_| self.data_dir.with_extension("pwfile"));
+        if let (Some(file), Some(password)) = (&pwfile, &self.password) {
+            write_private(file, password)?;
+            self.run_as.own(file)?;
+            cmd.arg(format!("--pwfile={}", file.display()));
+        }
+        let done = run("initdb", cmd);
+        if let Some(file) = &pwfile {
+            let _ = fs::remove_file(file);
+        }
+        done.map(drop)
+    }
+
+    /// A client program (createdb, psql) as the PostgreSQL user, with the password, if any, in
+    /// its environment: a command line is visible to every user of the machine, an environment
+    /// only to the process's own user.
+    fn client(&self, program: &str) -> Command {
+        let mut cmd = self.run_as.command(&self.bins.program(program));
+        if let Some(password) = &self.password {
+            cmd.env("PGPASSWORD", password);
+        }
+        cmd
     }
 
     fn prepare_log(&self) -> Result<(), PgError> {
@@ -536,7 +575,7 @@ impl LocalPg {
     /// Creates database `name`; an existing database of that name is kept as it is.
     pub fn create_database(&self, name: &str) -> Result<(), PgError> {
         check_db_name(name)?;
-        let mut cmd = self.run_as.command(&self.bins.program("createdb"));
+        let mut cmd = self.client("createdb");
         cmd.args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", SUPERUSER, name]);
         match run("createdb", cmd) {
             Ok(_) => Ok(()),
@@ -548,7 +587,7 @@ impl LocalPg {
     /// Runs `sql` with `psql` in database `db` and returns its unaligned, tuples-only output.
     pub fn psql(&self, db: &str, sql: &str) -> Result<String, PgError> {
         check_db_name(db)?;
-        let mut cmd = self.run_as.command(&self.bins.program("psql"));
+        let mut cmd = self.client("psql");
         cmd.args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", SUPERUSER, "-d", db]).args([
             "-X",
             "-q",
@@ -570,6 +609,20 @@ impl Drop for LocalPg {
             tracing::warn!(data_dir = %self.data_dir.display(), error = %e, "failed to stop postgres");
         }
     }
+}
+
+/// Writes `contents` to a new file `path` readable by its owner alone from the first byte.
+fn write_private(path: &Path, contents: &str) -> Result<(), PgError> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut f| f.write_all(contents.as_bytes()))
+        .map_err(|source| PgError::Io { action: "failed to write", path: path.to_owned(), source })
 }
 
 fn check_db_name(name: &str) -> Result<(), PgError> {

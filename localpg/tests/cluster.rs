@@ -119,6 +119,53 @@ fn a_cluster_can_start_as_a_copy_of_a_template() {
 }
 
 #[test]
+fn a_cluster_with_a_password_refuses_connections_without_it() {
+    let dir = tempfile::Builder::new()
+        .prefix("localpg-pw-")
+        .permissions(std::fs::Permissions::from_mode(0o755))
+        .tempdir()
+        .unwrap();
+    let mut opts = Options::new(dir.path().join("pgdata"));
+    opts.no_sync = true;
+    opts.password = Some("s3cret-pw".into());
+    let mut pg = LocalPg::new(opts).unwrap();
+    assert!(!dir.path().join("pgdata.pwfile").exists(), "initdb's password file is removed");
+    pg.start().unwrap();
+    pg.create_database("sharddb").unwrap();
+    assert_eq!(pg.psql("sharddb", "select 1").unwrap(), "1", "our own clients send the password");
+    assert!(!pg.url("sharddb").contains("s3cret"), "the URL never holds the password");
+    let hba = pg.psql("sharddb", "select distinct auth_method from pg_hba_file_rules").unwrap();
+    assert_eq!(hba, "scram-sha-256");
+    let psql = |password: Option<&str>| {
+        let mut cmd = std::process::Command::new(pg.binaries().program("psql"));
+        cmd.args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &pg.port().to_string(),
+            "-U",
+            "postgres",
+            "-d",
+            "sharddb",
+            "-w",
+            "-c",
+            "select 1",
+        ]);
+        cmd.env_remove("PGPASSWORD").env("PGPASSFILE", "/nonexistent");
+        if let Some(p) = password {
+            cmd.env("PGPASSWORD", p);
+        }
+        let out = cmd.output().unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (ok, err) = psql(None);
+    assert!(!ok && err.contains("password"), "no password: {err}");
+    let (ok, err) = psql(Some("wrong"));
+    assert!(!ok && err.contains("password authentication failed"), "wrong password: {err}");
+    assert!(psql(Some("s3cret-pw")).0, "the right password");
+}
+
+#[test]
 fn settings_reach_the_server_and_only_plain_words_are_accepted() {
     let base = tempfile::Builder::new().permissions(std::fs::Permissions::from_mode(0o755)).tempdir().unwrap();
     let mut opts = Options::new(base.path().join("pgdata"));

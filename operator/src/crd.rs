@@ -112,6 +112,10 @@ pub struct ShardedDatabaseSpec {
     /// Compute resources per container kind; none are requested when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourcesSpec>,
+    /// The database's certificates. Traffic between its servers, routers and the operator is
+    /// always mutual TLS; this chooses the CA and whether clients reach the router over TLS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsSpec>,
     /// Tuning of every shard server: its row cache, its threads and its probes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shard_server: Option<ShardServerSpec>,
@@ -287,6 +291,58 @@ pub struct ProbeSpec {
     pub failure_threshold: Option<i32>,
 }
 
+/// The database's certificates.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TlsSpec {
+    /// A Secret in the database's namespace holding the CA that signs the database's
+    /// certificates, as `tls.crt` and `tls.key` (a `kubernetes.io/tls` Secret; cert-manager
+    /// writes one for a `Certificate` with `isCA: true`). The CA must serve sharddb alone:
+    /// whoever can obtain a certificate from it can act as any component of the databases it
+    /// signs for. Default: the operator makes a CA and keeps it in the Secret `<name>-ca`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub ca_secret_name: Option<String>,
+    /// Serve the router's client port over HTTPS, with a certificate of the database's CA for
+    /// the router Service's DNS names; clients check it against `ca.crt` of the Secret
+    /// `<name>-router-tls`. Default false: plain HTTP, which the seed's clients speak.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_tls: Option<bool>,
+    /// How the database's components authenticate each other (see [`InternalAuthMode`]).
+    /// Unset on a database a previous release created, this operator runs it in `none`, so that
+    /// taking it over does not roll its pods into a mix of TLS and plain pods that cannot talk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub internal_auth: Option<InternalAuthMode>,
+}
+
+/// How the database's components authenticate each other. `strict`: mutual TLS with
+/// certificates of the database's CA, nothing else accepted. `none`: plain HTTP and no
+/// credential, as releases before internal authentication spoke; no CA, certificates or admin
+/// token are made. `migrate`: servers serve TLS and plain HTTP on one port, every component dials
+/// TLS. Default: `none` for a database a previous release created (its servers exist and it has
+/// no `<name>-ca` Secret), `strict` otherwise. Changing it rolls every pod. The mode in force is
+/// the status condition `InternalAuth`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum InternalAuthMode {
+    /// Plain HTTP, anyone accepted: only to run beside a release from before internal authentication.
+    None,
+    /// TLS and plain HTTP served on one port, TLS dialled: the rung between `none` and `strict`.
+    Migrate,
+    /// Mutual TLS only (the default for a new database).
+    Strict,
+}
+
+impl From<InternalAuthMode> for shard_server::tls::InternalAuth {
+    fn from(mode: InternalAuthMode) -> Self {
+        match mode {
+            InternalAuthMode::None => shard_server::tls::InternalAuth::None,
+            InternalAuthMode::Migrate => shard_server::tls::InternalAuth::Migrate,
+            InternalAuthMode::Strict => shard_server::tls::InternalAuth::Strict,
+        }
+    }
+}
+
 /// Persistent storage per server.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -387,7 +443,8 @@ pub struct ShardedDatabaseStatus {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Condition {
-    /// The aspect this condition reports: `Ready`, `Progressing` or `Degraded`.
+    /// The aspect this condition reports: `Ready`, `Progressing`, `Degraded` or `InternalAuth`
+    /// (`True` in `strict`; else `False`, the reason naming the mode).
     #[serde(rename = "type")]
     pub type_: String,
     /// Whether the condition holds.

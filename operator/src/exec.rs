@@ -51,17 +51,18 @@ pub struct RecoveredCopy {
     pub copy_id: String,
 }
 
-/// Has the server at `url` replace its copy of `shard` from `source` (the primary's base URL) and
-/// verify it against the primary, then reads back the new copy's identity.
+/// Has the server at `url` replace its copy of `shard` from `primary` (a server name: the server
+/// copies from the address its own topology gives) and verify it against the primary, then reads
+/// back the new copy's identity.
 pub async fn recover_copy(
     recover_http: &reqwest::Client,
     probe_http: &reqwest::Client,
     url: &str,
     shard: &str,
-    source: &str,
+    primary: &str,
 ) -> Result<RecoveredCopy, ClientError> {
     let response = ShardClient::new(recover_http.clone(), url)
-        .recover(shard, &RecoverRequest { source: source.to_owned() })
+        .recover(shard, &RecoverRequest { primary: primary.to_owned() })
         .await?;
     let status = ShardClient::new(probe_http.clone(), url).status(false).await?;
     let copy_id = status.shards.get(shard).map(|s| s.copy_id.clone()).unwrap_or_default();

@@ -39,6 +39,24 @@ enum Command {
         /// the newest /usr/lib/postgresql/*/bin.
         #[arg(long, env = "SHARDDB_PG_BIN")]
         pg_bin: Option<PathBuf>,
+        /// Mutual TLS between the cluster's processes under a CA kept in the data directory. With
+        /// `--internal-tls=false` a per-cluster secret still authenticates them, but nothing is
+        /// encrypted: meant for measuring what TLS costs.
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1,
+              default_missing_value = "true")]
+        internal_tls: bool,
+        /// Make the router's `/init`, `/add` and `/rm` require `Authorization: Bearer <token>`,
+        /// the token being in `DIR/admin-token` (generated, 0600). Off by default: the seed's
+        /// clients call them without one, on 127.0.0.1.
+        #[arg(long)]
+        admin_token: bool,
+        /// How every process authenticates internal traffic: `strict` (mutual TLS), `migrate`
+        /// (TLS, and plain HTTP accepted and counted) or `none` (plain HTTP, anyone accepted).
+        /// Default: `none` for a data directory a release from before internal authentication
+        /// made (it has no `tls/`), so its processes still running can be replaced one at a
+        /// time, else `strict`. See the README's upgrade plan.
+        #[arg(long, env = "SHARDDB_INTERNAL_AUTH", value_enum)]
+        internal_auth: Option<shard_server::tls::InternalAuth>,
         /// Run the router and every shard server in a network namespace of its own, attached to a
         /// private switch (namespaces `ID-net`, `ID-router`, `ID-<server>`), so that links between
         /// them can be cut; `cluster.json` says where. ID: 1 to 10 lowercase letters and digits,
@@ -50,7 +68,7 @@ enum Command {
     Crd,
     /// Run the Kubernetes operator: reconcile every ShardedDatabase in the cluster (kubeconfig or
     /// in-cluster configuration) until SIGTERM or Ctrl-C.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
 }
 
 #[derive(clap::Args, Debug)]
@@ -92,6 +110,39 @@ struct RunArgs {
     /// The PostgreSQL image of a ShardedDatabase whose spec.images leaves it out.
     #[arg(long, env = "SHARDDB_POSTGRES_IMAGE", default_value = operator::crd::DEFAULT_POSTGRES_IMAGE)]
     postgres_image: String,
+    /// The Secret (in this pod's namespace) keeping the operator's own CA, which signs its admin
+    /// endpoint's certificate; made on first start. Without it (or outside a cluster) the CA is
+    /// held in memory and changes with every start.
+    #[arg(long, env = "SHARDDB_OPERATOR_CA_SECRET")]
+    operator_ca_secret: Option<String>,
+    /// Routers' `/init`, `/add` and `/rm` require the bearer token of the Secret
+    /// `<db>-admin-token` (on by default).
+    #[arg(long, env = "SHARDDB_REQUIRE_ADMIN_TOKEN", default_value_t = true, action = clap::ArgAction::Set,
+          num_args = 0..=1, default_missing_value = "true")]
+    require_admin_token: bool,
+    /// Give each database a NetworkPolicy admitting only its routers, its servers and the
+    /// operator to its servers (on by default; needs POD_NAMESPACE and --operator-pod-labels).
+    #[arg(long, env = "SHARDDB_NETWORK_POLICIES", default_value_t = true, action = clap::ArgAction::Set,
+          num_args = 0..=1, default_missing_value = "true")]
+    network_policies: bool,
+    /// Labels selecting the operator's pods, as `key=value,key=value` (the chart sets them).
+    #[arg(long, env = "SHARDDB_OPERATOR_POD_LABELS", value_parser = parse_labels)]
+    operator_pod_labels: Option<std::collections::BTreeMap<String, String>>,
+    /// Watch only these namespaces (comma-separated), with namespaced Roles there instead of a
+    /// ClusterRole; default: every namespace.
+    #[arg(long, env = "SHARDDB_NAMESPACES", value_delimiter = ',')]
+    namespaces: Vec<String>,
+}
+
+/// `key=value,key=value` → a label map.
+fn parse_labels(s: &str) -> Result<std::collections::BTreeMap<String, String>, String> {
+    s.split(',')
+        .filter(|p| !p.trim().is_empty())
+        .map(|pair| match pair.split_once('=') {
+            Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_owned(), v.trim().to_owned())),
+            _ => Err(format!("{pair:?} is not key=value")),
+        })
+        .collect()
 }
 
 impl RunArgs {
@@ -116,16 +167,31 @@ impl RunArgs {
         Ok(Some(operator::k8s::leader::LeaseConfig::new(self.lease_name.clone(), namespace, identity)))
     }
 
-    fn config(&self) -> operator::k8s::controller::Config {
-        operator::k8s::controller::Config {
+    fn config(&self) -> anyhow::Result<operator::k8s::controller::Config> {
+        let network_policy = if self.network_policies {
+            let namespace = self.pod_namespace.clone().filter(|ns| !ns.is_empty()).context(
+                "NetworkPolicies need the operator's namespace (POD_NAMESPACE); or pass --network-policies=false",
+            )?;
+            let labels = self.operator_pod_labels.clone().filter(|l| !l.is_empty()).context(
+                "NetworkPolicies need the operator's pod labels (--operator-pod-labels); or pass --network-policies=false",
+            )?;
+            Some(operator::k8s::build::netpol::OperatorPods { namespace, labels })
+        } else {
+            None
+        };
+        let namespaces: Vec<String> = self.namespaces.iter().filter(|n| !n.is_empty()).cloned().collect();
+        Ok(operator::k8s::controller::Config {
             default_images: operator::brain::validate::Images {
                 shard_server: self.shard_server_image.clone(),
                 router: self.router_image.clone(),
                 postgres: self.postgres_image.clone(),
             },
             admin_url: self.admin_url.clone().filter(|u| !u.is_empty()),
+            require_admin_token: self.require_admin_token,
+            network_policy,
+            namespaces: (!namespaces.is_empty()).then_some(namespaces),
             ..operator::k8s::controller::Config::default()
-        }
+        })
     }
 }
 
@@ -155,11 +221,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Run(args) => {
+            let args = *args;
             let lease = args.lease()?;
+            let config = args.config()?;
+            let ca_secret = match (&args.operator_ca_secret, args.pod_namespace.as_deref().filter(|n| !n.is_empty())) {
+                (Some(name), Some(ns)) => Some((ns.to_owned(), name.clone())),
+                (Some(_), None) => anyhow::bail!("--operator-ca-secret needs the operator's namespace (POD_NAMESPACE)"),
+                (None, _) => None,
+            };
             let runtime = tokio::runtime::Runtime::new().context("failed to start the async runtime")?;
-            runtime.block_on(run_operator(args.metrics_addr, args.admin_addr, args.config(), lease))
+            runtime.block_on(run_operator(args.metrics_addr, args.admin_addr, config, lease, ca_secret))
         }
-        Command::Local { spec, data_dir, port, bin_dir, pg_bin, netns } => {
+        Command::Local { spec, data_dir, port, bin_dir, pg_bin, netns, internal_tls, admin_token, internal_auth } => {
+            if internal_auth == Some(shard_server::tls::InternalAuth::Migrate) && !internal_tls {
+                anyhow::bail!("--internal-auth=migrate needs internal TLS (it serves TLS beside plain HTTP)");
+            }
             let bin_dir = match bin_dir {
                 Some(d) => d,
                 None => std::env::current_exe()
@@ -168,7 +244,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     .context("this program has no directory; pass --bin-dir")?
                     .to_owned(),
             };
-            let opts = LocalOptions { spec, data_dir, port, bin_dir, pg_bin, netns };
+            let opts =
+                LocalOptions { spec, data_dir, port, bin_dir, pg_bin, netns, internal_tls, admin_token, internal_auth };
             let runtime = tokio::runtime::Runtime::new().context("failed to start the async runtime")?;
             runtime.block_on(run_local(opts))?;
             Ok(())
@@ -181,6 +258,7 @@ async fn run_operator(
     admin_addr: std::net::SocketAddr,
     config: operator::k8s::controller::Config,
     lease: Option<operator::k8s::leader::LeaseConfig>,
+    ca_secret: Option<(String, String)>,
 ) -> anyhow::Result<()> {
     use operator::crd::ShardedDatabase;
     use operator::k8s::controller::{Context, Metrics, run};
@@ -192,7 +270,10 @@ async fn run_operator(
         .await
         .context("no Kubernetes configuration found (neither a kubeconfig nor an in-cluster service account)")?;
     // Fail fast and say what to do, rather than watching a resource the server does not serve.
-    let dbs: kube::Api<ShardedDatabase> = kube::Api::all(client.clone());
+    let dbs: kube::Api<ShardedDatabase> = match config.namespaces.as_ref().and_then(|n| n.first()) {
+        Some(ns) => kube::Api::namespaced(client.clone(), ns),
+        None => kube::Api::all(client.clone()),
+    };
     match dbs.list(&kube::api::ListParams::default().limit(1)).await {
         Ok(_) => {}
         Err(kube::Error::Api(s)) if s.is_not_found() => anyhow::bail!(
@@ -200,9 +281,22 @@ async fn run_operator(
         ),
         Err(e) => return Err(e).context("cannot list ShardedDatabases"),
     }
-    let admin = operator::k8s::admin::router(client.clone(), config.default_images.clone());
+    let pki = match &ca_secret {
+        Some((namespace, name)) => {
+            operator::k8s::pki::OperatorPki::load(&client, namespace, name, config.admin_url.as_deref())
+                .await
+                .context("cannot load the operator's CA")?
+        }
+        None => {
+            tracing::warn!("no --operator-ca-secret: the operator's CA lives in memory and changes on restart");
+            operator::k8s::pki::OperatorPki::ephemeral(config.admin_url.as_deref())
+        }
+    };
+    let admin = operator::k8s::admin::router(client.clone(), config.default_images.clone(), pki.clone());
+    let admin_tls = pki.admin_tls();
+    let (trust_pki, trust_scope) = (pki.clone(), config.namespaces.clone());
     let mut registry = prometheus_client::registry::Registry::default();
-    let ctx = Context::new(client.clone(), config, Metrics::new(&mut registry));
+    let ctx = Context::with_pki(client.clone(), config, Metrics::new(&mut registry), pki);
     let registry = Arc::new(registry);
     // True while the controller runs: after the Lease is acquired, when leader election is on.
     let reconciling = Arc::new(AtomicBool::new(false));
@@ -254,13 +348,33 @@ async fn run_operator(
         tokio::net::TcpListener::bind(admin_addr).await.with_context(|| format!("cannot listen on {admin_addr}"))?;
     tracing::info!(%admin_addr, "serving the admin endpoint");
     let mut admin_stop = stop_rx.clone();
+    // TLS with the operator's certificate, and plain HTTP for the routers of databases in
+    // internal-auth `none`; only a database's routers get past `k8s::admin`.
     let admin = tokio::spawn(async move {
-        axum::serve(admin_listener, admin)
-            .with_graceful_shutdown(async move {
-                let _ = admin_stop.wait_for(|s| *s).await;
-            })
-            .await
+        let stop = async move {
+            let _ = admin_stop.wait_for(|s| *s).await;
+        };
+        // Bounded as the servers' ports are; only a few routers per database ever call it.
+        let limits = shard_server::serve::ServeLimits {
+            header_timeout: std::time::Duration::from_secs(10),
+            body_timeout: shard_server::serve::ServeLimits::DEFAULT_BODY_TIMEOUT,
+            idle_timeout: shard_server::serve::ServeLimits::DEFAULT_IDLE_TIMEOUT,
+            max_connections: 256,
+        };
+        shard_server::serve::serve_migrate(admin_listener, admin, limits, admin_tls.server_config(), stop).await
     });
+
+    // Every replica checks routers against the databases' CAs, leading or not.
+    let mut trust_stop = stop_rx.clone();
+    tokio::spawn(operator::k8s::identities::trust_databases(
+        client.clone(),
+        trust_pki,
+        trust_scope,
+        std::time::Duration::from_secs(10),
+        async move {
+            let _ = trust_stop.wait_for(|s| *s).await;
+        },
+    ));
 
     let elector = lease.map(|lease| LeaderElector::new(client, lease));
     let shutdown = shutdown_signal();
@@ -353,9 +467,10 @@ mod tests {
     use super::*;
 
     fn run_args(args: &[&str]) -> RunArgs {
-        let cli = Cli::try_parse_from(["sharddb-operator", "run"].iter().chain(args)).unwrap();
+        let fixed = ["sharddb-operator", "run", "--network-policies=false"];
+        let cli = Cli::try_parse_from(fixed.iter().chain(args)).unwrap();
         match cli.command {
-            Command::Run(args) => args,
+            Command::Run(args) => *args,
             other => panic!("parsed as {other:?}"),
         }
     }
@@ -374,10 +489,43 @@ mod tests {
     }
 
     #[test]
+    fn security_flags_become_the_configuration() {
+        let config = run_args(&[]).config().unwrap();
+        assert!(config.require_admin_token, "admin verbs need a token by default");
+        assert_eq!(config.network_policy, None);
+        assert_eq!(config.namespaces, None);
+        let cli = Cli::try_parse_from([
+            "sharddb-operator",
+            "run",
+            "--pod-namespace",
+            "ops",
+            "--operator-pod-labels",
+            "app.kubernetes.io/name=sharddb-operator,app.kubernetes.io/instance=x",
+            "--namespaces",
+            "a,b",
+            "--require-admin-token=false",
+        ])
+        .unwrap();
+        let Command::Run(args) = cli.command else { panic!("run") };
+        let config = args.config().unwrap();
+        let pods = config.network_policy.unwrap();
+        assert_eq!(pods.namespace, "ops");
+        assert_eq!(pods.labels["app.kubernetes.io/instance"], "x");
+        assert_eq!(config.namespaces, Some(vec!["a".to_owned(), "b".to_owned()]));
+        assert!(!config.require_admin_token);
+        // On by default, NetworkPolicies cannot be built without knowing the operator's pods.
+        let cli = Cli::try_parse_from(["sharddb-operator", "run"]).unwrap();
+        let Command::Run(args) = cli.command else { panic!("run") };
+        let pods_known = args.pod_namespace.is_some() && args.operator_pod_labels.is_some();
+        assert_eq!(args.config().is_ok(), pods_known);
+        assert!(parse_labels("a=b,c").is_err());
+    }
+
+    #[test]
     fn image_flags_become_the_default_images() {
         let args =
             run_args(&["--router-image", "m/r:1", "--postgres-image", "m/pg:1", "--shard-server-image", "m/s:1"]);
-        let images = args.config().default_images;
+        let images = args.config().unwrap().default_images;
         assert_eq!(
             (images.router.as_str(), images.postgres.as_str(), images.shard_server.as_str()),
             ("m/r:1", "m/pg:1", "m/s:1")

@@ -6,13 +6,20 @@
 //! Database `students`: shards sh1 (primary Server0, copy on Server1) and sh2 (primary Server2,
 //! copy on Server0), per the count-mode placement of 2 shards × 2 replicas on 3 servers.
 //!
-//! The admin verbs go through the operator's admin endpoint (`k8s::admin`), served here as in
-//! `sharddb-operator run`; the spec changes they make are carried out by the healer's moves.
+//! The admin verbs go through the operator's admin endpoint (`k8s::admin`), served here over TLS
+//! as in `sharddb-operator run`, with the router certificate the operator put in the routers'
+//! Secret; the spec changes they make are carried out by the healer's moves. Servers present
+//! certificates of the database's CA (the one the operator made in `students-ca`), and the
+//! healer reaches them with its own certificate for the database, as in a cluster; but for a
+//! database in internal-auth `none`, whose servers and routers speak plain HTTP.
 
 mod common;
 
-use common::{Harness, NS, WAIT, state};
-use serde_json::json;
+use common::{Harness, NS, WAIT, secret, state, students_id};
+use serde_json::{Value, json};
+use shard_server::tls::issue::{Ca, LeafRequest};
+use shard_server::tls::source::Pem;
+use shard_server::tls::{Credentials, DatabaseId, Identity, TlsSource};
 use shard_server::topology::Topology;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -59,13 +66,14 @@ async fn a_server_that_lost_its_volume_heals_back_to_ready_and_a_quiet_cluster_i
     assert!(h.api.wait_for(WAIT, |_| demoted(&h)).await, "{:?}", h.events("Demoted"));
     let ready = |h: &Harness| h.events("ReplicaReady").iter().any(|n| n.contains("sh1 on Server1 is ready"));
     assert!(h.api.wait_for(WAIT, |_| ready(&h)).await, "{:?}", h.events("ReplicaReady"));
-    assert!(
-        h.api.wait_for(WAIT, |_| h.condition("Ready") == Some(("True".into(), "AllReady".into()))).await,
-        "ready again: {}",
-        h.status()
-    );
+    // The status follows the ConfigMap a reconcile later: wait for the one of this topology (an
+    // AllReady from before the volume was lost would satisfy the condition alone).
+    let current = |h: &Harness| {
+        h.condition("Ready") == Some(("True".into(), "AllReady".into()))
+            && h.status()["topologyEpoch"] == json!(after.epoch)
+    };
+    assert!(h.api.wait_for(WAIT, |_| current(&h)).await, "ready again: {}", h.status());
     assert_eq!(h.shard_status("sh1")["readyReplicas"], json!(["Server0", "Server1"]));
-    assert_eq!(h.status()["topologyEpoch"], json!(after.epoch));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -229,10 +237,11 @@ async fn rm_drains_a_server_before_its_statefulset_goes_and_refused_requests_cha
     let (status, answer) = h.admin(reqwest::Method::POST, "init", init).await;
     assert_eq!(status, 409, "the resource is the configuration: {answer}");
     assert_eq!(h.resource(), before);
-    let elsewhere = format!("http://{}/databases/{NS}/nosuch/rm", h.admin);
+    // A database's router speaks for that database alone.
+    let elsewhere = format!("https://{}/databases/{NS}/nosuch/rm", h.admin);
     let (status, answer) = h.admin_at(reqwest::Method::DELETE, &elsewhere, json!({ "n": 1, "servers": [] })).await;
-    assert_eq!(status, 404, "{answer}");
-    assert!(answer["message"].as_str().unwrap().contains("default/nosuch does not exist"), "{answer}");
+    assert_eq!(status, 403, "{answer}");
+    assert!(answer["message"].as_str().unwrap().contains("only the routers of default/nosuch"), "{answer}");
 
     // Server2 is sh2's primary: its copy moves to Server1 and the primary hands over first.
     let removed = Instant::now();
@@ -283,6 +292,67 @@ async fn rm_drains_a_server_before_its_statefulset_goes_and_refused_requests_cha
     );
 }
 
+/// The operator's admin endpoint answers the routers of the database named in the path alone:
+/// no certificate, another component's, another database's (even under the same CA) or another
+/// CA's are refused, and the resource is unchanged; the database's router is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_endpoint_answers_only_the_routers_of_the_database_in_its_path() {
+    let h = Harness::start().await;
+    assert!(h.api.wait_for(WAIT, |api| secret(api, "students-router-tls", "tls.crt").is_some()).await);
+    let before = h.resource();
+    let url = format!("https://{}/databases/{NS}/students/add", h.admin);
+    let body = json!({ "n": 1, "new_shards": [], "servers": { "Server3": ["sh1"] } });
+    let operator_ca = secret(&h.api, "students-router-tls", "operator-ca.crt").unwrap();
+    let ca = h.ca.as_ref().unwrap();
+    // A client presenting `identity` signed by `signer`, trusting the admin endpoint's CA.
+    let client = |signer: &Ca, identity: Identity| {
+        let issued = signer.issue(&LeafRequest::new(identity), std::time::SystemTime::now()).unwrap();
+        let pem = Pem { cert: issued.cert_pem, key: issued.key_pem, ca: operator_ca.clone() };
+        Credentials::Tls(TlsSource::from_pem(pem).unwrap()).http_client(Duration::from_secs(10))
+    };
+    let attempt = |http: reqwest::Client| {
+        let (url, body) = (url.clone(), body.clone());
+        async move {
+            match http.post(url).json(&body).send().await {
+                Ok(r) => {
+                    let status = r.status().as_u16();
+                    let body: Value = r.json().await.unwrap_or(Value::Null);
+                    Some((status, body["code"].as_str().map(str::to_owned)))
+                }
+                Err(_) => None,
+            }
+        }
+    };
+    // Trusts the endpoint, presents nothing.
+    let anonymous = {
+        let mut roots = rustls::RootCertStore::empty();
+        use rustls::pki_types::pem::PemObject as _;
+        roots.add(rustls::pki_types::CertificateDer::from_pem_slice(operator_ca.as_bytes()).unwrap()).unwrap();
+        let config = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+        reqwest::Client::builder().tls_backend_preconfigured(config).build().unwrap()
+    };
+    assert_eq!(attempt(anonymous).await, Some((401, Some("unauthenticated".into()))));
+    let forbidden = Some((403, Some("forbidden".into())));
+    let server = Identity::server(students_id(), "Server0").unwrap();
+    assert_eq!(attempt(client(ca, server)).await, forbidden, "a server of the database");
+    let teachers = Identity::router(DatabaseId::new(NS, "teachers")).unwrap();
+    assert_eq!(attempt(client(ca, teachers)).await, forbidden, "another database's router, same CA");
+    let elsewhere = Identity::router(DatabaseId::new("other", "students")).unwrap();
+    assert_eq!(attempt(client(ca, elsewhere)).await, forbidden, "a namesake in another namespace");
+    let stranger =
+        Ca::generate("stranger", std::time::SystemTime::now(), shard_server::tls::issue::CA_VALIDITY).unwrap();
+    assert_eq!(
+        attempt(client(&stranger, Identity::router(students_id()).unwrap())).await,
+        None,
+        "another CA's certificate gets no handshake"
+    );
+    assert_eq!(h.resource(), before, "nothing changed");
+
+    // The routers' own certificate is answered.
+    assert_eq!(attempt(h.router_http()).await.map(|a| a.0), Some(200));
+    assert_eq!(h.resource().0["servers"], 4);
+}
+
 /// A replica's rows changed behind its server's back (straight in its Postgres) keep its sequence
 /// number and history hash: only the rows' checksum differs from the primary's. The healer
 /// compares the copies' checksums at equal sequence numbers, demotes the replica with a `Diverged`
@@ -311,4 +381,83 @@ async fn a_copy_that_differs_from_its_primary_is_demoted_with_an_event_and_a_met
     // Copied afresh, the copy is the primary's again: nothing differs, nothing more is counted.
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(h.metrics().contains("sharddb_operator_copies_diverged_total 1"), "{}", h.metrics());
+}
+
+/// A database in internal-auth `none` (as one taken over from a release before internal
+/// authentication runs): plain servers and no CA. The healer reaches them over plain HTTP (the
+/// database turns Ready, and a primary that is gone fails over), the document lists them at
+/// `http://` URLs, and the admin endpoint answers this database's routers over plain HTTP at
+/// the control URL they are given, but no plain caller for a database not in `none`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_none_the_operator_heals_plain_servers_and_answers_plain_routers() {
+    let mut h = Harness::start_in(3, Some("none")).await;
+    h.wait_ready().await;
+    assert_eq!(h.condition("InternalAuth"), Some(("False".into(), "None".into())));
+    assert!(secret(&h.api, "students-ca", "ca.crt").is_none(), "no CA in none");
+    let t = h.topology().unwrap();
+    assert!(t.servers.values().all(|s| s.url.starts_with("http://")), "{:?}", t.servers);
+
+    h.write(2, "sh2", 4096..4146).await;
+    h.kill(2).await;
+    let failed_over = |t: &Topology| t.shard("sh2").is_some_and(|s| s.primary == "Server0");
+    assert!(h.api.wait_for(WAIT, |_| h.topology().is_some_and(|t| failed_over(&t))).await, "Server0 promoted");
+    assert_eq!(h.contents(0, "sh2").await.0, 50, "the new primary has every acknowledged row");
+
+    let router = h.api.get("deployments", NS, "students-router").unwrap();
+    let args = router["spec"]["template"]["spec"]["containers"][0]["args"].as_array().unwrap().clone();
+    let at = args.iter().position(|a| a == "--control-url").expect("a control URL");
+    let control = args[at + 1].as_str().unwrap().to_owned();
+    assert_eq!(control, format!("http://{}/databases/{NS}/students", h.admin), "plain, for a router in none");
+    let plain = shard_server::api::http_client(Duration::from_secs(30));
+    // Past the gate: the endpoint's own answer to `/init` (the resource holds the configuration).
+    let init = json!({ "n": 1, "schema": { "columns": ["a"], "dtypes": ["Number"] }, "shards": [], "servers": null });
+    let answer = plain.post(format!("{control}/init")).json(&init).send().await.unwrap();
+    assert_eq!(answer.status().as_u16(), 409, "{}", answer.text().await.unwrap());
+    let other = format!("http://{}/databases/{NS}/other/init", h.admin);
+    let answer = plain.post(other).json(&init).send().await.unwrap();
+    assert_eq!(answer.status().as_u16(), 401, "a database not in none needs its routers' certificate");
+    let body: Value = answer.json().await.unwrap();
+    assert_eq!(body["code"], "unauthenticated", "{body}");
+    assert!(body["message"].as_str().unwrap().contains("over TLS"), "{body}");
+}
+
+/// Leaving `none`, as the README describes it: the user sets `spec.tls.internalAuth: strict`;
+/// the operator makes the CA and the certificates, lists the servers at `https://` URLs (at a
+/// newer epoch), and once the servers run with their certificates (here all restarted at once,
+/// playing the pods' roll) the database is Ready again with every row it had.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn setting_strict_on_a_database_in_none_makes_its_certificates_and_lists_its_servers_over_tls() {
+    let mut h = Harness::start_in(3, Some("none")).await;
+    h.wait_ready().await;
+    h.write(0, "sh1", 0..30).await;
+    let before = h.topology().unwrap();
+
+    let api: kube::Api<operator::crd::ShardedDatabase> = kube::Api::namespaced(h.api.client(), NS);
+    let patch = json!({ "spec": { "tls": { "internalAuth": "strict" } } });
+    api.patch("students", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch)).await.unwrap();
+    assert!(h.api.wait_for(WAIT, |api| secret(api, "students-ca", "ca.key").is_some()).await, "the CA is made");
+    let over_tls = |t: &Topology| t.servers.values().all(|s| s.url.starts_with("https://"));
+    assert!(h.api.wait_for(WAIT, |_| h.topology().is_some_and(|t| over_tls(&t))).await, "servers listed over TLS");
+    assert!(h.topology().unwrap().epoch > before.epoch, "at a newer epoch, which servers and routers take");
+    let strict = |h: &Harness| h.condition("InternalAuth") == Some(("True".into(), "Strict".into()));
+    assert!(h.api.wait_for(WAIT, |_| strict(&h)).await, "the status says so: {}", h.status());
+
+    // The cost: until its pod rolls, a plain server is out of the operator's reach.
+    let ready = |h: &Harness| h.condition("Ready") == Some(("True".into(), "AllReady".into()));
+    assert!(h.api.wait_for(WAIT, |_| !ready(&h)).await, "plain servers cannot be reached over TLS");
+
+    // The pods roll: every server comes back with its certificate, over its data.
+    let ca_pem = secret(&h.api, "students-ca", "ca.crt").unwrap();
+    let ca = Ca::from_pem(&ca_pem, &secret(&h.api, "students-ca", "ca.key").unwrap()).unwrap();
+    h.http = common::credentials(&ca, Identity::operator(students_id()).unwrap()).http_client(WAIT);
+    h.ca = Some(ca);
+    for i in 0..3 {
+        h.kill(i).await;
+        h.restart(i, false).await;
+    }
+    assert!(h.api.wait_for(WAIT, |_| ready(&h)).await, "ready over TLS: {}", h.status());
+    let t = h.topology().unwrap();
+    let primary = h.index(&t.shard("sh1").unwrap().primary);
+    assert_eq!(h.contents(primary, "sh1").await.0, 30, "every row kept");
+    h.assert_ready_copies_equal().await;
 }

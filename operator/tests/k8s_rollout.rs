@@ -14,14 +14,15 @@
 
 mod common;
 
-use common::{CONFIGMAP, Harness, NS, WAIT};
+use common::{CONFIGMAP, Harness, NS, WAIT, credentials, students_id};
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::Api;
 use operator::k8s::build::names;
 use operator::k8s::rollout::REVISION_LABEL;
 use serde_json::{Value, json};
-use shard_server::api::{Op, ShardClient, WriteRequest, http_client};
+use shard_server::api::{Op, ShardClient, WriteRequest};
 use shard_server::schema::{Row, Value as Cell};
+use shard_server::tls::Identity;
 use shard_server::topology::{ReplicaState, Topology};
 use std::collections::{BTreeMap, BTreeSet};
 use std::hash::{Hash, Hasher};
@@ -102,10 +103,14 @@ impl Kubelet {
 }
 
 /// A client writing one new row at a time to the primary the published topology names, retrying
-/// a row until it is acknowledged. Returns the acknowledged keys and the failed attempts.
-fn start_writer(client: kube::Client, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<(Vec<i64>, usize)> {
+/// a row until it is acknowledged, presenting the routers' certificate (`http`). Returns the
+/// acknowledged keys and the failed attempts.
+fn start_writer(
+    client: kube::Client,
+    http: reqwest::Client,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<(Vec<i64>, usize)> {
     tokio::spawn(async move {
-        let http = http_client(Duration::from_secs(10));
         let configmaps: Api<ConfigMap> = Api::namespaced(client, NS);
         let (mut acked, mut failed) = (Vec::new(), 0);
         let mut key = 100i64;
@@ -155,7 +160,8 @@ async fn an_image_change_restarts_servers_one_at_a_time_replicas_first_and_loses
 
     let not_ready_before = not_ready_events(&h);
     let stop = Arc::new(AtomicBool::new(false));
-    let writer = start_writer(h.api.client(), stop.clone());
+    let router = credentials(h.ca.as_ref().unwrap(), Identity::router(students_id()).unwrap());
+    let writer = start_writer(h.api.client(), router.http_client(Duration::from_secs(10)), stop.clone());
     let mut db = h.api.get("shardeddatabases", NS, "students").unwrap();
     db["spec"]["images"] = json!({ "shardServer": "example.com/sharddb-shard-server:next" });
     h.api.upsert(db).unwrap();

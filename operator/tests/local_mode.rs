@@ -4,6 +4,7 @@
 //! resumed on its directory waits out its predecessor's read leases before acknowledging.
 
 use operator::local::ClusterInfo;
+use shard_server::tls::{Credentials, TlsFiles, TlsSource};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::os::unix::fs::PermissionsExt;
@@ -61,6 +62,47 @@ fn eventually<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>
     }
 }
 
+/// `method url path` (an empty JSON body) with the operator's certificate, or with none; the
+/// status, or `None` when no answer came (a refused connection or handshake).
+fn https_call(
+    cluster: &ClusterInfo,
+    method: reqwest::Method,
+    url: &str,
+    path: &str,
+    with_certificate: bool,
+) -> Option<u16> {
+    let dir = cluster.internal.operator_tls_dir.clone().expect("local mode uses TLS by default");
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        let http = if with_certificate {
+            Credentials::Tls(TlsSource::open(TlsFiles::in_dir(&dir)).unwrap()).http_client(Duration::from_secs(5))
+        } else {
+            anonymous(&std::fs::read_to_string(dir.join("ca.crt")).unwrap())
+        };
+        let request = http.request(method, format!("{url}{path}")).body("{}");
+        request.send().await.ok().map(|r| r.status().as_u16())
+    })
+}
+
+fn https_get(cluster: &ClusterInfo, url: &str, path: &str, with_certificate: bool) -> Option<u16> {
+    https_call(cluster, reqwest::Method::GET, url, path, with_certificate)
+}
+
+/// A client trusting the PEM CA `ca` and presenting no certificate.
+fn anonymous(ca: &str) -> reqwest::Client {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject as _;
+    shard_server::api::install_crypto_provider();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(CertificateDer::from_pem_slice(ca.as_bytes()).unwrap()).unwrap();
+    let config = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+    reqwest::Client::builder().tls_backend_preconfigured(config).timeout(Duration::from_secs(5)).build().unwrap()
+}
+
+fn https_ok(cluster: &ClusterInfo, url: &str, path: &str) -> bool {
+    https_get(cluster, url, path, true).is_some_and(|s| (200..300).contains(&s))
+}
+
 fn read_cluster(dir: &Path) -> ClusterInfo {
     serde_json::from_slice(&std::fs::read(dir.join("cluster.json")).unwrap()).unwrap()
 }
@@ -91,7 +133,8 @@ fn runs_the_students_example_restarts_a_killed_server_and_stops_cleanly() {
     for s in &cluster.servers {
         let (pid, pg_pid) = (s.pid.unwrap(), s.postgres.pid.unwrap());
         assert!(alive(pid) && alive(pg_pid), "{} and its postgres run", s.name);
-        assert!(http_ok(&s.url, "/heartbeat"), "{} answers its heartbeat", s.name);
+        assert!(s.url.starts_with("https://127.0.0.1:"), "{}", s.url);
+        assert!(https_ok(&cluster, &s.url, "/heartbeat"), "{} answers its heartbeat", s.name);
         assert!(s.postgres.data_dir.starts_with(data.path().join("servers").join(&s.name)));
         assert!(s.postgres.url.ends_with("/sharddb"));
         // A new cluster's servers are the first processes of their names: no lease wait at start.
@@ -104,6 +147,47 @@ fn runs_the_students_example_restarts_a_killed_server_and_stops_cleanly() {
     assert_eq!(topology.servers.len(), 6);
     assert_eq!(topology.shards.len(), 4);
 
+    // Only the cluster's own components are answered: the operator's certificate is, nobody
+    // without one is (401), and plain HTTP gets no answer at all.
+    let server = &cluster.servers[0].url;
+    assert_eq!(https_get(&cluster, server, "/status", true), Some(200));
+    assert_eq!(https_get(&cluster, server, "/status", false), Some(401));
+    assert_eq!(https_call(&cluster, reqwest::Method::POST, &cluster.control_url, "/add", false), Some(401));
+    assert_eq!(https_call(&cluster, reqwest::Method::POST, server, "/config", false), Some(401));
+    let plain = server.replacen("https://", "http://", 1);
+    assert!(!http_ok(&plain, "/status"), "plain HTTP to a shard server is not served");
+    // Secrets and the map of ports are for the operator's user alone.
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&data.path().join("cluster.json")), 0o600);
+    assert_eq!(mode(&data.path().join("tls")), 0o700);
+    assert_eq!(mode(&data.path().join("tls/ca.key")), 0o600);
+
+    // Every server's Postgres authenticates: a password kept 0600 in the data directory, in no
+    // command line and not in cluster.json; without it no connection is made.
+    let password_file = data.path().join("postgres-password");
+    assert_eq!(mode(&password_file), 0o600);
+    let password = std::fs::read_to_string(&password_file).unwrap().trim().to_owned();
+    assert!(password.len() >= 32);
+    let cluster_json = std::fs::read_to_string(data.path().join("cluster.json")).unwrap();
+    assert!(!cluster_json.contains(&password), "cluster.json holds no secret");
+    for &pid in &pids {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+        assert!(!String::from_utf8_lossy(&cmdline).contains(&password), "pid {pid}'s command line holds no password");
+    }
+    let pg = &cluster.servers[0].postgres;
+    assert_eq!(pg.password_file.as_deref(), Some(password_file.as_path()));
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        use sqlx::Connection as _;
+        let refused = sqlx::PgConnection::connect(&pg.url).await.unwrap_err().to_string();
+        assert!(refused.contains("password"), "{refused}");
+        let wrong = pg.url.replacen("postgres@", "postgres:wrong@", 1);
+        let refused = sqlx::PgConnection::connect(&wrong).await.unwrap_err().to_string();
+        assert!(refused.contains("password authentication failed"), "{refused}");
+        let right = pg.url.replacen("postgres@", &format!("postgres:{password}@"), 1);
+        sqlx::PgConnection::connect(&right).await.expect("the password opens it").close().await.unwrap();
+    });
+
     // A shard server killed outright comes back on the same port, with a new pid.
     let victim = &cluster.servers[2];
     let old = victim.pid.unwrap();
@@ -114,7 +198,7 @@ fn runs_the_students_example_restarts_a_killed_server_and_stops_cleanly() {
     assert!(alive(new));
     assert!(!cmdline(new).contains("--no-predecessor"), "a restart had a predecessor: {}", cmdline(new));
     eventually("the restarted Server2's heartbeat", Duration::from_secs(60), || {
-        http_ok(&victim.url, "/heartbeat").then_some(())
+        https_ok(&cluster, &victim.url, "/heartbeat").then_some(())
     });
     pids.push(new);
 

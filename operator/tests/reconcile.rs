@@ -104,7 +104,18 @@ async fn first_reconcile_creates_every_child_then_reports_ready_and_a_second_wri
     assert_eq!(names(s, "deployments"), ["students-router"]);
     assert_eq!(names(s, "services"), ["students-router", "students-servers"]);
     assert_eq!(names(s, "configmaps"), ["students-topology"]);
-    assert_eq!(names(s, "secrets"), ["students-postgres"]);
+    assert_eq!(
+        names(s, "secrets"),
+        [
+            "students-admin-token",
+            "students-ca",
+            "students-postgres",
+            "students-router-tls",
+            "students-tls-server0",
+            "students-tls-server1",
+            "students-tls-server2"
+        ]
+    );
     assert_eq!(names(s, "serviceaccounts"), ["students-router", "students-server"]);
     assert_eq!(names(s, "roles"), ["students-topology-reader"]);
     assert_eq!(names(s, "rolebindings"), ["students-topology-reader"]);
@@ -291,4 +302,89 @@ async fn a_spec_change_leaves_the_healers_document_alone_and_stale_writes_are_re
     assert_eq!(topology_epoch(s), Some(7));
     let created = operator::k8s::topology::write(&s.client(), &owner, &stale, None).await;
     assert!(matches!(created, Err(operator::k8s::topology::WriteError::Conflict(_))), "it exists: {created:?}");
+}
+
+/// The first container of a workload's pod template.
+fn first_container(server: &FakeApiServer, kind: &str, name: &str) -> Value {
+    server.get(kind, NS, name).unwrap()["spec"]["template"]["spec"]["containers"][0].clone()
+}
+
+fn has_tls_dir(container: &Value) -> bool {
+    container["args"].as_array().unwrap().iter().any(|a| a == "--tls-dir")
+}
+
+fn mode_env(container: &Value) -> Option<String> {
+    let env = container["env"].as_array()?;
+    let var = env.iter().find(|e| e["name"] == "SHARDDB_INTERNAL_AUTH")?;
+    var["value"].as_str().map(str::to_owned)
+}
+
+/// In internal-auth `none` nothing of the trust layer is made and the pods are plain; the mode
+/// stays `none` when the field is removed (the servers exist and there is no CA: a database a
+/// previous release made looks the same); setting `strict` makes the CA, the certificates and
+/// the TLS templates, and then stays, the CA existing, when the field is removed again.
+#[tokio::test]
+async fn none_makes_no_certificate_sticks_and_strict_set_by_the_user_makes_them() {
+    let h = start().await;
+    let s = &h.server;
+    let mut spec = students(2);
+    spec["spec"]["tls"] = json!({ "internalAuth": "none" });
+    create(&h, spec).await;
+    assert!(s.wait_for(WAIT, |s| condition(s, "InternalAuth").is_some()).await, "status written");
+    assert_eq!(condition(s, "InternalAuth"), Some(("False".into(), "None".into())));
+    assert_eq!(names(s, "statefulsets"), ["students-server0", "students-server1"]);
+    assert_eq!(names(s, "secrets"), ["students-postgres"], "no CA, certificate or admin token");
+    for (kind, name) in [("statefulsets", "students-server0"), ("deployments", "students-router")] {
+        let c = first_container(s, kind, name);
+        assert!(!has_tls_dir(&c) && c["volumeMounts"].is_null(), "{name} is plain: {c}");
+        assert_eq!(c["readinessProbe"]["httpGet"]["scheme"], Value::Null, "{name}: an HTTP probe");
+        assert_eq!(mode_env(&c).as_deref(), Some("none"), "{name}");
+    }
+    let plain_events =
+        |s: &FakeApiServer| s.list("events.events.k8s.io", NS).iter().filter(|e| e["reason"] == "InternalAuth").count();
+    assert!(s.wait_for(WAIT, |s| plain_events(s) == 1).await, "the mode is announced");
+
+    api(&h)
+        .patch("students", &PatchParams::default(), &Patch::Merge(&json!({ "spec": { "tls": null } })))
+        .await
+        .unwrap();
+    wait_observed(s).await;
+    assert_eq!(condition(s, "InternalAuth"), Some(("False".into(), "None".into())), "none sticks");
+    assert_eq!(names(s, "secrets"), ["students-postgres"]);
+    let reason = |s: &FakeApiServer| {
+        let db = s.get("shardeddatabases", NS, "students").unwrap();
+        let c = db["status"]["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "InternalAuth").cloned();
+        c.map(|c| c["message"].as_str().unwrap_or_default().to_owned()).unwrap_or_default()
+    };
+    assert!(reason(s).contains("taken over"), "now decided, not set: {}", reason(s));
+
+    patch_spec(&h, json!({ "tls": { "internalAuth": "strict" } })).await;
+    assert!(s.wait_for(WAIT, |s| condition(s, "InternalAuth") == Some(("True".into(), "Strict".into()))).await);
+    assert_eq!(
+        names(s, "secrets"),
+        [
+            "students-admin-token",
+            "students-ca",
+            "students-postgres",
+            "students-router-tls",
+            "students-tls-server0",
+            "students-tls-server1"
+        ]
+    );
+    for (kind, name) in [("statefulsets", "students-server0"), ("deployments", "students-router")] {
+        let c = first_container(s, kind, name);
+        assert!(has_tls_dir(&c), "{name} dials and serves TLS: {c}");
+        assert_eq!(mode_env(&c), None, "{name}: strict is the default");
+    }
+    let server = first_container(s, "statefulsets", "students-server1");
+    assert_eq!(server["readinessProbe"]["httpGet"]["scheme"], "HTTPS");
+    assert!(s.wait_for(WAIT, |s| plain_events(s) == 2).await, "the change is announced");
+
+    api(&h)
+        .patch("students", &PatchParams::default(), &Patch::Merge(&json!({ "spec": { "tls": null } })))
+        .await
+        .unwrap();
+    wait_observed(s).await;
+    assert_eq!(condition(s, "InternalAuth"), Some(("True".into(), "Strict".into())), "strict sticks: the CA exists");
+    assert!(has_tls_dir(&first_container(s, "statefulsets", "students-server0")));
 }

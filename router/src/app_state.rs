@@ -86,7 +86,10 @@ impl AppState {
     /// Starts following `topology` (must run inside a Tokio runtime). A document already in the
     /// channel is routed before this returns, so the first request does not race the first build.
     pub fn new(config: Config, topology: TopologyRx) -> AppState {
-        let http = http_client(config.upstream_timeout);
+        let http = match &config.credentials {
+            Some(credentials) => credentials.http_client(config.upstream_timeout),
+            None => http_client(config.upstream_timeout),
+        };
         let routing = Arc::new(RoutingTable::default());
         let metrics = Arc::new(Metrics::new());
         let initial = topology.borrow().clone();
@@ -97,7 +100,7 @@ impl AppState {
             }
         }
         let follower = follow(routing.clone(), topology, http, metrics.clone());
-        let control = ControlPlane::from_url(config.control_url.as_deref());
+        let control = ControlPlane::from_url(config.control_url.as_deref(), config.control_credentials());
         let upstream = Upstream::new(routing.clone(), config.retry.clone(), metrics.clone());
         AppState(Arc::new(Inner {
             config,

@@ -4,6 +4,7 @@
 use clap::Parser;
 pub use shard_server::serve::parse_duration;
 use shard_server::serve::{ServeArgs, ServeLimits};
+use shard_server::tls::{CredentialArgs, Credentials};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -42,11 +43,34 @@ pub struct Args {
     #[arg(long, env = "SHARDDB_BODY_LIMIT", default_value = "16MiB", value_parser = parse_size)]
     pub body_limit: usize,
 
-    /// The control plane's admin endpoint (e.g. `http://127.0.0.1:7100`), which `/init`, `/add`
+    /// The control plane's admin endpoint (e.g. `https://127.0.0.1:7100`), which `/init`, `/add`
     /// and `/rm` are passed to; without it they answer 501.
     #[arg(long, env = "SHARDDB_CONTROL_URL")]
     pub control_url: Option<String>,
 
+    /// How this router proves itself to the shard servers and the control plane: `--tls-dir`
+    /// (mutual TLS with the database's certificates) or, with TLS off, `--internal-token-file`
+    /// and `--database`. One is required.
+    #[command(flatten)]
+    pub credentials: CredentialArgs,
+
+    /// The CA bundle the control plane's certificate is checked against, when it is not the
+    /// database's (in Kubernetes the operator serves every database under its own CA). Default:
+    /// the `ca.crt` of --tls-dir.
+    #[arg(long, env = "SHARDDB_CONTROL_CA")]
+    pub control_ca: Option<PathBuf>,
+
+    /// Require `Authorization: Bearer <token>` on `/init`, `/add` and `/rm`, the token being this
+    /// file's content (re-read on every request, so a rotated Secret applies at once). Without
+    /// it the verbs are open to whoever reaches the router.
+    #[arg(long, env = "SHARDDB_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
+
+    /// Serve the client port over HTTPS with this router's certificate (from --tls-dir) instead
+    /// of plain HTTP. Clients check it against the database's CA.
+    #[arg(long, env = "SHARDDB_SERVE_TLS", default_value_t = false, action = clap::ArgAction::Set,
+          num_args = 0..=1, default_missing_value = "true")]
+    pub serve_tls: bool,
     /// Timeouts and the connection cap of the HTTP server.
     #[command(flatten)]
     pub serve: ServeArgs,
@@ -60,6 +84,9 @@ impl Args {
             body_timeout: self.serve.body_timeout,
             retry: RetryPolicy::default(),
             control_url: self.control_url.clone(),
+            credentials: None,
+            control_credentials: None,
+            admin_token_file: self.admin_token_file.clone(),
         }
     }
 
@@ -79,6 +106,20 @@ pub struct Config {
     pub retry: RetryPolicy,
     /// Where the admin verbs go (see `control`); none when absent.
     pub control_url: Option<String>,
+    /// What this router presents to shard servers (loaded by `main`); without it calls carry no
+    /// credential and servers refuse them.
+    pub credentials: Option<Credentials>,
+    /// What it presents to the control plane, when that is checked against another CA.
+    pub control_credentials: Option<Credentials>,
+    /// The file holding the admin verbs' bearer token, when they need one.
+    pub admin_token_file: Option<PathBuf>,
+}
+
+impl Config {
+    /// The credentials for the control plane: its own when given, else the servers'.
+    pub fn control_credentials(&self) -> Option<&Credentials> {
+        self.control_credentials.as_ref().or(self.credentials.as_ref())
+    }
 }
 
 impl Default for Config {
@@ -89,6 +130,9 @@ impl Default for Config {
             body_timeout: ServeLimits::DEFAULT_BODY_TIMEOUT,
             retry: RetryPolicy::default(),
             control_url: None,
+            credentials: None,
+            control_credentials: None,
+            admin_token_file: None,
         }
     }
 }

@@ -17,6 +17,7 @@ use crate::error::RouterError;
 use axum::http::StatusCode;
 use serde::Serialize;
 use serde_json::Value;
+use shard_server::tls::Credentials;
 use std::time::Duration;
 
 /// How long the control plane may take to accept a change (an `/init` starts every server).
@@ -51,12 +52,16 @@ impl Verb {
 }
 
 impl ControlPlane {
-    /// An HTTP control plane at `base` (e.g. `http://127.0.0.1:7100`), or none.
-    pub fn from_url(base: Option<&str>) -> ControlPlane {
+    /// An HTTP control plane at `base` (e.g. `https://127.0.0.1:7100`), called with
+    /// `credentials` (it answers only the database's routers), or none.
+    pub fn from_url(base: Option<&str>, credentials: Option<&Credentials>) -> ControlPlane {
         match base {
             Some(base) => ControlPlane::Http {
                 base: base.trim_end_matches('/').to_owned(),
-                http: shard_server::api::http_client(CONTROL_TIMEOUT),
+                http: match credentials {
+                    Some(c) => c.http_client(CONTROL_TIMEOUT),
+                    None => shard_server::api::http_client(CONTROL_TIMEOUT),
+                },
             },
             None => ControlPlane::None,
         }
@@ -83,7 +88,9 @@ impl ControlPlane {
             .json()
             .await
             .map_err(|e| RouterError::Internal(format!("control plane {url} answered no JSON: {e}")))?;
-        if status.is_server_error() {
+        // Refusing this router's credentials is a fault of the deployment, not of the client's
+        // request: the client must not read it as its own 401 or 403.
+        if status.is_server_error() || status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
             return Err(RouterError::Internal(format!("control plane {url} answered {status}: {body}")));
         }
         Ok((status, body))

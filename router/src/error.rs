@@ -32,6 +32,9 @@ pub enum RouterError {
     MethodNotAllowed { method: String, path: String },
     #[error("no endpoint {method} {path}")]
     NoRoute { method: String, path: String },
+    /// An admin verb without the bearer token this router requires.
+    #[error("{0}")]
+    Unauthenticated(String),
     /// The endpoint needs something this router was not given (e.g. a control plane).
     #[error("{0}")]
     NotImplemented(String),
@@ -55,6 +58,7 @@ impl RouterError {
             RouterError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             RouterError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             RouterError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            RouterError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
             RouterError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
             RouterError::NoTopology | RouterError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             RouterError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -69,6 +73,7 @@ impl RouterError {
             RouterError::PayloadTooLarge(_) => ErrorCode::PayloadTooLarge,
             RouterError::RequestTimeout(_) => ErrorCode::RequestTimeout,
             RouterError::MethodNotAllowed { .. } => ErrorCode::MethodNotAllowed,
+            RouterError::Unauthenticated(_) => ErrorCode::Unauthenticated,
             RouterError::NotImplemented(_) => ErrorCode::NotImplemented,
             RouterError::NoTopology | RouterError::Unavailable(_) => ErrorCode::Unavailable,
             RouterError::Internal(_) => ErrorCode::Internal,
@@ -96,7 +101,14 @@ impl IntoResponse for RouterError {
             RouterError::Unavailable(detail) => tracing::warn!(%detail, "request failed"),
             _ => tracing::debug!(error = %self, "request rejected"),
         }
-        (self.status(), axum::Json(self.body())).into_response()
+        let mut response = (self.status(), axum::Json(self.body())).into_response();
+        if let RouterError::Unauthenticated(_) = self {
+            response.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Bearer realm=\"sharddb\""),
+            );
+        }
+        response
     }
 }
 

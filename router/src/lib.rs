@@ -30,15 +30,16 @@ use tracing::Level;
 /// The router's HTTP service over `state`.
 pub fn app(state: AppState) -> Router {
     let body_limit = state.config().body_limit;
+    let admin_token = middleware::from_fn_with_state(state.clone(), routes::admin::require_token);
     Router::new()
         // The seed's assignment lists `GET /read` in its figure and `POST /read` in its text.
         .route("/read", post(routes::read::read).get(routes::read::read))
         .route("/write", post(routes::write::write))
         .route("/update", put(routes::write::update))
         .route("/del", delete(routes::write::del))
-        .route("/init", post(routes::admin::init))
-        .route("/add", post(routes::admin::add))
-        .route("/rm", delete(routes::admin::rm))
+        .route("/init", post(routes::admin::init).route_layer(admin_token.clone()))
+        .route("/add", post(routes::admin::add).route_layer(admin_token.clone()))
+        .route("/rm", delete(routes::admin::rm).route_layer(admin_token))
         .route("/status", get(routes::status::status))
         .route("/healthz", get(routes::status::healthz))
         .route("/readyz", get(routes::status::readyz))

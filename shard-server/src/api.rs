@@ -81,6 +81,10 @@ pub enum ErrorCode {
     NotFound,
     MethodNotAllowed,
     PayloadTooLarge,
+    /// The caller showed no credential of the database's components (401).
+    Unauthenticated,
+    /// The caller is a component, but of another database or not one allowed here (403).
+    Forbidden,
     /// The sender's topology epoch is older than ours: it must reload and retry.
     StaleEpoch,
     /// The sender's epoch is newer than ours: retry shortly, we are catching up.
@@ -386,6 +390,10 @@ pub struct ServerStatus {
     /// leases measured from it (see [`PrimaryLeaseRequest`]); absent from older servers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease_token: Option<LeaseToken>,
+    /// How this server authenticates internal callers (`none`, `migrate`, `strict`); absent from
+    /// releases from before internal authentication, which took anyone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub internal_auth: Option<crate::tls::InternalAuth>,
 }
 
 /// A moment on one server process's monotonic clock: the process (`boot`, random per start) and
@@ -496,11 +504,15 @@ pub struct SnapshotEnd {
 }
 
 /// `POST /v1/shards/{shard}/recover` on a recovering replica: replace this copy with a snapshot
-/// from `source` (the shard's primary), then verify it against the primary at one sequence number.
+/// of the shard's primary, then verify it against the primary at one sequence number. The
+/// replica copies from the primary its own topology names, at the address the topology gives;
+/// never from an address in a request.
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RecoverRequest {
-    /// Base URL of the server to copy from.
-    pub source: String,
+    /// The server name of the primary the caller expects the copy to come from; the replica
+    /// refuses (409) when its topology names another.
+    pub primary: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -606,21 +618,26 @@ pub struct ShardClient {
 
 /// The HTTP client every sharddb process uses to call another: bounded connect and request times,
 /// and this build's protocol version on every request. Installs the TLS provider first, so no
-/// caller (a test, a tool) can forget it.
+/// caller (a test, a tool) can forget it. It carries no credential: internal endpoints need
+/// [`crate::tls::Credentials::http_client`].
 pub fn http_client(request_timeout: Duration) -> reqwest::Client {
+    install_crypto_provider();
+    client_defaults().timeout(request_timeout).build().expect("HTTP client builds")
+}
+
+/// The settings every sharddb HTTP client shares: this build's protocol version, a bounded
+/// connect, a reused connection pool and no Nagle delay.
+pub(crate) fn client_defaults() -> reqwest::ClientBuilder {
     install_crypto_provider();
     let version = reqwest::header::HeaderValue::from(PROTOCOL_VERSION);
     reqwest::Client::builder()
         .default_headers([(reqwest::header::HeaderName::from_static(PROTOCOL_HEADER), version)].into_iter().collect())
         .connect_timeout(Duration::from_secs(2))
-        .timeout(request_timeout)
         // Well below the servers' idle timeout (`serve`, 60 s by default), so a pooled connection
         // is never reused just as its server closes it.
         .pool_idle_timeout(Duration::from_secs(30))
         .pool_max_idle_per_host(256)
         .tcp_nodelay(true)
-        .build()
-        .expect("HTTP client builds")
 }
 
 /// Installs the process-wide TLS provider (ring). Idempotent; call at the start of every `main`.

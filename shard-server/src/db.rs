@@ -234,7 +234,13 @@ impl Db {
         let opts = PgConnectOptions::from_str(url)?.application_name("sharddb-shard-server");
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
-            .min_connections(1)
+            // A fixed-size pool, opened in the background from the start: a new connection to a
+            // password-protected Postgres costs a SCRAM exchange (PBKDF2, 4096 rounds, which sqlx
+            // computes in small steps between other tasks), so a pool that grew on demand made the
+            // first burst of writes after /init wait for connections being opened, and the
+            // operator's `/status` probes queued behind them until they timed out (the server
+            // was then demoted as unreachable).
+            .min_connections(max_connections)
             .acquire_timeout(Duration::from_secs(10))
             // sqlx pings every connection it hands out by default: one more round trip to
             // Postgres per statement, which on the write path (one statement per replication

@@ -20,6 +20,12 @@ pub enum ApiError {
     BodyTimeout { timeout: std::time::Duration },
     #[error("method not allowed")]
     MethodNotAllowed,
+    /// The caller showed no credential of this database's components.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// The caller is known but may not do this.
+    #[error("{0}")]
+    Forbidden(String),
     #[error("the sender's topology epoch {got} is older than ours ({ours})")]
     StaleEpoch { got: u64, ours: u64 },
     #[error("the sender's topology epoch {got} is newer than ours ({ours}); retry shortly")]
@@ -86,6 +92,8 @@ impl ApiError {
             ApiError::PayloadTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, ErrorCode::PayloadTooLarge),
             ApiError::BodyTimeout { .. } => (StatusCode::REQUEST_TIMEOUT, ErrorCode::RequestTimeout),
             ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, ErrorCode::MethodNotAllowed),
+            ApiError::Unauthenticated(_) => (StatusCode::UNAUTHORIZED, ErrorCode::Unauthenticated),
+            ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, ErrorCode::Forbidden),
             ApiError::StaleEpoch { .. } => (StatusCode::CONFLICT, ErrorCode::StaleEpoch),
             ApiError::EpochAhead { .. } => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::EpochAhead),
             ApiError::NotPrimary { .. } => (StatusCode::MISDIRECTED_REQUEST, ErrorCode::NotPrimary),

@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod api;
+pub mod auth;
 pub mod db;
 pub mod error;
 pub mod json;
@@ -17,6 +18,7 @@ pub mod routes;
 pub mod rowcache;
 pub mod schema;
 pub mod serve;
+pub mod tls;
 pub mod topology;
 pub mod topology_source;
 
@@ -32,28 +34,46 @@ use axum::routing::{get, post};
 use std::sync::Arc;
 use std::time::Instant;
 
-/// The shard server's HTTP application.
+/// Who may call what (see [`auth`]); the operator is accepted wherever any component is.
+mod callers {
+    use crate::tls::Component;
+    /// The data path: routers (and the operator).
+    pub const ROUTERS: &[Component] = &[Component::Router];
+    /// Replication between copies: other shard servers (and the operator).
+    pub const SERVERS: &[Component] = &[Component::Server];
+    /// Reconfiguring and recovering: the operator alone.
+    pub const OPERATOR: &[Component] = &[];
+    /// What a shard holds (positions, checksums): servers, routers and the operator.
+    pub const COMPONENTS: &[Component] = &[Component::Server, Component::Router];
+}
+
+/// The shard server's HTTP application. Every endpoint but `/heartbeat` (liveness) and
+/// `/metrics` answers only the database's own components, each endpoint the ones listed with it.
 pub fn app(node: Arc<Node>) -> Router {
+    use callers::{COMPONENTS, OPERATOR, ROUTERS, SERVERS};
     let limit = node.config.body_limit;
+    let gate = node.gate().clone();
+    let only = |allowed| middleware::from_fn_with_state(gate.allow(allowed), auth::require);
     Router::new()
-        .route("/config", post(routes::seed::config))
+        .route("/config", post(routes::seed::config).route_layer(only(OPERATOR)))
         .route("/heartbeat", get(routes::seed::heartbeat))
-        .route("/copy", get(routes::seed::copy))
-        .route("/read", post(routes::seed::read))
-        .route("/write", post(routes::seed::write))
-        .route("/update", axum::routing::put(routes::seed::update))
-        .route("/del", axum::routing::delete(routes::seed::del))
-        .route("/v1/shards/{shard}/write", post(routes::v1::write))
-        .route("/v1/shards/{shard}/write_batches", post(routes::v1::write_batches))
-        .route("/v1/shards/{shard}/read_ranges", post(routes::v1::read_ranges))
-        .route("/v1/shards/{shard}/replicate", post(routes::v1::replicate))
-        .route("/v1/shards/{shard}/snapshot", get(routes::v1::snapshot))
-        .route("/v1/shards/{shard}/stats", get(routes::v1::stats))
-        .route("/v1/shards/{shard}/log", get(routes::v1::log))
-        .route("/v1/shards/{shard}/recover", post(routes::v1::recover))
-        .route("/v1/lease", post(routes::v1::lease))
-        .route("/v1/primary_lease", post(routes::v1::primary_lease))
-        .route("/status", get(routes::v1::status))
+        .route("/copy", get(routes::seed::copy).route_layer(only(ROUTERS)))
+        .route("/read", post(routes::seed::read).route_layer(only(ROUTERS)))
+        .route("/write", post(routes::seed::write).route_layer(only(ROUTERS)))
+        .route("/update", axum::routing::put(routes::seed::update).route_layer(only(ROUTERS)))
+        .route("/del", axum::routing::delete(routes::seed::del).route_layer(only(ROUTERS)))
+        .route("/v1/shards/{shard}/write", post(routes::v1::write).route_layer(only(ROUTERS)))
+        .route("/v1/shards/{shard}/write_batches", post(routes::v1::write_batches).route_layer(only(ROUTERS)))
+        .route("/v1/shards/{shard}/read_ranges", post(routes::v1::read_ranges).route_layer(only(ROUTERS)))
+        .route("/v1/shards/{shard}/replicate", post(routes::v1::replicate).route_layer(only(SERVERS)))
+        .route("/v1/shards/{shard}/snapshot", get(routes::v1::snapshot).route_layer(only(SERVERS)))
+        .route("/v1/shards/{shard}/stats", get(routes::v1::stats).route_layer(only(COMPONENTS)))
+        .route("/v1/shards/{shard}/log", get(routes::v1::log).route_layer(only(SERVERS)))
+        .route("/v1/shards/{shard}/recover", post(routes::v1::recover).route_layer(only(OPERATOR)))
+        .route("/v1/lease", post(routes::v1::lease).route_layer(only(SERVERS)))
+        // Primary leases are the operator's to grant (see `replication::lease`).
+        .route("/v1/primary_lease", post(routes::v1::primary_lease).route_layer(only(OPERATOR)))
+        .route("/status", get(routes::v1::status).route_layer(only(COMPONENTS)))
         .route("/metrics", get(routes::v1::metrics))
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .fallback(|| async { ApiError::NotFound { message: "no such endpoint".into(), keys: vec![] } })

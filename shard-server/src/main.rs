@@ -4,6 +4,7 @@ use clap::Parser;
 use shard_server::db::Db;
 use shard_server::node::{Node, NodeConfig};
 use shard_server::serve::ServeArgs;
+use shard_server::tls::{Component, CredentialArgs, Credentials, InternalAuth};
 use shard_server::{api, app, topology_source};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -21,6 +22,10 @@ struct Args {
     /// Postgres database holding this server's shards.
     #[arg(long, env = "DATABASE_URL")]
     database_url: String,
+    /// A file holding the Postgres password, added to --database-url (so it is in neither the
+    /// command line nor the environment, which other users may read).
+    #[arg(long, env = "SHARDDB_DATABASE_PASSWORD_FILE")]
+    database_password_file: Option<PathBuf>,
     /// Topology document to follow (local mode). Without it the server only serves shards
     /// configured with POST /config.
     #[arg(long, env = "SHARDDB_TOPOLOGY_FILE", conflicts_with = "topology_configmap")]
@@ -63,6 +68,11 @@ struct Args {
     /// included). Servers sharing a machine do better with fewer: local mode gives each its share.
     #[arg(long, env = "SHARDDB_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
     worker_threads: Option<u16>,
+    /// Who this server is to the database's other components: `--tls-dir` (serve HTTPS, mutual
+    /// TLS) or, with TLS off, `--internal-token-file` and `--database`. One is required: every
+    /// endpoint but /heartbeat and /metrics answers only the database's own components.
+    #[command(flatten)]
+    credentials: CredentialArgs,
     /// No earlier process ever ran under this server's name in this database: acknowledge writes
     /// at once instead of waiting one read lease for leases a predecessor may have granted. Only
     /// for whoever starts the process and knows it is the first of its name (the local mode, for
@@ -87,14 +97,30 @@ async fn serve(args: Args) -> anyhow::Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,sqlx=warn".into()),
         )
         .init();
-    let db = Db::connect_patiently(&args.database_url, args.db_connections, Duration::from_secs(60)).await?;
+    let credentials = args.credentials.load(Component::Server, &args.name)?.ok_or_else(|| {
+        anyhow::anyhow!(
+            "no credentials: pass --tls-dir (a directory with tls.crt, tls.key and ca.crt) or, with TLS off, \
+             --internal-token-file and --database"
+        )
+    })?;
+    let database_url = match &args.database_password_file {
+        Some(file) => {
+            let password = std::fs::read_to_string(file)
+                .map_err(|e| anyhow::anyhow!("cannot read the database password file {}: {e}", file.display()))?;
+            with_password(&args.database_url, password.trim())?
+        }
+        None => args.database_url.clone(),
+    };
+    let db = Db::connect_patiently(&database_url, args.db_connections, Duration::from_secs(60)).await?;
     let topology = match (&args.topology_file, &args.topology_configmap, &args.topology_url) {
         (Some(p), _, _) => topology_source::watch_file(p.clone()),
         (None, Some((namespace, name)), _) => {
             let client = kube::Client::try_default().await?;
             topology_source::watch_configmap(client, namespace, name)
         }
-        (None, None, Some(url)) => topology_source::watch_url(url.clone()),
+        (None, None, Some(url)) => {
+            topology_source::watch_url(url.clone(), credentials.http_client(topology_source::URL_POLL_TIMEOUT))
+        }
         (None, None, None) => topology_source::fixed(None),
     };
     let config = NodeConfig {
@@ -106,6 +132,8 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         body_timeout: args.serve.body_timeout,
         lease: Duration::from_millis(args.lease_ms),
         lease_renew: Duration::from_millis(args.lease_renew_ms),
+        credentials: credentials.clone(),
+        internal_auth: args.credentials.internal_auth,
     };
     anyhow::ensure!(
         args.lease_renew_ms > 0 && args.lease_renew_ms < args.lease_ms,
@@ -118,9 +146,41 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     node.start().await?;
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     let limits = args.serve.limits();
-    tracing::info!(addr = %listener.local_addr()?, name = %args.name, ?limits, "shard server listening");
-    shard_server::serve::serve(listener, app(node), limits, shutdown()).await?;
+    let mode = args.credentials.internal_auth;
+    tracing::info!(addr = %listener.local_addr()?, name = %args.name, scheme = credentials.scheme(), internal_auth = %mode, ?limits, "shard server listening");
+    let warn = mode.weakness().map(|open| tokio::spawn(warn_every_minute(mode, open)));
+    match credentials {
+        Credentials::Tls(source) if mode == InternalAuth::Migrate => {
+            shard_server::serve::serve_migrate(listener, app(node), limits, source.server_config(), shutdown()).await?
+        }
+        Credentials::Tls(source) => {
+            shard_server::serve::serve_tls(listener, app(node), limits, source.server_config(), shutdown()).await?
+        }
+        Credentials::Token { .. } | Credentials::Plain => {
+            shard_server::serve::serve(listener, app(node), limits, shutdown()).await?
+        }
+    }
+    if let Some(w) = warn {
+        w.abort();
+    }
     Ok(())
+}
+
+/// `url` with `password` set (percent-encoded as a URL needs).
+fn with_password(url: &str, password: &str) -> anyhow::Result<String> {
+    let mut url = url::Url::parse(url).map_err(|e| anyhow::anyhow!("--database-url is not a URL: {e}"))?;
+    url.set_password(Some(password)).map_err(|()| anyhow::anyhow!("--database-url cannot hold a password"))?;
+    Ok(url.into())
+}
+
+/// Says what `--internal-auth` leaves open, at start and every minute after, so it is not
+/// forgotten in a log scrolled past.
+async fn warn_every_minute(mode: InternalAuth, open: &'static str) {
+    let mut every = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        every.tick().await;
+        tracing::warn!(internal_auth = %mode, "{open}");
+    }
 }
 
 async fn shutdown() {
@@ -131,4 +191,13 @@ async fn shutdown() {
         _ = term.recv() => {}
     }
     tracing::info!("shutting down");
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_password_is_added_encoded() {
+        let url = super::with_password("postgres://postgres@127.0.0.1:5432/sharddb", "a/b@c d").unwrap();
+        assert_eq!(url, "postgres://postgres:a%2Fb%40c%20d@127.0.0.1:5432/sharddb");
+    }
 }

@@ -24,7 +24,12 @@ pub struct Metrics {
     /// Times a copy here found its history differs from its primary's and gave it up (see
     /// `replication::divergence`).
     pub copies_diverged: Counter,
+    /// Internal requests served over plain HTTP (`--internal-auth` `none` or `migrate`): the
+    /// climb to `strict` waits for it to stay still. Named alike in every sharddb process.
+    pub plain_internal_requests: Counter,
     registry: Registry,
+    /// Metrics named without the shard server's prefix.
+    common: Registry,
 }
 
 impl Default for Metrics {
@@ -48,14 +53,33 @@ impl Default for Metrics {
             "copies that found their history differs from their primary's and gave it up",
             copies_diverged.clone(),
         );
-        Metrics { requests, latency, entries_applied, replication_failures, group_size, copies_diverged, registry }
+        let plain_internal_requests = Counter::default();
+        let mut common = Registry::with_prefix("sharddb");
+        common.register(
+            "plain_internal_requests",
+            "internal requests served over plain HTTP without a credential (--internal-auth none or migrate)",
+            plain_internal_requests.clone(),
+        );
+        Metrics {
+            requests,
+            latency,
+            entries_applied,
+            replication_failures,
+            group_size,
+            copies_diverged,
+            plain_internal_requests,
+            registry,
+            common,
+        }
     }
 }
 
 impl Metrics {
     pub fn encode(&self) -> String {
         let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("encoding to a String");
+        prometheus_client::encoding::text::encode_registry(&mut out, &self.registry).expect("encoding to a String");
+        prometheus_client::encoding::text::encode_registry(&mut out, &self.common).expect("encoding to a String");
+        prometheus_client::encoding::text::encode_eof(&mut out).expect("encoding to a String");
         out
     }
 }

@@ -2,12 +2,14 @@
 //! shards it holds with each one's role. Decides "may I serve/accept this?"; does I/O only to
 //! create a shard's table on first use.
 
-use crate::api::{LeaseRequest, LeaseToken, ShardClient, http_client};
+use crate::api::{LeaseRequest, LeaseToken, ShardClient};
+use crate::auth::Gate;
 use crate::db::{Db, ShardTable};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::replication::Shard;
 use crate::schema::Schema;
+use crate::tls::Credentials;
 use crate::topology::{ReplicaState, ShardEntry, Topology};
 use crate::topology_source::TopologyRx;
 use std::collections::{BTreeMap, HashMap};
@@ -35,6 +37,10 @@ pub struct NodeConfig {
     pub cache_bytes: usize,
     /// How long a request body may take to arrive in full (see [`crate::serve`]).
     pub body_timeout: Duration,
+    /// Who this server is to its peers, and how it checks them (see [`crate::tls`]).
+    pub credentials: Credentials,
+    /// Whether callers over plain HTTP are served too (see [`crate::tls::InternalAuth`]).
+    pub internal_auth: crate::tls::InternalAuth,
 }
 
 impl NodeConfig {
@@ -80,6 +86,8 @@ pub struct Node {
     pub db: Db,
     pub metrics: Metrics,
     topology: TopologyRx,
+    /// Checks callers of the internal endpoints (see [`crate::auth`]).
+    gate: Gate,
     http: reqwest::Client,
     /// For long transfers (snapshots): no overall deadline, but a bound on every read.
     stream_http: reqwest::Client,
@@ -99,21 +107,22 @@ pub struct Node {
 
 impl Node {
     pub fn new(config: NodeConfig, db: Db, topology: TopologyRx) -> Arc<Node> {
-        let http = http_client(config.peer_timeout);
-        crate::api::install_crypto_provider();
-        let stream_http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(2))
-            .read_timeout(config.peer_timeout)
-            .tcp_nodelay(true)
-            .build()
-            .expect("HTTP client builds");
+        let http = config.credentials.http_client(config.peer_timeout);
+        let stream_http =
+            config.credentials.client_builder().read_timeout(config.peer_timeout).build().expect("HTTP client builds");
+        let metrics = Metrics::default();
+        let mut gate = Gate::for_credentials(&config.credentials).unwrap_or_else(Gate::nobody);
+        if config.internal_auth.accepts_plain() {
+            gate = gate.accepting_plain(metrics.plain_internal_requests.clone());
+        }
         let row_budget = crate::rowcache::Budget::new(config.cache_rows, config.cache_bytes);
         Arc::new(Node {
             row_budget,
             config,
             db,
-            metrics: Metrics::default(),
+            metrics,
             topology,
+            gate,
             http,
             stream_http,
             shards: RwLock::new(HashMap::new()),
@@ -139,6 +148,11 @@ impl Node {
 
     pub fn name(&self) -> &str {
         &self.config.name
+    }
+
+    /// The check of callers of the internal endpoints.
+    pub fn gate(&self) -> &Gate {
+        &self.gate
     }
 
     /// This moment of this process's clock, for the operator to grant a primary lease from.

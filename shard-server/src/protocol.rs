@@ -143,6 +143,7 @@ mod compatibility {
             epoch: 1,
             shards: BTreeMap::new(),
             lease_token: None,
+            internal_auth: None,
         })
         .unwrap();
         assert_eq!(ours["protocol"], PROTOCOL_VERSION);

@@ -20,7 +20,9 @@
 //!   that stops, a `Content-Length` whose bytes never come), or the request is answered 408 in the
 //!   error shape.
 
+use crate::tls::TlsPeer;
 use axum::Router;
+use axum::extract::connect_info::ConnectInfo;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
@@ -35,6 +37,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio::time::{Instant, Sleep};
+use tokio_rustls::TlsAcceptor;
 
 /// The flags that set [`ServeLimits`], shared by the binaries that serve HTTP.
 #[derive(Clone, Debug, clap::Args)]
@@ -108,6 +111,57 @@ pub async fn serve(
     limits: ServeLimits,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
+    serve_with(listener, app, limits, None, shutdown).await
+}
+
+/// As [`serve`], over TLS with `config`: each connection's handshake runs in its own task within
+/// the connection's slot (bounded by [`crate::tls::listener::HANDSHAKE_TIMEOUT`]), and every
+/// request carries the peer ([`TlsPeer`], as `ConnectInfo`) that `crate::auth` checks.
+pub async fn serve_tls(
+    listener: TcpListener,
+    app: Router,
+    limits: ServeLimits,
+    config: Arc<rustls::ServerConfig>,
+    shutdown: impl Future<Output = ()>,
+) -> io::Result<()> {
+    serve_with(listener, app, limits, Some((TlsAcceptor::from(config), false)), shutdown).await
+}
+
+/// As [`serve_tls`], and plain HTTP on the same port (`--internal-auth=migrate`): the first byte
+/// of each connection decides, `0x16` (a TLS handshake record) for TLS. A plain connection's
+/// requests carry no [`TlsPeer`], which is how `crate::auth` tells them apart. The wait for that
+/// byte is bounded by the header timeout, as a request's headers are.
+pub async fn serve_migrate(
+    listener: TcpListener,
+    app: Router,
+    limits: ServeLimits,
+    config: Arc<rustls::ServerConfig>,
+    shutdown: impl Future<Output = ()>,
+) -> io::Result<()> {
+    serve_with(listener, app, limits, Some((TlsAcceptor::from(config), true)), shutdown).await
+}
+
+/// The first byte of every TLS connection: the record type of a handshake.
+const TLS_HANDSHAKE: u8 = 0x16;
+
+/// Whether the connection starts with a TLS handshake; `None` when no byte came within `wait`
+/// (or the peer went away).
+async fn starts_with_tls(tcp: &TcpStream, wait: Duration) -> Option<bool> {
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(wait, tcp.peek(&mut first)).await {
+        Ok(Ok(1)) => Some(first[0] == TLS_HANDSHAKE),
+        _ => None,
+    }
+}
+
+/// `tls`: the acceptor, and whether plain HTTP is served beside it.
+async fn serve_with(
+    listener: TcpListener,
+    app: Router,
+    limits: ServeLimits,
+    tls: Option<(TlsAcceptor, bool)>,
+    shutdown: impl Future<Output = ()>,
+) -> io::Result<()> {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut shutdown = std::pin::pin!(shutdown);
@@ -116,7 +170,7 @@ pub async fn serve(
             _ = &mut shutdown => break,
             p = Arc::clone(&slots).acquire_owned() => p.expect("the semaphore is never closed"),
         };
-        let (tcp, _) = tokio::select! {
+        let (tcp, addr) = tokio::select! {
             _ = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
@@ -131,36 +185,30 @@ pub async fn serve(
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
-        let app = TowerToHyperService::new(app.clone());
-        let busy = Arc::new(AtomicUsize::new(0));
-        let in_flight = Arc::clone(&busy);
-        let service = hyper::service::service_fn(move |req| {
-            let guard = Busy::enter(&in_flight);
-            let answer = hyper::service::Service::call(&app, req);
-            async move {
-                let r = answer.await;
-                drop(guard);
-                r
-            }
-        });
-        let mut stop = stop_rx.clone();
+        let app = app.clone();
+        let stop = stop_rx.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            let io = TokioIo::new(IdleTimeout::new(tcp, limits.idle_timeout, busy));
-            let conn = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(limits.header_timeout)
-                .serve_connection(io, service);
-            let mut conn = std::pin::pin!(conn);
-            let result = tokio::select! {
-                r = conn.as_mut() => r,
-                _ = async { stop.wait_for(|s| *s).await.map(|_| ()) } => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
+            let busy = Arc::new(AtomicUsize::new(0));
+            let tls = match tls {
+                Some((acceptor, true)) => match starts_with_tls(&tcp, limits.header_timeout).await {
+                    Some(true) => Some(acceptor),
+                    Some(false) => None,
+                    None => return,
+                },
+                Some((acceptor, false)) => Some(acceptor),
+                None => None,
             };
-            if let Err(e) = result {
-                tracing::debug!(error = %e, "connection ended with an error");
+            let io = IdleTimeout::new(tcp, limits.idle_timeout, Arc::clone(&busy));
+            match tls {
+                None => connection(io, app, None, busy, limits, stop).await,
+                Some(acceptor) => {
+                    let Some((stream, peer)) = crate::tls::listener::handshake(acceptor, io, addr).await else {
+                        return;
+                    };
+                    connection(stream, app, Some(peer), busy, limits, stop).await
+                }
             }
         });
     }
@@ -172,6 +220,47 @@ pub async fn serve(
         tracing::warn!("connections still open after {DRAIN:?}; stopping anyway");
     }
     Ok(())
+}
+
+/// Serves one connection's requests until it ends or the server stops.
+async fn connection<Io>(
+    io: Io,
+    app: Router,
+    peer: Option<TlsPeer>,
+    busy: Arc<AtomicUsize>,
+    limits: ServeLimits,
+    mut stop: watch::Receiver<bool>,
+) where
+    Io: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let app = TowerToHyperService::new(app);
+    let service = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+        let guard = Busy::enter(&busy);
+        if let Some(peer) = &peer {
+            req.extensions_mut().insert(ConnectInfo(peer.clone()));
+        }
+        let answer = hyper::service::Service::call(&app, req);
+        async move {
+            let r = answer.await;
+            drop(guard);
+            r
+        }
+    });
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .serve_connection(TokioIo::new(io), service);
+    let mut conn = std::pin::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = async { stop.wait_for(|s| *s).await.map(|_| ()) } => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "connection ended with an error");
+    }
 }
 
 /// Counts a connection's requests being handled while it lives.

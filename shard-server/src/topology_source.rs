@@ -108,15 +108,16 @@ fn reload(path: &Path, tx: &watch::Sender<Option<Arc<Topology>>>) {
 }
 
 /// How long the URL source waits for one answer: the server holds a poll for about 10 s.
-const URL_POLL_TIMEOUT: Duration = Duration::from_secs(30);
+pub const URL_POLL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Pause after a failed poll before the next.
 const URL_RETRY: Duration = Duration::from_millis(250);
 
 /// Follows the document served at `url` (`GET url?after=EPOCH`: the document once one newer than
-/// `EPOCH` exists, or 204 after a while). Until the first answer there is no topology.
-pub fn watch_url(url: String) -> TopologyRx {
+/// `EPOCH` exists, or 204 after a while), asking with `http` (which presents this process's
+/// credentials: the endpoint answers the database's components alone, and should time out after
+/// [`URL_POLL_TIMEOUT`]). Until the first answer there is no topology.
+pub fn watch_url(url: String, http: reqwest::Client) -> TopologyRx {
     let (tx, rx) = watch::channel::<Option<Arc<Topology>>>(None);
-    let http = crate::api::http_client(URL_POLL_TIMEOUT);
     tokio::spawn(async move {
         loop {
             let after = tx.borrow().as_ref().map(|t| t.epoch);
@@ -294,7 +295,7 @@ mod tests {
         crate::api::install_crypto_provider();
         let doc = Arc::new(std::sync::Mutex::new(sample()));
         let url = serve_topology(doc.clone()).await;
-        let mut rx = watch_url(url);
+        let mut rx = watch_url(url, crate::api::http_client(URL_POLL_TIMEOUT));
         tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|t| t.is_some())).await.unwrap().unwrap();
         assert_eq!(rx.borrow().as_ref().unwrap().epoch, 3);
         doc.lock().unwrap().epoch = 9;

@@ -62,3 +62,23 @@ async fn entries_apply_in_sequence_and_a_second_writer_changes_nothing() {
     assert_eq!(db.stats(&t, false).await.unwrap().applied_seq, 2);
     assert_eq!(db.log_entries("sh1", 1, 4).await.unwrap().len(), 2);
 }
+
+/// The pool opens all its connections up front, in the background, so no request waits for one
+/// being opened (a SCRAM exchange with a password-protected Postgres is costly): a pool that grew
+/// on demand made the operator's `/status` probes queue behind the first burst of writes.
+#[tokio::test]
+async fn the_pool_opens_every_connection_before_any_request_needs_one() {
+    let pg = tokio::task::spawn_blocking(LocalPg::temporary).await.unwrap().expect("throwaway postgres");
+    pg.create_database("db").unwrap();
+    let _db = Db::connect(&pg.url("db"), 4).await.unwrap();
+    let count = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'sharddb-shard-server'";
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let open: u32 = pg.psql("db", count).unwrap().trim().parse().unwrap();
+        if open == 4 {
+            break;
+        }
+        assert!(open < 4 && std::time::Instant::now() < deadline, "{open} connections open, want the pool's 4");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}

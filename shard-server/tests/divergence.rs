@@ -98,8 +98,8 @@ async fn a_recovered_copy_still_checks_the_entry_after_its_snapshot() {
         t.shards[0].replicas.insert("Server1".into(), ReplicaState::Recovering);
     })
     .await;
-    let source = c.servers[0].url();
-    let done = c.client(1).recover("sh1", &shard_server::api::RecoverRequest { source }).await.unwrap();
+    let primary = c.servers[0].name.clone();
+    let done = c.client(1).recover("sh1", &shard_server::api::RecoverRequest { primary }).await.unwrap();
     assert_eq!(done.snapshot_seq, 3);
     let (seq, hash) = position(&c, 1).await;
     assert_eq!((seq, hash), position(&c, 0).await, "the snapshot carried the source's hash");

@@ -4,6 +4,10 @@
 //! differs, a stream cut short, a row of the wrong type, two rows with one key — leaves the
 //! previous copy as it was, primary key included. A source from before snapshots carried a digest
 //! is still verified, against its checksum.
+//!
+//! A recover copies from the primary the replica's topology names (never from a URL in the
+//! request), so a crafted source is put in the topology as the primary's address, serving with the
+//! primary's certificate.
 
 mod common;
 
@@ -16,6 +20,7 @@ use axum::routing::get;
 use common::Cluster;
 use shard_server::api::{ErrorCode, Op, RecoverRequest, RecoverResponse, WriteRequest};
 use shard_server::schema::{Row, Value};
+use shard_server::tls::{Component, Credentials, TlsListener, TlsPeer};
 use shard_server::topology::ReplicaState;
 use sqlx::Connection;
 
@@ -78,8 +83,10 @@ async fn has_primary_key(c: &Cluster, i: usize) -> bool {
 }
 
 /// A source that answers `/v1/shards/sh1/snapshot` with what `snapshot` makes of the real
-/// primary's stream, and passes every other request to the primary unchanged.
-async fn fake_source(primary: String, snapshot: fn(String) -> Response) -> String {
+/// primary's stream, and passes every other request to the primary unchanged; it serves over TLS
+/// with Server0's certificate, and reads from the primary as the operator.
+async fn fake_source(c: &Cluster, snapshot: fn(String) -> Response) -> String {
+    let primary = c.servers[0].url();
     #[derive(Clone)]
     struct Fake {
         primary: String,
@@ -96,11 +103,15 @@ async fn fake_source(primary: String, snapshot: fn(String) -> Response) -> Strin
         let status = StatusCode::from_u16(r.status().as_u16()).unwrap();
         (status, [("content-type", "application/json")], r.bytes().await.unwrap()).into_response()
     }
-    let fake = Fake { primary, snapshot, http: shard_server::api::http_client(std::time::Duration::from_secs(30)) };
+    let fake = Fake { primary, snapshot, http: c.http.clone() };
     let app = Router::new().route("/v1/shards/sh1/snapshot", get(snap)).fallback(pass).with_state(fake);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let url = format!("https://{}", listener.local_addr().unwrap());
+    let Credentials::Tls(tls) = c.pki.credentials(Component::Server, "Server0") else { unreachable!() };
+    let listener = TlsListener::new(listener, tls.server_config());
+    tokio::spawn(
+        async move { axum::serve(listener, app.into_make_service_with_connect_info::<TlsPeer>()).await.unwrap() },
+    );
     url
 }
 
@@ -110,16 +121,19 @@ fn with_end(text: &str, end: &str) -> Response {
     Response::new(Body::from(body))
 }
 
-async fn recover(c: &Cluster, source: String) -> Result<RecoverResponse, shard_server::api::ClientError> {
-    c.client(1).recover("sh1", &RecoverRequest { source }).await
+/// Server1 recovers `sh1` from its primary, Server0, reached at `source` (the topology says so).
+async fn recover(c: &mut Cluster, source: String) -> Result<RecoverResponse, shard_server::api::ClientError> {
+    c.publish(|t| t.servers.get_mut("Server0").expect("Server0 is in the topology").url = source).await;
+    c.client(1).recover("sh1", &RecoverRequest { primary: "Server0".into() }).await
 }
 
 #[tokio::test]
 async fn every_kind_of_text_survives_the_install_exactly() {
     let rows = awkward_rows();
     let n = rows.len() as i64;
-    let c = recovering_replica(rows).await;
-    let done = recover(&c, c.servers[0].url()).await.unwrap();
+    let mut c = recovering_replica(rows).await;
+    let url = c.servers[0].url();
+    let done = recover(&mut c, url).await.unwrap();
     assert_eq!((done.snapshot_rows, done.verified_seq, done.rows), (n as u64, 1, n), "{done:?}");
     let t = done.timings.expect("timings");
     assert!(t.total_us >= t.copy_us && t.copy_us > 0, "{t:?}");
@@ -130,7 +144,7 @@ async fn every_kind_of_text_survives_the_install_exactly() {
 
 #[tokio::test]
 async fn an_install_that_cannot_be_verified_leaves_the_previous_copy() {
-    let c = recovering_replica((0..50).map(|k| row(k, "n", k)).collect()).await;
+    let mut c = recovering_replica((0..50).map(|k| row(k, "n", k)).collect()).await;
     let before = state(&c, 1).await;
     assert_eq!(before.0, 1);
     type Craft = fn(String) -> Response;
@@ -148,23 +162,24 @@ async fn an_install_that_cannot_be_verified_leaves_the_previous_copy() {
         }),
     ];
     for (what, snapshot) in cases {
-        let source = fake_source(c.servers[0].url(), snapshot).await;
-        let e = recover(&c, source).await.unwrap_err();
+        let source = fake_source(&c, snapshot).await;
+        let e = recover(&mut c, source).await.unwrap_err();
         assert_eq!(e.code(), Some(ErrorCode::Unavailable), "{what}: {e}");
         assert!(e.to_string().contains("recovery failed"), "{what}: {e}");
         assert_eq!(state(&c, 1).await, before, "{what}: the previous copy changed");
         assert!(has_primary_key(&c, 1).await, "{what}: the primary key is gone");
     }
     // The real thing still installs over it.
-    recover(&c, c.servers[0].url()).await.unwrap();
+    let url = c.servers[0].url();
+    recover(&mut c, url).await.unwrap();
     assert_eq!(state(&c, 1).await, state(&c, 0).await);
 }
 
 #[tokio::test]
 async fn a_source_without_a_digest_is_verified_against_its_checksum() {
-    let c = recovering_replica((0..50).map(|k| row(k, "n", k)).collect()).await;
-    let source = fake_source(c.servers[0].url(), |text| with_end(&text, r#"{"end":true,"rows":50}"#)).await;
-    let done = recover(&c, source).await.unwrap();
+    let mut c = recovering_replica((0..50).map(|k| row(k, "n", k)).collect()).await;
+    let source = fake_source(&c, |text| with_end(&text, r#"{"end":true,"rows":50}"#)).await;
+    let done = recover(&mut c, source).await.unwrap();
     let primary = state(&c, 0).await;
     assert_eq!(Some(done.checksum.clone()), primary.2, "verified with the md5 checksum: {done:?}");
     assert_eq!(state(&c, 1).await, primary);

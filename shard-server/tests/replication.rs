@@ -377,7 +377,7 @@ async fn a_replica_that_lost_its_data_recovers_from_a_snapshot_under_load() {
     c.restart_with_empty_database(2, 1).await;
 
     // A ready replica is never replaced.
-    let source = RecoverRequest { source: c.servers[0].url() };
+    let source = RecoverRequest { primary: "Server0".into() };
     let e = c.client(1).recover("sh1", &source).await.unwrap_err();
     assert_eq!(e.code(), Some(ErrorCode::Conflict), "{e}");
 
@@ -412,9 +412,13 @@ async fn a_failed_recovery_leaves_the_previous_copy_intact() {
         t.shards[0].replicas.insert("Server1".into(), ReplicaState::Recovering);
     })
     .await;
-    // Nothing listens there.
-    let nowhere = RecoverRequest { source: "http://127.0.0.1:9".into() };
-    let e = c.client(1).recover("sh1", &nowhere).await.unwrap_err();
+    // A request naming another primary than the topology's is refused before anything is copied.
+    let elsewhere = RecoverRequest { primary: "Server1".into() };
+    let e = c.client(1).recover("sh1", &elsewhere).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::Conflict), "{e}");
+    // The primary is down: the copy cannot be made.
+    c.kill(0).await;
+    let e = c.client(1).recover("sh1", &RecoverRequest { primary: "Server0".into() }).await.unwrap_err();
     assert_eq!(e.code(), Some(ErrorCode::Unavailable), "{e}");
     let st = c.client(1).status(true).await.unwrap();
     assert_eq!((st.shards["sh1"].rows, st.shards["sh1"].applied_seq), (10, 1));

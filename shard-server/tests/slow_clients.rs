@@ -1,16 +1,24 @@
 //! Slow and stalled clients against a real shard server served with short limits: unfinished or
 //! trickled headers, a body that stalls or never arrives, an idle keep-alive connection, and more
 //! connections than the cap. Each must end (or wait) as `shard_server::serve` documents, and a
-//! well-behaved client must still be served. Raw TCP, since HTTP clients cannot misbehave.
+//! well-behaved client must still be served. Raw HTTP/1.1 bytes inside a TLS connection made with
+//! the operator's certificate (what every internal caller presents), since HTTP clients cannot
+//! misbehave.
 //! The router is served by the same module; `router/tests/http.rs` checks its body timeout.
 
 mod common;
 
 use common::Cluster;
 use shard_server::serve::ServeLimits;
+use shard_server::tls::{Component, Credentials};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+
+/// A connection to a shard server, past its TLS handshake.
+type Conn = TlsStream<TcpStream>;
 
 const SH1: common::ShardDef = ("sh1", 0, 4096, 0, &[0]);
 
@@ -25,7 +33,7 @@ fn limits() -> ServeLimits {
 
 /// Reads until the server closes the connection (or `limit` passes); returns what was read and
 /// when the connection ended, `None` if it did not within `limit`.
-async fn until_closed(tcp: &mut TcpStream, limit: Duration) -> (String, Option<Duration>) {
+async fn until_closed(tcp: &mut Conn, limit: Duration) -> (String, Option<Duration>) {
     let start = Instant::now();
     let mut out = Vec::new();
     let mut buf = [0u8; 4096];
@@ -39,8 +47,12 @@ async fn until_closed(tcp: &mut TcpStream, limit: Duration) -> (String, Option<D
     }
 }
 
-async fn connect(c: &Cluster) -> TcpStream {
-    TcpStream::connect(c.servers[0].addr).await.unwrap()
+async fn connect(c: &Cluster) -> Conn {
+    let Credentials::Tls(source) = c.pki.credentials(Component::Operator, "operator") else { unreachable!() };
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(source.client_config()));
+    let tcp = TcpStream::connect(c.servers[0].addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    connector.connect(name, tcp).await.unwrap()
 }
 
 #[tokio::test]
@@ -122,6 +134,11 @@ async fn an_idle_keep_alive_connection_is_closed_at_the_idle_timeout() {
 #[tokio::test]
 async fn past_the_connection_cap_a_client_waits_until_a_connection_ends() {
     let c = Cluster::start_with_serve_limits(1, &[SH1], limits()).await;
+    // The harness's lease granter keeps a pooled connection: stop it and let the idle timeout (1 s)
+    // close that connection, so the four below are the only ones (each waits for its TLS
+    // handshake, so one left over would hold the fourth back until the first three time out).
+    c.granting.store(false, std::sync::atomic::Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     // Four connections (the cap) each in the middle of a request whose body never comes: they are
     // busy, so only the body timeout (2 s) ends them.
     let mut held = Vec::new();
@@ -131,13 +148,17 @@ async fn past_the_connection_cap_a_client_waits_until_a_connection_ends() {
         held.push(tcp);
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let mut fifth = connect(&c).await;
-    fifth.write_all(b"GET /heartbeat HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
-    let mut buf = [0u8; 1024];
-    let early = tokio::time::timeout(Duration::from_millis(1000), fifth.read(&mut buf)).await;
+    // The fifth is not even accepted (so its handshake waits) until a held one ends.
+    let fifth = async {
+        let mut fifth = connect(&c).await;
+        fifth.write_all(b"GET /heartbeat HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
+        until_closed(&mut fifth, Duration::from_secs(8)).await
+    };
+    let mut fifth = std::pin::pin!(fifth);
+    let early = tokio::time::timeout(Duration::from_millis(1000), fifth.as_mut()).await;
     assert!(early.is_err(), "served past the cap: {early:?}");
     // Once the held requests time out, the waiting client is served.
-    let (answer, closed) = until_closed(&mut fifth, Duration::from_secs(8)).await;
+    let (answer, closed) = fifth.await;
     assert!(closed.is_some(), "never served");
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     for mut tcp in held {

@@ -9,6 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub use shard_server::api::install_crypto_provider;
+use shard_server::tls::{Credentials, DatabaseId, Identity, TlsFiles, TlsSource};
 
 /// The benchmark program's library (its binary is `src/bin/bench.rs`).
 pub mod bench;
@@ -41,9 +42,52 @@ pub struct ClusterFile {
     pub router: Process,
     pub topology: PathBuf,
     pub servers: Vec<ServerProcess>,
+    pub control_url: String,
+    /// Absent in a cluster of a release from before internal authentication.
+    #[serde(default)]
+    pub internal: Internal,
     /// The switch, when every process runs in a network namespace of its own.
     #[serde(default)]
     pub network: Option<NetworkInfo>,
+}
+
+/// How the cluster's processes authenticate each other (`cluster.json`'s `internal`).
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct Internal {
+    pub tls: bool,
+    /// `none`, `migrate` or `strict` (`--internal-auth`); empty before internal authentication.
+    #[serde(default)]
+    pub mode: String,
+    pub ca: Option<PathBuf>,
+    pub operator_tls_dir: Option<PathBuf>,
+    pub token_file: Option<PathBuf>,
+    pub database: String,
+    pub admin_token_file: Option<PathBuf>,
+}
+
+impl ClusterFile {
+    /// The operator's credentials: what a test presents to call a shard server directly.
+    pub fn operator_credentials(&self) -> Result<Credentials> {
+        let i = &self.internal;
+        match (&i.operator_tls_dir, &i.token_file) {
+            (Some(dir), _) => Ok(Credentials::Tls(TlsSource::open(TlsFiles::in_dir(dir))?)),
+            (None, Some(file)) => {
+                let (namespace, name) = i.database.split_once('/').context("database is NAMESPACE/NAME")?;
+                let identity = Identity::operator(DatabaseId::new(namespace, name))?;
+                Ok(Credentials::Token { secret: std::fs::read_to_string(file)?.trim().into(), identity })
+            }
+            (None, None) => bail!("cluster.json names no credentials"),
+        }
+    }
+
+    /// A client presenting the operator's credentials, or a plain one when the cluster names
+    /// none (a release from before internal authentication).
+    pub fn operator_http(&self, timeout: Duration) -> Result<reqwest::Client> {
+        if self.internal.operator_tls_dir.is_none() && self.internal.token_file.is_none() {
+            return Ok(shard_server::api::http_client(timeout));
+        }
+        Ok(self.operator_credentials()?.http_client(timeout))
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -81,7 +125,21 @@ pub struct PostgresProcess {
     pub port: u16,
     pub pid: Option<u32>,
     pub data_dir: PathBuf,
+    /// Without the password (cluster.json holds no secret).
     pub url: String,
+    /// The file holding the password.
+    pub password_file: Option<PathBuf>,
+}
+
+impl PostgresProcess {
+    /// A URL to connect with: `url` plus the password from its file.
+    pub fn connect_url(&self) -> Result<String> {
+        let Some(file) = &self.password_file else { return Ok(self.url.clone()) };
+        let password = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+        let mut url = url::Url::parse(&self.url)?;
+        url.set_password(Some(password.trim())).map_err(|()| anyhow::anyhow!("{} cannot hold a password", self.url))?;
+        Ok(url.into())
+    }
 }
 
 /// Where the workspace's binaries are: `SHARDDB_BIN_DIR`, else the cargo target directory this
@@ -111,12 +169,20 @@ pub struct Launch {
     pub port: u16,
     /// Flags given to `sharddb-operator local` beyond the spec, data directory and ports.
     pub args: Vec<String>,
+    /// Environment variables set for it (and so for the processes it starts).
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for Launch {
     /// This workspace's binaries, any free port.
     fn default() -> Self {
-        Launch { operator: bin_dir().join("sharddb-operator"), bin_dir: bin_dir(), port: 0, args: Vec::new() }
+        Launch {
+            operator: bin_dir().join("sharddb-operator"),
+            bin_dir: bin_dir(),
+            port: 0,
+            args: Vec::new(),
+            env: Vec::new(),
+        }
     }
 }
 
@@ -125,6 +191,7 @@ pub struct LocalCluster {
     child: Child,
     pub dir: tempfile::TempDir,
     pub router: String,
+    /// Presents the operator's credentials: shard servers answer it on every endpoint.
     pub http: reqwest::Client,
     /// Flags given to `sharddb-operator local` beyond the spec, data directory and ports.
     args: Vec<String>,
@@ -139,8 +206,9 @@ impl LocalCluster {
     }
 
     /// Starts `sharddb-operator local` on a spec file with extra flags.
-    pub fn start_with(spec: &Path, args: &[String]) -> Result<LocalCluster> {
-        LocalCluster::start_as(Some(spec), &Launch { args: args.to_vec(), ..Launch::default() })
+    pub fn start_with<S: AsRef<str>>(spec: &Path, args: &[S]) -> Result<LocalCluster> {
+        let args = args.iter().map(|a| a.as_ref().to_owned()).collect();
+        LocalCluster::start_as(Some(spec), &Launch { args, ..Launch::default() })
     }
 
     /// Starts `sharddb-operator local` with no spec: only the router, waiting for `POST /init`.
@@ -148,15 +216,20 @@ impl LocalCluster {
         LocalCluster::launch(None)
     }
 
+    /// Starts `sharddb-operator local` with no spec and extra flags (e.g. `--admin-token`).
+    pub fn empty_with(args: &[&str]) -> Result<LocalCluster> {
+        let args = args.iter().map(|a| (*a).to_owned()).collect();
+        LocalCluster::start_as(None, &Launch { args, ..Launch::default() })
+    }
+
     /// Starts `sharddb-operator local --netns` on a spec file: the router and every server in a
     /// network namespace of its own, named uniquely for this run (see [`partition`]).
     pub fn start_in_namespaces(spec: &Path) -> Result<LocalCluster> {
         let namespaces = partition::Namespaces::new()?;
         let id = namespaces.id().to_owned();
-        let mut c = LocalCluster::launch_with(Some(spec), &Launch::default(), Some(namespaces))?;
+        let c = LocalCluster::launch_with(Some(spec), &Launch::default(), Some(namespaces))?;
         let network = c.cluster_file()?.network;
         ensure!(network.as_ref().is_some_and(|n| n.id == id), "cluster.json describes no network {id}: {network:?}");
-        c.http = shard_server::api::http_client(Duration::from_secs(30));
         Ok(c)
     }
 
@@ -183,7 +256,9 @@ impl LocalCluster {
         let netns = namespaces.as_ref().map(|n| n.id().to_owned());
         let (child, router) = spawn_operator(dir.path(), spec, launch, netns.as_deref())?;
         let http = shard_server::api::http_client(Duration::from_secs(30));
-        Ok(LocalCluster { child, dir, router, http, args: launch.args.clone(), namespaces })
+        let mut cluster = LocalCluster { child, dir, router, http, args: launch.args.clone(), namespaces };
+        cluster.http = cluster.cluster_file()?.operator_http(Duration::from_secs(30))?;
+        Ok(cluster)
     }
 
     /// The switch of a cluster started in namespaces, for cutting links.
@@ -206,6 +281,7 @@ impl LocalCluster {
         let (child, router) = spawn_operator(self.dir.path(), None, launch, netns.as_deref())?;
         self.child = child;
         self.router = router;
+        self.http = self.cluster_file()?.operator_http(Duration::from_secs(30))?;
         Ok(())
     }
 
@@ -291,6 +367,7 @@ fn spawn_operator(dir: &Path, spec: Option<&Path>, launch: &Launch, netns: Optio
         .arg(&launch.bin_dir)
         .args(&launch.args)
         .args(netns.map(|id| format!("--netns={id}")))
+        .envs(launch.env.iter().map(|(k, v)| (k, v)))
         .stdout(Stdio::piped())
         .stderr(Stdio::from(log))
         .spawn()

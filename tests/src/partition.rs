@@ -157,9 +157,12 @@ impl Switch {
     }
 }
 
-/// The IPv4 host of `http://a.b.c.d:port`.
+/// The IPv4 host of `https://a.b.c.d:port` (or `http://`).
 fn host(url: &str) -> Result<Ipv4Addr> {
-    let rest = url.strip_prefix("http://").with_context(|| format!("{url} is not an http URL"))?;
+    let rest = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"))
+        .with_context(|| format!("{url} is not an http(s) URL"))?;
     let host = rest.split([':', '/']).next().unwrap_or_default();
     host.parse().with_context(|| format!("{url} names no IPv4 address"))
 }
@@ -185,6 +188,7 @@ mod tests {
     fn hosts_come_from_urls() {
         assert_eq!(host("http://10.1.2.3:5000").unwrap(), Ipv4Addr::new(10, 1, 2, 3));
         assert_eq!(host("http://10.1.2.3/x").unwrap(), Ipv4Addr::new(10, 1, 2, 3));
+        assert_eq!(host("https://10.1.2.3:5000").unwrap(), Ipv4Addr::new(10, 1, 2, 3));
         assert!(host("http://localhost:5000").is_err());
         assert!(host("10.1.2.3:5000").is_err());
     }

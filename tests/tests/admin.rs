@@ -7,7 +7,7 @@
 use anyhow::{Context, Result, ensure};
 use reqwest::Method;
 use serde_json::{Value, json};
-use shard_server::api::{ShardClient, http_client};
+use shard_server::api::ShardClient;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -80,7 +80,7 @@ fn placed_as(status: &Value, want: &BTreeMap<&str, Vec<&str>>) -> bool {
 async fn copies(c: &LocalCluster) -> Result<BTreeMap<String, BTreeMap<String, (u64, i64, String)>>> {
     let st = status(c).await?;
     let file = c.cluster_file()?;
-    let http = http_client(Duration::from_secs(10));
+    let http = file.operator_credentials()?.http_client(Duration::from_secs(10));
     let mut out: BTreeMap<String, BTreeMap<String, (u64, i64, String)>> = BTreeMap::new();
     for (shard, states) in replicas(&st) {
         for (server, state) in states {
@@ -401,5 +401,42 @@ async fn a_restarted_operator_resumes_an_add_and_a_drain() -> Result<()> {
         !c.dir.path().join("servers/Server0").exists()
     })
     .await?;
+    Ok(())
+}
+
+/// With `--admin-token`, the router's admin verbs answer only a request bearing the token kept in
+/// the data directory; anything else is a 401 that configures nothing.
+#[tokio::test]
+async fn the_admin_verbs_can_require_a_token() -> Result<()> {
+    let c = LocalCluster::empty_with(&["--admin-token"])?;
+    let file = c.cluster_file()?.internal.admin_token_file.context("cluster.json names the token's file")?;
+    let token = std::fs::read_to_string(&file)?.trim().to_owned();
+    use std::os::unix::fs::PermissionsExt as _;
+    assert_eq!(std::fs::metadata(&file)?.permissions().mode() & 0o777, 0o600);
+    let init = json!({"N": 1, "schema": schema_json(), "shards": shards_json(), "servers": {"Server0": ["sh1", "sh2", "sh3", "sh4"]}});
+    let send = |auth: Option<String>| {
+        let mut req = c.http.post(c.url("/init")).body(init.to_string());
+        if let Some(a) = auth {
+            req = req.header("authorization", a);
+        }
+        async move {
+            let r = req.send().await?;
+            anyhow::Ok((r.status().as_u16(), r.headers().get("www-authenticate").is_some(), r.json::<Value>().await?))
+        }
+    };
+    for auth in [None, Some("Bearer wrong".to_owned()), Some(token.clone())] {
+        let (st, challenged, body) = send(auth.clone()).await?;
+        assert_eq!((st, challenged, body["code"].as_str()), (401, true, Some("unauthenticated")), "{auth:?}: {body}");
+    }
+    let (st, body) = c.send(Method::GET, "/status", "").await?;
+    assert_eq!((st, &body["N"], &body["shards"]), (200, &json!(0), &json!([])), "nothing configured: {body}");
+    let (st, _, body) = send(Some(format!("Bearer {token}"))).await?;
+    assert_eq!(st, 200, "{body}");
+    let (st, body) = c.send(Method::DELETE, "/rm", r#"{"n":1,"servers":[]}"#).await?;
+    assert_eq!(st, 401, "every admin verb: {body}");
+    // Reads and writes stay open, as the seed's clients use them.
+    let (st, body) =
+        c.send(Method::POST, "/write", r#"{"data":[{"Stud_id":1,"Stud_name":"a","Stud_marks":1}]}"#).await?;
+    assert_eq!(st, 200, "{body}");
     Ok(())
 }

@@ -90,6 +90,7 @@ fn renders_every_expected_kind_and_the_service_monitor_only_when_enabled() {
             "ClusterRoleBinding",
             "CustomResourceDefinition",
             "Deployment",
+            "NetworkPolicy",
             "Role",
             "RoleBinding",
             "Service",
@@ -114,7 +115,7 @@ fn renders_every_expected_kind_and_the_service_monitor_only_when_enabled() {
     assert_eq!(admin["spec"]["ports"][0]["targetPort"], "admin");
     let c = operator_container(&docs);
     assert_eq!(env(c, "SHARDDB_ADMIN_ADDR"), "0.0.0.0:8081");
-    assert_eq!(env(c, "SHARDDB_ADMIN_URL"), "http://sharddb-operator-admin.sharddb-system.svc:8081");
+    assert_eq!(env(c, "SHARDDB_ADMIN_URL"), "https://sharddb-operator-admin.sharddb-system.svc:8081");
     assert!(c["ports"].as_array().unwrap().iter().any(|p| p["name"] == "admin" && p["containerPort"] == 8081));
 
     let Some(docs) = render(&["serviceMonitor.enabled=true"]) else { return };
@@ -223,6 +224,7 @@ fn the_cluster_role_covers_every_kind_the_operator_owns() {
         ("rbac.authorization.k8s.io", "roles"),
         ("rbac.authorization.k8s.io", "rolebindings"),
         ("policy", "poddisruptionbudgets"),
+        ("networking.k8s.io", "networkpolicies"),
     ] {
         for verb in ["get", "list", "watch", "create", "patch", "delete"] {
             assert!(allows(group, resource, verb), "{verb} {group}/{resource}");
@@ -237,12 +239,96 @@ fn the_cluster_role_covers_every_kind_the_operator_owns() {
     // The topology ConfigMap is written with a resourceVersion precondition (a replace), so the
     // reconcile and the healer never undo each other's writes.
     assert!(allows("", "configmaps", "update"));
+    // A rolling update lists the server pods and evicts them one at a time (the eviction API,
+    // so PodDisruptionBudgets hold); it never deletes a pod or a volume itself.
     assert!(allows("", "pods", "watch"));
-    // A rolling update lists the server pods and evicts them one at a time.
     assert!(allows("", "pods", "list"));
     assert!(allows("", "pods/eviction", "create"));
+    assert!(!allows("", "pods", "delete") && !allows("", "persistentvolumeclaims", "delete"));
     assert!(allows("events.k8s.io", "events", "create"));
     let binding = one(&docs, "ClusterRoleBinding");
     assert_eq!(binding["subjects"][0]["name"], one(&docs, "ServiceAccount")["metadata"]["name"]);
     assert_eq!(binding["subjects"][0]["namespace"], NAMESPACE);
+}
+
+#[test]
+fn security_settings_reach_the_operator_and_the_admin_port_admits_routers_only() {
+    let Some(docs) = render(&[]) else { return };
+    let c = operator_container(&docs);
+    assert_eq!(env(c, "SHARDDB_OPERATOR_CA_SECRET"), "sharddb-operator-ca");
+    assert_eq!(env(c, "SHARDDB_REQUIRE_ADMIN_TOKEN"), "true");
+    assert_eq!(env(c, "SHARDDB_NETWORK_POLICIES"), "true");
+    assert_eq!(env(c, "SHARDDB_NAMESPACES"), &Value::Null, "every namespace by default");
+    // The labels the operator gives databases' policies select its own pods.
+    let selector = &one(&docs, "Deployment")["spec"]["selector"]["matchLabels"];
+    let labels = env(c, "SHARDDB_OPERATOR_POD_LABELS").as_str().unwrap();
+    for pair in labels.split(',') {
+        let (k, v) = pair.split_once('=').unwrap();
+        assert_eq!(selector[k], v, "{k}");
+    }
+    assert_eq!(labels.split(',').count(), selector.as_object().unwrap().len());
+
+    let policy = one(&docs, "NetworkPolicy");
+    assert_eq!(&policy["spec"]["podSelector"]["matchLabels"], selector);
+    let rules = policy["spec"]["ingress"].as_array().unwrap();
+    let admin = rules.iter().find(|r| r["ports"][0]["port"] == 8081).expect("a rule for the admin port");
+    let from = &admin["from"][0];
+    assert_eq!(from["podSelector"]["matchLabels"]["app.kubernetes.io/component"], "router");
+    assert_eq!(from["podSelector"]["matchLabels"]["app.kubernetes.io/name"], "sharddb");
+    let metrics = rules.iter().find(|r| r["ports"][0]["port"] == 8080).expect("a rule for metrics");
+    assert!(metrics["from"].is_null(), "metrics and probes from anywhere");
+    assert_eq!(rules.len(), 2, "no other port is open");
+
+    let Some(docs) = render(&["networkPolicy.enabled=false", "security.requireAdminToken=false"]) else { return };
+    assert!(!kinds(&docs).contains(&"NetworkPolicy"));
+    let c = operator_container(&docs);
+    assert_eq!(env(c, "SHARDDB_NETWORK_POLICIES"), "false");
+    assert_eq!(env(c, "SHARDDB_REQUIRE_ADMIN_TOKEN"), "false");
+}
+
+#[test]
+fn listed_namespaces_get_roles_instead_of_the_cluster_role() {
+    let Some(docs) = render(&["rbac.namespaces={team-a,team-b}"]) else { return };
+    let got = kinds(&docs);
+    assert!(!got.contains(&"ClusterRole") && !got.contains(&"ClusterRoleBinding"), "{got:?}");
+    let c = operator_container(&docs);
+    assert_eq!(env(c, "SHARDDB_NAMESPACES"), "team-a,team-b");
+    let roles: Vec<&Value> =
+        docs.iter().filter(|d| d["kind"] == "Role" && d["metadata"]["name"] == "sharddb-operator").collect();
+    let namespaces: Vec<&str> = roles.iter().map(|r| r["metadata"]["namespace"].as_str().unwrap()).collect();
+    assert_eq!(namespaces, ["team-a", "team-b"]);
+    for role in &roles {
+        let rules = role["rules"].as_array().unwrap();
+        let allows = |group: &str, resource: &str, verb: &str| {
+            rules.iter().any(|r| {
+                let has = |key: &str, want: &str| r[key].as_array().is_some_and(|a| a.iter().any(|v| v == want));
+                has("apiGroups", group) && has("resources", resource) && has("verbs", verb)
+            })
+        };
+        assert!(allows("sharddb.io", "shardeddatabases", "watch"));
+        assert!(allows("", "secrets", "create"));
+        assert!(allows("networking.k8s.io", "networkpolicies", "patch"));
+        assert!(allows("apps", "statefulsets", "delete"));
+    }
+    let bindings: Vec<&Value> =
+        docs.iter().filter(|d| d["kind"] == "RoleBinding" && d["metadata"]["name"] == "sharddb-operator").collect();
+    assert_eq!(bindings.len(), 2);
+    for b in bindings {
+        assert_eq!(b["roleRef"]["kind"], "Role");
+        assert_eq!(b["subjects"][0]["namespace"], NAMESPACE);
+    }
+    // Its own CA's Secret, in the release namespace (not in the list): get and create, nothing more.
+    let ca = docs
+        .iter()
+        .find(|d| d["kind"] == "Role" && d["metadata"]["name"] == "sharddb-operator-ca")
+        .expect("a Role for the operator's CA");
+    assert_eq!(ca["metadata"]["namespace"], NAMESPACE);
+    assert_eq!(
+        ca["rules"],
+        serde_json::json!([{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "create"]}])
+    );
+    // The admin port admits routers of the listed namespaces only.
+    let policy = one(&docs, "NetworkPolicy");
+    let ns = &policy["spec"]["ingress"][0]["from"][0]["namespaceSelector"]["matchExpressions"][0];
+    assert_eq!(ns["values"], serde_json::json!(["team-a", "team-b"]));
 }

@@ -12,9 +12,11 @@
 use anyhow::{Context, Result, ensure};
 use reqwest::Method;
 use serde_json::json;
+use shard_server::api::ShardClient;
 use shard_server::topology::ReplicaState;
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::Instant;
+use std::path::Path;
+use std::time::{Duration, Instant};
 use tests::LocalCluster;
 use tests::checks::*;
 use tests::fault::*;
@@ -351,7 +353,7 @@ async fn a_delete_is_acknowledged_only_once_every_ready_replica_has_it() -> Resu
     ensure!(st == 200, "{body}");
     let t = topology(&c)?;
     let (replica, _) = replica_and_primary(&t, 0);
-    let pg = c.cluster_file()?.servers.iter().find(|s| s.name == replica).context("replica")?.postgres.url.clone();
+    let pg = c.cluster_file()?.servers.iter().find(|s| s.name == replica).context("replica")?.postgres.connect_url()?;
     let mut conn = sqlx::PgConnection::connect(&pg).await?;
     let refuse = [
         "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'refused'; END $$",
@@ -462,7 +464,7 @@ async fn a_copy_whose_rows_differ_from_its_primary_is_found_and_copied_afresh() 
     let c = LocalCluster::students()?;
     let base = write_rows(&c, (0..4096).step_by(128)).await?;
     let (replica, _) = replica_and_primary(&topology(&c)?, 0);
-    let pg = c.cluster_file()?.servers.iter().find(|s| s.name == replica).context("replica")?.postgres.url.clone();
+    let pg = c.cluster_file()?.servers.iter().find(|s| s.name == replica).context("replica")?.postgres.connect_url()?;
     let mut conn = sqlx::PgConnection::connect(&pg).await?;
     sqlx::query(r#"UPDATE "shard_sh1" SET "Stud_marks" = 1000 WHERE "Stud_id" = 128"#).execute(&mut conn).await?;
 
@@ -475,4 +477,69 @@ async fn a_copy_whose_rows_differ_from_its_primary_is_found_and_copied_afresh() 
     wait_event(&c, "copied afresh", t0, |e| e.event == "ready" && e.server == replica && e.shard == "sh1").await?;
     all_ready(&c).await?;
     check(&c, &History::default(), &base).await
+}
+
+/// The certificate a TLS server at `url` presents to a fresh connection (no pooled one), as DER.
+async fn served_certificate(c: &LocalCluster, url: &str) -> Result<Vec<u8>> {
+    let http =
+        c.cluster_file()?.operator_credentials()?.client_builder().tls_info(true).pool_max_idle_per_host(0).build()?;
+    let resp = http.get(format!("{url}/heartbeat")).timeout(Duration::from_secs(10)).send().await?;
+    let info = resp.extensions().get::<reqwest::tls::TlsInfo>().context("no TLS information")?;
+    Ok(info.peer_certificate().context("no certificate presented")?.to_vec())
+}
+
+/// The DER of the certificate in a PEM file.
+fn certificate_file(path: &Path) -> Result<Vec<u8>> {
+    shard_server::tls::issue::first_certificate(&std::fs::read_to_string(path)?).map_err(anyhow::Error::msg)
+}
+
+/// Every certificate of the cluster is issued again twice while the load runs. Each time, every
+/// shard server and the control endpoint present the new certificate to a new connection within
+/// seconds, without a restart, and accept the new ones of their clients; connections already open
+/// go on with the old ones. Not one request of the load fails, nothing is lost.
+#[tokio::test]
+async fn certificate_renewal_under_load_loses_no_request() -> Result<()> {
+    let c = LocalCluster::students()?;
+    let load = Load::start(&c.router, LoadConfig::default());
+    progress(&load).await?;
+    let tls = c.dir.path().join("tls");
+    for round in 0..2 {
+        let file = c.cluster_file()?;
+        let before = served_certificate(&c, &file.servers[0].url).await?;
+        control(&c, "renew-certs", "all").await?;
+        let renewed = certificate_file(&tls.join("servers").join(&file.servers[0].name).join("tls.crt"))?;
+        ensure!(renewed != before, "round {round}: the certificate files were issued again");
+        for s in &file.servers {
+            let want = certificate_file(&tls.join("servers").join(&s.name).join("tls.crt"))?;
+            LocalCluster::eventually(&format!("{} presents its renewed certificate", s.name), EVENT_LIMIT, || {
+                let (c, url, want) = (&c, s.url.clone(), want.clone());
+                async move { served_certificate(c, &url).await.is_ok_and(|got| got == want) }
+            })
+            .await?;
+        }
+        let want = certificate_file(&tls.join("operator/tls.crt"))?;
+        LocalCluster::eventually("the control endpoint presents its renewed certificate", EVENT_LIMIT, || {
+            let (c, url, want) = (&c, file.control_url.clone(), want.clone());
+            async move { served_certificate(c, &url).await.is_ok_and(|got| got == want) }
+        })
+        .await?;
+        // Fresh connections with the renewed operator certificate are answered everywhere.
+        for s in &file.servers {
+            let http = file.operator_credentials()?.client_builder().pool_max_idle_per_host(0).build()?;
+            ShardClient::new(http, s.url.clone())
+                .status(false)
+                .await
+                .with_context(|| format!("{} with the new certificate", s.name))?;
+        }
+        progress(&load).await?;
+    }
+    all_ready(&c).await?;
+    let h = load.finish().await?;
+    ensure!(h.acked_writes() > 50 && h.successful_reads() > 50, "too little load to prove anything");
+    ensure!(
+        h.errors.is_empty(),
+        "requests failed while certificates were renewed: {:?}",
+        &h.errors[..h.errors.len().min(10)]
+    );
+    check(&c, &h, &BTreeMap::new()).await
 }

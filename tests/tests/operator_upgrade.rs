@@ -2,8 +2,14 @@
 //! binary (`sharddb-operator run`, built from the git history, see `tests::previous`) creates a
 //! database's children; it stops, and this build's operator binary takes over the same database.
 //! Its reconcile must leave what the previous one built as it is, but for the changes this
-//! release makes on purpose, none of which restarts a server pod:
+//! release makes on purpose:
 //!
+//! - the database runs in internal-auth `none` (it has servers and no `<name>-ca` Secret): no CA,
+//!   certificate or admin-token Secret is made, and the server and router containers only gain
+//!   `SHARDDB_INTERNAL_AUTH=none`, which rolls them once, every pod plain, so every pair of pods
+//!   still talks (a roll into TLS pods would leave new and old pods unable to); the status says
+//!   so (`InternalAuth=False`, reason `None`);
+//! - the NetworkPolicy closing the servers to all but the database's components is created;
 //! - every server StatefulSet gains `updateStrategy: OnDelete`, outside the pod template, so the
 //!   operator rather than the StatefulSet controller decides when a server restarts (rolling
 //!   restarts);
@@ -12,7 +18,7 @@
 //!   one ready before an old one stops. With the images of a new release (the operator's default
 //!   images move with it) they roll anyway.
 //!
-//! Everything else — Services, the Secret and its password, ServiceAccounts, RBAC,
+//! Everything else — Services, the Secret and its password, ServiceAccounts, Roles and bindings,
 //! PodDisruptionBudgets, the topology ConfigMap's identity — is not written with a change at all.
 //! The topology ConfigMap's document is the healers' state and is not compared (here the servers
 //! never answer, so both healers mark copies down).
@@ -29,7 +35,7 @@ use std::time::{Duration, Instant};
 const NS: &str = "default";
 const WAIT: Duration = Duration::from_secs(60);
 /// Every kind of child the operator builds.
-const KINDS: [&str; 9] = [
+const KINDS: [&str; 10] = [
     "statefulsets",
     "deployments",
     "services",
@@ -39,6 +45,7 @@ const KINDS: [&str; 9] = [
     "roles",
     "rolebindings",
     "poddisruptionbudgets",
+    "networkpolicies",
 ];
 
 /// `sharddb-operator run` against the fake API server, stopped (SIGTERM) on drop.
@@ -53,6 +60,10 @@ impl Operator {
             .env_remove("KUBERNETES_SERVICE_HOST")
             .env_remove("SHARDDB_ADMIN_URL")
             .env("RUST_LOG", "info")
+            // Where this build keeps its own CA and looks for its pods' NetworkPolicy labels (the
+            // chart sets it from the downward API); the previous release ignores it.
+            .env("POD_NAMESPACE", NS)
+            .env("SHARDDB_OPERATOR_POD_LABELS", "app.kubernetes.io/name=sharddb-operator")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -96,6 +107,20 @@ fn children(api: &FakeApiServer) -> BTreeMap<(String, String), Value> {
         }
     }
     out
+}
+
+/// A pod template's first container without its last environment variable, which must be
+/// `SHARDDB_INTERNAL_AUTH=none` (the `env` list goes when that was all of it); an error otherwise.
+fn without_internal_auth_none(template: &Value) -> Result<Value> {
+    let mut t = template.clone();
+    let container = t.pointer_mut("/spec/containers/0").context("a first container")?;
+    let env = container["env"].as_array_mut().context("an env list")?;
+    let last = env.pop().context("an env variable")?;
+    ensure!(last == json!({"name": "SHARDDB_INTERNAL_AUTH", "value": "none"}), "the last env variable is {last}");
+    if env.is_empty() {
+        container.as_object_mut().context("a container object")?.remove("env");
+    }
+    Ok(t)
 }
 
 /// `value` without the fields at `paths` (JSON pointers).
@@ -175,10 +200,11 @@ async fn a_new_operator_takes_over_without_rewriting_what_the_previous_one_built
         .filter(|w| w.changed && KINDS.contains(&w.resource.as_str()))
         .map(|w| (w.resource.clone(), w.name.clone().unwrap_or_default()))
         .collect();
+    let network_policy = ("networkpolicies".to_owned(), "students-servers".to_owned());
     let expected: BTreeSet<(String, String)> = ["server0", "server1", "server2", "server3", "server4", "server5"]
         .iter()
         .map(|s| ("statefulsets".to_owned(), format!("students-{s}")))
-        .chain([("deployments".to_owned(), "students-router".to_owned())])
+        .chain([("deployments".to_owned(), "students-router".to_owned()), network_policy.clone()])
         .collect();
     let unexpected: Vec<_> = changed
         .iter()
@@ -186,19 +212,23 @@ async fn a_new_operator_takes_over_without_rewriting_what_the_previous_one_built
         .collect();
     ensure!(unexpected.is_empty(), "rewritten needlessly: {unexpected:?}");
 
-    ensure!(
-        before.keys().eq(after.keys()),
-        "the same children: {:?} then {:?}",
-        before.keys().collect::<Vec<_>>(),
-        after.keys().collect::<Vec<_>>()
-    );
+    // Only the NetworkPolicy is new: no CA, no certificate, no admin token (internal-auth none).
+    let added: Vec<_> = after.keys().filter(|k| !before.contains_key(*k)).collect();
+    ensure!(added == [&network_policy], "children added: {added:?}");
+    ensure!(before.keys().all(|k| after.contains_key(k)), "children removed: {:?}", after.keys().collect::<Vec<_>>());
+    let db = api.get("shardeddatabases", NS, "students").context("the database")?;
+    let conditions = db["status"]["conditions"].as_array().cloned().unwrap_or_default();
+    let auth = conditions.iter().find(|c| c["type"] == "InternalAuth").context("an InternalAuth condition")?;
+    ensure!(auth["status"] == "False" && auth["reason"] == "None", "the mode reported: {auth}");
     for ((kind, name), was) in &before {
         let is = &after[&(kind.clone(), name.clone())];
         match kind.as_str() {
             "statefulsets" => {
-                ensure!(is["spec"]["template"] == was["spec"]["template"], "{name}: the pod template changed");
+                // Plain as before, and told so: the roll this causes keeps every pair talking.
+                let template = without_internal_auth_none(&is["spec"]["template"]).context(name.clone())?;
+                ensure!(template == was["spec"]["template"], "{name}: the pod template changed\n{was}\n{is}");
                 ensure!(is["spec"]["updateStrategy"] == json!({"type": "OnDelete"}), "{name}: {}", is["spec"]);
-                let rest = |v: &Value| without(&v["spec"], &["/updateStrategy"]);
+                let rest = |v: &Value| without(&v["spec"], &["/updateStrategy", "/template"]);
                 ensure!(rest(is) == rest(was), "{name}: more than the update strategy changed");
             }
             "deployments" => {
@@ -206,8 +236,13 @@ async fn a_new_operator_takes_over_without_rewriting_what_the_previous_one_built
                 ensure!(is["spec"]["strategy"] == strategy, "{name}: {}", is["spec"]["strategy"]);
                 let pre_stop = &is["spec"]["template"]["spec"]["containers"][0]["lifecycle"]["preStop"];
                 ensure!(pre_stop["sleep"]["seconds"] == 5, "{name}: {pre_stop}");
+                let mut is = is.clone();
+                is["spec"]["template"] = without_internal_auth_none(&is["spec"]["template"]).context(name.clone())?;
                 let rest = |v: &Value| without(&v["spec"], &["/strategy", "/template/spec/containers/0/lifecycle"]);
-                ensure!(rest(is) == rest(was), "{name}: more than the strategy and the preStop hook changed");
+                ensure!(
+                    rest(&is) == rest(was),
+                    "{name}: more than the strategy, the preStop hook and the mode changed\n{was}\n{is}"
+                );
             }
             "configmaps" => {
                 let identity = |v: &Value| (v["metadata"]["labels"].clone(), v["metadata"]["ownerReferences"].clone());

@@ -156,3 +156,38 @@ async fn local_mode_restarts_a_crashed_server_and_shuts_down_cleanly() -> anyhow
     }
     Ok(())
 }
+
+/// With `--internal-tls=false` (there to measure what TLS costs) the cluster serves the seed API
+/// as before and its processes speak plain HTTP to each other, but a shard server still refuses
+/// every caller without the per-cluster secret, and with it answers only as its role allows.
+#[tokio::test]
+async fn without_internal_tls_the_cluster_secret_still_keeps_strangers_out() -> anyhow::Result<()> {
+    let c = LocalCluster::start_with(&tests::repo_root().join("examples/students.yaml"), &["--internal-tls=false"])?;
+    let file = c.cluster_file()?;
+    assert!(!file.internal.tls && file.internal.token_file.is_some() && file.internal.ca.is_none());
+    let server = &file.servers[0].url;
+    assert!(server.starts_with("http://127.0.0.1:"), "{server}");
+    let (st, body) = c.send(Method::POST, "/write", &json!({"data": [row(7, "seven", 70)]}).to_string()).await?;
+    assert_eq!(st, 200, "{body}");
+    let (st, body) = c.send(Method::POST, "/read", r#"{"Stud_id":{"low":7,"high":7}}"#).await?;
+    assert_eq!((st, body["data"][0]["Stud_name"].as_str()), (200, Some("seven")), "{body}");
+
+    let stranger = shard_server::api::http_client(std::time::Duration::from_secs(10));
+    let config = json!({"schema": {"columns": ["a", "b"], "dtypes": ["Number", "String"]}, "shards": ["evil1"]});
+    let (st, body) = tests::send(&stranger, Method::POST, &format!("{server}/config"), &config.to_string()).await?;
+    assert_eq!((st, body["code"].as_str()), (401, Some("unauthenticated")), "{body}");
+    let (st, _) = tests::send(&stranger, Method::GET, &format!("{server}/status"), "").await?;
+    assert_eq!(st, 401);
+    // A wrong secret is no secret.
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert("x-sharddb-token", "not-the-secret".parse()?);
+    headers.insert("x-sharddb-identity", "spiffe://sharddb.io/ns/local/db/sharddb/operator/operator".parse()?);
+    let guesser = reqwest::Client::builder().default_headers(headers).build()?;
+    let (st, _) = tests::send(&guesser, Method::POST, &format!("{server}/config"), &config.to_string()).await?;
+    assert_eq!(st, 401);
+    // The operator's secret and identity are answered.
+    let (st, status) = tests::send(&c.http, Method::GET, &format!("{server}/status"), "").await?;
+    assert_eq!(st, 200, "{status}");
+    assert!(status["shards"].as_object().unwrap().keys().all(|k| k != "evil1"), "nothing was configured");
+    Ok(())
+}

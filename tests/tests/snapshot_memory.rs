@@ -30,7 +30,7 @@ async fn a_million_row_snapshot_streams_in_bounded_memory() -> anyhow::Result<()
     let pid = server.pid.expect("server runs");
 
     // Load straight into the shard's table: the write path is not what is measured here.
-    let db = sqlx::PgPool::connect(&server.postgres.url).await?;
+    let db = sqlx::PgPool::connect(&server.postgres.connect_url()?).await?;
     sqlx::query(
         "INSERT INTO \"shard_sh1\" SELECT g, 'name-' || g || repeat('x', $2), g % 100 FROM generate_series(0, $1 - 1) g",
     )
@@ -41,7 +41,8 @@ async fn a_million_row_snapshot_streams_in_bounded_memory() -> anyhow::Result<()
     let before = peak_rss_kib(pid)?;
 
     // No overall deadline for ~100 MB from a debug build on a busy machine; each read is bounded.
-    let http = reqwest::Client::builder().read_timeout(std::time::Duration::from_secs(60)).build()?;
+    let http =
+        file.operator_credentials()?.client_builder().read_timeout(std::time::Duration::from_secs(60)).build()?;
     let mut resp = http.get(format!("{}/v1/shards/sh1/snapshot", server.url)).send().await?;
     assert_eq!(resp.status(), 200);
     let (mut bytes, mut lines) = (0u64, 0u64);

@@ -59,7 +59,7 @@ async fn knobs_reach_the_shard_servers_and_their_postgres() -> Result<()> {
         let status = ShardClient::new(c.http.clone(), s.url.clone()).status(false).await?;
         ensure!(!status.shards.is_empty(), "{} holds copies", s.name);
         ensure!(status.shards.values().all(|sh| !sh.cached), "{}: {:?}", s.name, status.shards);
-        let mut pg = sqlx::PgConnection::connect(&s.postgres.url).await?;
+        let mut pg = sqlx::PgConnection::connect(&s.postgres.connect_url()?).await?;
         let (work_mem,): (String,) = sqlx::query_as("SHOW work_mem").fetch_one(&mut pg).await?;
         let (lock_waits,): (String,) = sqlx::query_as("SHOW log_lock_waits").fetch_one(&mut pg).await?;
         ensure!((work_mem.as_str(), lock_waits.as_str()) == ("8MB", "on"), "{}: {work_mem}, {lock_waits}", s.name);

@@ -17,6 +17,14 @@
 //!    before its restart and recovered before the next, while old and new servers replicate to
 //!    each other.
 //!
+//! 4. **Internal authentication**: phases 1 to 3 run in `--internal-auth=none` (the previous
+//!    operator hands `SHARDDB_INTERNAL_AUTH=none` to the new processes it starts through their
+//!    environment; this build's operator picks `none` by itself for a data directory without
+//!    `tls/`), as open as the previous release. Then the operator is restarted with
+//!    `--internal-auth=strict`, under the same load: it makes the cluster's CA and certificates
+//!    and its processes come back strict. After it, a request without a certificate is refused
+//!    by every server (no answer over plain HTTP, 401 over TLS).
+//!
 //! In local mode the operator goes before the servers: the previous release cannot roll servers,
 //! and the operator's replacement restarts its processes. In Kubernetes, `helm upgrade` replaces
 //! the operator first too, and the new operator rolls the pods.
@@ -66,6 +74,41 @@ async fn server_protocols(c: &LocalCluster) -> Result<BTreeMap<String, u32>> {
     Ok(out)
 }
 
+/// How each server treats a caller without a certificate asking for its status: `served`, or
+/// `refused` (no answer over plain HTTP, and 401 over TLS with no client certificate).
+async fn refusals(c: &LocalCluster) -> Result<BTreeMap<String, String>> {
+    let file = c.cluster_file()?;
+    let plain = shard_server::api::http_client(Duration::from_secs(5));
+    let anonymous = match &file.internal.ca {
+        Some(ca) => {
+            use rustls::pki_types::pem::PemObject as _;
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in rustls::pki_types::CertificateDer::pem_file_iter(ca)? {
+                roots.add(cert?)?;
+            }
+            let config = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+            Some(reqwest::Client::builder().tls_backend_preconfigured(config).timeout(Duration::from_secs(5)).build()?)
+        }
+        None => None,
+    };
+    let mut out = BTreeMap::new();
+    for s in file.servers {
+        let plain_url = format!("{}/status", s.url.replacen("https://", "http://", 1));
+        let plain_answer = plain.get(&plain_url).send().await.ok().map(|r| r.status().as_u16());
+        let tls_answer = match (&anonymous, s.url.starts_with("https://")) {
+            (Some(http), true) => http.get(format!("{}/status", s.url)).send().await.ok().map(|r| r.status().as_u16()),
+            _ => None,
+        };
+        let verdict = match (plain_answer, tls_answer) {
+            (Some(200), _) | (_, Some(200)) => "served".to_owned(),
+            (None, Some(401)) => "refused".to_owned(),
+            other => format!("unexpected (plain, TLS) answers {other:?}"),
+        };
+        out.insert(s.name, verdict);
+    }
+    Ok(out)
+}
+
 /// The protocol the router's answers carry (`None`: a release from before versions).
 async fn router_protocol(c: &LocalCluster) -> Result<Option<String>> {
     let answer = c.http.get(c.url("/healthz")).send().await?;
@@ -92,8 +135,15 @@ async fn the_previous_release_is_upgraded_one_process_at_a_time_under_load_and_l
     }
     let port = free_port()?;
     let spec = tests::repo_root().join("examples/students.yaml");
-    let old =
-        Launch { operator: previous.join("sharddb-operator"), bin_dir: bins.path().to_owned(), port, args: Vec::new() };
+    // The previous operator passes its environment to the processes it starts: this build's
+    // router and server then speak plain HTTP to the previous release's processes.
+    let old = Launch {
+        operator: previous.join("sharddb-operator"),
+        bin_dir: bins.path().to_owned(),
+        port,
+        args: Vec::new(),
+        env: vec![("SHARDDB_INTERNAL_AUTH".into(), "none".into())],
+    };
     let mut c = LocalCluster::start_as(Some(&spec), &old)?;
     ensure!(router_protocol(&c).await?.is_none(), "the previous router advertises no protocol");
     ensure!(server_protocols(&c).await?.values().all(|p| *p == 1), "the previous servers speak protocol 1");
@@ -134,8 +184,14 @@ async fn the_previous_release_is_upgraded_one_process_at_a_time_under_load_and_l
 
     // 2. The operator: this build's, resuming the previous release's cluster with its servers.
     let t0 = load.now();
-    let new = Launch { operator: current.join("sharddb-operator"), ..old.clone() };
+    // No mode given: this build's operator sees a directory without `tls/` and runs `none`.
+    let new = Launch { operator: current.join("sharddb-operator"), env: Vec::new(), ..old.clone() };
     tokio::task::block_in_place(|| c.restart_as(&new))?;
+    let internal = c.cluster_file()?.internal;
+    ensure!(
+        internal.mode == "none" && !c.dir.path().join("tls").exists(),
+        "a previous release's directory runs in none: {internal:?}"
+    );
     ensure!(c.router == format!("http://127.0.0.1:{port}"), "the router keeps its port: {}", c.router);
     all_ready(&c).await?;
     progress(&load, "the operator's replacement").await?;
@@ -172,6 +228,7 @@ async fn the_previous_release_is_upgraded_one_process_at_a_time_under_load_and_l
     all_ready(&c).await?;
     progress(&load, "the servers' rollout").await?;
     phases.push(("servers rolled one at a time by the operator", t0, load.now()));
+    let rollout = phases.len() - 1;
     ensure!(
         server_protocols(&c).await?.values().all(|p| *p == PROTOCOL_VERSION),
         "every server runs this build: {:?}",
@@ -180,18 +237,37 @@ async fn the_previous_release_is_upgraded_one_process_at_a_time_under_load_and_l
     check_rollout_order(&c, &before, since)?;
     // Some load with nothing but this build, for linearizability to be checked on.
     progress(&load, "the rollout's end").await?;
+    let open = refusals(&c).await?;
+    ensure!(open.values().all(|r| r == "served"), "in none every server answers anyone: {open:?}");
+
+    // 4. Internal authentication: the operator restarted strict, under the same load.
+    let t0 = load.now();
+    let strict = Launch { args: vec!["--internal-auth=strict".into()], ..new.clone() };
+    tokio::task::block_in_place(|| c.restart_as(&strict))?;
+    all_ready(&c).await?;
+    progress(&load, "the restart in strict").await?;
+    phases.push(("operator restarted with --internal-auth=strict", t0, load.now()));
+    let internal = c.cluster_file()?.internal;
+    ensure!(internal.mode == "strict" && internal.tls, "strict at the end: {internal:?}");
+    let closed = refusals(&c).await?;
+    ensure!(
+        closed.values().all(|r| r == "refused"),
+        "after the last rung no server answers a caller without a certificate: {closed:?}"
+    );
+    progress(&load, "strict").await?;
 
     let h = load.finish().await?;
     println!("\n{:<52} {:>10} {:>14}", "upgrade step", "ms", "client errors");
     let mut rollout_errors = 0;
     for (i, (what, from, to)) in phases.iter().enumerate() {
         let errors = h.errors_between(*from, *to);
-        if i == phases.len() - 1 {
+        if i == rollout {
             rollout_errors = errors;
         }
         println!("{what:<52} {:>10} {errors:>14}", (to - from) / 1000);
     }
-    for (at, e) in h.errors.iter().filter(|(at, _)| *at >= phases[phases.len() - 1].1).take(10) {
+    let (from, to) = (phases[rollout].1, phases[rollout].2);
+    for (at, e) in h.errors.iter().filter(|(at, _)| *at >= from && *at <= to).take(10) {
         println!("  during the servers' rollout at {at} µs: {e}");
     }
     check_since(&c, &h, &BTreeMap::new(), all_new).await?;

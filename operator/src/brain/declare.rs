@@ -148,6 +148,7 @@ pub fn init(current: Option<&ShardedDatabaseSpec>, req: &InitRequest) -> Result<
         storage: None,
         images: None,
         resources: None,
+        tls: None,
         // The seed's clients depend on a write with keys in no shard succeeding (SEED-API.md).
         unrouted_keys: Some(UnroutedKeys::Skip),
         shard_server: None,

@@ -242,6 +242,7 @@ mod tests {
             epoch: 4,
             shards: [("sh1".to_owned(), shard)].into(),
             lease_token: None,
+            internal_auth: None,
         }
     }
 

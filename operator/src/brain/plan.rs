@@ -71,9 +71,10 @@ pub enum Action {
     MarkRecovering { shard: String, server: String, reason: Reason },
     /// `to` becomes the primary; the copy on `from` becomes `recovering`.
     Promote { shard: String, from: String, to: String, reason: Reason },
-    /// I/O for the body: replace the copy on `server` from `source` (the primary's base URL) and
-    /// verify it; on success the body applies [`Action::MarkReady`]. Changes no document itself.
-    Recover { shard: String, server: String, primary: String, source: String },
+    /// I/O for the body: have `server` replace its copy from `primary` (which the server finds in
+    /// its own topology) and verify it; on success the body applies [`Action::MarkReady`].
+    /// Changes no document itself.
+    Recover { shard: String, server: String, primary: String },
     /// A verified recover finished: the copy serves again, under its new identity.
     MarkReady { shard: String, server: String, copy_id: String },
 }
@@ -191,15 +192,11 @@ pub fn plan(topology: &Topology, seen: &Observations, now: Instant, settings: &S
         if changes.is_empty() && primary_failed.is_none() {
             let current = |s: &str| matches!(seen.health(s), Health::Up { epoch, .. } if *epoch >= topology.epoch);
             for server in shard.replicas.iter().filter(|(_, s)| **s == ReplicaState::Recovering).map(|(n, _)| n) {
-                if current(server)
-                    && current(primary)
-                    && let Some(source) = topology.servers.get(primary)
-                {
+                if current(server) && current(primary) && topology.servers.contains_key(primary) {
                     actions.push(Action::Recover {
                         shard: shard.id.clone(),
                         server: server.clone(),
                         primary: primary.into(),
-                        source: source.url.clone(),
                     });
                 }
             }
@@ -331,7 +328,7 @@ mod tests {
     }
 
     fn recover(server: &str) -> Action {
-        Action::Recover { shard: "sh1".into(), server: server.into(), primary: "A".into(), source: "http://A".into() }
+        Action::Recover { shard: "sh1".into(), server: server.into(), primary: "A".into() }
     }
 
     #[test]
@@ -512,6 +509,7 @@ mod tests {
                 epoch: EPOCH,
                 shards: [("sh1".to_owned(), shard)].into(),
                 lease_token: None,
+                internal_auth: None,
             })
         };
         let now = Instant::now();
@@ -579,6 +577,7 @@ mod tests {
                 epoch,
                 shards,
                 lease_token: None,
+                internal_auth: None,
             })
         };
         let probe = |seen: &mut Observations, i: u64, copies: [(&str, u64); 3]| {
@@ -646,6 +645,7 @@ mod tests {
                     epoch: EPOCH,
                     shards: [("sh1".to_owned(), shard)].into(),
                     lease_token: None,
+                    internal_auth: None,
                 };
                 seen.record(server, Probe::Answered(status), round(i));
             }

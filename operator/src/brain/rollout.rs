@@ -375,12 +375,8 @@ mod tests {
         assert_eq!(next_restart(&t, &outdated).as_deref(), Some("E"), "E holds nothing: the first one drained");
         // Once C is drained too, the drained servers go in rollout order.
         assert_eq!(next_restart(&drained, &outdated).as_deref(), Some("C"));
-        let recover = |server: &str| Action::Recover {
-            shard: "sh1".into(),
-            server: server.into(),
-            primary: "A".into(),
-            source: "http://A".into(),
-        };
+        let recover =
+            |server: &str| Action::Recover { shard: "sh1".into(), server: server.into(), primary: "A".into() };
         let mut actions = vec![recover("C"), recover("D")];
         hold_recovers(&mut actions, Some("C"));
         assert_eq!(actions, [recover("D")]);

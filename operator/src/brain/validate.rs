@@ -36,8 +36,21 @@ pub struct ValidatedDb {
     pub resources: ResourcesSpec,
     /// What a router does with a written key in no shard.
     pub unrouted_keys: UnroutedKeys,
+    /// Where the database's CA comes from, and whether routers serve clients over TLS.
+    pub tls: TlsSettings,
     /// Row cache, threads, probe timings and Postgres settings.
     pub tuning: Tuning,
+}
+
+/// The database's certificates, defaults applied.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TlsSettings {
+    /// A user-supplied CA Secret; `None`: the operator's own `<name>-ca`.
+    pub ca_secret: Option<String>,
+    /// Routers serve their client port over HTTPS.
+    pub client_tls: bool,
+    /// `spec.tls.internalAuth`; `None`: decided by the platform (see `k8s::internal_auth`).
+    pub internal_auth: Option<shard_server::tls::InternalAuth>,
 }
 
 /// The images every pod runs, defaults applied.
@@ -88,6 +101,11 @@ impl ValidatedDb {
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SpecError {
+    #[error(
+        "spec.tls.clientTls needs the database's certificates, which spec.tls.internalAuth: none does not make; \
+         use migrate or strict"
+    )]
+    ClientTlsWithoutInternalTls,
     #[error("spec.schema: {0}")]
     Schema(#[source] SchemaError),
     #[error("spec.shards: at least one shard is required")]
@@ -165,6 +183,11 @@ pub fn validate_with_defaults(spec: &ShardedDatabaseSpec, default_images: &Image
         None => None,
     };
     let tuning = validate_tuning(spec)?;
+    let client_tls = spec.tls.as_ref().and_then(|t| t.client_tls).unwrap_or(false);
+    let internal_auth = spec.tls.as_ref().and_then(|t| t.internal_auth).map(shard_server::tls::InternalAuth::from);
+    if client_tls && internal_auth == Some(shard_server::tls::InternalAuth::None) {
+        return Err(SpecError::ClientTlsWithoutInternalTls);
+    }
     let images = spec.images.clone().unwrap_or_default();
     let images = Images {
         shard_server: images.shard_server.unwrap_or_else(|| default_images.shard_server.clone()),
@@ -180,6 +203,11 @@ pub fn validate_with_defaults(spec: &ShardedDatabaseSpec, default_images: &Image
         storage_class: spec.storage.as_ref().and_then(|s| s.storage_class_name.clone()),
         images,
         resources: spec.resources.clone().unwrap_or_default(),
+        tls: TlsSettings {
+            ca_secret: spec.tls.as_ref().and_then(|t| t.ca_secret_name.clone()),
+            client_tls,
+            internal_auth,
+        },
         unrouted_keys: spec.unrouted_keys.unwrap_or_default().into(),
         tuning,
     })
@@ -326,6 +354,7 @@ pub(crate) mod tests {
             storage: Some(StorageSpec { size: "1Gi".into(), storage_class_name: None }),
             images: None,
             resources: None,
+            tls: None,
             unrouted_keys: None,
             shard_server: None,
             postgres: None,
@@ -345,6 +374,24 @@ pub(crate) mod tests {
         assert_eq!(db.storage_size.as_deref(), Some("1Gi"));
         assert_eq!(db.schema.key_name(), "Stud_id");
         assert_eq!(db.unrouted_keys, UnroutedKeys::Reject, "a declared database refuses keys in no shard");
+    }
+
+    #[test]
+    fn internal_auth_is_optional_and_none_refuses_client_tls() {
+        use crate::crd::{InternalAuthMode, TlsSpec};
+        use shard_server::tls::InternalAuth;
+        assert_eq!(validate(&students()).unwrap().tls.internal_auth, None, "decided by the platform when unset");
+        let mut spec = students();
+        spec.tls = Some(TlsSpec { internal_auth: Some(InternalAuthMode::None), ..TlsSpec::default() });
+        assert_eq!(validate(&spec).unwrap().tls.internal_auth, Some(InternalAuth::None));
+        spec.tls = Some(TlsSpec { client_tls: Some(true), ..spec.tls.unwrap() });
+        let err = validate(&spec).unwrap_err().to_string();
+        assert!(err.contains("spec.tls.clientTls") && err.contains("internalAuth"), "{err}");
+        spec.tls = Some(TlsSpec { internal_auth: Some(InternalAuthMode::Migrate), ..spec.tls.unwrap() });
+        assert_eq!(validate(&spec).unwrap().tls.internal_auth, Some(InternalAuth::Migrate));
+        let parsed: TlsSpec = serde_json::from_value(serde_json::json!({"internalAuth": "strict"})).unwrap();
+        assert_eq!(parsed.internal_auth, Some(InternalAuthMode::Strict));
+        assert!(serde_json::from_value::<TlsSpec>(serde_json::json!({"internalAuth": "off"})).is_err());
     }
 
     #[test]

@@ -22,10 +22,21 @@
 //!   `/init` never applies to an existing one. A database that does not exist answers 404.
 //! - Every operator replica serves the endpoint, leader or not: a request only writes the spec,
 //!   at a version, which any replica may do safely.
-//! - Anyone who can reach the port can change a database, as anyone who can reach a router can
-//!   send it `/add`; the chart exposes it only as a ClusterIP Service.
+//! - **Only the database's own routers.** The endpoint serves TLS with the operator's certificate
+//!   (`k8s::pki`) and checks every client's certificate against the CAs of the databases it
+//!   manages; a request for `/databases/{namespace}/{name}/…` is then answered only when the
+//!   certificate names the router of exactly that database. No certificate: 401; any other
+//!   component or database: 403; a certificate of an unknown CA does not complete the handshake.
+//!   Nothing of a refused request is read. The chart's NetworkPolicy admits only router pods to
+//!   the port as well, where the CNI enforces it.
+//! - **A database in internal-auth `none`** (taken over from a release before internal
+//!   authentication, or so set) has routers with no certificate. The port serves plain HTTP
+//!   beside TLS (the first byte decides, as a shard server in `migrate` does), and a plain
+//!   request is answered only when the database its path names is in `none` (as the operator's
+//!   [`OperatorPki`] knows it); for any other database it is a 401.
 
 use super::build::Owner;
+use super::pki::OperatorPki;
 use super::topology;
 use crate::admin::{AdminRequest, DatabasePath, JsonBody, Reply, error, internal, leaving, refused};
 use crate::brain::declare::{self, AdminError};
@@ -33,6 +44,7 @@ use crate::brain::validate::{Images, validate_with_defaults};
 use crate::crd::ShardedDatabase;
 use axum::Json;
 use axum::extract::State;
+use axum::extract::connect_info::ConnectInfo;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, post};
@@ -41,6 +53,7 @@ use kube::api::{Api, PostParams};
 use serde_json::Value;
 use shard_server::admin::{AddRequest, InitRequest, RmRequest};
 use shard_server::api::ErrorCode;
+use shard_server::tls::{Component, DatabaseId, TlsPeer};
 use std::sync::Arc;
 
 /// How many times a request is decided again when the resource changed meanwhile.
@@ -50,6 +63,8 @@ const ATTEMPTS: usize = 5;
 #[derive(Clone)]
 pub struct AdminState {
     client: Client,
+    /// Which databases are in internal-auth `none`.
+    pki: Arc<OperatorPki>,
     /// The operator's default images, so a change is validated as the reconcile will.
     images: Arc<Images>,
 }
@@ -59,16 +74,67 @@ pub fn database_path(namespace: &str, name: &str) -> String {
     format!("/databases/{namespace}/{name}")
 }
 
-/// The endpoint's routes.
-pub fn router(client: Client, images: Images) -> axum::Router {
+/// The endpoint's routes. Serve them with `shard_server::serve::serve_migrate` and the TLS
+/// configuration of `pki`, as `sharddb-operator run` does: a request over TLS carries its
+/// [`TlsPeer`]; one over plain HTTP carries none and is answered for databases in `none` only.
+pub fn router(client: Client, images: Images, pki: Arc<OperatorPki>) -> axum::Router {
+    let state = AdminState { client, images: Arc::new(images), pki };
     axum::Router::new()
         .route("/databases/{namespace}/{name}/init", post(init))
         .route("/databases/{namespace}/{name}/add", post(add))
         .route("/databases/{namespace}/{name}/rm", delete(rm))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), only_its_routers))
         .fallback(crate::admin::no_route)
         .method_not_allowed_fallback(crate::admin::method_not_allowed)
         .layer(axum::middleware::from_fn(shard_server::protocol::versioned))
-        .with_state(AdminState { client, images: Arc::new(images) })
+        .with_state(state)
+}
+
+/// Admits a request only from the router of the database its path names.
+async fn only_its_routers(
+    State(state): State<AdminState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let path: Vec<&str> = req.uri().path().trim_start_matches('/').split('/').collect();
+    let (namespace, name) = match path[..] {
+        ["databases", namespace, name, _] => (namespace.to_owned(), name.to_owned()),
+        _ => return answer(error(StatusCode::NOT_FOUND, ErrorCode::NotFound, "no such endpoint")),
+    };
+    let over_tls = req.extensions().get::<ConnectInfo<TlsPeer>>().map(|c| c.0.identity.clone());
+    let refusal = match over_tls {
+        // Plain HTTP: the routers of a database in `none` present nothing, and nothing is asked.
+        None if state.pki.is_plain(&DatabaseId::new(namespace.as_str(), name.as_str())) => None,
+        None => Some((
+            StatusCode::UNAUTHORIZED,
+            ErrorCode::Unauthenticated,
+            format!(
+                "only the routers of {namespace}/{name} may change it: call over TLS with their client certificate"
+            ),
+        )),
+        Some(None) => Some((
+            StatusCode::UNAUTHORIZED,
+            ErrorCode::Unauthenticated,
+            format!("only the routers of {namespace}/{name} may change it: present their client certificate"),
+        )),
+        Some(Some(id))
+            if id.component == Component::Router && id.database.namespace == namespace && id.database.name == name =>
+        {
+            None
+        }
+        Some(Some(id)) => Some((
+            StatusCode::FORBIDDEN,
+            ErrorCode::Forbidden,
+            format!("only the routers of {namespace}/{name} may change it, not the {id}"),
+        )),
+    };
+    match refusal {
+        None => next.run(req).await,
+        Some((status, code, message)) => {
+            tracing::info!(%namespace, %name, %message, "admin request refused");
+            answer(error(status, code, message))
+        }
+    }
 }
 
 async fn init(

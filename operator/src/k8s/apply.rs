@@ -124,3 +124,14 @@ pub async fn delete<K: Child>(client: &Client, namespace: &str, name: &str) -> R
         Err(source) => Err(ApplyError::Delete { kind: kind::<K>(), name: name.to_owned(), source }),
     }
 }
+
+/// Creates `object` unless an object of its name exists (never overwriting it); whether this
+/// call created it. For what must be made exactly once, such as a CA, even by two writers.
+pub async fn create<K: Child>(client: &Client, namespace: &str, object: &K) -> Result<bool, ApplyError> {
+    let api: Api<K> = Api::namespaced(client.clone(), namespace);
+    match api.create(&kube::api::PostParams::default(), object).await {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(s)) if s.is_already_exists() => Ok(false),
+        Err(source) => Err(ApplyError::Apply { kind: kind::<K>(), name: object.name_any(), source }),
+    }
+}

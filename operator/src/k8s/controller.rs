@@ -1,6 +1,7 @@
 //! The reconcile driver: a kube-runtime `Controller` on `ShardedDatabase` owning every child kind.
-//! Each reconcile runs validate → build → apply → observe → status. Beside it runs the healer
-//! ([`super::heal`]), which keeps the topology in step with the servers. Does I/O.
+//! Each reconcile runs validate → internal-auth mode ([`super::internal_auth`]) → build → apply →
+//! observe → status. Beside it runs the healer ([`super::heal`]), which keeps the topology in
+//! step with the servers. Does I/O.
 //!
 //! The topology ConfigMap is shared with the healer: the reconcile only creates it when missing;
 //! every later change (failovers, heals, and the placement moves that carry out a spec change) is
@@ -21,9 +22,14 @@
 use super::admin::database_path;
 use super::apply::{self, ApplyError};
 use super::build::configmap::first_topology;
+use super::build::netpol::{self, OperatorPods};
 use super::build::secret::{generate_password, postgres_secret, stored_password};
+use super::build::tls::database_id;
 use super::build::{Owner, names, pdb, rbac, router, service, statefulset};
 use super::heal::{self, HealSettings};
+use super::identities::ensure_identities;
+use super::internal_auth;
+use super::pki::{OperatorPki, PkiError};
 use super::status::{self, Observed, READY};
 use super::topology::{self, HeadlessService, ServerUrls, WriteError};
 use crate::brain::placement::place;
@@ -34,6 +40,7 @@ use futures::FutureExt;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -48,6 +55,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use shard_server::tls::InternalAuth;
 use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -77,6 +85,8 @@ pub enum ReconcileError {
         #[source]
         source: kube::Error,
     },
+    #[error("failed to keep the database's certificates")]
+    Pki(#[from] PkiError),
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -134,10 +144,17 @@ pub struct Config {
     /// the topology changes only with the spec).
     pub healing: Option<HealSettings>,
     /// The base URL of this operator's admin endpoint as routers reach it (its Service), e.g.
-    /// `http://sharddb-operator.sharddb-system.svc:8081`. Routers are built with
+    /// `https://sharddb-operator.sharddb-system.svc:8081`. Routers are built with
     /// `--control-url <this>/databases/<namespace>/<name>`; `None` leaves them without a control
     /// plane (the admin verbs answer 501).
     pub admin_url: Option<String>,
+    /// The routers' `/init`, `/add` and `/rm` need the bearer token of `<db>-admin-token`.
+    pub require_admin_token: bool,
+    /// Where the operator's pods run: each database gets a NetworkPolicy admitting only its
+    /// routers, its servers and these pods to its servers. `None`: no NetworkPolicies.
+    pub network_policy: Option<OperatorPods>,
+    /// The namespaces watched, each with namespaced permissions; `None`: the whole cluster.
+    pub namespaces: Option<Vec<String>>,
 }
 
 impl Default for Config {
@@ -147,6 +164,9 @@ impl Default for Config {
             server_urls: Arc::new(HeadlessService),
             healing: Some(HealSettings::default()),
             admin_url: None,
+            require_admin_token: true,
+            network_policy: None,
+            namespaces: None,
         }
     }
 }
@@ -155,6 +175,8 @@ impl Default for Config {
 pub struct Context {
     pub client: Client,
     pub config: Config,
+    /// The operator's CA and its certificates for each database (see `k8s::pki`).
+    pub pki: Arc<OperatorPki>,
     pub recorder: Recorder,
     pub metrics: Metrics,
     /// Consecutive failures per object, for the backoff; cleared by a success.
@@ -166,18 +188,33 @@ pub struct Context {
 }
 
 impl Context {
+    /// A context with an operator CA held in memory (see [`OperatorPki::ephemeral`]).
     pub fn new(client: Client, config: Config, metrics: Metrics) -> Arc<Self> {
+        let pki = OperatorPki::ephemeral(config.admin_url.as_deref());
+        Context::with_pki(client, config, metrics, pki)
+    }
+
+    /// A context using the operator CA `pki` (kept in a Secret by `sharddb-operator run`).
+    pub fn with_pki(client: Client, config: Config, metrics: Metrics, pki: Arc<OperatorPki>) -> Arc<Self> {
         let reporter = Reporter { controller: names::MANAGER.into(), instance: std::env::var("POD_NAME").ok() };
         let recorder = Recorder::new(client.clone(), reporter);
         Arc::new(Context {
             client,
             config,
+            pki,
             recorder,
             metrics,
             failures: Mutex::default(),
             unreachable: Mutex::default(),
             restarting: Mutex::default(),
         })
+    }
+
+    /// Where the operator reaches `server` of database `namespace/db`: over `http://` while the
+    /// database is in internal-auth `none`.
+    pub(super) fn server_url(&self, db: &str, namespace: &str, server: &str) -> String {
+        let plain = self.pki.is_plain(&shard_server::tls::DatabaseId::new(namespace, db));
+        topology::in_scheme(&self.config.server_urls.url(db, namespace, server), plain)
     }
 
     /// The servers of `db` the healer could not reach at its last probe.
@@ -202,36 +239,71 @@ impl Context {
         map.insert(db.clone(), servers.clone()).unwrap_or_default() != servers
     }
 
-    /// Forgets databases that are gone.
-    pub(super) fn forget_unreachable_except(&self, keep: &std::collections::HashSet<ObjectRef<ShardedDatabase>>) {
-        self.unreachable.lock().unwrap_or_else(|e| e.into_inner()).retain(|k, _| keep.contains(k));
-        self.restarting.lock().unwrap_or_else(|e| e.into_inner()).retain(|k, _| keep.contains(k));
+    /// Forgets databases of `scope` (a namespace, or every one) that are gone.
+    pub(super) fn forget_unreachable_except(
+        &self,
+        scope: Option<&str>,
+        keep: &std::collections::HashSet<ObjectRef<ShardedDatabase>>,
+    ) {
+        let in_scope = |k: &ObjectRef<ShardedDatabase>| scope.is_none_or(|ns| k.namespace.as_deref() == Some(ns));
+        self.unreachable.lock().unwrap_or_else(|e| e.into_inner()).retain(|k, _| !in_scope(k) || keep.contains(k));
+        self.restarting.lock().unwrap_or_else(|e| e.into_inner()).retain(|k, _| !in_scope(k) || keep.contains(k));
     }
 }
 
 /// Runs the controller and the healer until `shutdown` resolves; reconciles in flight are
 /// finished first, recovers in flight are abandoned (the next leader redoes them).
 pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
-    let client = ctx.client.clone();
-    let dbs: Api<ShardedDatabase> = Api::all(client.clone());
     let shutdown = shutdown.shared();
+    match ctx.config.namespaces.clone() {
+        None => run_scope(ctx, None, shutdown).await,
+        // One controller and healer per namespace: each lists and watches its namespace alone,
+        // which is all a namespaced Role lets it do.
+        Some(namespaces) => {
+            let scopes = namespaces.into_iter().map(|ns| run_scope(ctx.clone(), Some(ns), shutdown.clone()));
+            futures::future::join_all(scopes).await;
+        }
+    }
+}
+
+/// The controller and healer over one namespace, or over the whole cluster (`None`).
+async fn run_scope(
+    ctx: Arc<Context>,
+    namespace: Option<String>,
+    shutdown: futures::future::Shared<impl Future<Output = ()> + Send + Sync + 'static>,
+) {
+    fn api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+    {
+        match namespace {
+            Some(ns) => Api::namespaced(client.clone(), ns),
+            None => Api::all(client.clone()),
+        }
+    }
+    let client = ctx.client.clone();
+    let ns = namespace.as_deref();
     let cfg = || watcher::Config::default().labels(&format!("{}={}", names::LABEL_MANAGED_BY, names::MANAGER));
     // The healer asks for a reconcile (to refresh the status) when a server's reachability changes.
     let (reconcile_tx, reconcile_rx) = futures::channel::mpsc::unbounded();
-    let controller = Controller::new(dbs, watcher::Config::default())
-        .owns(Api::<StatefulSet>::all(client.clone()), cfg())
-        .owns(Api::<Deployment>::all(client.clone()), cfg())
-        .owns(Api::<Service>::all(client.clone()), cfg())
-        .owns(Api::<ConfigMap>::all(client.clone()), cfg())
-        .owns(Api::<Secret>::all(client.clone()), cfg())
-        .owns(Api::<ServiceAccount>::all(client.clone()), cfg())
-        .owns(Api::<Role>::all(client.clone()), cfg())
-        .owns(Api::<RoleBinding>::all(client.clone()), cfg())
-        .owns(Api::<PodDisruptionBudget>::all(client), cfg())
-        .reconcile_all_on(reconcile_rx)
-        .graceful_shutdown_on(shutdown.clone());
+    let mut controller = Controller::new(api::<ShardedDatabase>(&client, ns), watcher::Config::default())
+        .owns(api::<StatefulSet>(&client, ns), cfg())
+        .owns(api::<Deployment>(&client, ns), cfg())
+        .owns(api::<Service>(&client, ns), cfg())
+        .owns(api::<ConfigMap>(&client, ns), cfg())
+        .owns(api::<Secret>(&client, ns), cfg())
+        .owns(api::<ServiceAccount>(&client, ns), cfg())
+        .owns(api::<Role>(&client, ns), cfg())
+        .owns(api::<RoleBinding>(&client, ns), cfg())
+        .owns(api::<PodDisruptionBudget>(&client, ns), cfg());
+    if ctx.config.network_policy.is_some() {
+        controller = controller.owns(api::<NetworkPolicy>(&client, ns), cfg());
+    }
+    let controller = controller.reconcile_all_on(reconcile_rx).graceful_shutdown_on(shutdown.clone());
     let healer = match ctx.config.healing {
-        Some(settings) => heal::run(ctx.clone(), controller.store(), settings, reconcile_tx, shutdown).boxed(),
+        Some(settings) => {
+            heal::run(ctx.clone(), controller.store(), namespace.clone(), settings, reconcile_tx, shutdown).boxed()
+        }
         None => futures::future::ready(()).boxed(),
     };
     let reconciles = controller.run(reconcile, error_policy, ctx).for_each(|result| async move {
@@ -264,21 +336,30 @@ async fn reconcile_inner(db: &ShardedDatabase, ctx: &Context) -> Result<Action, 
 
     let valid = match validate_with_defaults(&db.spec, &ctx.config.default_images) {
         Ok(valid) => valid,
-        Err(error) => {
-            let message = error.to_string();
-            tracing::info!(%message, "invalid spec");
-            let status = status::invalid_spec(generation, &message, previous, &now);
-            let newly_invalid = previous
-                .and_then(|p| status::condition(p, READY))
-                .is_none_or(|c| c.reason != status::REASON_INVALID_SPEC || c.message != message);
-            if newly_invalid {
-                publish(ctx, db, EventType::Warning, status::REASON_INVALID_SPEC, "Validate", message).await;
-            }
-            write_status(ctx, db, &owner, status).await?;
-            return Ok(Action::await_change());
-        }
+        Err(error) => return refuse_spec(ctx, db, &owner, error.to_string(), &now).await,
     };
     let placement = place(&valid);
+
+    // The internal-auth mode, before anything that depends on it is written (see
+    // `k8s::internal_auth`): whether the CA exists is read before `ensure_identities` makes it.
+    let has_ca = valid.tls.ca_secret.is_some()
+        || apply::get::<Secret>(client, ns, &names::ca_secret(&owner.name)).await?.is_some();
+    let selector = names::selector_string(&names::servers_selector(&owner.name));
+    let has_servers = apply::list::<StatefulSet>(client, ns, &selector)
+        .await?
+        .iter()
+        .any(|sts| sts.owner_references().iter().any(|r| r.uid == owner.reference.uid));
+    let was_tls = previous
+        .and_then(|p| status::condition(p, internal_auth::INTERNAL_AUTH))
+        .is_some_and(|c| internal_auth::reason_is_tls(&c.reason));
+    let found = internal_auth::Found { ca: has_ca, servers: has_servers, was_tls };
+    let mode = internal_auth::decide(valid.tls.internal_auth, found);
+    if mode == InternalAuth::None && valid.tls.client_tls {
+        let message = "spec.tls.clientTls needs the database's certificates, and this database runs in internal-auth \
+                       none (taken over from a release before internal authentication): set spec.tls.internalAuth \
+                       to strict (or migrate) as well";
+        return refuse_spec(ctx, db, &owner, message.into(), &now).await;
+    }
 
     // Inputs the builders need from the cluster: the stored password and the published topology.
     let secret_name = names::postgres_secret(&owner.name);
@@ -289,8 +370,10 @@ async fn reconcile_inner(db: &ShardedDatabase, ctx: &Context) -> Result<Action, 
         .unwrap_or_else(generate_password);
     let published = topology::read(client, &owner).await?;
     let current = published.as_ref().and_then(|p| p.topology.clone());
-    let url = |server: &str| ctx.config.server_urls.url(&owner.name, ns, server);
-    let (topology, first) = match current {
+    let url = |server: &str| {
+        topology::in_scheme(&ctx.config.server_urls.url(&owner.name, ns, server), mode == InternalAuth::None)
+    };
+    let (topology, first) = match current.clone() {
         Some(t) => (t, false),
         None => (first_topology(&valid, &placement, url)?, true),
     };
@@ -301,6 +384,32 @@ async fn reconcile_inner(db: &ShardedDatabase, ctx: &Context) -> Result<Action, 
     apply::apply(client, ns, &rbac::topology_reader_role(&owner)).await?;
     apply::apply(client, ns, &rbac::topology_reader_binding(&owner)).await?;
     apply::apply(client, ns, &postgres_secret(&owner, &password)).await?;
+    // Wanted by the spec, or still in the document (being drained).
+    let mut running: BTreeSet<String> = placement.servers.iter().cloned().collect();
+    if let Some(t) = &current {
+        running.extend(t.servers.keys().cloned());
+    }
+    let database = database_id(&owner);
+    if mode == InternalAuth::None {
+        // No CA, no certificates, no admin token: the operator dials the servers plain and
+        // answers the routers over plain HTTP.
+        ctx.pki.register_plain(&database);
+    } else {
+        if let Err(e) = ensure_identities(ctx, &owner, &valid, &running).await {
+            if let ReconcileError::Pki(PkiError::BadCa { .. }) = &e {
+                let note = error_chain(&e);
+                publish(ctx, db, EventType::Warning, "CertificateAuthority", "Reconcile", note).await;
+            }
+            return Err(e);
+        }
+        ctx.pki.unregister_plain(&database);
+    }
+    match &ctx.config.network_policy {
+        Some(operator) => {
+            apply::apply(client, ns, &netpol::servers_network_policy(&owner, operator)).await?;
+        }
+        None => apply::delete::<NetworkPolicy>(client, ns, &names::servers_network_policy(&owner.name)).await?,
+    }
     apply::apply(client, ns, &service::headless_service(&owner)).await?;
     if first {
         // Only at the version read (or as a create): a healer's write meanwhile makes this fail,
@@ -309,12 +418,10 @@ async fn reconcile_inner(db: &ShardedDatabase, ctx: &Context) -> Result<Action, 
         topology::write(client, &owner, &topology, read_at).await?;
         tracing::info!(epoch = topology.epoch, "topology published");
     }
-    // Wanted by the spec, or still in the document (being drained).
-    let mut running: BTreeSet<String> = placement.servers.iter().cloned().collect();
     running.extend(topology.servers.keys().cloned());
     let mut server_sets = Vec::with_capacity(running.len());
     for server in &running {
-        let sts = apply::apply(client, ns, &statefulset::server_statefulset(&valid, &owner, server)).await?;
+        let sts = apply::apply(client, ns, &statefulset::server_statefulset(&valid, &owner, server, mode)).await?;
         server_sets.push((server.clone(), sts));
     }
     let control_url = ctx
@@ -322,7 +429,12 @@ async fn reconcile_inner(db: &ShardedDatabase, ctx: &Context) -> Result<Action, 
         .admin_url
         .as_ref()
         .map(|base| format!("{}{}", base.trim_end_matches('/'), database_path(ns, &owner.name)));
-    let routers = apply::apply(client, ns, &router::router_deployment(&valid, &owner, control_url.as_deref())).await?;
+    let routers = apply::apply(
+        client,
+        ns,
+        &router::router_deployment(&valid, &owner, control_url.as_deref(), ctx.config.require_admin_token, mode),
+    )
+    .await?;
     apply::apply(client, ns, &service::router_service(&owner)).await?;
     apply::apply(client, ns, &pdb::server_pdb(&owner)).await?;
     apply::apply(client, ns, &pdb::router_pdb(&owner)).await?;
@@ -331,13 +443,16 @@ async fn reconcile_inner(db: &ShardedDatabase, ctx: &Context) -> Result<Action, 
     // volumes stay (a StatefulSet's claims are not garbage-collected), so re-adding a server
     // finds its data (which the healer does not trust: a re-added holder is filled again).
     let wanted: BTreeSet<String> = running.iter().map(|s| names::server_statefulset(&owner.name, s)).collect();
-    let selector = names::selector_string(&names::servers_selector(&owner.name));
     for sts in apply::list::<StatefulSet>(client, ns, &selector).await? {
         let name = sts.name_any();
         let ours = sts.owner_references().iter().any(|r| r.uid == owner.reference.uid);
         if ours && !wanted.contains(&name) {
             tracing::info!(statefulset = %name, "removing a drained server");
             apply::delete::<StatefulSet>(client, ns, &name).await?;
+            // Its certificate goes with it: `<db>-<server>` → `<db>-tls-<server>`.
+            if let Some(server) = name.strip_prefix(&format!("{}-", owner.name)) {
+                apply::delete::<Secret>(client, ns, &names::server_tls_secret(&owner.name, server)).await?;
+            }
             publish(ctx, db, EventType::Normal, "ServerRemoved", "Scale", format!("removed {name}")).await;
         }
     }
@@ -358,6 +473,20 @@ async fn reconcile_inner(db: &ShardedDatabase, ctx: &Context) -> Result<Action, 
             || !ctx.restarting(&ObjectRef::from_obj(db)).is_empty(),
     };
     let status = status::healthy_or_converging(generation, &placement, &observed, previous, &now);
+    let (auth_status, auth_reason, auth_message) = internal_auth::condition(mode, valid.tls.internal_auth.is_some());
+    let auth_changed = previous
+        .and_then(|p| status::condition(p, internal_auth::INTERNAL_AUTH))
+        .is_none_or(|c| c.reason != auth_reason);
+    if auth_changed {
+        let type_ = if mode == InternalAuth::Strict { EventType::Normal } else { EventType::Warning };
+        publish(ctx, db, type_, internal_auth::INTERNAL_AUTH, "Reconcile", auth_message.clone()).await;
+    }
+    let status = status::with_condition(
+        status,
+        (internal_auth::INTERNAL_AUTH, auth_status, auth_reason, auth_message),
+        previous,
+        &now,
+    );
     let was_ready = previous.and_then(|p| status::condition(p, READY)).map(|c| c.status);
     let is_ready = status::condition(&status, READY).map(|c| c.status);
     // A rolling update takes each server out of service in turn; its own Events say so.
@@ -371,6 +500,28 @@ async fn reconcile_inner(db: &ShardedDatabase, ctx: &Context) -> Result<Action, 
     }
     write_status(ctx, db, &owner, status).await?;
     Ok(Action::requeue(RESYNC))
+}
+
+/// Reports an invalid spec (`Ready=False, reason=InvalidSpec`, and an Event when the message is
+/// new) and waits for the next change: the user's to fix, nothing is retried.
+async fn refuse_spec(
+    ctx: &Context,
+    db: &ShardedDatabase,
+    owner: &Owner,
+    message: String,
+    now: &str,
+) -> Result<Action, ReconcileError> {
+    tracing::info!(%message, "invalid spec");
+    let previous = db.status.as_ref();
+    let status = status::invalid_spec(db.meta().generation, &message, previous, now);
+    let newly_invalid = previous
+        .and_then(|p| status::condition(p, READY))
+        .is_none_or(|c| c.reason != status::REASON_INVALID_SPEC || c.message != message);
+    if newly_invalid {
+        publish(ctx, db, EventType::Warning, status::REASON_INVALID_SPEC, "Validate", message).await;
+    }
+    write_status(ctx, db, owner, status).await?;
+    Ok(Action::await_change())
 }
 
 /// Whether a server's pod runs its StatefulSet's current revision, as its controller reports.
@@ -399,6 +550,7 @@ pub fn error_policy(db: Arc<ShardedDatabase>, error: &ReconcileError, ctx: Arc<C
         ReconcileError::TopologyWrite(WriteError::Conflict(_)) => "topology_conflict",
         ReconcileError::TopologyWrite(WriteError::Api(_)) => "api",
         ReconcileError::Status { .. } => "status",
+        ReconcileError::Pki(_) => "pki",
     };
     ctx.metrics.errors.get_or_create(&ErrorLabels { kind: kind.into() }).inc();
     let failures = {

@@ -101,6 +101,11 @@ struct DbState {
     /// Why the rollout last waited, so that a wait is logged once rather than every round.
     waiting: Option<String>,
     leases: Arc<DbLeases>,
+    /// Clients presenting the operator's certificate for this database (probe, recover); made
+    /// once the reconcile has registered the database's CA. A renewed certificate is used by
+    /// them without rebuilding them. The flag: whether they are plain (internal-auth `none`);
+    /// they are made again when the database leaves or enters `none`.
+    http: Option<(bool, reqwest::Client, reqwest::Client)>,
 }
 
 /// One database's primary leases: the book, the tokens its servers last handed out, and where its
@@ -110,6 +115,10 @@ struct DbLeases {
     tokens: Mutex<HashMap<String, LeaseToken>>,
     name: String,
     namespace: String,
+    /// The client the grants go out with (the operator's certificate for this database, or plain
+    /// HTTP in internal-auth `none`); unset until the reconcile has decided, and no grant goes out
+    /// meanwhile.
+    http: Mutex<Option<reqwest::Client>>,
 }
 
 impl DbState {
@@ -119,11 +128,13 @@ impl DbState {
             running: BTreeSet::new(),
             restarted: BTreeSet::new(),
             waiting: None,
+            http: None,
             leases: Arc::new(DbLeases {
                 book: Mutex::new(LeaseBook::new(DEFAULT_PRIMARY_LEASE, Instant::now())),
                 tokens: Mutex::default(),
                 name: owner.name.clone(),
                 namespace: owner.namespace.clone(),
+                http: Mutex::new(None),
             }),
         }
     }
@@ -147,8 +158,6 @@ struct Healer {
     ctx: Arc<Context>,
     settings: HealSettings,
     dbs: HashMap<ObjectRef<ShardedDatabase>, DbState>,
-    probe_http: reqwest::Client,
-    recover_http: reqwest::Client,
     recovers: JoinSet<Finished>,
     /// Asks the controller to reconcile (so the status shows a change in reachability).
     reconcile: UnboundedSender<()>,
@@ -157,10 +166,12 @@ struct Healer {
     rounds: u64,
 }
 
-/// Runs the healer over every database in `dbs` (the controller's cache) until `shutdown`.
+/// Runs the healer over every database in `dbs` (the controller's cache of `scope`, a namespace
+/// or the whole cluster) until `shutdown`.
 pub async fn run(
     ctx: Arc<Context>,
     dbs: Store<ShardedDatabase>,
+    scope: Option<String>,
     settings: HealSettings,
     reconcile: UnboundedSender<()>,
     shutdown: impl Future<Output = ()>,
@@ -169,8 +180,6 @@ pub async fn run(
         ctx,
         settings,
         dbs: HashMap::new(),
-        probe_http: shard_server::api::http_client(PROBE_TIMEOUT),
-        recover_http: shard_server::api::http_client(RECOVER_TIMEOUT),
         recovers: JoinSet::new(),
         reconcile,
         books: Books::default(),
@@ -205,7 +214,12 @@ pub async fn run(
         let keys: HashSet<_> = current.iter().map(|db| ObjectRef::from_obj(db.as_ref())).collect();
         healer.dbs.retain(|k, _| keys.contains(k));
         healer.books.lock().expect("books lock").retain(|k, _| keys.contains(k));
-        healer.ctx.forget_unreachable_except(&keys);
+        healer.ctx.forget_unreachable_except(scope.as_deref(), &keys);
+        let ids =
+            current.iter().filter_map(|db| Owner::of(db)).map(|o| crate::k8s::build::tls::database_id(&o)).collect();
+        if let Err(e) = healer.ctx.pki.forget_except(scope.as_deref(), &ids) {
+            tracing::warn!(error = %e, "cannot update the admin endpoint's trusted CAs");
+        }
         for db in current {
             healer.round(db).await;
         }
@@ -213,6 +227,23 @@ pub async fn run(
 }
 
 impl Healer {
+    /// The probe and recover clients of a database, presenting the operator's certificate for it.
+    fn clients(
+        &mut self,
+        owner: &Owner,
+        key: &ObjectRef<ShardedDatabase>,
+    ) -> Option<(reqwest::Client, reqwest::Client)> {
+        let state = self.dbs.entry(key.clone()).or_insert_with(|| DbState::new(owner));
+        let credentials = self.ctx.pki.credentials(&crate::k8s::build::tls::database_id(owner))?;
+        let plain = matches!(credentials, shard_server::tls::Credentials::Plain);
+        if state.http.as_ref().is_none_or(|(was_plain, _, _)| *was_plain != plain) {
+            *state.leases.http.lock().expect("lease client lock") = Some(credentials.http_client(PROBE_TIMEOUT));
+            state.http =
+                Some((plain, credentials.http_client(PROBE_TIMEOUT), credentials.http_client(RECOVER_TIMEOUT)));
+        }
+        state.http.as_ref().map(|(_, probe, recover)| (probe.clone(), recover.clone()))
+    }
+
     /// One round for one database: observe → plan → write → start recovers.
     async fn round(&mut self, db: Arc<ShardedDatabase>) {
         let Some(owner) = Owner::of(&db) else { return };
@@ -238,15 +269,30 @@ impl Healer {
         let mut probed: BTreeSet<&String> = topology.servers.keys().collect();
         probed.extend(desired.iter().flat_map(|(_, p)| &p.servers));
         let named: BTreeSet<String> = probed.iter().map(|s| (*s).clone()).collect();
-        let servers: Vec<(String, String)> = probed
-            .into_iter()
-            .map(|s| (s.clone(), self.ctx.config.server_urls.url(&owner.name, &owner.namespace, s)))
-            .collect();
+        let servers: Vec<(String, String)> =
+            probed.into_iter().map(|s| (s.clone(), self.ctx.server_url(&owner.name, &owner.namespace, s))).collect();
+        let Some((probe_http, _)) = self.clients(&owner, &key) else {
+            // The reconcile has not made the database's certificates yet: nothing can be asked.
+            return;
+        };
+        // The document lists servers with the scheme of the database's mode before anything else
+        // is planned on it (a database leaving `none` lists `http://` URLs its servers no longer
+        // serve, and the reverse).
+        let plain = self.ctx.pki.is_plain(&crate::k8s::build::tls::database_id(&owner));
+        if let Some(next) = topology::with_scheme(&topology, plain) {
+            match topology::write(&self.ctx.client, &owner, &next, Some(&published.resource_version)).await {
+                Ok(_) => {
+                    tracing::info!(db = %owner.name, epoch = next.epoch, plain, "server URLs follow the internal-auth mode")
+                }
+                Err(e) => self.not_written(&owner, e),
+            }
+            return;
+        }
         self.rounds += 1;
         let checksums = self.rounds.is_multiple_of(exec::CHECKSUM_EVERY);
         // One `now` for the round, taken before any probe leaves (see `Observations`).
         let now = Instant::now();
-        let probes = exec::probe_servers(&self.probe_http, servers, checksums).await;
+        let probes = exec::probe_servers(&probe_http, servers, checksums).await;
         // `None` when they cannot be read: no rollout step this round.
         let revisions = match pods::observe(&self.ctx.client, &owner, &named).await {
             Ok(r) => Some(r),
@@ -336,7 +382,7 @@ impl Healer {
             .servers
             .iter()
             .filter(|s| topology.servers.contains_key(*s) || matches!(seen.health(s), Health::Up { .. }))
-            .map(|s| (s.clone(), self.ctx.config.server_urls.url(&owner.name, &owner.namespace, s)))
+            .map(|s| (s.clone(), self.ctx.server_url(&owner.name, &owner.namespace, s)))
             .collect();
         let steps = moves::plan_moves(topology, valid, placement, &urls, seen);
         let next = moves::apply(topology, &steps)?;
@@ -469,17 +515,23 @@ impl Healer {
     }
 
     fn start_recover(&mut self, db: &Arc<ShardedDatabase>, owner: &Owner, action: Action) {
-        let Action::Recover { shard, server, primary, source } = action else { return };
+        let Action::Recover { shard, server, primary } = action else { return };
         let state = self.dbs.entry(ObjectRef::from_obj(db.as_ref())).or_insert_with(|| DbState::new(owner));
         if !state.running.insert((shard.clone(), server.clone())) {
             return;
         }
         tracing::info!(db = %owner.name, %shard, %server, %primary, "recovering a copy");
-        let url = self.ctx.config.server_urls.url(&owner.name, &owner.namespace, &server);
-        let (recover_http, probe_http, db) = (self.recover_http.clone(), self.probe_http.clone(), Arc::clone(db));
+        let url = self.ctx.server_url(&owner.name, &owner.namespace, &server);
+        let Some((probe_http, recover_http)) = self.clients(owner, &ObjectRef::from_obj(db.as_ref())) else {
+            if let Some(state) = self.dbs.get_mut(&ObjectRef::from_obj(db.as_ref())) {
+                state.running.remove(&(shard, server));
+            }
+            return;
+        };
+        let db = Arc::clone(db);
         self.recovers.spawn(async move {
             let started = Instant::now();
-            let result = exec::recover_copy(&recover_http, &probe_http, &url, &shard, &source).await;
+            let result = exec::recover_copy(&recover_http, &probe_http, &url, &shard, &primary).await;
             Finished { db, shard, server, primary, took: started.elapsed(), result }
         });
     }
@@ -639,7 +691,6 @@ fn fence(leases: &DbLeases, current: &Topology, next: &Topology) -> bool {
 /// Grants the primaries of every database their leases, every [`exec::GRANT_EVERY`]; each
 /// database's grants run on their own, so one whose servers hang holds up no other.
 async fn grant_leases(ctx: Arc<Context>, books: Books) {
-    let http = shard_server::api::http_client(PROBE_TIMEOUT);
     let mut ticks = tokio::time::interval(exec::GRANT_EVERY);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut running = JoinSet::new();
@@ -648,9 +699,10 @@ async fn grant_leases(ctx: Arc<Context>, books: Books) {
         while running.try_join_next().is_some() {}
         let all: Vec<Arc<DbLeases>> = books.lock().expect("books lock").values().cloned().collect();
         for db in all {
-            let (ctx, http) = (Arc::clone(&ctx), http.clone());
+            let Some(http) = db.http.lock().expect("lease client lock").clone() else { continue };
+            let ctx = Arc::clone(&ctx);
             running.spawn(async move {
-                let url = |server: &str, _: &str| ctx.config.server_urls.url(&db.name, &db.namespace, server);
+                let url = |server: &str, _: &str| ctx.server_url(&db.name, &db.namespace, server);
                 exec::grant_primary_leases(&http, &db.book, &db.tokens, &url).await;
             });
         }

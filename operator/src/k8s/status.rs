@@ -184,11 +184,27 @@ pub fn invalid_spec(
         (DEGRADED, ConditionStatus::False, REASON_INVALID_SPEC, message.to_owned()),
     ];
     let base = previous.cloned().unwrap_or_default();
-    ShardedDatabaseStatus {
-        observed_generation: generation,
-        conditions: build_conditions(conditions, generation, previous, now),
-        ..base
-    }
+    let mut built = build_conditions(conditions, generation, previous, now);
+    // Conditions of the running database (the internal-auth mode) still hold: keep them.
+    built.extend(
+        base.conditions.iter().filter(|c| ![READY, PROGRESSING, DEGRADED].contains(&c.type_.as_str())).cloned(),
+    );
+    ShardedDatabaseStatus { observed_generation: generation, conditions: built, ..base }
+}
+
+/// `status` with the condition `type_` set (added or replaced); its `lastTransitionTime` moves
+/// only when its status changes from `previous`.
+pub fn with_condition(
+    mut status: ShardedDatabaseStatus,
+    (type_, value, reason, message): (&str, ConditionStatus, &str, String),
+    previous: Option<&ShardedDatabaseStatus>,
+    now: &str,
+) -> ShardedDatabaseStatus {
+    let generation = status.observed_generation;
+    let built = build_conditions(vec![(type_, value, reason, message)], generation, previous, now);
+    status.conditions.retain(|c| c.type_ != type_);
+    status.conditions.extend(built);
+    status
 }
 
 pub fn condition<'a>(status: &'a ShardedDatabaseStatus, type_: &str) -> Option<&'a Condition> {
@@ -389,5 +405,23 @@ mod tests {
         assert_eq!(condition(&s, PROGRESSING).unwrap().last_transition_time, "t1");
         assert_eq!(s.observed_generation, Some(2));
         assert_eq!((s.ready_servers, s.topology_epoch), (1, Some(4)));
+    }
+
+    #[test]
+    fn another_condition_is_set_beside_the_others_and_survives_an_invalid_spec() {
+        let p = place(&db());
+        let base = healthy_or_converging(Some(1), &p, &observed(&["Server0"], 1), None, "t0");
+        let plain = ("InternalAuth", ConditionStatus::False, "None", "plain".to_owned());
+        let s = with_condition(base.clone(), plain.clone(), None, "t0");
+        assert_eq!(status_of(&s, "InternalAuth"), (ConditionStatus::False, "None".into()));
+        assert_eq!(s.conditions.len(), base.conditions.len() + 1);
+        let again = with_condition(base.clone(), plain, Some(&s), "t1");
+        assert_eq!(condition(&again, "InternalAuth").unwrap().last_transition_time, "t0", "unchanged status");
+        assert_eq!(again.conditions.len(), s.conditions.len(), "replaced, not added twice");
+        let strict = ("InternalAuth", ConditionStatus::True, "Strict", "tls".to_owned());
+        let climbed = with_condition(base, strict, Some(&s), "t2");
+        assert_eq!(condition(&climbed, "InternalAuth").unwrap().last_transition_time, "t2");
+        let invalid = invalid_spec(Some(2), "bad", Some(&s), "t3");
+        assert_eq!(status_of(&invalid, "InternalAuth"), (ConditionStatus::False, "None".into()));
     }
 }

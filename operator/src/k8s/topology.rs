@@ -22,6 +22,32 @@ pub trait ServerUrls: Debug + Send + Sync {
     fn url(&self, db: &str, namespace: &str, server: &str) -> String;
 }
 
+/// `url` with the scheme of a database in internal-auth `none` (`plain`: `http://`) or not
+/// (`https://`); any other URL unchanged. [`ServerUrls`] give `https://`.
+pub fn in_scheme(url: &str, plain: bool) -> String {
+    let (from, to) = if plain { ("https://", "http://") } else { ("http://", "https://") };
+    match url.strip_prefix(from) {
+        Some(rest) => format!("{to}{rest}"),
+        None => url.to_owned(),
+    }
+}
+
+/// `t` with every server's URL in the database's scheme ([`in_scheme`]), at the next epoch so
+/// that servers and routers take it; `None` when every URL already is. The servers of a
+/// database a previous release made are listed with `http://`; once it leaves internal-auth
+/// `none` they serve `https://` only, and the reverse when it is set back to `none`. Pure.
+pub fn with_scheme(t: &Topology, plain: bool) -> Option<Topology> {
+    if t.servers.values().all(|s| in_scheme(&s.url, plain) == s.url) {
+        return None;
+    }
+    let mut next = t.clone();
+    for server in next.servers.values_mut() {
+        server.url = in_scheme(&server.url, plain);
+    }
+    next.epoch = t.epoch.saturating_add(1);
+    Some(next)
+}
+
 /// In a cluster: the server pod's stable DNS name under the headless Service
 /// (`<pod>.<headless>.<namespace>.svc:5000`), which follows the pod across restarts and nodes.
 #[derive(Clone, Copy, Debug, Default)]
@@ -85,5 +111,32 @@ pub async fn write(
         Ok(written) => Ok(written.resource_version().unwrap_or_default()),
         Err(kube::Error::Api(s)) if s.is_conflict() || s.is_already_exists() => Err(WriteError::Conflict(name)),
         Err(source) => Err(ApplyError::Apply { kind: "ConfigMap", name, source }.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shard_server::topology::ServerEntry;
+
+    #[test]
+    fn urls_follow_the_mode_at_the_next_epoch() {
+        assert_eq!(in_scheme("https://a.b.svc:5000", true), "http://a.b.svc:5000");
+        assert_eq!(in_scheme("http://a.b.svc:5000", false), "https://a.b.svc:5000");
+        assert_eq!(in_scheme("http://a.b.svc:5000", true), "http://a.b.svc:5000");
+        let mut t: Topology = serde_json::from_value(serde_json::json!({
+            "version": 1, "epoch": 7,
+            "schema": {"columns": ["k", "v"], "dtypes": ["Number", "String"]},
+            "servers": {}, "shards": []
+        }))
+        .unwrap();
+        t.servers.insert("Server0".into(), ServerEntry { id: 0, url: "http://s0.svc:5000".into() });
+        t.servers.insert("Server1".into(), ServerEntry { id: 1, url: "http://s1.svc:5000".into() });
+        assert_eq!(with_scheme(&t, true), None, "already plain: nothing to write");
+        let tls = with_scheme(&t, false).unwrap();
+        assert_eq!(tls.epoch, 8, "a newer epoch, which servers and routers take");
+        assert!(tls.servers.values().all(|s| s.url.starts_with("https://")), "{:?}", tls.servers);
+        assert_eq!(with_scheme(&tls, false), None);
+        assert_eq!(with_scheme(&tls, true).unwrap().servers, t.servers, "and back");
     }
 }

@@ -3,11 +3,12 @@
 //! or on the switch's gateway address when processes run in network namespaces (see `hosts`).
 //! Each request is handed to the operator's main loop, which owns the declared configuration, and
 //! the loop's answer (the seed body and status) goes back; [`LocalCluster::admin`] decides it
-//! with `brain::declare`, saves the result and, for `/init`, starts the servers. Does I/O (HTTP).
+//! with `brain::declare`, saves the result and, for `/init`, starts the servers. Only the cluster's
+//! router may call it (mutual TLS, see `pki`). Does I/O (HTTP).
 //!
 //! It also serves the topology document to processes that cannot follow the file (`GET
 //! /topology?after=EPOCH`, a long poll: the document once its epoch is past `after`, or 204 after
-//! [`TOPOLOGY_HOLD`]).
+//! [`TOPOLOGY_HOLD`]); the cluster's routers and servers alone may read it.
 
 use super::declared::{Declared, save_declared};
 use super::{DECLARED_FILE, LocalCluster, LocalError};
@@ -22,6 +23,8 @@ use axum::routing::{delete, get, post};
 use serde_json::Value;
 use shard_server::admin::{AddRequest, InitRequest, RmRequest};
 use shard_server::api::{ErrorBody, ErrorCode};
+use shard_server::auth::{self, Gate};
+use shard_server::tls::{Component, Credentials, TlsListener, TlsPeer};
 use shard_server::topology_source::TopologyRx;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
@@ -43,24 +46,44 @@ pub struct AdminCall {
     pub reply: oneshot::Sender<(StatusCode, Value)>,
 }
 
-/// Serves the endpoint on `listener` until the loop's receiver is gone; `topology` follows the
-/// topology file, for `GET /topology`.
+/// Serves the endpoint on `listener` until the loop's receiver is gone: over TLS with the
+/// operator's certificate (or, with TLS off, checking the per-cluster secret), answering the
+/// cluster's router alone (and, for `GET /topology`, its servers too); anyone else is refused
+/// (401/403) before the request is read. `topology` follows the topology file.
 pub fn serve(
     listener: tokio::net::TcpListener,
+    credentials: &Credentials,
     calls: mpsc::Sender<AdminCall>,
     topology: TopologyRx,
 ) -> tokio::task::JoinHandle<()> {
+    let mut gate = Gate::for_credentials(credentials).unwrap_or_else(Gate::nobody);
+    if matches!(credentials, Credentials::Plain) {
+        // `--internal-auth=none`: the previous release's routers call without credentials.
+        gate = gate.accepting_plain(prometheus_client::metrics::counter::Counter::default());
+    }
+    let routers_only = axum::middleware::from_fn_with_state(gate.allow(&[Component::Router]), auth::require);
+    let members =
+        axum::middleware::from_fn_with_state(gate.allow(&[Component::Router, Component::Server]), auth::require);
     let app = axum::Router::new()
         .route("/init", post(init))
         .route("/add", post(add))
         .route("/rm", delete(rm))
-        .route("/topology", get(topology_document))
+        .route_layer(routers_only)
+        .route("/topology", get(topology_document).route_layer(members))
         .fallback(crate::admin::no_route)
         .method_not_allowed_fallback(crate::admin::method_not_allowed)
         .layer(axum::middleware::from_fn(shard_server::protocol::versioned))
         .with_state(AdminState { calls, topology });
+    let credentials = credentials.clone();
     tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
+        let served = match credentials {
+            Credentials::Tls(source) => {
+                let listener = TlsListener::new(listener, source.server_config());
+                axum::serve(listener, app.into_make_service_with_connect_info::<TlsPeer>()).await
+            }
+            Credentials::Token { .. } | Credentials::Plain => axum::serve(listener, app).await,
+        };
+        if let Err(e) = served {
             tracing::error!(error = %e, "the admin endpoint stopped");
         }
     })
@@ -180,6 +203,13 @@ impl LocalCluster {
 
 /// The answer to an admin request we failed to carry out; the detail goes to the log.
 fn internal(e: &LocalError) -> (StatusCode, Value) {
-    tracing::error!(error = %e, "admin request failed");
+    // The whole chain: "failed to initialise postgres for Server1" alone does not say why.
+    let mut detail = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        detail.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    tracing::error!(error = %detail, "admin request failed");
     crate::admin::internal()
 }

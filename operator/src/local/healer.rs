@@ -31,7 +31,8 @@
 //! `DIR/control/<verb>.<server>` (any content) asks for a fault or its repair; the file is removed
 //! once done. Verbs: `kill` (SIGKILL the shard server and keep it down), `stop` (stop it and keep it
 //! down), `start`, `wipe` (stop it, replace its Postgres data with an empty cluster; it stays down
-//! until `start`), `stop-postgres`, `start-postgres`. A crashed process is otherwise restarted by
+//! until `start`), `stop-postgres`, `start-postgres`, and `renew-certs.all` (issue every
+//! certificate of the cluster again now, as renewal does once one is due). A crashed process is otherwise restarted by
 //! the supervisor within about a second, too soon for any timeout to matter, and a stopped
 //! Postgres is never restarted by itself: these verbs are how a test keeps a server down.
 //!
@@ -47,6 +48,7 @@ use crate::brain::plan::{self, Action, Settings};
 use crate::brain::rollout::{self, Change, Step};
 use crate::exec::{self, PROBE_TIMEOUT, RECOVER_TIMEOUT};
 use shard_server::api::{ClientError, RecoverRequest, RecoverResponse, ShardClient};
+use shard_server::tls::Credentials;
 use shard_server::topology::{ReplicaState, Topology};
 use std::collections::BTreeSet;
 use std::io::Write;
@@ -91,9 +93,11 @@ pub struct Healer {
 }
 
 impl Healer {
+    /// `credentials` are the operator's: servers answer `/status` and `/recover` only to it.
     pub fn new(
         dir: &Path,
         topology: PathBuf,
+        credentials: &Credentials,
         settings: Settings,
         leases: Arc<Mutex<LeaseBook>>,
     ) -> Result<Healer, LocalError> {
@@ -106,8 +110,8 @@ impl Healer {
             control,
             settings,
             seen: Observations::new(),
-            probe_http: shard_server::api::http_client(PROBE_TIMEOUT),
-            recover_http: shard_server::api::http_client(RECOVER_TIMEOUT),
+            probe_http: credentials.http_client(PROBE_TIMEOUT),
+            recover_http: credentials.http_client(RECOVER_TIMEOUT),
             running: BTreeSet::new(),
             restarted: BTreeSet::new(),
             waiting: None,
@@ -276,7 +280,7 @@ impl Healer {
     }
 
     fn start_recover(&mut self, action: Action, epoch: u64) {
-        let Action::Recover { shard, server, primary, source } = action else { return };
+        let Action::Recover { shard, server, primary } = action else { return };
         if !self.running.insert((shard.clone(), server.clone())) {
             return;
         }
@@ -291,7 +295,7 @@ impl Healer {
         tokio::spawn(async move {
             let started = Instant::now();
             let result = async {
-                let done = client.recover(&shard, &RecoverRequest { source }).await?;
+                let done = client.recover(&shard, &RecoverRequest { primary: primary.clone() }).await?;
                 // The identity of the copy just installed: recorded when it becomes ready.
                 let status = status_client.status(false).await?;
                 let copy_id = status.shards.get(&shard).map(|s| s.copy_id.clone()).unwrap_or_default();
@@ -475,6 +479,10 @@ impl Healer {
 
 /// One fault-injection verb (see the module documentation).
 async fn control(cluster: &LocalCluster, verb: &str, server: &str) -> Result<(), LocalError> {
+    if verb == "renew-certs" {
+        // Every certificate of the cluster, whatever follows the dot.
+        return cluster.renew_certificates(true).map(drop);
+    }
     let s = cluster.known(server)?;
     match verb {
         "kill" => {

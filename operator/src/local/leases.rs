@@ -7,6 +7,7 @@
 use crate::brain::lease::{DEFAULT_PRIMARY_LEASE, LeaseBook};
 use crate::exec;
 use shard_server::api::LeaseToken;
+use shard_server::tls::Credentials;
 use shard_server::topology::Topology;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -20,19 +21,14 @@ pub struct Leases {
     http: reqwest::Client,
 }
 
-impl Default for Leases {
-    fn default() -> Self {
-        Leases::new()
-    }
-}
-
 impl Leases {
-    /// A book that knows no grant (an earlier run's are waited out: see `brain::lease`).
-    pub fn new() -> Leases {
+    /// A book that knows no grant (an earlier run's are waited out: see `brain::lease`); grants
+    /// go out presenting the operator's `credentials` (servers take them from it alone).
+    pub fn new(credentials: &Credentials) -> Leases {
         Leases {
             book: Arc::new(Mutex::new(LeaseBook::new(DEFAULT_PRIMARY_LEASE, Instant::now()))),
             tokens: Arc::default(),
-            http: shard_server::api::http_client(exec::PROBE_TIMEOUT),
+            http: credentials.http_client(exec::PROBE_TIMEOUT),
         }
     }
 

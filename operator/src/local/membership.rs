@@ -27,11 +27,12 @@ impl LocalCluster {
         drop(pg_port);
         let settings = self.declared.as_ref().map(|d| d.db.tuning.postgres_parameters.clone()).unwrap_or_default();
         let serving = Serving { settings: &settings, unix_socket: self.hosts.namespaced() };
-        let postgres =
-            ServerPostgres::open(name, &dir.join("pgdata"), &log, pg, self.pg_bin.as_deref(), None, serving).await?;
+        let postgres = ServerPostgres::open(name, &dir.join("pgdata"), &log, pg, &self.pg, None, serving).await?;
         let place = self.hosts.place(name).await?;
         let log = self.logs_dir().join(format!("{name}.log"));
-        let server = LocalServer { name: name.to_owned(), place, port, log, postgres };
+        let server = LocalServer { name: name.to_owned(), place, port, log, postgres, scheme: self.pki.scheme() };
+        self.pki.set_address(shard_server::tls::Component::Server, name, server.place.address.into());
+        self.pki.ensure(shard_server::tls::Component::Server, name, false)?;
         drop(server_port);
         self.supervisor.spawn(self.server_process(&server))?;
         self.servers.push(server.clone());
@@ -59,6 +60,7 @@ impl LocalCluster {
             if let Err(e) = std::fs::remove_dir_all(&dir) {
                 tracing::warn!(server = name, path = %dir.display(), error = %e, "cannot delete the server's data");
             }
+            self.pki.remove_server(name);
         }
         self.hosts.remove(name).await;
         self.supervisor.announce();

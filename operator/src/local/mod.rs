@@ -14,7 +14,14 @@
 //! DIR/servers/<name>/pgdata      each server's Postgres cluster (database `sharddb`)
 //! DIR/logs/<name>.log            each process's stdout and stderr (`router.log` for the router)
 //! DIR/logs/<name>.postgres.log   each server's Postgres log
+//! DIR/tls/                       the cluster's CA and every process's certificate (`pki`)
+//! DIR/admin-token                with `--admin-token`: the bearer token `/init`, `/add`, `/rm` need
+//! DIR/postgres-password          the password every server's Postgres authenticates with
+//!                                (`scram-sha-256`; generated, 0600)
 //! ```
+//! Internal traffic (router → servers, server → server, operator → servers, router → operator)
+//! is mutual TLS under the cluster's CA by default (`pki`); the router's client port stays plain
+//! HTTP, as the seed's clients expect.
 //! Reusing a data directory keeps every server's data; the new topology is the one left behind
 //! (primaries, copy states and identities, moves half done) with the servers' new URLs and a
 //! higher epoch, so nothing that remembers the old epoch rejects it and healing and moves resume.
@@ -34,6 +41,7 @@ pub mod hosts;
 pub mod leases;
 mod membership;
 pub mod netns;
+pub mod pki;
 pub mod postgres;
 pub mod spec;
 pub mod supervisor;
@@ -46,8 +54,10 @@ pub use declared::Declared;
 use declared::initial_declaration;
 use hosts::{Hosts, NetworkInfo, Place};
 use netns::NetnsError;
-use postgres::{PostgresError, PostgresInfo, ServerPostgres, Serving};
+use pki::{LocalPki, PkiError};
+use postgres::{PgSettings, PostgresError, PostgresInfo, ServerPostgres, Serving};
 use serde::{Deserialize, Serialize};
+use shard_server::tls::{Component, Credentials, InternalAuth};
 use shard_server::topology::Topology;
 use shard_server::topology_source;
 use spec::SpecFileError;
@@ -66,6 +76,12 @@ pub const ROUTER_BIN: &str = "sharddb-router";
 pub const ROUTER: &str = "router";
 /// The declared configuration's file in the data directory.
 pub const DECLARED_FILE: &str = "declared.json";
+/// The admin verbs' bearer token, with `--admin-token`.
+pub const ADMIN_TOKEN_FILE: &str = "admin-token";
+/// The servers' Postgres password.
+pub const POSTGRES_PASSWORD_FILE: &str = "postgres-password";
+/// How often certificates are checked for renewal while running.
+const RENEW_CHECK: Duration = Duration::from_secs(60);
 /// How long a freshly started process may take to answer its health check.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -86,6 +102,28 @@ pub struct LocalOptions {
     /// Run every process in a network namespace of its own, on a switch named by this id (see
     /// `hosts` and `netns`); `None`: everything on 127.0.0.1.
     pub netns: Option<String>,
+    /// Mutual TLS between the cluster's processes (default); off, a per-cluster secret
+    /// authenticates them without encryption (to measure what TLS costs).
+    pub internal_tls: bool,
+    /// The router's `/init`, `/add` and `/rm` need `Authorization: Bearer <DIR/admin-token>`.
+    pub admin_token: bool,
+    /// How every process authenticates internal traffic; when absent, `none` for a data directory
+    /// a release from before internal authentication made (see [`internal_auth_for`]), else
+    /// `strict`.
+    pub internal_auth: Option<InternalAuth>,
+}
+
+/// The mode a data directory is run in when none is given: a directory holding a cluster but no
+/// `tls/` was made by a release from before internal authentication, whose processes may still
+/// be running beside ours (a rolling upgrade), so ours must speak to them as they do: `none`.
+/// Anything else (a new directory, or one of this release) is `strict`.
+pub fn internal_auth_for(dir: &Path, given: Option<InternalAuth>) -> InternalAuth {
+    let had_a_cluster = ["topology.json", DECLARED_FILE, "servers"].iter().any(|f| dir.join(f).exists());
+    match given {
+        Some(mode) => mode,
+        None if had_a_cluster && !dir.join(pki::TLS_DIR).exists() => InternalAuth::None,
+        None => InternalAuth::Strict,
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -137,8 +175,10 @@ pub enum LocalError {
         #[source]
         source: SpecError,
     },
-    #[error("unknown control verb {0:?} (kill, stop, start, wipe, stop-postgres, start-postgres)")]
+    #[error("unknown control verb {0:?} (kill, stop, start, wipe, stop-postgres, start-postgres, renew-certs)")]
     UnknownControl(String),
+    #[error(transparent)]
+    Pki(#[from] PkiError),
 }
 
 /// `cluster.json`: where everything runs, for people and scripts.
@@ -157,6 +197,34 @@ pub struct ClusterInfo {
     /// The switch, when every process runs in a network namespace of its own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<NetworkInfo>,
+    /// How the processes authenticate each other (where the credentials are; never a secret).
+    pub internal: InternalInfo,
+}
+
+/// `cluster.json`'s description of internal authentication.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InternalInfo {
+    /// Mutual TLS under the cluster's CA; false: a per-cluster secret, unencrypted (or nothing,
+    /// in `none`).
+    pub tls: bool,
+    /// The mode every process runs in (`--internal-auth`).
+    #[serde(default)]
+    pub mode: InternalAuth,
+    /// The CA certificate servers are checked against (with TLS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<PathBuf>,
+    /// The operator's certificate directory (`tls.crt`, `tls.key`, `ca.crt`): what a person or a
+    /// test presents to call a shard server directly (with TLS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operator_tls_dir: Option<PathBuf>,
+    /// The file holding the per-cluster secret (TLS off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<PathBuf>,
+    /// The database every identity names (`local/sharddb`).
+    pub database: String,
+    /// The file holding the admin verbs' bearer token, when the router requires one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin_token_file: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -194,12 +262,30 @@ pub async fn run_local(opts: LocalOptions) -> Result<(), LocalError> {
     let mut signals = Signals::new();
     let bins = Binaries::locate(&opts.bin_dir)?;
     let dir = data_dir(opts.data_dir.as_deref())?;
+    // Before anything is written to the directory: what it held decides (see `internal_auth_for`).
+    let auth = internal_auth_for(&dir, opts.internal_auth);
     let declared = initial_declaration(&dir, opts.spec.as_deref())?;
     // Printed for people and scripts: this and the URL line are the command's output.
     println!("sharddb data directory: {}", dir.display());
-    tracing::info!(dir = %dir.display(), configured = declared.is_some(), "starting local cluster");
+    tracing::info!(dir = %dir.display(), configured = declared.is_some(), internal_tls = opts.internal_tls, "starting local cluster");
+    if let Some(open) = auth.weakness() {
+        tracing::warn!(internal_auth = %auth, "{open}");
+    }
+    let pki = LocalPki::open(&dir, opts.internal_tls, auth)?;
+    let admin_token = if opts.admin_token { Some(pki::kept_secret(&dir, ADMIN_TOKEN_FILE)?.0) } else { None };
+    let (pg_password_file, pg_password) = pki::kept_secret(&dir, POSTGRES_PASSWORD_FILE)?;
+    let pg = PgSettings { bin: opts.pg_bin.clone(), password: Some((pg_password, pg_password_file)) };
 
     let mut hosts = Hosts::new(opts.netns.as_deref()).await?;
+    // The control endpoint serves on the switch's gateway in namespaces: its certificate names it.
+    pki.set_address(Component::Operator, "operator", hosts.control_address().into());
+    let credentials = match pki.operator_credentials() {
+        Ok(c) => c,
+        Err(e) => {
+            hosts.teardown().await;
+            return Err(e.into());
+        }
+    };
     let admin_listener = match tokio::net::TcpListener::bind((hosts.control_address(), 0)).await {
         Ok(l) => l,
         Err(e) => {
@@ -207,12 +293,13 @@ pub async fn run_local(opts: LocalOptions) -> Result<(), LocalError> {
             return Err(LocalError::NoFreePort(e));
         }
     };
-    let control_url = format!("http://{}", admin_listener.local_addr().map_err(LocalError::NoFreePort)?);
+    let control_url = format!("{}://{}", pki.scheme(), admin_listener.local_addr().map_err(LocalError::NoFreePort)?);
     let (admin_tx, mut admin_rx) = mpsc::channel(16);
     let topology_path = dir.join("topology.json");
-    let admin_task = admin::serve(admin_listener, admin_tx, topology_source::watch_file(topology_path));
+    let admin_task = admin::serve(admin_listener, &credentials, admin_tx, topology_source::watch_file(topology_path));
 
-    let mut cluster = LocalCluster::new(dir, bins, opts.pg_bin.clone(), control_url, hosts);
+    let mut cluster = LocalCluster::new(dir, bins, pg, control_url, hosts, pki, credentials);
+    cluster.admin_token = admin_token;
     cluster.declared = declared;
     // A signal while starting is a request to stop like any other: undo what started, exit 0.
     let started = tokio::select! {
@@ -242,7 +329,9 @@ pub async fn run_local(opts: LocalOptions) -> Result<(), LocalError> {
     let _ = std::io::stdout().flush();
 
     let book = std::sync::Arc::clone(cluster.leases.book());
-    let mut healer = match healer::Healer::new(&cluster.dir, cluster.topology_path(), Default::default(), book) {
+    let healer =
+        healer::Healer::new(&cluster.dir, cluster.topology_path(), &cluster.credentials, Default::default(), book);
+    let mut healer = match healer {
         Ok(h) => h,
         Err(e) => {
             grant_task.abort();
@@ -253,6 +342,8 @@ pub async fn run_local(opts: LocalOptions) -> Result<(), LocalError> {
     };
     let mut rounds = tokio::time::interval(healer::ROUND);
     rounds.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut renewals = tokio::time::interval(RENEW_CHECK);
+    renewals.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut changes = cluster.supervisor.changes();
     // A process may have been restarted between the first cluster.json and this subscription;
     // writing once now, after subscribing, means no pid change is ever missed.
@@ -266,6 +357,11 @@ pub async fn run_local(opts: LocalOptions) -> Result<(), LocalError> {
             _ = rounds.tick() => {
                 cluster.reconcile().await;
                 healer.round(&mut cluster).await;
+            }
+            _ = renewals.tick() => {
+                if let Err(e) = cluster.renew_certificates(false) {
+                    tracing::error!(error = %e, "cannot renew certificates; trying again in a minute");
+                }
             }
             // A finished recover is marked ready at once, not a round later.
             Some(done) = healer.next_recovered() => healer.finish_recover(done),
@@ -391,11 +487,13 @@ pub struct LocalServer {
     pub port: u16,
     pub log: PathBuf,
     pub postgres: ServerPostgres,
+    /// `https`, or `http` with internal TLS off.
+    pub scheme: &'static str,
 }
 
 impl LocalServer {
     pub fn url(&self) -> String {
-        format!("http://{}:{}", self.place.address, self.port)
+        format!("{}://{}:{}", self.scheme, self.place.address, self.port)
     }
 }
 
@@ -404,7 +502,8 @@ impl LocalServer {
 pub struct LocalCluster {
     dir: PathBuf,
     bins: Binaries,
-    pg_bin: Option<PathBuf>,
+    /// How each server's Postgres is made (binaries, password).
+    pg: PgSettings,
     supervisor: Supervisor,
     /// In server id order.
     servers: Vec<LocalServer>,
@@ -421,15 +520,29 @@ pub struct LocalCluster {
     no_predecessor: bool,
     /// The primaries' leases (see `leases`).
     leases: leases::Leases,
+    /// The cluster's CA and certificates (or its secret, with TLS off).
+    pki: LocalPki,
+    /// The operator's own credentials, which every call to a server presents.
+    credentials: Credentials,
+    /// With `--admin-token`: the file holding the router's admin token.
+    admin_token: Option<PathBuf>,
     http: reqwest::Client,
 }
 
 impl LocalCluster {
-    fn new(dir: PathBuf, bins: Binaries, pg_bin: Option<PathBuf>, control_url: String, hosts: Hosts) -> Self {
+    fn new(
+        dir: PathBuf,
+        bins: Binaries,
+        pg: PgSettings,
+        control_url: String,
+        hosts: Hosts,
+        pki: LocalPki,
+        credentials: Credentials,
+    ) -> Self {
         LocalCluster {
             dir,
             bins,
-            pg_bin,
+            pg,
             supervisor: Supervisor::new(),
             servers: Vec::new(),
             router_port: 0,
@@ -438,9 +551,22 @@ impl LocalCluster {
             control_url,
             declared: None,
             no_predecessor: false,
-            leases: leases::Leases::new(),
-            http: shard_server::api::http_client(Duration::from_secs(2)),
+            leases: leases::Leases::new(&credentials),
+            pki,
+            http: credentials.http_client(Duration::from_secs(2)),
+            credentials,
+            admin_token: None,
         }
+    }
+
+    /// Issues again every certificate that is due (`force`: all of them); the processes pick
+    /// them up from their files.
+    pub fn renew_certificates(&self, force: bool) -> Result<Vec<String>, LocalError> {
+        let renewed = self.pki.renew_due(self.servers.iter().map(|s| s.name.as_str()), force)?;
+        if !renewed.is_empty() {
+            tracing::info!(?renewed, "certificates renewed");
+        }
+        Ok(renewed)
     }
 
     pub fn dir(&self) -> &Path {
@@ -512,6 +638,7 @@ impl LocalCluster {
             (Hosts::Loopback, port) => ports.exact(port)?,
         };
         self.router_place = self.hosts.place(ROUTER).await?;
+        self.pki.ensure(Component::Router, ROUTER, false)?;
         if let Some(d) = self.declared.clone() {
             self.start_servers(&d.db, &d.placement).await?;
         }
@@ -570,21 +697,20 @@ impl LocalCluster {
                 })?;
             }
             make_dir(&t)?;
-            ServerPostgres::init_template(&t.join("pgdata"), self.pg_bin.as_deref()).await?;
+            ServerPostgres::init_template(&t.join("pgdata"), &self.pg).await?;
             Some(t)
         } else {
             None
         };
         let serving = Serving { settings: &db.tuning.postgres_parameters, unix_socket: self.hosts.namespaced() };
-        let opening =
-            planned.iter().map(|(name, _, pg_port)| {
-                let log = self.logs_dir().join(format!("{name}.postgres.log"));
-                let template = template.as_ref().map(|t| t.join("pgdata"));
-                let (data_dir, pg_bin) = (pgdata(name), self.pg_bin.as_deref());
-                async move {
-                    ServerPostgres::open(name, &data_dir, &log, *pg_port, pg_bin, template.as_deref(), serving).await
-                }
-            });
+        let opening = planned.iter().map(|(name, _, pg_port)| {
+            let log = self.logs_dir().join(format!("{name}.postgres.log"));
+            let template = template.as_ref().map(|t| t.join("pgdata"));
+            let (data_dir, settings) = (pgdata(name), &self.pg);
+            async move {
+                ServerPostgres::open(name, &data_dir, &log, *pg_port, settings, template.as_deref(), serving).await
+            }
+        });
         // Keep every cluster that did start, so a failure elsewhere still stops it on shutdown.
         let mut first_error = None;
         let opened = futures::future::join_all(opening).await;
@@ -596,6 +722,7 @@ impl LocalCluster {
                     port: *port,
                     log: self.logs_dir().join(format!("{name}.log")),
                     postgres,
+                    scheme: self.pki.scheme(),
                 }),
                 Err(e) => {
                     first_error.get_or_insert(e);
@@ -616,6 +743,8 @@ impl LocalCluster {
 
         self.write_topology(db, placement, previous)?;
         for s in &self.servers {
+            self.pki.set_address(Component::Server, &s.name, s.place.address.into());
+            self.pki.ensure(Component::Server, &s.name, false)?;
             let mut process = self.server_process(s);
             if new_cluster {
                 // No read lease was ever granted in these names: see `--no-predecessor`.
@@ -635,7 +764,8 @@ impl LocalCluster {
     }
 
     /// The shard-server process of `s`, with the declared configuration's knobs (probes and
-    /// resources have no meaning here).
+    /// resources have no meaning here); its certificate must have been issued
+    /// ([`LocalPki::ensure`]).
     pub(super) fn server_process(&self, s: &LocalServer) -> ProcessSpec {
         let tuning = self.declared.as_ref().map(|d| &d.db.tuning);
         let threads =
@@ -648,6 +778,7 @@ impl LocalCluster {
             "--database-url".into(),
             s.postgres.database_url(),
         ];
+        args.extend(self.pki.process_args(Component::Server, &s.name));
         args.extend(self.topology_args());
         args.extend(["--worker-threads".into(), threads.to_string()]);
         if let Some(rows) = tuning.and_then(|t| t.cache_rows) {
@@ -655,6 +786,12 @@ impl LocalCluster {
         }
         let mut spec = ProcessSpec::new(&s.name, &self.bins.shard_server, args, &s.log);
         spec.netns = s.place.netns_path();
+        spec.env = self.pki.process_env();
+        // The password file is named in the environment too: a previous release's server, which
+        // knows no such flag and whose Postgres trusts local connections, starts all the same.
+        if let Some(file) = s.postgres.password_file() {
+            spec.env.push(("SHARDDB_DATABASE_PASSWORD_FILE".into(), file.display().to_string()));
+        }
         spec
     }
 
@@ -737,19 +874,36 @@ impl LocalCluster {
                 })
                 .collect(),
             network: self.hosts.info(),
+            internal: InternalInfo {
+                tls: self.pki.tls(),
+                mode: self.pki.internal_auth(),
+                ca: self.pki.ca_file(),
+                operator_tls_dir: self.pki.tls().then(|| self.pki.component_dir(Component::Operator, "operator")),
+                token_file: self.pki.token_file(),
+                database: self.pki.database().to_string(),
+                admin_token_file: self.admin_token.clone(),
+            },
         }
     }
 
-    /// Writes `cluster.json` atomically (temporary file + rename).
+    /// Writes `cluster.json` atomically (temporary file + rename), readable by our user alone: it
+    /// holds no secret, but it maps every port of the cluster.
     pub fn write_cluster_file(&self) -> Result<(), LocalError> {
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
         let path = self.cluster_file();
         let tmp = path.with_extension("json.tmp");
         let json = serde_json::to_string_pretty(&self.cluster_info()).expect("cluster info serialises");
-        std::fs::write(&tmp, json + "\n").and_then(|()| std::fs::rename(&tmp, &path)).map_err(|source| LocalError::Io {
-            action: "write",
-            path,
-            source,
-        })
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .and_then(|mut f| f.write_all((json + "\n").as_bytes()))
+            .and_then(|()| std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600)))
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .map_err(|source| LocalError::Io { action: "write", path, source })
     }
 
     fn known(&self, name: &str) -> Result<&LocalServer, LocalError> {
@@ -856,6 +1010,18 @@ mod tests {
             let mode = std::fs::metadata(base.path()).unwrap().permissions().mode();
             assert_eq!(mode & 0o777, 0o711, "a data directory of ours becomes traversable: {mode:o}");
         }
+    }
+
+    #[test]
+    fn only_a_cluster_made_before_internal_authentication_runs_in_none_by_default() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        assert_eq!(internal_auth_for(d, None), InternalAuth::Strict, "a new directory");
+        std::fs::write(d.join(DECLARED_FILE), "{}").unwrap();
+        assert_eq!(internal_auth_for(d, None), InternalAuth::None, "a cluster without tls/");
+        assert_eq!(internal_auth_for(d, Some(InternalAuth::Strict)), InternalAuth::Strict, "unless told");
+        std::fs::create_dir(d.join(pki::TLS_DIR)).unwrap();
+        assert_eq!(internal_auth_for(d, None), InternalAuth::Strict, "a cluster of this release");
     }
 
     #[test]

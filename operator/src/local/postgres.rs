@@ -32,8 +32,12 @@ pub struct PostgresInfo {
     /// The postmaster's pid; `null` while stopped.
     pub pid: Option<u32>,
     pub data_dir: PathBuf,
+    /// Without the password: see `password_file`.
     pub url: String,
     pub log: PathBuf,
+    /// The file holding the password (`scram-sha-256`), readable by the operator's user alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
 }
 
 /// One server's Postgres. Clones share the cluster; the last one dropped stops it.
@@ -41,6 +45,16 @@ pub struct PostgresInfo {
 pub struct ServerPostgres {
     server: String,
     pg: Arc<Mutex<LocalPg>>,
+    /// Where the password is kept, when there is one.
+    password_file: Option<PathBuf>,
+}
+
+/// How every server's Postgres of a cluster is made: where the binaries are, and the superuser's
+/// password (kept in `file`, 0600) that each authenticates with (`scram-sha-256`).
+#[derive(Clone, Debug, Default)]
+pub struct PgSettings {
+    pub bin: Option<PathBuf>,
+    pub password: Option<(String, PathBuf)>,
 }
 
 /// How a server's Postgres runs, beyond where.
@@ -62,15 +76,16 @@ impl ServerPostgres {
         data_dir: &Path,
         log: &Path,
         port: u16,
-        pg_bin: Option<&Path>,
+        settings: &PgSettings,
         template: Option<&Path>,
         serving: Serving<'_>,
     ) -> Result<Self, PostgresError> {
         let mut opts = Options::new(data_dir);
         opts.log_file = Some(log.to_owned());
         opts.port = Some(port);
-        opts.bin_dir = pg_bin.map(Path::to_owned);
+        opts.bin_dir = settings.bin.clone();
         opts.template = template.map(Path::to_owned);
+        opts.password = settings.password.as_ref().map(|(p, _)| p.clone());
         opts.settings = serving.settings.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         opts.unix_socket = serving.unix_socket;
         let name = server.to_owned();
@@ -84,14 +99,16 @@ impl ServerPostgres {
         .map_err(|_| PostgresError::Panicked { server: name.clone() })?
         .map_err(|(action, source)| PostgresError::Pg { action, server: name.clone(), source })?;
         tracing::info!(server, port, data_dir = %data_dir.display(), "postgres ready");
-        Ok(ServerPostgres { server: name, pg: Arc::new(Mutex::new(pg)) })
+        let password_file = settings.password.as_ref().map(|(_, f)| f.clone());
+        Ok(ServerPostgres { server: name, pg: Arc::new(Mutex::new(pg)), password_file })
     }
 
     /// Runs `initdb` in `data_dir` (unless it holds a cluster) without starting a server: a
     /// template for [`ServerPostgres::open`].
-    pub async fn init_template(data_dir: &Path, pg_bin: Option<&Path>) -> Result<(), PostgresError> {
+    pub async fn init_template(data_dir: &Path, settings: &PgSettings) -> Result<(), PostgresError> {
         let mut opts = Options::new(data_dir);
-        opts.bin_dir = pg_bin.map(Path::to_owned);
+        opts.bin_dir = settings.bin.clone();
+        opts.password = settings.password.as_ref().map(|(p, _)| p.clone());
         let template = || data_dir.display().to_string();
         tokio::task::spawn_blocking(move || LocalPg::new(opts).map(drop))
             .await
@@ -103,10 +120,16 @@ impl ServerPostgres {
         &self.server
     }
 
-    /// The URL the shard server connects to: through the Unix socket when there is one.
+    /// The URL the shard server connects to (without the password): through the Unix socket
+    /// when there is one.
     pub fn database_url(&self) -> String {
         let pg = self.lock();
         pg.socket_url(DATABASE).unwrap_or_else(|| pg.url(DATABASE))
+    }
+
+    /// The file holding the password the shard server adds to [`ServerPostgres::database_url`].
+    pub fn password_file(&self) -> Option<&Path> {
+        self.password_file.as_deref()
     }
 
     pub fn info(&self) -> PostgresInfo {
@@ -117,6 +140,7 @@ impl ServerPostgres {
             data_dir: pg.data_dir().to_owned(),
             url: pg.url(DATABASE),
             log: pg.log_file().to_owned(),
+            password_file: self.password_file.clone(),
         }
     }
 

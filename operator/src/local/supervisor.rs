@@ -45,6 +45,9 @@ pub struct ProcessSpec {
     /// A network namespace (its file, e.g. `/run/netns/NAME`) the process runs in; it joins it
     /// between fork and exec, so it never has a socket outside it.
     pub netns: Option<PathBuf>,
+    /// Environment variables set for it, besides ours: settings a program of an earlier release
+    /// ignores, where a flag it does not know would stop it.
+    pub env: Vec<(String, String)>,
 }
 
 impl ProcessSpec {
@@ -62,6 +65,7 @@ impl ProcessSpec {
             log: log.into(),
             stop_grace: STOP_GRACE,
             netns: None,
+            env: Vec::new(),
         }
     }
 }
@@ -291,6 +295,7 @@ fn spawn_child(spec: &ProcessSpec, first: bool) -> std::io::Result<tokio::proces
     let log = std::fs::OpenOptions::new().create(true).append(true).open(&spec.log)?;
     let mut cmd = tokio::process::Command::new(&spec.program);
     cmd.args(&spec.args);
+    cmd.envs(spec.env.iter().map(|(k, v)| (k, v)));
     if first {
         cmd.args(&spec.first_start_args);
     }

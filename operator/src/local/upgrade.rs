@@ -9,6 +9,7 @@
 
 use super::supervisor::ProcessSpec;
 use super::{Binaries, LocalCluster, LocalError, ROUTER, wait_ready};
+use shard_server::tls::Component;
 use std::collections::BTreeSet;
 use std::path::Path;
 
@@ -18,9 +19,14 @@ impl LocalCluster {
         let mut args = vec!["--listen".into(), format!("{}:{}", self.router_place.address, self.router_port)];
         args.extend(self.topology_args());
         args.extend(["--control-url".into(), self.control_url.clone()]);
+        args.extend(self.pki.process_args(Component::Router, ROUTER));
+        if let Some(token) = &self.admin_token {
+            args.extend(["--admin-token-file".into(), token.display().to_string()]);
+        }
         let mut router =
             ProcessSpec::new(ROUTER, &self.bins.router, args, self.logs_dir().join(format!("{ROUTER}.log")));
         router.netns = self.router_place.netns_path();
+        router.env = self.pki.process_env();
         router
     }
 

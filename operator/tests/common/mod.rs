@@ -3,6 +3,11 @@
 //! over a throwaway Postgres) that follow the topology ConfigMap through a watch on that API,
 //! reached at local addresses through the injectable `ServerUrls`. Shared by `k8s_heal` and
 //! `k8s_rollout`; each uses what it needs.
+//!
+//! The admin endpoint is served over TLS as in `sharddb-operator run`, and called with the
+//! router certificate the operator put in the routers' Secret. Servers present certificates of
+//! the database's CA (the one the operator made in `students-ca`), and the healer reaches them
+//! with its own certificate for the database, as in a cluster.
 #![allow(dead_code)]
 
 use fake_apiserver::FakeApiServer;
@@ -14,12 +19,16 @@ use operator::brain::validate::Images;
 use operator::crd::ShardedDatabase;
 use operator::k8s::controller::{Config, Context, Metrics, run};
 use operator::k8s::heal::HealSettings;
+use operator::k8s::pki::OperatorPki;
 use operator::k8s::topology::ServerUrls;
 use serde_json::{Value, json};
-use shard_server::api::{Op, ShardClient, WriteRequest, http_client, install_crypto_provider};
+use shard_server::api::{Op, ShardClient, WriteRequest, install_crypto_provider};
 use shard_server::db::Db;
 use shard_server::node::{Node, NodeConfig};
 use shard_server::schema::{Row, Value as Cell};
+use shard_server::tls::issue::{Ca, LeafRequest};
+use shard_server::tls::source::Pem;
+use shard_server::tls::{Component, Credentials, DatabaseId, Identity, TlsListener, TlsPeer, TlsSource};
 use shard_server::topology::Topology;
 use shard_server::topology_source::watch_configmap;
 use std::collections::BTreeMap;
@@ -40,7 +49,7 @@ pub struct LocalUrls(BTreeMap<String, String>);
 
 impl ServerUrls for LocalUrls {
     fn url(&self, _db: &str, _namespace: &str, server: &str) -> String {
-        self.0.get(server).cloned().unwrap_or_else(|| "http://127.0.0.1:9".into())
+        self.0.get(server).cloned().unwrap_or_else(|| "https://127.0.0.1:9".into())
     }
 }
 
@@ -57,7 +66,12 @@ pub struct Harness {
     pub admin: SocketAddr,
     pub pg: LocalPg,
     pub servers: Vec<Server>,
+    /// Presents a certificate of the operator for the database: what the servers answer.
     pub http: reqwest::Client,
+    /// The operator's CA, kept across operator restarts as its Secret would keep it.
+    pub pki: Arc<OperatorPki>,
+    /// The database's CA, as the operator made it in `students-ca`.
+    pub ca: Option<Ca>,
     pub config: Option<Config>,
     pub stop: Option<tokio::sync::oneshot::Sender<()>>,
     pub operator: Option<JoinHandle<()>>,
@@ -88,6 +102,12 @@ impl Harness {
     /// only the spec's three are served: the others play pods yet to be created, started later
     /// with [`Harness::restart`].
     pub async fn start_with(servers: usize) -> Harness {
+        Harness::start_in(servers, None).await
+    }
+
+    /// As [`Harness::start_with`], the database created with `spec.tls.internalAuth: mode` when
+    /// given. In `none` the servers serve plain HTTP with no credential, and no CA is awaited.
+    pub async fn start_in(servers: usize, mode: Option<&str>) -> Harness {
         install_crypto_provider();
         let _ = tracing_subscriber::fmt()
             .with_test_writer()
@@ -98,14 +118,29 @@ impl Harness {
         api.install_crd(&ShardedDatabase::crd()).unwrap();
         let admin_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin = admin_listener.local_addr().unwrap();
-        let endpoint = operator::k8s::admin::router(api.client(), Images::default());
-        tokio::spawn(async move { axum::serve(admin_listener, endpoint).await.unwrap() });
+        let admin_url = format!("https://{admin}");
+        let pki = OperatorPki::ephemeral(Some(&admin_url));
+        let endpoint = operator::k8s::admin::router(api.client(), Images::default(), pki.clone());
+        let limits = shard_server::serve::ServeLimits {
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(10),
+            max_connections: 64,
+        };
+        let tls = pki.admin_tls().server_config();
+        tokio::spawn(async move {
+            shard_server::serve::serve_migrate(admin_listener, endpoint, limits, tls, std::future::pending())
+                .await
+                .unwrap()
+        });
         let mut h = Harness {
             api,
             admin,
             pg,
             servers: Vec::new(),
-            http: http_client(Duration::from_secs(30)),
+            http: shard_server::api::http_client(Duration::from_secs(30)),
+            pki,
+            ca: None,
             config: None,
             stop: None,
             operator: None,
@@ -120,33 +155,57 @@ impl Harness {
             h.servers.push(Server { name: format!("Server{i}"), addr, db_url: h.pg.url(&db), task: None });
             listeners.push(listener);
         }
-        for (i, l) in listeners.into_iter().enumerate().take(3) {
-            h.serve(i, l).await;
-        }
-
-        let urls = h.servers.iter().map(|s| (s.name.clone(), format!("http://{}", s.addr))).collect();
+        let urls = h.servers.iter().map(|s| (s.name.clone(), format!("https://{}", s.addr))).collect();
         // Shorter than the defaults (3 s) to keep the test quick, long enough that a probe slowed
         // down by a busy machine is not mistaken for an outage.
         let settings = Settings { failover_after: Duration::from_secs(2), demote_after: Duration::from_secs(2) };
         let config = Config {
             server_urls: Arc::new(LocalUrls(urls)),
             healing: Some(HealSettings { plan: settings, round: Duration::from_millis(200) }),
-            admin_url: Some(format!("http://{}", h.admin)),
+            admin_url: Some(admin_url),
             ..Config::default()
         };
         h.config = Some(config);
         h.start_operator();
 
-        let db: ShardedDatabase = serde_json::from_value(students(3)).unwrap();
+        let mut db = students(3);
+        if let Some(mode) = mode {
+            db["spec"]["tls"] = json!({ "internalAuth": mode });
+        }
+        let db: ShardedDatabase = serde_json::from_value(db).unwrap();
         Api::<ShardedDatabase>::namespaced(h.api.client(), NS).create(&PostParams::default(), &db).await.unwrap();
+        if mode == Some("none") {
+            for (i, l) in listeners.into_iter().enumerate().take(3) {
+                h.serve(i, l).await;
+            }
+            return h;
+        }
+
+        // The servers' pods start once their certificates exist, as a pod waits for its Secret.
+        assert!(h.api.wait_for(WAIT, |api| secret(api, "students-ca", "ca.key").is_some()).await, "the CA is made");
+        let ca_pem = secret(&h.api, "students-ca", "ca.crt").unwrap();
+        let ca = Ca::from_pem(&ca_pem, &secret(&h.api, "students-ca", "ca.key").unwrap()).unwrap();
+        h.http = credentials(&ca, Identity::operator(students_id()).unwrap()).http_client(Duration::from_secs(30));
+        h.ca = Some(ca);
+        for (i, l) in listeners.into_iter().enumerate().take(3) {
+            h.serve(i, l).await;
+        }
         h
+    }
+
+    /// A client presenting the routers' certificate, from the Secret the operator made for them,
+    /// and checking the admin endpoint against the operator's CA given there: what a router does.
+    pub fn router_http(&self) -> reqwest::Client {
+        let key = |k: &str| secret(&self.api, "students-router-tls", k).expect("the routers' Secret");
+        let pem = Pem { cert: key("tls.crt"), key: key("tls.key"), ca: key("operator-ca.crt") };
+        Credentials::Tls(TlsSource::from_pem(pem).unwrap()).http_client(Duration::from_secs(30))
     }
 
     /// Starts the controller and its healer: a fresh operator process, with nothing in memory.
     pub fn start_operator(&mut self) {
         let mut registry = prometheus_client::registry::Registry::default();
         let config = self.config.clone().expect("configured");
-        let ctx = Context::new(self.api.client(), config, Metrics::new(&mut registry));
+        let ctx = Context::with_pki(self.api.client(), config, Metrics::new(&mut registry), self.pki.clone());
         let (stop, stopped) = tokio::sync::oneshot::channel();
         self.operator = Some(tokio::spawn(run(ctx, async move {
             let _ = stopped.await;
@@ -186,10 +245,36 @@ impl Harness {
             cache_rows: NodeConfig::DEFAULT_CACHE_ROWS,
             cache_bytes: NodeConfig::DEFAULT_CACHE_BYTES,
             body_timeout: Duration::from_secs(60),
+            credentials: match &self.ca {
+                Some(ca) => credentials(ca, Identity::new(students_id(), Component::Server, &s.name).unwrap()),
+                // Internal-auth `none`: plain HTTP, anyone accepted.
+                None => Credentials::Plain,
+            },
+            internal_auth: match &self.ca {
+                Some(_) => shard_server::tls::InternalAuth::Strict,
+                None => shard_server::tls::InternalAuth::None,
+            },
         };
+        if matches!(config.credentials, Credentials::Plain) {
+            let node = Node::new(config, db, watch_configmap(self.api.client(), NS, CONFIGMAP));
+            node.start().await.unwrap();
+            let limits = shard_server::serve::ServeLimits {
+                header_timeout: Duration::from_secs(10),
+                body_timeout: Duration::from_secs(10),
+                idle_timeout: Duration::from_secs(10),
+                max_connections: 64,
+            };
+            let app = shard_server::app(node);
+            s.task = Some(tokio::spawn(async move {
+                shard_server::serve::serve(listener, app, limits, std::future::pending()).await.unwrap();
+            }));
+            return;
+        }
+        let Credentials::Tls(tls) = &config.credentials else { unreachable!() };
+        let listener = TlsListener::new(listener, tls.server_config());
         let node = Node::new(config, db, watch_configmap(self.api.client(), NS, CONFIGMAP));
         node.start().await.unwrap();
-        let app = shard_server::app(node);
+        let app = shard_server::app(node).into_make_service_with_connect_info::<TlsPeer>();
         s.task = Some(tokio::spawn(async move {
             axum::serve(listener, app).await.unwrap();
         }));
@@ -222,12 +307,12 @@ impl Harness {
         let args = router["spec"]["template"]["spec"]["containers"][0]["args"].as_array().unwrap().clone();
         let at = args.iter().position(|a| a == "--control-url").expect("the router has a control URL");
         let control = args[at + 1].as_str().unwrap();
-        assert_eq!(control, format!("http://{}/databases/{NS}/students", self.admin));
+        assert_eq!(control, format!("https://{}/databases/{NS}/students", self.admin));
         self.admin_at(method, &format!("{control}/{verb}"), body).await
     }
 
     pub async fn admin_at(&self, method: reqwest::Method, url: &str, body: Value) -> (u16, Value) {
-        let response = self.http.request(method, url).json(&body).send().await.unwrap();
+        let response = self.router_http().request(method, url).json(&body).send().await.unwrap();
         (response.status().as_u16(), response.json().await.unwrap())
     }
 
@@ -260,7 +345,8 @@ impl Harness {
     }
 
     pub fn client(&self, i: usize) -> ShardClient {
-        ShardClient::new(self.http.clone(), format!("http://{}", self.servers[i].addr))
+        let scheme = if self.ca.is_some() { "https" } else { "http" };
+        ShardClient::new(self.http.clone(), format!("{scheme}://{}", self.servers[i].addr))
     }
 
     pub fn topology(&self) -> Option<Topology> {
@@ -334,6 +420,26 @@ impl Harness {
         let s = &self.client(i).status(true).await.unwrap().shards[shard];
         (s.rows, s.checksum.clone())
     }
+}
+
+/// The identity of the `students` database.
+pub fn students_id() -> DatabaseId {
+    DatabaseId::new(NS, "students")
+}
+
+/// A Secret's key, decoded.
+pub fn secret(api: &FakeApiServer, name: &str, key: &str) -> Option<String> {
+    let o = api.get("secrets", NS, name)?;
+    let bytes: k8s_openapi::ByteString = serde_json::from_value(o["data"][key].clone()).ok()?;
+    String::from_utf8(bytes.0).ok()
+}
+
+/// Credentials of `identity` from the database's CA, serving on the loopback address (the test's
+/// servers are reached at 127.0.0.1 rather than their pods' DNS names).
+pub fn credentials(ca: &Ca, identity: Identity) -> Credentials {
+    let issued = ca.issue(&LeafRequest::new(identity).on_loopback(), std::time::SystemTime::now()).unwrap();
+    let pem = Pem { cert: issued.cert_pem, key: issued.key_pem, ca: ca.cert_pem().to_owned() };
+    Credentials::Tls(TlsSource::from_pem(pem).unwrap())
 }
 
 /// The `students` database of the seed's schema: two shards of 4096 keys, two copies each, on

@@ -8,7 +8,8 @@ use crate::app_state::AppState;
 use crate::control::Verb;
 use crate::error::RouterError;
 use axum::Json;
-use axum::extract::State;
+use axum::extract::{Request, State};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Map, Value};
@@ -138,6 +139,40 @@ fn rm_request(raw: RawRm) -> Result<RmRequest, RouterError> {
         return Err(bad("Length of server list is more than removable instances"));
     }
     Ok(RmRequest { n: raw.n, servers: raw.servers })
+}
+
+/// With `--admin-token-file`, `/init`, `/add` and `/rm` answer only a request carrying
+/// `Authorization: Bearer <the file's content>`; anything else is a 401 that changes nothing. The
+/// file is read on each request, so a rotated token applies at once.
+pub async fn require_token(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let Some(path) = state.config().admin_token_file.as_ref() else { return next.run(req).await };
+    let expected = match tokio::fs::read_to_string(path).await {
+        Ok(t) if !t.trim().is_empty() => t.trim().to_owned(),
+        Ok(_) => {
+            return RouterError::Internal(format!("the admin token file {} is empty", path.display())).into_response();
+        }
+        Err(e) => {
+            return RouterError::Internal(format!("cannot read the admin token file {}: {e}", path.display()))
+                .into_response();
+        }
+    };
+    let given = req
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match given {
+        Some(token) if shard_server::auth::same_secret(token.as_bytes(), expected.as_bytes()) => next.run(req).await,
+        Some(_) => {
+            RouterError::Unauthenticated("the bearer token is not this database's admin token".into()).into_response()
+        }
+        None => RouterError::Unauthenticated(format!(
+            "{} needs the database's admin token: send Authorization: Bearer <token>",
+            req.uri().path()
+        ))
+        .into_response(),
+    }
 }
 
 fn relay((status, body): (axum::http::StatusCode, Value)) -> Response {

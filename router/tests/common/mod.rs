@@ -253,7 +253,7 @@ pub fn test_config() -> Config {
             backoff_max: Duration::from_millis(100),
             read_attempt: Duration::from_millis(300),
         },
-        control_url: None,
+        ..Config::default()
     }
 }
 

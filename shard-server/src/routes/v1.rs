@@ -10,14 +10,16 @@ use crate::api::{
     LogResponse, RecoverRequest, RecoverResponse, ReplicateRequest, ReplicateResponse, Role, ServerStatus, ShardStats,
     ShardStatus, WriteRequest, WriteResponse,
 };
+use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::json::{JsonBody, PathParam, Query};
 use crate::limits::{MAX_PRIMARY_LEASE_MS, MAX_READ_RANGES};
 use crate::node::{Node, ShardRole};
+use crate::tls::Component;
 use crate::topology::ReplicaState;
 use axum::Json;
 use axum::body::Body;
-use axum::extract::State;
+use axum::extract::{Extension, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt as _;
@@ -112,16 +114,31 @@ pub async fn read_ranges(
     Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
-/// `POST /v1/shards/{shard}/replicate`: entries from the shard's primary.
+/// `POST /v1/shards/{shard}/replicate`: entries from the shard's primary. A server may only send
+/// as itself (`primary` must be the name in its certificate), and at our own epoch only as the
+/// primary our topology names: at a newer epoch we cannot tell yet, and the primary's entries are
+/// checked against ours as always (see [`crate::replication`]).
 #[tracing::instrument(level = "debug", skip_all, fields(shard = %id, from = %req.primary))]
 pub async fn replicate(
     State(node): State<Arc<Node>>,
+    Extension(Caller(caller)): Extension<Caller>,
     PathParam(id): PathParam<String>,
     JsonBody(req): JsonBody<ReplicateRequest>,
 ) -> Result<Json<ReplicateResponse>, ApiError> {
+    speaks_as(&caller, &req.primary, "primary")?;
     let ours = node.epoch();
     if req.epoch < ours {
         return Err(ApiError::StaleEpoch { got: req.epoch, ours });
+    }
+    if req.epoch == ours
+        && caller.component == Component::Server
+        && let Some(entry) = node.topology().as_ref().and_then(|t| t.shard(&id).cloned())
+        && entry.primary != caller.name
+    {
+        return Err(ApiError::Forbidden(format!(
+            "{} is not the primary of shard {id} at epoch {ours} ({} is); it may not replicate to it",
+            caller.name, entry.primary
+        )));
     }
     let (shard, role) = match node.shard(&id).await {
         Ok(x) => x,
@@ -192,30 +209,59 @@ pub async fn log(
     Ok(Json(LogResponse { entries: shard.log_range(&node, q.from, q.to).await? }))
 }
 
-/// `POST /v1/shards/{shard}/recover`: replace this copy from a snapshot and verify it. Only a copy
-/// the topology marks `recovering` may be replaced: nothing here ever wipes a copy that serves.
-#[tracing::instrument(skip_all, fields(shard = %id, source = %req.source))]
+/// `POST /v1/shards/{shard}/recover`: replace this copy from a snapshot of the shard's primary and
+/// verify it. Only a copy the topology marks `recovering` may be replaced: nothing here ever wipes
+/// a copy that serves. The source is the primary our own topology names, at the address it gives;
+/// a request naming another primary (the operator's view is newer or older than ours) is a 409
+/// and the operator asks again.
+#[tracing::instrument(skip_all, fields(shard = %id, primary = %req.primary))]
 pub async fn recover(
     State(node): State<Arc<Node>>,
     PathParam(id): PathParam<String>,
     JsonBody(req): JsonBody<RecoverRequest>,
 ) -> Result<Json<RecoverResponse>, ApiError> {
     let (shard, role) = node.shard(&id).await?;
-    match role {
-        ShardRole::Replica { state: ReplicaState::Recovering, .. } => {}
+    let primary = match role {
+        ShardRole::Replica { state: ReplicaState::Recovering, primary, .. } => primary,
         other => {
             return Err(ApiError::Conflict {
                 message: format!("this copy of shard {id} is not recovering ({other:?}); it is not replaced"),
                 keys: vec![],
             });
         }
+    };
+    if primary != req.primary {
+        return Err(ApiError::Conflict {
+            message: format!(
+                "the primary of shard {id} is {primary} in this server's topology (epoch {}), not {}",
+                node.epoch(),
+                req.primary
+            ),
+            keys: vec![],
+        });
     }
-    let source = node.streaming_peer(&req.source);
+    let url = node
+        .topology()
+        .and_then(|t| t.servers.get(&primary).map(|s| s.url.clone()))
+        .ok_or_else(|| ApiError::Internal(format!("the topology lists no address of {primary}")))?;
+    let source = node.streaming_peer(&url);
     // Runs to completion even if the caller goes away: the install is one transaction either way.
     let done = tokio::spawn(async move { shard.recover(&node, &source).await })
         .await
         .map_err(|e| ApiError::Internal(format!("recovery task: {e}")))??;
     Ok(Json(done))
+}
+
+/// A server may only speak as itself: the name a body gives must be its certificate's. The
+/// operator may name any server (it could issue itself that server's certificate anyway).
+fn speaks_as(caller: &crate::tls::Identity, named: &str, field: &str) -> Result<(), ApiError> {
+    if caller.component == Component::Server && caller.name != named {
+        return Err(ApiError::Forbidden(format!(
+            "{field} is {named}, but the caller's certificate is that of {}",
+            caller.name
+        )));
+    }
+    Ok(())
 }
 
 #[derive(serde::Deserialize)]
@@ -270,7 +316,15 @@ pub async fn status(
     }
     let protocol = crate::api::PROTOCOL_VERSION;
     let lease_token = Some(node.lease_token());
-    Ok(Json(ServerStatus { server: node.name().to_owned(), protocol, epoch: node.epoch(), shards, lease_token }))
+    let internal_auth = Some(node.config.internal_auth);
+    Ok(Json(ServerStatus {
+        server: node.name().to_owned(),
+        protocol,
+        epoch: node.epoch(),
+        shards,
+        lease_token,
+        internal_auth,
+    }))
 }
 
 /// `POST /v1/lease`: grants read leases to a ready replica, for the shards this server is the
@@ -278,11 +332,13 @@ pub async fn status(
 #[tracing::instrument(level = "debug", skip_all, fields(replica = %req.replica))]
 pub async fn lease(
     State(node): State<Arc<Node>>,
+    Extension(Caller(caller)): Extension<Caller>,
     JsonBody(req): JsonBody<LeaseRequest>,
 ) -> Result<Json<LeaseResponse>, ApiError> {
     if req.replica.is_empty() {
         return Err(ApiError::bad_request("replica is empty"));
     }
+    speaks_as(&caller, &req.replica, "replica")?;
     let mut granted = Vec::new();
     let mut confirmed = BTreeMap::new();
     let mut valid_ms = BTreeMap::new();

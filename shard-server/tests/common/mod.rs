@@ -1,15 +1,19 @@
 //! Test harness: shard servers served in-process on real TCP ports, each over its own database in
 //! one throwaway Postgres cluster, each following its own topology file (so a test can let one
-//! server lag behind a topology change, as a slow ConfigMap watch would).
+//! server lag behind a topology change, as a slow ConfigMap watch would). They serve mutual TLS
+//! under a CA of the test (`pki`), each with its own certificate, as in production; the test
+//! speaks to them with the operator's certificate unless it asks for another.
 
 #![allow(dead_code)]
 
 use localpg::LocalPg;
-use shard_server::api::{PrimaryLeaseRequest, ShardClient, http_client, install_crypto_provider};
+use shard_server::api::{PrimaryLeaseRequest, ShardClient, install_crypto_provider};
 use shard_server::db::Db;
 use shard_server::node::{Node, NodeConfig};
 use shard_server::schema::{DType, SchemaSpec};
-use shard_server::serve::{ServeLimits, serve};
+use shard_server::serve::{ServeLimits, serve_migrate, serve_tls};
+use shard_server::tls::testing::TestPki;
+use shard_server::tls::{Component, Credentials, Identity, InternalAuth};
 use shard_server::topology::{ReplicaState, ServerEntry, ShardEntry, TOPOLOGY_VERSION, Topology};
 use shard_server::topology_source::{watch_file, write_atomic};
 use std::collections::BTreeMap;
@@ -39,8 +43,13 @@ pub struct Cluster {
     pub cache_rows: usize,
     /// The HTTP limits every server is served with (restarts included).
     pub serve_limits: ServeLimits,
+    /// How servers (re)started from now on authenticate internal callers (default `strict`).
+    pub internal_auth: InternalAuth,
     pub servers: Vec<Server>,
+    /// The operator's client: accepted by every internal endpoint.
     pub http: reqwest::Client,
+    /// The database's CA.
+    pub pki: TestPki,
     /// Whether the harness keeps granting primary leases (a test of their running out turns it off).
     pub granting: Arc<std::sync::atomic::AtomicBool>,
 }
@@ -56,7 +65,7 @@ pub struct Server {
 
 impl Server {
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("https://{}", self.addr)
     }
 }
 
@@ -163,6 +172,7 @@ impl Cluster {
         for s in &servers {
             write_atomic(&s.topology_path, &topology).unwrap();
         }
+        let pki = TestPki::new("test", "students");
         let mut c = Cluster {
             pg,
             dir,
@@ -170,8 +180,10 @@ impl Cluster {
             lease: (lease, renew),
             cache_rows,
             serve_limits,
+            internal_auth: InternalAuth::Strict,
             servers,
-            http: http_client(Duration::from_secs(30)),
+            http: pki.credentials(Component::Operator, "operator").http_client(Duration::from_secs(30)),
+            pki,
             granting: Arc::new(std::sync::atomic::AtomicBool::new(true)),
         };
         for (i, l) in listeners.into_iter().enumerate() {
@@ -233,13 +245,22 @@ impl Cluster {
             cache_rows: self.cache_rows,
             cache_bytes: NodeConfig::DEFAULT_CACHE_BYTES,
             body_timeout: self.serve_limits.body_timeout,
+            credentials: self.pki.credentials(Component::Server, &s.name),
+            internal_auth: self.internal_auth,
         };
+        let Credentials::Tls(tls) = &config.credentials else { unreachable!("test servers use TLS") };
+        let tls = tls.server_config();
         let node = Node::new(config, db, watch_file(s.topology_path.clone()));
         node.start().await.unwrap();
         let app = shard_server::app(Arc::clone(&node));
         let limits = self.serve_limits;
+        let migrate = self.internal_auth == InternalAuth::Migrate;
         s.task = Some(tokio::spawn(async move {
-            serve(listener, app, limits, std::future::pending()).await.unwrap();
+            if migrate {
+                serve_migrate(listener, app, limits, tls, std::future::pending()).await.unwrap();
+            } else {
+                serve_tls(listener, app, limits, tls, std::future::pending()).await.unwrap();
+            }
         }));
         s.node = Some(node);
     }
@@ -300,6 +321,17 @@ impl Cluster {
 
     pub fn client(&self, i: usize) -> ShardClient {
         ShardClient::new(self.http.clone(), self.servers[i].url())
+    }
+
+    /// A client of server `i` presenting a certificate of this database's CA for `identity`.
+    pub fn client_as(&self, i: usize, identity: Identity) -> ShardClient {
+        let http = self.pki.credentials_of(identity).http_client(Duration::from_secs(30));
+        ShardClient::new(http, self.servers[i].url())
+    }
+
+    /// A client of server `i` presenting no certificate at all (it still checks the server's).
+    pub fn anonymous_client(&self, i: usize) -> ShardClient {
+        ShardClient::new(self.pki.anonymous_http(Duration::from_secs(30)), self.servers[i].url())
     }
 
     pub fn url(&self, i: usize, path: &str) -> String {

@@ -65,7 +65,7 @@ impl Layout {
                 s.name.clone(),
                 ServerPlace {
                     url: Some(s.url.clone()),
-                    pg_url: Some(s.postgres.url.clone()),
+                    pg_url: Some(s.postgres.connect_url()?),
                     pid: s.pid,
                     pg_pid: s.postgres.pid,
                 },

@@ -33,6 +33,11 @@ pub struct Target {
 }
 
 impl Target {
+    /// A client the shard servers of a local cluster answer (the operator's credentials).
+    pub fn server_http(&self) -> Option<&reqwest::Client> {
+        self.cluster.as_ref().map(|c| &c.http)
+    }
+
     /// The local cluster's data directory (its `control/`, `events.log`), if the target is local.
     pub fn cluster_dir(&self) -> Option<&Path> {
         self.cluster.as_ref().map(|c| c.dir.path())

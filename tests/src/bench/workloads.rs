@@ -577,7 +577,7 @@ impl Ctx {
             let mut runs = Vec::new();
             let mut errors = Vec::new();
             for _ in 0..COPY_RUNS {
-                match client::snapshot(&self.http, &primary, &shard.id).await {
+                match client::snapshot(t.server_http().context("a local cluster")?, &primary, &shard.id).await {
                     Ok(s) if s.rows == rows as u64 => runs.push(s),
                     Ok(s) => errors.push(format!("snapshot streamed {} rows, {rows} were loaded", s.rows)),
                     Err(e) => errors.push(format!("{e:#}")),

@@ -55,7 +55,7 @@ mod tests {
         let db = db();
         let t = first_topology(&db, &place(&db), url).unwrap();
         assert_eq!(t.epoch, 1);
-        assert_eq!(t.servers["Server0"].url, "http://students-server0-0.students-servers.prod.svc:5000");
+        assert_eq!(t.servers["Server0"].url, "https://students-server0-0.students-servers.prod.svc:5000");
         let cm = topology_configmap(&owner(), &t);
         assert_child_meta(&cm.metadata, "students-topology");
         assert_eq!(published_topology(&cm), Some(t));

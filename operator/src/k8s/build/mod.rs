@@ -3,12 +3,14 @@
 
 pub mod configmap;
 pub mod names;
+pub mod netpol;
 pub mod pdb;
 pub mod rbac;
 pub mod router;
 pub mod secret;
 pub mod service;
 pub mod statefulset;
+pub mod tls;
 
 use crate::crd::{ContainerResources, ShardedDatabase};
 use k8s_openapi::api::core::v1::ResourceRequirements;

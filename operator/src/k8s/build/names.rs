@@ -51,6 +51,63 @@ pub const DATA_MOUNT: &str = "/var/lib/postgresql/data";
 /// `PGDATA` is a subdirectory, since a fresh volume's root may hold `lost+found`.
 pub const PGDATA: &str = "/var/lib/postgresql/data/pgdata";
 
+/// Where every pod mounts its certificate Secret: `tls.crt`, `tls.key` and `ca.crt`, as the
+/// components' `--tls-dir` expects. A Secret volume (never `subPath`) so renewals reach the pod.
+pub const TLS_VOLUME: &str = "tls";
+pub const TLS_MOUNT: &str = "/etc/sharddb/tls";
+pub const TLS_CERT_KEY: &str = "tls.crt";
+pub const TLS_KEY_KEY: &str = "tls.key";
+pub const CA_CERT_KEY: &str = "ca.crt";
+/// The CA's private key in the operator's `<db>-ca` Secret (never mounted anywhere).
+pub const CA_KEY_KEY: &str = "ca.key";
+/// In the router's certificate Secret: the CA of the operator's admin endpoint, which serves
+/// every database under the operator's own CA.
+pub const OPERATOR_CA_KEY: &str = "operator-ca.crt";
+/// The router's admin token (`/init`, `/add`, `/rm`), mounted from `<db>-admin-token`.
+pub const ADMIN_TOKEN_VOLUME: &str = "admin-token";
+pub const ADMIN_TOKEN_MOUNT: &str = "/etc/sharddb/admin";
+pub const ADMIN_TOKEN_KEY: &str = "token";
+
+/// The operator-made CA of a database (`ca.crt`, `ca.key`).
+pub fn ca_secret(db: &str) -> String {
+    format!("{db}-ca")
+}
+/// One server's certificate. `tls-` comes first so that no server name can make it collide with
+/// the router's.
+pub fn server_tls_secret(db: &str, server: &str) -> String {
+    format!("{db}-tls-{}", server.to_ascii_lowercase())
+}
+pub fn router_tls_secret(db: &str) -> String {
+    format!("{db}-router-tls")
+}
+pub fn admin_token_secret(db: &str) -> String {
+    format!("{db}-admin-token")
+}
+/// The NetworkPolicy admitting only the database's components to its servers.
+pub fn servers_network_policy(db: &str) -> String {
+    format!("{db}-servers")
+}
+/// The DNS names a server pod is reached by (its certificate's subject alternative names).
+pub fn server_dns_names(db: &str, namespace: &str, server: &str) -> Vec<String> {
+    let host = format!("{}.{}", server_pod(db, server), headless_service(db));
+    vec![
+        format!("{host}.{namespace}.svc"),
+        format!("{host}.{namespace}.svc.cluster.local"),
+        format!("{host}.{namespace}"),
+        host,
+    ]
+}
+/// The DNS names of the router Service (its certificate's, for clients over TLS).
+pub fn router_dns_names(db: &str, namespace: &str) -> Vec<String> {
+    let service = router(db);
+    vec![
+        format!("{service}.{namespace}.svc"),
+        format!("{service}.{namespace}.svc.cluster.local"),
+        format!("{service}.{namespace}"),
+        service,
+    ]
+}
+
 pub fn headless_service(db: &str) -> String {
     format!("{db}-servers")
 }
@@ -91,7 +148,7 @@ pub fn server_pod(db: &str, server: &str) -> String {
 /// Where a server is reached inside the cluster: its pod's stable DNS name under the headless
 /// Service.
 pub fn server_url(db: &str, namespace: &str, server: &str) -> String {
-    format!("http://{}.{}.{namespace}.svc:{HTTP_PORT}", server_pod(db, server), headless_service(db))
+    format!("https://{}.{}.{namespace}.svc:{HTTP_PORT}", server_pod(db, server), headless_service(db))
 }
 
 /// Labels on every object of a database.
@@ -145,7 +202,7 @@ mod tests {
         assert_eq!(server_pod("students", "Server10"), "students-server10-0");
         assert_eq!(
             server_url("students", "prod", "Server1"),
-            "http://students-server1-0.students-servers.prod.svc:5000"
+            "https://students-server1-0.students-servers.prod.svc:5000"
         );
     }
 

@@ -23,19 +23,23 @@ use k8s_openapi::api::apps::v1::{
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, ExecAction, HTTPGetAction,
     PersistentVolumeClaim, PersistentVolumeClaimSpec, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
-    SeccompProfile, SecretKeySelector, SecurityContext, Volume, VolumeMount, VolumeResourceRequirements,
+    SeccompProfile, SecretKeySelector, SecretVolumeSource, SecurityContext, Volume, VolumeMount,
+    VolumeResourceRequirements,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use shard_server::tls::InternalAuth;
 use std::collections::BTreeMap;
 
 /// Scratch volumes Postgres needs beside its data, since its root filesystem is read-only.
 const RUN_VOLUME: &str = "run";
 const TMP_VOLUME: &str = "tmp";
 
-/// The StatefulSet of `server` (its topology name, e.g. `Server0`).
-pub fn server_statefulset(db: &ValidatedDb, owner: &Owner, server: &str) -> StatefulSet {
+/// The StatefulSet of `server` (its topology name, e.g. `Server0`), for a database in internal-auth
+/// `mode`: in `none` the pod mounts no certificate and serves plain HTTP, as earlier releases
+/// built it, with only `SHARDDB_INTERNAL_AUTH=none` added.
+pub fn server_statefulset(db: &ValidatedDb, owner: &Owner, server: &str, mode: InternalAuth) -> StatefulSet {
     let selector = names::server_selector(&owner.name, server);
     let mut pod_labels = names::common_labels(&owner.name);
     pod_labels.extend(selector.clone());
@@ -45,6 +49,9 @@ pub fn server_statefulset(db: &ValidatedDb, owner: &Owner, server: &str) -> Stat
         ..Volume::default()
     };
     let mut volumes = vec![empty_dir(RUN_VOLUME), empty_dir(TMP_VOLUME)];
+    if mode != InternalAuth::None {
+        volumes.push(secret_volume(names::TLS_VOLUME, &names::server_tls_secret(&owner.name, server)));
+    }
     let claims = match &db.storage_size {
         Some(size) => Some(vec![PersistentVolumeClaim {
             metadata: ObjectMeta {
@@ -93,7 +100,7 @@ pub fn server_statefulset(db: &ValidatedDb, owner: &Owner, server: &str) -> Stat
                         seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), ..Default::default() }),
                         ..PodSecurityContext::default()
                     }),
-                    containers: vec![shard_server_container(db, owner, server), postgres_container(db, owner)],
+                    containers: vec![shard_server_container(db, owner, server, mode), postgres_container(db, owner)],
                     volumes: Some(volumes),
                     ..PodSpec::default()
                 }),
@@ -115,11 +122,33 @@ pub(super) fn restricted() -> SecurityContext {
     }
 }
 
-pub(super) fn http_probe(path: &str, timing: ProbeTiming) -> Probe {
+/// A Secret mounted whole (never through `subPath`, so that the kubelet replaces the files when
+/// the operator renews a certificate), readable by the pod's group only.
+pub(super) fn secret_volume(name: &str, secret: &str) -> Volume {
+    Volume {
+        name: name.into(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(secret.into()),
+            default_mode: Some(0o440),
+            ..SecretVolumeSource::default()
+        }),
+        ..Volume::default()
+    }
+}
+
+pub(super) fn read_only_mount(name: &str, path: &str) -> VolumeMount {
+    VolumeMount { name: name.into(), mount_path: path.into(), read_only: Some(true), ..VolumeMount::default() }
+}
+
+/// An HTTP GET probe; `tls` for a port serving HTTPS (the kubelet then does not check the
+/// certificate, and presents none: the probed paths answer without one).
+pub(super) fn http_probe(path: &str, timing: ProbeTiming, tls: bool) -> Probe {
     Probe {
         http_get: Some(HTTPGetAction {
             path: Some(path.into()),
             port: IntOrString::String(names::HTTP_PORT_NAME.into()),
+            // Unset for HTTP, its default, as earlier releases built it (no change on takeover).
+            scheme: tls.then(|| "HTTPS".into()),
             ..HTTPGetAction::default()
         }),
         ..timed(timing)
@@ -165,7 +194,13 @@ fn secret_env(owner: &Owner, name: &str, key: &str) -> EnvVar {
     }
 }
 
-fn shard_server_container(db: &ValidatedDb, owner: &Owner, server: &str) -> Container {
+/// `SHARDDB_INTERNAL_AUTH` for a mode other than the default (`strict`), which sets nothing.
+pub(super) fn internal_auth_env(mode: InternalAuth) -> Option<EnvVar> {
+    (mode != InternalAuth::Strict).then(|| env("SHARDDB_INTERNAL_AUTH", mode.as_str()))
+}
+
+fn shard_server_container(db: &ValidatedDb, owner: &Owner, server: &str, mode: InternalAuth) -> Container {
+    let tls = mode != InternalAuth::None;
     // Kubernetes expands `$(VAR)` from earlier entries, so the password never appears in the spec.
     let database_url = format!(
         "postgres://$(POSTGRES_USER):$(POSTGRES_PASSWORD)@127.0.0.1:{}/{}",
@@ -178,6 +213,9 @@ fn shard_server_container(db: &ValidatedDb, owner: &Owner, server: &str) -> Cont
         "--topology-configmap".into(),
         format!("{}/{}", owner.namespace, names::topology_configmap(&owner.name)),
     ];
+    if tls {
+        args.extend(["--tls-dir".into(), names::TLS_MOUNT.into()]);
+    }
     // Only when set: the server's own defaults apply otherwise, and the pod template stays what
     // earlier releases built (no needless restart on an operator upgrade).
     if let Some(rows) = db.tuning.cache_rows {
@@ -187,19 +225,23 @@ fn shard_server_container(db: &ValidatedDb, owner: &Owner, server: &str) -> Cont
         args.extend(["--worker-threads".into(), threads.to_string()]);
     }
     let probes = &db.tuning.probes;
+    let mut env_vars = vec![
+        env("SHARDDB_LISTEN", &format!("0.0.0.0:{}", names::HTTP_PORT)),
+        secret_env(owner, "POSTGRES_USER", names::SECRET_USER_KEY),
+        secret_env(owner, "POSTGRES_PASSWORD", names::SECRET_PASSWORD_KEY),
+        env("DATABASE_URL", &database_url),
+    ];
+    // Last, so that a template of an earlier release only gains it.
+    env_vars.extend(internal_auth_env(mode));
     Container {
         name: "shard-server".into(),
         image: Some(db.images.shard_server.clone()),
         args: Some(args),
-        env: Some(vec![
-            env("SHARDDB_LISTEN", &format!("0.0.0.0:{}", names::HTTP_PORT)),
-            secret_env(owner, "POSTGRES_USER", names::SECRET_USER_KEY),
-            secret_env(owner, "POSTGRES_PASSWORD", names::SECRET_PASSWORD_KEY),
-            env("DATABASE_URL", &database_url),
-        ]),
+        env: Some(env_vars),
         ports: http_port(),
-        readiness_probe: Some(http_probe("/heartbeat", probes.shard_server_readiness)),
-        liveness_probe: Some(http_probe("/heartbeat", probes.shard_server_liveness)),
+        volume_mounts: tls.then(|| vec![read_only_mount(names::TLS_VOLUME, names::TLS_MOUNT)]),
+        readiness_probe: Some(http_probe("/heartbeat", probes.shard_server_readiness, tls)),
+        liveness_probe: Some(http_probe("/heartbeat", probes.shard_server_liveness, tls)),
         resources: resources(db.resources.shard_server.as_ref()),
         security_context: Some(restricted()),
         ..Container::default()
@@ -264,7 +306,7 @@ mod tests {
 
     #[test]
     fn one_pod_per_server_selected_by_its_own_labels() {
-        let sts = server_statefulset(&db(), &owner(), "Server3");
+        let sts = server_statefulset(&db(), &owner(), "Server3", InternalAuth::Strict);
         assert_child_meta(&sts.metadata, "students-server3");
         let spec = sts.spec.as_ref().unwrap();
         assert_eq!(spec.replicas, Some(1));
@@ -282,10 +324,13 @@ mod tests {
 
     #[test]
     fn shard_server_follows_the_configmap_and_reaches_postgres_on_loopback() {
-        let sts = server_statefulset(&db(), &owner(), "Server3");
+        let sts = server_statefulset(&db(), &owner(), "Server3", InternalAuth::Strict);
         let c = &pod(&sts).containers[0];
         assert_eq!(c.name, "shard-server");
-        assert_eq!(c.args.as_deref().unwrap(), ["--name", "Server3", "--topology-configmap", "prod/students-topology"]);
+        assert_eq!(
+            c.args.as_deref().unwrap(),
+            ["--name", "Server3", "--topology-configmap", "prod/students-topology", "--tls-dir", "/etc/sharddb/tls"]
+        );
         let env = c.env.as_ref().unwrap();
         let url = env.iter().find(|e| e.name == "DATABASE_URL").unwrap().value.as_deref().unwrap();
         assert!(url.starts_with("postgres://$(POSTGRES_USER):$(POSTGRES_PASSWORD)@127.0.0.1:5432/"), "{url}");
@@ -293,8 +338,62 @@ mod tests {
         let url_at = env.iter().position(|e| e.name == "DATABASE_URL").unwrap();
         assert!(pw < url_at, "$(VAR) expands only variables defined earlier");
         assert_eq!(pw_secret(&env[pw]), ("students-postgres", "password"));
-        assert_eq!(c.readiness_probe.as_ref().unwrap().http_get.as_ref().unwrap().path.as_deref(), Some("/heartbeat"));
+        let probe = c.readiness_probe.as_ref().unwrap().http_get.as_ref().unwrap();
+        assert_eq!((probe.path.as_deref(), probe.scheme.as_deref()), (Some("/heartbeat"), Some("HTTPS")));
         assert!(c.liveness_probe.is_some());
+    }
+
+    #[test]
+    fn in_none_a_server_mounts_no_certificate_serves_plain_and_says_so() {
+        let sts = server_statefulset(&db(), &owner(), "Server3", InternalAuth::None);
+        let p = pod(&sts);
+        assert!(p.volumes.as_ref().unwrap().iter().all(|v| v.name != "tls" && v.secret.is_none()));
+        let c = &p.containers[0];
+        assert!(c.volume_mounts.is_none(), "{:?}", c.volume_mounts);
+        assert_eq!(c.args.as_deref().unwrap(), ["--name", "Server3", "--topology-configmap", "prod/students-topology"]);
+        for probe in [&c.readiness_probe, &c.liveness_probe] {
+            let get = probe.as_ref().unwrap().http_get.as_ref().unwrap();
+            assert_eq!((get.path.as_deref(), get.scheme.as_deref()), (Some("/heartbeat"), None), "HTTP, the default");
+        }
+        let env = c.env.as_ref().unwrap();
+        let last = env.last().unwrap();
+        assert_eq!((last.name.as_str(), last.value.as_deref()), ("SHARDDB_INTERNAL_AUTH", Some("none")));
+        // Only that variable differs from what strict builds beside it, and strict sets none.
+        let strict = server_statefulset(&db(), &owner(), "Server3", InternalAuth::Strict);
+        let strict_env = pod(&strict).containers[0].env.clone().unwrap();
+        assert!(strict_env.iter().all(|e| e.name != "SHARDDB_INTERNAL_AUTH"), "strict is the default");
+        assert_eq!(env[..env.len() - 1], strict_env[..]);
+        assert_eq!(p.containers[1], pod(&strict).containers[1], "postgres is the same in every mode");
+    }
+
+    #[test]
+    fn in_migrate_a_server_has_its_certificate_and_says_migrate() {
+        let sts = server_statefulset(&db(), &owner(), "Server3", InternalAuth::Migrate);
+        let c = &pod(&sts).containers[0];
+        assert!(c.args.as_ref().unwrap().windows(2).any(|w| w == ["--tls-dir", "/etc/sharddb/tls"]));
+        let get = c.readiness_probe.as_ref().unwrap().http_get.as_ref().unwrap();
+        assert_eq!(get.scheme.as_deref(), Some("HTTPS"));
+        let last = c.env.as_ref().unwrap().last().unwrap();
+        assert_eq!((last.name.as_str(), last.value.as_deref()), ("SHARDDB_INTERNAL_AUTH", Some("migrate")));
+        assert!(pod(&sts).volumes.as_ref().unwrap().iter().any(|v| v.name == "tls"));
+    }
+
+    #[test]
+    fn each_server_mounts_its_own_certificate_secret_whole() {
+        let sts = server_statefulset(&db(), &owner(), "Server3", InternalAuth::Strict);
+        let p = pod(&sts);
+        let volume = p.volumes.as_ref().unwrap().iter().find(|v| v.name == "tls").unwrap();
+        let secret = volume.secret.as_ref().unwrap();
+        assert_eq!(secret.secret_name.as_deref(), Some("students-tls-server3"));
+        assert_eq!(secret.default_mode, Some(0o440), "readable by the pod's group (fsGroup) only");
+        let mount = p.containers[0].volume_mounts.as_ref().unwrap().iter().find(|m| m.name == "tls").unwrap();
+        assert_eq!(mount.mount_path, "/etc/sharddb/tls");
+        assert_eq!(mount.read_only, Some(true));
+        assert!(mount.sub_path.is_none(), "a subPath mount would never see a renewed certificate");
+        assert!(
+            p.containers[1].volume_mounts.as_ref().unwrap().iter().all(|m| m.name != "tls"),
+            "postgres never sees the certificate"
+        );
     }
 
     fn pw_secret(e: &EnvVar) -> (&str, &str) {
@@ -304,7 +403,7 @@ mod tests {
 
     #[test]
     fn postgres_runs_non_root_read_only_with_writable_volumes_only() {
-        let sts = server_statefulset(&db(), &owner(), "Server0");
+        let sts = server_statefulset(&db(), &owner(), "Server0", InternalAuth::Strict);
         let p = pod(&sts);
         assert_eq!(p.security_context.as_ref().unwrap().run_as_non_root, Some(true));
         let pg = &p.containers[1];
@@ -323,7 +422,7 @@ mod tests {
     fn storage_gives_a_claim_template_and_its_absence_an_empty_dir() {
         let mut db = db();
         db.storage_class = Some("fast".into());
-        let sts = server_statefulset(&db, &owner(), "Server0");
+        let sts = server_statefulset(&db, &owner(), "Server0", InternalAuth::Strict);
         let claims = sts.spec.as_ref().unwrap().volume_claim_templates.as_ref().unwrap();
         let claim = claims[0].spec.as_ref().unwrap();
         assert_eq!(claims[0].metadata.name.as_deref(), Some("data"));
@@ -341,7 +440,7 @@ mod tests {
         assert!(!pod(&sts).volumes.as_ref().unwrap().iter().any(|v| v.name == "data"));
 
         db.storage_size = None;
-        let sts = server_statefulset(&db, &owner(), "Server0");
+        let sts = server_statefulset(&db, &owner(), "Server0", InternalAuth::Strict);
         assert!(sts.spec.as_ref().unwrap().volume_claim_templates.is_none());
         assert!(pod(&sts).volumes.as_ref().unwrap().iter().any(|v| v.name == "data" && v.empty_dir.is_some()));
     }
@@ -354,7 +453,7 @@ mod tests {
             requests: BTreeMap::from([("memory".into(), "1Gi".into())]),
             ..Default::default()
         });
-        let sts = server_statefulset(&db, &owner(), "Server0");
+        let sts = server_statefulset(&db, &owner(), "Server0", InternalAuth::Strict);
         let p = pod(&sts);
         assert_eq!(p.containers[0].image.as_deref(), Some("example/ss:1"));
         assert_eq!(p.containers[0].resources, None);
@@ -366,10 +465,12 @@ mod tests {
 
     #[test]
     fn knobs_left_unset_build_what_earlier_releases_built() {
-        let sts = server_statefulset(&db(), &owner(), "Server0");
+        let sts = server_statefulset(&db(), &owner(), "Server0", InternalAuth::Strict);
         let p = pod(&sts);
         let server = &p.containers[0];
-        assert_eq!(server.args.as_ref().unwrap().len(), 4, "no --cache-rows or --worker-threads");
+        let args = server.args.as_deref().unwrap();
+        assert_eq!(args.len(), 6, "no --cache-rows or --worker-threads: {args:?}");
+        assert_eq!(args[4..], ["--tls-dir", names::TLS_MOUNT]);
         let ready = server.readiness_probe.as_ref().unwrap();
         assert_eq!(
             (ready.initial_delay_seconds, ready.period_seconds, ready.timeout_seconds, ready.failure_threshold),
@@ -414,10 +515,10 @@ mod tests {
             }),
             ..Default::default()
         });
-        let sts = server_statefulset(&validate(&spec).unwrap(), &owner(), "Server0");
+        let sts = server_statefulset(&validate(&spec).unwrap(), &owner(), "Server0", InternalAuth::Strict);
         let p = pod(&sts);
         let args = p.containers[0].args.as_deref().unwrap();
-        assert_eq!(&args[4..], ["--cache-rows", "200000", "--worker-threads", "3"]);
+        assert_eq!(&args[6..], ["--cache-rows", "200000", "--worker-threads", "3"]);
         let alive = p.containers[0].liveness_probe.as_ref().unwrap();
         assert_eq!(
             (alive.initial_delay_seconds, alive.period_seconds, alive.failure_threshold),
@@ -436,7 +537,7 @@ mod tests {
 
     #[test]
     fn the_operators_configured_images_are_the_defaults() {
-        let sts = server_statefulset(&db_with_mirror_images(), &owner(), "Server0");
+        let sts = server_statefulset(&db_with_mirror_images(), &owner(), "Server0", InternalAuth::Strict);
         let p = pod(&sts);
         assert_eq!(p.containers[0].image, Some(mirror_images().shard_server));
         assert_eq!(p.containers[1].image, Some(mirror_images().postgres));
