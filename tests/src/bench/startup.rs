@@ -126,7 +126,9 @@ impl Ctx {
             rows as f64 / loaded.elapsed.as_secs_f64()
         ));
         let primary = t.layout.servers[&shard.replicas[0]].url.clone().context("primary has no URL")?;
-        let stream = client::snapshot(&self.http, &primary, &shard.id).await.context("streaming the snapshot")?;
+        // With the cluster's own credentials: a shard server serves its snapshot to its peers only.
+        let http = t.server_http().context("a local cluster")?;
+        let stream = client::snapshot(http, &primary, &shard.id).await.context("streaming the snapshot")?;
         ensure!(stream.rows == rows as u64, "the snapshot streamed {} rows, {rows} were loaded", stream.rows);
         let replica = shard.replicas.get(1).context("the shard has no replica to wipe")?.clone();
         let dir = t.cluster_dir().context("a local cluster")?;
