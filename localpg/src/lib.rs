@@ -584,6 +584,53 @@ impl LocalPg {
         }
     }
 
+    /// Makes a running cluster made without a password (one whose `pg_hba.conf` trusts some
+    /// connection, as `initdb -A trust` writes it) authenticate every connection with the
+    /// password of [`Options::password`]: sets the superuser's password (`scram-sha-256`), then
+    /// rewrites every `trust` rule of `pg_hba.conf` to `scram-sha-256` and reloads the server.
+    /// Returns whether anything changed; a cluster without a `trust` rule, or without a password
+    /// to set, is left alone.
+    ///
+    /// The order makes every step safe to interrupt: the password is set while the old rules
+    /// still let us in without one (a second run sets it again), and `pg_hba.conf` is replaced
+    /// by a rename, so a crash leaves the old file or the new one, never half of one. The
+    /// statement holding the password reaches `psql` through a file readable by the PostgreSQL
+    /// user alone, never a command line.
+    pub fn require_password(&self) -> Result<bool, PgError> {
+        let Some(password) = &self.password else { return Ok(false) };
+        let hba = self.data_dir.join("pg_hba.conf");
+        let io = |action, path: &Path| {
+            let path = path.to_owned();
+            move |source| PgError::Io { action, path, source }
+        };
+        let text = fs::read_to_string(&hba).map_err(io("failed to read", &hba))?;
+        let Some(rewritten) = hba_without_trust(&text) else { return Ok(false) };
+        let sql = format!(
+            "SET password_encryption = 'scram-sha-256';\nALTER ROLE {SUPERUSER} PASSWORD '{}';\n",
+            password.replace('\'', "''")
+        );
+        let file = self.data_dir.with_extension("password.sql");
+        write_private(&file, &sql)?;
+        self.run_as.own(&file)?;
+        let mut cmd = self.client("psql");
+        cmd.args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", SUPERUSER, "-d", "postgres"])
+            .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-f"])
+            .arg(&file);
+        let set = run("psql", cmd);
+        let _ = fs::remove_file(&file);
+        set?;
+        let next = self.data_dir.join("pg_hba.conf.new");
+        let _ = fs::remove_file(&next);
+        write_private(&next, &rewritten)?;
+        self.run_as.own(&next)?;
+        fs::rename(&next, &hba).map_err(io("failed to replace", &hba))?;
+        let mut reload = self.pg_ctl();
+        reload.arg("reload");
+        run("pg_ctl reload", reload)?;
+        tracing::info!(data_dir = %self.data_dir.display(), "postgres now authenticates every connection with a password");
+        Ok(true)
+    }
+
     /// Runs `sql` with `psql` in database `db` and returns its unaligned, tuples-only output.
     pub fn psql(&self, db: &str, sql: &str) -> Result<String, PgError> {
         check_db_name(db)?;
@@ -609,6 +656,40 @@ impl Drop for LocalPg {
             tracing::warn!(data_dir = %self.data_dir.display(), error = %e, "failed to stop postgres");
         }
     }
+}
+
+/// `pg_hba.conf`'s text with the method of every `trust` rule replaced by `scram-sha-256`;
+/// `None` when no rule trusts. The method is the first `trust` field after a rule's type,
+/// database and user fields (an address, and a mask, may come between); spacing and comments
+/// are kept.
+fn hba_without_trust(text: &str) -> Option<String> {
+    let mut changed = false;
+    let mut out = String::with_capacity(text.len() + 64);
+    for line in text.split_inclusive('\n') {
+        let rule_len = line.find('#').unwrap_or(line.len());
+        let (rule, comment) = line.split_at(rule_len);
+        let mut rest = rule;
+        let mut index = 0;
+        let mut replaced = false;
+        while let Some(start) = rest.find(|c: char| !c.is_whitespace()) {
+            out.push_str(&rest[..start]);
+            rest = &rest[start..];
+            let end = rest.find(char::is_whitespace).unwrap_or(rest.len());
+            let field = &rest[..end];
+            if index >= 3 && field == "trust" && !replaced {
+                out.push_str("scram-sha-256");
+                replaced = true;
+            } else {
+                out.push_str(field);
+            }
+            index += 1;
+            rest = &rest[end..];
+        }
+        out.push_str(rest);
+        out.push_str(comment);
+        changed |= replaced;
+    }
+    changed.then_some(out)
 }
 
 /// Writes `contents` to a new file `path` readable by its owner alone from the first byte.
@@ -702,6 +783,25 @@ mod tests {
         let err = PgBinaries::locate(Some(dir.path())).unwrap_err().to_string();
         assert!(err.contains("does not contain initdb"), "{err}");
         assert!(err.contains(&dir.path().display().to_string()), "{err}");
+    }
+
+    #[test]
+    fn only_trust_methods_are_rewritten_and_the_rest_kept() {
+        let hba = "# TYPE  DATABASE USER ADDRESS METHOD\n\
+                   local   all      all          trust\n\
+                   host    all      all  127.0.0.1/32  trust # loopback\n\
+                   host    all      trust 10.0.0.0 255.0.0.0 trust\n\
+                   host    all      all  ::1/128   scram-sha-256\n\
+                   local   replication all       trust";
+        let want = "# TYPE  DATABASE USER ADDRESS METHOD\n\
+                    local   all      all          scram-sha-256\n\
+                    host    all      all  127.0.0.1/32  scram-sha-256 # loopback\n\
+                    host    all      trust 10.0.0.0 255.0.0.0 scram-sha-256\n\
+                    host    all      all  ::1/128   scram-sha-256\n\
+                    local   replication all       scram-sha-256";
+        assert_eq!(hba_without_trust(hba).as_deref(), Some(want));
+        assert_eq!(hba_without_trust(want), None, "nothing trusts: nothing to change");
+        assert_eq!(hba_without_trust("# local all all trust\n"), None, "a comment is not a rule");
     }
 
     #[test]

@@ -136,33 +136,79 @@ fn a_cluster_with_a_password_refuses_connections_without_it() {
     assert!(!pg.url("sharddb").contains("s3cret"), "the URL never holds the password");
     let hba = pg.psql("sharddb", "select distinct auth_method from pg_hba_file_rules").unwrap();
     assert_eq!(hba, "scram-sha-256");
-    let psql = |password: Option<&str>| {
-        let mut cmd = std::process::Command::new(pg.binaries().program("psql"));
-        cmd.args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &pg.port().to_string(),
-            "-U",
-            "postgres",
-            "-d",
-            "sharddb",
-            "-w",
-            "-c",
-            "select 1",
-        ]);
-        cmd.env_remove("PGPASSWORD").env("PGPASSFILE", "/nonexistent");
-        if let Some(p) = password {
-            cmd.env("PGPASSWORD", p);
-        }
-        let out = cmd.output().unwrap();
-        (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
-    };
+    let psql = |password: Option<&str>| psql_as(&pg, password);
     let (ok, err) = psql(None);
     assert!(!ok && err.contains("password"), "no password: {err}");
     let (ok, err) = psql(Some("wrong"));
     assert!(!ok && err.contains("password authentication failed"), "wrong password: {err}");
     assert!(psql(Some("s3cret-pw")).0, "the right password");
+}
+
+/// `select 1` through `psql` over TCP as the superuser, with `password` or none at all: whether
+/// it succeeded, and its stderr.
+fn psql_as(pg: &LocalPg, password: Option<&str>) -> (bool, String) {
+    let mut cmd = std::process::Command::new(pg.binaries().program("psql"));
+    cmd.args([
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &pg.port().to_string(),
+        "-U",
+        "postgres",
+        "-d",
+        "postgres",
+        "-w",
+        "-c",
+        "select 1",
+    ]);
+    cmd.env_remove("PGPASSWORD").env("PGPASSFILE", "/nonexistent");
+    if let Some(p) = password {
+        cmd.env("PGPASSWORD", p);
+    }
+    let out = cmd.output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn a_cluster_made_without_a_password_is_made_to_require_one_and_keeps_its_data() {
+    let dir = tempfile::Builder::new()
+        .prefix("localpg-adopt-")
+        .permissions(std::fs::Permissions::from_mode(0o755))
+        .tempdir()
+        .unwrap();
+    let mut opts = Options::new(dir.path().join("pgdata"));
+    opts.no_sync = true;
+    let mut open = LocalPg::new(opts.clone()).unwrap();
+    open.start().unwrap();
+    open.create_database("sharddb").unwrap();
+    open.psql("sharddb", "create table t (k bigint primary key, v text); insert into t values (1, 'kept')").unwrap();
+    assert!(psql_as(&open, None).0, "made with trust: anyone local gets in");
+    assert!(!open.require_password().unwrap(), "no password to set: left alone");
+    assert!(psql_as(&open, None).0, "still trusting");
+    drop(open);
+
+    // The same directory, now given a password (one needing SQL quoting).
+    opts.port = None;
+    opts.password = Some("it's-a-s3cret".into());
+    let mut pg = LocalPg::new(opts).unwrap();
+    pg.start().unwrap();
+    assert!(pg.require_password().unwrap(), "trust rules found and replaced");
+    let (ok, err) = psql_as(&pg, None);
+    assert!(!ok && err.contains("password"), "no password: {err}");
+    let (ok, err) = psql_as(&pg, Some("wrong"));
+    assert!(!ok && err.contains("password authentication failed"), "wrong password: {err}");
+    assert!(psql_as(&pg, Some("it's-a-s3cret")).0, "the password set");
+    assert_eq!(pg.psql("sharddb", "select v from t").unwrap(), "kept", "the data is the same");
+    let methods = pg.psql("postgres", "select distinct auth_method from pg_hba_file_rules").unwrap();
+    assert_eq!(methods, "scram-sha-256");
+    assert!(!dir.path().join("pgdata.password.sql").exists(), "the statement holding the password is removed");
+    assert!(!pg.require_password().unwrap(), "a second run finds nothing to do");
+
+    // And it stays so across a restart.
+    pg.stop().unwrap();
+    pg.start().unwrap();
+    assert!(!psql_as(&pg, None).0, "no password after a restart");
+    assert_eq!(pg.psql("sharddb", "select v from t").unwrap(), "kept");
 }
 
 #[test]
