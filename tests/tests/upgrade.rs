@@ -23,7 +23,9 @@
 //!    `tls/`), as open as the previous release. Then the operator is restarted with
 //!    `--internal-auth=strict`, under the same load: it makes the cluster's CA and certificates
 //!    and its processes come back strict. After it, a request without a certificate is refused
-//!    by every server (no answer over plain HTTP, 401 over TLS).
+//!    by every server (no answer over plain HTTP, 401 over TLS), and every server's Postgres,
+//!    which the previous release made trusting every local connection, requires the cluster's
+//!    password.
 //!
 //! In local mode the operator goes before the servers: the previous release cannot roll servers,
 //! and the operator's replacement restarts its processes. In Kubernetes, `helm upgrade` replaces
@@ -105,6 +107,40 @@ async fn refusals(c: &LocalCluster) -> Result<BTreeMap<String, String>> {
             other => format!("unexpected (plain, TLS) answers {other:?}"),
         };
         out.insert(s.name, verdict);
+    }
+    Ok(out)
+}
+
+/// Whether each server's Postgres lets in a local client that sends no password; and, when it
+/// does not, that the cluster's password (`cluster.json` names its file) still does.
+async fn postgres_open(c: &LocalCluster) -> Result<BTreeMap<String, bool>> {
+    use sqlx::Connection as _;
+    let connect = |url: String| async move {
+        match tokio::time::timeout(Duration::from_secs(10), sqlx::PgConnection::connect(&url)).await {
+            Ok(Ok(conn)) => {
+                let _ = conn.close().await;
+                Ok(())
+            }
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("no answer within 10 s".to_owned()),
+        }
+    };
+    let mut out = BTreeMap::new();
+    for s in c.cluster_file()?.servers {
+        let open = match connect(s.postgres.url.clone()).await {
+            Ok(()) => true,
+            Err(e) => {
+                ensure!(
+                    e.contains("password"),
+                    "{}'s Postgres refused a client without a password for another reason: {e}",
+                    s.name
+                );
+                let with = connect(s.postgres.connect_url()?).await;
+                ensure!(with.is_ok(), "{}'s Postgres refuses the cluster's password too: {with:?}", s.name);
+                false
+            }
+        };
+        out.insert(s.name, open);
     }
     Ok(out)
 }
@@ -239,6 +275,10 @@ async fn the_previous_release_is_upgraded_one_process_at_a_time_under_load_and_l
     progress(&load, "the rollout's end").await?;
     let open = refusals(&c).await?;
     ensure!(open.values().all(|r| r == "served"), "in none every server answers anyone: {open:?}");
+    // The previous release made every Postgres trust local connections, and in `none` a previous
+    // release's server (which sends no password) may still run, so they are left so.
+    let trusting = postgres_open(&c).await?;
+    ensure!(trusting.values().all(|open| *open), "in none the previous release's Postgres still trusts: {trusting:?}");
 
     // 4. Internal authentication: the operator restarted strict, under the same load.
     let t0 = load.now();
@@ -253,6 +293,11 @@ async fn the_previous_release_is_upgraded_one_process_at_a_time_under_load_and_l
     ensure!(
         closed.values().all(|r| r == "refused"),
         "after the last rung no server answers a caller without a certificate: {closed:?}"
+    );
+    let trusting = postgres_open(&c).await?;
+    ensure!(
+        trusting.values().all(|open| !*open),
+        "in strict every server's Postgres requires the cluster's password: {trusting:?}"
     );
     progress(&load, "strict").await?;
 

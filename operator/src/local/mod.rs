@@ -274,7 +274,11 @@ pub async fn run_local(opts: LocalOptions) -> Result<(), LocalError> {
     let pki = LocalPki::open(&dir, opts.internal_tls, auth)?;
     let admin_token = if opts.admin_token { Some(pki::kept_secret(&dir, ADMIN_TOKEN_FILE)?.0) } else { None };
     let (pg_password_file, pg_password) = pki::kept_secret(&dir, POSTGRES_PASSWORD_FILE)?;
-    let pg = PgSettings { bin: opts.pg_bin.clone(), password: Some((pg_password, pg_password_file)) };
+    let pg = PgSettings {
+        bin: opts.pg_bin.clone(),
+        password: Some((pg_password, pg_password_file)),
+        require_password: auth != InternalAuth::None,
+    };
 
     let mut hosts = Hosts::new(opts.netns.as_deref()).await?;
     // The control endpoint serves on the switch's gateway in namespaces: its certificate names it.

@@ -55,6 +55,11 @@ pub struct ServerPostgres {
 pub struct PgSettings {
     pub bin: Option<PathBuf>,
     pub password: Option<(String, PathBuf)>,
+    /// Make a cluster that still trusts local connections (one a release from before the trust
+    /// layer created) require the password when it is opened ([`LocalPg::require_password`]).
+    /// Only once no previous release's shard server can connect to it, as those send no
+    /// password: in internal-auth `strict` or `migrate`, never in `none`.
+    pub require_password: bool,
 }
 
 /// How a server's Postgres runs, beyond where.
@@ -89,10 +94,15 @@ impl ServerPostgres {
         opts.settings = serving.settings.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         opts.unix_socket = serving.unix_socket;
         let name = server.to_owned();
+        let name_for_log = name.clone();
+        let require_password = settings.require_password;
         let pg = tokio::task::spawn_blocking(move || -> Result<LocalPg, (&'static str, PgError)> {
             let mut pg = LocalPg::new(opts).map_err(|e| ("initialise", e))?;
             pg.start().map_err(|e| ("start", e))?;
             pg.create_database(DATABASE).map_err(|e| ("create the database of", e))?;
+            if require_password && pg.require_password().map_err(|e| ("require a password of", e))? {
+                tracing::warn!(server = %name_for_log, "postgres trusted local connections (made by an earlier release); it now requires the cluster's password");
+            }
             Ok(pg)
         })
         .await
