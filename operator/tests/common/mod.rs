@@ -404,6 +404,26 @@ impl Harness {
             "ready: {}",
             self.status()
         );
+        // The status is the operator's view; each server follows the ConfigMap through its own
+        // watch, a moment later. A write sent before a replica has the document that made it
+        // ready is refused by that replica, and its primary answers 503.
+        let epoch = self.topology().expect("published").epoch;
+        for i in 0..self.servers.len() {
+            if self.servers[i].task.is_none() {
+                continue;
+            }
+            let client = self.client(i);
+            let mut followed = false;
+            let deadline = Instant::now() + WAIT;
+            while Instant::now() < deadline {
+                if client.status(false).await.is_ok_and(|s| s.epoch >= epoch) {
+                    followed = true;
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            assert!(followed, "{} follows the topology of epoch {epoch}", self.servers[i].name);
+        }
         println!("rollout: ready after {:?}", started.elapsed());
     }
 
