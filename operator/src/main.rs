@@ -3,6 +3,7 @@
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use operator::k8s::process::{Listen, run_operator};
 use operator::local::{LocalOptions, run_local};
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -230,7 +231,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 (None, _) => None,
             };
             let runtime = tokio::runtime::Runtime::new().context("failed to start the async runtime")?;
-            runtime.block_on(run_operator(args.metrics_addr, args.admin_addr, config, lease, ca_secret))
+            let listen = Listen { metrics: args.metrics_addr, admin: args.admin_addr };
+            runtime.block_on(run_operator(listen, config, lease, ca_secret))
         }
         Command::Local { spec, data_dir, port, bin_dir, pg_bin, netns, internal_tls, admin_token, internal_auth } => {
             if internal_auth == Some(shard_server::tls::InternalAuth::Migrate) && !internal_tls {
@@ -250,215 +252,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             runtime.block_on(run_local(opts))?;
             Ok(())
         }
-    }
-}
-
-async fn run_operator(
-    metrics_addr: std::net::SocketAddr,
-    admin_addr: std::net::SocketAddr,
-    config: operator::k8s::controller::Config,
-    lease: Option<operator::k8s::leader::LeaseConfig>,
-    ca_secret: Option<(String, String)>,
-) -> anyhow::Result<()> {
-    use operator::crd::ShardedDatabase;
-    use operator::k8s::controller::{Context, Metrics, run};
-    use operator::k8s::leader::LeaderElector;
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, Ordering};
-
-    let client = kube::Client::try_default()
-        .await
-        .context("no Kubernetes configuration found (neither a kubeconfig nor an in-cluster service account)")?;
-    // Fail fast and say what to do, rather than watching a resource the server does not serve.
-    let dbs: kube::Api<ShardedDatabase> = match config.namespaces.as_ref().and_then(|n| n.first()) {
-        Some(ns) => kube::Api::namespaced(client.clone(), ns),
-        None => kube::Api::all(client.clone()),
-    };
-    match dbs.list(&kube::api::ListParams::default().limit(1)).await {
-        Ok(_) => {}
-        Err(kube::Error::Api(s)) if s.is_not_found() => anyhow::bail!(
-            "the ShardedDatabase CRD is not installed; install it with `sharddb-operator crd | kubectl apply -f -`"
-        ),
-        Err(e) => return Err(e).context("cannot list ShardedDatabases"),
-    }
-    let pki = match &ca_secret {
-        Some((namespace, name)) => {
-            operator::k8s::pki::OperatorPki::load(&client, namespace, name, config.admin_url.as_deref())
-                .await
-                .context("cannot load the operator's CA")?
-        }
-        None => {
-            tracing::warn!("no --operator-ca-secret: the operator's CA lives in memory and changes on restart");
-            operator::k8s::pki::OperatorPki::ephemeral(config.admin_url.as_deref())
-        }
-    };
-    let admin = operator::k8s::admin::router(client.clone(), config.default_images.clone(), pki.clone());
-    let admin_tls = pki.admin_tls();
-    let (trust_pki, trust_scope) = (pki.clone(), config.namespaces.clone());
-    let mut registry = prometheus_client::registry::Registry::default();
-    let ctx = Context::with_pki(client.clone(), config, Metrics::new(&mut registry), pki);
-    let registry = Arc::new(registry);
-    // True while the controller runs: after the Lease is acquired, when leader election is on.
-    let reconciling = Arc::new(AtomicBool::new(false));
-    let ready = reconciling.clone();
-    let app = axum::Router::new()
-        .route("/healthz", axum::routing::get(|| async { "ok" }))
-        .route(
-            "/readyz",
-            axum::routing::get(move || {
-                let ready = ready.load(Ordering::Relaxed);
-                async move {
-                    if ready {
-                        (axum::http::StatusCode::OK, "ok")
-                    } else {
-                        (axum::http::StatusCode::SERVICE_UNAVAILABLE, "not reconciling (waiting for the Lease)")
-                    }
-                }
-            }),
-        )
-        .route(
-            "/metrics",
-            axum::routing::get(move || {
-                let registry = registry.clone();
-                async move {
-                    let mut body = String::new();
-                    match prometheus_client::encoding::text::encode(&mut body, &registry) {
-                        Ok(()) => (axum::http::StatusCode::OK, body),
-                        Err(_) => (axum::http::StatusCode::INTERNAL_SERVER_ERROR, String::new()),
-                    }
-                }
-            }),
-        );
-    let listener = tokio::net::TcpListener::bind(metrics_addr)
-        .await
-        .with_context(|| format!("cannot listen on {metrics_addr}"))?;
-    tracing::info!(%metrics_addr, "serving metrics");
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let mut metrics_stop = stop_rx.clone();
-    let metrics = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = metrics_stop.wait_for(|s| *s).await;
-            })
-            .await
-    });
-
-    // Served by every replica, leading or not: a request only writes a spec at a version.
-    let admin_listener =
-        tokio::net::TcpListener::bind(admin_addr).await.with_context(|| format!("cannot listen on {admin_addr}"))?;
-    tracing::info!(%admin_addr, "serving the admin endpoint");
-    let mut admin_stop = stop_rx.clone();
-    // TLS with the operator's certificate, and plain HTTP for the routers of databases in
-    // internal-auth `none`; only a database's routers get past `k8s::admin`.
-    let admin = tokio::spawn(async move {
-        let stop = async move {
-            let _ = admin_stop.wait_for(|s| *s).await;
-        };
-        // Bounded as the servers' ports are; only a few routers per database ever call it.
-        let limits = shard_server::serve::ServeLimits {
-            header_timeout: std::time::Duration::from_secs(10),
-            body_timeout: shard_server::serve::ServeLimits::DEFAULT_BODY_TIMEOUT,
-            idle_timeout: shard_server::serve::ServeLimits::DEFAULT_IDLE_TIMEOUT,
-            max_connections: 256,
-        };
-        shard_server::serve::serve_migrate(admin_listener, admin, limits, admin_tls.server_config(), stop).await
-    });
-
-    // Every replica checks routers against the databases' CAs, leading or not.
-    let mut trust_stop = stop_rx.clone();
-    tokio::spawn(operator::k8s::identities::trust_databases(
-        client.clone(),
-        trust_pki,
-        trust_scope,
-        std::time::Duration::from_secs(10),
-        async move {
-            let _ = trust_stop.wait_for(|s| *s).await;
-        },
-    ));
-
-    let elector = lease.map(|lease| LeaderElector::new(client, lease));
-    let shutdown = shutdown_signal();
-    tokio::pin!(shutdown);
-    // A follower only waits; it does nothing that needs undoing when stopped.
-    if let Some(elector) = &elector {
-        let lease = elector.config();
-        tracing::info!(lease = %lease.name, namespace = %lease.namespace, identity = %lease.identity, "waiting for the Lease");
-        tokio::select! {
-            () = elector.acquire() => {}
-            () = &mut shutdown => {
-                let _ = stop_tx.send(true);
-                metrics.await.context("metrics server task failed")?.context("metrics server failed")?;
-                admin.await.context("admin endpoint task failed")?.context("admin endpoint failed")?;
-                return Ok(());
-            }
-        }
-    }
-    // Leadership lost is the one way `hold` ends; without an elector there is nothing to lose.
-    let lost = async {
-        match &elector {
-            Some(elector) => elector.hold().await,
-            None => std::future::pending().await,
-        }
-    };
-    tokio::pin!(lost);
-
-    let mut controller_stop = stop_rx;
-    // Boxed rather than pinned on the stack so that it can be dropped (cancelling every reconcile
-    // in flight) the moment leadership is lost.
-    let mut controller = Box::pin(run(ctx, async move {
-        let _ = controller_stop.wait_for(|s| *s).await;
-    }));
-    reconciling.store(true, Ordering::Relaxed);
-    let outcome = tokio::select! {
-        () = &mut controller => Ok(()),
-        reason = &mut lost => {
-            // Another replica may already be acting: stop at once, without finishing reconciles
-            // in flight (dropping the controller cancels them), and exit non-zero so Kubernetes
-            // restarts this pod as a follower.
-            Err(anyhow::Error::new(reason).context("lost leadership; stopping"))
-        }
-        () = &mut shutdown => {
-            tracing::info!("stopping: finishing reconciles in flight");
-            let _ = stop_tx.send(true);
-            // Keep renewing while reconciles finish, so nobody else starts meanwhile.
-            tokio::select! {
-                () = &mut controller => Ok(()),
-                reason = &mut lost => Err(anyhow::Error::new(reason).context("lost leadership while stopping")),
-            }
-        }
-    };
-    drop(controller);
-    reconciling.store(false, Ordering::Relaxed);
-    if outcome.is_ok()
-        && let Some(elector) = &elector
-    {
-        // Only after the controller stopped acting: a follower may take over right away.
-        match elector.release().await {
-            Ok(()) => tracing::info!("released the Lease"),
-            Err(error) => {
-                tracing::warn!(error = %format!("{:#}", anyhow::Error::new(error)), "failed to release the Lease")
-            }
-        }
-    }
-    let _ = stop_tx.send(true);
-    metrics.await.context("metrics server task failed")?.context("metrics server failed")?;
-    admin.await.context("admin endpoint task failed")?.context("admin endpoint failed")?;
-    outcome
-}
-
-/// Resolves on Ctrl-C or SIGTERM (how Kubernetes stops a pod).
-async fn shutdown_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot listen for SIGTERM; stopping on Ctrl-C only");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
     }
 }
 

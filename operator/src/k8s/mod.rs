@@ -10,6 +10,7 @@ pub mod identities;
 pub mod internal_auth;
 pub mod leader;
 pub mod pki;
+pub mod process;
 pub mod rollout;
 pub mod status;
 pub mod topology;
