@@ -33,8 +33,14 @@
 //! (`brain::declare`, kept by `declared`); every round then starts the servers it names
 //! (`membership`), the healer moves copies (`brain::moves`), and servers that left the topology
 //! are stopped and their data deleted (`membership`).
+//!
+//! Here: the options, the run itself and the cluster's state ([`LocalCluster`]). Beside it:
+//! each server's Postgres and process (`servers`, `postgres`), `cluster.json` (`cluster_file`),
+//! what the run needs of the machine (`setup`: binaries, directories, ports, signals), the
+//! processes (`supervisor`), and where they listen (`hosts`, `netns`).
 
 pub mod admin;
+mod cluster_file;
 pub mod declared;
 pub mod healer;
 pub mod hosts;
@@ -43,31 +49,30 @@ mod membership;
 pub mod netns;
 pub mod pki;
 pub mod postgres;
+mod servers;
+mod setup;
 pub mod spec;
 pub mod supervisor;
 mod upgrade;
 
-use crate::brain::placement::Placement;
-use crate::brain::topology::{TopologyBuildError, fresh_topology};
-use crate::brain::validate::{SpecError, ValidatedDb, natural_key};
+use crate::brain::topology::TopologyBuildError;
+use crate::brain::validate::SpecError;
+pub use cluster_file::{ClusterInfo, InternalInfo, OperatorInfo, RouterInfo, ServerInfo};
 pub use declared::Declared;
 use declared::initial_declaration;
-use hosts::{Hosts, NetworkInfo, Place};
+use hosts::{Hosts, Place};
 use netns::NetnsError;
 use pki::{LocalPki, PkiError};
-use postgres::{PgSettings, PostgresError, PostgresInfo, ServerPostgres, Serving};
-use serde::{Deserialize, Serialize};
+use postgres::{PgSettings, PostgresError, ServerPostgres};
+pub use setup::Binaries;
+use setup::{PortReservations, Signals, data_dir, make_dir, wait_ready};
 use shard_server::tls::{Component, Credentials, InternalAuth};
-use shard_server::topology::Topology;
 use shard_server::topology_source;
 use spec::SpecFileError;
 use std::collections::BTreeMap;
-use std::net::TcpListener;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use supervisor::{BinaryId, ProcessSpec, Supervisor, SupervisorError};
-use tokio::signal::unix::{Signal, SignalKind, signal};
+use supervisor::{Supervisor, SupervisorError};
 use tokio::sync::mpsc;
 
 pub const SHARD_SERVER_BIN: &str = "sharddb-shard-server";
@@ -179,81 +184,6 @@ pub enum LocalError {
     UnknownControl(String),
     #[error(transparent)]
     Pki(#[from] PkiError),
-}
-
-/// `cluster.json`: where everything runs, for people and scripts.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ClusterInfo {
-    pub data_dir: PathBuf,
-    /// The operator process itself.
-    pub operator: OperatorInfo,
-    pub router: RouterInfo,
-    /// The admin endpoint the router passes `/init`, `/add` and `/rm` to.
-    pub control_url: String,
-    /// The topology file.
-    pub topology: PathBuf,
-    /// In server id order.
-    pub servers: Vec<ServerInfo>,
-    /// The switch, when every process runs in a network namespace of its own.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub network: Option<NetworkInfo>,
-    /// How the processes authenticate each other (where the credentials are; never a secret).
-    pub internal: InternalInfo,
-}
-
-/// `cluster.json`'s description of internal authentication.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct InternalInfo {
-    /// Mutual TLS under the cluster's CA; false: a per-cluster secret, unencrypted (or nothing,
-    /// in `none`).
-    pub tls: bool,
-    /// The mode every process runs in (`--internal-auth`).
-    #[serde(default)]
-    pub mode: InternalAuth,
-    /// The CA certificate servers are checked against (with TLS).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ca: Option<PathBuf>,
-    /// The operator's certificate directory (`tls.crt`, `tls.key`, `ca.crt`): what a person or a
-    /// test presents to call a shard server directly (with TLS).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub operator_tls_dir: Option<PathBuf>,
-    /// The file holding the per-cluster secret (TLS off).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub token_file: Option<PathBuf>,
-    /// The database every identity names (`local/sharddb`).
-    pub database: String,
-    /// The file holding the admin verbs' bearer token, when the router requires one.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub admin_token_file: Option<PathBuf>,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct OperatorInfo {
-    pub pid: u32,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RouterInfo {
-    pub url: String,
-    /// `null` while the process is down (e.g. between a crash and its restart).
-    pub pid: Option<u32>,
-    pub log: PathBuf,
-    /// Its network namespace, if it has one.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub netns: Option<String>,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ServerInfo {
-    pub name: String,
-    pub url: String,
-    /// `null` while the process is down.
-    pub pid: Option<u32>,
-    pub log: PathBuf,
-    pub postgres: PostgresInfo,
-    /// Its network namespace, if it has one.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub netns: Option<String>,
 }
 
 /// Runs a local cluster until SIGINT or SIGTERM, then stops everything and returns.
@@ -381,106 +311,6 @@ pub async fn run_local(opts: LocalOptions) -> Result<(), LocalError> {
     admin_task.abort();
     cluster.shutdown().await;
     Ok(())
-}
-
-struct Signals {
-    term: Signal,
-    int: Signal,
-}
-
-impl Signals {
-    fn new() -> Self {
-        let install = |kind| signal(kind).expect("signal handlers can be installed");
-        Signals { term: install(SignalKind::terminate()), int: install(SignalKind::interrupt()) }
-    }
-
-    async fn next(&mut self) -> &'static str {
-        tokio::select! {
-            _ = self.term.recv() => "SIGTERM",
-            _ = self.int.recv() => "SIGINT",
-        }
-    }
-}
-
-/// The programs local mode runs, as the files were when located: a process started from
-/// another file (an earlier build) is outdated, and the healer restarts it (`upgrade`).
-#[derive(Clone, Debug)]
-pub struct Binaries {
-    pub dir: PathBuf,
-    pub shard_server: PathBuf,
-    pub router: PathBuf,
-    pub shard_server_id: BinaryId,
-    pub router_id: BinaryId,
-}
-
-impl Binaries {
-    pub fn locate(dir: &Path) -> Result<Binaries, LocalError> {
-        let find = |name: &'static str| {
-            let p = dir.join(name);
-            if p.is_file() { Ok(p) } else { Err(LocalError::MissingBinary { name, dir: dir.to_owned() }) }
-        };
-        let (shard_server, router) = (find(SHARD_SERVER_BIN)?, find(ROUTER_BIN)?);
-        Ok(Binaries {
-            dir: dir.to_owned(),
-            shard_server_id: BinaryId::of(&shard_server),
-            router_id: BinaryId::of(&router),
-            shard_server,
-            router,
-        })
-    }
-}
-
-/// The given directory (created if needed), or a fresh temporary one that outlives us.
-fn data_dir(given: Option<&Path>) -> Result<PathBuf, LocalError> {
-    let dir = match given {
-        Some(d) => d.to_owned(),
-        None => tempfile::Builder::new()
-            .prefix("sharddb-")
-            .tempdir()
-            .map_err(|source| LocalError::Io { action: "create a directory in", path: std::env::temp_dir(), source })?
-            .keep(),
-    };
-    make_dir(&dir)?;
-    std::path::absolute(&dir).map_err(|source| LocalError::Io { action: "resolve", path: dir, source })
-}
-
-/// Creates a directory of ours (and its parents). When we are root, Postgres runs as `postgres`
-/// and must pass through our directories to reach its cluster, so they get the traverse bit
-/// (`o+x`: enter, not list) whatever the umask or `tempfile` chose. A directory above the data
-/// directory that `postgres` cannot enter is not ours to change; localpg reports it by name.
-fn make_dir(dir: &Path) -> Result<(), LocalError> {
-    let io = |action| move |source| LocalError::Io { action, path: dir.to_owned(), source };
-    std::fs::create_dir_all(dir).map_err(io("create"))?;
-    if nix::unistd::geteuid().is_root() {
-        let mode = std::fs::metadata(dir).map_err(io("inspect"))?.permissions().mode();
-        if mode & 0o001 == 0 {
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode | 0o011))
-                .map_err(io("set permissions of"))?;
-        }
-    }
-    Ok(())
-}
-
-/// Ports held open until the processes that will use them start, so that two picks cannot collide.
-#[derive(Default)]
-struct PortReservations(Vec<TcpListener>);
-
-impl PortReservations {
-    fn any(&mut self) -> Result<u16, LocalError> {
-        let l = TcpListener::bind("127.0.0.1:0").map_err(LocalError::NoFreePort)?;
-        let port = l.local_addr().map_err(LocalError::NoFreePort)?.port();
-        self.0.push(l);
-        Ok(port)
-    }
-
-    fn exact(&mut self, port: u16) -> Result<u16, LocalError> {
-        if port == 0 {
-            return self.any();
-        }
-        let l = TcpListener::bind(("127.0.0.1", port)).map_err(|source| LocalError::PortInUse { port, source })?;
-        self.0.push(l);
-        Ok(port)
-    }
 }
 
 /// One data server: its process and its Postgres.
@@ -654,304 +484,6 @@ impl LocalCluster {
         Ok(())
     }
 
-    /// Starts every Postgres (in parallel), writes the topology, starts the shard servers and waits
-    /// for their heartbeats. The servers are those of `placement` and those of a topology left by
-    /// an earlier run (a server being drained still holds copies that are needed).
-    pub(super) async fn start_servers(&mut self, db: &ValidatedDb, placement: &Placement) -> Result<(), LocalError> {
-        // Only the first servers of a directory without a predecessor skip the start-up wait
-        // (see `start`); once any has been started, even by an `/init` that then failed and is
-        // retried, every later start waits.
-        let new_cluster = std::mem::take(&mut self.no_predecessor);
-        let previous = self.read_topology();
-        let mut names = placement.servers.clone();
-        let mut leftover: Vec<String> =
-            previous.iter().flat_map(|t| t.servers.keys()).filter(|n| !names.contains(n)).cloned().collect();
-        leftover.sort_by(|a, b| natural_key(a).cmp(&natural_key(b)));
-        names.extend(leftover);
-        let mut ports = PortReservations::default();
-        let mut planned = Vec::new();
-        for name in &names {
-            let port = self.hosts.port(|| ports.any())?;
-            planned.push((name.clone(), port, ports.any()?));
-        }
-        let mut places = Vec::new();
-        for name in &names {
-            places.push(self.hosts.place(name).await?);
-        }
-        drop(ports);
-
-        let pgdata = |name: &str| self.servers_dir().join(name).join("pgdata");
-        for (name, _, _) in &planned {
-            let d = self.servers_dir().join(name);
-            make_dir(&d)?;
-        }
-        // initdb is the slow part of starting (seconds, with fsync); run it once and copy the
-        // result (a tenth of a second) for every other server that has no cluster yet.
-        let fresh: Vec<&str> =
-            planned.iter().map(|(n, _, _)| n.as_str()).filter(|n| !pgdata(n).join("PG_VERSION").is_file()).collect();
-        // The template is a cluster of its own: a server's cluster cannot be copied while it starts.
-        let template = if fresh.len() > 1 {
-            let t = self.servers_dir().join(".template");
-            if t.exists() {
-                // Left by a run interrupted while starting; it may be half made.
-                std::fs::remove_dir_all(&t).map_err(|source| LocalError::Io {
-                    action: "remove",
-                    path: t.clone(),
-                    source,
-                })?;
-            }
-            make_dir(&t)?;
-            ServerPostgres::init_template(&t.join("pgdata"), &self.pg).await?;
-            Some(t)
-        } else {
-            None
-        };
-        let serving = Serving { settings: &db.tuning.postgres_parameters, unix_socket: self.hosts.namespaced() };
-        let opening = planned.iter().map(|(name, _, pg_port)| {
-            let log = self.logs_dir().join(format!("{name}.postgres.log"));
-            let template = template.as_ref().map(|t| t.join("pgdata"));
-            let (data_dir, settings) = (pgdata(name), &self.pg);
-            async move {
-                ServerPostgres::open(name, &data_dir, &log, *pg_port, settings, template.as_deref(), serving).await
-            }
-        });
-        // Keep every cluster that did start, so a failure elsewhere still stops it on shutdown.
-        let mut first_error = None;
-        let opened = futures::future::join_all(opening).await;
-        for (((name, port, _), opened), place) in planned.iter().zip(opened).zip(places) {
-            match opened.map_err(LocalError::from) {
-                Ok(postgres) => self.servers.push(LocalServer {
-                    name: name.clone(),
-                    place,
-                    port: *port,
-                    log: self.logs_dir().join(format!("{name}.log")),
-                    postgres,
-                    scheme: self.pki.scheme(),
-                }),
-                Err(e) => {
-                    first_error.get_or_insert(e);
-                }
-            }
-        }
-        if let Some(t) = template {
-            // Off the startup path: removing a cluster's files takes a noticeable moment.
-            tokio::task::spawn_blocking(move || {
-                if let Err(e) = std::fs::remove_dir_all(&t) {
-                    tracing::warn!(path = %t.display(), error = %e, "cannot remove the template cluster");
-                }
-            });
-        }
-        if let Some(e) = first_error {
-            return Err(e);
-        }
-
-        self.write_topology(db, placement, previous)?;
-        for s in &self.servers {
-            self.pki.set_address(Component::Server, &s.name, s.place.address.into());
-            self.pki.ensure(Component::Server, &s.name, false)?;
-            let mut process = self.server_process(s);
-            if new_cluster {
-                // No read lease was ever granted in these names: see `--no-predecessor`.
-                process.first_start_args.push("--no-predecessor".into());
-            }
-            self.supervisor.spawn(process)?;
-        }
-        let http = &self.http;
-        let waits = self.servers.iter().map(|s| wait_ready(http, &s.name, format!("{}/heartbeat", s.url()), &s.log));
-        futures::future::try_join_all(waits).await?;
-        tracing::info!(servers = self.servers.len(), "every shard server answers its heartbeat");
-        Ok(())
-    }
-
-    pub(super) fn read_topology(&self) -> Option<Topology> {
-        std::fs::read(self.topology_path()).ok().and_then(|b| Topology::parse(&b).ok())
-    }
-
-    /// The shard-server process of `s`, with the declared configuration's knobs (probes and
-    /// resources have no meaning here); its certificate must have been issued
-    /// ([`LocalPki::ensure`]).
-    pub(super) fn server_process(&self, s: &LocalServer) -> ProcessSpec {
-        let tuning = self.declared.as_ref().map(|d| &d.db.tuning);
-        let threads =
-            tuning.and_then(|t| t.worker_threads).map_or_else(|| self.server_worker_threads(), |t| t as usize);
-        let mut args = vec![
-            "--listen".into(),
-            format!("{}:{}", s.place.address, s.port),
-            "--name".into(),
-            s.name.clone(),
-            "--database-url".into(),
-            s.postgres.database_url(),
-        ];
-        args.extend(self.pki.process_args(Component::Server, &s.name));
-        args.extend(self.topology_args());
-        args.extend(["--worker-threads".into(), threads.to_string()]);
-        if let Some(rows) = tuning.and_then(|t| t.cache_rows) {
-            args.extend(["--cache-rows".into(), rows.to_string()]);
-        }
-        let mut spec = ProcessSpec::new(&s.name, &self.bins.shard_server, args, &s.log);
-        spec.netns = s.place.netns_path();
-        spec.env = self.pki.process_env();
-        // The password file is named in the environment too: a previous release's server, which
-        // knows no such flag and whose Postgres trusts local connections, starts all the same.
-        if let Some(file) = s.postgres.password_file() {
-            spec.env.push(("SHARDDB_DATABASE_PASSWORD_FILE".into(), file.display().to_string()));
-        }
-        spec
-    }
-
-    /// Where a process follows the topology from: the file, or, in a network namespace of its
-    /// own, this operator's endpoint (see `hosts`).
-    pub(super) fn topology_args(&self) -> [String; 2] {
-        if self.hosts.namespaced() {
-            ["--topology-url".into(), format!("{}/topology", self.control_url)]
-        } else {
-            ["--topology-file".into(), self.topology_path().display().to_string()]
-        }
-    }
-
-    /// Every shard server of local mode shares this machine, so each gets its share of the CPUs
-    /// (at least one thread) rather than one thread per CPU: on 2 cores, six servers with two
-    /// threads each spent about a tenth more CPU per write, on waking and switching threads, than
-    /// with one each (A-1 benchmark).
-    fn server_worker_threads(&self) -> usize {
-        let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
-        (cpus / self.servers.len().max(1)).max(1)
-    }
-
-    /// Writes the first topology of this run. A topology left by an earlier run may have been
-    /// seen (and its epoch remembered) by the servers whose data we are reusing: it is kept as it
-    /// was, with the servers' new URLs and the next epoch, and the healer moves it toward the
-    /// declared placement from there (a move in progress resumes; nothing is declared ready that
-    /// was not).
-    pub(super) fn write_topology(
-        &self,
-        db: &ValidatedDb,
-        placement: &Placement,
-        previous: Option<Topology>,
-    ) -> Result<Topology, LocalError> {
-        let path = self.topology_path();
-        let topology = match previous {
-            Some(mut t) => {
-                t.epoch += 1;
-                for (name, entry) in &mut t.servers {
-                    if let Some(s) = self.server(name) {
-                        entry.url = s.url();
-                    }
-                }
-                t
-            }
-            None => fresh_topology(db, placement, &self.urls(), 1)?,
-        };
-        let epoch = topology.epoch;
-        shard_server::topology_source::write_atomic(&path, &topology).map_err(|source| LocalError::Io {
-            action: "write",
-            path: path.clone(),
-            source,
-        })?;
-        tracing::info!(epoch, path = %path.display(), "topology written");
-        Ok(topology)
-    }
-
-    /// Describes the cluster as it is now.
-    pub fn cluster_info(&self) -> ClusterInfo {
-        ClusterInfo {
-            data_dir: self.dir.clone(),
-            operator: OperatorInfo { pid: std::process::id() },
-            router: RouterInfo {
-                url: self.router_url(),
-                pid: self.supervisor.pid(ROUTER),
-                log: self.logs_dir().join(format!("{ROUTER}.log")),
-                netns: self.router_place.namespace(),
-            },
-            control_url: self.control_url.clone(),
-            topology: self.topology_path(),
-            servers: self
-                .servers
-                .iter()
-                .map(|s| ServerInfo {
-                    name: s.name.clone(),
-                    url: s.url(),
-                    pid: self.supervisor.pid(&s.name),
-                    log: s.log.clone(),
-                    postgres: s.postgres.info(),
-                    netns: s.place.namespace(),
-                })
-                .collect(),
-            network: self.hosts.info(),
-            internal: InternalInfo {
-                tls: self.pki.tls(),
-                mode: self.pki.internal_auth(),
-                ca: self.pki.ca_file(),
-                operator_tls_dir: self.pki.tls().then(|| self.pki.component_dir(Component::Operator, "operator")),
-                token_file: self.pki.token_file(),
-                database: self.pki.database().to_string(),
-                admin_token_file: self.admin_token.clone(),
-            },
-        }
-    }
-
-    /// Writes `cluster.json` atomically (temporary file + rename), readable by our user alone: it
-    /// holds no secret, but it maps every port of the cluster.
-    pub fn write_cluster_file(&self) -> Result<(), LocalError> {
-        use std::io::Write as _;
-        use std::os::unix::fs::OpenOptionsExt as _;
-        let path = self.cluster_file();
-        let tmp = path.with_extension("json.tmp");
-        let json = serde_json::to_string_pretty(&self.cluster_info()).expect("cluster info serialises");
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .and_then(|mut f| f.write_all((json + "\n").as_bytes()))
-            .and_then(|()| std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600)))
-            .and_then(|()| std::fs::rename(&tmp, &path))
-            .map_err(|source| LocalError::Io { action: "write", path, source })
-    }
-
-    fn known(&self, name: &str) -> Result<&LocalServer, LocalError> {
-        self.server(name).ok_or_else(|| SupervisorError::Unknown(name.to_owned()).into())
-    }
-
-    /// Stops a server's process (its Postgres keeps running).
-    pub async fn stop_server(&self, name: &str) -> Result<(), LocalError> {
-        self.known(name)?;
-        Ok(self.supervisor.stop(name).await?)
-    }
-
-    /// Starts a stopped server's process again, on the same port with the same database.
-    pub fn start_server(&self, name: &str) -> Result<(), LocalError> {
-        self.known(name)?;
-        Ok(self.supervisor.start(name)?)
-    }
-
-    /// Stops a server's Postgres (the server process keeps running and sees its database fail).
-    pub async fn stop_postgres(&self, name: &str) -> Result<(), LocalError> {
-        self.known(name)?.postgres.stop().await?;
-        self.supervisor.announce();
-        Ok(())
-    }
-
-    /// Starts a server's Postgres again on the same port and data directory.
-    pub async fn start_postgres(&self, name: &str) -> Result<(), LocalError> {
-        self.known(name)?.postgres.start().await?;
-        self.supervisor.announce();
-        Ok(())
-    }
-
-    /// A server loses its volume: its process and Postgres stop, the data directory is replaced
-    /// by an empty cluster, and both start again (the server comes back holding nothing).
-    pub async fn wipe_server(&self, name: &str) -> Result<(), LocalError> {
-        let server = self.known(name)?;
-        self.supervisor.stop(name).await?;
-        server.postgres.wipe().await?;
-        server.postgres.start().await?;
-        self.supervisor.start(name)?;
-        self.supervisor.announce();
-        Ok(())
-    }
-
     /// Stops every process (the router first, so no request finds a server gone), then every
     /// Postgres.
     pub async fn shutdown(&mut self) {
@@ -970,51 +502,9 @@ impl LocalCluster {
     }
 }
 
-/// Polls `url` until it answers 2xx.
-async fn wait_ready(http: &reqwest::Client, name: &str, url: String, log: &Path) -> Result<(), LocalError> {
-    let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
-    loop {
-        if matches!(http.get(&url).send().await, Ok(r) if r.status().is_success()) {
-            tracing::info!(name, %url, "ready");
-            return Ok(());
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return Err(LocalError::NotReady { name: name.to_owned(), url, log: log.to_owned() });
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn missing_binaries_are_named() {
-        let dir = tempfile::tempdir().unwrap();
-        let e = Binaries::locate(dir.path()).unwrap_err().to_string();
-        assert!(e.starts_with("sharddb-shard-server not found in"), "{e}");
-        assert!(e.contains("--bin-dir"), "{e}");
-    }
-
-    #[test]
-    fn as_root_our_directories_are_traversable() {
-        let base = tempfile::tempdir().unwrap();
-        std::fs::set_permissions(base.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
-        let dir = base.path().join("a/b");
-        make_dir(&dir).unwrap();
-        make_dir(&dir).unwrap(); // existing is fine
-        let mode = std::fs::metadata(base.path()).unwrap().permissions().mode();
-        if nix::unistd::geteuid().is_root() {
-            let made = std::fs::metadata(&dir).unwrap().permissions().mode();
-            assert_eq!(made & 0o001, 0o001, "{made:o}");
-            // The temporary directory is the caller's: left as it was.
-            assert_eq!(mode & 0o777, 0o700, "{mode:o}");
-            assert_eq!(data_dir(Some(base.path())).unwrap(), base.path());
-            let mode = std::fs::metadata(base.path()).unwrap().permissions().mode();
-            assert_eq!(mode & 0o777, 0o711, "a data directory of ours becomes traversable: {mode:o}");
-        }
-    }
 
     #[test]
     fn only_a_cluster_made_before_internal_authentication_runs_in_none_by_default() {
@@ -1026,17 +516,5 @@ mod tests {
         assert_eq!(internal_auth_for(d, Some(InternalAuth::Strict)), InternalAuth::Strict, "unless told");
         std::fs::create_dir(d.join(pki::TLS_DIR)).unwrap();
         assert_eq!(internal_auth_for(d, None), InternalAuth::Strict, "a cluster of this release");
-    }
-
-    #[test]
-    fn a_busy_port_is_reported() {
-        let held = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = held.local_addr().unwrap().port();
-        let mut r = PortReservations::default();
-        let e = r.exact(port).unwrap_err().to_string();
-        assert!(e.starts_with(&format!("port {port} on 127.0.0.1 is in use")), "{e}");
-        let a = r.exact(0).unwrap();
-        let b = r.any().unwrap();
-        assert_ne!(a, b);
     }
 }
