@@ -46,24 +46,39 @@ pub fn events_text(c: &LocalCluster) -> String {
     std::fs::read_to_string(c.dir.path().join("events.log")).unwrap_or_default()
 }
 
+/// Calls `check` every `every` until it yields a value, for at most `limit`; `None` when it did
+/// not. An error from `check` ends the wait at once.
+pub async fn poll<T, F, Fut>(limit: Duration, every: Duration, mut check: F) -> Result<Option<T>>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Option<T>>>,
+{
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if let Some(found) = check().await? {
+            return Ok(Some(found));
+        }
+        tokio::time::sleep(every).await;
+    }
+    Ok(None)
+}
+
 /// Waits until every copy of every shard is `ready` and every server follows that topology.
 pub async fn all_ready(c: &LocalCluster) -> Result<()> {
-    let start = Instant::now();
-    while start.elapsed() < HEAL_LIMIT {
+    let ready = poll(HEAL_LIMIT, Duration::from_millis(100), || async {
         let t = topology(c)?;
-        if t.shards.iter().all(|s| s.replicas.values().all(|r| *r == ReplicaState::Ready)) {
-            let mut current = true;
-            for s in t.servers.values() {
-                let st = ShardClient::new(c.http.clone(), s.url.clone()).status(false).await;
-                current &= st.is_ok_and(|st| st.epoch >= t.epoch);
-            }
-            if current {
-                return Ok(());
+        if !t.shards.iter().all(|s| s.replicas.values().all(|r| *r == ReplicaState::Ready)) {
+            return Ok(None);
+        }
+        for s in t.servers.values() {
+            let st = ShardClient::new(c.http.clone(), s.url.clone()).status(false).await;
+            if !st.is_ok_and(|st| st.epoch >= t.epoch) {
+                return Ok(None);
             }
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    bail!("not every copy ready within {HEAL_LIMIT:?}; events.log:\n{}", events_text(c))
+        Ok(Some(()))
+    });
+    ready.await?.with_context(|| format!("not every copy ready within {HEAL_LIMIT:?}; events.log:\n{}", events_text(c)))
 }
 
 /// Writes one row per key (`Stud_marks` = key mod 97) through the router in one batch, and
@@ -87,15 +102,13 @@ pub async fn write_rows(c: &LocalCluster, keys: impl IntoIterator<Item = i64>) -
 /// it, and it refills itself from its primary's log instead of being recovered (which is correct,
 /// but not the path a wipe test means to exercise). Wipe tests wait for this first.
 pub async fn all_recorded(c: &LocalCluster) -> Result<()> {
-    let start = Instant::now();
-    while start.elapsed() < HEAL_LIMIT {
+    let recorded = poll(HEAL_LIMIT, Duration::from_millis(100), || async {
         let t = topology(c)?;
-        if t.shards.iter().all(|s| s.replicas.keys().all(|server| s.copies.contains_key(server))) {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    bail!("not every copy recorded within {HEAL_LIMIT:?}; events.log:\n{}", events_text(c))
+        Ok(t.shards.iter().all(|s| s.replicas.keys().all(|server| s.copies.contains_key(server))).then_some(()))
+    });
+    recorded
+        .await?
+        .with_context(|| format!("not every copy recorded within {HEAL_LIMIT:?}; events.log:\n{}", events_text(c)))
 }
 
 /// The checker.

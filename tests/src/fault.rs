@@ -4,12 +4,12 @@
 //! Does I/O (HTTP, files of the data directory, signals).
 
 use crate::LocalCluster;
-use crate::checks::{EVENT_LIMIT, Event, HEAL_LIMIT, all_ready, check, events, events_text, topology};
+use crate::checks::{EVENT_LIMIT, Event, HEAL_LIMIT, all_ready, check, events, events_text, poll, topology};
 use crate::load::{History, Load, Micros};
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use shard_server::topology::{ShardEntry, Topology};
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Acknowledged writes that prove the cluster serves writes again after a fault.
 pub const PROGRESS: usize = 10;
@@ -36,14 +36,10 @@ pub fn first_event(c: &LocalCluster, since: u64, matches: impl Fn(&Event) -> boo
 
 /// Waits for the first event since `since` that `matches`; returns it.
 pub async fn wait_event(c: &LocalCluster, what: &str, since: u64, matches: impl Fn(&Event) -> bool) -> Result<Event> {
-    let start = Instant::now();
-    while start.elapsed() < EVENT_LIMIT {
-        if let Some(e) = first_event(c, since, &matches) {
-            return Ok(e);
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    bail!("{what}: no such event within {EVENT_LIMIT:?}; events.log:\n{}", events_text(c))
+    let found = poll(EVENT_LIMIT, Duration::from_millis(50), || async { Ok(first_event(c, since, &matches)) });
+    found
+        .await?
+        .with_context(|| format!("{what}: no such event within {EVENT_LIMIT:?}; events.log:\n{}", events_text(c)))
 }
 
 pub fn pid_of(c: &LocalCluster, name: &str) -> Result<Option<u32>> {
@@ -75,17 +71,11 @@ pub async fn kill_and_wait_restart(c: &LocalCluster, name: &str) -> Result<u64> 
     };
     let t0 = now_ms();
     sigkill(old)?;
-    let start = Instant::now();
-    while start.elapsed() < EVENT_LIMIT {
-        if let Some(pid) = pid_of(c, name)?
-            && pid != old
-            && c.http.get(&url).send().await.is_ok_and(|r| r.status().is_success())
-        {
-            return Ok(now_ms() - t0);
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    bail!("{name} was not restarted within {EVENT_LIMIT:?}")
+    let restarted = poll(EVENT_LIMIT, Duration::from_millis(50), || async {
+        let new = pid_of(c, name)?.is_some_and(|pid| pid != old);
+        Ok((new && c.http.get(&url).send().await.is_ok_and(|r| r.status().is_success())).then(|| now_ms() - t0))
+    });
+    restarted.await?.with_context(|| format!("{name} was not restarted within {EVENT_LIMIT:?}"))
 }
 
 /// The `n`-th shard's first non-primary copy, and its primary.
@@ -248,12 +238,9 @@ pub async fn progress(load: &Load) -> Result<()> {
 
 /// Waits until the topology satisfies `done` and every copy is ready and followed.
 pub async fn settled(c: &LocalCluster, what: &str, done: impl Fn(&Topology) -> bool) -> Result<()> {
-    let start = Instant::now();
-    while start.elapsed() < HEAL_LIMIT {
-        if topology(c).is_ok_and(|t| done(&t)) {
-            return all_ready(c).await;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    bail!("{what}: not within {HEAL_LIMIT:?}; events.log:\n{}", events_text(c))
+    let reached = poll(HEAL_LIMIT, Duration::from_millis(100), || async {
+        Ok(topology(c).is_ok_and(|t| done(&t)).then_some(()))
+    });
+    reached.await?.with_context(|| format!("{what}: not within {HEAL_LIMIT:?}; events.log:\n{}", events_text(c)))?;
+    all_ready(c).await
 }
