@@ -2,35 +2,25 @@
 //! CA, a certificate Secret per server and for the routers, the admin token, what each pod
 //! mounts, the NetworkPolicy, renewal of a certificate that is due, and a user-supplied CA.
 
+mod common;
+
+use common::Reconciler;
 use fake_apiserver::FakeApiServer;
 use kube::CustomResourceExt;
 use kube::api::{Api, PostParams};
 use operator::crd::ShardedDatabase;
 use operator::k8s::build::netpol::OperatorPods;
-use operator::k8s::controller::{Config, Context, Metrics, run};
+use operator::k8s::controller::Config;
 use serde_json::{Value, json};
 use shard_server::tls::issue::{self, CA_VALIDITY, Ca, LeafRequest};
 use shard_server::tls::{DatabaseId, Identity};
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 const WAIT: Duration = Duration::from_secs(15);
 const NS: &str = "default";
 
-struct Harness {
-    server: FakeApiServer,
-    ctx: Arc<Context>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-}
-
-impl Drop for Harness {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-    }
-}
+type Harness = Reconciler;
 
 fn operator_pods() -> OperatorPods {
     OperatorPods {
@@ -40,16 +30,7 @@ fn operator_pods() -> OperatorPods {
 }
 
 async fn start(config: Config) -> Harness {
-    let server = FakeApiServer::start().await;
-    server.install_crd(&ShardedDatabase::crd()).unwrap();
-    let mut registry = prometheus_client::registry::Registry::default();
-    let config = Config { healing: None, ..config };
-    let ctx = Context::new(server.client(), config, Metrics::new(&mut registry));
-    let (stop, stopped) = tokio::sync::oneshot::channel();
-    tokio::spawn(run(ctx.clone(), async move {
-        let _ = stopped.await;
-    }));
-    Harness { server, ctx, stop: Some(stop) }
+    Reconciler::start(config).await
 }
 
 async fn create(h: &Harness, tls: Option<Value>) {

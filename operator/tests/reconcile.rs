@@ -3,45 +3,20 @@
 
 mod common;
 
-use common::{NS, students};
+use common::{NS, Reconciler, mark_workloads_ready, students};
 use fake_apiserver::FakeApiServer;
-use kube::CustomResourceExt;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use operator::crd::ShardedDatabase;
-use operator::k8s::controller::{Config, Context, Metrics, run};
+use operator::k8s::controller::Config;
 use serde_json::{Value, json};
-use std::sync::Arc;
 use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(15);
 
-struct Harness {
-    server: FakeApiServer,
-    ctx: Arc<Context>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-}
-
-impl Drop for Harness {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-    }
-}
+type Harness = Reconciler;
 
 async fn start() -> Harness {
-    let server = FakeApiServer::start().await;
-    server.install_crd(&ShardedDatabase::crd()).unwrap();
-    let mut registry = prometheus_client::registry::Registry::default();
-    // No servers run here, so nothing is probed: the healer is tested with real servers in
-    // `k8s_heal.rs`.
-    let config = Config { healing: None, ..Config::default() };
-    let ctx = Context::new(server.client(), config, Metrics::new(&mut registry));
-    let (stop, stopped) = tokio::sync::oneshot::channel();
-    tokio::spawn(run(ctx.clone(), async move {
-        let _ = stopped.await;
-    }));
-    Harness { server, ctx, stop: Some(stop) }
+    Reconciler::start(Config::default()).await
 }
 
 fn api(h: &Harness) -> Api<ShardedDatabase> {
@@ -85,13 +60,7 @@ fn topology_epoch(server: &FakeApiServer) -> Option<u64> {
 async fn mark_all_ready(server: &FakeApiServer, servers: usize) {
     let built = |s: &FakeApiServer| names(s, "statefulsets").len() == servers && names(s, "deployments").len() == 1;
     assert!(server.wait_for(WAIT, built).await, "workloads built: {:?}", names(server, "statefulsets"));
-    for kind in ["statefulsets", "deployments"] {
-        for mut o in server.list(kind, NS) {
-            let replicas = o["spec"]["replicas"].clone();
-            o["status"] = json!({ "replicas": replicas, "readyReplicas": replicas });
-            server.upsert(o).unwrap();
-        }
-    }
+    mark_workloads_ready(server);
 }
 
 #[tokio::test]

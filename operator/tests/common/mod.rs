@@ -380,13 +380,7 @@ impl Harness {
 
     /// Plays the kubelet and the workload controllers: every StatefulSet and Deployment is ready.
     pub fn mark_workloads_ready(&self) {
-        for kind in ["statefulsets", "deployments"] {
-            for mut o in self.api.list(kind, NS) {
-                let replicas = o["spec"]["replicas"].clone();
-                o["status"] = json!({ "replicas": replicas, "readyReplicas": replicas });
-                self.api.upsert(o).unwrap();
-            }
-        }
+        mark_workloads_ready(&self.api);
     }
 
     /// Waits for the first rollout: every copy's identity recorded and the database Ready.
@@ -442,6 +436,18 @@ impl Harness {
     }
 }
 
+/// Plays the kubelet and the workload controllers: every StatefulSet and Deployment in `api`
+/// is ready.
+pub fn mark_workloads_ready(api: &FakeApiServer) {
+    for kind in ["statefulsets", "deployments"] {
+        for mut o in api.list(kind, NS) {
+            let replicas = o["spec"]["replicas"].clone();
+            o["status"] = json!({ "replicas": replicas, "readyReplicas": replicas });
+            api.upsert(o).unwrap();
+        }
+    }
+}
+
 /// The identity of the `students` database.
 pub fn students_id() -> DatabaseId {
     DatabaseId::new(NS, "students")
@@ -484,4 +490,37 @@ pub fn students(servers: u32) -> Value {
 pub fn state(t: &Topology, shard: &str, server: &str) -> Option<String> {
     let state = t.shard(shard)?.replicas.get(server)?;
     Some(serde_json::to_value(state).ok()?.as_str()?.to_owned())
+}
+
+/// The real `Controller` alone, without the healer and without servers, against a fresh fake
+/// API server: what the reconcile and identities tests drive. Stopped on drop.
+pub struct Reconciler {
+    pub server: FakeApiServer,
+    pub ctx: Arc<Context>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Drop for Reconciler {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+impl Reconciler {
+    /// Starts the controller with `config`, healing off: no servers run here, so nothing could
+    /// be probed (the healer is tested with real servers through [`Harness`]).
+    pub async fn start(config: Config) -> Reconciler {
+        let server = FakeApiServer::start().await;
+        server.install_crd(&ShardedDatabase::crd()).unwrap();
+        let mut registry = prometheus_client::registry::Registry::default();
+        let config = Config { healing: None, ..config };
+        let ctx = Context::new(server.client(), config, Metrics::new(&mut registry));
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        tokio::spawn(run(ctx.clone(), async move {
+            let _ = stopped.await;
+        }));
+        Reconciler { server, ctx, stop: Some(stop) }
+    }
 }
