@@ -11,7 +11,6 @@ use shard_server::tls::{Component, Credentials, TlsFiles, TlsSource, source::REL
 use shard_server::topology_source::{watch_configmap, watch_file, watch_url};
 use std::io::IsTerminal;
 use tokio::net::TcpListener;
-use tokio::signal::unix::{SignalKind, signal};
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
@@ -74,17 +73,6 @@ async fn main() -> anyhow::Result<()> {
 
 /// Resolves on SIGINT or SIGTERM (Kubernetes stops pods with SIGTERM).
 async fn shutdown() {
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot listen for SIGTERM; stopping on SIGINT only");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
+    shard_server::serve::shutdown_signal().await;
     tracing::info!("shutdown signal received; finishing requests in flight");
 }

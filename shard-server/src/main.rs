@@ -184,12 +184,7 @@ async fn warn_every_minute(mode: InternalAuth, open: &'static str) {
 }
 
 async fn shutdown() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = term.recv() => {}
-    }
+    shard_server::serve::shutdown_signal().await;
     tracing::info!("shutting down");
 }
 

@@ -141,6 +141,25 @@ pub async fn serve_migrate(
     serve_with(listener, app, limits, Some((TlsAcceptor::from(config), true)), shutdown).await
 }
 
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM, how Kubernetes and the local supervisor stop a
+/// process: the signal every binary's graceful stop starts from. Without a SIGTERM handler (it
+/// could not be installed) only Ctrl-C stops it, and a warning says so.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGTERM; stopping on SIGINT only");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
 /// The first byte of every TLS connection: the record type of a handshake.
 const TLS_HANDSHAKE: u8 = 0x16;
 

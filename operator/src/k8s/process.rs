@@ -210,7 +210,7 @@ async fn lead(
     background: Background,
     reconciling: Arc<AtomicBool>,
 ) -> anyhow::Result<()> {
-    let shutdown = shutdown_signal();
+    let shutdown = shard_server::serve::shutdown_signal();
     tokio::pin!(shutdown);
     // A follower only waits; it does nothing that needs undoing when stopped.
     if let Some(elector) = &elector {
@@ -267,20 +267,4 @@ async fn lead(
     }
     background.stop().await?;
     outcome
-}
-
-/// Resolves on Ctrl-C or SIGTERM (how Kubernetes stops a pod).
-async fn shutdown_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot listen for SIGTERM; stopping on Ctrl-C only");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
 }
