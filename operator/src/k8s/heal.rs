@@ -278,7 +278,7 @@ impl Healer {
         // The document lists servers with the scheme of the database's mode before anything else
         // is planned on it (a database leaving `none` lists `http://` URLs its servers no longer
         // serve, and the reverse).
-        let plain = self.ctx.pki.is_plain(&crate::k8s::build::tls::database_id(&owner));
+        let plain = self.ctx.pki.dials_plain(&crate::k8s::build::tls::database_id(&owner));
         if let Some(next) = topology::with_scheme(&topology, plain) {
             match topology::write(&self.ctx.client, &owner, &next, Some(&published.resource_version)).await {
                 Ok(_) => {
@@ -316,6 +316,13 @@ impl Healer {
         let unreachable: BTreeSet<String> =
             topology.servers.keys().filter(|s| matches!(state.seen.health(s), Health::Down { .. })).cloned().collect();
         if self.ctx.set_unreachable(&key, unreachable) {
+            let _ = self.reconcile.unbounded_send(());
+        }
+        // A climb between internal-auth modes waits for every server to follow the document
+        // before its last rung (`k8s::internal_auth`).
+        let following =
+            |s: &String| matches!(state.seen.health(s), Health::Up { epoch, .. } if *epoch >= topology.epoch);
+        if topology.servers.keys().all(following) && self.ctx.set_followed(&key, topology.epoch, now) {
             let _ = self.reconcile.unbounded_send(());
         }
 
