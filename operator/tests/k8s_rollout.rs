@@ -20,7 +20,7 @@ use kube::api::Api;
 use operator::k8s::build::names;
 use operator::k8s::rollout::REVISION_LABEL;
 use serde_json::{Value, json};
-use shard_server::api::{Op, ShardClient, WriteRequest};
+use shard_server::api::{ErrorCode, Op, ShardClient, WriteRequest};
 use shard_server::schema::{Row, Value as Cell};
 use shard_server::tls::{Identity, InternalAuth};
 use shard_server::topology::{ReplicaState, Topology};
@@ -105,19 +105,21 @@ impl Kubelet {
 /// A client writing one new row at a time to the primary the published topology names, retrying
 /// a row until it is acknowledged, presenting the routers' certificate (`http`; `None`: plain,
 /// until the document lists `https://` URLs, then the certificate a router gets from the
-/// database's CA, as a router rolled into TLS). Returns the acknowledged keys and each failed
-/// attempt's error.
+/// database's CA, as a router rolled into TLS). An answer that the topology it went by is stale
+/// (`stale_epoch`, `not_primary`) sends it back to the topology, as a router reroutes on those.
+/// Returns the acknowledged keys, each failed attempt's error, and how many attempts were
+/// rerouted.
 fn start_writer(
     client: kube::Client,
     http: Option<reqwest::Client>,
     stop: Arc<AtomicBool>,
-) -> tokio::task::JoinHandle<(Vec<i64>, Vec<String>)> {
+) -> tokio::task::JoinHandle<(Vec<i64>, Vec<String>, usize)> {
     tokio::spawn(async move {
         let configmaps: Api<ConfigMap> = Api::namespaced(client.clone(), NS);
         let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client, NS);
         let mut http = http.unwrap_or_else(|| shard_server::api::http_client(Duration::from_secs(10)));
         let mut tls = false;
-        let (mut acked, mut failed) = (Vec::new(), Vec::new());
+        let (mut acked, mut failed, mut rerouted) = (Vec::new(), Vec::new(), 0);
         let mut key = 100i64;
         while !stop.load(Ordering::Relaxed) {
             // Alternate between sh1 [0, 4096) and sh2 [4096, 8192).
@@ -141,13 +143,14 @@ fn start_writer(
                     acked.push(k);
                     key += 1;
                 }
+                Err(e) if matches!(e.code(), Some(ErrorCode::StaleEpoch | ErrorCode::NotPrimary)) => rerouted += 1,
                 Err(e) => {
                     failed.push(format!("epoch {}: {e}", t.epoch));
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             }
         }
-        (acked, failed)
+        (acked, failed, rerouted)
     })
 }
 
@@ -215,9 +218,9 @@ async fn an_image_change_restarts_servers_one_at_a_time_replicas_first_and_loses
     }
     println!("rollout of 3 servers: {:?}", changed.elapsed());
     stop.store(true, Ordering::Relaxed);
-    let (acked, failed) = writer.await.unwrap();
+    let (acked, failed, rerouted) = writer.await.unwrap();
     println!(
-        "writer: {} rows acknowledged, {} attempts failed and were retried: {failed:?}",
+        "writer: {} rows acknowledged, {rerouted} attempts rerouted, {} failed and were retried: {failed:?}",
         acked.len(),
         failed.len()
     );
@@ -381,8 +384,12 @@ async fn leaving_none_climbs_through_serving_both_and_no_write_fails() {
     }
     println!("climb from none to strict: {:?}", changed.elapsed());
     stop.store(true, Ordering::Relaxed);
-    let (acked, failed) = writer.await.unwrap();
-    println!("writer: {} rows acknowledged, {} attempts failed: {failed:?}", acked.len(), failed.len());
+    let (acked, failed, rerouted) = writer.await.unwrap();
+    println!(
+        "writer: {} rows acknowledged, {rerouted} attempts rerouted, {} failed: {failed:?}",
+        acked.len(),
+        failed.len()
+    );
 
     assert_eq!(stages, ["none/http", "migrate/http", "migrate/https", "strict/https"], "every rung, in order");
     let rungs: Vec<&str> = ["rung 1 of 3", "rung 2 of 3", "rung 3 of 3"]
