@@ -423,14 +423,14 @@ async fn reconcile_inner(db: &ShardedDatabase, ctx: &Context) -> Result<Action, 
     let database = database_id(&owner);
     // Templates in `none` get no CA, no certificates, no admin token. Any other template needs
     // them, even while the operator still dials the servers plain (climbing out of `none`).
-    if step.template != InternalAuth::None {
-        if let Err(e) = ensure_identities(ctx, &owner, &valid, &running).await {
-            if let ReconcileError::Pki(PkiError::BadCa { .. }) = &e {
-                let note = error_chain(&e);
-                publish(ctx, db, EventType::Warning, "CertificateAuthority", "Reconcile", note).await;
-            }
-            return Err(e);
+    if step.template != InternalAuth::None
+        && let Err(e) = ensure_identities(ctx, &owner, &valid, &running).await
+    {
+        if let ReconcileError::Pki(PkiError::BadCa { .. }) = &e {
+            let note = error_chain(&e);
+            publish(ctx, db, EventType::Warning, "CertificateAuthority", "Reconcile", note).await;
         }
+        return Err(e);
     }
     // While the document lists `http://` URLs the operator dials plain, and answers routers over
     // plain HTTP: until the climb's second rung, some routers may still be in `none`.
@@ -582,7 +582,7 @@ fn climb_seen(
     );
     let rolled =
         server_sets.iter().all(updated) && routers.is_some_and(deployment_rolled) && ctx.restarting(key).is_empty();
-    let plain_urls = document.map(|t| topology::lists_plain(t));
+    let plain_urls = document.map(topology::lists_plain);
     let (followed, grace_left) = match (document, ctx.followed(key)) {
         (Some(t), Some((epoch, since))) if epoch >= t.epoch => {
             let left = internal_auth::ROUTER_GRACE.saturating_sub(since.elapsed());
