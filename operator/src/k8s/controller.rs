@@ -216,7 +216,7 @@ impl Context {
     /// Where the operator reaches `server` of database `namespace/db`: over `http://` while the
     /// database is in internal-auth `none`.
     pub(super) fn server_url(&self, db: &str, namespace: &str, server: &str) -> String {
-        let plain = self.pki.dials_plain(&shard_server::tls::DatabaseId::new(namespace, db));
+        let plain = self.pki.dials_plain(&shard_server::tls::DatabaseId::new(namespace, db)) == Some(true);
         topology::in_scheme(&self.config.server_urls.url(db, namespace, server), plain)
     }
 

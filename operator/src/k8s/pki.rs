@@ -31,7 +31,7 @@ use kube::api::ObjectMeta;
 use shard_server::tls::issue::{self, CA_VALIDITY, Ca, LeafRequest};
 use shard_server::tls::source::Pem;
 use shard_server::tls::{Credentials, DatabaseId, Identity, TlsSource};
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
@@ -73,8 +73,9 @@ pub struct OperatorPki {
     /// Databases whose routers are answered over plain HTTP (internal-auth `none`, or climbing
     /// out of it).
     plain: Mutex<HashSet<DatabaseId>>,
-    /// Databases whose servers the operator dials plain (their topology lists `http://` URLs).
-    dial_plain: Mutex<HashSet<DatabaseId>>,
+    /// Per database, whether the operator dials its servers plain (its topology lists `http://`
+    /// URLs), as the leader's reconcile last decided; absent until it has.
+    dial_plain: Mutex<HashMap<DatabaseId, bool>>,
 }
 
 impl std::fmt::Debug for OperatorPki {
@@ -120,7 +121,7 @@ impl OperatorPki {
             admin,
             databases: Mutex::new(BTreeMap::new()),
             plain: Mutex::new(HashSet::new()),
-            dial_plain: Mutex::new(HashSet::new()),
+            dial_plain: Mutex::new(HashMap::new()),
         }))
     }
 
@@ -192,7 +193,7 @@ impl OperatorPki {
 
     /// The operator's credentials for calling `db`'s servers, once the database is registered.
     pub fn credentials(&self, db: &DatabaseId) -> Option<Credentials> {
-        if self.dials_plain(db) {
+        if self.dials_plain(db) == Some(true) {
             return Some(Credentials::Plain);
         }
         let dbs = self.databases.lock().unwrap_or_else(|e| e.into_inner());
@@ -220,17 +221,14 @@ impl OperatorPki {
     /// Records whether the operator dials `db`'s servers plain (`plain`: its topology lists them
     /// at `http://` URLs) or with its certificate for `db`.
     pub fn set_dial_plain(&self, db: &DatabaseId, plain: bool) {
-        let mut set = self.dial_plain.lock().unwrap_or_else(|e| e.into_inner());
-        if plain {
-            set.insert(db.clone());
-        } else {
-            set.remove(db);
-        }
+        self.dial_plain.lock().unwrap_or_else(|e| e.into_inner()).insert(db.clone(), plain);
     }
 
-    /// Whether the operator dials `db`'s servers plain.
-    pub fn dials_plain(&self, db: &DatabaseId) -> bool {
-        self.dial_plain.lock().unwrap_or_else(|e| e.into_inner()).contains(db)
+    /// Whether the operator dials `db`'s servers plain; `None` until this process's reconcile
+    /// has decided it (the healer then leaves the database alone: guessing could rewrite its
+    /// document in the wrong scheme).
+    pub fn dials_plain(&self, db: &DatabaseId) -> Option<bool> {
+        self.dial_plain.lock().unwrap_or_else(|e| e.into_inner()).get(db).copied()
     }
 
     /// Records `db`'s CA: the operator's client certificate for it is issued (or renewed, when
@@ -279,7 +277,7 @@ impl OperatorPki {
     pub fn forget_except(&self, scope: Option<&str>, keep: &HashSet<DatabaseId>) -> Result<(), PkiError> {
         let gone = |k: &DatabaseId| scope.is_none_or(|ns| k.namespace == ns) && !keep.contains(k);
         self.plain.lock().unwrap_or_else(|e| e.into_inner()).retain(|k| !gone(k));
-        self.dial_plain.lock().unwrap_or_else(|e| e.into_inner()).retain(|k| !gone(k));
+        self.dial_plain.lock().unwrap_or_else(|e| e.into_inner()).retain(|k, _| !gone(k));
         let mut dbs = self.databases.lock().unwrap_or_else(|e| e.into_inner());
         let before = dbs.len();
         dbs.retain(|k, _| scope.is_some_and(|ns| k.namespace != ns) || keep.contains(k));
@@ -362,7 +360,7 @@ mod tests {
         assert!(pki.is_plain(&db), "while its routers may still call plain");
         pki.set_dial_plain(&db, true);
         pki.forget_except(None, &HashSet::new()).unwrap();
-        assert!(!pki.is_plain(&db) && !pki.dials_plain(&db), "forgotten once gone");
+        assert!(!pki.is_plain(&db) && pki.dials_plain(&db).is_none(), "forgotten once gone");
         assert!(!pki.admin.pem().ca.contains(other.cert_pem()));
     }
 }
