@@ -743,6 +743,28 @@ mod tests {
     use super::*;
 
     #[test]
+    fn routers_are_rolled_once_every_replica_is_updated_ready_and_none_older_is_left() {
+        use k8s_openapi::api::apps::v1::{DeploymentSpec, DeploymentStatus};
+        let d = |generation: i64, observed: i64, replicas: i32, updated: i32, ready: i32| Deployment {
+            metadata: kube::api::ObjectMeta { generation: Some(generation), ..Default::default() },
+            spec: Some(DeploymentSpec { replicas: Some(2), ..Default::default() }),
+            status: Some(DeploymentStatus {
+                observed_generation: Some(observed),
+                replicas: Some(replicas),
+                updated_replicas: Some(updated),
+                ready_replicas: Some(ready),
+                ..Default::default()
+            }),
+        };
+        assert!(deployment_rolled(&d(3, 3, 2, 2, 2)));
+        assert!(!deployment_rolled(&d(3, 2, 2, 2, 2)), "the new template not observed yet");
+        assert!(!deployment_rolled(&d(3, 3, 3, 2, 2)), "a replica of the old template is left (surge)");
+        assert!(!deployment_rolled(&d(3, 3, 2, 1, 2)), "one replica not updated");
+        assert!(!deployment_rolled(&d(3, 3, 2, 2, 1)), "one updated replica not ready");
+        assert!(!deployment_rolled(&Deployment { status: None, ..d(3, 3, 2, 2, 2) }));
+    }
+
+    #[test]
     fn backoff_grows_caps_and_jitters() {
         assert_eq!(backoff(1, 0.5), BACKOFF_MIN);
         assert_eq!(backoff(3, 0.5), BACKOFF_MIN * 4);
