@@ -10,6 +10,9 @@
 //! retry: an identical insert is a no-op) until the operator demotes it. Because a retried no-op
 //! still waits for every ready replica to reach the primary's sequence number, an acknowledgement
 //! always means "on every ready replica", even for a write first committed by an earlier attempt.
+//! A ready replica that refuses the group because it already follows a newer topology is not a
+//! replica that cannot apply: the primary follows that topology (bounded) and, while it still names
+//! it the shard's primary, replicates the group at that epoch to that epoch's ready replicas.
 //!
 //! **A failed group.** When the group's commit fails, its batches are committed again one at a
 //! time, each decided afresh: a batch that Postgres refuses (for whatever reason) fails alone, and
