@@ -19,7 +19,7 @@ use common::{Harness, NS, WAIT, secret, state, students_id};
 use serde_json::{Value, json};
 use shard_server::tls::issue::{Ca, LeafRequest};
 use shard_server::tls::source::Pem;
-use shard_server::tls::{Credentials, DatabaseId, Identity, TlsSource};
+use shard_server::tls::{Credentials, DatabaseId, Identity, InternalAuth, TlsSource};
 use shard_server::topology::Topology;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -421,13 +421,16 @@ async fn in_none_the_operator_heals_plain_servers_and_answers_plain_routers() {
     assert!(body["message"].as_str().unwrap().contains("over TLS"), "{body}");
 }
 
-/// Leaving `none`, as the README describes it: the user sets `spec.tls.internalAuth: strict`;
-/// the operator makes the CA and the certificates, lists the servers at `https://` URLs (at a
-/// newer epoch), and once the servers run with their certificates (here all restarted at once,
-/// playing the pods' roll) the database is Ready again with every row it had.
+/// Leaving `none` starts with its first rung (see `k8s::internal_auth`; `k8s_rollout` climbs all
+/// of them): setting `spec.tls.internalAuth: strict` makes the CA and every certificate, and
+/// gives every server and router template `migrate` with its certificate mounted, while the
+/// document still lists the servers at `http://` URLs at the same epoch. Until the pods have
+/// rolled into serving both, nothing is dialled over TLS: the operator still reaches the plain
+/// servers (the database stays Ready, with every row), and still answers the routers over plain
+/// HTTP. The status names the rung.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn setting_strict_on_a_database_in_none_makes_its_certificates_and_lists_its_servers_over_tls() {
-    let mut h = Harness::start_in(3, Some("none")).await;
+async fn setting_strict_on_a_database_in_none_first_rolls_its_pods_to_serve_both_still_dialled_plain() {
+    let h = Harness::start_in(3, Some("none")).await;
     h.wait_ready().await;
     h.write(0, "sh1", 0..30).await;
     let before = h.topology().unwrap();
@@ -436,28 +439,40 @@ async fn setting_strict_on_a_database_in_none_makes_its_certificates_and_lists_i
     let patch = json!({ "spec": { "tls": { "internalAuth": "strict" } } });
     api.patch("students", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch)).await.unwrap();
     assert!(h.api.wait_for(WAIT, |api| secret(api, "students-ca", "ca.key").is_some()).await, "the CA is made");
-    let over_tls = |t: &Topology| t.servers.values().all(|s| s.url.starts_with("https://"));
-    assert!(h.api.wait_for(WAIT, |_| h.topology().is_some_and(|t| over_tls(&t))).await, "servers listed over TLS");
-    assert!(h.topology().unwrap().epoch > before.epoch, "at a newer epoch, which servers and routers take");
-    let strict = |h: &Harness| h.condition("InternalAuth") == Some(("True".into(), "Strict".into()));
-    assert!(h.api.wait_for(WAIT, |_| strict(&h)).await, "the status says so: {}", h.status());
-
-    // The cost: until its pod rolls, a plain server is out of the operator's reach.
-    let ready = |h: &Harness| h.condition("Ready") == Some(("True".into(), "AllReady".into()));
-    assert!(h.api.wait_for(WAIT, |_| !ready(&h)).await, "plain servers cannot be reached over TLS");
-
-    // The pods roll: every server comes back with its certificate, over its data.
-    let ca_pem = secret(&h.api, "students-ca", "ca.crt").unwrap();
-    let ca = Ca::from_pem(&ca_pem, &secret(&h.api, "students-ca", "ca.key").unwrap()).unwrap();
-    h.http = common::credentials(&ca, Identity::operator(students_id()).unwrap()).http_client(WAIT);
-    h.ca = Some(ca);
-    for i in 0..3 {
-        h.kill(i).await;
-        h.restart(i, false).await;
+    let mode = |spec: &Value| {
+        let pod: k8s_openapi::api::core::v1::PodSpec = serde_json::from_value(spec.clone()).unwrap();
+        operator::k8s::internal_auth::template_mode(&pod)
+    };
+    let serve_both = |api: &fake_apiserver::FakeApiServer| {
+        let sets = api.list("statefulsets", NS);
+        let router = api.get("deployments", NS, "students-router").unwrap();
+        sets.len() == 3
+            && sets.iter().all(|s| mode(&s["spec"]["template"]["spec"]) == InternalAuth::Migrate)
+            && mode(&router["spec"]["template"]["spec"]) == InternalAuth::Migrate
+    };
+    assert!(h.api.wait_for(WAIT, serve_both).await, "every template serves both");
+    for server in ["Server0", "Server1", "Server2"] {
+        let name = operator::k8s::build::names::server_tls_secret("students", server);
+        assert!(secret(&h.api, &name, "tls.crt").is_some(), "{server}'s certificate");
     }
-    assert!(h.api.wait_for(WAIT, |_| ready(&h)).await, "ready over TLS: {}", h.status());
+    let climbing = |h: &Harness| h.condition("InternalAuth") == Some(("False".into(), "Climbing".into()));
+    assert!(h.api.wait_for(WAIT, |_| climbing(&h)).await, "{}", h.status());
+    let message =
+        h.status()["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "InternalAuth").unwrap()["message"]
+            .clone();
+    assert!(message.as_str().unwrap().contains("rung 1 of 3"), "{message}");
+
+    // The pods have not rolled (nothing plays the kubelet here): the rung holds, plain.
+    tokio::time::sleep(Duration::from_secs(3)).await;
     let t = h.topology().unwrap();
+    assert_eq!(t.epoch, before.epoch, "the document is not rewritten");
+    assert!(t.servers.values().all(|s| s.url.starts_with("http://")), "{:?}", t.servers);
+    assert_eq!(h.condition("Ready"), Some(("True".into(), "AllReady".into())), "{}", h.status());
     let primary = h.index(&t.shard("sh1").unwrap().primary);
     assert_eq!(h.contents(primary, "sh1").await.0, 30, "every row kept");
-    h.assert_ready_copies_equal().await;
+    let plain = shard_server::api::http_client(Duration::from_secs(30));
+    let init = json!({ "n": 1, "schema": { "columns": ["a"], "dtypes": ["Number"] }, "shards": [], "servers": null });
+    let control = format!("http://{}/databases/{NS}/students/init", h.admin);
+    let answer = plain.post(control).json(&init).send().await.unwrap();
+    assert_eq!(answer.status().as_u16(), 409, "routers not rolled yet are still answered plain");
 }

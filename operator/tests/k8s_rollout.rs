@@ -11,6 +11,10 @@
 //! no acknowledged write. The status shows the rollout and each server gets its Events. The
 //! operator itself is replaced halfway (a fresh one, nothing in memory), as `helm upgrade` does
 //! while a rollout runs: the new one carries on from what the cluster shows.
+//!
+//! The same machinery carries a database out of internal-auth `none`: its servers restart in the
+//! mode their pod template carries, and the climb rolls them twice (into serving both, then into
+//! TLS only) with every pair of pods still talking in between.
 
 mod common;
 
@@ -20,9 +24,9 @@ use kube::api::Api;
 use operator::k8s::build::names;
 use operator::k8s::rollout::REVISION_LABEL;
 use serde_json::{Value, json};
-use shard_server::api::{Op, ShardClient, WriteRequest};
+use shard_server::api::{ErrorCode, Op, ShardClient, WriteRequest};
 use shard_server::schema::{Row, Value as Cell};
-use shard_server::tls::Identity;
+use shard_server::tls::{Identity, InternalAuth};
 use shard_server::topology::{ReplicaState, Topology};
 use std::collections::{BTreeMap, BTreeSet};
 use std::hash::{Hash, Hasher};
@@ -103,39 +107,77 @@ impl Kubelet {
 }
 
 /// A client writing one new row at a time to the primary the published topology names, retrying
-/// a row until it is acknowledged, presenting the routers' certificate (`http`). Returns the
-/// acknowledged keys and the failed attempts.
+/// a row until it is acknowledged, presenting the routers' certificate (`http`; `None`: plain,
+/// until the document lists `https://` URLs, then the certificate a router gets from the
+/// database's CA, as a router rolled into TLS). An answer that the topology it went by is stale
+/// (`stale_epoch`, `not_primary`) sends it back to the topology, as a router reroutes on those.
 fn start_writer(
     client: kube::Client,
-    http: reqwest::Client,
+    http: Option<reqwest::Client>,
     stop: Arc<AtomicBool>,
-) -> tokio::task::JoinHandle<(Vec<i64>, usize)> {
+) -> tokio::task::JoinHandle<Written> {
     tokio::spawn(async move {
-        let configmaps: Api<ConfigMap> = Api::namespaced(client, NS);
-        let (mut acked, mut failed) = (Vec::new(), 0);
+        let configmaps: Api<ConfigMap> = Api::namespaced(client.clone(), NS);
+        let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client, NS);
+        let mut http = http.unwrap_or_else(|| shard_server::api::http_client(Duration::from_secs(10)));
+        let mut tls = false;
+        let mut w = Written::default();
+        // The failed attempts at the row being written: (primary, error).
+        let mut pending: Vec<(String, String)> = Vec::new();
         let mut key = 100i64;
-        while !stop.load(Ordering::Relaxed) {
+        // A row whose attempt failed may have been written (a 503 leaves it unknown): it is
+        // retried until acknowledged even once asked to stop, so every row written is counted.
+        while !stop.load(Ordering::Relaxed) || !pending.is_empty() {
             // Alternate between sh1 [0, 4096) and sh2 [4096, 8192).
             let k = if key % 2 == 0 { key } else { 4096 + key };
             let Ok(cm) = configmaps.get(CONFIGMAP).await else { break };
             let t = Topology::parse(cm.data.unwrap()["topology.json"].as_bytes()).unwrap();
             let shard = t.shard_for_key(k).unwrap();
-            let primary = ShardClient::new(http.clone(), t.servers[&shard.primary].url.clone());
+            let url = t.servers[&shard.primary].url.clone();
+            if url.starts_with("https://") && !tls {
+                let ca = secrets.get("students-ca").await.unwrap().data.unwrap();
+                let pem = |k: &str| String::from_utf8(ca[k].0.clone()).unwrap();
+                let ca = shard_server::tls::issue::Ca::from_pem(&pem("ca.crt"), &pem("ca.key")).unwrap();
+                http = credentials(&ca, Identity::router(students_id()).unwrap()).http_client(Duration::from_secs(10));
+                tls = true;
+            }
+            let primary = ShardClient::new(http.clone(), url);
             let row = Row(vec![Cell::Int(k), Cell::Text(format!("w{k}")), Cell::Int(k % 100)]);
             let req = WriteRequest { epoch: Some(t.epoch), ops: vec![Op::Insert { row }], dry_run: false };
             match primary.write(&shard.id, &req).await {
                 Ok(_) => {
-                    acked.push(k);
+                    w.acked.push(k);
                     key += 1;
+                    for (at, error) in pending.drain(..) {
+                        match at == shard.primary {
+                            true => w.failed.push(error),
+                            false => w.handed_over.push(error),
+                        }
+                    }
                 }
-                Err(_) => {
-                    failed += 1;
+                Err(e) if matches!(e.code(), Some(ErrorCode::StaleEpoch | ErrorCode::NotPrimary)) => w.rerouted += 1,
+                Err(e) => {
+                    pending.push((shard.primary.clone(), format!("epoch {} at {}: {e}", t.epoch, shard.primary)));
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             }
         }
-        (acked, failed)
+        w
     })
+}
+
+/// What the writer saw.
+#[derive(Debug, Default)]
+struct Written {
+    /// The keys acknowledged.
+    acked: Vec<i64>,
+    /// Failed attempts whose row was then acknowledged by another primary: the group in flight
+    /// when a drain handed the shard over (a router retries it, and it lands at the new primary).
+    handed_over: Vec<String>,
+    /// Every other failed attempt.
+    failed: Vec<String>,
+    /// Attempts answered `stale_epoch` or `not_primary`, sent back to the topology.
+    rerouted: usize,
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -161,7 +203,7 @@ async fn an_image_change_restarts_servers_one_at_a_time_replicas_first_and_loses
     let not_ready_before = not_ready_events(&h);
     let stop = Arc::new(AtomicBool::new(false));
     let router = credentials(h.ca.as_ref().unwrap(), Identity::router(students_id()).unwrap());
-    let writer = start_writer(h.api.client(), router.http_client(Duration::from_secs(10)), stop.clone());
+    let writer = start_writer(h.api.client(), Some(router.http_client(Duration::from_secs(10))), stop.clone());
     let mut db = h.api.get("shardeddatabases", NS, "students").unwrap();
     db["spec"]["images"] = json!({ "shardServer": "example.com/sharddb-shard-server:next" });
     h.api.upsert(db).unwrap();
@@ -202,8 +244,16 @@ async fn an_image_change_restarts_servers_one_at_a_time_replicas_first_and_loses
     }
     println!("rollout of 3 servers: {:?}", changed.elapsed());
     stop.store(true, Ordering::Relaxed);
-    let (acked, failed) = writer.await.unwrap();
-    println!("writer: {} rows acknowledged, {failed} attempts failed and were retried", acked.len());
+    let written = writer.await.unwrap();
+    println!(
+        "writer: {} rows acknowledged, {} attempts rerouted, {} failed and were retried: {:?} {:?}",
+        written.acked.len(),
+        written.rerouted,
+        written.handed_over.len() + written.failed.len(),
+        written.handed_over,
+        written.failed
+    );
+    let acked = written.acked;
     assert!(acked.len() > 20, "the writer made progress through the rollout: {}", acked.len());
 
     // Replicas first: Server1 held a copy and was the primary of nothing.
@@ -266,4 +316,167 @@ fn not_ready_events(h: &Harness) -> i64 {
         .filter(|e| e["reason"] == "NotReady")
         .map(|e| e["series"]["count"].as_i64().unwrap_or(1))
         .sum()
+}
+
+/// The internal-auth mode of a pod template (a pod's spec, or a workload's template's spec).
+fn mode_of(spec: &Value) -> InternalAuth {
+    operator::k8s::internal_auth::template_mode(&serde_json::from_value(spec.clone()).unwrap())
+}
+
+/// Leaving internal-auth `none` under a write load, as a user does by setting
+/// `spec.tls.internalAuth: strict` on a database taken over from a release before internal
+/// authentication. The servers here take their mode from their pod's template, and restart only
+/// when evicted: the climb must go through every rung in order (templates `migrate` while the
+/// document lists `http://` URLs, then `https://`, then templates `strict`), with every pair of
+/// pods able to talk at every moment (no pod in `strict` while plain URLs are listed, none in
+/// `none` while `https://` ones are), no write failed but one in flight when a drain handed its
+/// shard over to another copy (which any rolling restart may cost, and a router retries at the
+/// new primary), and nothing acknowledged lost. The operator is replaced in the first rung and in the second, and carries
+/// on from what the cluster shows. At the end no server answers a plain caller, and a TLS caller without a certificate
+/// gets 401. Routers are not run: their Deployment's status (played here as rolled at once) is
+/// what the climb waits for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leaving_none_climbs_through_serving_both_and_no_write_fails() {
+    let mut h = Harness::start_in(3, Some("none")).await;
+    h.wait_ready().await;
+    let mut kubelet = Kubelet::default();
+    for _ in 0..3 {
+        kubelet.step(&mut h).await;
+    }
+    h.write(0, "sh1", 0..40).await;
+    h.write(2, "sh2", 4096..4126).await;
+    assert_eq!(h.condition("InternalAuth"), Some(("False".into(), "None".into())));
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = start_writer(h.api.client(), None, stop.clone());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut db = h.api.get("shardeddatabases", NS, "students").unwrap();
+    db["spec"]["tls"] = json!({ "internalAuth": "strict" });
+    h.api.upsert(db).unwrap();
+    let changed = Instant::now();
+
+    // (templates' mode, document's scheme) in the order first seen, and the condition's messages.
+    let mut stages: Vec<String> = Vec::new();
+    let mut messages: Vec<String> = Vec::new();
+    let mut replaced = 0;
+    let done = |h: &Harness, kubelet: &Kubelet| {
+        let sets = h.api.list("statefulsets", NS);
+        let rolled = sets.iter().all(|s| {
+            s["status"]["currentRevision"] == s["status"]["updateRevision"]
+                && mode_of(&s["spec"]["template"]["spec"]) == InternalAuth::Strict
+        });
+        rolled
+            && kubelet.evicted.len() == 6
+            && h.condition("InternalAuth") == Some(("True".into(), "Strict".into()))
+            && h.condition("Ready") == Some(("True".into(), "AllReady".into()))
+    };
+    while !done(&h, &kubelet) {
+        assert!(
+            changed.elapsed() < 4 * WAIT,
+            "the climb did not finish: stages {stages:?}, evicted {:?}; status {}",
+            kubelet.evicted.iter().map(|e| &e.0).collect::<Vec<_>>(),
+            h.status()
+        );
+        kubelet.step(&mut h).await;
+        let t = h.topology().unwrap();
+        let plain = t.servers.values().all(|s| s.url.starts_with("http://"));
+        assert!(plain || t.servers.values().all(|s| s.url.starts_with("https://")), "one scheme: {t:?}");
+        // Every pair of pods can talk, and the operator reaches every pod.
+        for pod in h.api.list("pods", NS) {
+            let mode = mode_of(&pod["spec"]);
+            let name = &pod["metadata"]["name"];
+            assert!(!(plain && mode == InternalAuth::Strict), "{name} strict while epoch {} lists http://", t.epoch);
+            assert!(plain || mode != InternalAuth::None, "{name} plain while epoch {} lists https://", t.epoch);
+        }
+        let mut templates: Vec<InternalAuth> =
+            h.api.list("statefulsets", NS).iter().map(|s| mode_of(&s["spec"]["template"]["spec"])).collect();
+        let router = h.api.get("deployments", NS, "students-router").unwrap();
+        templates.push(mode_of(&router["spec"]["template"]["spec"]));
+        templates.dedup();
+        if let [mode] = templates[..] {
+            let stage = format!("{}/{}", mode.as_str(), if plain { "http" } else { "https" });
+            if stages.last() != Some(&stage) {
+                stages.push(stage);
+            }
+        }
+        let status = h.status();
+        let auth = status["conditions"].as_array().and_then(|c| c.iter().find(|c| c["type"] == "InternalAuth"));
+        if let Some(message) = auth.and_then(|c| c["message"].as_str())
+            && messages.last().map(String::as_str) != Some(message)
+        {
+            messages.push(message.to_owned());
+        }
+        // Replaced in the first rung (a pod rolled, the document still plain) and in the second.
+        let replace = match replaced {
+            0 => plain && kubelet.evicted.len() == 1,
+            1 => !plain,
+            _ => false,
+        };
+        if replace {
+            h.stop_operator().await;
+            h.start_operator();
+            replaced += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!("climb from none to strict: {:?}", changed.elapsed());
+    stop.store(true, Ordering::Relaxed);
+    let written = writer.await.unwrap();
+    println!(
+        "writer: {} rows acknowledged, {} attempts rerouted, {} in flight at a handover: {:?}; other failures {:?}",
+        written.acked.len(),
+        written.rerouted,
+        written.handed_over.len(),
+        written.handed_over,
+        written.failed
+    );
+    let (acked, failed) = (written.acked, written.failed);
+
+    assert_eq!(stages, ["none/http", "migrate/http", "migrate/https", "strict/https"], "every rung, in order");
+    assert_eq!(replaced, 2, "the operator was replaced in the first two rungs");
+    let rungs: Vec<&str> = ["rung 1 of 3", "rung 2 of 3", "rung 3 of 3"]
+        .into_iter()
+        .filter(|r| messages.iter().any(|m| m.contains(r)))
+        .collect();
+    assert_eq!(rungs.len(), 3, "the status named every rung: {messages:?}");
+    let first = |r: &str| messages.iter().position(|m| m.contains(r)).unwrap();
+    assert!(first("rung 1 of 3") < first("rung 2 of 3") && first("rung 2 of 3") < first("rung 3 of 3"), "{messages:?}");
+    let events = h.events("InternalAuth");
+    for rung in ["rung 1 of 3", "rung 2 of 3", "rung 3 of 3"] {
+        assert!(events.iter().any(|e| e.contains(rung)), "an Event for {rung}: {events:?}");
+    }
+    // Each server restarted twice (into serving both, then into strict), drained each time.
+    let order: Vec<&str> = kubelet.evicted.iter().map(|(s, _)| s.as_str()).collect();
+    assert_eq!(order.len(), 6, "{order:?}");
+    for (server, t) in &kubelet.evicted {
+        assert!(t.shards.iter().all(|s| s.primary != *server), "{server} was still a primary: {t:?}");
+    }
+
+    // No write failed but those in flight when a drain handed their shard over (as in any rolling
+    // restart), and nothing acknowledged was lost.
+    assert!(acked.len() > 20, "the writer made progress through the climb: {}", acked.len());
+    assert!(failed.is_empty(), "no write failed: {failed:?}");
+    let rows = h.assert_ready_copies_equal().await;
+    let per_shard = |low: i64, high: i64| acked.iter().filter(|k| (low..high).contains(*k)).count() as i64;
+    assert_eq!(
+        rows,
+        BTreeMap::from([("sh1".to_owned(), 40 + per_shard(0, 4096)), ("sh2".to_owned(), 30 + per_shard(4096, 8192))])
+    );
+
+    // Strict: a plain caller gets no answer, a TLS caller without a certificate 401.
+    let plain = shard_server::api::http_client(Duration::from_secs(5));
+    let mut roots = rustls::RootCertStore::empty();
+    use rustls::pki_types::pem::PemObject as _;
+    roots
+        .add(rustls::pki_types::CertificateDer::from_pem_slice(h.ca.as_ref().unwrap().cert_pem().as_bytes()).unwrap())
+        .unwrap();
+    let config = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+    let anonymous =
+        reqwest::Client::builder().tls_backend_preconfigured(config).timeout(Duration::from_secs(5)).build().unwrap();
+    for s in &h.servers {
+        let answer = plain.get(format!("http://{}/status", s.addr)).send().await;
+        assert!(answer.is_err(), "{} answered a plain caller: {answer:?}", s.name);
+        let answer = anonymous.get(format!("https://{}/status", s.addr)).send().await.unwrap();
+        assert_eq!(answer.status().as_u16(), 401, "{}", s.name);
+    }
 }

@@ -290,8 +290,10 @@ fn mode_env(container: &Value) -> Option<String> {
 
 /// In internal-auth `none` nothing of the trust layer is made and the pods are plain; the mode
 /// stays `none` when the field is removed (the servers exist and there is no CA: a database a
-/// previous release made looks the same); setting `strict` makes the CA, the certificates and
-/// the TLS templates, and then stays, the CA existing, when the field is removed again.
+/// previous release made looks the same); setting `strict` makes the CA and the certificates,
+/// and starts the climb at its first rung (templates serving TLS and plain HTTP, `migrate`: the
+/// pods here never roll, so it goes no further; `k8s_rollout` climbs all the way), which then
+/// goes on, the CA existing, when the field is removed again.
 #[tokio::test]
 async fn none_makes_no_certificate_sticks_and_strict_set_by_the_user_makes_them() {
     let h = start().await;
@@ -328,7 +330,9 @@ async fn none_makes_no_certificate_sticks_and_strict_set_by_the_user_makes_them(
     assert!(reason(s).contains("taken over"), "now decided, not set: {}", reason(s));
 
     patch_spec(&h, json!({ "tls": { "internalAuth": "strict" } })).await;
-    assert!(s.wait_for(WAIT, |s| condition(s, "InternalAuth") == Some(("True".into(), "Strict".into()))).await);
+    let climbing = |s: &FakeApiServer| condition(s, "InternalAuth") == Some(("False".into(), "Climbing".into()));
+    assert!(s.wait_for(WAIT, climbing).await);
+    assert!(reason(s).contains("climbing to internal-auth strict: rung 1 of 3"), "{}", reason(s));
     assert_eq!(
         names(s, "secrets"),
         [
@@ -342,8 +346,8 @@ async fn none_makes_no_certificate_sticks_and_strict_set_by_the_user_makes_them(
     );
     for (kind, name) in [("statefulsets", "students-server0"), ("deployments", "students-router")] {
         let c = first_container(s, kind, name);
-        assert!(has_tls_dir(&c), "{name} dials and serves TLS: {c}");
-        assert_eq!(mode_env(&c), None, "{name}: strict is the default");
+        assert!(has_tls_dir(&c), "{name} has its certificate: {c}");
+        assert_eq!(mode_env(&c).as_deref(), Some("migrate"), "{name}: serves both");
     }
     let server = first_container(s, "statefulsets", "students-server1");
     assert_eq!(server["readinessProbe"]["httpGet"]["scheme"], "HTTPS");
@@ -354,6 +358,7 @@ async fn none_makes_no_certificate_sticks_and_strict_set_by_the_user_makes_them(
         .await
         .unwrap();
     wait_observed(s).await;
-    assert_eq!(condition(s, "InternalAuth"), Some(("True".into(), "Strict".into())), "strict sticks: the CA exists");
-    assert!(has_tls_dir(&first_container(s, "statefulsets", "students-server0")));
+    assert!(climbing(s), "the climb goes on: the CA exists");
+    let c = first_container(s, "statefulsets", "students-server0");
+    assert!(has_tls_dir(&c) && mode_env(&c).as_deref() == Some("migrate"), "{c}");
 }

@@ -175,6 +175,16 @@ impl Node {
         self.topology().map_or(0, |t| t.epoch)
     }
 
+    /// Waits, at most `bound`, until this server follows topology epoch `epoch` or a newer one;
+    /// the topology it then follows, or `None` when it does not yet.
+    pub async fn follow_epoch(&self, epoch: u64, bound: Duration) -> Option<Arc<Topology>> {
+        let mut rx = self.topology.clone();
+        let newer = async move {
+            rx.wait_for(|t| t.as_ref().is_some_and(|t| t.epoch >= epoch)).await.ok().and_then(|t| t.clone())
+        };
+        tokio::time::timeout(bound, newer).await.ok().flatten()
+    }
+
     pub fn peer(&self, url: &str) -> ShardClient {
         ShardClient::new(self.http.clone(), url)
     }

@@ -8,7 +8,9 @@
 //!   certificate or admin-token Secret is made, and the server and router containers only gain
 //!   `SHARDDB_INTERNAL_AUTH=none`, which rolls them once, every pod plain, so every pair of pods
 //!   still talks (a roll into TLS pods would leave new and old pods unable to); the status says
-//!   so (`InternalAuth=False`, reason `None`);
+//!   so (`InternalAuth=False`, reason `None`). Leaving `none` afterwards is the user's act, which
+//!   the operator climbs in rungs that keep every pair of pods talking
+//!   (`operator/tests/k8s_rollout.rs`);
 //! - the NetworkPolicy closing the servers to all but the database's components is created;
 //! - every server StatefulSet gains `updateStrategy: OnDelete`, outside the pod template, so the
 //!   operator rather than the StatefulSet controller decides when a server restarts (rolling

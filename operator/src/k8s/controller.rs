@@ -185,6 +185,8 @@ pub struct Context {
     unreachable: Mutex<HashMap<ObjectRef<ShardedDatabase>, BTreeSet<String>>>,
     /// Per database, the servers a rolling update restarted whose copies are not all ready yet.
     restarting: Mutex<HashMap<ObjectRef<ShardedDatabase>, BTreeSet<String>>>,
+    /// Per database, the newest topology epoch every server was seen following, and since when.
+    followed: Mutex<HashMap<ObjectRef<ShardedDatabase>, (u64, Instant)>>,
 }
 
 impl Context {
@@ -207,13 +209,14 @@ impl Context {
             failures: Mutex::default(),
             unreachable: Mutex::default(),
             restarting: Mutex::default(),
+            followed: Mutex::default(),
         })
     }
 
     /// Where the operator reaches `server` of database `namespace/db`: over `http://` while the
     /// database is in internal-auth `none`.
     pub(super) fn server_url(&self, db: &str, namespace: &str, server: &str) -> String {
-        let plain = self.pki.is_plain(&shard_server::tls::DatabaseId::new(namespace, db));
+        let plain = self.pki.dials_plain(&shard_server::tls::DatabaseId::new(namespace, db)) == Some(true);
         topology::in_scheme(&self.config.server_urls.url(db, namespace, server), plain)
     }
 
@@ -239,6 +242,21 @@ impl Context {
         map.insert(db.clone(), servers.clone()).unwrap_or_default() != servers
     }
 
+    /// The newest topology epoch every server of `db` was seen following, and since when.
+    pub fn followed(&self, db: &ObjectRef<ShardedDatabase>) -> Option<(u64, Instant)> {
+        self.followed.lock().unwrap_or_else(|e| e.into_inner()).get(db).copied()
+    }
+
+    /// Records that every server of `db` follows `epoch` (seen `at`); whether that is news.
+    pub(super) fn set_followed(&self, db: &ObjectRef<ShardedDatabase>, epoch: u64, at: Instant) -> bool {
+        let mut map = self.followed.lock().unwrap_or_else(|e| e.into_inner());
+        if map.get(db).is_some_and(|(seen, _)| *seen >= epoch) {
+            return false;
+        }
+        map.insert(db.clone(), (epoch, at));
+        true
+    }
+
     /// Forgets databases of `scope` (a namespace, or every one) that are gone.
     pub(super) fn forget_unreachable_except(
         &self,
@@ -248,6 +266,7 @@ impl Context {
         let in_scope = |k: &ObjectRef<ShardedDatabase>| scope.is_none_or(|ns| k.namespace.as_deref() == Some(ns));
         self.unreachable.lock().unwrap_or_else(|e| e.into_inner()).retain(|k, _| !in_scope(k) || keep.contains(k));
         self.restarting.lock().unwrap_or_else(|e| e.into_inner()).retain(|k, _| !in_scope(k) || keep.contains(k));
+        self.followed.lock().unwrap_or_else(|e| e.into_inner()).retain(|k, _| !in_scope(k) || keep.contains(k));
     }
 }
 
@@ -345,10 +364,12 @@ async fn reconcile_inner(db: &ShardedDatabase, ctx: &Context) -> Result<Action, 
     let has_ca = valid.tls.ca_secret.is_some()
         || apply::get::<Secret>(client, ns, &names::ca_secret(&owner.name)).await?.is_some();
     let selector = names::selector_string(&names::servers_selector(&owner.name));
-    let has_servers = apply::list::<StatefulSet>(client, ns, &selector)
+    let server_sets_found: Vec<StatefulSet> = apply::list::<StatefulSet>(client, ns, &selector)
         .await?
-        .iter()
-        .any(|sts| sts.owner_references().iter().any(|r| r.uid == owner.reference.uid));
+        .into_iter()
+        .filter(|sts| sts.owner_references().iter().any(|r| r.uid == owner.reference.uid))
+        .collect();
+    let has_servers = !server_sets_found.is_empty();
     let was_tls = previous
         .and_then(|p| status::condition(p, internal_auth::INTERNAL_AUTH))
         .is_some_and(|c| internal_auth::reason_is_tls(&c.reason));
@@ -370,9 +391,19 @@ async fn reconcile_inner(db: &ShardedDatabase, ctx: &Context) -> Result<Action, 
         .unwrap_or_else(generate_password);
     let published = topology::read(client, &owner).await?;
     let current = published.as_ref().and_then(|p| p.topology.clone());
-    let url = |server: &str| {
-        topology::in_scheme(&ctx.config.server_urls.url(&owner.name, ns, server), mode == InternalAuth::None)
+    // The step of the climb toward `mode` (see `k8s::internal_auth`): which mode the templates
+    // carry now and which scheme the document lists (and the operator dials).
+    let key = ObjectRef::from_obj(db);
+    let routers_found = apply::get::<Deployment>(client, ns, &names::router(&owner.name)).await?;
+    let (seen, grace_left) = climb_seen(ctx, &key, &server_sets_found, routers_found.as_ref(), current.as_ref());
+    let seen = internal_auth::Seen {
+        climbing: previous
+            .and_then(|p| status::condition(p, internal_auth::INTERNAL_AUTH))
+            .is_some_and(|c| c.reason == internal_auth::REASON_CLIMBING),
+        ..seen
     };
+    let step = internal_auth::climb(mode, &seen);
+    let url = |server: &str| topology::in_scheme(&ctx.config.server_urls.url(&owner.name, ns, server), step.plain_urls);
     let (topology, first) = match current.clone() {
         Some(t) => (t, false),
         None => (first_topology(&valid, &placement, url)?, true),
@@ -390,18 +421,23 @@ async fn reconcile_inner(db: &ShardedDatabase, ctx: &Context) -> Result<Action, 
         running.extend(t.servers.keys().cloned());
     }
     let database = database_id(&owner);
-    if mode == InternalAuth::None {
-        // No CA, no certificates, no admin token: the operator dials the servers plain and
-        // answers the routers over plain HTTP.
+    // Templates in `none` get no CA, no certificates, no admin token. Any other template needs
+    // them, even while the operator still dials the servers plain (climbing out of `none`).
+    if step.template != InternalAuth::None
+        && let Err(e) = ensure_identities(ctx, &owner, &valid, &running).await
+    {
+        if let ReconcileError::Pki(PkiError::BadCa { .. }) = &e {
+            let note = error_chain(&e);
+            publish(ctx, db, EventType::Warning, "CertificateAuthority", "Reconcile", note).await;
+        }
+        return Err(e);
+    }
+    // While the document lists `http://` URLs the operator dials plain, and answers routers over
+    // plain HTTP: until the climb's second rung, some routers may still be in `none`.
+    ctx.pki.set_dial_plain(&database, step.plain_urls);
+    if step.plain_urls {
         ctx.pki.register_plain(&database);
     } else {
-        if let Err(e) = ensure_identities(ctx, &owner, &valid, &running).await {
-            if let ReconcileError::Pki(PkiError::BadCa { .. }) = &e {
-                let note = error_chain(&e);
-                publish(ctx, db, EventType::Warning, "CertificateAuthority", "Reconcile", note).await;
-            }
-            return Err(e);
-        }
         ctx.pki.unregister_plain(&database);
     }
     match &ctx.config.network_policy {
@@ -421,7 +457,8 @@ async fn reconcile_inner(db: &ShardedDatabase, ctx: &Context) -> Result<Action, 
     running.extend(topology.servers.keys().cloned());
     let mut server_sets = Vec::with_capacity(running.len());
     for server in &running {
-        let sts = apply::apply(client, ns, &statefulset::server_statefulset(&valid, &owner, server, mode)).await?;
+        let sts =
+            apply::apply(client, ns, &statefulset::server_statefulset(&valid, &owner, server, step.template)).await?;
         server_sets.push((server.clone(), sts));
     }
     let control_url = ctx
@@ -432,7 +469,13 @@ async fn reconcile_inner(db: &ShardedDatabase, ctx: &Context) -> Result<Action, 
     let routers = apply::apply(
         client,
         ns,
-        &router::router_deployment(&valid, &owner, control_url.as_deref(), ctx.config.require_admin_token, mode),
+        &router::router_deployment(
+            &valid,
+            &owner,
+            control_url.as_deref(),
+            ctx.config.require_admin_token,
+            step.template,
+        ),
     )
     .await?;
     apply::apply(client, ns, &service::router_service(&owner)).await?;
@@ -473,13 +516,22 @@ async fn reconcile_inner(db: &ShardedDatabase, ctx: &Context) -> Result<Action, 
             || !ctx.restarting(&ObjectRef::from_obj(db)).is_empty(),
     };
     let status = status::healthy_or_converging(generation, &placement, &observed, previous, &now);
-    let (auth_status, auth_reason, auth_message) = internal_auth::condition(mode, valid.tls.internal_auth.is_some());
+    let (auth_status, auth_reason, auth_message) = match step.rung {
+        Some(rung) => {
+            (ConditionStatus::False, internal_auth::REASON_CLIMBING, internal_auth::climbing_message(mode, rung))
+        }
+        None => internal_auth::condition(mode, valid.tls.internal_auth.is_some()),
+    };
+    // An Event for each change of mode, and for each rung of a climb.
     let auth_changed = previous
         .and_then(|p| status::condition(p, internal_auth::INTERNAL_AUTH))
-        .is_none_or(|c| c.reason != auth_reason);
+        .is_none_or(|c| c.reason != auth_reason || (step.rung.is_some() && c.message != auth_message));
     if auth_changed {
-        let type_ = if mode == InternalAuth::Strict { EventType::Normal } else { EventType::Warning };
-        publish(ctx, db, type_, internal_auth::INTERNAL_AUTH, "Reconcile", auth_message.clone()).await;
+        let type_ =
+            if mode == InternalAuth::Strict || step.rung.is_some() { EventType::Normal } else { EventType::Warning };
+        // The recorder folds Events of one reason and action into the first: each rung has its own.
+        let action = step.rung.map_or("Reconcile", internal_auth::Rung::action);
+        publish(ctx, db, type_, internal_auth::INTERNAL_AUTH, action, auth_message.clone()).await;
     }
     let status = status::with_condition(
         status,
@@ -499,7 +551,56 @@ async fn reconcile_inner(db: &ShardedDatabase, ctx: &Context) -> Result<Action, 
         publish(ctx, db, type_, reason, "Reconcile", note).await;
     }
     write_status(ctx, db, &owner, status).await?;
-    Ok(Action::requeue(RESYNC))
+    // Waiting out the routers' grace: look again when it ends.
+    match grace_left.filter(|_| step.rung == Some(internal_auth::Rung::Redial)) {
+        Some(left) => Ok(Action::requeue(left + Duration::from_millis(100))),
+        None => Ok(Action::requeue(RESYNC)),
+    }
+}
+
+/// What the cluster shows for the climb between internal-auth modes (`k8s::internal_auth`), read
+/// before anything is applied: the mode of every workload's template, whether every pod runs it,
+/// the document's scheme, and whether every server has followed the document for the routers'
+/// grace (and, when it has not for long enough yet, how long is left). Router pods are not
+/// looked at one by one: their Deployment's status says whether every replica is updated and
+/// none of an older template is left.
+fn climb_seen(
+    ctx: &Context,
+    key: &ObjectRef<ShardedDatabase>,
+    server_sets: &[StatefulSet],
+    routers: Option<&Deployment>,
+    document: Option<&shard_server::topology::Topology>,
+) -> (internal_auth::Seen, Option<Duration>) {
+    let pod_spec = |t: Option<&k8s_openapi::api::core::v1::PodTemplateSpec>| t.and_then(|t| t.spec.clone());
+    let mut templates: Vec<InternalAuth> = server_sets
+        .iter()
+        .filter_map(|sts| pod_spec(sts.spec.as_ref().map(|s| &s.template)))
+        .map(|p| internal_auth::template_mode(&p))
+        .collect();
+    templates.extend(
+        pod_spec(routers.and_then(|d| d.spec.as_ref()).map(|s| &s.template)).map(|p| internal_auth::template_mode(&p)),
+    );
+    let rolled =
+        server_sets.iter().all(updated) && routers.is_some_and(deployment_rolled) && ctx.restarting(key).is_empty();
+    let plain_urls = document.map(topology::lists_plain);
+    let (followed, grace_left) = match (document, ctx.followed(key)) {
+        (Some(t), Some((epoch, since))) if epoch >= t.epoch => {
+            let left = internal_auth::ROUTER_GRACE.saturating_sub(since.elapsed());
+            (left.is_zero(), Some(left).filter(|l| !l.is_zero()))
+        }
+        _ => (false, None),
+    };
+    (internal_auth::Seen { templates, rolled, plain_urls, followed, climbing: false }, grace_left)
+}
+
+/// Whether every replica of a Deployment runs its current template and no older one is left.
+fn deployment_rolled(d: &Deployment) -> bool {
+    let wanted = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+    let Some(status) = d.status.as_ref() else { return false };
+    status.observed_generation >= d.metadata.generation
+        && status.updated_replicas.unwrap_or(0) >= wanted
+        && status.replicas.unwrap_or(0) <= status.updated_replicas.unwrap_or(0)
+        && status.ready_replicas.unwrap_or(0) >= wanted
 }
 
 /// Reports an invalid spec (`Ready=False, reason=InvalidSpec`, and an Event when the message is
@@ -640,6 +741,28 @@ fn now() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn routers_are_rolled_once_every_replica_is_updated_ready_and_none_older_is_left() {
+        use k8s_openapi::api::apps::v1::{DeploymentSpec, DeploymentStatus};
+        let d = |generation: i64, observed: i64, replicas: i32, updated: i32, ready: i32| Deployment {
+            metadata: kube::api::ObjectMeta { generation: Some(generation), ..Default::default() },
+            spec: Some(DeploymentSpec { replicas: Some(2), ..Default::default() }),
+            status: Some(DeploymentStatus {
+                observed_generation: Some(observed),
+                replicas: Some(replicas),
+                updated_replicas: Some(updated),
+                ready_replicas: Some(ready),
+                ..Default::default()
+            }),
+        };
+        assert!(deployment_rolled(&d(3, 3, 2, 2, 2)));
+        assert!(!deployment_rolled(&d(3, 2, 2, 2, 2)), "the new template not observed yet");
+        assert!(!deployment_rolled(&d(3, 3, 3, 2, 2)), "a replica of the old template is left (surge)");
+        assert!(!deployment_rolled(&d(3, 3, 2, 1, 2)), "one replica not updated");
+        assert!(!deployment_rolled(&d(3, 3, 2, 2, 1)), "one updated replica not ready");
+        assert!(!deployment_rolled(&Deployment { status: None, ..d(3, 3, 2, 2, 2) }));
+    }
 
     #[test]
     fn backoff_grows_caps_and_jitters() {

@@ -271,6 +271,9 @@ impl Healer {
         let named: BTreeSet<String> = probed.iter().map(|s| (*s).clone()).collect();
         let servers: Vec<(String, String)> =
             probed.into_iter().map(|s| (s.clone(), self.ctx.server_url(&owner.name, &owner.namespace, s))).collect();
+        // Until this process's reconcile has decided the scheme (a new leader, a database just
+        // made), nothing is probed and the document is left as it is.
+        let Some(plain) = self.ctx.pki.dials_plain(&crate::k8s::build::tls::database_id(&owner)) else { return };
         let Some((probe_http, _)) = self.clients(&owner, &key) else {
             // The reconcile has not made the database's certificates yet: nothing can be asked.
             return;
@@ -278,7 +281,6 @@ impl Healer {
         // The document lists servers with the scheme of the database's mode before anything else
         // is planned on it (a database leaving `none` lists `http://` URLs its servers no longer
         // serve, and the reverse).
-        let plain = self.ctx.pki.is_plain(&crate::k8s::build::tls::database_id(&owner));
         if let Some(next) = topology::with_scheme(&topology, plain) {
             match topology::write(&self.ctx.client, &owner, &next, Some(&published.resource_version)).await {
                 Ok(_) => {
@@ -316,6 +318,13 @@ impl Healer {
         let unreachable: BTreeSet<String> =
             topology.servers.keys().filter(|s| matches!(state.seen.health(s), Health::Down { .. })).cloned().collect();
         if self.ctx.set_unreachable(&key, unreachable) {
+            let _ = self.reconcile.unbounded_send(());
+        }
+        // A climb between internal-auth modes waits for every server to follow the document
+        // before its last rung (`k8s::internal_auth`).
+        let following =
+            |s: &String| matches!(state.seen.health(s), Health::Up { epoch, .. } if *epoch >= topology.epoch);
+        if topology.servers.keys().all(following) && self.ctx.set_followed(&key, topology.epoch, now) {
             let _ = self.reconcile.unbounded_send(());
         }
 

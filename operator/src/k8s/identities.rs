@@ -141,11 +141,21 @@ pub async fn trust_databases(
                 };
                 let id = tls_build::database_id(&owner);
                 known.insert(id.clone());
-                // A database in `none` has its routers answered over plain HTTP by every replica:
-                // the spec's mode when set (as the leader's reconcile decides it), else the
-                // leader's decision as the status reports it (sticky, see `k8s::internal_auth`).
+                // Routers are answered over plain HTTP by every replica while the database's
+                // document lists its servers at `http://` URLs (internal-auth `none`, or climbing
+                // into or out of it), as the leader's reconcile does. Before the first document:
+                // the spec's mode when set, else the leader's decision as the status reports it
+                // (sticky, see `k8s::internal_auth`).
+                let document = match super::topology::read(&client, &owner).await {
+                    Ok(published) => published.and_then(|p| p.topology),
+                    Err(e) => {
+                        tracing::debug!(db = %id, error = %e, "cannot read the database's topology");
+                        continue;
+                    }
+                };
                 let set = db.spec.tls.as_ref().and_then(|t| t.internal_auth);
                 let plain = match set {
+                    _ if document.is_some() => document.as_ref().is_some_and(super::topology::lists_plain),
                     Some(mode) => mode == crate::crd::InternalAuthMode::None,
                     None => db
                         .status

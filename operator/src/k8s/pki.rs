@@ -13,9 +13,12 @@
 //!   their own. The admin endpoint checks clients against every registered database's CA and
 //!   then against the database named in the request path (`k8s::admin`).
 //!
-//! - **A database in internal-auth `none`** ([`OperatorPki::register_plain`]) has no CA: the
-//!   operator dials its servers over plain HTTP with no credential, and the admin endpoint
-//!   answers its routers over plain HTTP (`k8s::admin`).
+//! - **A database in internal-auth `none`** has no CA: the operator dials its servers over plain
+//!   HTTP with no credential ([`OperatorPki::set_dial_plain`]), and the admin endpoint answers its
+//!   routers over plain HTTP ([`OperatorPki::register_plain`], `k8s::admin`). The two are kept
+//!   apart because a database climbing out of `none` (`k8s::internal_auth`) has its servers
+//!   dialled plain only until its topology lists them over `https://`, while its routers may
+//!   call over plain HTTP until every one of them is rolled.
 //!
 //! Renewals need no restart anywhere: pods re-read their mounted files, and the in-memory
 //! certificates are swapped under the live TLS configurations ([`TlsSource::replace`]).
@@ -28,7 +31,7 @@ use kube::api::ObjectMeta;
 use shard_server::tls::issue::{self, CA_VALIDITY, Ca, LeafRequest};
 use shard_server::tls::source::Pem;
 use shard_server::tls::{Credentials, DatabaseId, Identity, TlsSource};
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
@@ -67,8 +70,12 @@ pub struct OperatorPki {
     /// The admin endpoint's certificate, and every registered database's CA to check routers.
     admin: Arc<TlsSource>,
     databases: Mutex<BTreeMap<DatabaseId, Database>>,
-    /// Databases in internal-auth `none`: dialled plain, their routers answered over plain HTTP.
+    /// Databases whose routers are answered over plain HTTP (internal-auth `none`, or climbing
+    /// out of it).
     plain: Mutex<HashSet<DatabaseId>>,
+    /// Per database, whether the operator dials its servers plain (its topology lists `http://`
+    /// URLs), as the leader's reconcile last decided; absent until it has.
+    dial_plain: Mutex<HashMap<DatabaseId, bool>>,
 }
 
 impl std::fmt::Debug for OperatorPki {
@@ -114,6 +121,7 @@ impl OperatorPki {
             admin,
             databases: Mutex::new(BTreeMap::new()),
             plain: Mutex::new(HashSet::new()),
+            dial_plain: Mutex::new(HashMap::new()),
         }))
     }
 
@@ -185,29 +193,42 @@ impl OperatorPki {
 
     /// The operator's credentials for calling `db`'s servers, once the database is registered.
     pub fn credentials(&self, db: &DatabaseId) -> Option<Credentials> {
-        if self.is_plain(db) {
+        if self.dials_plain(db) == Some(true) {
             return Some(Credentials::Plain);
         }
         let dbs = self.databases.lock().unwrap_or_else(|e| e.into_inner());
         dbs.get(db).map(|d| Credentials::Tls(Arc::clone(&d.operator)))
     }
 
-    /// Records that `db` runs in internal-auth `none`: the operator dials it plain, and its
-    /// routers may call the admin endpoint over plain HTTP. Undone by [`OperatorPki::unregister_plain`].
+    /// Records that `db`'s routers may call the admin endpoint over plain HTTP (internal-auth
+    /// `none`, or climbing out of it). Undone by [`OperatorPki::unregister_plain`].
     pub fn register_plain(&self, db: &DatabaseId) {
         self.plain.lock().unwrap_or_else(|e| e.into_inner()).insert(db.clone());
     }
 
-    /// Records that `db` runs in internal-auth `migrate` or `strict` (its CA is [`register`]ed).
+    /// Records that `db`'s routers call the admin endpoint over TLS only (its CA is [`register`]ed).
     ///
     /// [`register`]: OperatorPki::register
     pub fn unregister_plain(&self, db: &DatabaseId) {
         self.plain.lock().unwrap_or_else(|e| e.into_inner()).remove(db);
     }
 
-    /// Whether `db` runs in internal-auth `none`.
+    /// Whether `db`'s routers may call the admin endpoint over plain HTTP.
     pub fn is_plain(&self, db: &DatabaseId) -> bool {
         self.plain.lock().unwrap_or_else(|e| e.into_inner()).contains(db)
+    }
+
+    /// Records whether the operator dials `db`'s servers plain (`plain`: its topology lists them
+    /// at `http://` URLs) or with its certificate for `db`.
+    pub fn set_dial_plain(&self, db: &DatabaseId, plain: bool) {
+        self.dial_plain.lock().unwrap_or_else(|e| e.into_inner()).insert(db.clone(), plain);
+    }
+
+    /// Whether the operator dials `db`'s servers plain; `None` until this process's reconcile
+    /// has decided it (the healer then leaves the database alone: guessing could rewrite its
+    /// document in the wrong scheme).
+    pub fn dials_plain(&self, db: &DatabaseId) -> Option<bool> {
+        self.dial_plain.lock().unwrap_or_else(|e| e.into_inner()).get(db).copied()
     }
 
     /// Records `db`'s CA: the operator's client certificate for it is issued (or renewed, when
@@ -256,6 +277,7 @@ impl OperatorPki {
     pub fn forget_except(&self, scope: Option<&str>, keep: &HashSet<DatabaseId>) -> Result<(), PkiError> {
         let gone = |k: &DatabaseId| scope.is_none_or(|ns| k.namespace == ns) && !keep.contains(k);
         self.plain.lock().unwrap_or_else(|e| e.into_inner()).retain(|k| !gone(k));
+        self.dial_plain.lock().unwrap_or_else(|e| e.into_inner()).retain(|k, _| !gone(k));
         let mut dbs = self.databases.lock().unwrap_or_else(|e| e.into_inner());
         let before = dbs.len();
         dbs.retain(|k, _| scope.is_some_and(|ns| k.namespace != ns) || keep.contains(k));
@@ -328,15 +350,17 @@ mod tests {
         assert!(pki.credentials(&db).is_some(), "another namespace's healer forgets only its own");
         pki.forget_except(None, &HashSet::new()).unwrap();
         assert!(pki.credentials(&db).is_none());
-        pki.register_plain(&db);
+        pki.set_dial_plain(&db, true);
         assert!(matches!(pki.credentials(&db), Some(Credentials::Plain)), "a database in none is dialled plain");
         pki.register(&db, &ca).unwrap();
-        assert!(matches!(pki.credentials(&db), Some(Credentials::Plain)), "none holds even with a CA kept");
-        pki.unregister_plain(&db);
-        assert!(matches!(pki.credentials(&db), Some(Credentials::Tls(_))), "out of none, dialled with TLS");
+        assert!(matches!(pki.credentials(&db), Some(Credentials::Plain)), "plain holds even with a CA kept");
         pki.register_plain(&db);
+        pki.set_dial_plain(&db, false);
+        assert!(matches!(pki.credentials(&db), Some(Credentials::Tls(_))), "dialled with TLS once told so");
+        assert!(pki.is_plain(&db), "while its routers may still call plain");
+        pki.set_dial_plain(&db, true);
         pki.forget_except(None, &HashSet::new()).unwrap();
-        assert!(!pki.is_plain(&db), "forgotten once gone");
+        assert!(!pki.is_plain(&db) && pki.dials_plain(&db).is_none(), "forgotten once gone");
         assert!(!pki.admin.pem().ca.contains(other.cert_pem()));
     }
 }

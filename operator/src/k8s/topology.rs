@@ -48,6 +48,12 @@ pub fn with_scheme(t: &Topology, plain: bool) -> Option<Topology> {
     Some(next)
 }
 
+/// Whether `t` lists its servers at `http://` URLs (a database in internal-auth `none`, or
+/// climbing into or out of it). Pure.
+pub fn lists_plain(t: &Topology) -> bool {
+    t.servers.values().next().is_some_and(|s| s.url.starts_with("http://"))
+}
+
 /// In a cluster: the server pod's stable DNS name under the headless Service
 /// (`<pod>.<headless>.<namespace>.svc:5000`), which follows the pod across restarts and nodes.
 #[derive(Clone, Copy, Debug, Default)]

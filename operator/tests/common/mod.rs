@@ -7,7 +7,9 @@
 //! The admin endpoint is served over TLS as in `sharddb-operator run`, and called with the
 //! router certificate the operator put in the routers' Secret. Servers present certificates of
 //! the database's CA (the one the operator made in `students-ca`), and the healer reaches them
-//! with its own certificate for the database, as in a cluster.
+//! with its own certificate for the database, as in a cluster. A server (re)started once its
+//! StatefulSet exists runs in the internal-auth mode of that StatefulSet's pod template
+//! (`SHARDDB_INTERNAL_AUTH`), as its pod would.
 #![allow(dead_code)]
 
 use fake_apiserver::FakeApiServer;
@@ -28,7 +30,7 @@ use shard_server::node::{Node, NodeConfig};
 use shard_server::schema::{Row, Value as Cell};
 use shard_server::tls::issue::{Ca, LeafRequest};
 use shard_server::tls::source::Pem;
-use shard_server::tls::{Component, Credentials, DatabaseId, Identity, TlsListener, TlsPeer, TlsSource};
+use shard_server::tls::{Component, Credentials, DatabaseId, Identity, InternalAuth, TlsListener, TlsPeer, TlsSource};
 use shard_server::topology::Topology;
 use shard_server::topology_source::watch_configmap;
 use std::collections::BTreeMap;
@@ -232,8 +234,39 @@ impl Harness {
         }
     }
 
-    /// Serves server `i` over its current database, following the topology ConfigMap.
+    /// The internal-auth mode server `i`'s pod runs in: its StatefulSet's pod template's; before
+    /// its StatefulSet exists, `strict` once the database's CA is known, else `none`.
+    pub fn pod_mode(&self, i: usize) -> InternalAuth {
+        let name = operator::k8s::build::names::server_statefulset("students", &self.servers[i].name);
+        match self.api.get("statefulsets", NS, &name) {
+            Some(sts) => {
+                let pod: k8s_openapi::api::core::v1::PodSpec =
+                    serde_json::from_value(sts["spec"]["template"]["spec"].clone()).unwrap();
+                operator::k8s::internal_auth::template_mode(&pod)
+            }
+            None if self.ca.is_some() => InternalAuth::Strict,
+            None => InternalAuth::None,
+        }
+    }
+
+    /// Reads the database's CA from `students-ca` (waiting for it), and presents the operator's
+    /// certificate for the database from then on.
+    pub async fn load_ca(&mut self) {
+        assert!(self.api.wait_for(WAIT, |api| secret(api, "students-ca", "ca.key").is_some()).await, "the CA is made");
+        let ca_pem = secret(&self.api, "students-ca", "ca.crt").unwrap();
+        let ca = Ca::from_pem(&ca_pem, &secret(&self.api, "students-ca", "ca.key").unwrap()).unwrap();
+        self.http = credentials(&ca, Identity::operator(students_id()).unwrap()).http_client(WAIT);
+        self.ca = Some(ca);
+    }
+
+    /// Serves server `i` over its current database, following the topology ConfigMap, in the
+    /// mode of its pod ([`Harness::pod_mode`]).
     pub async fn serve(&mut self, i: usize, listener: TcpListener) {
+        let mode = self.pod_mode(i);
+        if mode != InternalAuth::None && self.ca.is_none() {
+            // The pod mounts its certificate, so it starts once the operator has made it.
+            self.load_ca().await;
+        }
         let s = &mut self.servers[i];
         let db = Db::connect_patiently(&s.db_url, 8, Duration::from_secs(60)).await.unwrap();
         let config = NodeConfig {
@@ -245,25 +278,34 @@ impl Harness {
             cache_rows: NodeConfig::DEFAULT_CACHE_ROWS,
             cache_bytes: NodeConfig::DEFAULT_CACHE_BYTES,
             body_timeout: Duration::from_secs(60),
-            credentials: match &self.ca {
-                Some(ca) => credentials(ca, Identity::new(students_id(), Component::Server, &s.name).unwrap()),
+            credentials: match (&self.ca, mode) {
                 // Internal-auth `none`: plain HTTP, anyone accepted.
-                None => Credentials::Plain,
+                (_, InternalAuth::None) => Credentials::Plain,
+                (Some(ca), _) => credentials(ca, Identity::new(students_id(), Component::Server, &s.name).unwrap()),
+                (None, _) => unreachable!("the CA was loaded"),
             },
-            internal_auth: match &self.ca {
-                Some(_) => shard_server::tls::InternalAuth::Strict,
-                None => shard_server::tls::InternalAuth::None,
-            },
+            internal_auth: mode,
         };
+        let limits = shard_server::serve::ServeLimits {
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(10),
+            max_connections: 64,
+        };
+        if let (InternalAuth::Migrate, Credentials::Tls(tls)) = (mode, &config.credentials) {
+            // TLS and plain HTTP on one port, as `sharddb-shard-server` serves `migrate`.
+            let tls = tls.server_config();
+            let node = Node::new(config, db, watch_configmap(self.api.client(), NS, CONFIGMAP));
+            node.start().await.unwrap();
+            let app = shard_server::app(node);
+            s.task = Some(tokio::spawn(async move {
+                shard_server::serve::serve_migrate(listener, app, limits, tls, std::future::pending()).await.unwrap();
+            }));
+            return;
+        }
         if matches!(config.credentials, Credentials::Plain) {
             let node = Node::new(config, db, watch_configmap(self.api.client(), NS, CONFIGMAP));
             node.start().await.unwrap();
-            let limits = shard_server::serve::ServeLimits {
-                header_timeout: Duration::from_secs(10),
-                body_timeout: Duration::from_secs(10),
-                idle_timeout: Duration::from_secs(10),
-                max_connections: 64,
-            };
             let app = shard_server::app(node);
             s.task = Some(tokio::spawn(async move {
                 shard_server::serve::serve(listener, app, limits, std::future::pending()).await.unwrap();

@@ -10,6 +10,9 @@
 //! retry: an identical insert is a no-op) until the operator demotes it. Because a retried no-op
 //! still waits for every ready replica to reach the primary's sequence number, an acknowledgement
 //! always means "on every ready replica", even for a write first committed by an earlier attempt.
+//! A ready replica that refuses the group because it already follows a newer topology is not a
+//! replica that cannot apply: the primary follows that topology (bounded) and, while it still names
+//! it the shard's primary, replicates the group at that epoch to that epoch's ready replicas.
 //!
 //! **A failed group.** When the group's commit fails, its batches are committed again one at a
 //! time, each decided afresh: a batch that Postgres refuses (for whatever reason) fails alone, and
@@ -43,6 +46,10 @@ use tokio::sync::{mpsc, oneshot};
 const MAX_GROUP_OPS: usize = 4096;
 /// How often an idle writer with unconfirmed entries tries to confirm them with an empty group.
 const BARRIER_RETRY: Duration = Duration::from_millis(200);
+/// How long a primary waits to follow a newer topology one of its ready replicas already follows,
+/// and how many such epochs one group goes through, before its writes fail.
+const FOLLOW_REPLICA_EPOCH: Duration = Duration::from_secs(2);
+const MAX_EPOCH_HOPS: usize = 3;
 
 /// One batch waiting for the writer.
 pub struct Job {
@@ -382,6 +389,82 @@ async fn process_group(node: &Arc<Node>, shard: &Arc<Shard>, group: Vec<Job>) {
     let target = *applied;
     drop(applied);
 
+    // A ready replica that already follows a newer topology than this group's refuses it as
+    // stale. Every change of epoch (a rolling restart's drains, servers listed at new URLs) would
+    // then fail the writes in flight although the shard may be unchanged: follow that topology
+    // (both watch the same document: usually milliseconds), and when it still makes this server
+    // the shard's primary, bring its ready replicas up to `target` at that epoch, as the next
+    // group would (its lease waits included). Anything else fails the group as before.
+    let standalone = matches!(role, Ok(ShardRole::Standalone));
+    let (mut epoch, mut replicas) = (epoch, replicas);
+    let mut failed = replicate_group(node, shard, epoch, &replicas, target, standalone).await;
+    for _ in 0..MAX_EPOCH_HOPS {
+        let Some(newer) = failed.as_ref().and_then(|(_, e)| newer_epoch(e, epoch)) else { break };
+        if node.follow_epoch(newer, FOLLOW_REPLICA_EPOCH).await.is_none() {
+            break;
+        }
+        match node.shard(shard.id()).await.map(|(_, r)| r) {
+            Ok(ShardRole::Primary { epoch: now, entry, stale_copy: false, .. }) if now > epoch => {
+                tracing::debug!(shard = shard.id(), from = epoch, to = now, "replicating the group at a newer epoch");
+                (epoch, replicas) = (now, entry.replicas);
+            }
+            _ => break,
+        }
+        failed = replicate_group(node, shard, epoch, &replicas, target, standalone).await;
+    }
+    match failed {
+        None => {
+            // Shown to this primary's readers before anyone hears of it (see `visibility.rs`).
+            shard.confirm_own(target);
+            if shard.jobs.capacity() == shard.jobs.max_capacity() {
+                // No group follows at once to carry the confirmation to the replicas.
+                push_confirmation(node, shard, epoch, &replicas);
+            }
+            for (job, mut outcome) in accepted {
+                outcome.seq = target;
+                let _ = job.reply.send(Ok(outcome));
+            }
+            for (job, e) in refused {
+                let _ = job.reply.send(Err(e));
+            }
+        }
+        Some((peer, source)) => {
+            node.metrics.replication_failures.inc();
+            let writes = accepted.iter().filter(|(j, _)| !j.ops.is_empty()).count()
+                + refused.iter().filter(|(j, _)| !j.ops.is_empty()).count();
+            if writes > 0 {
+                tracing::warn!(shard = shard.id(), replica = %peer, seq = target, epoch, writes, error = %source,
+                    "a ready replica did not confirm; the group's writes fail");
+            }
+            let source = Arc::new(source);
+            for job in accepted.into_iter().map(|(j, _)| j).chain(refused.into_iter().map(|(j, _)| j)) {
+                let _ = job.reply.send(Err(ApiError::Replication {
+                    shard: shard.id().into(),
+                    replica: peer.clone(),
+                    seq: target,
+                    source: Arc::clone(&source),
+                }));
+            }
+        }
+    }
+}
+
+/// The epoch a replica refused a group's entries for as newer than the group's `epoch`.
+fn newer_epoch(error: &ReplicationError, epoch: u64) -> Option<u64> {
+    let ReplicationError::Client(e) = error else { return None };
+    e.body().filter(|b| b.code == crate::api::ErrorCode::StaleEpoch).and_then(|b| b.epoch).filter(|n| *n > epoch)
+}
+
+/// Brings the replicas of a group (`replicas`, at `epoch`) up to `target`; the first ready replica
+/// that did not confirm, and why.
+async fn replicate_group(
+    node: &Arc<Node>,
+    shard: &Arc<Shard>,
+    epoch: u64,
+    replicas: &BTreeMap<String, ReplicaState>,
+    target: u64,
+    standalone: bool,
+) -> Option<(String, ReplicationError)> {
     // Every ready replica must hold `target` before anyone is acknowledged; recovering and leaving
     // replicas are fed too, but never hold up an acknowledgement, except while they may still hold
     // a read lease: then the acknowledgement waits until they applied `target` or the lease ran out.
@@ -390,7 +473,7 @@ async fn process_group(node: &Arc<Node>, shard: &Arc<Shard>, group: Vec<Job>) {
     let mut leased: HashMap<String, Instant> = shard.live_grants(lease).into_iter().collect();
     let mut must = Vec::new();
     let mut lease_waits = Vec::new();
-    for (peer, state) in &replicas {
+    for (peer, state) in replicas {
         if peer == node.name() {
             continue;
         }
@@ -433,43 +516,13 @@ async fn process_group(node: &Arc<Node>, shard: &Arc<Shard>, group: Vec<Job>) {
     }
     // Leases granted by an earlier run of this server are unknown: wait them out once. A
     // standalone shard has no replicas and never granted any.
-    let standalone = matches!(role, Ok(ShardRole::Standalone));
     let restart_bound = if standalone { Instant::now() } else { predecessor_grants_end(node) };
     let (results, _, _) = futures::join!(
         futures::future::join_all(must),
         futures::future::join_all(lease_waits),
         tokio::time::sleep_until(restart_bound.into()),
     );
-    let failed = results.into_iter().find_map(|(peer, r)| r.err().map(|e| (peer, e)));
-    match failed {
-        None => {
-            // Shown to this primary's readers before anyone hears of it (see `visibility.rs`).
-            shard.confirm_own(target);
-            if shard.jobs.capacity() == shard.jobs.max_capacity() {
-                // No group follows at once to carry the confirmation to the replicas.
-                push_confirmation(node, shard, epoch, &replicas);
-            }
-            for (job, mut outcome) in accepted {
-                outcome.seq = target;
-                let _ = job.reply.send(Ok(outcome));
-            }
-            for (job, e) in refused {
-                let _ = job.reply.send(Err(e));
-            }
-        }
-        Some((peer, source)) => {
-            node.metrics.replication_failures.inc();
-            let source = Arc::new(source);
-            for job in accepted.into_iter().map(|(j, _)| j).chain(refused.into_iter().map(|(j, _)| j)) {
-                let _ = job.reply.send(Err(ApiError::Replication {
-                    shard: shard.id().into(),
-                    replica: peer.clone(),
-                    seq: target,
-                    source: Arc::clone(&source),
-                }));
-            }
-        }
-    }
+    results.into_iter().find_map(|(peer, r)| r.err().map(|e| (peer, e)))
 }
 
 /// The keys `ops` touch, sorted, each once.
