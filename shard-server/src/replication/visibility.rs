@@ -222,6 +222,11 @@ impl Shard {
         self.visibility.state.read().expect("lock").confirmed
     }
 
+    /// The last entry applied here, pending or visible.
+    pub(super) fn latest_applied(&self) -> u64 {
+        self.visibility.state.read().expect("lock").latest()
+    }
+
     /// Whether some applied entry is not confirmed yet.
     pub fn unconfirmed(&self) -> bool {
         let st = self.visibility.state.read().expect("lock");
