@@ -32,6 +32,7 @@ use super::internal_auth;
 use super::pki::{OperatorPki, PkiError};
 use super::status::{self, Observed, READY};
 use super::topology::{self, HeadlessService, ServerUrls, WriteError};
+use super::workloads;
 use crate::brain::placement::place;
 use crate::brain::topology::TopologyBuildError;
 use crate::brain::validate::{Images, validate_with_defaults};
@@ -395,7 +396,13 @@ async fn reconcile_inner(db: &ShardedDatabase, ctx: &Context) -> Result<Action, 
     // carry now and which scheme the document lists (and the operator dials).
     let key = ObjectRef::from_obj(db);
     let routers_found = apply::get::<Deployment>(client, ns, &names::router(&owner.name)).await?;
-    let (seen, grace_left) = climb_seen(ctx, &key, &server_sets_found, routers_found.as_ref(), current.as_ref());
+    let (seen, grace_left) = workloads::climb_seen(
+        &server_sets_found,
+        routers_found.as_ref(),
+        current.as_ref(),
+        !ctx.restarting(&key).is_empty(),
+        ctx.followed(&key),
+    );
     let seen = internal_auth::Seen {
         climbing: previous
             .and_then(|p| status::condition(p, internal_auth::INTERNAL_AUTH))
@@ -509,10 +516,14 @@ async fn reconcile_inner(db: &ShardedDatabase, ctx: &Context) -> Result<Action, 
         ready_routers: routers.status.as_ref().and_then(|s| s.ready_replicas).map_or(0, |r| r.max(0) as u32),
         topology,
         unreachable: ctx.unreachable(&ObjectRef::from_obj(db)),
-        updated_servers: server_sets.iter().filter(|(_, sts)| updated(sts)).map(|(server, _)| server.clone()).collect(),
+        updated_servers: server_sets
+            .iter()
+            .filter(|(_, sts)| workloads::updated(sts))
+            .map(|(server, _)| server.clone())
+            .collect(),
         // Until the last restarted server's copies are ready again, even once every pod runs the
         // current revision.
-        rolling: server_sets.iter().any(|(_, sts)| outdated(sts))
+        rolling: server_sets.iter().any(|(_, sts)| workloads::outdated(sts))
             || !ctx.restarting(&ObjectRef::from_obj(db)).is_empty(),
     };
     let status = status::healthy_or_converging(generation, &placement, &observed, previous, &now);
@@ -558,51 +569,6 @@ async fn reconcile_inner(db: &ShardedDatabase, ctx: &Context) -> Result<Action, 
     }
 }
 
-/// What the cluster shows for the climb between internal-auth modes (`k8s::internal_auth`), read
-/// before anything is applied: the mode of every workload's template, whether every pod runs it,
-/// the document's scheme, and whether every server has followed the document for the routers'
-/// grace (and, when it has not for long enough yet, how long is left). Router pods are not
-/// looked at one by one: their Deployment's status says whether every replica is updated and
-/// none of an older template is left.
-fn climb_seen(
-    ctx: &Context,
-    key: &ObjectRef<ShardedDatabase>,
-    server_sets: &[StatefulSet],
-    routers: Option<&Deployment>,
-    document: Option<&shard_server::topology::Topology>,
-) -> (internal_auth::Seen, Option<Duration>) {
-    let pod_spec = |t: Option<&k8s_openapi::api::core::v1::PodTemplateSpec>| t.and_then(|t| t.spec.clone());
-    let mut templates: Vec<InternalAuth> = server_sets
-        .iter()
-        .filter_map(|sts| pod_spec(sts.spec.as_ref().map(|s| &s.template)))
-        .map(|p| internal_auth::template_mode(&p))
-        .collect();
-    templates.extend(
-        pod_spec(routers.and_then(|d| d.spec.as_ref()).map(|s| &s.template)).map(|p| internal_auth::template_mode(&p)),
-    );
-    let rolled =
-        server_sets.iter().all(updated) && routers.is_some_and(deployment_rolled) && ctx.restarting(key).is_empty();
-    let plain_urls = document.map(topology::lists_plain);
-    let (followed, grace_left) = match (document, ctx.followed(key)) {
-        (Some(t), Some((epoch, since))) if epoch >= t.epoch => {
-            let left = internal_auth::ROUTER_GRACE.saturating_sub(since.elapsed());
-            (left.is_zero(), Some(left).filter(|l| !l.is_zero()))
-        }
-        _ => (false, None),
-    };
-    (internal_auth::Seen { templates, rolled, plain_urls, followed, climbing: false }, grace_left)
-}
-
-/// Whether every replica of a Deployment runs its current template and no older one is left.
-fn deployment_rolled(d: &Deployment) -> bool {
-    let wanted = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
-    let Some(status) = d.status.as_ref() else { return false };
-    status.observed_generation >= d.metadata.generation
-        && status.updated_replicas.unwrap_or(0) >= wanted
-        && status.replicas.unwrap_or(0) <= status.updated_replicas.unwrap_or(0)
-        && status.ready_replicas.unwrap_or(0) >= wanted
-}
-
 /// Reports an invalid spec (`Ready=False, reason=InvalidSpec`, and an Event when the message is
 /// new) and waits for the next change: the user's to fix, nothing is retried.
 async fn refuse_spec(
@@ -623,22 +589,6 @@ async fn refuse_spec(
     }
     write_status(ctx, db, owner, status).await?;
     Ok(Action::await_change())
-}
-
-/// Whether a server's pod runs its StatefulSet's current revision, as its controller reports.
-fn updated(sts: &StatefulSet) -> bool {
-    let observed = sts.status.as_ref().and_then(|s| s.observed_generation) >= sts.metadata.generation;
-    let status = sts.status.as_ref();
-    observed
-        && status.and_then(|s| s.update_revision.as_ref()).is_some()
-        && status.and_then(|s| s.current_revision.as_ref()) == status.and_then(|s| s.update_revision.as_ref())
-}
-
-/// Whether a server's pod runs an older revision than its StatefulSet's current one (known only
-/// once its controller observed the current spec).
-fn outdated(sts: &StatefulSet) -> bool {
-    let status = sts.status.as_ref();
-    status.and_then(|s| s.update_revision.as_ref()).is_some() && !updated(sts)
 }
 
 /// Transient errors: retry with exponential backoff and ±50% jitter, so many failing objects do
@@ -741,28 +691,6 @@ fn now() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn routers_are_rolled_once_every_replica_is_updated_ready_and_none_older_is_left() {
-        use k8s_openapi::api::apps::v1::{DeploymentSpec, DeploymentStatus};
-        let d = |generation: i64, observed: i64, replicas: i32, updated: i32, ready: i32| Deployment {
-            metadata: kube::api::ObjectMeta { generation: Some(generation), ..Default::default() },
-            spec: Some(DeploymentSpec { replicas: Some(2), ..Default::default() }),
-            status: Some(DeploymentStatus {
-                observed_generation: Some(observed),
-                replicas: Some(replicas),
-                updated_replicas: Some(updated),
-                ready_replicas: Some(ready),
-                ..Default::default()
-            }),
-        };
-        assert!(deployment_rolled(&d(3, 3, 2, 2, 2)));
-        assert!(!deployment_rolled(&d(3, 2, 2, 2, 2)), "the new template not observed yet");
-        assert!(!deployment_rolled(&d(3, 3, 3, 2, 2)), "a replica of the old template is left (surge)");
-        assert!(!deployment_rolled(&d(3, 3, 2, 1, 2)), "one replica not updated");
-        assert!(!deployment_rolled(&d(3, 3, 2, 2, 1)), "one updated replica not ready");
-        assert!(!deployment_rolled(&Deployment { status: None, ..d(3, 3, 2, 2, 2) }));
-    }
 
     #[test]
     fn backoff_grows_caps_and_jitters() {

@@ -14,3 +14,4 @@ pub mod process;
 pub mod rollout;
 pub mod status;
 pub mod topology;
+pub mod workloads;
