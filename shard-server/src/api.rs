@@ -347,6 +347,11 @@ pub struct Confirmed {
 pub struct ReplicateResponse {
     /// The last sequence number this replica holds.
     pub applied: u64,
+    /// The replica's history hash at `applied` (see `replication::divergence`), when known: lets
+    /// a primary that cannot send its own entry at that number (its log lacks it) still tell
+    /// the same history from another. Absent from older servers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash: Option<String>,
 }
 
 /// `POST /v1/lease`: a ready replica asks the primary it is sent to for read leases on the listed

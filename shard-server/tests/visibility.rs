@@ -122,3 +122,66 @@ async fn a_token_of_an_earlier_start_is_refused() {
     let e = c.client(0).primary_lease(&bad).await.unwrap_err();
     assert_eq!(e.code(), Some(ErrorCode::BadRequest), "{e}");
 }
+
+/// A primary whose newest entry is not in its own log (its state came from a snapshot, which
+/// leaves no log rows, or the log was trimmed past it) restarts: its state is visible but not
+/// confirmed, and only an empty group can confirm it. That group cannot send the replica the
+/// entry it lacks; it asks the replica's position instead and compares their histories, so
+/// reads are served again without any write coming along.
+#[tokio::test]
+async fn a_restarted_primary_whose_log_lacks_its_newest_entry_confirms_its_state_without_a_write() {
+    use sqlx::Connection;
+    let mut c = Cluster::start(2, &[("sh1", 0, 1000, 0, &[0, 1])]).await;
+    c.client(0).write("sh1", &write(vec![Op::Insert { row: row(1, "a") }])).await.unwrap();
+    c.client(0).write("sh1", &write(vec![Op::Insert { row: row(2, "b") }])).await.unwrap();
+    c.kill(0).await;
+    let mut conn = sqlx::PgConnection::connect(&c.servers[0].db_url).await.unwrap();
+    let gone = sqlx::query("DELETE FROM sharddb_log WHERE shard = 'sh1'").execute(&mut conn).await.unwrap();
+    assert_eq!(gone.rows_affected(), 2, "the primary's log held both entries");
+    c.restart(0).await;
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut last = None;
+    while Instant::now() < deadline {
+        last = Some(name_at(&c, 0, 1).await);
+        if last == Some(Ok(Some("a".into()))) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(last, Some(Ok(Some("a".into()))), "the restarted primary serves its confirmed state again");
+    assert_eq!(name_at(&c, 1, 2).await, Ok(Some("b".into())), "and so does its replica");
+    // Writes go on from there: the replica is sent the next entry as usual.
+    c.client(0).write("sh1", &write(vec![Op::Insert { row: row(3, "c") }])).await.unwrap();
+    assert_eq!(name_at(&c, 1, 3).await, Ok(Some("c".into())));
+}
+
+/// The same primary, but its replica's history at that number is another one (its stored history
+/// hash differs): nothing confirms the primary's state, so neither copy serves it. Watched for
+/// longer than the primary above needed to serve again.
+#[tokio::test]
+async fn a_primary_whose_log_lacks_its_newest_entry_confirms_nothing_against_another_history() {
+    use sqlx::Connection;
+    let mut c = Cluster::start(2, &[("sh1", 0, 1000, 0, &[0, 1])]).await;
+    c.client(0).write("sh1", &write(vec![Op::Insert { row: row(1, "a") }])).await.unwrap();
+    c.kill(0).await;
+    c.kill(1).await;
+    let mut primary = sqlx::PgConnection::connect(&c.servers[0].db_url).await.unwrap();
+    sqlx::query("DELETE FROM sharddb_log WHERE shard = 'sh1'").execute(&mut primary).await.unwrap();
+    let mut replica = sqlx::PgConnection::connect(&c.servers[1].db_url).await.unwrap();
+    let other = "0123456789abcdef0123456789abcdef";
+    let changed = sqlx::query("UPDATE sharddb_shards SET applied_hash = $1 WHERE shard = 'sh1' AND applied_hash <> $1")
+        .bind(other)
+        .execute(&mut replica)
+        .await
+        .unwrap();
+    assert_eq!(changed.rows_affected(), 1, "the replica's history now reads as another one");
+    c.restart(1).await;
+    c.restart(0).await;
+
+    let until = Instant::now() + Duration::from_secs(8);
+    while Instant::now() < until {
+        assert_eq!(name_at(&c, 0, 1).await, Err(Some(ErrorCode::NotReady)), "the primary's state stays unconfirmed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

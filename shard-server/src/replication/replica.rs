@@ -92,14 +92,16 @@ impl Shard {
 
     /// Applies entries sent by the primary (replica side), then takes the primary's confirmation
     /// (see `visibility.rs`).
-    pub async fn replicate(&self, node: &Node, req: ReplicateRequest) -> Result<u64, ApiError> {
+    /// Returns the sequence number this copy then holds, with its history hash there.
+    pub async fn replicate(&self, node: &Node, req: ReplicateRequest) -> Result<(u64, Option<u128>), ApiError> {
         let mut applied = self.applied.lock().await;
         let done = self.apply_entries(node, &mut applied, req.entries, req.prev_epoch).await?;
+        let hash = self.history_hash();
         drop(applied);
         if let Some(c) = req.confirmed {
             self.confirm_from_primary(node, c).await;
         }
-        Ok(done)
+        Ok((done, hash))
     }
 
     /// Applies consecutive entries on top of `applied` (held locked by the caller), checking that

@@ -139,6 +139,11 @@ impl Shard {
             } else {
                 match self.entries(node, from, target).await {
                     Ok(entries) => entries,
+                    // This copy's own newest entry is not in its log (its state came from a
+                    // snapshot, and it restarted since): ask the peer's position with no entries
+                    // instead. A peer already there is in sync if it holds the same history
+                    // (checked below); one behind is sent what it misses from there.
+                    Err(ReplicationError::NeedsSnapshot { .. }) if known.is_none() => Vec::new(),
                     Err(e) => {
                         // Ask the peer's position anew next time, from the newest entry.
                         *known = None;
@@ -146,6 +151,7 @@ impl Shard {
                     }
                 }
             };
+            let probe = entries.is_empty() && target != 0;
             let prev_epoch = match entries.first() {
                 Some(first) => self.epoch_at(node, first.seq - 1).await?,
                 None => None,
@@ -159,6 +165,20 @@ impl Shard {
             };
             let before = *known;
             match client.replicate(self.id(), &req).await {
+                Ok(r) if probe && r.applied == target => {
+                    // Sent nothing, so nothing was checked: the histories must be shown the same.
+                    let theirs = r.hash.as_deref().map(divergence::from_hex);
+                    let same = match (self.history_hash(), theirs) {
+                        (Some(ours), Some(Some(theirs))) => ours == theirs,
+                        // Both from before history hashes: nothing tells them apart.
+                        (None, None) => true,
+                        _ => false,
+                    };
+                    if !same {
+                        return Err(ReplicationError::NeedsSnapshot { from: target, to: target });
+                    }
+                    *known = Some(r.applied);
+                }
                 Ok(r) => *known = Some(r.applied),
                 Err(e) => match e.body() {
                     Some(b) if b.code == crate::api::ErrorCode::SeqGap => *known = b.applied,

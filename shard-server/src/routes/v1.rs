@@ -160,10 +160,10 @@ pub async fn replicate(
     }
     // Applying runs to completion even if the primary gives up and drops this request: a
     // transaction cut off mid-way must never be left on a pooled connection.
-    let applied = tokio::spawn(async move { shard.replicate(&node, req).await })
+    let (applied, hash) = tokio::spawn(async move { shard.replicate(&node, req).await })
         .await
         .map_err(|e| ApiError::Internal(format!("replication task: {e}")))??;
-    Ok(Json(ReplicateResponse { applied }))
+    Ok(Json(ReplicateResponse { applied, hash: hash.map(crate::replication::divergence::to_hex) }))
 }
 
 /// `GET /v1/shards/{shard}/snapshot`: the shard at one sequence number, streamed as
