@@ -315,14 +315,11 @@ impl LocalCluster {
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = bool>,
     {
-        let start = Instant::now();
-        while start.elapsed() < limit {
-            if check().await {
-                return Ok(());
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        bail!("{what}: not within {limit:?}")
+        let held = checks::poll(limit, Duration::from_millis(100), || {
+            let holds = check();
+            async move { Ok(holds.await.then_some(())) }
+        });
+        held.await?.with_context(|| format!("{what}: not within {limit:?}"))
     }
 
     /// Sends SIGTERM and waits for the local mode to exit; returns whether it exited cleanly.
