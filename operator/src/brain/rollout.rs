@@ -24,6 +24,11 @@
 //! - **A shard with one copy** cannot be drained: its server restarts holding it, and the shard
 //!   is unavailable meanwhile. That is the price of one copy, not a reason to stop the rollout.
 //! - "Unknown" (not probed yet) counts as not serving: it delays the rollout, never advances it.
+//! - **A restart runs to its end.** A server being replaced (in Kubernetes: its pod is gone or
+//!   terminating) may still answer, as a pod's process does through its termination grace period.
+//!   Until it is back, nothing else moves: no other server is drained, and its copies are not
+//!   recovered (the restart would throw them away, and a copy marked ready on a server about to
+//!   stop undoes the drain; a later drain could even hand it a primary).
 
 use super::observe::{Health, Observations};
 use super::validate::natural_key;
@@ -53,10 +58,19 @@ pub enum Change {
     Demote { shard: String, server: String },
 }
 
-/// The step toward every server in `outdated` running what it should.
-pub fn plan_rollout(topology: &Topology, outdated: &BTreeSet<String>, seen: &Observations) -> Step {
+/// The step toward every server in `outdated` running what it should, while the servers in
+/// `replacing` restart (their old process may still answer).
+pub fn plan_rollout(
+    topology: &Topology,
+    outdated: &BTreeSet<String>,
+    replacing: &BTreeSet<String>,
+    seen: &Observations,
+) -> Step {
     if outdated.is_empty() {
         return Step::Done;
+    }
+    if let Some(server) = replacing.iter().next() {
+        return Step::Wait(format!("{server} is restarting and not back yet"));
     }
     let next = next_restart(topology, outdated);
     for name in topology.servers.keys().filter(|s| Some(*s) != next.as_ref()) {
@@ -98,10 +112,16 @@ pub fn next_restart(topology: &Topology, outdated: &BTreeSet<String>) -> Option<
     order(topology, outdated).into_iter().find(|s| drained(topology, s))
 }
 
-/// Drops the heal plan's recovers onto `held` (the server about to restart): a copy recovered now
-/// would be thrown away by the restart, and marking it ready would undo the drain.
-pub fn hold_recovers(actions: &mut Vec<Action>, held: Option<&str>) {
-    actions.retain(|a| !matches!(a, Action::Recover { server, .. } if Some(server.as_str()) == held));
+/// The servers whose copies must not be recovered now: the one about to restart
+/// ([`next_restart`]) and those restarting (`replacing`). A copy recovered on them would be thrown
+/// away by the restart, and marking it ready would undo the drain.
+pub fn held(topology: &Topology, outdated: &BTreeSet<String>, replacing: &BTreeSet<String>) -> BTreeSet<String> {
+    replacing.iter().cloned().chain(next_restart(topology, outdated)).collect()
+}
+
+/// Drops the heal plan's recovers onto the servers in `held` ([`held`]).
+pub fn hold_recovers(actions: &mut Vec<Action>, held: &BTreeSet<String>) {
+    actions.retain(|a| !matches!(a, Action::Recover { server, .. } if held.contains(server)));
 }
 
 /// The document after `changes` (epoch + 1), or `None` when none applies any more.
@@ -258,14 +278,14 @@ mod tests {
     #[test]
     fn nothing_outdated_is_done() {
         let t = two_shards();
-        assert_eq!(plan_rollout(&t, &set(&[]), &seen(&t, &[])), Step::Done);
+        assert_eq!(plan_rollout(&t, &set(&[]), &set(&[]), &seen(&t, &[])), Step::Done);
     }
 
     #[test]
     fn replicas_drain_first_then_restart_once_drained() {
         let t = two_shards();
         let all = set(&["A", "B", "C", "D"]);
-        let step = plan_rollout(&t, &all, &seen(&t, &[]));
+        let step = plan_rollout(&t, &all, &set(&[]), &seen(&t, &[]));
         assert_eq!(
             step,
             Step::Drain { server: "C".into(), changes: vec![demote("sh1", "C"), demote("sh2", "C")] },
@@ -277,21 +297,21 @@ mod tests {
         assert_eq!(next_restart(&drained, &all).as_deref(), Some("C"));
         // Until every other server follows the new document, C waits.
         let behind = seen(&t, &[]);
-        assert!(matches!(plan_rollout(&drained, &all, &behind), Step::Wait(w) if w.contains("epoch 8")));
-        assert_eq!(plan_rollout(&drained, &all, &seen(&drained, &[])), Step::Restart { server: "C".into() });
+        assert!(matches!(plan_rollout(&drained, &all, &set(&[]), &behind), Step::Wait(w) if w.contains("epoch 8")));
+        assert_eq!(plan_rollout(&drained, &all, &set(&[]), &seen(&drained, &[])), Step::Restart { server: "C".into() });
         // C is down (restarting): the others still serve, so C stays the one to restart; nothing
         // else starts while its copies recover.
         let mut o = seen(&drained, &[]);
         o.set("C", Health::Unknown);
-        assert_eq!(plan_rollout(&drained, &all, &o), Step::Restart { server: "C".into() });
+        assert_eq!(plan_rollout(&drained, &all, &set(&[]), &o), Step::Restart { server: "C".into() });
         let updated = set(&["A", "B", "D"]);
         assert!(
-            matches!(plan_rollout(&drained, &updated, &o), Step::Wait(w) if w.contains("C does not serve")),
+            matches!(plan_rollout(&drained, &updated, &set(&[]), &o), Step::Wait(w) if w.contains("C does not serve")),
             "C runs the new version now but has not answered yet"
         );
         assert!(
             matches!(
-                plan_rollout(&drained, &updated, &seen(&drained, &[])),
+                plan_rollout(&drained, &updated, &set(&[]), &seen(&drained, &[])),
                 Step::Wait(w) if w == "sh1 on C is recovering yet"
             ),
             "its copies are recovered before the next server"
@@ -302,14 +322,14 @@ mod tests {
     fn primaries_hand_over_to_the_most_advanced_copy_preferring_updated_servers() {
         let t = two_shards();
         // Only the primaries are left. A: sh1 goes to B or C, both at 9; C is updated.
-        let step = plan_rollout(&t, &set(&["A", "B"]), &seen(&t, &[]));
+        let step = plan_rollout(&t, &set(&["A", "B"]), &set(&[]), &seen(&t, &[]));
         assert_eq!(step, Step::Drain { server: "A".into(), changes: vec![hand_over("sh1", "A", "C")] });
         // A copy further ahead wins over an updated one: no copy may hold an entry the new
         // primary lacks.
-        let step = plan_rollout(&t, &set(&["A", "B"]), &seen(&t, &[("B", "sh1", 10)]));
+        let step = plan_rollout(&t, &set(&["A", "B"]), &set(&[]), &seen(&t, &[("B", "sh1", 10)]));
         assert_eq!(step, Step::Drain { server: "A".into(), changes: vec![hand_over("sh1", "A", "B")] });
         // B is the primary of sh2 and holds a copy of sh1: both leave it in one document.
-        let step = plan_rollout(&t, &set(&["B"]), &seen(&t, &[]));
+        let step = plan_rollout(&t, &set(&["B"]), &set(&[]), &seen(&t, &[]));
         assert_eq!(
             step,
             Step::Drain { server: "B".into(), changes: vec![demote("sh1", "B"), hand_over("sh2", "B", "C")] }
@@ -334,11 +354,13 @@ mod tests {
                     .into(),
             },
         );
-        let step = plan_rollout(&t, &set(&["A"]), &o);
+        let step = plan_rollout(&t, &set(&["A"]), &set(&[]), &o);
         assert_eq!(step, Step::Drain { server: "A".into(), changes: vec![hand_over("sh1", "A", "C")] });
         // No intact answer at all: wait rather than restart a primary that has copies.
         o.set("C", Health::Up { epoch: EPOCH, copies: BTreeMap::new() });
-        assert!(matches!(plan_rollout(&t, &set(&["A"]), &o), Step::Wait(w) if w.contains("take it over from A")));
+        assert!(
+            matches!(plan_rollout(&t, &set(&["A"]), &set(&[]), &o), Step::Wait(w) if w.contains("take it over from A"))
+        );
     }
 
     #[test]
@@ -348,28 +370,33 @@ mod tests {
             ("sh2", "B", &[("B", Ready), ("C", Ready), ("D", Ready)]),
         ]);
         assert!(
-            matches!(plan_rollout(&t, &set(&["D"]), &seen(&t, &[])), Step::Wait(w) if w == "sh1 on C is recovering yet")
+            matches!(plan_rollout(&t, &set(&["D"]), &set(&[]), &seen(&t, &[])), Step::Wait(w) if w == "sh1 on C is recovering yet")
         );
         let t = two_shards();
         let mut o = seen(&t, &[]);
         o.set("A", Health::Down { since: std::time::Instant::now() });
-        assert!(matches!(plan_rollout(&t, &set(&["D"]), &o), Step::Wait(w) if w.contains("A does not serve")));
+        assert!(
+            matches!(plan_rollout(&t, &set(&["D"]), &set(&[]), &o), Step::Wait(w) if w.contains("A does not serve"))
+        );
         o.set("A", Health::Unknown);
-        assert!(matches!(plan_rollout(&t, &set(&["D"]), &o), Step::Wait(_)), "unknown never advances a rollout");
+        assert!(
+            matches!(plan_rollout(&t, &set(&["D"]), &set(&[]), &o), Step::Wait(_)),
+            "unknown never advances a rollout"
+        );
     }
 
     #[test]
     fn a_shards_only_copy_restarts_with_its_server() {
         let t = topology(&[("sh1", "A", &[("A", Ready)]), ("sh2", "B", &[("B", Ready), ("C", Ready)])]);
         assert_eq!(next_restart(&t, &set(&["A"])).as_deref(), Some("A"), "nothing to drain: A is drained as it is");
-        assert_eq!(plan_rollout(&t, &set(&["A"]), &seen(&t, &[])), Step::Restart { server: "A".into() });
+        assert_eq!(plan_rollout(&t, &set(&["A"]), &set(&[]), &seen(&t, &[])), Step::Restart { server: "A".into() });
     }
 
     #[test]
     fn a_server_outside_the_document_restarts_at_once_and_recovers_are_held_only_for_the_next() {
         let t = two_shards();
         let mut outdated = set(&["E"]);
-        assert_eq!(plan_rollout(&t, &outdated, &seen(&t, &[])), Step::Restart { server: "E".into() });
+        assert_eq!(plan_rollout(&t, &outdated, &set(&[]), &seen(&t, &[])), Step::Restart { server: "E".into() });
         outdated.insert("C".into());
         let drained = apply(&t, &[demote("sh1", "C"), demote("sh2", "C")]).unwrap();
         assert_eq!(next_restart(&t, &outdated).as_deref(), Some("E"), "E holds nothing: the first one drained");
@@ -378,8 +405,38 @@ mod tests {
         let recover =
             |server: &str| Action::Recover { shard: "sh1".into(), server: server.into(), primary: "A".into() };
         let mut actions = vec![recover("C"), recover("D")];
-        hold_recovers(&mut actions, Some("C"));
+        hold_recovers(&mut actions, &held(&drained, &outdated, &set(&[])));
         assert_eq!(actions, [recover("D")]);
+    }
+
+    #[test]
+    fn nothing_moves_while_a_restarted_server_is_not_back() {
+        // C was drained and its pod evicted; its old process may still answer (a pod through its
+        // termination grace period). It is no longer outdated: its pod is gone.
+        let t = apply(&two_shards(), &[demote("sh1", "C"), demote("sh2", "C")]).unwrap();
+        let outdated = set(&["A", "B", "D"]);
+        let replacing = set(&["C"]);
+        // Its copies are not recovered until it is back.
+        let recover =
+            |server: &str| Action::Recover { shard: "sh1".into(), server: server.into(), primary: "A".into() };
+        let mut actions = vec![recover("C")];
+        hold_recovers(&mut actions, &held(&t, &outdated, &replacing));
+        assert_eq!(actions, []);
+        let mut actions = vec![recover("C")];
+        hold_recovers(&mut actions, &held(&t, &outdated, &set(&[])));
+        assert_eq!(actions, [recover("C")], "back: its copies are recovered");
+        // Nor is the next server drained, even with every copy ready (as they would be had its
+        // copies been recovered while its old process still answered).
+        let ready = two_shards();
+        assert!(
+            matches!(plan_rollout(&ready, &outdated, &replacing, &seen(&ready, &[])), Step::Wait(w) if w == "C is restarting and not back yet")
+        );
+        assert!(
+            matches!(plan_rollout(&ready, &outdated, &set(&[]), &seen(&ready, &[])), Step::Drain { server, .. } if server == "D"),
+            "once back"
+        );
+        // Only the last server restarting: the rollout itself is done, its recovers still wait.
+        assert_eq!(plan_rollout(&t, &set(&[]), &replacing, &seen(&t, &[])), Step::Done);
     }
 
     #[test]

@@ -303,7 +303,8 @@ impl Healer {
                 None
             }
         };
-        let outdated = revisions.as_ref().map(|r| r.outdated.clone()).unwrap_or_default();
+        let (outdated, replacing) =
+            revisions.as_ref().map(|r| (r.outdated.clone(), r.replacing.clone())).unwrap_or_default();
         let state = self.dbs.entry(key.clone()).or_insert_with(|| DbState::new(&owner));
         self.books.lock().expect("books lock").insert(key.clone(), Arc::clone(&state.leases));
         {
@@ -329,7 +330,7 @@ impl Healer {
         }
 
         let mut actions = plan::plan(&topology, &state.seen, now, &self.settings.plan);
-        rollout::hold_recovers(&mut actions, rollout::next_restart(&topology, &outdated).as_deref());
+        rollout::hold_recovers(&mut actions, &rollout::held(&topology, &outdated, &replacing));
         let (mut changes, recovers): (Vec<_>, Vec<_>) = actions.into_iter().partition(Action::changes_topology);
         let mut next = plan::apply(&topology, &changes);
         if next.as_ref().is_some_and(|n| !fence(&leases, &topology, n)) {
@@ -410,7 +411,7 @@ impl Healer {
     ) {
         let Some(state) = self.dbs.get_mut(key) else { return };
         let step = if revisions.unknown.is_empty() {
-            rollout::plan_rollout(topology, &revisions.outdated, &state.seen)
+            rollout::plan_rollout(topology, &revisions.outdated, &revisions.replacing, &state.seen)
         } else {
             let unknown: Vec<&str> = revisions.unknown.iter().map(String::as_str).collect();
             Step::Wait(format!("the current revision of {} is not known yet", unknown.join(", ")))

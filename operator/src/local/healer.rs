@@ -164,7 +164,10 @@ impl Healer {
         self.observe(&topology).await;
         let outdated = cluster.outdated_servers();
         let mut actions = plan::plan(&topology, &self.seen, Instant::now(), &self.settings);
-        rollout::hold_recovers(&mut actions, rollout::next_restart(&topology, &outdated).as_deref());
+        // Local mode restarts a server itself, start to end within one step: none is ever
+        // half-restarted when a round plans.
+        let replacing = BTreeSet::new();
+        rollout::hold_recovers(&mut actions, &rollout::held(&topology, &outdated, &replacing));
         let (mut changes, recovers): (Vec<_>, Vec<_>) = actions.into_iter().partition(Action::changes_topology);
         let mut next = plan::apply(&topology, &changes);
         if next.as_ref().is_some_and(|n| !self.fence(&topology, n)) {
@@ -202,7 +205,7 @@ impl Healer {
 
     /// One step of the rolling restart of outdated servers.
     async fn roll(&mut self, cluster: &LocalCluster, topology: &Topology, outdated: &BTreeSet<String>) {
-        match rollout::plan_rollout(topology, outdated, &self.seen) {
+        match rollout::plan_rollout(topology, outdated, &BTreeSet::new(), &self.seen) {
             Step::Done => {}
             Step::Wait(why) => {
                 if self.waiting.as_ref() != Some(&why) {

@@ -59,7 +59,42 @@ pub struct Server {
     pub name: String,
     pub addr: SocketAddr,
     pub db_url: String,
-    pub task: Option<JoinHandle<()>>,
+    /// While it runs.
+    pub process: Option<Process>,
+}
+
+/// A shard server on a runtime of its own, as in a process of its own: stopping it ends every
+/// task it started, as a process's exit does. (Stopping only its listener would leave its
+/// replication, lease renewals and topology watch running beside its successor on the same
+/// database: two servers of one name, which no cluster has.)
+pub struct Process(Option<tokio::runtime::Runtime>);
+
+impl Process {
+    fn start(name: &str, main: impl std::future::Future<Output = ()> + Send + 'static) -> Process {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name(name)
+            .enable_all()
+            .build()
+            .expect("a runtime for a server");
+        runtime.spawn(main);
+        Process(Some(runtime))
+    }
+
+    /// Ends every task of the server and waits until they are gone (their sockets closed).
+    pub async fn stop(mut self) {
+        if let Some(runtime) = self.0.take() {
+            tokio::task::spawn_blocking(move || runtime.shutdown_timeout(Duration::from_secs(10))).await.unwrap();
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
 }
 
 pub struct Harness {
@@ -87,9 +122,7 @@ impl Drop for Harness {
             let _ = stop.send(());
         }
         for s in &mut self.servers {
-            if let Some(t) = s.task.take() {
-                t.abort();
-            }
+            s.process.take();
         }
     }
 }
@@ -154,7 +187,7 @@ impl Harness {
             h.pg.create_database(&db).unwrap();
             let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addr = listener.local_addr().unwrap();
-            h.servers.push(Server { name: format!("Server{i}"), addr, db_url: h.pg.url(&db), task: None });
+            h.servers.push(Server { name: format!("Server{i}"), addr, db_url: h.pg.url(&db), process: None });
             listeners.push(listener);
         }
         let urls = h.servers.iter().map(|s| (s.name.clone(), format!("https://{}", s.addr))).collect();
@@ -267,8 +300,7 @@ impl Harness {
             // The pod mounts its certificate, so it starts once the operator has made it.
             self.load_ca().await;
         }
-        let s = &mut self.servers[i];
-        let db = Db::connect_patiently(&s.db_url, 8, Duration::from_secs(60)).await.unwrap();
+        let s = &self.servers[i];
         let config = NodeConfig {
             name: s.name.clone(),
             peer_timeout: Duration::from_secs(10),
@@ -292,41 +324,44 @@ impl Harness {
             idle_timeout: Duration::from_secs(10),
             max_connections: 64,
         };
-        if let (InternalAuth::Migrate, Credentials::Tls(tls)) = (mode, &config.credentials) {
-            // TLS and plain HTTP on one port, as `sharddb-shard-server` serves `migrate`.
-            let tls = tls.server_config();
-            let node = Node::new(config, db, watch_configmap(self.api.client(), NS, CONFIGMAP));
+        let (db_url, kube_config) = (s.db_url.clone(), self.api.config());
+        let listener = listener.into_std().unwrap();
+        let (started, started_rx) = tokio::sync::oneshot::channel();
+        let process = Process::start(&s.name, async move {
+            let listener = TcpListener::from_std(listener).unwrap();
+            let db = Db::connect_patiently(&db_url, 8, Duration::from_secs(60)).await.unwrap();
+            let topology = watch_configmap(kube::Client::try_from(kube_config).unwrap(), NS, CONFIGMAP);
+            let tls = match (&config.credentials, mode) {
+                (Credentials::Tls(tls), _) => Some(tls.server_config()),
+                _ => None,
+            };
+            let node = Node::new(config, db, topology);
             node.start().await.unwrap();
             let app = shard_server::app(node);
-            s.task = Some(tokio::spawn(async move {
-                shard_server::serve::serve_migrate(listener, app, limits, tls, std::future::pending()).await.unwrap();
-            }));
-            return;
-        }
-        if matches!(config.credentials, Credentials::Plain) {
-            let node = Node::new(config, db, watch_configmap(self.api.client(), NS, CONFIGMAP));
-            node.start().await.unwrap();
-            let app = shard_server::app(node);
-            s.task = Some(tokio::spawn(async move {
-                shard_server::serve::serve(listener, app, limits, std::future::pending()).await.unwrap();
-            }));
-            return;
-        }
-        let Credentials::Tls(tls) = &config.credentials else { unreachable!() };
-        let listener = TlsListener::new(listener, tls.server_config());
-        let node = Node::new(config, db, watch_configmap(self.api.client(), NS, CONFIGMAP));
-        node.start().await.unwrap();
-        let app = shard_server::app(node).into_make_service_with_connect_info::<TlsPeer>();
-        s.task = Some(tokio::spawn(async move {
-            axum::serve(listener, app).await.unwrap();
-        }));
+            let _ = started.send(());
+            match (tls, mode) {
+                // TLS and plain HTTP on one port, as `sharddb-shard-server` serves `migrate`.
+                (Some(tls), InternalAuth::Migrate) => {
+                    shard_server::serve::serve_migrate(listener, app, limits, tls, std::future::pending())
+                        .await
+                        .unwrap()
+                }
+                (Some(tls), _) => {
+                    let app = app.into_make_service_with_connect_info::<TlsPeer>();
+                    axum::serve(TlsListener::new(listener, tls), app).await.unwrap()
+                }
+                (None, _) => shard_server::serve::serve(listener, app, limits, std::future::pending()).await.unwrap(),
+            }
+        });
+        started_rx.await.expect("the server starts");
+        self.servers[i].process = Some(process);
     }
 
-    /// Stops server `i`: its port stops answering, its database stays.
+    /// Stops server `i` as its process would stop: every task it started ends (its port stops
+    /// answering, it replicates, renews and follows nothing more), its database stays.
     pub async fn kill(&mut self, i: usize) {
-        if let Some(t) = self.servers[i].task.take() {
-            t.abort();
-            let _ = t.await;
+        if let Some(p) = self.servers[i].process.take() {
+            p.stop().await;
         }
     }
 
@@ -445,7 +480,7 @@ impl Harness {
         // ready is refused by that replica, and its primary answers 503.
         let epoch = self.topology().expect("published").epoch;
         for i in 0..self.servers.len() {
-            if self.servers[i].task.is_none() {
+            if self.servers[i].process.is_none() {
                 continue;
             }
             let client = self.client(i);
@@ -472,6 +507,26 @@ impl Harness {
     }
 
     /// (rows, checksum) of `shard` on server `i`.
+    /// The keys of `shard` stored in server `i`'s database, read from Postgres itself.
+    pub async fn stored_keys(&self, i: usize, shard: &str) -> std::collections::BTreeSet<i64> {
+        let pool = sqlx::PgPool::connect(&self.servers[i].db_url).await.unwrap();
+        let keys: Vec<i64> =
+            // `shard` is one of the test's own shard ids.
+            sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT \"Stud_id\"::bigint FROM \"shard_{shard}\"")))
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+        pool.close().await;
+        keys.into_iter().collect()
+    }
+
+    /// The keys in `acked` that `shard`'s primary does not hold (`range`: the shard's keys).
+    pub async fn missing(&self, shard: &str, range: std::ops::Range<i64>, acked: &[i64]) -> Vec<i64> {
+        let t = self.topology().unwrap();
+        let stored = self.stored_keys(self.index(&t.shard(shard).unwrap().primary), shard).await;
+        acked.iter().filter(|k| range.contains(*k) && !stored.contains(*k)).copied().collect()
+    }
+
     pub async fn contents(&self, i: usize, shard: &str) -> (i64, Option<String>) {
         let s = &self.client(i).status(true).await.unwrap().shards[shard];
         (s.rows, s.checksum.clone())
