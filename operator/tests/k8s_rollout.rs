@@ -157,17 +157,10 @@ fn start_writer(
             let primary = ShardClient::new(http.clone(), url);
             let row = Row(vec![Cell::Int(k), Cell::Text(format!("w{k}")), Cell::Int(k % 100)]);
             let req = WriteRequest { epoch: Some(t.epoch), ops: vec![Op::Insert { row }], dry_run: false };
-            let answer = match primary.write(&shard.id, &req).await {
-                // An earlier attempt at this row failed after its primary had logged it (`maybe
-                // applied`), and that entry survived: the row is there (checked at the end).
-                Err(e) if !pending.is_empty() && e.code() == Some(ErrorCode::Conflict) => {
-                    w.applied_before.push(k);
-                    Ok(())
-                }
-                answer => answer.map(|_| ()),
-            };
-            match answer {
-                Ok(()) => {
+            // A retry of a row an earlier attempt applied after all is a no-op success (an
+            // identical insert).
+            match primary.write(&shard.id, &req).await {
+                Ok(_) => {
                     w.acked.push(k);
                     key += 1;
                     for (at, error) in pending.drain(..) {
@@ -208,17 +201,14 @@ struct Written {
     rerouted: usize,
     /// Attempts answered `epoch_ahead` (the server had not loaded the document yet), retried.
     ahead: usize,
-    /// Keys whose retry found the row there: an attempt that failed had been applied after all.
-    applied_before: Vec<i64>,
 }
 
 impl Written {
     fn summary(&self) -> String {
         format!(
-            "writer: {} rows acknowledged ({:?} by an attempt that failed), {} attempts rerouted, {} ahead of \
-             their server; {} in flight at a handover: {:?}; other failures: {:?}",
+            "writer: {} rows acknowledged, {} attempts rerouted, {} ahead of their server; {} in flight at a \
+             handover: {:?}; other failures: {:?}",
             self.acked.len(),
-            self.applied_before,
             self.rerouted,
             self.ahead,
             self.handed_over.len(),
