@@ -527,26 +527,20 @@ async fn reconcile_inner(db: &ShardedDatabase, ctx: &Context) -> Result<Action, 
             || !ctx.restarting(&ObjectRef::from_obj(db)).is_empty(),
     };
     let status = status::healthy_or_converging(generation, &placement, &observed, previous, &now);
-    let (auth_status, auth_reason, auth_message) = match step.rung {
-        Some(rung) => {
-            (ConditionStatus::False, internal_auth::REASON_CLIMBING, internal_auth::climbing_message(mode, rung))
-        }
-        None => internal_auth::condition(mode, valid.tls.internal_auth.is_some()),
-    };
-    // An Event for each change of mode, and for each rung of a climb.
-    let auth_changed = previous
-        .and_then(|p| status::condition(p, internal_auth::INTERNAL_AUTH))
-        .is_none_or(|c| c.reason != auth_reason || (step.rung.is_some() && c.message != auth_message));
-    if auth_changed {
-        let type_ =
-            if mode == InternalAuth::Strict || step.rung.is_some() { EventType::Normal } else { EventType::Warning };
-        // The recorder folds Events of one reason and action into the first: each rung has its own.
-        let action = step.rung.map_or("Reconcile", internal_auth::Rung::action);
-        publish(ctx, db, type_, internal_auth::INTERNAL_AUTH, action, auth_message.clone()).await;
+    let last = previous.and_then(|p| status::condition(p, internal_auth::INTERNAL_AUTH));
+    let auth = internal_auth::report(
+        mode,
+        valid.tls.internal_auth.is_some(),
+        step.rung,
+        last.map(|c| (c.reason.as_str(), c.message.as_str())),
+    );
+    if let Some(action) = auth.event {
+        let type_ = if auth.warn { EventType::Warning } else { EventType::Normal };
+        publish(ctx, db, type_, internal_auth::INTERNAL_AUTH, action, auth.message.clone()).await;
     }
     let status = status::with_condition(
         status,
-        (internal_auth::INTERNAL_AUTH, auth_status, auth_reason, auth_message),
+        (internal_auth::INTERNAL_AUTH, auth.status, auth.reason, auth.message),
         previous,
         &now,
     );

@@ -235,9 +235,66 @@ pub fn climbing_message(wanted: InternalAuth, rung: Rung) -> String {
     format!("climbing to internal-auth {}: {what}", wanted.as_str())
 }
 
+/// What the `InternalAuth` condition says, and whether it calls for an Event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Report {
+    pub status: ConditionStatus,
+    pub reason: &'static str,
+    pub message: String,
+    /// The action of the Event to publish (`None`: nothing changed); the Event is a warning
+    /// when `warn`.
+    pub event: Option<&'static str>,
+    pub warn: bool,
+}
+
+/// The condition for a database in `mode` (`set`: the spec chose it), at `rung` of a climb if
+/// it climbs, against the condition last written (`previous`: its reason and message). An Event
+/// for each change of mode and for each rung; a mode short of `strict` is a warning. Pure.
+pub fn report(mode: InternalAuth, set: bool, rung: Option<Rung>, previous: Option<(&str, &str)>) -> Report {
+    let (status, reason, message) = match rung {
+        Some(rung) => (ConditionStatus::False, REASON_CLIMBING, climbing_message(mode, rung)),
+        None => condition(mode, set),
+    };
+    let changed = previous.is_none_or(|(r, m)| r != reason || (rung.is_some() && m != message));
+    // The recorder folds Events of one reason and action into the first: each rung has its own.
+    let event = changed.then(|| rung.map_or("Reconcile", Rung::action));
+    let warn = mode != InternalAuth::Strict && rung.is_none();
+    Report { status, reason, message, event, warn }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_condition_calls_for_an_event_at_each_change_of_mode_and_each_rung() {
+        let first = report(InternalAuth::Strict, false, None, None);
+        assert_eq!(
+            (first.status, first.reason, first.event, first.warn),
+            (ConditionStatus::True, "Strict", Some("Reconcile"), false)
+        );
+        let again = report(InternalAuth::Strict, false, None, Some((first.reason, &first.message)));
+        assert_eq!(again.event, None, "nothing changed");
+        let none = report(InternalAuth::None, true, None, Some((first.reason, &first.message)));
+        assert_eq!((none.reason, none.event, none.warn), ("None", Some("Reconcile"), true));
+        // Climbing: one Event per rung, each with its own action, none repeated.
+        let r1 = report(InternalAuth::Strict, true, Some(Rung::ServeBoth), Some((none.reason, &none.message)));
+        assert_eq!(
+            (r1.status, r1.reason, r1.event, r1.warn),
+            (ConditionStatus::False, "Climbing", Some("ServeBoth"), false)
+        );
+        assert!(r1.message.contains("rung 1 of 3"), "{}", r1.message);
+        assert_eq!(
+            report(InternalAuth::Strict, true, Some(Rung::ServeBoth), Some((r1.reason, &r1.message))).event,
+            None
+        );
+        let r2 = report(InternalAuth::Strict, true, Some(Rung::Redial), Some((r1.reason, &r1.message)));
+        assert_eq!(r2.event, Some("Redial"));
+        let r3 = report(InternalAuth::Strict, true, Some(Rung::Final), Some((r2.reason, &r2.message)));
+        assert_eq!(r3.event, Some("Final"));
+        let done = report(InternalAuth::Strict, true, None, Some((r3.reason, &r3.message)));
+        assert_eq!((done.reason, done.event), ("Strict", Some("Reconcile")));
+    }
 
     const NEW: Found = Found { ca: false, servers: false, was_tls: false };
     const PREVIOUS_RELEASE: Found = Found { ca: false, servers: true, was_tls: false };
