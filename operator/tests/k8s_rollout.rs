@@ -21,6 +21,7 @@ mod common;
 use common::{CONFIGMAP, Harness, NS, WAIT, credentials, students_id};
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::Api;
+use operator::crd::ConditionStatus;
 use operator::k8s::build::names;
 use operator::k8s::rollout::REVISION_LABEL;
 use serde_json::{Value, json};
@@ -132,7 +133,9 @@ fn start_writer(
         let mut w = Written::default();
         // The failed attempts at the row being written: (primary, error).
         let mut pending: Vec<(String, String)> = Vec::new();
-        let mut key = 100i64;
+        // Rows written so far: the n-th goes to sh1 (even n) or sh2 (odd n), at keys no other
+        // row of the test uses (sh1 from 100, sh2 from 4296).
+        let mut n = 0i64;
         // A row whose attempt failed may have been written (a 503 leaves it unknown): it is
         // retried until acknowledged even once asked to stop, so every row written is counted.
         let mut stopped: Option<Instant> = None;
@@ -141,8 +144,12 @@ fn start_writer(
                 let since = *stopped.get_or_insert_with(Instant::now);
                 assert!(since.elapsed() < WAIT, "a row is still not acknowledged after {WAIT:?}: {pending:?}");
             }
-            // Alternate between sh1 [0, 4096) and sh2 [4096, 8192).
-            let k = if key % 2 == 0 { key } else { 4096 + key };
+            if 4296 + n / 2 >= 8192 {
+                // Out of keys (a very long run): the load ends here.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+            let k = if n % 2 == 0 { 100 + n / 2 } else { 4296 + n / 2 };
             let Ok(cm) = configmaps.get(CONFIGMAP).await else { break };
             let t = Topology::parse(cm.data.unwrap()["topology.json"].as_bytes()).unwrap();
             let shard = t.shard_for_key(k).unwrap();
@@ -162,7 +169,7 @@ fn start_writer(
             match primary.write(&shard.id, &req).await {
                 Ok(_) => {
                     w.acked.push(k);
-                    key += 1;
+                    n += 1;
                     for (at, error) in pending.drain(..) {
                         match at == shard.primary {
                             true => w.failed.push(error),
@@ -372,7 +379,44 @@ fn mode_of(spec: &Value) -> InternalAuth {
 /// what the climb waits for.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leaving_none_climbs_through_serving_both_and_no_write_fails() {
-    let mut h = Harness::start_in(3, Some("none")).await;
+    let h = climb_under_load(InternalAuth::None, InternalAuth::Strict).await;
+    // Strict: a plain caller gets no answer, a TLS caller without a certificate 401.
+    let plain = shard_server::api::http_client(Duration::from_secs(5));
+    let mut roots = rustls::RootCertStore::empty();
+    use rustls::pki_types::pem::PemObject as _;
+    roots
+        .add(rustls::pki_types::CertificateDer::from_pem_slice(h.ca.as_ref().unwrap().cert_pem().as_bytes()).unwrap())
+        .unwrap();
+    let config = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+    let anonymous =
+        reqwest::Client::builder().tls_backend_preconfigured(config).timeout(Duration::from_secs(5)).build().unwrap();
+    for s in &h.servers {
+        let answer = plain.get(format!("http://{}/status", s.addr)).send().await;
+        assert!(answer.is_err(), "{} answered a plain caller: {answer:?}", s.name);
+        let answer = anonymous.get(format!("https://{}/status", s.addr)).send().await.unwrap();
+        assert_eq!(answer.status().as_u16(), 401, "{}", s.name);
+    }
+}
+
+/// The way back: setting `spec.tls.internalAuth: none` on a database in `strict` climbs down
+/// through the same rungs in reverse (templates `migrate` while the document still lists
+/// `https://` URLs, then `http://`, then templates `none`), under the same checks. At the end a
+/// plain caller is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn returning_to_none_climbs_down_through_serving_both_and_no_write_fails() {
+    let h = climb_under_load(InternalAuth::Strict, InternalAuth::None).await;
+    let plain = shard_server::api::http_client(Duration::from_secs(5));
+    for s in &h.servers {
+        let answer = plain.get(format!("http://{}/status", s.addr)).send().await.unwrap();
+        assert_eq!(answer.status().as_u16(), 200, "{} answers a plain caller", s.name);
+    }
+}
+
+/// Drives a database in internal-auth `from` to `to` under a write load (see
+/// [`leaving_none_climbs_through_serving_both_and_no_write_fails`]) and checks the climb; the
+/// harness, for checks of the final mode.
+async fn climb_under_load(from: InternalAuth, to: InternalAuth) -> Harness {
+    let mut h = Harness::start_in(3, Some(from.as_str())).await;
     h.wait_ready().await;
     let mut kubelet = Kubelet::default();
     for _ in 0..3 {
@@ -380,15 +424,22 @@ async fn leaving_none_climbs_through_serving_both_and_no_write_fails() {
     }
     h.write(0, "sh1", 0..40).await;
     h.write(2, "sh2", 4096..4126).await;
-    assert_eq!(h.condition("InternalAuth"), Some(("False".into(), "None".into())));
+    let reason = |mode: InternalAuth| {
+        let (status, reason, _) = operator::k8s::internal_auth::condition(mode, true);
+        Some((if status == ConditionStatus::True { "True" } else { "False" }.to_owned(), reason.to_owned()))
+    };
+    assert_eq!(h.condition("InternalAuth"), reason(from));
 
     let stop = Arc::new(AtomicBool::new(false));
-    let writer = start_writer(h.api.client(), None, stop.clone());
+    // A writer playing a router of the starting mode (a router's certificate also dials plain).
+    let http = h.ca.as_ref().map(|ca| credentials(ca, Identity::router(students_id()).unwrap()).http_client(WAIT));
+    let writer = start_writer(h.api.client(), http, stop.clone());
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut db = h.api.get("shardeddatabases", NS, "students").unwrap();
-    db["spec"]["tls"] = json!({ "internalAuth": "strict" });
+    db["spec"]["tls"] = json!({ "internalAuth": to.as_str() });
     h.api.upsert(db).unwrap();
     let changed = Instant::now();
+    let from_plain = from == InternalAuth::None;
 
     // (templates' mode, document's scheme) in the order first seen, and the condition's messages.
     let mut stages: Vec<String> = Vec::new();
@@ -398,11 +449,11 @@ async fn leaving_none_climbs_through_serving_both_and_no_write_fails() {
         let sets = h.api.list("statefulsets", NS);
         let rolled = sets.iter().all(|s| {
             s["status"]["currentRevision"] == s["status"]["updateRevision"]
-                && mode_of(&s["spec"]["template"]["spec"]) == InternalAuth::Strict
+                && mode_of(&s["spec"]["template"]["spec"]) == to
         });
         rolled
             && kubelet.evicted.len() == 6
-            && h.condition("InternalAuth") == Some(("True".into(), "Strict".into()))
+            && h.condition("InternalAuth") == reason(to)
             && h.condition("Ready") == Some(("True".into(), "AllReady".into()))
     };
     while !done(&h, &kubelet) {
@@ -441,10 +492,11 @@ async fn leaving_none_climbs_through_serving_both_and_no_write_fails() {
         {
             messages.push(message.to_owned());
         }
-        // Replaced in the first rung (a pod rolled, the document still plain) and in the second.
+        // Replaced in the first rung (a pod rolled, the document's scheme still the old one) and
+        // in the second.
         let replace = match replaced {
-            0 => plain && kubelet.evicted.len() == 1,
-            1 => !plain,
+            0 => plain == from_plain && kubelet.evicted.len() == 1,
+            1 => plain != from_plain,
             _ => false,
         };
         if replace {
@@ -454,13 +506,17 @@ async fn leaving_none_climbs_through_serving_both_and_no_write_fails() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    println!("climb from none to strict: {:?}", changed.elapsed());
+    println!("climb from {} to {}: {:?}", from.as_str(), to.as_str(), changed.elapsed());
     stop.store(true, Ordering::Relaxed);
     let written = writer.await.unwrap();
     println!("{}", written.summary());
     let (acked, failed) = (written.acked, written.failed);
 
-    assert_eq!(stages, ["none/http", "migrate/http", "migrate/https", "strict/https"], "every rung, in order");
+    let want = match from_plain {
+        true => ["none/http", "migrate/http", "migrate/https", "strict/https"],
+        false => ["strict/https", "migrate/https", "migrate/http", "none/http"],
+    };
+    assert_eq!(stages, want, "every rung, in order");
     assert_eq!(replaced, 2, "the operator was replaced in the first two rungs");
     let rungs: Vec<&str> = ["rung 1 of 3", "rung 2 of 3", "rung 3 of 3"]
         .into_iter()
@@ -473,7 +529,7 @@ async fn leaving_none_climbs_through_serving_both_and_no_write_fails() {
     for rung in ["rung 1 of 3", "rung 2 of 3", "rung 3 of 3"] {
         assert!(events.iter().any(|e| e.contains(rung)), "an Event for {rung}: {events:?}");
     }
-    // Each server restarted twice (into serving both, then into strict), drained each time.
+    // Each server restarted twice (into serving both, then into the wanted mode), drained each time.
     let order: Vec<&str> = kubelet.evicted.iter().map(|(s, _)| s.as_str()).collect();
     assert_eq!(order.len(), 6, "{order:?}");
     for (server, t) in &kubelet.evicted {
@@ -495,20 +551,5 @@ async fn leaving_none_climbs_through_serving_both_and_no_write_fails() {
         BTreeMap::from([("sh1".to_owned(), 40 + per_shard(0, 4096)), ("sh2".to_owned(), 30 + per_shard(4096, 8192))])
     );
 
-    // Strict: a plain caller gets no answer, a TLS caller without a certificate 401.
-    let plain = shard_server::api::http_client(Duration::from_secs(5));
-    let mut roots = rustls::RootCertStore::empty();
-    use rustls::pki_types::pem::PemObject as _;
-    roots
-        .add(rustls::pki_types::CertificateDer::from_pem_slice(h.ca.as_ref().unwrap().cert_pem().as_bytes()).unwrap())
-        .unwrap();
-    let config = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
-    let anonymous =
-        reqwest::Client::builder().tls_backend_preconfigured(config).timeout(Duration::from_secs(5)).build().unwrap();
-    for s in &h.servers {
-        let answer = plain.get(format!("http://{}/status", s.addr)).send().await;
-        assert!(answer.is_err(), "{} answered a plain caller: {answer:?}", s.name);
-        let answer = anonymous.get(format!("https://{}/status", s.addr)).send().await.unwrap();
-        assert_eq!(answer.status().as_u16(), 401, "{}", s.name);
-    }
+    h
 }

@@ -421,8 +421,12 @@ impl Harness {
         self.servers.iter().position(|s| s.name == server).unwrap()
     }
 
+    /// A client for server `i`, at the scheme the published document lists it with (before one
+    /// is published: TLS once there is a CA).
     pub fn client(&self, i: usize) -> ShardClient {
-        let scheme = if self.ca.is_some() { "https" } else { "http" };
+        let listed = self.topology().and_then(|t| t.servers.get(&self.servers[i].name).map(|s| s.url.clone()));
+        let plain = listed.map_or(self.ca.is_none(), |url| url.starts_with("http://"));
+        let scheme = if plain { "http" } else { "https" };
         ShardClient::new(self.http.clone(), format!("{scheme}://{}", self.servers[i].addr))
     }
 
