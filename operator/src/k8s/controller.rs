@@ -515,7 +515,7 @@ async fn reconcile_inner(db: &ShardedDatabase, ctx: &Context) -> Result<Action, 
             .collect(),
         ready_routers: routers.status.as_ref().and_then(|s| s.ready_replicas).map_or(0, |r| r.max(0) as u32),
         topology,
-        unreachable: ctx.unreachable(&ObjectRef::from_obj(db)),
+        unreachable: ctx.unreachable(&key),
         updated_servers: server_sets
             .iter()
             .filter(|(_, sts)| workloads::updated(sts))
@@ -523,8 +523,7 @@ async fn reconcile_inner(db: &ShardedDatabase, ctx: &Context) -> Result<Action, 
             .collect(),
         // Until the last restarted server's copies are ready again, even once every pod runs the
         // current revision.
-        rolling: server_sets.iter().any(|(_, sts)| workloads::outdated(sts))
-            || !ctx.restarting(&ObjectRef::from_obj(db)).is_empty(),
+        rolling: server_sets.iter().any(|(_, sts)| workloads::outdated(sts)) || !ctx.restarting(&key).is_empty(),
     };
     let status = status::healthy_or_converging(generation, &placement, &observed, previous, &now);
     let last = previous.and_then(|p| status::condition(p, internal_auth::INTERNAL_AUTH));

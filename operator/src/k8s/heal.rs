@@ -303,8 +303,6 @@ impl Healer {
                 None
             }
         };
-        let (outdated, replacing) =
-            revisions.as_ref().map(|r| (r.outdated.clone(), r.replacing.clone())).unwrap_or_default();
         let state = self.dbs.entry(key.clone()).or_insert_with(|| DbState::new(&owner));
         self.books.lock().expect("books lock").insert(key.clone(), Arc::clone(&state.leases));
         {
@@ -330,7 +328,9 @@ impl Healer {
         }
 
         let mut actions = plan::plan(&topology, &state.seen, now, &self.settings.plan);
-        rollout::hold_recovers(&mut actions, &rollout::held(&topology, &outdated, &replacing));
+        // Unread revisions: nothing is known to restart, nothing held.
+        let held = revisions.as_ref().map(|r| rollout::held(&topology, &r.outdated, &r.replacing)).unwrap_or_default();
+        rollout::hold_recovers(&mut actions, &held);
         let (mut changes, recovers): (Vec<_>, Vec<_>) = actions.into_iter().partition(Action::changes_topology);
         let mut next = plan::apply(&topology, &changes);
         if next.as_ref().is_some_and(|n| !fence(&leases, &topology, n)) {

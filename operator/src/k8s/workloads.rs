@@ -58,8 +58,8 @@ pub(super) fn deployment_rolled(d: &Deployment) -> bool {
 
 /// Whether a server's pod runs its StatefulSet's current revision, as its controller reports.
 pub(super) fn updated(sts: &StatefulSet) -> bool {
-    let observed = sts.status.as_ref().and_then(|s| s.observed_generation) >= sts.metadata.generation;
     let status = sts.status.as_ref();
+    let observed = status.and_then(|s| s.observed_generation) >= sts.metadata.generation;
     observed
         && status.and_then(|s| s.update_revision.as_ref()).is_some()
         && status.and_then(|s| s.current_revision.as_ref()) == status.and_then(|s| s.update_revision.as_ref())
