@@ -194,6 +194,21 @@ fn start_writer(
     })
 }
 
+/// Every copy ready holds the same rows as its primary, and those are the rows written before the
+/// load (40 in sh1, 30 in sh2) and every row the writer saw acknowledged (`acked`), no more.
+async fn assert_acknowledged_rows_kept(h: &Harness, acked: &[i64]) {
+    let rows = h.assert_ready_copies_equal().await;
+    for (shard, range) in [("sh1", 0..4096), ("sh2", 4096..8192)] {
+        let missing = h.missing(shard, range, acked).await;
+        assert!(missing.is_empty(), "acknowledged rows missing from {shard}: {missing:?}");
+    }
+    let per_shard = |low: i64, high: i64| acked.iter().filter(|k| (low..high).contains(*k)).count() as i64;
+    assert_eq!(
+        rows,
+        BTreeMap::from([("sh1".to_owned(), 40 + per_shard(0, 4096)), ("sh2".to_owned(), 30 + per_shard(4096, 8192))])
+    );
+}
+
 /// What the writer saw.
 #[derive(Debug, Default)]
 struct Written {
@@ -321,16 +336,7 @@ async fn an_image_change_restarts_servers_one_at_a_time_replicas_first_and_loses
     }
 
     // Nothing acknowledged was lost, and every copy holds the same rows.
-    let rows = h.assert_ready_copies_equal().await;
-    for (shard, range) in [("sh1", 0..4096), ("sh2", 4096..8192)] {
-        let missing = h.missing(shard, range, &acked).await;
-        assert!(missing.is_empty(), "acknowledged rows missing from {shard}: {missing:?}");
-    }
-    let per_shard = |low: i64, high: i64| acked.iter().filter(|k| (low..high).contains(*k)).count() as i64;
-    assert_eq!(
-        rows,
-        BTreeMap::from([("sh1".to_owned(), 40 + per_shard(0, 4096)), ("sh2".to_owned(), 30 + per_shard(4096, 8192))])
-    );
+    assert_acknowledged_rows_kept(&h, &acked).await;
 
     // The status and the Events told the story.
     assert!(progressing.contains("RollingUpdate"), "{progressing:?}");
@@ -540,16 +546,7 @@ async fn climb_under_load(from: InternalAuth, to: InternalAuth) -> Harness {
     // restart), and nothing acknowledged was lost.
     assert!(acked.len() > 20, "the writer made progress through the climb: {}", acked.len());
     assert!(failed.is_empty(), "no write failed: {failed:?}");
-    let rows = h.assert_ready_copies_equal().await;
-    for (shard, range) in [("sh1", 0..4096), ("sh2", 4096..8192)] {
-        let missing = h.missing(shard, range, &acked).await;
-        assert!(missing.is_empty(), "acknowledged rows missing from {shard}: {missing:?}");
-    }
-    let per_shard = |low: i64, high: i64| acked.iter().filter(|k| (low..high).contains(*k)).count() as i64;
-    assert_eq!(
-        rows,
-        BTreeMap::from([("sh1".to_owned(), 40 + per_shard(0, 4096)), ("sh2".to_owned(), 30 + per_shard(4096, 8192))])
-    );
+    assert_acknowledged_rows_kept(&h, &acked).await;
 
     h
 }

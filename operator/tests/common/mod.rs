@@ -331,8 +331,8 @@ impl Harness {
             let listener = TcpListener::from_std(listener).unwrap();
             let db = Db::connect_patiently(&db_url, 8, Duration::from_secs(60)).await.unwrap();
             let topology = watch_configmap(kube::Client::try_from(kube_config).unwrap(), NS, CONFIGMAP);
-            let tls = match (&config.credentials, mode) {
-                (Credentials::Tls(tls), _) => Some(tls.server_config()),
+            let tls = match &config.credentials {
+                Credentials::Tls(tls) => Some(tls.server_config()),
                 _ => None,
             };
             let node = Node::new(config, db, topology);
@@ -510,7 +510,6 @@ impl Harness {
         self.client(i).write(shard, &WriteRequest { epoch: None, ops, dry_run: false }).await.unwrap();
     }
 
-    /// (rows, checksum) of `shard` on server `i`.
     /// The keys of `shard` stored in server `i`'s database, read from Postgres itself.
     pub async fn stored_keys(&self, i: usize, shard: &str) -> std::collections::BTreeSet<i64> {
         let pool = sqlx::PgPool::connect(&self.servers[i].db_url).await.unwrap();
@@ -531,6 +530,7 @@ impl Harness {
         acked.iter().filter(|k| range.contains(*k) && !stored.contains(*k)).copied().collect()
     }
 
+    /// (rows, checksum) of `shard` on server `i`.
     pub async fn contents(&self, i: usize, shard: &str) -> (i64, Option<String>) {
         let s = &self.client(i).status(true).await.unwrap().shards[shard];
         (s.rows, s.checksum.clone())
